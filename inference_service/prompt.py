@@ -1,0 +1,73 @@
+"""Turning an OpenAI-style message list into the prompt text a completion model continues."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+@dataclass(frozen=True, slots=True)
+class Turn:
+    """One message of a conversation."""
+
+    role: Role
+    content: str
+
+
+@dataclass(frozen=True, slots=True)
+class PromptTemplate:
+    """How each role is written into the prompt, and what the model writes to end its turn.
+
+    `generation_cue` is appended after the last message so the model answers as the assistant;
+    `stop` sequences mark the model starting the next user turn.
+    """
+
+    name: str
+    system: str
+    user: str
+    assistant: str
+    generation_cue: str
+    stop: tuple[str, ...]
+
+    def render(self, turns: Sequence[Turn]) -> str:
+        formats = {Role.SYSTEM: self.system, Role.USER: self.user, Role.ASSISTANT: self.assistant}
+        body = "".join(formats[turn.role].format(content=turn.content) for turn in turns)
+        return body + self.generation_cue
+
+
+TEMPLATES: dict[str, PromptTemplate] = {
+    # Plain transcript: works on base models with no chat tuning (e.g. Gemma 3 270M base).
+    "transcript": PromptTemplate(
+        name="transcript",
+        system="{content}\n\n",
+        user="User: {content}\n",
+        assistant="Assistant: {content}\n",
+        generation_cue="Assistant:",
+        stop=("\nUser:", "\nAssistant:"),
+    ),
+    # Gemma instruction-tuned turn markers (system text goes into the first user turn there; a
+    # separate block keeps this template simple and still works in practice).
+    "gemma": PromptTemplate(
+        name="gemma",
+        system="<start_of_turn>user\n{content}<end_of_turn>\n",
+        user="<start_of_turn>user\n{content}<end_of_turn>\n",
+        assistant="<start_of_turn>model\n{content}<end_of_turn>\n",
+        generation_cue="<start_of_turn>model\n",
+        stop=("<end_of_turn>",),
+    ),
+    "chatml": PromptTemplate(
+        name="chatml",
+        system="<|im_start|>system\n{content}<|im_end|>\n",
+        user="<|im_start|>user\n{content}<|im_end|>\n",
+        assistant="<|im_start|>assistant\n{content}<|im_end|>\n",
+        generation_cue="<|im_start|>assistant\n",
+        stop=("<|im_end|>",),
+    ),
+}

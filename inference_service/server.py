@@ -1,0 +1,62 @@
+"""Composition root of the inference service: settings -> backend -> servicer -> serve until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from chatmesh.common.logs import configure_logging
+from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
+from chatmesh.inference.v1 import inference_pb2, inference_pb2_grpc
+from inference_service.admission import AdmissionController
+from inference_service.backends.base import InferenceBackend
+from inference_service.prompt import TEMPLATES
+from inference_service.servicer import InferenceServicer
+from inference_service.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
+
+
+@asynccontextmanager
+async def open_backend(settings: InferenceSettings) -> AsyncIterator[InferenceBackend]:
+    """Open the backend chosen in settings; imports are local so each engine's deps stay optional."""
+    template = TEMPLATES[settings.prompt_template]
+    if settings.backend == "triton":
+        from inference_service.backends.triton import open_triton_backend
+
+        async with open_triton_backend(settings, template) as triton_backend:
+            yield triton_backend
+        return
+    from inference_service.backends.llama_cpp import open_llama_cpp_backend
+
+    async with open_llama_cpp_backend(
+        settings.gguf_path,
+        instances=settings.max_concurrent,
+        context_length=settings.context_length,
+        threads=settings.threads,
+        template=template,
+        model_name=settings.model_name,
+    ) as llama_backend:
+        yield llama_backend
+
+
+async def serve(settings: InferenceSettings) -> None:
+    """Run the inference service until SIGTERM/SIGINT."""
+    configure_logging("inference", settings.log_level, settings.log_format)
+    log.info("starting", extra={"backend": settings.backend, "address": settings.address})
+    async with open_backend(settings) as backend:
+        server = create_server()
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(
+            InferenceServicer(
+                backend,
+                AdmissionController(settings.max_concurrent, settings.max_queue, settings.queue_timeout_s),
+                settings,
+            ),
+            server,
+        )
+        health = add_health_and_reflection(server, [SERVICE_NAME])
+        server.add_insecure_port(settings.address)
+        await serve_until_signal(server, health, [SERVICE_NAME], settings.shutdown_grace_s)

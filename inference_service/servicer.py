@@ -1,0 +1,94 @@
+"""gRPC servicer of chatmesh.inference.v1.InferenceService."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from chatmesh.inference.v1 import inference_pb2 as pb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from inference_service.admission import AdmissionController
+from inference_service.backends.base import Completion, FinishReason, InferenceBackend
+from inference_service.settings import InferenceSettings
+from inference_service.validation import parse_sampling, parse_turns
+
+log = logging.getLogger(__name__)
+
+_FINISH_REASONS = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    """Validates requests, applies admission control and relays the backend's stream."""
+
+    def __init__(self, backend: InferenceBackend, admission: AdmissionController, settings: InferenceSettings):
+        self._backend = backend
+        self._admission = admission
+        self._settings = settings
+
+    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
+        turns = parse_turns(request.messages)
+        prompt = await self._backend.prepare(turns)
+        sampling = parse_sampling(
+            request.sampling,
+            prompt,
+            self._backend.info,
+            self._settings.default_max_tokens,
+            self._backend.default_stop,
+            self._settings.max_stop_sequences,
+            self._settings.max_stop_chars,
+        )
+        async with self._admission.slot():
+            started = time.perf_counter()
+            first_token_s: float | None = None
+            outcome = "cancelled"
+            try:
+                async for event in self._backend.generate(prompt, sampling):
+                    if isinstance(event, Completion):
+                        outcome = event.finish_reason.value
+                        yield pb.GenerateResponse(
+                            finished=pb.Finished(
+                                finish_reason=_FINISH_REASONS[event.finish_reason],
+                                usage=pb.Usage(
+                                    prompt_tokens=event.prompt_tokens,
+                                    completion_tokens=event.completion_tokens,
+                                ),
+                            )
+                        )
+                    else:
+                        if first_token_s is None:
+                            first_token_s = time.perf_counter() - started
+                        yield pb.GenerateResponse(delta=pb.Delta(text=event.text))
+            finally:
+                log.info(
+                    "generation ended",
+                    extra={
+                        "request_id": request.request_id,
+                        "outcome": outcome,
+                        "prompt_tokens": prompt.token_count,
+                        "ttft_ms": None if first_token_s is None else round(first_token_s * 1000, 1),
+                        "seconds": round(time.perf_counter() - started, 3),
+                    },
+                )
+
+    async def CountTokens(self, request: pb.CountTokensRequest, context: Context) -> pb.CountTokensResponse:
+        prompt = await self._backend.prepare(parse_turns(request.messages))
+        return pb.CountTokensResponse(prompt_tokens=prompt.token_count)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.GetModelInfoResponse:
+        info = self._backend.info
+        return pb.GetModelInfoResponse(
+            model=info.model,
+            context_length=info.context_length,
+            backend=info.backend,
+            default_max_tokens=self._settings.default_max_tokens,
+        )

@@ -1,0 +1,46 @@
+"""Typed settings of the inference service, read from `CHATMESH_INFERENCE_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class InferenceSettings(BaseSettings):
+    """Everything the inference service can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATMESH_INFERENCE_", frozen=True)
+
+    address: str = Field("127.0.0.1:50052", description="host:port the gRPC server listens on")
+    backend: Literal["llama_cpp", "triton"] = "llama_cpp"
+    model_name: str = Field("gemma-3-270m", description="name reported to clients (cache keys, display)")
+    prompt_template: Literal["transcript", "gemma", "chatml"] = "transcript"
+
+    # Admission control: at most `max_concurrent` generations run; `max_queue` more may wait.
+    max_concurrent: int = Field(1, ge=1)
+    max_queue: int = Field(8, ge=0)
+    queue_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for a slot")
+
+    default_max_tokens: int = Field(256, ge=1)
+    max_stop_sequences: int = 8
+    max_stop_chars: int = 64
+
+    # llama.cpp backend.
+    gguf_path: Path | None = Field(None, description="GGUF model file; default: the bundled Gemma 3 270M")
+    context_length: int = Field(4096, ge=128)
+    threads: int | None = Field(None, description="CPU threads per generation; default: all cores")
+
+    # Triton backend (TensorRT-LLM ensemble or tensorrt_llm_bls model).
+    triton_url: str = "127.0.0.1:8001"
+    triton_model: str = "ensemble"
+    triton_tokenizer: Path | None = Field(
+        None, description="tokenizer for CountTokens: a HF tokenizer.json or a GGUF file; default as gguf_path"
+    )
+    triton_timeout_s: float = 600.0
+
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
