@@ -1,0 +1,73 @@
+# chatmesh developer tasks. `make run` and `make test` are the only two commands a newcomer needs:
+# each installs what it uses into .venv (and .tools for buf) before doing its job.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+BUF := .tools/node_modules/.bin/buf
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+# llama-cpp-python compiles from source (about 8 minutes on 2 cores; pip caches the wheel afterwards).
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+
+SRC := chatmesh/common chatmesh/cli.py chatmesh/mesh.py chat_service inference_service embedding_service tests benchmarks tools
+
+.PHONY: install install-test run test test-fast lint format protos protos-check buf-lint bench clean
+
+$(VENV)/.runtime-installed: pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo ">> installing runtime packages into $(VENV) (first time: ~10 min, llama-cpp-python compiles)"
+	$(PY) -m pip install --upgrade pip wheel setuptools
+	$(PY) -m pip install -e .
+	@touch $@
+
+$(VENV)/.test-installed: $(VENV)/.runtime-installed
+	@echo ">> installing test and lint packages"
+	$(PY) -m pip install -e '.[test]'
+	@touch $@
+
+$(BUF):
+	@echo ">> installing buf from npm into .tools/"
+	npm install --prefix .tools --no-fund --no-audit @bufbuild/buf@1.75.0
+
+install: $(VENV)/.runtime-installed
+install-test: $(VENV)/.test-installed $(BUF)
+
+## The whole mesh on this machine, embedded defaults, Ctrl-C to stop.
+run: install
+	$(PY) -m chatmesh run
+
+## The whole test suite (lint, unit, integration, end-to-end) against real components.
+test: install-test lint
+	$(PY) -m pytest
+
+test-fast: install-test
+	$(PY) -m pytest tests/unit
+
+lint: install-test protos-check buf-lint
+	$(PY) -m ruff check $(SRC)
+	$(PY) -m ruff format --check $(SRC)
+	$(PY) -m mypy $(SRC)
+
+format: install-test
+	$(PY) -m ruff check --fix $(SRC)
+	$(PY) -m ruff format $(SRC)
+
+## Regenerate Python stubs and Envoy's descriptor set from protos/.
+protos: install-test
+	$(PY) tools/protos.py
+
+protos-check: install-test
+	$(PY) tools/protos.py --check
+
+buf-lint: install-test
+	@mkdir -p build
+	$(PY) tools/protos.py --buf-image build/buf-image.binpb
+	$(BUF) lint build/buf-image.binpb --config protos/buf.yaml --path chatmesh
+
+bench: install-test
+	$(PY) benchmarks/inference_relay.py
+	$(PY) benchmarks/embedding_throughput.py
+
+clean:
+	rm -rf $(VENV) .tools build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,171 @@
+"""`chatmesh run`: start every service of the mesh on this machine and stop them all on Ctrl-C.
+
+Each service runs as its own process (as it would in production) with embedded defaults, so nothing
+external is needed. Progress is shown while models load; the log lines of all services are interleaved
+on the terminal, prefixed with the service name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MeshSettings(BaseSettings):
+    """Ports and options of a local mesh, from `CHATMESH_MESH_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATMESH_MESH_", frozen=True)
+
+    host: str = "127.0.0.1"
+    inference_port: int = 50052
+    embedding_port: int = 50053
+    startup_timeout_s: float = Field(300.0, description="longest wait for a service to become healthy")
+    log_format: str = "text"
+
+
+@dataclass
+class ServiceSpec:
+    """How to start one service process and how to tell it is ready."""
+
+    name: str
+    module: str
+    address: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class RunningService:
+    spec: ServiceSpec
+    process: asyncio.subprocess.Process
+    log_task: asyncio.Task[None]
+
+
+def plan(settings: MeshSettings) -> list[ServiceSpec]:
+    """The services to start, in order (dependencies first)."""
+    common = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    inference = f"{settings.host}:{settings.inference_port}"
+    embedding = f"{settings.host}:{settings.embedding_port}"
+    return [
+        ServiceSpec(
+            "inference",
+            "inference_service",
+            inference,
+            {**common, "CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_LOG_FORMAT": settings.log_format},
+        ),
+        ServiceSpec(
+            "embedding",
+            "embedding_service",
+            embedding,
+            {**common, "CHATMESH_EMBEDDING_ADDRESS": embedding, "CHATMESH_EMBEDDING_LOG_FORMAT": settings.log_format},
+        ),
+    ]
+
+
+async def _relay_logs(name: str, stream: asyncio.StreamReader) -> None:
+    while line := await stream.readline():
+        sys.stderr.write(f"[{name}] {line.decode(errors='replace')}")
+
+
+async def _wait_healthy(service: RunningService, timeout_s: float) -> None:
+    """Poll gRPC health until SERVING, showing elapsed time; fail if the process dies first."""
+    started = time.monotonic()
+    async with grpc.aio.insecure_channel(service.spec.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        while True:
+            if service.process.returncode is not None:
+                raise RuntimeError(
+                    f"{service.spec.name} exited with code {service.process.returncode} while starting;"
+                    " its log above says why"
+                )
+            elapsed = time.monotonic() - started
+            if elapsed > timeout_s:
+                raise RuntimeError(f"{service.spec.name} did not become healthy within {timeout_s:.0f}s")
+            with contextlib.suppress(grpc.aio.AioRpcError):
+                reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    print(f"  {service.spec.name:<10} ready on {service.spec.address} ({elapsed:.1f}s)", flush=True)
+                    return
+            await asyncio.sleep(0.25)
+
+
+async def _start(spec: ServiceSpec) -> RunningService:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        spec.module,
+        env={**os.environ, **spec.env},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,  # Ctrl-C reaches only us; we stop children in order.
+    )
+    assert process.stderr is not None
+    return RunningService(spec, process, asyncio.create_task(_relay_logs(spec.name, process.stderr)))
+
+
+async def _stop(services: Sequence[RunningService], grace_s: float = 15.0) -> None:
+    for service in reversed(services):
+        if service.process.returncode is None:
+            service.process.send_signal(signal.SIGTERM)
+    for service in reversed(services):
+        try:
+            await asyncio.wait_for(service.process.wait(), grace_s)
+        except TimeoutError:
+            service.process.kill()
+            await service.process.wait()
+        await service.log_task
+
+
+@contextlib.asynccontextmanager
+async def running_mesh(specs: Sequence[ServiceSpec], startup_timeout_s: float) -> AsyncIterator[list[RunningService]]:
+    """Start `specs` in order, each once the previous is healthy; stop all (reverse order) on exit."""
+    services: list[RunningService] = []
+    try:
+        for spec in specs:
+            print(f"  {spec.name:<10} starting (loading its model)...", flush=True)
+            services.append(await _start(spec))
+            await _wait_healthy(services[-1], startup_timeout_s)
+        yield services
+    finally:
+        await _stop(services)
+
+
+async def run(settings: MeshSettings) -> int:
+    """Run the mesh until Ctrl-C / SIGTERM or until a service dies. Returns the exit code."""
+    print("chatmesh: starting the mesh", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        async with running_mesh(plan(settings), settings.startup_timeout_s) as services:
+            print("\nchatmesh is up:", flush=True)
+            for service in services:
+                print(f"  {service.spec.name:<10} grpc://{service.spec.address}")
+            print("\nTry it (gRPC reflection is on):")
+            print(f"  .venv/bin/python -m chatmesh generate --address {services[0].spec.address} 'What is the capital of France?'")
+            print("\nPress Ctrl-C to stop.", flush=True)
+            died = [asyncio.create_task(s.process.wait()) for s in services]
+            stopper = asyncio.create_task(stop.wait())
+            done, _ = await asyncio.wait([stopper, *died], return_when=asyncio.FIRST_COMPLETED)
+            for task in [stopper, *died]:
+                task.cancel()
+            if stopper not in done:
+                print("chatmesh: a service exited unexpectedly; stopping the rest", file=sys.stderr)
+                return 1
+            print("\nchatmesh: stopping...", flush=True)
+    except RuntimeError as exc:
+        print(f"chatmesh: {exc}", file=sys.stderr)
+        return 1
+    print("chatmesh: stopped", flush=True)
+    return 0

@@ -1,0 +1,172 @@
+"""The real inference service (llama.cpp, Gemma 3 270M) over gRPC: streaming, cancel, overload, validation."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from subprocess import Popen
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chatmesh.inference.v1 import inference_pb2 as pb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from tests.support.processes import free_port, run_service
+
+pytestmark = pytest.mark.integration
+
+# A few-shot prompt that makes the base model count for several hundred tokens (about 5 s here), long
+# enough to cancel or overload it mid-generation.
+_EXAMPLE = ", ".join(str(i) for i in range(1, 101))
+LONG = [
+    pb.Message(role=pb.ROLE_USER, content="Count to 100."),
+    pb.Message(role=pb.ROLE_ASSISTANT, content=_EXAMPLE),
+    pb.Message(role=pb.ROLE_USER, content="Count to 300."),
+]
+PARIS = [pb.Message(role=pb.ROLE_USER, content="What is the capital of France?")]
+
+
+@pytest.fixture(scope="module")
+def inference_process() -> Iterator[tuple[str, Popen[bytes]]]:
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        "CHATMESH_INFERENCE_ADDRESS": address,
+        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
+        "CHATMESH_INFERENCE_MAX_QUEUE": "1",
+        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "2048",
+    }
+    with run_service("inference_service", env, address, timeout=60) as process:
+        yield address, process
+    assert process.returncode == 0, "SIGTERM should shut the service down cleanly"
+
+
+@pytest.fixture
+async def stub(inference_process: tuple[str, Popen[bytes]]) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
+    async with grpc.aio.insecure_channel(inference_process[0]) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+async def collect(
+    stub: inference_pb2_grpc.InferenceServiceStub, messages: list[pb.Message], **sampling: object
+) -> tuple[list[tuple[float, str]], pb.Finished, float]:
+    """Run one generation; return (arrival time, text) per delta, the finished event and its arrival."""
+    started = time.perf_counter()
+    deltas: list[tuple[float, str]] = []
+    finished: pb.Finished | None = None
+    finished_at = 0.0
+    async for event in stub.Generate(
+        pb.GenerateRequest(messages=messages, sampling=pb.SamplingParams(**sampling))  # type: ignore[arg-type]
+    ):
+        assert finished is None, "nothing may follow the finished event"
+        if event.HasField("delta"):
+            deltas.append((time.perf_counter() - started, event.delta.text))
+        else:
+            finished, finished_at = event.finished, time.perf_counter() - started
+    assert finished is not None, "the stream must end with a finished event"
+    return deltas, finished, finished_at
+
+
+async def test_health_and_model_info(inference_process: tuple[str, Popen[bytes]]) -> None:
+    async with grpc.aio.insecure_channel(inference_process[0]) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = await health.Check(health_pb2.HealthCheckRequest(service="chatmesh.inference.v1.InferenceService"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        info = await inference_pb2_grpc.InferenceServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.model, info.context_length, info.backend) == ("gemma-3-270m", 2048, "llama_cpp")
+
+
+async def test_generation_streams_token_by_token(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    deltas, finished, finished_at = await collect(stub, PARIS, max_tokens=40, temperature=0)
+    text = "".join(piece for _, piece in deltas)
+    assert "Paris" in text
+    assert not text.startswith(" "), "the space after the 'Assistant:' cue is not part of the reply"
+    assert len(deltas) >= 3, f"expected several chunks, got {deltas}"
+    # Not buffered: the first chunk arrives well before the end of generation.
+    assert deltas[0][0] < deltas[-1][0] <= finished_at
+    assert deltas[0][0] < finished_at / 2
+    assert finished.finish_reason == pb.FINISH_REASON_STOP
+    assert finished.usage.completion_tokens >= len(deltas)
+
+
+async def test_max_tokens_ends_with_length_and_exact_usage(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    _, finished, _ = await collect(stub, LONG, max_tokens=5, temperature=0)
+    assert finished.finish_reason == pb.FINISH_REASON_LENGTH
+    assert finished.usage.completion_tokens == 5
+    counted = await stub.CountTokens(pb.CountTokensRequest(messages=LONG))
+    assert finished.usage.prompt_tokens == counted.prompt_tokens > 300
+
+
+async def test_seed_makes_sampling_reproducible(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    first, _, _ = await collect(stub, PARIS, max_tokens=20, temperature=1.0, seed=7)
+    second, _, _ = await collect(stub, PARIS, max_tokens=20, temperature=1.0, seed=7)
+    assert [t for _, t in first] == [t for _, t in second]
+
+
+async def test_cancel_frees_the_slot(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    call = stub.Generate(pb.GenerateRequest(messages=LONG, sampling=pb.SamplingParams(max_tokens=1000, temperature=0)))
+    received = 0
+    async for _ in call:
+        received += 1
+        if received == 3:
+            break
+    call.cancel()
+    # A cancelled generation still holding the only slot would queue the next request and reject the one
+    # after (queue size 1). Both must get through even though the cancelled one had ~390 tokens to go.
+    await asyncio.sleep(0.3)
+    results = await asyncio.gather(
+        collect(stub, PARIS, max_tokens=8, temperature=0), collect(stub, PARIS, max_tokens=8, temperature=0)
+    )
+    assert all(finished.usage.completion_tokens > 0 for _, finished, _ in results)
+
+
+async def test_overload_is_resource_exhausted_with_retry_hint(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    request = pb.GenerateRequest(messages=LONG, sampling=pb.SamplingParams(max_tokens=1000, temperature=0))
+    running = stub.Generate(request)
+    await running.read()  # holds the only slot
+    queued = stub.Generate(request)
+    await asyncio.sleep(0.2)  # let it take the only queue place
+    rejected = stub.Generate(request)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await rejected.read()
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "busy" in (err.value.details() or "")
+    retry_after = dict(err.value.trailing_metadata() or ())["retry-after-ms"]
+    assert int(str(retry_after)) > 0
+    running.cancel()
+    # The queued request is admitted once the running one is cancelled.
+    first = await queued.read()
+    assert first.HasField("delta")
+    queued.cancel()
+
+
+@pytest.mark.parametrize(
+    ("request_", "field"),
+    [
+        (pb.GenerateRequest(), "messages"),
+        (pb.GenerateRequest(messages=[pb.Message(content="hi")]), "messages[0].role"),
+        (pb.GenerateRequest(messages=PARIS, sampling=pb.SamplingParams(max_tokens=0)), "sampling.max_tokens"),
+        (pb.GenerateRequest(messages=PARIS, sampling=pb.SamplingParams(max_tokens=5000)), "sampling.max_tokens"),
+        (pb.GenerateRequest(messages=PARIS, sampling=pb.SamplingParams(temperature=3)), "sampling.temperature"),
+        (
+            pb.GenerateRequest(messages=[pb.Message(role=pb.ROLE_USER, content="word " * 3000)]),
+            "messages",
+        ),
+    ],
+    ids=["no-messages", "no-role", "zero-max-tokens", "max-tokens-over-context", "temperature", "prompt-too-long"],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    stub: inference_pb2_grpc.InferenceServiceStub, request_: pb.GenerateRequest, field: str
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.Generate(request_).read()
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith(f"{field}: ")
+
+
+async def test_count_tokens_rejects_bad_roles(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await stub.CountTokens(pb.CountTokensRequest(messages=[pb.Message(role=pb.ROLE_USER), pb.Message(role=9)]))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "messages[1].role" in (err.value.details() or "")

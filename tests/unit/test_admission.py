@@ -1,0 +1,76 @@
+"""AdmissionController: bounded concurrency, bounded queue, rejection with a retry hint."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from chatmesh.common.errors import ResourceExhausted
+from inference_service.admission import AdmissionController
+
+
+async def test_admits_up_to_max_active_then_queues_then_rejects() -> None:
+    admission = AdmissionController(max_active=1, max_queued=1, queue_timeout_s=5)
+    release = asyncio.Event()
+    order: list[str] = []
+
+    async def hold(name: str) -> None:
+        async with admission.slot():
+            order.append(name)
+            await release.wait()
+
+    first = asyncio.create_task(hold("first"))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(hold("second"))
+    await asyncio.sleep(0)
+    assert (admission.active, admission.waiting) == (1, 1)
+
+    with pytest.raises(ResourceExhausted) as rejected:
+        async with admission.slot():
+            pass
+    assert rejected.value.retry_after_s > 0
+
+    release.set()
+    await asyncio.gather(first, second)
+    assert order == ["first", "second"]
+    assert (admission.active, admission.waiting) == (0, 0)
+
+
+async def test_cancelled_waiter_leaves_the_queue() -> None:
+    admission = AdmissionController(max_active=1, max_queued=1, queue_timeout_s=5)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with admission.slot():
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiter = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert admission.waiting == 0
+    release.set()
+    await holder
+    async with admission.slot():
+        assert admission.active == 1
+
+
+async def test_queue_timeout_is_resource_exhausted() -> None:
+    admission = AdmissionController(max_active=1, max_queued=1, queue_timeout_s=0.05)
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        async with admission.slot():
+            await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0)
+    with pytest.raises(ResourceExhausted, match="waited"):
+        async with admission.slot():
+            pass
+    release.set()
+    await holder
