@@ -109,9 +109,10 @@ def _generate_blocking(
     generated = 0
 
     def should_stop(input_ids: npt.NDArray[np.intc], _logits: npt.NDArray[np.single]) -> bool:
-        # Called once per sampled token: the cheapest place to count tokens and honour a cancel.
+        # Called once per sampled token, before that token joins `input_ids`: the cheapest place to
+        # count tokens (the end-of-turn token included) and to honour a cancel.
         nonlocal generated
-        generated = len(input_ids) - prompt_len
+        generated = len(input_ids) - prompt_len + 1
         return cancel.is_set()
 
     if sampling.seed is not None:
