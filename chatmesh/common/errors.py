@@ -91,3 +91,17 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, service: str) -> ChatmeshError:
         return error_type(details)
     # Anything else (INTERNAL, UNKNOWN, CANCELLED by the peer...) means the dependency failed us.
     return Unavailable(f"{service} failed ({code.name}): {details}")
+
+
+class rpc_errors:  # noqa: N801 - used like a function: `with rpc_errors("inference service"):`
+    """Context manager that turns a failed gRPC call into the matching domain error, keeping the cause."""
+
+    def __init__(self, service: str) -> None:
+        self.service = service
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            raise error_from_rpc(exc, self.service) from exc

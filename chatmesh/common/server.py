@@ -27,9 +27,10 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 
 
 def create_server(extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    """A grpc.aio server whose servicers may raise `ChatmeshError`s."""
+    """A grpc.aio server whose servicers (and `extra_interceptors`) may raise `ChatmeshError`s."""
     return grpc.aio.server(
-        interceptors=[*extra_interceptors, ErrorMappingInterceptor()],
+        # First is outermost: error mapping must see what the other interceptors raise (e.g. auth).
+        interceptors=[ErrorMappingInterceptor(), *extra_interceptors],
         options=SERVER_OPTIONS,
     )
 

@@ -1,0 +1,252 @@
+"""The chat use cases: durable, idempotent, streamed completions over a conversation store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
+from chat_service.history import HistoryBuilder
+from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
+from chat_service.storage.base import ConversationStore
+from chatmesh.common.errors import ChatmeshError, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """First event: the stored user message (and, for CreateChat, the new chat)."""
+
+    chat_id: uuid.UUID
+    user_message_id: uuid.UUID | None
+    chat: Chat | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Delta:
+    """More reply text."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    """Last event: the stored assistant message."""
+
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    assistant_message_id: uuid.UUID
+    cached: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """Last event of a stream that broke after it started; the error itself is raised right after."""
+
+    error: ChatmeshError
+
+
+CompletionEvent = Started | Delta | Finished | Failed
+
+
+class _Broadcast:
+    """Events of one in-flight completion, replayable to a retry that joins it."""
+
+    def __init__(self) -> None:
+        self._events: list[CompletionEvent] = []
+        self._closed = False
+        self._changed = asyncio.Event()
+
+    def publish(self, event: CompletionEvent) -> None:
+        self._events.append(event)
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def close(self) -> None:
+        self._closed = True
+        self._changed.set()
+
+    async def follow(self) -> AsyncIterator[CompletionEvent]:
+        seen = 0
+        while True:
+            changed = self._changed
+            while seen < len(self._events):
+                yield self._events[seen]
+                seen += 1
+            if self._closed:
+                return
+            await changed.wait()
+
+
+class Conversations:
+    """Chats for authenticated users. Every method takes the caller's user id first."""
+
+    def __init__(
+        self,
+        store: ConversationStore,
+        inference: InferenceClient,
+        history: HistoryBuilder,
+        engine: EngineInfo,
+        default_strategy: HistoryStrategy,
+    ) -> None:
+        self._store = store
+        self._inference = inference
+        self._history = history
+        self._engine = engine
+        self._default_strategy = default_strategy
+        # Completions running in this process, by user message id, so a retry can join one.
+        self._in_flight: dict[uuid.UUID, _Broadcast] = {}
+
+    @property
+    def engine(self) -> EngineInfo:
+        return self._engine
+
+    async def create_chat(
+        self,
+        user_id: str,
+        title: str,
+        system_prompt: str,
+        strategy: HistoryStrategy | None,
+        first_message: str | None,
+        sampling: SamplingOptions,
+        request_id: str | None,
+    ) -> AsyncIterator[CompletionEvent]:
+        """Create a chat; with a first message, stream its reply like `complete`."""
+        chat, _ = await self._store.create_chat(
+            user_id, title, system_prompt, strategy or self._default_strategy, request_id
+        )
+        if not first_message:
+            yield Started(chat.id, None, chat)
+            return
+        async for event in self._complete(chat, first_message, sampling, request_id):
+            yield Started(event.chat_id, event.user_message_id, chat) if isinstance(event, Started) else event
+
+    async def complete(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        content: str,
+        sampling: SamplingOptions,
+        request_id: str | None,
+    ) -> AsyncIterator[CompletionEvent]:
+        """Store the user message, stream the reply, store the reply."""
+        chat = await self._store.get_chat(user_id, chat_id)
+        async for event in self._complete(chat, content, sampling, request_id):
+            yield event
+
+    async def _complete(
+        self, chat: Chat, content: str, sampling: SamplingOptions, request_id: str | None
+    ) -> AsyncIterator[CompletionEvent]:
+        token_count = await self._inference.count_tokens([PromptMessage("user", content)])
+        user_message, created = await self._store.add_user_message(
+            chat.user_id, chat.id, content, token_count, request_id
+        )
+        if not created:
+            async for event in self._replay(chat, user_message, sampling):
+                yield event
+            return
+        broadcast = _Broadcast()
+        self._in_flight[user_message.id] = broadcast
+        try:
+            async for event in self._generate(chat, user_message, sampling):
+                broadcast.publish(event)
+                yield event
+        finally:
+            broadcast.close()
+            del self._in_flight[user_message.id]
+
+    async def _generate(
+        self, chat: Chat, user_message: Message, sampling: SamplingOptions
+    ) -> AsyncIterator[CompletionEvent]:
+        yield Started(chat.id, user_message.id)
+        max_tokens = sampling.max_tokens or self._engine.default_max_tokens
+        request_id = str(user_message.id)
+        pieces: list[str] = []
+        finished: Generated | None = None
+        started = time.perf_counter()
+        try:
+            prompt = await self._history.build(chat, max_tokens, request_id)
+            sampling = SamplingOptions(max_tokens, sampling.temperature, sampling.top_p, sampling.seed)
+            async with aclosing(self._inference.generate(prompt, sampling, request_id)) as stream:
+                async for event in stream:
+                    if isinstance(event, Generated):
+                        finished = event
+                    else:
+                        pieces.append(event)
+                        yield Delta(event)
+        except asyncio.CancelledError:
+            # The client went away: keep what it already saw, marked as stopped (as ChatGPT does).
+            await asyncio.shield(self._store_reply(chat, user_message, pieces, FinishReason.CANCELLED, None))
+            raise
+        except ChatmeshError as exc:
+            # The user message stays; no half-written reply is stored. The stream already started, so
+            # the error travels as an event before the status (HTTP clients see only the event).
+            yield Failed(exc if not isinstance(exc, Unavailable) else Unavailable(f"generation failed: {exc}"))
+            raise
+        if finished is None:
+            error = Unavailable("the inference service ended the stream without finishing; retry")
+            yield Failed(error)
+            raise error
+        reply = await self._store_reply(chat, user_message, pieces, finished.finish_reason, finished)
+        log.info(
+            "completion stored",
+            extra={"chat_id": str(chat.id), "seconds": round(time.perf_counter() - started, 3),
+                   "completion_tokens": finished.completion_tokens},
+        )
+        yield Finished(
+            finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, reply.id
+        )
+
+    async def _store_reply(
+        self,
+        chat: Chat,
+        user_message: Message,
+        pieces: Sequence[str],
+        reason: FinishReason,
+        usage: Generated | None,
+    ) -> Message:
+        text = "".join(pieces)
+        tokens = usage.completion_tokens if usage else len(pieces)
+        reply, _ = await self._store.add_assistant_message(
+            chat.user_id, chat.id, user_message.id, text, tokens, reason
+        )
+        return reply
+
+    async def _replay(
+        self, chat: Chat, user_message: Message, sampling: SamplingOptions
+    ) -> AsyncIterator[CompletionEvent]:
+        """A retried request: join the completion if it is running here, else return the stored reply,
+        else (the first attempt failed or died elsewhere) generate it now."""
+        broadcast = self._in_flight.get(user_message.id)
+        if broadcast is not None:
+            async for event in broadcast.follow():
+                yield event
+            return
+        reply = await self._store.find_reply(chat.user_id, user_message.id)
+        if reply is None:
+            async for event in self._generate(chat, user_message, sampling):
+                yield event
+            return
+        yield Started(chat.id, user_message.id)
+        if reply.content:
+            yield Delta(reply.content)
+        yield Finished(reply.finish_reason or FinishReason.STOP, 0, reply.token_count, reply.id)
+
+    async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
+        return await self._store.list_chats(user_id, limit, after)
+
+    async def messages(self, user_id: str, chat_id: uuid.UUID, limit: int, after_seq: int | None) -> Sequence[Message]:
+        return await self._store.messages_page(user_id, chat_id, limit, after_seq)
+
+    async def update_chat(self, user_id: str, chat_id: uuid.UUID, update: ChatUpdate) -> Chat:
+        return await self._store.update_chat(user_id, chat_id, update)
+
+    async def delete_chat(self, user_id: str, chat_id: uuid.UUID) -> None:
+        await self._store.delete_chat(user_id, chat_id)

@@ -1,0 +1,83 @@
+"""Domain values of the chat service, independent of protobuf and of the database."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+
+
+class HistoryStrategy(StrEnum):
+    """How a chat's history becomes the prompt."""
+
+    FULL = "full"
+    WINDOW = "window"
+    SUMMARY = "summary"
+
+
+class Role(StrEnum):
+    """Author of a stored message (the system prompt lives on the chat)."""
+
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class FinishReason(StrEnum):
+    """Why an assistant message ended."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Chat:
+    """A conversation owned by one user."""
+
+    id: uuid.UUID
+    user_id: str
+    title: str
+    system_prompt: str
+    history_strategy: HistoryStrategy
+    created_at: datetime
+    last_activity_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A stored message. `seq` orders messages (globally increasing, so also within a chat).
+
+    `summary`, when set, summarises the chat's history up to and including this message; the newest
+    such message is where the summary strategy resumes.
+    """
+
+    id: uuid.UUID
+    chat_id: uuid.UUID
+    user_id: str
+    seq: int
+    role: Role
+    content: str
+    token_count: int
+    finish_reason: FinishReason | None
+    request_id: str | None
+    reply_to: uuid.UUID | None
+    created_at: datetime
+    summary: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCursor:
+    """Position in a user's chat list (most recent activity first)."""
+
+    last_activity_at: datetime
+    chat_id: uuid.UUID
+
+
+@dataclass(frozen=True, slots=True)
+class ChatUpdate:
+    """Fields of a chat to change; None leaves a field as it is."""
+
+    title: str | None = None
+    system_prompt: str | None = None
+    history_strategy: HistoryStrategy | None = None

@@ -1,0 +1,71 @@
+"""Composition root of the chat service: settings -> store + inference client -> servicer -> serve."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import grpc
+
+from chat_service.conversations import Conversations
+from chat_service.history import HistoryBuilder, SummaryPolicy
+from chat_service.inference import EngineInfo, GrpcInferenceClient
+from chat_service.servicer import ChatServicer
+from chat_service.settings import ChatSettings
+from chat_service.storage.sql import open_sql_store
+from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
+from chatmesh.common.auth import JwtAuthInterceptor
+from chatmesh.common.errors import Unavailable
+from chatmesh.common.logs import configure_logging
+from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+async def wait_for_engine(client: GrpcInferenceClient, timeout_s: float, address: str) -> EngineInfo:
+    """Ask the inference service what it serves, waiting while it starts (models take a while)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return await client.model_info()
+        except Unavailable as exc:
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the inference service at {address} did not answer within {timeout_s:.0f}s ({exc});"
+                    " start it or set CHATMESH_CHAT_INFERENCE_ADDRESS"
+                ) from exc
+            log.info("waiting for the inference service", extra={"address": address})
+            await asyncio.sleep(1.0)
+
+
+async def serve(settings: ChatSettings) -> None:
+    """Run the chat service until SIGTERM/SIGINT."""
+    configure_logging("chat", settings.log_level, settings.log_format)
+    keys = settings.jwt_keys()
+    log.info("starting", extra={"address": settings.address, "database": settings.database_url.split("@")[-1]})
+    async with (
+        open_sql_store(settings.database_url, migrate=settings.migrate_on_start) as store,
+        grpc.aio.insecure_channel(settings.inference_address) as inference_channel,
+    ):
+        inference = GrpcInferenceClient(inference_channel)
+        engine = await wait_for_engine(inference, settings.dependency_timeout_s, settings.inference_address)
+        log.info("inference service ready", extra={"model": engine.model, "context_length": engine.context_length})
+        policy = SummaryPolicy(
+            keep_recent_messages=settings.summary_keep_recent_messages,
+            min_messages_to_fold=settings.summary_min_messages_to_fold,
+            max_tokens=settings.summary_max_tokens,
+        )
+        conversations = Conversations(
+            store, inference, HistoryBuilder(store, inference, engine, policy), engine,
+            settings.default_history_strategy,
+        )
+        server = create_server([JwtAuthInterceptor(keys)])
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(
+            ChatServicer(conversations, settings.default_history_strategy), server
+        )
+        health = add_health_and_reflection(server, [SERVICE_NAME])
+        server.add_insecure_port(settings.address)
+        await serve_until_signal(server, health, [SERVICE_NAME], settings.shutdown_grace_s)

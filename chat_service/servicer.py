@@ -1,0 +1,146 @@
+"""gRPC servicer of chatmesh.chat.v1.ChatService: protobuf in, protobuf out, use cases in between."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from chat_service import validation as check
+from chat_service.conversations import CompletionEvent, Conversations, Delta, Failed, Finished, Started
+from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message, Role
+from chatmesh.chat.v1 import chat_pb2 as pb
+from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.common.auth import current_user
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+_STRATEGY_PB = {v: k for k, v in check.STRATEGIES.items()}
+_ROLE_PB = {Role.USER: pb.ROLE_USER, Role.ASSISTANT: pb.ROLE_ASSISTANT}
+_FINISH_PB = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
+}
+
+
+def _timestamp(value: datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(value)
+    return stamp
+
+
+def chat_to_pb(chat: Chat) -> pb.Chat:
+    return pb.Chat(
+        chat_id=str(chat.id),
+        title=chat.title,
+        system_prompt=chat.system_prompt,
+        history_strategy=_STRATEGY_PB[chat.history_strategy],
+        create_time=_timestamp(chat.created_at),
+        last_activity_time=_timestamp(chat.last_activity_at),
+    )
+
+
+def message_to_pb(message: Message) -> pb.ChatMessage:
+    return pb.ChatMessage(
+        message_id=str(message.id),
+        role=_ROLE_PB[message.role],
+        content=message.content,
+        token_count=message.token_count,
+        finish_reason=_FINISH_PB[message.finish_reason] if message.finish_reason else pb.FINISH_REASON_UNSPECIFIED,
+        create_time=_timestamp(message.created_at),
+    )
+
+
+def event_to_pb(event: CompletionEvent) -> pb.CompletionEvent:
+    if isinstance(event, Delta):
+        return pb.CompletionEvent(delta=event.text)
+    if isinstance(event, Started):
+        return pb.CompletionEvent(
+            chat_id=str(event.chat_id),
+            user_message_id=str(event.user_message_id) if event.user_message_id else "",
+            chat=chat_to_pb(event.chat) if event.chat else None,
+        )
+    if isinstance(event, Finished):
+        return pb.CompletionEvent(
+            finish_reason=_FINISH_PB[event.finish_reason],
+            usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+            assistant_message_id=str(event.assistant_message_id),
+            cached=event.cached,
+        )
+    assert isinstance(event, Failed)
+    return pb.CompletionEvent(
+        error=pb.StreamError(code=event.error.status_code.name, message=event.error.message)
+    )
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    """Maps ChatService RPCs onto `Conversations`; identity comes from the auth interceptor."""
+
+    def __init__(self, conversations: Conversations, default_strategy: HistoryStrategy) -> None:
+        self._conversations = conversations
+        self._default_strategy = default_strategy
+
+    async def CreateChat(self, request: pb.CreateChatRequest, context: Context) -> AsyncIterator[pb.CompletionEvent]:
+        user = current_user()
+        events = self._conversations.create_chat(
+            user,
+            title=check.bounded_text(request.title, "title", check.MAX_TITLE_CHARS),
+            system_prompt=check.bounded_text(request.system_prompt, "system_prompt", check.MAX_SYSTEM_PROMPT_CHARS),
+            strategy=check.strategy(request.history_strategy),
+            first_message=check.content(request.content) if request.content else None,
+            sampling=check.sampling(request, self._conversations.engine.context_length),
+            request_id=check.request_id(request.request_id),
+        )
+        async for event in events:
+            yield event_to_pb(event)
+
+    async def Complete(self, request: pb.CompleteRequest, context: Context) -> AsyncIterator[pb.CompletionEvent]:
+        user = current_user()
+        events = self._conversations.complete(
+            user,
+            check.chat_id(request.chat_id),
+            check.content(request.content),
+            check.sampling(request, self._conversations.engine.context_length),
+            check.request_id(request.request_id),
+        )
+        async for event in events:
+            yield event_to_pb(event)
+
+    async def ListChats(self, request: pb.ListChatsRequest, context: Context) -> pb.ListChatsResponse:
+        limit = check.page_size(request.page_size, check.DEFAULT_CHATS_PAGE, check.MAX_CHATS_PAGE)
+        chats = await self._conversations.list_chats(current_user(), limit + 1, check.chat_cursor(request.page_token))
+        page = chats[:limit]
+        token = ""
+        if len(chats) > limit:
+            token = check.chat_cursor_token(ChatCursor(page[-1].last_activity_at, page[-1].id))
+        return pb.ListChatsResponse(chats=[chat_to_pb(c) for c in page], next_page_token=token)
+
+    async def GetMessages(self, request: pb.GetMessagesRequest, context: Context) -> pb.GetMessagesResponse:
+        limit = check.page_size(request.page_size, check.DEFAULT_MESSAGES_PAGE, check.MAX_MESSAGES_PAGE)
+        messages = await self._conversations.messages(
+            current_user(), check.chat_id(request.chat_id), limit + 1, check.message_cursor(request.page_token)
+        )
+        page = messages[:limit]
+        token = check.message_cursor_token(page[-1].seq) if len(messages) > limit else ""
+        return pb.GetMessagesResponse(messages=[message_to_pb(m) for m in page], next_page_token=token)
+
+    async def UpdateChat(self, request: pb.UpdateChatRequest, context: Context) -> pb.UpdateChatResponse:
+        update = ChatUpdate(
+            title=check.bounded_text(request.title, "title", check.MAX_TITLE_CHARS)
+            if request.HasField("title")
+            else None,
+            system_prompt=check.bounded_text(request.system_prompt, "system_prompt", check.MAX_SYSTEM_PROMPT_CHARS)
+            if request.HasField("system_prompt")
+            else None,
+            history_strategy=check.strategy(request.history_strategy),
+        )
+        chat = await self._conversations.update_chat(current_user(), check.chat_id(request.chat_id), update)
+        return pb.UpdateChatResponse(chat=chat_to_pb(chat))
+
+    async def DeleteChat(self, request: pb.DeleteChatRequest, context: Context) -> pb.DeleteChatResponse:
+        await self._conversations.delete_chat(current_user(), check.chat_id(request.chat_id))
+        return pb.DeleteChatResponse()

@@ -1,0 +1,56 @@
+"""Typed settings of the chat service, read from `CHATMESH_CHAT_*` environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chat_service.domain import HistoryStrategy
+from chatmesh.common.auth import JwtKeys, load_or_create_secret
+
+
+class ChatSettings(BaseSettings):
+    """Everything the chat service can be configured with."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATMESH_CHAT_", frozen=True)
+
+    address: str = "127.0.0.1:50051"
+    database_url: str = Field(
+        "sqlite+aiosqlite:///.run/chatmesh.db",
+        description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db",
+    )
+    migrate_on_start: bool = Field(True, description="run Alembic migrations to head at start-up")
+    inference_address: str = "127.0.0.1:50052"
+    dependency_timeout_s: float = Field(120.0, description="how long to wait for the inference service at start")
+    default_history_strategy: HistoryStrategy = HistoryStrategy.WINDOW
+
+    # Summary strategy.
+    summary_keep_recent_messages: int = Field(4, ge=0)
+    summary_min_messages_to_fold: int = Field(2, ge=1)
+    summary_max_tokens: int = Field(160, ge=16)
+
+    # Identity: HS256 with a shared secret (inline or in a file) or RS256 with a public key file.
+    jwt_secret: str | None = None
+    jwt_secret_file: Path | None = Field(Path(".run/jwt-secret"), description="created on first use if missing")
+    jwt_public_key_file: Path | None = None
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+
+    shutdown_grace_s: float = 10.0
+    log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
+
+    def jwt_keys(self) -> JwtKeys:
+        """The verification keys these settings describe (RS256 public key wins over a secret)."""
+        if self.jwt_public_key_file is not None:
+            return JwtKeys.rs256(self.jwt_public_key_file.read_text(), None, self.jwt_issuer, self.jwt_audience)
+        if self.jwt_secret:
+            return JwtKeys.hs256(self.jwt_secret, self.jwt_issuer, self.jwt_audience)
+        if self.jwt_secret_file is not None:
+            return JwtKeys.hs256(load_or_create_secret(self.jwt_secret_file), self.jwt_issuer, self.jwt_audience)
+        raise ValueError(
+            "no JWT key configured: set CHATMESH_CHAT_JWT_SECRET, _JWT_SECRET_FILE or _JWT_PUBLIC_KEY_FILE"
+        )

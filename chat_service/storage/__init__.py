@@ -1,0 +1,1 @@
+"""Conversation storage: the `ConversationStore` interface and its SQLAlchemy implementation."""

@@ -1,0 +1,92 @@
+"""The conversation store interface. Every method is scoped by `user_id`: a chat of another user is
+indistinguishable from a chat that does not exist (`NotFound`)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from typing import Protocol
+
+from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
+
+
+class ConversationStore(Protocol):
+    """Durable chats and messages."""
+
+    async def create_chat(
+        self,
+        user_id: str,
+        title: str,
+        system_prompt: str,
+        history_strategy: HistoryStrategy,
+        request_id: str | None = None,
+    ) -> tuple[Chat, bool]:
+        """Create and commit a chat. Idempotent on (user, request_id): a retry returns the chat created
+        by the first call and False."""
+        ...
+
+    async def get_chat(self, user_id: str, chat_id: uuid.UUID) -> Chat:
+        """The chat, or `NotFound` if it does not exist or is not the user's."""
+        ...
+
+    async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
+        """Up to `limit` of the user's chats, most recent activity first, strictly after `after`."""
+        ...
+
+    async def update_chat(self, user_id: str, chat_id: uuid.UUID, update: ChatUpdate) -> Chat:
+        """Apply `update` and commit; `NotFound` as for get_chat."""
+        ...
+
+    async def delete_chat(self, user_id: str, chat_id: uuid.UUID) -> None:
+        """Delete the chat and all its messages in one transaction; `NotFound` as for get_chat."""
+        ...
+
+    async def add_user_message(
+        self, user_id: str, chat_id: uuid.UUID, content: str, token_count: int, request_id: str | None
+    ) -> tuple[Message, bool]:
+        """Commit a user message and bump the chat's activity time; set the chat's title from the
+        content if the title is empty. Idempotent on (chat, request_id): if a message with that
+        request id exists, return it and False instead of storing a second copy. `NotFound` as above.
+        """
+        ...
+
+    async def add_assistant_message(  # noqa: PLR0917 (callers pass these positionally)
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        reply_to: uuid.UUID,
+        content: str,
+        token_count: int,
+        finish_reason: FinishReason,
+    ) -> tuple[Message, bool]:
+        """Commit the reply to user message `reply_to` and bump the chat's activity time. Idempotent on
+        `reply_to`: at most one reply per user message; a second call returns the existing reply and
+        False. `NotFound` as above, or if `reply_to` is not a user message of this chat."""
+        ...
+
+    async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
+        """The assistant reply to the user's message `user_message_id`, if one is stored (None also for
+        another user's message)."""
+        ...
+
+    async def history(
+        self, user_id: str, chat_id: uuid.UUID, after_seq: int | None = None
+    ) -> Sequence[Message]:
+        """All messages of the chat oldest first (only those with seq > after_seq if given); `NotFound`
+        as above."""
+        ...
+
+    async def messages_page(
+        self, user_id: str, chat_id: uuid.UUID, limit: int, after_seq: int | None
+    ) -> Sequence[Message]:
+        """Up to `limit` messages oldest first, strictly after `after_seq`; `NotFound` as above."""
+        ...
+
+    async def latest_summary(self, user_id: str, chat_id: uuid.UUID) -> Message | None:
+        """The newest message of the chat that carries a summary, if any; `NotFound` as above."""
+        ...
+
+    async def save_summary(self, user_id: str, message_id: uuid.UUID, summary: str) -> None:
+        """Store `summary` (of the history through `message_id`) on that message; `NotFound` if the
+        user has no such message."""
+        ...

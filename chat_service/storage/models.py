@@ -1,0 +1,129 @@
+"""SQLAlchemy ORM tables of the conversation store.
+
+Messages are rows keyed by a global `seq`, never a JSON blob per chat. The indexes are chosen for the two
+hot reads: "list my chats" (`ix_chats_user_activity`, keyset-paged on activity) and "history of chat X"
+(`ix_messages_chat_seq`). The unique constraints carry the idempotency guarantees: a retried request can
+never store a second chat, user message or reply, however the retries interleave.
+
+Schema changes go through Alembic (`chat_service/migrations`); keep the revisions in step with this module
+(the storage tests compare the migrated schema against these models).
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    BigInteger,
+    DateTime,
+    Dialect,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    Uuid,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Deterministic constraint names, identical on every backend, so migrations can refer to them by name.
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend.
+
+    PostgreSQL stores `timestamptz` and asyncpg already returns aware values. SQLite has no timestamp type:
+    SQLAlchemy stores ISO text and drops the offset, so values are normalised to naive UTC on the way in
+    (which also keeps the text sortable) and marked UTC on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Convert an aware datetime to UTC; naive datetimes are refused rather than guessed at."""
+        if value is None:
+            return None
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value!r}: store timezone-aware values")
+        utc = value.astimezone(UTC)
+        return utc.replace(tzinfo=None) if dialect.name == "sqlite" else utc
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        """Return an aware UTC datetime."""
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    """Declarative base holding the store's metadata."""
+
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class ChatRow(Base):
+    """One conversation, owned by `user_id`."""
+
+    __tablename__ = "chats"
+    __table_args__ = (
+        # Serves "list my chats, most recent activity first" as a backward index scan with the keyset
+        # cursor (last_activity_at, id) in the index condition: no sort, no scan of other users' chats.
+        Index("ix_chats_user_activity", "user_id", "last_activity_at", "id"),
+        UniqueConstraint("user_id", "request_id", name="uq_chats_user_request"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    title: Mapped[str] = mapped_column(Text)
+    system_prompt: Mapped[str] = mapped_column(Text)
+    history_strategy: Mapped[str] = mapped_column(String(16))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    last_activity_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class MessageRow(Base):
+    """One message of a chat. `seq` orders messages globally and therefore within a chat."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        # History and message pages: equality on chat_id, range and order on seq. Also indexes the
+        # foreign key, so deleting a chat's messages does not scan the table.
+        Index("ix_messages_chat_seq", "chat_id", "seq"),
+        UniqueConstraint("chat_id", "request_id", name="uq_messages_chat_request"),
+        UniqueConstraint("reply_to", name="uq_messages_reply_to"),
+        # AUTOINCREMENT keeps SQLite from reusing the seq of a deleted newest message, so seq is
+        # strictly increasing on both backends.
+        {"sqlite_autoincrement": True},
+    )
+
+    # INTEGER (not BIGINT) on SQLite, because only `INTEGER PRIMARY KEY` aliases the rowid and
+    # autoincrements there.
+    seq: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, unique=True)
+    chat_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("chats.id", ondelete="CASCADE"))
+    user_id: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    content: Mapped[str] = mapped_column(Text)
+    token_count: Mapped[int] = mapped_column(Integer)
+    finish_reason: Mapped[str | None] = mapped_column(String(16))
+    request_id: Mapped[str | None] = mapped_column(String(128))
+    reply_to: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    summary: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -1,0 +1,475 @@
+"""The SQLAlchemy conversation store: PostgreSQL through asyncpg, or SQLite through aiosqlite.
+
+Every method runs one short transaction. Idempotency rests on the unique constraints of the schema, not on
+check-then-insert: an insert that collides with a stored copy fails with `IntegrityError`, is rolled back,
+and the stored row is read and returned instead. That holds however many retries race each other.
+
+Writes to a chat's messages first update the chat row (activity time, title). Besides doing the work, that
+takes the chat's row lock on PostgreSQL (SQLite locks the whole database anyway), so a chat's messages are
+committed in `seq` order and a reader paging by `seq` can never skip a message committed late.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Select, case, delete, event, select, tuple_
+from sqlalchemy import update as sql_update
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from chat_service.domain import (
+    Chat,
+    ChatCursor,
+    ChatUpdate,
+    FinishReason,
+    HistoryStrategy,
+    Message,
+    Role,
+)
+from chat_service.storage.base import ConversationStore
+from chat_service.storage.migrate import upgrade_to_head
+from chat_service.storage.models import ChatRow, MessageRow
+from chatmesh.common.errors import NotFound
+
+TITLE_MAX_CHARS = 80
+_ELLIPSIS = "…"
+# A racing delete can remove the row we collided with before we read it back, and inserting again is then
+# right; a collision that persists across attempts is a bug, not a race.
+_IDEMPOTENT_ATTEMPTS = 3
+
+
+def title_from_content(content: str) -> str:
+    """A chat title from its first message: the first non-blank line, whitespace collapsed, at most
+    `TITLE_MAX_CHARS` characters, cut at a word boundary (ending in "…") when it is longer."""
+    line = next((line for line in content.splitlines() if line.strip()), "")
+    line = " ".join(line.split())
+    if len(line) <= TITLE_MAX_CHARS:
+        return line
+    head = line[: TITLE_MAX_CHARS - len(_ELLIPSIS) + 1]
+    # One character beyond the budget tells whether the budget ends exactly between two words.
+    cut = head.rfind(" ")
+    # A single huge word (or one that would leave a stub of a title) is cut hard instead.
+    head = head[:cut] if cut >= TITLE_MAX_CHARS // 2 else head[:-1]
+    return head.rstrip(" ,;:.-") + _ELLIPSIS
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _chat_not_found(chat_id: uuid.UUID) -> NotFound:
+    return NotFound(f"chat {chat_id} not found")
+
+
+def _message_not_found(message_id: uuid.UUID) -> NotFound:
+    return NotFound(f"message {message_id} not found")
+
+
+def _to_chat(row: ChatRow) -> Chat:
+    return Chat(
+        id=row.id,
+        user_id=row.user_id,
+        title=row.title,
+        system_prompt=row.system_prompt,
+        history_strategy=HistoryStrategy(row.history_strategy),
+        created_at=row.created_at,
+        last_activity_at=row.last_activity_at,
+    )
+
+
+def _to_message(row: MessageRow) -> Message:
+    return Message(
+        id=row.id,
+        chat_id=row.chat_id,
+        user_id=row.user_id,
+        seq=row.seq,
+        role=Role(row.role),
+        content=row.content,
+        token_count=row.token_count,
+        finish_reason=FinishReason(row.finish_reason) if row.finish_reason is not None else None,
+        request_id=row.request_id,
+        reply_to=row.reply_to,
+        created_at=row.created_at,
+        summary=row.summary,
+    )
+
+
+def _own_chat(user_id: str, chat_id: uuid.UUID) -> Select[uuid.UUID]:
+    return select(ChatRow.id).where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
+
+
+def _chat_messages(user_id: str, chat_id: uuid.UUID, after_seq: int | None) -> Select[MessageRow]:
+    """The chat's messages in seq order, only if the chat is the user's.
+
+    Ownership is an uncorrelated EXISTS on the chat's primary key, which PostgreSQL runs once before the
+    scan. Filtering on the messages' own user_id column instead would be equivalent, but the planner takes
+    it for an independent condition, underestimates the rows of a long chat and switches to a bitmap scan
+    plus sort of everything after the cursor.
+    """
+    query = select(MessageRow).where(MessageRow.chat_id == chat_id, _own_chat(user_id, chat_id).exists())
+    if after_seq is not None:
+        query = query.where(MessageRow.seq > after_seq)
+    return query.order_by(MessageRow.seq)
+
+
+class SqlConversationStore(ConversationStore):
+    """`ConversationStore` over an async SQLAlchemy engine whose schema is at the newest migration.
+
+    Subclasses the Protocol explicitly so that mypy checks every signature against it.
+    """
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._sessions = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The engine the store runs on (for health checks and diagnostics)."""
+        return self._engine
+
+    async def create_chat(
+        self,
+        user_id: str,
+        title: str,
+        system_prompt: str,
+        history_strategy: HistoryStrategy,
+        request_id: str | None = None,
+    ) -> tuple[Chat, bool]:
+        """Create and commit a chat; a retry with the same (user, request_id) returns the first chat and
+        False."""
+        for _ in range(_IDEMPOTENT_ATTEMPTS):
+            now = _now()
+            row = ChatRow(
+                id=uuid.uuid4(),
+                user_id=user_id,
+                title=title,
+                system_prompt=system_prompt,
+                history_strategy=history_strategy.value,
+                request_id=request_id,
+                created_at=now,
+                last_activity_at=now,
+            )
+            try:
+                async with self._sessions.begin() as session:
+                    session.add(row)
+                return _to_chat(row), True
+            except IntegrityError:
+                if request_id is None:
+                    raise
+            async with self._sessions.begin() as session:
+                existing = await session.scalar(
+                    select(ChatRow).where(ChatRow.user_id == user_id, ChatRow.request_id == request_id)
+                )
+            if existing is not None:
+                return _to_chat(existing), False
+        raise RuntimeError(f"create_chat kept colliding on request id {request_id!r}")
+
+    async def get_chat(self, user_id: str, chat_id: uuid.UUID) -> Chat:
+        """The user's chat, or `NotFound`."""
+        async with self._sessions.begin() as session:
+            row = await session.scalar(
+                select(ChatRow).where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
+            )
+        if row is None:
+            raise _chat_not_found(chat_id)
+        return _to_chat(row)
+
+    async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
+        """Up to `limit` of the user's chats, most recent activity first, strictly after `after`.
+
+        Keyset pagination on (last_activity_at desc, id desc): a backward scan of `ix_chats_user_activity`
+        that starts at the cursor, so late pages cost the same as the first.
+        """
+        if limit < 1:
+            return []
+        query = select(ChatRow).where(ChatRow.user_id == user_id)
+        if after is not None:
+            query = query.where(
+                tuple_(ChatRow.last_activity_at, ChatRow.id) < (after.last_activity_at, after.chat_id)
+            )
+        query = query.order_by(ChatRow.last_activity_at.desc(), ChatRow.id.desc()).limit(limit)
+        async with self._sessions.begin() as session:
+            rows = (await session.scalars(query)).all()
+        return [_to_chat(row) for row in rows]
+
+    async def update_chat(self, user_id: str, chat_id: uuid.UUID, update: ChatUpdate) -> Chat:
+        """Apply the non-None fields of the update and commit; `NotFound` for a missing or foreign chat."""
+        values: dict[str, Any] = {}
+        if update.title is not None:
+            values["title"] = update.title
+        if update.system_prompt is not None:
+            values["system_prompt"] = update.system_prompt
+        if update.history_strategy is not None:
+            values["history_strategy"] = update.history_strategy.value
+        if not values:
+            return await self.get_chat(user_id, chat_id)
+        async with self._sessions.begin() as session:
+            row = await session.scalar(
+                sql_update(ChatRow)
+                .where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
+                .values(**values)
+                .returning(ChatRow)
+                .execution_options(synchronize_session=False)
+            )
+        if row is None:
+            raise _chat_not_found(chat_id)
+        return _to_chat(row)
+
+    async def delete_chat(self, user_id: str, chat_id: uuid.UUID) -> None:
+        """Delete the chat and its messages in one transaction; `NotFound` for a missing or foreign chat."""
+        async with self._sessions.begin() as session:
+            # Lock the chat first: a message being added concurrently waits for us, then finds no chat.
+            if await session.scalar(_own_chat(user_id, chat_id).with_for_update()) is None:
+                raise _chat_not_found(chat_id)
+            # Explicit rather than relying on ON DELETE CASCADE, which SQLite ignores on a connection
+            # that did not enable foreign keys.
+            await session.execute(
+                delete(MessageRow)
+                .where(MessageRow.chat_id == chat_id)
+                .execution_options(synchronize_session=False)
+            )
+            await session.execute(
+                delete(ChatRow).where(ChatRow.id == chat_id).execution_options(synchronize_session=False)
+            )
+
+    async def _touch_chat(
+        self, session: AsyncSession, user_id: str, chat_id: uuid.UUID, now: datetime, title: str | None
+    ) -> None:
+        """Bump the chat's activity time (and fill an empty title), or raise `NotFound`."""
+        values: dict[str, Any] = {"last_activity_at": now}
+        if title:
+            values["title"] = case((ChatRow.title == "", title), else_=ChatRow.title)
+        bumped = await session.scalar(
+            sql_update(ChatRow)
+            .where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
+            .values(**values)
+            .returning(ChatRow.id)
+            .execution_options(synchronize_session=False)
+        )
+        if bumped is None:
+            raise _chat_not_found(chat_id)
+
+    async def add_user_message(
+        self, user_id: str, chat_id: uuid.UUID, content: str, token_count: int, request_id: str | None
+    ) -> tuple[Message, bool]:
+        """Commit a user message, bump the chat's activity and set its title if empty, in one transaction.
+        A retry with the same (chat, request_id) returns the stored message and False."""
+        for _ in range(_IDEMPOTENT_ATTEMPTS):
+            now = _now()
+            row = MessageRow(
+                id=uuid.uuid4(),
+                chat_id=chat_id,
+                user_id=user_id,
+                role=Role.USER.value,
+                content=content,
+                token_count=token_count,
+                finish_reason=None,
+                request_id=request_id,
+                reply_to=None,
+                summary=None,
+                created_at=now,
+            )
+            try:
+                async with self._sessions.begin() as session:
+                    await self._touch_chat(session, user_id, chat_id, now, title_from_content(content))
+                    session.add(row)
+                return _to_message(row), True
+            except IntegrityError:
+                if request_id is None:
+                    raise
+            async with self._sessions.begin() as session:
+                existing = await session.scalar(
+                    select(MessageRow).where(
+                        MessageRow.chat_id == chat_id,
+                        MessageRow.request_id == request_id,
+                        MessageRow.user_id == user_id,
+                    )
+                )
+            if existing is not None:
+                return _to_message(existing), False
+        raise RuntimeError(f"add_user_message kept colliding on request id {request_id!r}")
+
+    async def add_assistant_message(  # noqa: PLR0917 (the ConversationStore signature)
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        reply_to: uuid.UUID,
+        content: str,
+        token_count: int,
+        finish_reason: FinishReason,
+    ) -> tuple[Message, bool]:
+        """Commit the reply to the user message `reply_to` of this chat (`NotFound` if there is no such
+        message); a second reply to the same message returns the stored one and False."""
+        for _ in range(_IDEMPOTENT_ATTEMPTS):
+            now = _now()
+            row = MessageRow(
+                id=uuid.uuid4(),
+                chat_id=chat_id,
+                user_id=user_id,
+                role=Role.ASSISTANT.value,
+                content=content,
+                token_count=token_count,
+                finish_reason=finish_reason.value,
+                request_id=None,
+                reply_to=reply_to,
+                summary=None,
+                created_at=now,
+            )
+            try:
+                async with self._sessions.begin() as session:
+                    await self._touch_chat(session, user_id, chat_id, now, None)
+                    question = await session.scalar(
+                        select(MessageRow.seq).where(
+                            MessageRow.id == reply_to,
+                            MessageRow.chat_id == chat_id,
+                            MessageRow.role == Role.USER.value,
+                        )
+                    )
+                    if question is None:
+                        raise _message_not_found(reply_to)
+                    session.add(row)
+                return _to_message(row), True
+            except IntegrityError:
+                pass
+            reply = await self.find_reply(user_id, reply_to)
+            if reply is not None:
+                return reply, False
+        raise RuntimeError(f"add_assistant_message kept colliding on the reply to {reply_to}")
+
+    async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
+        """The user's stored reply to `user_message_id`, if any."""
+        async with self._sessions.begin() as session:
+            row = await session.scalar(
+                select(MessageRow).where(
+                    MessageRow.reply_to == user_message_id, MessageRow.user_id == user_id
+                )
+            )
+        return _to_message(row) if row is not None else None
+
+    async def _require_chat(self, session: AsyncSession, user_id: str, chat_id: uuid.UUID) -> None:
+        if await session.scalar(_own_chat(user_id, chat_id)) is None:
+            raise _chat_not_found(chat_id)
+
+    async def history(
+        self, user_id: str, chat_id: uuid.UUID, after_seq: int | None = None
+    ) -> Sequence[Message]:
+        """Every message of the chat (after `after_seq` if given) oldest first; `NotFound` as for get_chat."""
+        async with self._sessions.begin() as session:
+            rows = (await session.scalars(_chat_messages(user_id, chat_id, after_seq))).all()
+            if not rows:
+                await self._require_chat(session, user_id, chat_id)
+        return [_to_message(row) for row in rows]
+
+    async def messages_page(
+        self, user_id: str, chat_id: uuid.UUID, limit: int, after_seq: int | None
+    ) -> Sequence[Message]:
+        """Up to `limit` messages oldest first, strictly after `after_seq`; `NotFound` as for get_chat."""
+        async with self._sessions.begin() as session:
+            rows: Sequence[MessageRow] = []
+            if limit >= 1:
+                rows = (await session.scalars(_chat_messages(user_id, chat_id, after_seq).limit(limit))).all()
+            if not rows:
+                await self._require_chat(session, user_id, chat_id)
+        return [_to_message(row) for row in rows]
+
+    async def latest_summary(self, user_id: str, chat_id: uuid.UUID) -> Message | None:
+        """The newest message of the chat carrying a summary; `NotFound` as for get_chat."""
+        async with self._sessions.begin() as session:
+            row = await session.scalar(
+                _chat_messages(user_id, chat_id, None)
+                .where(MessageRow.summary.is_not(None))
+                .order_by(None)
+                .order_by(MessageRow.seq.desc())
+                .limit(1)
+            )
+            if row is None:
+                await self._require_chat(session, user_id, chat_id)
+        return _to_message(row) if row is not None else None
+
+    async def save_summary(self, user_id: str, message_id: uuid.UUID, summary: str) -> None:
+        """Store `summary` on the user's message `message_id`; `NotFound` if there is no such message."""
+        async with self._sessions.begin() as session:
+            saved = await session.scalar(
+                sql_update(MessageRow)
+                .where(MessageRow.id == message_id, MessageRow.user_id == user_id)
+                .values(summary=summary)
+                .returning(MessageRow.seq)
+                .execution_options(synchronize_session=False)
+            )
+        if saved is None:
+            raise _message_not_found(message_id)
+
+
+def _async_url(database_url: str) -> URL:
+    """Parse the URL, choosing the async driver when a plain `sqlite://` or `postgresql://` is given."""
+    url = make_url(database_url)
+    if url.drivername in ("sqlite", "sqlite+pysqlite"):
+        url = url.set(drivername="sqlite+aiosqlite")
+    elif url.drivername in ("postgresql", "postgres", "postgresql+psycopg2"):
+        url = url.set(drivername="postgresql+asyncpg")
+    return url
+
+
+def _sqlite_on_connect(dbapi_connection: DBAPIConnection, connection_record: ConnectionPoolEntry) -> None:
+    cursor = dbapi_connection.cursor()
+    # SQLite ships with foreign keys off, per connection.
+    cursor.execute("PRAGMA foreign_keys = ON")
+    # Readers do not block the writer nor the writer the readers; persistent, but cheap to re-assert.
+    cursor.execute("PRAGMA journal_mode = WAL")
+    cursor.close()
+
+
+def create_store_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
+    """An async engine for the conversation store (see `open_sql_store`)."""
+    url = _async_url(database_url)
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database and database != ":memory:" and not database.startswith("file:"):
+            Path(database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(
+            url,
+            # Seconds a writer waits for another connection's write lock before "database is locked".
+            connect_args={"timeout": 30},
+        )
+        event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
+        return engine
+    if url.get_backend_name() == "postgresql":
+        return create_async_engine(
+            url,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            # Replace connections the server closed (restart, idle timeout) instead of failing a request.
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={"server_settings": {"application_name": "chatmesh-chat"}},
+        )
+    raise ValueError(f"unsupported chat database {url.render_as_string(hide_password=True)!r}")
+
+
+@asynccontextmanager
+async def open_sql_store(
+    database_url: str, *, migrate: bool = True, pool_size: int = 10
+) -> AsyncIterator[SqlConversationStore]:
+    """Open the SQL conversation store at `database_url` for the duration of the context.
+
+    `postgresql+asyncpg://...` or `sqlite+aiosqlite:///path/to/chat.db` (plain `postgresql://` and
+    `sqlite://` select those drivers). For SQLite the file's directory is created, foreign keys are
+    enforced and the journal is in WAL mode. With `migrate`, the schema is brought to the newest Alembic
+    revision first. The engine is disposed on exit.
+    """
+    engine = create_store_engine(database_url, pool_size=pool_size)
+    try:
+        if migrate:
+            await upgrade_to_head(engine)
+        yield SqlConversationStore(engine)
+    finally:
+        await engine.dispose()

@@ -1,0 +1,123 @@
+"""Request checks and page tokens of the chat API; every error names its field."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+from datetime import datetime
+
+from chat_service.domain import ChatCursor, HistoryStrategy
+from chat_service.inference import SamplingOptions
+from chatmesh.chat.v1 import chat_pb2 as pb
+from chatmesh.common.errors import InvalidArgument
+
+MAX_CONTENT_CHARS = 32_000
+MAX_TITLE_CHARS = 200
+MAX_SYSTEM_PROMPT_CHARS = 8_000
+MAX_REQUEST_ID_CHARS = 128
+DEFAULT_CHATS_PAGE, MAX_CHATS_PAGE = 20, 100
+DEFAULT_MESSAGES_PAGE, MAX_MESSAGES_PAGE = 50, 200
+
+STRATEGIES = {
+    pb.HISTORY_STRATEGY_FULL: HistoryStrategy.FULL,
+    pb.HISTORY_STRATEGY_WINDOW: HistoryStrategy.WINDOW,
+    pb.HISTORY_STRATEGY_SUMMARY: HistoryStrategy.SUMMARY,
+}
+
+
+def chat_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument("chat_id", f"must be a chat id (a UUID), got {value[:64]!r}") from None
+
+
+def content(value: str, field: str = "content") -> str:
+    if not value.strip():
+        raise InvalidArgument(field, "must not be empty")
+    if len(value) > MAX_CONTENT_CHARS:
+        raise InvalidArgument(field, f"must be at most {MAX_CONTENT_CHARS} characters, got {len(value)}")
+    return value
+
+
+def bounded_text(value: str, field: str, limit: int) -> str:
+    if len(value) > limit:
+        raise InvalidArgument(field, f"must be at most {limit} characters, got {len(value)}")
+    return value
+
+
+def strategy(value: int) -> HistoryStrategy | None:
+    """None for UNSPECIFIED (use the default)."""
+    if value == pb.HISTORY_STRATEGY_UNSPECIFIED:
+        return None
+    try:
+        return STRATEGIES[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument(
+            "history_strategy", f"unknown strategy {value}; use HISTORY_STRATEGY_FULL, _WINDOW or _SUMMARY"
+        ) from None
+
+
+def request_id(value: str) -> str | None:
+    return bounded_text(value, "request_id", MAX_REQUEST_ID_CHARS) or None
+
+
+def sampling(request: pb.CreateChatRequest | pb.CompleteRequest, context_length: int) -> SamplingOptions:
+    max_tokens = request.max_tokens if request.HasField("max_tokens") else None
+    if max_tokens is not None and not 1 <= max_tokens <= context_length:
+        raise InvalidArgument("max_tokens", f"must be between 1 and {context_length}, got {max_tokens}")
+    temperature = request.temperature if request.HasField("temperature") else None
+    if temperature is not None and not 0 <= temperature <= 2:
+        raise InvalidArgument("temperature", f"must be between 0 and 2, got {temperature}")
+    top_p = request.top_p if request.HasField("top_p") else None
+    if top_p is not None and not 0 < top_p <= 1:
+        raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
+    return SamplingOptions(max_tokens, temperature, top_p, request.seed if request.HasField("seed") else None)
+
+
+def page_size(value: int, default: int, limit: int) -> int:
+    if value < 0 or value > limit:
+        raise InvalidArgument("page_size", f"must be between 1 and {limit} (0 means {default}), got {value}")
+    return value or default
+
+
+def _encode(text: str) -> str:
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
+
+
+def _decode(token: str) -> str:
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidArgument("page_token", "is not a token returned by this API") from None
+
+
+def chat_cursor_token(cursor: ChatCursor) -> str:
+    return _encode(f"c|{cursor.last_activity_at.isoformat()}|{cursor.chat_id}")
+
+
+def chat_cursor(token: str) -> ChatCursor | None:
+    if not token:
+        return None
+    kind, _, rest = _decode(token).partition("|")
+    when, _, chat = rest.partition("|")
+    try:
+        if kind != "c":
+            raise ValueError(kind)
+        return ChatCursor(datetime.fromisoformat(when), uuid.UUID(chat))
+    except ValueError:
+        raise InvalidArgument("page_token", "is not a token returned by ListChats") from None
+
+
+def message_cursor_token(seq: int) -> str:
+    return _encode(f"m|{seq}")
+
+
+def message_cursor(token: str) -> int | None:
+    if not token:
+        return None
+    kind, _, seq = _decode(token).partition("|")
+    if kind != "m" or not seq.isdigit():
+        raise InvalidArgument("page_token", "is not a token returned by GetMessages")
+    return int(seq)

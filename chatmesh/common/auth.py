@@ -1,0 +1,164 @@
+"""JWT identity: verifying bearer tokens on the server, issuing dev tokens from the CLI.
+
+The token's `sub` claim is the user id. HS256 (shared secret) suits a single machine; RS256 (public
+key to verify, private key to issue) lets a separate identity provider mint tokens.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jwt
+
+from chatmesh.common.errors import Unauthenticated
+
+_current_user: contextvars.ContextVar[str] = contextvars.ContextVar("chatmesh_user")
+
+# Infrastructure endpoints stay open: load balancers health-check and operators reflect without tokens.
+PUBLIC_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                             "grpc.reflection.v1.ServerReflection"})
+
+
+@dataclass(frozen=True, slots=True)
+class JwtKeys:
+    """Key material and rules for tokens. Exactly one of `secret` / `public_key` verifies."""
+
+    algorithm: str  # "HS256" or "RS256"
+    verify_key: str
+    sign_key: str | None = None
+    issuer: str | None = None
+    audience: str | None = None
+    leeway_s: float = 30.0
+
+    @classmethod
+    def hs256(cls, secret: str, issuer: str | None = None, audience: str | None = None) -> JwtKeys:
+        if len(secret) < 32:
+            raise ValueError("the JWT secret must be at least 32 characters; generate one with `chatmesh keygen`")
+        return cls("HS256", secret, secret, issuer, audience)
+
+    @classmethod
+    def rs256(
+        cls, public_key_pem: str, private_key_pem: str | None = None, issuer: str | None = None,
+        audience: str | None = None,
+    ) -> JwtKeys:
+        return cls("RS256", public_key_pem, private_key_pem, issuer, audience)
+
+
+def current_user() -> str:
+    """The authenticated user of the RPC being served. Only valid inside a servicer method."""
+    try:
+        return _current_user.get()
+    except LookupError:
+        raise Unauthenticated("no authenticated user for this call") from None
+
+
+def verify_token(keys: JwtKeys, token: str) -> str:
+    """Return the token's subject, or raise `Unauthenticated` saying what is wrong with it."""
+    try:
+        claims = jwt.decode(
+            token,
+            keys.verify_key,
+            algorithms=[keys.algorithm],
+            issuer=keys.issuer,
+            audience=keys.audience,
+            leeway=keys.leeway_s,
+            options={"require": ["sub", "exp"], "verify_aud": keys.audience is not None},
+        )
+    except jwt.ExpiredSignatureError as exc:
+        raise Unauthenticated("the bearer token has expired; get a new one") from exc
+    except jwt.InvalidTokenError as exc:
+        raise Unauthenticated(f"invalid bearer token: {exc}") from exc
+    subject = claims["sub"]
+    if not isinstance(subject, str) or not subject or len(subject) > 255:
+        raise Unauthenticated("the bearer token's `sub` must be a user id of 1 to 255 characters")
+    return subject
+
+
+def issue_token(keys: JwtKeys, user_id: str, ttl_s: float = 30 * 24 * 3600) -> str:
+    """Sign a token for `user_id` (dev and tests; production tokens come from an identity provider)."""
+    if keys.sign_key is None:
+        raise ValueError("no signing key configured: RS256 needs the private key to issue tokens")
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl_s)}
+    if keys.issuer:
+        claims["iss"] = keys.issuer
+    if keys.audience:
+        claims["aud"] = keys.audience
+    return jwt.encode(claims, keys.sign_key, algorithm=keys.algorithm)
+
+
+def bearer_token(metadata: Collection[tuple[str, str | bytes]] | None) -> str:
+    """The token from `authorization: Bearer <token>` metadata, or `Unauthenticated`."""
+    for key, value in metadata or ():
+        if key == "authorization":
+            scheme, _, token = (value.decode() if isinstance(value, bytes) else value).partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+            raise Unauthenticated("the authorization header must be `Bearer <token>`")
+    raise Unauthenticated("missing `authorization: Bearer <token>` metadata; get a token with `chatmesh token USER`")
+
+
+def generate_secret() -> str:
+    """A fresh random HS256 secret."""
+    return secrets.token_urlsafe(48)
+
+
+def load_or_create_secret(path: Path) -> str:
+    """Read the dev secret at `path`, creating it (mode 600) on first use."""
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(generate_secret())
+    return path.read_text().strip()
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
+
+
+class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
+    """Verifies the bearer token of every call (except health and reflection) and exposes the user
+    through `current_user()` for the duration of the call."""
+
+    def __init__(self, keys: JwtKeys) -> None:
+        self._keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        service = handler_call_details.method.lstrip("/").partition("/")[0]
+        if handler is None or service in PUBLIC_SERVICES:
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary))  # type: ignore[attr-defined,no-any-return]
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream))  # type: ignore[attr-defined,no-any-return]
+        return handler
+
+    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        # Set inside the handler's own task so that the context variable is visible to the servicer.
+        _current_user.set(verify_token(self._keys, bearer_token(context.invocation_metadata())))
+
+    def _wrap_unary(self, behavior: Behavior) -> Behavior:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            self._authenticate(context)
+            return await behavior(request, context)
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Behavior) -> Behavior:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            self._authenticate(context)
+            async for response in behavior(request, context):
+                yield response
+
+        return wrapped

@@ -1,0 +1,383 @@
+"""The real chat service over gRPC, on real PostgreSQL and SQLite, with the real inference service.
+
+The chat service talks to the inference service through a recording pass-through proxy, so tests can
+see exactly what the engine received.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from chatmesh.chat.v1 import chat_pb2 as pb
+from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.inference.v1 import inference_pb2 as ipb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from tests.support.chat import TEST_SECRET, ChatClient, auth, drain
+from tests.support.databases import fresh_postgres_database
+from tests.support.processes import free_port, run_service
+from tests.support.recording_proxy import RecordingInferenceProxy, run_recording_proxy
+
+pytestmark = pytest.mark.integration
+
+CONTEXT = 1024  # small, so that the window strategy has to drop turns after a few long messages
+COUNTING_SYSTEM_PROMPT = "User: Count to 100.\nAssistant: " + ", ".join(str(i) for i in range(1, 101))
+
+
+@pytest.fixture(scope="module")
+def inference_address() -> Iterator[str]:
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        "CHATMESH_INFERENCE_ADDRESS": address,
+        "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
+        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
+        "CHATMESH_INFERENCE_DEFAULT_MAX_TOKENS": "24",
+    }
+    with run_service("inference_service", env, address, timeout=60):
+        yield address
+
+
+@pytest.fixture(scope="module")
+def proxy(inference_address: str) -> Iterator[tuple[str, RecordingInferenceProxy]]:
+    with run_recording_proxy(inference_address) as running:
+        yield running
+
+
+def chat_env(address: str, database_url: str, inference: str) -> dict[str, str]:
+    return {
+        "CHATMESH_CHAT_ADDRESS": address,
+        "CHATMESH_CHAT_DATABASE_URL": database_url,
+        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
+        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
+        "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
+        "CHATMESH_CHAT_SUMMARY_KEEP_RECENT_MESSAGES": "2",
+        "CHATMESH_CHAT_SUMMARY_MIN_MESSAGES_TO_FOLD": "4",
+        "CHATMESH_CHAT_SUMMARY_MAX_TOKENS": "32",
+    }
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+async def chat_address(
+    request: pytest.FixtureRequest, proxy: tuple[str, RecordingInferenceProxy], tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[str]:
+    address = f"127.0.0.1:{free_port()}"
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('chat') / 'chat.db'}"
+        with run_service("chat_service", chat_env(address, url, proxy[0]), address, timeout=60) as process:
+            yield address
+        assert process.returncode == 0
+    else:
+        async with fresh_postgres_database() as url:
+            with run_service("chat_service", chat_env(address, url, proxy[0]), address, timeout=60) as process:
+                yield address
+            assert process.returncode == 0
+
+
+@pytest.fixture
+async def channel(chat_address: str) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(chat_address) as channel:
+        yield channel
+
+
+@pytest.fixture
+def alice(channel: grpc.aio.Channel) -> ChatClient:
+    return ChatClient(channel)
+
+
+@pytest.fixture
+def bob(channel: grpc.aio.Channel) -> ChatClient:
+    return ChatClient(channel)
+
+
+@pytest.fixture
+def recorder(proxy: tuple[str, RecordingInferenceProxy]) -> RecordingInferenceProxy:
+    proxy[1].clear()
+    return proxy[1]
+
+
+async def expect_error(code: grpc.StatusCode, call: object) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        if isinstance(call, grpc.aio.UnaryStreamCall):
+            await drain(call)
+        else:
+            await call  # type: ignore[misc]
+    assert err.value.code() == code, err.value.details()
+    return err.value.details() or ""
+
+
+async def test_create_with_first_message_streams_and_stores_both_messages(alice: ChatClient) -> None:
+    created = await alice.create("What is the capital of France?", max_tokens=16, temperature=0)
+    first = created.first
+    assert first.chat.chat_id == first.chat_id and first.user_message_id
+    assert created.deltas, "the reply streams as deltas"
+    assert created.last is not None
+    assert created.last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+    assert created.last.usage.completion_tokens > 0 and created.last.usage.prompt_tokens > 0
+    assert "Paris" in created.text
+
+    messages = await alice.all_messages(created.chat_id)
+    assert [m.role for m in messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT]
+    assert messages[0].message_id == first.user_message_id
+    assert messages[0].content == "What is the capital of France?" and messages[0].token_count > 0
+    assert messages[1].message_id == created.last.assistant_message_id
+    assert messages[1].content == created.text
+    assert messages[1].finish_reason == created.last.finish_reason
+
+    listed = await alice.list()
+    assert listed.chats[0].chat_id == created.chat_id
+    assert listed.chats[0].title == "What is the capital of France?"
+
+
+async def test_create_without_message_is_one_event_and_title_comes_from_first_message(alice: ChatClient) -> None:
+    created = await alice.create(system_prompt="Answer briefly.", history_strategy=pb.HISTORY_STRATEGY_WINDOW)
+    assert created.last is None and not created.first.user_message_id
+    assert created.first.chat.history_strategy == pb.HISTORY_STRATEGY_WINDOW
+    assert created.first.chat.title == ""
+    await alice.complete(created.chat_id, "Tell me about the moon.\nIt orbits the earth.", max_tokens=4)
+    chats = (await alice.list()).chats
+    assert chats[0].title == "Tell me about the moon."
+
+
+async def test_completion_prompt_carries_the_history(alice: ChatClient, recorder: RecordingInferenceProxy) -> None:
+    created = await alice.create("My name is Ada.", system_prompt="Be kind.", max_tokens=8, temperature=0)
+    second = await alice.complete(created.chat_id, "What is my name?", max_tokens=8, temperature=0)
+    prompt = recorder.chat_requests()[-1].messages
+    assert [(m.role, m.content) for m in prompt] == [
+        (ipb.ROLE_SYSTEM, "Be kind."),
+        (ipb.ROLE_USER, "My name is Ada."),
+        (ipb.ROLE_ASSISTANT, created.text),
+        (ipb.ROLE_USER, "What is my name?"),
+    ]
+    assert second.first.chat_id == created.chat_id
+
+
+async def test_list_and_history_are_paginated_newest_activity_first(alice: ChatClient) -> None:
+    ids = [(await alice.create(title=f"chat {i}")).chat_id for i in range(5)]
+    await alice.complete(ids[1], "bump", max_tokens=2)  # most recent activity now
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await alice.list(page_size=2, page_token=token)
+        assert len(page.chats) <= 2
+        seen += [c.chat_id for c in page.chats]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [ids[1], ids[4], ids[3], ids[2], ids[0]]
+
+    for i in range(3):
+        await alice.complete(ids[0], f"message {i}", max_tokens=2)
+    first_page = await alice.messages(ids[0], page_size=4)
+    second_page = await alice.messages(ids[0], page_size=4, page_token=first_page.next_page_token)
+    contents = [m.content for m in [*first_page.messages, *second_page.messages]]
+    assert contents[0::2] == ["message 0", "message 1", "message 2"]
+    assert len(first_page.messages) == 4 and len(second_page.messages) == 2
+    assert second_page.next_page_token == ""
+
+
+async def test_update_and_delete(alice: ChatClient) -> None:
+    created = await alice.create("hello", max_tokens=2)
+    updated = await alice.stub.UpdateChat(
+        pb.UpdateChatRequest(chat_id=created.chat_id, title="renamed", history_strategy=pb.HISTORY_STRATEGY_SUMMARY),
+        metadata=alice.metadata,
+    )
+    assert (updated.chat.title, updated.chat.history_strategy) == ("renamed", pb.HISTORY_STRATEGY_SUMMARY)
+    assert updated.chat.system_prompt == ""
+    await alice.stub.DeleteChat(pb.DeleteChatRequest(chat_id=created.chat_id), metadata=alice.metadata)
+    assert created.chat_id not in [c.chat_id for c in (await alice.list()).chats]
+    await expect_error(grpc.StatusCode.NOT_FOUND, alice.messages(created.chat_id))
+
+
+async def test_another_users_chat_is_not_found_everywhere(alice: ChatClient, bob: ChatClient) -> None:
+    created = await alice.create("secret plans", max_tokens=2)
+    chat_id = created.chat_id
+    assert chat_id not in [c.chat_id for c in (await bob.list(page_size=100)).chats]
+    missing = str(uuid.uuid4())
+    for target in (chat_id, missing):
+        details = await expect_error(grpc.StatusCode.NOT_FOUND, bob.messages(target))
+        assert "secret" not in details
+        await expect_error(
+            grpc.StatusCode.NOT_FOUND,
+            bob.stub.Complete(pb.CompleteRequest(chat_id=target, content="hi"), metadata=bob.metadata),
+        )
+        await expect_error(
+            grpc.StatusCode.NOT_FOUND,
+            bob.stub.UpdateChat(pb.UpdateChatRequest(chat_id=target, title="mine"), metadata=bob.metadata),
+        )
+        await expect_error(
+            grpc.StatusCode.NOT_FOUND, bob.stub.DeleteChat(pb.DeleteChatRequest(chat_id=target), metadata=bob.metadata)
+        )
+    # Alice's chat is untouched by Bob's attempts.
+    messages = await alice.all_messages(chat_id)
+    assert [m.content for m in messages][0] == "secret plans" and len(messages) == 2
+    assert (await alice.list()).chats[0].title == "secret plans"
+
+
+async def test_calls_without_a_valid_token_are_unauthenticated(channel: grpc.aio.Channel) -> None:
+    stub = chat_pb2_grpc.ChatServiceStub(channel)
+    details = await expect_error(grpc.StatusCode.UNAUTHENTICATED, stub.ListChats(pb.ListChatsRequest()))
+    assert "authorization" in details
+    forged = auth("alice", secret="not-the-server-secret-" + "y" * 30)
+    await expect_error(grpc.StatusCode.UNAUTHENTICATED, stub.ListChats(pb.ListChatsRequest(), metadata=forged))
+    await expect_error(
+        grpc.StatusCode.UNAUTHENTICATED,
+        stub.ListChats(pb.ListChatsRequest(), metadata=(("authorization", "Basic abc"),)),
+    )
+    await expect_error(
+        grpc.StatusCode.UNAUTHENTICATED, stub.CreateChat(pb.CreateChatRequest(content="hi"), metadata=forged)
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "request_", "field"),
+    [
+        ("Complete", pb.CompleteRequest(chat_id="CHAT", content=""), "content"),
+        ("Complete", pb.CompleteRequest(chat_id="CHAT", content="x" * 32_001), "content"),
+        ("Complete", pb.CompleteRequest(chat_id="not-a-uuid", content="hi"), "chat_id"),
+        ("Complete", pb.CompleteRequest(chat_id="CHAT", content="hi", max_tokens=0), "max_tokens"),
+        ("Complete", pb.CompleteRequest(chat_id="CHAT", content="hi", max_tokens=100_000), "max_tokens"),
+        ("Complete", pb.CompleteRequest(chat_id="CHAT", content="hi", temperature=5), "temperature"),
+        ("CreateChat", pb.CreateChatRequest(history_strategy=9), "history_strategy"),  # type: ignore[arg-type]
+        ("CreateChat", pb.CreateChatRequest(title="t" * 201), "title"),
+        ("ListChats", pb.ListChatsRequest(page_size=101), "page_size"),
+        ("ListChats", pb.ListChatsRequest(page_token="garbage!"), "page_token"),
+        ("GetMessages", pb.GetMessagesRequest(chat_id="CHAT", page_size=201), "page_size"),
+        ("UpdateChat", pb.UpdateChatRequest(chat_id="CHAT", history_strategy=7), "history_strategy"),  # type: ignore[arg-type]
+    ],
+)
+async def test_bad_input_is_invalid_argument_naming_the_field(
+    alice: ChatClient, method: str, request_: object, field: str
+) -> None:
+    chat_id = (await alice.create(title="target")).chat_id
+    if hasattr(request_, "chat_id") and request_.chat_id == "CHAT":  # type: ignore[attr-defined]
+        request_.chat_id = chat_id  # type: ignore[attr-defined]
+    details = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, getattr(alice.stub, method)(request_, metadata=alice.metadata)
+    )
+    assert details.startswith(f"{field}: "), details
+    assert len(await alice.all_messages(chat_id)) == 0, "a rejected request stores nothing"
+
+
+async def test_retry_with_the_same_request_id_returns_the_stored_answer(alice: ChatClient) -> None:
+    chat_id = (await alice.create(title="retry")).chat_id
+    first = await alice.complete(chat_id, "Name a color.", max_tokens=8, request_id="req-1")
+    again = await alice.complete(chat_id, "Name a color.", max_tokens=8, request_id="req-1")
+    assert again.first.user_message_id == first.first.user_message_id
+    assert again.last is not None and first.last is not None
+    assert again.last.assistant_message_id == first.last.assistant_message_id
+    assert again.text == first.text
+    assert len(await alice.all_messages(chat_id)) == 2
+
+
+async def test_concurrent_retries_join_the_running_completion(alice: ChatClient) -> None:
+    chat_id = (await alice.create(title="join", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
+    results = await asyncio.gather(
+        *(alice.complete(chat_id, "Count to 300.", max_tokens=40, temperature=0, request_id="same") for _ in range(3))
+    )
+    assert len({r.first.user_message_id for r in results}) == 1
+    assert len({r.last.assistant_message_id for r in results if r.last}) == 1
+    assert len({r.text for r in results}) == 1
+    assert len(await alice.all_messages(chat_id)) == 2
+
+
+async def test_client_cancel_keeps_the_partial_answer_marked_cancelled(alice: ChatClient) -> None:
+    chat_id = (await alice.create(title="cancel", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
+    call = alice.stub.Complete(
+        pb.CompleteRequest(chat_id=chat_id, content="Count to 300.", max_tokens=300, temperature=0),
+        metadata=alice.metadata,
+    )
+    received: list[str] = []
+    async for event in call:
+        if event.delta:
+            received.append(event.delta)
+        if len(received) == 4:
+            break
+    call.cancel()
+    for _ in range(50):  # the service stores the partial reply right after it notices the cancel
+        messages = await alice.all_messages(chat_id)
+        if len(messages) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert len(messages) == 2
+    reply = messages[1]
+    assert reply.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert reply.content.startswith("".join(received))
+    assert len(reply.content) < 300, "generation stopped soon after the cancel"
+
+
+async def test_window_strategy_fits_the_context_and_drops_oldest_first(
+    alice: ChatClient, recorder: RecordingInferenceProxy, inference_address: str
+) -> None:
+    chat_id = (
+        await alice.create(system_prompt="You are terse.", history_strategy=pb.HISTORY_STRATEGY_WINDOW)
+    ).chat_id
+    questions = [f"Question {i}: " + " ".join(f"word{i}-{j}" for j in range(40)) for i in range(9)]
+    for question in questions:
+        await alice.complete(chat_id, question, max_tokens=32, temperature=0)
+    requests = recorder.chat_requests()
+    assert len(requests) == len(questions)
+    async with grpc.aio.insecure_channel(inference_address) as channel:
+        engine = inference_pb2_grpc.InferenceServiceStub(channel)
+        for number, request in enumerate(requests):
+            counted = await engine.CountTokens(ipb.CountTokensRequest(messages=request.messages))
+            assert counted.prompt_tokens + request.sampling.max_tokens <= CONTEXT
+            assert request.messages[0].content == "You are terse."
+            assert request.messages[-1].content == questions[number]
+            users = [m.content for m in request.messages if m.role == ipb.ROLE_USER]
+            # What is kept is the most recent stretch of the conversation, in order.
+            assert users == questions[number - len(users) + 1 : number + 1]
+    assert len([m for m in requests[-1].messages if m.role == ipb.ROLE_USER]) < len(questions), "old turns dropped"
+
+
+async def test_summary_is_stored_and_extended_not_recomputed(
+    alice: ChatClient, recorder: RecordingInferenceProxy
+) -> None:
+    chat_id = (await alice.create(history_strategy=pb.HISTORY_STRATEGY_SUMMARY)).chat_id
+    calls_after_turn = []
+    for turn in range(1, 7):
+        await alice.complete(chat_id, f"Fact number {turn}: my item {turn} is blue.", max_tokens=8, temperature=0)
+        calls_after_turn.append(len(recorder.summary_requests()))
+    # keep 2 recent messages, fold once 4 are waiting: turns 4 and 6 fold, the others reuse the summary.
+    assert calls_after_turn == [0, 0, 0, 1, 1, 2]
+    first, second = recorder.summary_requests()
+    first_text = first.messages[-1].content
+    assert "Fact number 1" in first_text and "Fact number 2" in first_text and "Fact number 3" not in first_text
+    second_text = second.messages[-1].content
+    assert "Earlier summary:" in second_text, "the stored summary is extended"
+    assert "Fact number 1" not in second_text.partition("\nUser:")[2], "old turns are not summarised again"
+    assert "Fact number 3" in second_text and "Fact number 4" in second_text
+    # Turn 5's prompt reused the first summary instead of the folded turns.
+    turn5 = recorder.chat_requests()[4].messages
+    assert turn5[0].role == ipb.ROLE_SYSTEM and turn5[0].content.startswith("Summary of the earlier conversation")
+    assert not any("Fact number 1" in m.content for m in turn5[1:])
+
+
+async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp_path: Path) -> None:
+    inference = f"127.0.0.1:{free_port()}"
+    chat = f"127.0.0.1:{free_port()}"
+    inference_env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_CONTEXT_LENGTH": "1024"}
+    with run_service("inference_service", inference_env, inference, timeout=60) as engine:
+        env = chat_env(chat, f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", inference)
+        with run_service("chat_service", env, chat, timeout=60):
+            async with grpc.aio.insecure_channel(chat) as channel:
+                client = ChatClient(channel)
+                chat_id = (await client.create(title="doomed", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
+                call = client.stub.Complete(
+                    pb.CompleteRequest(chat_id=chat_id, content="Count to 300.", max_tokens=300, temperature=0),
+                    metadata=client.metadata,
+                )
+                events = []
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    async for event in call:
+                        events.append(event)
+                        if len(events) == 3:
+                            engine.kill()  # the engine dies mid-stream
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert events[-1].error.code == "UNAVAILABLE" and events[-1].error.message
+                messages = await client.all_messages(chat_id)
+                assert [m.role for m in messages] == [pb.ROLE_USER], "no broken assistant message is stored"

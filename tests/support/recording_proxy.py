@@ -1,0 +1,102 @@
+"""A pass-through InferenceService that records what the engine was asked.
+
+The chat service under test talks to this proxy, which forwards every call unchanged to the real
+inference service and keeps the requests, so tests can assert on the exact prompts the engine got.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import grpc
+
+from chatmesh.inference.v1 import inference_pb2 as pb
+from chatmesh.inference.v1 import inference_pb2_grpc
+
+
+class RecordingInferenceProxy(inference_pb2_grpc.InferenceServiceServicer):
+    """Forwards to `upstream` and records Generate and CountTokens requests."""
+
+    def __init__(self, upstream: grpc.aio.Channel) -> None:
+        self._upstream = inference_pb2_grpc.InferenceServiceStub(upstream)
+        self.generate_requests: list[pb.GenerateRequest] = []
+        self.count_requests: list[pb.CountTokensRequest] = []
+
+    def clear(self) -> None:
+        self.generate_requests.clear()
+        self.count_requests.clear()
+
+    def summary_requests(self) -> list[pb.GenerateRequest]:
+        """Generate calls made to summarise history (the chat service tags their request ids)."""
+        return [r for r in self.generate_requests if r.request_id.endswith(":summary")]
+
+    def chat_requests(self) -> list[pb.GenerateRequest]:
+        """Generate calls that produced a reply for the user."""
+        return [r for r in self.generate_requests if not r.request_id.endswith(":summary")]
+
+    async def Generate(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        self.generate_requests.append(request)
+        call = self._upstream.Generate(request)
+        try:
+            async for response in call:
+                yield response
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+        finally:
+            call.cancel()
+
+    async def CountTokens(
+        self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.CountTokensResponse:
+        self.count_requests.append(request)
+        try:
+            return await self._upstream.CountTokens(request)
+        except grpc.aio.AioRpcError as exc:
+            await context.abort(exc.code(), exc.details() or "")
+            raise
+
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.GetModelInfoResponse:
+        return await self._upstream.GetModelInfo(request)
+
+
+@contextlib.contextmanager
+def run_recording_proxy(upstream_address: str) -> Iterator[tuple[str, RecordingInferenceProxy]]:
+    """Serve a `RecordingInferenceProxy` for `upstream_address` on a free port, on its own thread.
+
+    Its own thread and event loop keep it answering while the test's loop is blocked (e.g. a fixture
+    waiting for a service subprocess to come up). Yields (address, recorder).
+    """
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="recording-proxy", daemon=True)
+    thread.start()
+
+    async def start() -> tuple[grpc.aio.Server, grpc.aio.Channel, RecordingInferenceProxy, int]:
+        channel = grpc.aio.insecure_channel(upstream_address)
+        recorder = RecordingInferenceProxy(channel)
+        server = grpc.aio.server()
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server(recorder, server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        return server, channel, recorder, port
+
+    server, channel, recorder, port = asyncio.run_coroutine_threadsafe(start(), loop).result()
+    try:
+        yield f"127.0.0.1:{port}", recorder
+    finally:
+
+        async def stop() -> None:
+            await server.stop(None)
+            await channel.close()
+
+        asyncio.run_coroutine_threadsafe(stop(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+        loop.close()
