@@ -119,13 +119,17 @@ class Conversations:
         request_id: str | None,
     ) -> AsyncIterator[CompletionEvent]:
         """Create a chat; with a first message, stream its reply like `complete`."""
-        chat, _ = await self._store.create_chat(
-            user_id, title, system_prompt, strategy or self._default_strategy, request_id
-        )
         if not first_message:
+            chat, _ = await self._store.create_chat(
+                user_id, title, system_prompt, strategy or self._default_strategy, request_id
+            )
             yield Started(chat.id, None, chat)
             return
-        async for event in self._complete(chat, first_message, sampling, request_id):
+        (chat, _), token_count = await asyncio.gather(
+            self._store.create_chat(user_id, title, system_prompt, strategy or self._default_strategy, request_id),
+            self._count(first_message),
+        )
+        async for event in self._complete(chat, first_message, token_count, sampling, request_id):
             yield Started(event.chat_id, event.user_message_id, chat) if isinstance(event, Started) else event
 
     async def complete(
@@ -137,16 +141,23 @@ class Conversations:
         request_id: str | None,
     ) -> AsyncIterator[CompletionEvent]:
         """Store the user message, stream the reply, store the reply."""
-        chat = await self._store.get_chat(user_id, chat_id)
-        async for event in self._complete(chat, content, sampling, request_id):
+        # Independent round trips run concurrently: they sit on the path to the first token.
+        chat, token_count = await asyncio.gather(
+            self._store.get_chat(user_id, chat_id), self._count(content)
+        )
+        async for event in self._complete(chat, content, token_count, sampling, request_id):
             yield event
 
+    async def _count(self, content: str) -> int:
+        return await self._inference.count_tokens([PromptMessage("user", content)])
+
     async def _complete(
-        self, chat: Chat, content: str, sampling: SamplingOptions, request_id: str | None
+        self, chat: Chat, content: str, token_count: int, sampling: SamplingOptions, request_id: str | None
     ) -> AsyncIterator[CompletionEvent]:
-        token_count = await self._inference.count_tokens([PromptMessage("user", content)])
-        user_message, created = await self._store.add_user_message(
-            chat.user_id, chat.id, content, token_count, request_id
+        # The history read runs beside the insert; the new message is appended to it below.
+        (user_message, created), earlier = await asyncio.gather(
+            self._store.add_user_message(chat.user_id, chat.id, content, token_count, request_id),
+            self._store.history(chat.user_id, chat.id),
         )
         if not created:
             async for event in self._replay(chat, user_message, sampling):
@@ -154,8 +165,10 @@ class Conversations:
             return
         broadcast = _Broadcast()
         self._in_flight[user_message.id] = broadcast
+        history = [m for m in earlier if m.seq < user_message.seq]
+        history.append(user_message)
         try:
-            async for event in self._generate(chat, user_message, sampling):
+            async for event in self._generate(chat, user_message, sampling, history):
                 broadcast.publish(event)
                 yield event
         finally:
@@ -163,8 +176,9 @@ class Conversations:
             del self._in_flight[user_message.id]
 
     async def _generate(
-        self, chat: Chat, user_message: Message, sampling: SamplingOptions
+        self, chat: Chat, user_message: Message, sampling: SamplingOptions, history: Sequence[Message] | None
     ) -> AsyncIterator[CompletionEvent]:
+        """Stream and store the reply to `user_message`; `history` (through that message) saves a read."""
         yield Started(chat.id, user_message.id)
         max_tokens = sampling.max_tokens or self._engine.default_max_tokens
         request_id = str(user_message.id)
@@ -172,7 +186,10 @@ class Conversations:
         finished: Generated | None = None
         started = time.perf_counter()
         try:
-            prompt = await self._history.build(chat, max_tokens, request_id)
+            if history is None:
+                stored = await self._store.history(chat.user_id, chat.id)
+                history = [m for m in stored if m.seq <= user_message.seq]
+            prompt = await self._history.build(chat, history, max_tokens, request_id)
             sampling = SamplingOptions(max_tokens, sampling.temperature, sampling.top_p, sampling.seed)
             async with aclosing(self._inference.generate(prompt, sampling, request_id)) as stream:
                 async for event in stream:
@@ -231,7 +248,7 @@ class Conversations:
             return
         reply = await self._store.find_reply(chat.user_id, user_message.id)
         if reply is None:
-            async for event in self._generate(chat, user_message, sampling):
+            async for event in self._generate(chat, user_message, sampling, None):
                 yield event
             return
         yield Started(chat.id, user_message.id)

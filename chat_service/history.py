@@ -45,12 +45,14 @@ class HistoryBuilder:
         self._engine = engine
         self._policy = policy
 
-    async def build(self, chat: Chat, max_tokens: int, request_id: str) -> list[PromptMessage]:
-        """The messages to send for the chat's newest (already stored) user message."""
+    async def build(
+        self, chat: Chat, history: Sequence[Message], max_tokens: int, request_id: str
+    ) -> list[PromptMessage]:
+        """The messages to send for the last message of `history` (the chat's messages through the new
+        user message, oldest first)."""
         system = [PromptMessage("system", chat.system_prompt)] if chat.system_prompt else []
         if chat.history_strategy is HistoryStrategy.SUMMARY:
-            return await self._with_summary(chat, system, max_tokens, request_id)
-        history = await self._store.history(chat.user_id, chat.id)
+            return await self._with_summary(chat, history, system, max_tokens, request_id)
         if chat.history_strategy is HistoryStrategy.WINDOW:
             return await self.fit_window(system, [], history, max_tokens)
         return [*system, *map(as_prompt, history)]
@@ -99,11 +101,16 @@ class HistoryBuilder:
             start_index += 1
 
     async def _with_summary(
-        self, chat: Chat, system: list[PromptMessage], max_tokens: int, request_id: str
+        self,
+        chat: Chat,
+        history: Sequence[Message],
+        system: list[PromptMessage],
+        max_tokens: int,
+        request_id: str,
     ) -> list[PromptMessage]:
         latest = await self._store.latest_summary(chat.user_id, chat.id)
         summary = latest.summary if latest else None
-        pending = list(await self._store.history(chat.user_id, chat.id, after_seq=latest.seq if latest else None))
+        pending = [m for m in history if latest is None or m.seq > latest.seq]
         # pending = [older..., recent (keep_recent_messages)..., new question]
         fold_count = len(pending) - 1 - self._policy.keep_recent_messages
         # Fold whole turns only, so the verbatim part starts with a user message.

@@ -1,0 +1,144 @@
+"""Chat service overhead on PostgreSQL, measured through the real services over gRPC.
+
+1. Time to first token (TTFT) of `ChatService.Complete` minus the inference service's own TTFT for the
+   same prompt (a fresh chat with the `full` strategy sends exactly [user: question]); the two calls
+   alternate in one run. Target: <= 5 ms at p50.
+2. `ListChats` (20 per page) for a user with 1,000 chats and `GetMessages` (50 per page) on a
+   500-message chat, over gRPC with auth. Target: p50 <= 3 ms each.
+
+    .venv/bin/python benchmarks/chat_overhead.py [--runs 40] [--iterations 300]
+
+It creates a throw-away PostgreSQL database on 127.0.0.1:5432 and starts its own inference and chat
+services on free ports.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chat_service.domain import FinishReason, HistoryStrategy  # noqa: E402
+from chat_service.storage.sql import open_sql_store  # noqa: E402
+from chatmesh.chat.v1 import chat_pb2 as pb  # noqa: E402
+from chatmesh.chat.v1 import chat_pb2_grpc  # noqa: E402
+from chatmesh.inference.v1 import inference_pb2 as ipb  # noqa: E402
+from chatmesh.inference.v1 import inference_pb2_grpc  # noqa: E402
+from tests.support.chat import TEST_SECRET, auth  # noqa: E402
+from tests.support.databases import fresh_postgres_database  # noqa: E402
+from tests.support.processes import free_port, run_service  # noqa: E402
+
+QUESTION = "What is the capital of France?"
+USER = "bench-user"
+
+
+def percentiles(values: list[float]) -> str:
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+    return f"p50 {statistics.median(ordered):.2f} ms, p90 {at(0.9):.2f} ms, p99 {at(0.99):.2f} ms"
+
+
+async def seed(url: str) -> str:
+    """1,000 chats for USER, one of them with 500 messages; returns that chat's id."""
+    async with open_sql_store(url, migrate=False) as store:
+        print("seeding 1,000 chats and a 500-message chat...", flush=True)
+        big = None
+        for i in range(1000):
+            chat, _ = await store.create_chat(USER, f"chat {i}", "", HistoryStrategy.FULL)
+            big = big or chat
+        assert big is not None
+        for i in range(250):
+            user_message, _ = await store.add_user_message(USER, big.id, f"question {i}", 5, None)
+            await store.add_assistant_message(USER, big.id, user_message.id, f"answer {i}", 5, FinishReason.STOP)
+        return str(big.id)
+
+
+async def first_delta_ms(call: grpc.aio.UnaryStreamCall, started: float, is_delta: object) -> float:  # type: ignore[type-arg]
+    async for event in call:
+        if is_delta(event):  # type: ignore[operator]
+            ttft = (time.perf_counter() - started) * 1000
+            async for _ in call:  # drain, so the run ends as a real client's would
+                pass
+            return ttft
+    raise RuntimeError("stream ended without text")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=40)
+    parser.add_argument("--iterations", type=int, default=300)
+    args = parser.parse_args()
+
+    inference = f"127.0.0.1:{free_port()}"
+    chat = f"127.0.0.1:{free_port()}"
+    async with fresh_postgres_database() as url:
+        print("starting the inference and chat services...", flush=True)
+        inference_env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING"}
+        chat_env = {
+            "CHATMESH_CHAT_ADDRESS": chat,
+            "CHATMESH_CHAT_DATABASE_URL": url,
+            "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
+            "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
+            "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
+            "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
+        }
+        with (
+            run_service("inference_service", inference_env, inference, timeout=120),
+            run_service("chat_service", chat_env, chat, timeout=120),
+        ):
+            big_chat = await seed(url)
+            metadata = auth(USER)
+            async with grpc.aio.insecure_channel(inference) as ich, grpc.aio.insecure_channel(chat) as cch:
+                engine = inference_pb2_grpc.InferenceServiceStub(ich)
+                chats = chat_pb2_grpc.ChatServiceStub(cch)
+                generate = ipb.GenerateRequest(
+                    messages=[ipb.Message(role=ipb.ROLE_USER, content=QUESTION)],
+                    sampling=ipb.SamplingParams(max_tokens=8, temperature=0),
+                )
+                print(f"TTFT: {args.runs} alternating runs (direct inference vs chat service)...", flush=True)
+                direct: list[float] = []
+                through_chat: list[float] = []
+                for run in range(args.runs + 3):
+                    new_chat = [e async for e in chats.CreateChat(pb.CreateChatRequest(), metadata=metadata)][0]
+                    started = time.perf_counter()
+                    d = await first_delta_ms(engine.Generate(generate), started, lambda e: e.HasField("delta"))
+                    request = pb.CompleteRequest(chat_id=new_chat.chat_id, content=QUESTION, max_tokens=8, temperature=0)
+                    started = time.perf_counter()
+                    c = await first_delta_ms(chats.Complete(request, metadata=metadata), started, lambda e: bool(e.delta))
+                    if run >= 3:  # warm-up
+                        direct.append(d)
+                        through_chat.append(c)
+                added = [c - d for c, d in zip(through_chat, direct, strict=True)]
+                print(f"  inference TTFT:    {percentiles(direct)}")
+                print(f"  chat service TTFT: {percentiles(through_chat)}")
+                print(f"  added by the chat service (paired): {percentiles(added)}  (target p50 <= 5 ms)")
+
+                print(f"ListChats / GetMessages: {args.iterations} calls each...", flush=True)
+                for name, call in (
+                    ("ListChats(20) of 1,000+ chats", lambda: chats.ListChats(pb.ListChatsRequest(page_size=20), metadata=metadata)),
+                    (
+                        "GetMessages(50) of a 500-message chat",
+                        lambda: chats.GetMessages(pb.GetMessagesRequest(chat_id=big_chat, page_size=50), metadata=metadata),
+                    ),
+                ):
+                    timings = []
+                    for i in range(args.iterations + 20):
+                        started = time.perf_counter()
+                        await call()
+                        if i >= 20:
+                            timings.append((time.perf_counter() - started) * 1000)
+                    print(f"  {name}: {percentiles(timings)}  (target p50 <= 3 ms)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
