@@ -25,15 +25,15 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chat_service.domain import FinishReason, HistoryStrategy  # noqa: E402
-from chat_service.storage.sql import open_sql_store  # noqa: E402
-from chatmesh.chat.v1 import chat_pb2 as pb  # noqa: E402
-from chatmesh.chat.v1 import chat_pb2_grpc  # noqa: E402
-from chatmesh.inference.v1 import inference_pb2 as ipb  # noqa: E402
-from chatmesh.inference.v1 import inference_pb2_grpc  # noqa: E402
-from tests.support.chat import TEST_SECRET, auth  # noqa: E402
-from tests.support.databases import fresh_postgres_database  # noqa: E402
-from tests.support.processes import free_port, run_service  # noqa: E402
+from chat_service.domain import FinishReason, HistoryStrategy
+from chat_service.storage.sql import open_sql_store
+from chatmesh.chat.v1 import chat_pb2 as pb
+from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.inference.v1 import inference_pb2 as ipb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from tests.support.chat import TEST_SECRET, auth
+from tests.support.databases import fresh_postgres_database
+from tests.support.processes import free_port, run_service
 
 QUESTION = "What is the capital of France?"
 USER = "bench-user"
@@ -59,7 +59,9 @@ async def seed(url: str) -> str:
         assert big is not None
         for i in range(250):
             user_message, _ = await store.add_user_message(USER, big.id, f"question {i}", 5, None)
-            await store.add_assistant_message(USER, big.id, user_message.id, f"answer {i}", 5, FinishReason.STOP)
+            await store.add_assistant_message(
+                USER, big.id, user_message.id, f"answer {i}", 5, FinishReason.STOP
+            )
         return str(big.id)
 
 
@@ -74,7 +76,9 @@ async def first_delta_ms(call: grpc.aio.UnaryStreamCall, started: float, is_delt
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=40)
     parser.add_argument("--iterations", type=int, default=300)
     args = parser.parse_args()
@@ -109,12 +113,19 @@ async def main() -> None:
                 direct: list[float] = []
                 through_chat: list[float] = []
                 for run in range(args.runs + 3):
-                    new_chat = [e async for e in chats.CreateChat(pb.CreateChatRequest(), metadata=metadata)][0]
+                    created = chats.CreateChat(pb.CreateChatRequest(), metadata=metadata)
+                    new_chat = await created.read()
                     started = time.perf_counter()
-                    d = await first_delta_ms(engine.Generate(generate), started, lambda e: e.HasField("delta"))
-                    request = pb.CompleteRequest(chat_id=new_chat.chat_id, content=QUESTION, max_tokens=8, temperature=0)
+                    d = await first_delta_ms(
+                        engine.Generate(generate), started, lambda e: e.HasField("delta")
+                    )
+                    request = pb.CompleteRequest(
+                        chat_id=new_chat.chat_id, content=QUESTION, max_tokens=8, temperature=0
+                    )
                     started = time.perf_counter()
-                    c = await first_delta_ms(chats.Complete(request, metadata=metadata), started, lambda e: bool(e.delta))
+                    c = await first_delta_ms(
+                        chats.Complete(request, metadata=metadata), started, lambda e: bool(e.delta)
+                    )
                     if run >= 3:  # warm-up
                         direct.append(d)
                         through_chat.append(c)
@@ -124,17 +135,16 @@ async def main() -> None:
                 print(f"  added by the chat service (paired): {percentiles(added)}  (target p50 <= 5 ms)")
 
                 print(f"ListChats / GetMessages: {args.iterations} calls each...", flush=True)
-                for name, call in (
-                    ("ListChats(20) of 1,000+ chats", lambda: chats.ListChats(pb.ListChatsRequest(page_size=20), metadata=metadata)),
-                    (
-                        "GetMessages(50) of a 500-message chat",
-                        lambda: chats.GetMessages(pb.GetMessagesRequest(chat_id=big_chat, page_size=50), metadata=metadata),
-                    ),
+                list_chats = pb.ListChatsRequest(page_size=20)
+                get_messages = pb.GetMessagesRequest(chat_id=big_chat, page_size=50)
+                for name, method, query in (
+                    ("ListChats(20) of 1,000+ chats", chats.ListChats, list_chats),
+                    ("GetMessages(50) of a 500-message chat", chats.GetMessages, get_messages),
                 ):
-                    timings = []
+                    timings: list[float] = []
                     for i in range(args.iterations + 20):
                         started = time.perf_counter()
-                        await call()
+                        await method(query, metadata=metadata)
                         if i >= 20:
                             timings.append((time.perf_counter() - started) * 1000)
                     print(f"  {name}: {percentiles(timings)}  (target p50 <= 3 ms)")

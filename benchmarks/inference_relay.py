@@ -23,18 +23,20 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatmesh.inference.v1 import inference_pb2 as pb  # noqa: E402
-from chatmesh.inference.v1 import inference_pb2_grpc  # noqa: E402
-from inference_service.backends.llama_cpp import bundled_gguf_path  # noqa: E402
-from inference_service.prompt import TEMPLATES, Role, Turn  # noqa: E402
-from tests.support.processes import free_port, run_service  # noqa: E402
+from chatmesh.inference.v1 import inference_pb2 as pb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from inference_service.backends.llama_cpp import bundled_gguf_path
+from inference_service.prompt import TEMPLATES, Role, Turn
+from tests.support.processes import free_port, run_service
 
 EXAMPLE = ", ".join(str(i) for i in range(1, 101))
 TURNS = [Turn(Role.USER, "Count to 100."), Turn(Role.ASSISTANT, EXAMPLE), Turn(Role.USER, "Count to 300.")]
 CONTEXT = 2048
 
 
-def in_process_run(llm: object, token_ids: list[int], max_tokens: int, stop: list[str]) -> tuple[float, float, int]:
+def in_process_run(
+    llm: object, token_ids: list[int], max_tokens: int, stop: list[str]
+) -> tuple[float, float, int]:
     """One generation in this process; returns (ttft_s, total_s, completion tokens)."""
     from llama_cpp import StoppingCriteriaList
 
@@ -60,10 +62,14 @@ def in_process_run(llm: object, token_ids: list[int], max_tokens: int, stop: lis
     return ttft, time.perf_counter() - started, generated
 
 
-async def relay_run(stub: inference_pb2_grpc.InferenceServiceStub, max_tokens: int) -> tuple[float, float, int]:
+async def relay_run(
+    stub: inference_pb2_grpc.InferenceServiceStub, max_tokens: int
+) -> tuple[float, float, int]:
     """One generation through the service; returns (ttft_s, total_s, completion tokens)."""
     messages = [pb.Message(role=getattr(pb, f"ROLE_{t.role.name}"), content=t.content) for t in TURNS]
-    request = pb.GenerateRequest(messages=messages, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0))
+    request = pb.GenerateRequest(
+        messages=messages, sampling=pb.SamplingParams(max_tokens=max_tokens, temperature=0)
+    )
     started = time.perf_counter()
     ttft = 0.0
     tokens = 0
@@ -81,7 +87,9 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
@@ -91,7 +99,13 @@ async def main() -> None:
     template = TEMPLATES["transcript"]
     threads = os.cpu_count() or 1
     print(f"loading the model in-process ({threads} threads, context {CONTEXT})...", flush=True)
-    llm = Llama(model_path=str(bundled_gguf_path()), n_ctx=CONTEXT, n_threads=threads, n_threads_batch=threads, verbose=False)
+    llm = Llama(
+        model_path=str(bundled_gguf_path()),
+        n_ctx=CONTEXT,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
     token_ids = llm.tokenize(template.render(TURNS).encode(), add_bos=True, special=True)
 
     address = f"127.0.0.1:{free_port()}"
@@ -133,7 +147,8 @@ async def main() -> None:
     print(f"relay:      {tokens_per_s(relay):.1f} tokens/s, TTFT p50 {statistics.median(relay_ttft):.1f} ms")
     print(f"tokens/s ratio relay/in-process: {ratio:.3f} (target >= 0.97)")
     print(
-        f"added TTFT p50: {statistics.median(added):.2f} ms, p90: {pct(added, 0.9):.2f} ms (target p50 <= 5 ms)"
+        f"added TTFT p50: {statistics.median(added):.2f} ms, p90: {pct(added, 0.9):.2f} ms"
+        " (target p50 <= 5 ms)"
     )
 
 

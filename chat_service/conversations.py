@@ -126,7 +126,9 @@ class Conversations:
             yield Started(chat.id, None, chat)
             return
         (chat, _), token_count = await asyncio.gather(
-            self._store.create_chat(user_id, title, system_prompt, strategy or self._default_strategy, request_id),
+            self._store.create_chat(
+                user_id, title, system_prompt, strategy or self._default_strategy, request_id
+            ),
             self._count(first_message),
         )
         async for event in self._complete(chat, first_message, token_count, sampling, request_id):
@@ -142,9 +144,7 @@ class Conversations:
     ) -> AsyncIterator[CompletionEvent]:
         """Store the user message, stream the reply, store the reply."""
         # Independent round trips run concurrently: they sit on the path to the first token.
-        chat, token_count = await asyncio.gather(
-            self._store.get_chat(user_id, chat_id), self._count(content)
-        )
+        chat, token_count = await asyncio.gather(self._store.get_chat(user_id, chat_id), self._count(content))
         async for event in self._complete(chat, content, token_count, sampling, request_id):
             yield event
 
@@ -205,7 +205,9 @@ class Conversations:
         except ChatmeshError as exc:
             # The user message stays; no half-written reply is stored. The stream already started, so
             # the error travels as an event before the status (HTTP clients see only the event).
-            yield Failed(exc if not isinstance(exc, Unavailable) else Unavailable(f"generation failed: {exc}"))
+            yield Failed(
+                exc if not isinstance(exc, Unavailable) else Unavailable(f"generation failed: {exc}")
+            )
             raise
         if finished is None:
             error = Unavailable("the inference service ended the stream without finishing; retry")
@@ -214,12 +216,13 @@ class Conversations:
         reply = await self._store_reply(chat, user_message, pieces, finished.finish_reason, finished)
         log.info(
             "completion stored",
-            extra={"chat_id": str(chat.id), "seconds": round(time.perf_counter() - started, 3),
-                   "completion_tokens": finished.completion_tokens},
+            extra={
+                "chat_id": str(chat.id),
+                "seconds": round(time.perf_counter() - started, 3),
+                "completion_tokens": finished.completion_tokens,
+            },
         )
-        yield Finished(
-            finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, reply.id
-        )
+        yield Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, reply.id)
 
     async def _store_reply(
         self,
@@ -259,7 +262,9 @@ class Conversations:
     async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
         return await self._store.list_chats(user_id, limit, after)
 
-    async def messages(self, user_id: str, chat_id: uuid.UUID, limit: int, after_seq: int | None) -> Sequence[Message]:
+    async def messages(
+        self, user_id: str, chat_id: uuid.UUID, limit: int, after_seq: int | None
+    ) -> Sequence[Message]:
         return await self._store.messages_page(user_id, chat_id, limit, after_seq)
 
     async def update_chat(self, user_id: str, chat_id: uuid.UUID, update: ChatUpdate) -> Chat:

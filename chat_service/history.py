@@ -78,7 +78,9 @@ class HistoryBuilder:
         start_index = 0
         fixed = sum(len(p.content) // 4 for p in (*system, *preamble))
         while start_index < len(turn_starts) - 1 and remaining + fixed > budget:
-            remaining -= sum(m.token_count for m in history[turn_starts[start_index] : turn_starts[start_index + 1]])
+            remaining -= sum(
+                m.token_count for m in history[turn_starts[start_index] : turn_starts[start_index + 1]]
+            )
             start_index += 1
         while True:
             kept = history[turn_starts[start_index] :]
@@ -120,7 +122,9 @@ class HistoryBuilder:
             to_fold, pending = pending[:fold_count], pending[fold_count:]
             summary = await self._summarize(summary, to_fold, request_id)
             await self._store.save_summary(chat.user_id, to_fold[-1].id, summary)
-        preamble = [PromptMessage("system", f"Summary of the earlier conversation: {summary}")] if summary else []
+        preamble = (
+            [PromptMessage("system", f"Summary of the earlier conversation: {summary}")] if summary else []
+        )
         # The summary bounds growth, but one long recent turn can still overflow: the window is the backstop.
         return await self.fit_window(system, preamble, pending, max_tokens)
 
@@ -131,7 +135,9 @@ class HistoryBuilder:
         pieces: list[str] = []
         async with aclosing(
             self._inference.generate(
-                prompt, SamplingOptions(max_tokens=self._policy.max_tokens, temperature=0.0), f"{request_id}:summary"
+                prompt,
+                SamplingOptions(max_tokens=self._policy.max_tokens, temperature=0.0),
+                f"{request_id}:summary",
             )
         ) as stream:
             async for event in stream:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -68,7 +68,7 @@ class InferenceClient(Protocol):
 
     def generate(
         self, messages: Sequence[PromptMessage], sampling: SamplingOptions, request_id: str
-    ) -> AsyncIterator[str | Generated]:
+    ) -> AsyncGenerator[str | Generated, None]:
         """Stream text pieces, then one `Generated`."""
         ...
 
@@ -92,11 +92,11 @@ class GrpcInferenceClient:
     async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
         with rpc_errors("inference service"):
             reply = await self._stub.CountTokens(pb.CountTokensRequest(messages=_to_pb(messages)), timeout=30)
-        return reply.prompt_tokens
+        return int(reply.prompt_tokens)
 
     async def generate(
         self, messages: Sequence[PromptMessage], sampling: SamplingOptions, request_id: str
-    ) -> AsyncIterator[str | Generated]:
+    ) -> AsyncGenerator[str | Generated, None]:
         params = pb.SamplingParams(
             max_tokens=sampling.max_tokens,
             temperature=sampling.temperature,

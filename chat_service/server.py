@@ -45,21 +45,28 @@ async def serve(settings: ChatSettings) -> None:
     """Run the chat service until SIGTERM/SIGINT."""
     configure_logging("chat", settings.log_level, settings.log_format)
     keys = settings.jwt_keys()
-    log.info("starting", extra={"address": settings.address, "database": settings.database_url.split("@")[-1]})
+    log.info(
+        "starting", extra={"address": settings.address, "database": settings.database_url.split("@")[-1]}
+    )
     async with (
         open_sql_store(settings.database_url, migrate=settings.migrate_on_start) as store,
         grpc.aio.insecure_channel(settings.inference_address) as inference_channel,
     ):
         inference = GrpcInferenceClient(inference_channel)
         engine = await wait_for_engine(inference, settings.dependency_timeout_s, settings.inference_address)
-        log.info("inference service ready", extra={"model": engine.model, "context_length": engine.context_length})
+        log.info(
+            "inference service ready", extra={"model": engine.model, "context_length": engine.context_length}
+        )
         policy = SummaryPolicy(
             keep_recent_messages=settings.summary_keep_recent_messages,
             min_messages_to_fold=settings.summary_min_messages_to_fold,
             max_tokens=settings.summary_max_tokens,
         )
         conversations = Conversations(
-            store, inference, HistoryBuilder(store, inference, engine, policy), engine,
+            store,
+            inference,
+            HistoryBuilder(store, inference, engine, policy),
+            engine,
             settings.default_history_strategy,
         )
         server = create_server([JwtAuthInterceptor(keys)])

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias
 
-import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from chat_service import validation as check
@@ -16,7 +15,8 @@ from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.auth import current_user
 
-Context = grpc.aio.ServicerContext[Any, Any]
+# grpc.aio.ServicerContext; grpcio ships no type information.
+Context: TypeAlias = Any
 
 _STRATEGY_PB = {v: k for k, v in check.STRATEGIES.items()}
 _ROLE_PB = {Role.USER: pb.ROLE_USER, Role.ASSISTANT: pb.ROLE_ASSISTANT}
@@ -50,7 +50,9 @@ def message_to_pb(message: Message) -> pb.ChatMessage:
         role=_ROLE_PB[message.role],
         content=message.content,
         token_count=message.token_count,
-        finish_reason=_FINISH_PB[message.finish_reason] if message.finish_reason else pb.FINISH_REASON_UNSPECIFIED,
+        finish_reason=_FINISH_PB[message.finish_reason]
+        if message.finish_reason
+        else pb.FINISH_REASON_UNSPECIFIED,
         create_time=_timestamp(message.created_at),
     )
 
@@ -84,12 +86,16 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self._conversations = conversations
         self._default_strategy = default_strategy
 
-    async def CreateChat(self, request: pb.CreateChatRequest, context: Context) -> AsyncIterator[pb.CompletionEvent]:
+    async def CreateChat(
+        self, request: pb.CreateChatRequest, context: Context
+    ) -> AsyncIterator[pb.CompletionEvent]:
         user = current_user()
         events = self._conversations.create_chat(
             user,
             title=check.bounded_text(request.title, "title", check.MAX_TITLE_CHARS),
-            system_prompt=check.bounded_text(request.system_prompt, "system_prompt", check.MAX_SYSTEM_PROMPT_CHARS),
+            system_prompt=check.bounded_text(
+                request.system_prompt, "system_prompt", check.MAX_SYSTEM_PROMPT_CHARS
+            ),
             strategy=check.strategy(request.history_strategy),
             first_message=check.content(request.content) if request.content else None,
             sampling=check.sampling(request, self._conversations.engine.context_length),
@@ -98,7 +104,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         async for event in events:
             yield event_to_pb(event)
 
-    async def Complete(self, request: pb.CompleteRequest, context: Context) -> AsyncIterator[pb.CompletionEvent]:
+    async def Complete(
+        self, request: pb.CompleteRequest, context: Context
+    ) -> AsyncIterator[pb.CompletionEvent]:
         user = current_user()
         events = self._conversations.complete(
             user,
@@ -112,7 +120,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     async def ListChats(self, request: pb.ListChatsRequest, context: Context) -> pb.ListChatsResponse:
         limit = check.page_size(request.page_size, check.DEFAULT_CHATS_PAGE, check.MAX_CHATS_PAGE)
-        chats = await self._conversations.list_chats(current_user(), limit + 1, check.chat_cursor(request.page_token))
+        chats = await self._conversations.list_chats(
+            current_user(), limit + 1, check.chat_cursor(request.page_token)
+        )
         page = chats[:limit]
         token = ""
         if len(chats) > limit:
@@ -122,7 +132,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def GetMessages(self, request: pb.GetMessagesRequest, context: Context) -> pb.GetMessagesResponse:
         limit = check.page_size(request.page_size, check.DEFAULT_MESSAGES_PAGE, check.MAX_MESSAGES_PAGE)
         messages = await self._conversations.messages(
-            current_user(), check.chat_id(request.chat_id), limit + 1, check.message_cursor(request.page_token)
+            current_user(),
+            check.chat_id(request.chat_id),
+            limit + 1,
+            check.message_cursor(request.page_token),
         )
         page = messages[:limit]
         token = check.message_cursor_token(page[-1].seq) if len(messages) > limit else ""
@@ -133,7 +146,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             title=check.bounded_text(request.title, "title", check.MAX_TITLE_CHARS)
             if request.HasField("title")
             else None,
-            system_prompt=check.bounded_text(request.system_prompt, "system_prompt", check.MAX_SYSTEM_PROMPT_CHARS)
+            system_prompt=check.bounded_text(
+                request.system_prompt, "system_prompt", check.MAX_SYSTEM_PROMPT_CHARS
+            )
             if request.HasField("system_prompt")
             else None,
             history_strategy=check.strategy(request.history_strategy),

@@ -24,7 +24,9 @@ class ChatSettings(BaseSettings):
     )
     migrate_on_start: bool = Field(True, description="run Alembic migrations to head at start-up")
     inference_address: str = "127.0.0.1:50052"
-    dependency_timeout_s: float = Field(120.0, description="how long to wait for the inference service at start")
+    dependency_timeout_s: float = Field(
+        120.0, description="how long to wait for the inference service at start"
+    )
     default_history_strategy: HistoryStrategy = HistoryStrategy.WINDOW
 
     # Summary strategy.
@@ -34,7 +36,9 @@ class ChatSettings(BaseSettings):
 
     # Identity: HS256 with a shared secret (inline or in a file) or RS256 with a public key file.
     jwt_secret: str | None = None
-    jwt_secret_file: Path | None = Field(Path(".run/jwt-secret"), description="created on first use if missing")
+    jwt_secret_file: Path | None = Field(
+        Path(".run/jwt-secret"), description="created on first use if missing"
+    )
     jwt_public_key_file: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
@@ -46,11 +50,15 @@ class ChatSettings(BaseSettings):
     def jwt_keys(self) -> JwtKeys:
         """The verification keys these settings describe (RS256 public key wins over a secret)."""
         if self.jwt_public_key_file is not None:
-            return JwtKeys.rs256(self.jwt_public_key_file.read_text(), None, self.jwt_issuer, self.jwt_audience)
+            return JwtKeys.rs256(
+                self.jwt_public_key_file.read_text(), None, self.jwt_issuer, self.jwt_audience
+            )
         if self.jwt_secret:
             return JwtKeys.hs256(self.jwt_secret, self.jwt_issuer, self.jwt_audience)
         if self.jwt_secret_file is not None:
-            return JwtKeys.hs256(load_or_create_secret(self.jwt_secret_file), self.jwt_issuer, self.jwt_audience)
+            return JwtKeys.hs256(
+                load_or_create_secret(self.jwt_secret_file), self.jwt_issuer, self.jwt_audience
+            )
         raise ValueError(
             "no JWT key configured: set CHATMESH_CHAT_JWT_SECRET, _JWT_SECRET_FILE or _JWT_PUBLIC_KEY_FILE"
         )

@@ -42,7 +42,9 @@ def _token(user: str, ttl_s: float, private_key: str | None) -> str:
     settings = ChatSettings()
     if private_key:
         public = settings.jwt_public_key_file.read_text() if settings.jwt_public_key_file else ""
-        keys = JwtKeys.rs256(public, Path(private_key).read_text(), settings.jwt_issuer, settings.jwt_audience)
+        keys = JwtKeys.rs256(
+            public, Path(private_key).read_text(), settings.jwt_issuer, settings.jwt_audience
+        )
     else:
         keys = settings.jwt_keys()
     return issue_token(keys, user, ttl_s)
@@ -57,10 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("prompt")
     generate.add_argument("--address", default="127.0.0.1:50052")
     generate.add_argument("--max-tokens", type=int, default=128)
-    token = commands.add_parser("token", help="print a JWT for USER signed with the dev key (.run/jwt-secret)")
+    token = commands.add_parser(
+        "token", help="print a JWT for USER signed with the dev key (.run/jwt-secret)"
+    )
     token.add_argument("user")
     token.add_argument("--ttl-hours", type=float, default=24 * 30)
-    token.add_argument("--private-key", help="RS256: PEM private key file (default: HS256 with the chat secret)")
+    token.add_argument(
+        "--private-key", help="RS256: PEM private key file (default: HS256 with the chat secret)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "token":

@@ -61,13 +61,21 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
             "inference",
             "inference_service",
             inference,
-            {**common, "CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_LOG_FORMAT": settings.log_format},
+            {
+                **common,
+                "CHATMESH_INFERENCE_ADDRESS": inference,
+                "CHATMESH_INFERENCE_LOG_FORMAT": settings.log_format,
+            },
         ),
         ServiceSpec(
             "embedding",
             "embedding_service",
             embedding,
-            {**common, "CHATMESH_EMBEDDING_ADDRESS": embedding, "CHATMESH_EMBEDDING_LOG_FORMAT": settings.log_format},
+            {
+                **common,
+                "CHATMESH_EMBEDDING_ADDRESS": embedding,
+                "CHATMESH_EMBEDDING_LOG_FORMAT": settings.log_format,
+            },
         ),
     ]
 
@@ -94,7 +102,10 @@ async def _wait_healthy(service: RunningService, timeout_s: float) -> None:
             with contextlib.suppress(grpc.aio.AioRpcError):
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    print(f"  {service.spec.name:<10} ready on {service.spec.address} ({elapsed:.1f}s)", flush=True)
+                    print(
+                        f"  {service.spec.name:<10} ready on {service.spec.address} ({elapsed:.1f}s)",
+                        flush=True,
+                    )
                     return
             await asyncio.sleep(0.25)
 
@@ -127,7 +138,9 @@ async def _stop(services: Sequence[RunningService], grace_s: float = 15.0) -> No
 
 
 @contextlib.asynccontextmanager
-async def running_mesh(specs: Sequence[ServiceSpec], startup_timeout_s: float) -> AsyncIterator[list[RunningService]]:
+async def running_mesh(
+    specs: Sequence[ServiceSpec], startup_timeout_s: float
+) -> AsyncIterator[list[RunningService]]:
     """Start `specs` in order, each once the previous is healthy; stop all (reverse order) on exit."""
     services: list[RunningService] = []
     try:
@@ -153,7 +166,10 @@ async def run(settings: MeshSettings) -> int:
             for service in services:
                 print(f"  {service.spec.name:<10} grpc://{service.spec.address}")
             print("\nTry it (gRPC reflection is on):")
-            print(f"  .venv/bin/python -m chatmesh generate --address {services[0].spec.address} 'What is the capital of France?'")
+            print(
+                f"  .venv/bin/chatmesh generate --address {services[0].spec.address}"
+                " 'What is the capital of France?'"
+            )
             print("\nPress Ctrl-C to stop.", flush=True)
             died = [asyncio.create_task(s.process.wait()) for s in services]
             stopper = asyncio.create_task(stop.wait())

@@ -5,9 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
-
-import grpc
+from typing import Any, TypeAlias
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
@@ -24,18 +22,23 @@ _FINISH_REASONS = {
     FinishReason.CANCELLED: pb.FINISH_REASON_CANCELLED,
 }
 
-Context = grpc.aio.ServicerContext[Any, Any]
+# grpc.aio.ServicerContext; grpcio ships no type information.
+Context: TypeAlias = Any
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Validates requests, applies admission control and relays the backend's stream."""
 
-    def __init__(self, backend: InferenceBackend, admission: AdmissionController, settings: InferenceSettings):
+    def __init__(
+        self, backend: InferenceBackend, admission: AdmissionController, settings: InferenceSettings
+    ):
         self._backend = backend
         self._admission = admission
         self._settings = settings
 
-    async def Generate(self, request: pb.GenerateRequest, context: Context) -> AsyncIterator[pb.GenerateResponse]:
+    async def Generate(
+        self, request: pb.GenerateRequest, context: Context
+    ) -> AsyncIterator[pb.GenerateResponse]:
         turns = parse_turns(request.messages)
         prompt = await self._backend.prepare(turns)
         sampling = parse_sampling(
@@ -84,7 +87,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         prompt = await self._backend.prepare(parse_turns(request.messages))
         return pb.CountTokensResponse(prompt_tokens=prompt.token_count)
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Context) -> pb.GetModelInfoResponse:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: Context
+    ) -> pb.GetModelInfoResponse:
         info = self._backend.info
         return pb.GetModelInfoResponse(
             model=info.model,

@@ -37,7 +37,8 @@ class InferenceSettings(BaseSettings):
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "ensemble"
     triton_tokenizer: Path | None = Field(
-        None, description="tokenizer for CountTokens: a HF tokenizer.json or a GGUF file; default as gguf_path"
+        None,
+        description="tokenizer for CountTokens: a HF tokenizer.json or a GGUF file; default as gguf_path",
     )
     triton_timeout_s: float = 600.0
 

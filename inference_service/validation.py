@@ -71,7 +71,9 @@ def parse_sampling(
     if not 0.0 < top_p <= 1.0:
         raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p}")
     if len(params.stop) > max_stop_sequences:
-        raise InvalidArgument("sampling.stop", f"at most {max_stop_sequences} stop sequences, got {len(params.stop)}")
+        raise InvalidArgument(
+            "sampling.stop", f"at most {max_stop_sequences} stop sequences, got {len(params.stop)}"
+        )
     for index, stop in enumerate(params.stop):
         if not stop or len(stop) > max_stop_chars:
             raise InvalidArgument(f"sampling.stop[{index}]", f"must be 1 to {max_stop_chars} characters")

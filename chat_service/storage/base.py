@@ -50,7 +50,7 @@ class ConversationStore(Protocol):
         """
         ...
 
-    async def add_assistant_message(  # noqa: PLR0917 (callers pass these positionally)
+    async def add_assistant_message(
         self,
         user_id: str,
         chat_id: uuid.UUID,

@@ -298,7 +298,7 @@ class SqlConversationStore(ConversationStore):
                 return _to_message(existing), False
         raise RuntimeError(f"add_user_message kept colliding on request id {request_id!r}")
 
-    async def add_assistant_message(  # noqa: PLR0917 (the ConversationStore signature)
+    async def add_assistant_message(
         self,
         user_id: str,
         chat_id: uuid.UUID,

@@ -22,8 +22,13 @@ from chatmesh.common.errors import Unauthenticated
 _current_user: contextvars.ContextVar[str] = contextvars.ContextVar("chatmesh_user")
 
 # Infrastructure endpoints stay open: load balancers health-check and operators reflect without tokens.
-PUBLIC_SERVICES = frozenset({"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                             "grpc.reflection.v1.ServerReflection"})
+PUBLIC_SERVICES = frozenset(
+    {
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,12 +45,17 @@ class JwtKeys:
     @classmethod
     def hs256(cls, secret: str, issuer: str | None = None, audience: str | None = None) -> JwtKeys:
         if len(secret) < 32:
-            raise ValueError("the JWT secret must be at least 32 characters; generate one with `chatmesh keygen`")
+            raise ValueError(
+                "the JWT secret must be at least 32 characters; generate one with `chatmesh keygen`"
+            )
         return cls("HS256", secret, secret, issuer, audience)
 
     @classmethod
     def rs256(
-        cls, public_key_pem: str, private_key_pem: str | None = None, issuer: str | None = None,
+        cls,
+        public_key_pem: str,
+        private_key_pem: str | None = None,
+        issuer: str | None = None,
         audience: str | None = None,
     ) -> JwtKeys:
         return cls("RS256", public_key_pem, private_key_pem, issuer, audience)
@@ -102,7 +112,9 @@ def bearer_token(metadata: Collection[tuple[str, str | bytes]] | None) -> str:
             if scheme.lower() == "bearer" and token.strip():
                 return token.strip()
             raise Unauthenticated("the authorization header must be `Bearer <token>`")
-    raise Unauthenticated("missing `authorization: Bearer <token>` metadata; get a token with `chatmesh token USER`")
+    raise Unauthenticated(
+        "missing `authorization: Bearer <token>` metadata; get a token with `chatmesh token USER`"
+    )
 
 
 def generate_secret() -> str:

@@ -93,7 +93,7 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, service: str) -> ChatmeshError:
     return Unavailable(f"{service} failed ({code.name}): {details}")
 
 
-class rpc_errors:  # noqa: N801 - used like a function: `with rpc_errors("inference service"):`
+class rpc_errors:
     """Context manager that turns a failed gRPC call into the matching domain error, keeping the cause."""
 
     def __init__(self, service: str) -> None:

@@ -22,7 +22,9 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
         metadata: tuple[tuple[str, str], ...] = ()
         if isinstance(exc, ResourceExhausted):
             metadata = ((RETRY_AFTER_METADATA_KEY, str(round(exc.retry_after_s * 1000))),)
-        log.info("request failed", extra={"method": method, "code": exc.status_code.name, "error": exc.message})
+        log.info(
+            "request failed", extra={"method": method, "code": exc.status_code.name, "error": exc.message}
+        )
         await context.abort(exc.status_code, exc.message, trailing_metadata=metadata)
     log.exception("unexpected error", extra={"method": method}, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")

@@ -155,7 +155,7 @@ async def open_llama_cpp_backend(
     model_name: str,
 ) -> AsyncIterator[LlamaCppBackend]:
     """Load the model (`instances` copies sharing mmap'd weights) and close it on exit."""
-    path = gguf_path or await asyncio.to_thread(bundled_gguf_path)
+    path = gguf_path if gguf_path is not None else await asyncio.to_thread(bundled_gguf_path)
     if not path.is_file():
         raise FileNotFoundError(
             f"GGUF model not found at {path}; set CHATMESH_INFERENCE_GGUF_PATH to a .gguf file"

@@ -63,7 +63,9 @@ def chat_env(address: str, database_url: str, inference: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
 async def chat_address(
-    request: pytest.FixtureRequest, proxy: tuple[str, RecordingInferenceProxy], tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest,
+    proxy: tuple[str, RecordingInferenceProxy],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> AsyncIterator[str]:
     address = f"127.0.0.1:{free_port()}"
     if request.param == "sqlite":
@@ -73,7 +75,9 @@ async def chat_address(
         assert process.returncode == 0
     else:
         async with fresh_postgres_database() as url:
-            with run_service("chat_service", chat_env(address, url, proxy[0]), address, timeout=60) as process:
+            with run_service(
+                "chat_service", chat_env(address, url, proxy[0]), address, timeout=60
+            ) as process:
                 yield address
             assert process.returncode == 0
 
@@ -133,7 +137,9 @@ async def test_create_with_first_message_streams_and_stores_both_messages(alice:
     assert listed.chats[0].title == "What is the capital of France?"
 
 
-async def test_create_without_message_is_one_event_and_title_comes_from_first_message(alice: ChatClient) -> None:
+async def test_create_without_message_is_one_event_and_title_comes_from_first_message(
+    alice: ChatClient,
+) -> None:
     created = await alice.create(system_prompt="Answer briefly.", history_strategy=pb.HISTORY_STRATEGY_WINDOW)
     assert created.last is None and not created.first.user_message_id
     assert created.first.chat.history_strategy == pb.HISTORY_STRATEGY_WINDOW
@@ -143,7 +149,9 @@ async def test_create_without_message_is_one_event_and_title_comes_from_first_me
     assert chats[0].title == "Tell me about the moon."
 
 
-async def test_completion_prompt_carries_the_history(alice: ChatClient, recorder: RecordingInferenceProxy) -> None:
+async def test_completion_prompt_carries_the_history(
+    alice: ChatClient, recorder: RecordingInferenceProxy
+) -> None:
     created = await alice.create("My name is Ada.", system_prompt="Be kind.", max_tokens=8, temperature=0)
     second = await alice.complete(created.chat_id, "What is my name?", max_tokens=8, temperature=0)
     prompt = recorder.chat_requests()[-1].messages
@@ -183,7 +191,9 @@ async def test_list_and_history_are_paginated_newest_activity_first(alice: ChatC
 async def test_update_and_delete(alice: ChatClient) -> None:
     created = await alice.create("hello", max_tokens=2)
     updated = await alice.stub.UpdateChat(
-        pb.UpdateChatRequest(chat_id=created.chat_id, title="renamed", history_strategy=pb.HISTORY_STRATEGY_SUMMARY),
+        pb.UpdateChatRequest(
+            chat_id=created.chat_id, title="renamed", history_strategy=pb.HISTORY_STRATEGY_SUMMARY
+        ),
         metadata=alice.metadata,
     )
     assert (updated.chat.title, updated.chat.history_strategy) == ("renamed", pb.HISTORY_STRATEGY_SUMMARY)
@@ -210,11 +220,12 @@ async def test_another_users_chat_is_not_found_everywhere(alice: ChatClient, bob
             bob.stub.UpdateChat(pb.UpdateChatRequest(chat_id=target, title="mine"), metadata=bob.metadata),
         )
         await expect_error(
-            grpc.StatusCode.NOT_FOUND, bob.stub.DeleteChat(pb.DeleteChatRequest(chat_id=target), metadata=bob.metadata)
+            grpc.StatusCode.NOT_FOUND,
+            bob.stub.DeleteChat(pb.DeleteChatRequest(chat_id=target), metadata=bob.metadata),
         )
     # Alice's chat is untouched by Bob's attempts.
     messages = await alice.all_messages(chat_id)
-    assert [m.content for m in messages][0] == "secret plans" and len(messages) == 2
+    assert messages[0].content == "secret plans" and len(messages) == 2
     assert (await alice.list()).chats[0].title == "secret plans"
 
 
@@ -223,7 +234,9 @@ async def test_calls_without_a_valid_token_are_unauthenticated(channel: grpc.aio
     details = await expect_error(grpc.StatusCode.UNAUTHENTICATED, stub.ListChats(pb.ListChatsRequest()))
     assert "authorization" in details
     forged = auth("alice", secret="not-the-server-secret-" + "y" * 30)
-    await expect_error(grpc.StatusCode.UNAUTHENTICATED, stub.ListChats(pb.ListChatsRequest(), metadata=forged))
+    await expect_error(
+        grpc.StatusCode.UNAUTHENTICATED, stub.ListChats(pb.ListChatsRequest(), metadata=forged)
+    )
     await expect_error(
         grpc.StatusCode.UNAUTHENTICATED,
         stub.ListChats(pb.ListChatsRequest(), metadata=(("authorization", "Basic abc"),)),
@@ -277,7 +290,10 @@ async def test_retry_with_the_same_request_id_returns_the_stored_answer(alice: C
 async def test_concurrent_retries_join_the_running_completion(alice: ChatClient) -> None:
     chat_id = (await alice.create(title="join", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
     results = await asyncio.gather(
-        *(alice.complete(chat_id, "Count to 300.", max_tokens=40, temperature=0, request_id="same") for _ in range(3))
+        *(
+            alice.complete(chat_id, "Count to 300.", max_tokens=40, temperature=0, request_id="same")
+            for _ in range(3)
+        )
     )
     assert len({r.first.user_message_id for r in results}) == 1
     assert len({r.last.assistant_message_id for r in results if r.last}) == 1
@@ -310,28 +326,54 @@ async def test_client_cancel_keeps_the_partial_answer_marked_cancelled(alice: Ch
     assert len(reply.content) < 300, "generation stopped soon after the cancel"
 
 
+WINDOW_CONTEXT = 256
+
+
+@pytest.fixture(scope="module")
+def small_context_chat(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[str, str, RecordingInferenceProxy]]:
+    """A chat service on an engine with a tiny context, so the window has to slide after a few turns.
+    Yields (chat address, inference address, recorder)."""
+    inference = f"127.0.0.1:{free_port()}"
+    chat = f"127.0.0.1:{free_port()}"
+    env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(WINDOW_CONTEXT)}
+    with (
+        run_service("inference_service", env, inference, timeout=60),
+        run_recording_proxy(inference) as proxy,
+    ):
+        url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('window') / 'chat.db'}"
+        with run_service("chat_service", chat_env(chat, url, proxy[0]), chat, timeout=60):
+            yield chat, inference, proxy[1]
+
+
 async def test_window_strategy_fits_the_context_and_drops_oldest_first(
-    alice: ChatClient, recorder: RecordingInferenceProxy, inference_address: str
+    small_context_chat: tuple[str, str, RecordingInferenceProxy],
 ) -> None:
-    chat_id = (
-        await alice.create(system_prompt="You are terse.", history_strategy=pb.HISTORY_STRATEGY_WINDOW)
-    ).chat_id
-    questions = [f"Question {i}: " + " ".join(f"word{i}-{j}" for j in range(40)) for i in range(9)]
-    for question in questions:
-        await alice.complete(chat_id, question, max_tokens=32, temperature=0)
+    chat_address, inference_address, recorder = small_context_chat
+    async with grpc.aio.insecure_channel(chat_address) as channel:
+        alice = ChatClient(channel)
+        chat_id = (
+            await alice.create(system_prompt="You are terse.", history_strategy=pb.HISTORY_STRATEGY_WINDOW)
+        ).chat_id
+        questions = [f"Question {i}: " + " ".join(f"w{i}x{j}" for j in range(12)) for i in range(6)]
+        for question in questions:
+            await alice.complete(chat_id, question, max_tokens=16, temperature=0)
     requests = recorder.chat_requests()
     assert len(requests) == len(questions)
     async with grpc.aio.insecure_channel(inference_address) as channel:
         engine = inference_pb2_grpc.InferenceServiceStub(channel)
         for number, request in enumerate(requests):
             counted = await engine.CountTokens(ipb.CountTokensRequest(messages=request.messages))
-            assert counted.prompt_tokens + request.sampling.max_tokens <= CONTEXT
+            assert counted.prompt_tokens + request.sampling.max_tokens <= WINDOW_CONTEXT
             assert request.messages[0].content == "You are terse."
             assert request.messages[-1].content == questions[number]
             users = [m.content for m in request.messages if m.role == ipb.ROLE_USER]
             # What is kept is the most recent stretch of the conversation, in order.
             assert users == questions[number - len(users) + 1 : number + 1]
-    assert len([m for m in requests[-1].messages if m.role == ipb.ROLE_USER]) < len(questions), "old turns dropped"
+    assert len([m for m in requests[-1].messages if m.role == ipb.ROLE_USER]) < len(questions), (
+        "old turns dropped"
+    )
 
 
 async def test_summary_is_stored_and_extended_not_recomputed(
@@ -340,20 +382,26 @@ async def test_summary_is_stored_and_extended_not_recomputed(
     chat_id = (await alice.create(history_strategy=pb.HISTORY_STRATEGY_SUMMARY)).chat_id
     calls_after_turn = []
     for turn in range(1, 7):
-        await alice.complete(chat_id, f"Fact number {turn}: my item {turn} is blue.", max_tokens=8, temperature=0)
+        await alice.complete(
+            chat_id, f"Fact number {turn}: my item {turn} is blue.", max_tokens=8, temperature=0
+        )
         calls_after_turn.append(len(recorder.summary_requests()))
     # keep 2 recent messages, fold once 4 are waiting: turns 4 and 6 fold, the others reuse the summary.
     assert calls_after_turn == [0, 0, 0, 1, 1, 2]
     first, second = recorder.summary_requests()
     first_text = first.messages[-1].content
-    assert "Fact number 1" in first_text and "Fact number 2" in first_text and "Fact number 3" not in first_text
+    assert (
+        "Fact number 1" in first_text and "Fact number 2" in first_text and "Fact number 3" not in first_text
+    )
     second_text = second.messages[-1].content
     assert "Earlier summary:" in second_text, "the stored summary is extended"
     assert "Fact number 1" not in second_text.partition("\nUser:")[2], "old turns are not summarised again"
     assert "Fact number 3" in second_text and "Fact number 4" in second_text
     # Turn 5's prompt reused the first summary instead of the folded turns.
     turn5 = recorder.chat_requests()[4].messages
-    assert turn5[0].role == ipb.ROLE_SYSTEM and turn5[0].content.startswith("Summary of the earlier conversation")
+    assert turn5[0].role == ipb.ROLE_SYSTEM and turn5[0].content.startswith(
+        "Summary of the earlier conversation"
+    )
     assert not any("Fact number 1" in m.content for m in turn5[1:])
 
 
@@ -368,7 +416,9 @@ async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp
                 client = ChatClient(channel)
                 chat_id = (await client.create(title="doomed", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
                 call = client.stub.Complete(
-                    pb.CompleteRequest(chat_id=chat_id, content="Count to 300.", max_tokens=300, temperature=0),
+                    pb.CompleteRequest(
+                        chat_id=chat_id, content="Count to 300.", max_tokens=300, temperature=0
+                    ),
                     metadata=client.metadata,
                 )
                 events = []

@@ -43,7 +43,9 @@ def inference_process() -> Iterator[tuple[str, Popen[bytes]]]:
 
 
 @pytest.fixture
-async def stub(inference_process: tuple[str, Popen[bytes]]) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
+async def stub(
+    inference_process: tuple[str, Popen[bytes]],
+) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
     async with grpc.aio.insecure_channel(inference_process[0]) as channel:
         yield inference_pb2_grpc.InferenceServiceStub(channel)
 
@@ -71,7 +73,9 @@ async def collect(
 async def test_health_and_model_info(inference_process: tuple[str, Popen[bytes]]) -> None:
     async with grpc.aio.insecure_channel(inference_process[0]) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        reply = await health.Check(health_pb2.HealthCheckRequest(service="chatmesh.inference.v1.InferenceService"))
+        reply = await health.Check(
+            health_pb2.HealthCheckRequest(service="chatmesh.inference.v1.InferenceService")
+        )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
         info = await inference_pb2_grpc.InferenceServiceStub(channel).GetModelInfo(pb.GetModelInfoRequest())
     assert (info.model, info.context_length, info.backend) == ("gemma-3-270m", 2048, "llama_cpp")
@@ -90,7 +94,9 @@ async def test_generation_streams_token_by_token(stub: inference_pb2_grpc.Infere
     assert finished.usage.completion_tokens >= len(deltas)
 
 
-async def test_max_tokens_ends_with_length_and_exact_usage(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+async def test_max_tokens_ends_with_length_and_exact_usage(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
     _, finished, _ = await collect(stub, LONG, max_tokens=5, temperature=0)
     assert finished.finish_reason == pb.FINISH_REASON_LENGTH
     assert finished.usage.completion_tokens == 5
@@ -105,7 +111,9 @@ async def test_seed_makes_sampling_reproducible(stub: inference_pb2_grpc.Inferen
 
 
 async def test_cancel_frees_the_slot(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
-    call = stub.Generate(pb.GenerateRequest(messages=LONG, sampling=pb.SamplingParams(max_tokens=1000, temperature=0)))
+    call = stub.Generate(
+        pb.GenerateRequest(messages=LONG, sampling=pb.SamplingParams(max_tokens=1000, temperature=0))
+    )
     received = 0
     async for _ in call:
         received += 1
@@ -121,7 +129,9 @@ async def test_cancel_frees_the_slot(stub: inference_pb2_grpc.InferenceServiceSt
     assert all(finished.usage.completion_tokens > 0 for _, finished, _ in results)
 
 
-async def test_overload_is_resource_exhausted_with_retry_hint(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+async def test_overload_is_resource_exhausted_with_retry_hint(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
     request = pb.GenerateRequest(messages=LONG, sampling=pb.SamplingParams(max_tokens=1000, temperature=0))
     running = stub.Generate(request)
     await running.read()  # holds the only slot
@@ -147,14 +157,27 @@ async def test_overload_is_resource_exhausted_with_retry_hint(stub: inference_pb
         (pb.GenerateRequest(), "messages"),
         (pb.GenerateRequest(messages=[pb.Message(content="hi")]), "messages[0].role"),
         (pb.GenerateRequest(messages=PARIS, sampling=pb.SamplingParams(max_tokens=0)), "sampling.max_tokens"),
-        (pb.GenerateRequest(messages=PARIS, sampling=pb.SamplingParams(max_tokens=5000)), "sampling.max_tokens"),
-        (pb.GenerateRequest(messages=PARIS, sampling=pb.SamplingParams(temperature=3)), "sampling.temperature"),
+        (
+            pb.GenerateRequest(messages=PARIS, sampling=pb.SamplingParams(max_tokens=5000)),
+            "sampling.max_tokens",
+        ),
+        (
+            pb.GenerateRequest(messages=PARIS, sampling=pb.SamplingParams(temperature=3)),
+            "sampling.temperature",
+        ),
         (
             pb.GenerateRequest(messages=[pb.Message(role=pb.ROLE_USER, content="word " * 3000)]),
             "messages",
         ),
     ],
-    ids=["no-messages", "no-role", "zero-max-tokens", "max-tokens-over-context", "temperature", "prompt-too-long"],
+    ids=[
+        "no-messages",
+        "no-role",
+        "zero-max-tokens",
+        "max-tokens-over-context",
+        "temperature",
+        "prompt-too-long",
+    ],
 )
 async def test_bad_input_is_invalid_argument_naming_the_field(
     stub: inference_pb2_grpc.InferenceServiceStub, request_: pb.GenerateRequest, field: str
@@ -166,7 +189,9 @@ async def test_bad_input_is_invalid_argument_naming_the_field(
 
 
 async def test_count_tokens_rejects_bad_roles(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    unknown_role = pb.Message()
+    unknown_role.role = 9  # type: ignore[assignment]
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await stub.CountTokens(pb.CountTokensRequest(messages=[pb.Message(role=pb.ROLE_USER), pb.Message(role=9)]))
+        await stub.CountTokens(pb.CountTokensRequest(messages=[pb.Message(role=pb.ROLE_USER), unknown_role]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "messages[1].role" in (err.value.details() or "")

@@ -72,10 +72,12 @@ class ChatClient:
         request = pb.CompleteRequest(chat_id=chat_id, content=content, **fields)  # type: ignore[arg-type]
         return await drain(self.stub.Complete(request, metadata=self.metadata))
 
-    async def messages(self, chat_id: str, page_size: int = 0, page_token: str = "") -> pb.GetMessagesResponse:
-        return await self.stub.GetMessages(
-            pb.GetMessagesRequest(chat_id=chat_id, page_size=page_size, page_token=page_token), metadata=self.metadata
-        )
+    async def messages(
+        self, chat_id: str, page_size: int = 0, page_token: str = ""
+    ) -> pb.GetMessagesResponse:
+        request = pb.GetMessagesRequest(chat_id=chat_id, page_size=page_size, page_token=page_token)
+        reply: pb.GetMessagesResponse = await self.stub.GetMessages(request, metadata=self.metadata)
+        return reply
 
     async def all_messages(self, chat_id: str) -> list[pb.ChatMessage]:
         result: list[pb.ChatMessage] = []
@@ -88,6 +90,6 @@ class ChatClient:
                 return result
 
     async def list(self, page_size: int = 0, page_token: str = "") -> pb.ListChatsResponse:
-        return await self.stub.ListChats(
-            pb.ListChatsRequest(page_size=page_size, page_token=page_token), metadata=self.metadata
-        )
+        request = pb.ListChatsRequest(page_size=page_size, page_token=page_token)
+        reply: pb.ListChatsResponse = await self.stub.ListChats(request, metadata=self.metadata)
+        return reply

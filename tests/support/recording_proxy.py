@@ -56,7 +56,8 @@ class RecordingInferenceProxy(inference_pb2_grpc.InferenceServiceServicer):
     ) -> pb.CountTokensResponse:
         self.count_requests.append(request)
         try:
-            return await self._upstream.CountTokens(request)
+            reply: pb.CountTokensResponse = await self._upstream.CountTokens(request)
+            return reply
         except grpc.aio.AioRpcError as exc:
             await context.abort(exc.code(), exc.details() or "")
             raise
@@ -64,7 +65,8 @@ class RecordingInferenceProxy(inference_pb2_grpc.InferenceServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.GetModelInfoResponse:
-        return await self._upstream.GetModelInfo(request)
+        reply: pb.GetModelInfoResponse = await self._upstream.GetModelInfo(request)
+        return reply
 
 
 @contextlib.contextmanager

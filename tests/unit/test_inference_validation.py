@@ -25,7 +25,10 @@ def test_turns_require_messages() -> None:
 
 
 def test_unknown_role_names_the_index() -> None:
-    messages = [pb.Message(role=pb.ROLE_USER, content="hi"), pb.Message(role=pb.ROLE_UNSPECIFIED, content="x")]
+    messages = [
+        pb.Message(role=pb.ROLE_USER, content="hi"),
+        pb.Message(role=pb.ROLE_UNSPECIFIED, content="x"),
+    ]
     with pytest.raises(InvalidArgument) as err:
         parse_turns(messages)
     assert err.value.field == "messages[1].role"
@@ -70,6 +73,11 @@ def test_defaults_fit_the_remaining_context() -> None:
 
 def test_transcript_template_renders_roles_and_cue() -> None:
     text = TEMPLATES["transcript"].render(
-        [Turn(Role.SYSTEM, "Be brief."), Turn(Role.USER, "Hi"), Turn(Role.ASSISTANT, "Hello"), Turn(Role.USER, "Bye")]
+        [
+            Turn(Role.SYSTEM, "Be brief."),
+            Turn(Role.USER, "Hi"),
+            Turn(Role.ASSISTANT, "Hello"),
+            Turn(Role.USER, "Bye"),
+        ]
     )
     assert text == "Be brief.\n\nUser: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
