@@ -1,0 +1,321 @@
+"""Triton backend: a TensorRT-LLM model (`ensemble` or `tensorrt_llm_bls`) on a Triton Inference Server.
+
+Generation streams over Triton's gRPC `ModelStreamInfer` with `tritonclient.grpc.aio`. The model must be
+decoupled (TensorRT-LLM's streaming setup): one request, one response per generated token carrying the
+new text in `text_output`.
+
+How the end of a generation is detected: the asyncio client cannot ask for empty final responses
+(`stream_infer` drops `enable_empty_final_response`, and `triton_*` request parameters are rejected as
+reserved), so a model that flags completion with an empty response (as the Python backend does) would
+send nothing at the end. Instead each generation has its own stream whose request side is closed right
+after the one request; Triton ends such a stream once that request is complete. A response carrying
+`triton_final_response=true` (TensorRT-LLM sets it on the last token) ends the generation as well.
+
+Triton tokenizes inside the model, but prompt counts (context window, usage, CountTokens) are needed
+here, so the same vocabulary is loaded locally (see `tokenizers.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import logging
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from contextlib import aclosing, asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import numpy as np
+import numpy.typing as npt
+import tritonclient.grpc.aio as triton_grpc
+from tritonclient.utils import InferenceServerException
+
+from chatmesh.common.errors import Unavailable
+from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
+from inference_service.backends.text import LeadingSpaceTrimmer
+from inference_service.backends.tokenizers import Tokenizer, default_tokenizer_path, open_tokenizer
+from inference_service.prompt import PromptTemplate, Turn
+from inference_service.settings import InferenceSettings
+
+log = logging.getLogger(__name__)
+
+STARTUP_CHECK_TIMEOUT_S = 10.0
+"""How long the liveness and readiness checks at startup may take."""
+
+_FINAL_RESPONSE_PARAMETER = "triton_final_response"
+
+
+@dataclass(frozen=True, slots=True)
+class TritonTensorNames:
+    """Input and output tensor names of the model; the defaults are TensorRT-LLM's."""
+
+    text_input: str = "text_input"
+    max_tokens: str = "max_tokens"
+    stream: str = "stream"
+    temperature: str = "temperature"
+    top_p: str = "top_p"
+    top_k: str = "top_k"
+    random_seed: str = "random_seed"
+    stop_words: str = "stop_words"
+    text_output: str = "text_output"
+
+
+class StopSequenceFilter:
+    """Cuts streamed text at the first stop sequence.
+
+    Text is released as soon as it can no longer be part of a stop sequence: a tail that might be the
+    beginning of one is held back until the next piece decides it. Once a stop sequence is seen, nothing
+    at or after it is ever released.
+    """
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(stop for stop in stops if stop)
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        """Add generated text; return the part that is safe to show."""
+        if self.stopped:
+            return ""
+        self._pending += text
+        cut = min((i for i in (self._pending.find(stop) for stop in self._stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            released, self._pending = self._pending[:cut], ""
+            return released
+        keep = self._longest_stop_prefix_suffix()
+        released = self._pending[: len(self._pending) - keep]
+        self._pending = self._pending[len(self._pending) - keep :]
+        return released
+
+    def flush(self) -> str:
+        """The generation ended without a stop sequence: release what was held back."""
+        released, self._pending = ("" if self.stopped else self._pending), ""
+        return released
+
+    def _longest_stop_prefix_suffix(self) -> int:
+        """Length of the longest tail of the pending text that is a proper prefix of a stop sequence."""
+        best = 0
+        for stop in self._stops:
+            for length in range(min(len(stop) - 1, len(self._pending)), best, -1):
+                if self._pending.endswith(stop[:length]):
+                    best = length
+                    break
+        return best
+
+
+class TritonBackend:
+    """Streams generations from a decoupled TensorRT-LLM-style model on Triton."""
+
+    def __init__(
+        self,
+        client: Any,
+        tokenizer: Tokenizer,
+        template: PromptTemplate,
+        *,
+        url: str,
+        model: str,
+        info: ModelInfo,
+        timeout_s: float,
+        tensors: TritonTensorNames = TritonTensorNames(),
+    ) -> None:
+        self._client = client
+        self._tokenizer = tokenizer
+        self._template = template
+        self._url = url
+        self._model = model
+        self._info = info
+        self._timeout_s = timeout_s
+        self._tensors = tensors
+        # Special tokens the tokenizer adds to any text (BOS): not part of a completion's token count.
+        self._special_tokens = len(tokenizer.encode(""))
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        return self._template.stop
+
+    async def prepare(self, turns: Sequence[Turn]) -> Prompt:
+        text = self._template.render(turns)
+        return Prompt(text=text, token_ids=self._tokenizer.encode(text))
+
+    async def generate(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[TextDelta | Completion]:
+        stops = StopSequenceFilter(sampling.stop)
+        trimmer = LeadingSpaceTrimmer()
+        received: list[str] = []
+        async with aclosing(self._stream_text(prompt.text, sampling)) as responses:
+            async for piece in responses:
+                received.append(piece)
+                if text := trimmer.feed(stops.feed(piece)):
+                    yield TextDelta(text=text)
+                if stops.stopped:
+                    # Leaving the loop closes `responses`, which cancels the Triton request: the model
+                    # may not know our stop sequence and would otherwise run on to max_tokens.
+                    break
+        if text := trimmer.feed(stops.flush()):
+            yield TextDelta(text=text)
+        # Triton does not report token counts, so the engine's text is re-tokenized. Re-tokenizing can
+        # merge tokens the model produced separately (Gemma has a "\n\n" token, the model may emit "\n"
+        # twice); each streamed response is at least one token, so that count is a floor.
+        retokenized = len(self._tokenizer.encode("".join(received))) - self._special_tokens
+        completion_tokens = max(retokenized, len(received))
+        finish = (
+            FinishReason.LENGTH
+            if not stops.stopped and completion_tokens >= sampling.max_tokens
+            else FinishReason.STOP
+        )
+        yield Completion(
+            finish_reason=finish, prompt_tokens=len(prompt.token_ids), completion_tokens=completion_tokens
+        )
+
+    async def _stream_text(self, text: str, sampling: Sampling) -> AsyncGenerator[str, None]:
+        """Yield the text of each streamed response ("" for a token that ends mid-character), as the
+        engine produced it.
+
+        Closing this generator early cancels the gRPC call (and with it the Triton request) before
+        `aclose()` returns.
+        """
+        request = {
+            "model_name": self._model,
+            "inputs": self._inputs(text, sampling),
+            "request_id": uuid.uuid4().hex,
+        }
+        # A token can end inside a multi-byte character; decode across responses.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stream: Any = None
+        try:
+            with triton_errors(self._url, self._model, "generation"):
+                stream = self._client.stream_infer(_single(request), stream_timeout=self._timeout_s)
+                async for result, error in stream:
+                    if error is not None:
+                        raise error
+                    outputs = self._text_outputs(result)
+                    if outputs is not None:
+                        yield "".join(decoder.decode(item) for item in outputs)
+                    if _is_final(result):
+                        break
+        finally:
+            if stream is not None:
+                # A no-op once the call has ended; otherwise Triton sees the cancellation right away.
+                stream.cancel()
+
+    def _inputs(self, text: str, sampling: Sampling) -> list[Any]:
+        names = self._tensors
+        greedy = sampling.temperature == 0.0
+        inputs = [
+            _tensor(names.text_input, np.array([[text.encode()]], dtype=np.object_), "BYTES"),
+            _tensor(names.max_tokens, np.array([[sampling.max_tokens]], dtype=np.int32), "INT32"),
+            _tensor(names.stream, np.array([[True]], dtype=np.bool_), "BOOL"),
+            # TensorRT-LLM has no "temperature 0": it divides by the temperature (older releases return
+            # garbage). Greedy decoding is top_k=1, where the temperature does not matter.
+            _tensor(
+                names.temperature,
+                np.array([[1.0 if greedy else sampling.temperature]], dtype=np.float32),
+                "FP32",
+            ),
+            _tensor(names.top_p, np.array([[sampling.top_p]], dtype=np.float32), "FP32"),
+        ]
+        if greedy:
+            inputs.append(_tensor(names.top_k, np.array([[1]], dtype=np.int32), "INT32"))
+        if sampling.seed is not None:
+            inputs.append(_tensor(names.random_seed, np.array([[sampling.seed]], dtype=np.uint64), "UINT64"))
+        if sampling.stop:
+            stop_words = np.array([[stop.encode() for stop in sampling.stop]], dtype=np.object_)
+            inputs.append(_tensor(names.stop_words, stop_words, "BYTES"))
+        return inputs
+
+    def _text_outputs(self, result: Any) -> list[bytes] | None:
+        array = result.as_numpy(self._tensors.text_output)
+        if array is None:
+            return None  # an empty (final-flag only) response: no token
+        return [item if isinstance(item, bytes) else str(item).encode() for item in array.flatten()]
+
+
+@contextmanager
+def triton_errors(url: str, model: str, action: str) -> Iterator[None]:
+    """Turn any tritonclient or gRPC failure inside the block into `Unavailable` naming cause and fix.
+
+    The one place where Triton's errors become domain errors.
+    """
+    try:
+        yield
+    except (InferenceServerException, grpc.RpcError) as exc:
+        if isinstance(exc, InferenceServerException):
+            cause = f"{exc.status() or 'error'}: {exc.message()}"
+        elif isinstance(exc, grpc.aio.AioRpcError):
+            cause = f"{exc.code().name}: {exc.details()}"
+        else:
+            cause = str(exc)
+        fix = (
+            "raise CHATMESH_INFERENCE_TRITON_TIMEOUT_S if generations legitimately take this long"
+            if "DEADLINE_EXCEEDED" in cause
+            else f"check that tritonserver is running and reachable at {url} (CHATMESH_INFERENCE_TRITON_URL)"
+            f" and that model '{model}' is loaded (CHATMESH_INFERENCE_TRITON_MODEL)"
+        )
+        raise Unavailable(f"Triton at {url} failed during {action} ({cause}); {fix}") from exc
+
+
+async def check_ready(client: Any, url: str, model: str) -> None:
+    """Fail with `Unavailable` unless the server at `url` is live and `model` is ready."""
+    with triton_errors(url, model, "the startup health check"):
+        live = await client.is_server_live(client_timeout=STARTUP_CHECK_TIMEOUT_S)
+        ready = live and await client.is_model_ready(model, client_timeout=STARTUP_CHECK_TIMEOUT_S)
+    if not live:
+        raise Unavailable(f"Triton at {url} is not live; check the tritonserver log")
+    if not ready:
+        raise Unavailable(
+            f"Triton at {url} is live but model '{model}' is not ready; check the model name"
+            " (CHATMESH_INFERENCE_TRITON_MODEL) and the tritonserver log for load errors"
+        )
+
+
+@asynccontextmanager
+async def open_triton_backend(
+    settings: InferenceSettings,
+    template: PromptTemplate,
+    tensors: TritonTensorNames = TritonTensorNames(),
+) -> AsyncIterator[TritonBackend]:
+    """Connect to Triton, check that the model is ready, load the tokenizer; close the client on exit."""
+    url, model = settings.triton_url, settings.triton_model
+    client = triton_grpc.InferenceServerClient(url)
+    try:
+        await check_ready(client, url, model)
+        path = await asyncio.to_thread(default_tokenizer_path, settings.triton_tokenizer, settings.gguf_path)
+        tokenizer = await asyncio.to_thread(open_tokenizer, path)
+        log.info("connected to Triton", extra={"url": url, "model": model, "tokenizer": str(path)})
+        yield TritonBackend(
+            client,
+            tokenizer,
+            template,
+            url=url,
+            model=model,
+            info=ModelInfo(
+                model=settings.model_name, context_length=settings.context_length, backend="triton"
+            ),
+            timeout_s=settings.triton_timeout_s,
+            tensors=tensors,
+        )
+    finally:
+        await client.close()
+
+
+async def _single(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+    # Ending the request side after the one request is what makes Triton end the stream once the
+    # request is complete (see the module docstring).
+    yield request
+
+
+def _tensor(name: str, data: npt.NDArray[Any], datatype: str) -> Any:
+    tensor = triton_grpc.InferInput(name, list(data.shape), datatype)
+    tensor.set_data_from_numpy(data)
+    return tensor
+
+
+def _is_final(result: Any) -> bool:
+    parameters = result.get_response().parameters
+    return _FINAL_RESPONSE_PARAMETER in parameters and bool(parameters[_FINAL_RESPONSE_PARAMETER].bool_param)

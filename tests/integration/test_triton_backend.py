@@ -1,0 +1,304 @@
+"""The inference service with backend=triton, against a real Triton server (pytriton, CPU) whose
+TensorRT-LLM-shaped decoupled model generates with llama.cpp (tests/support/triton_llama_model.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+
+from chatmesh.inference.v1 import inference_pb2 as pb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from tests.support.processes import (
+    LoggedProcess,
+    find_processes,
+    free_port,
+    run_service,
+    start_process,
+    stop_process,
+    wait_for_line,
+)
+
+pytestmark = pytest.mark.integration
+
+MODEL_SCRIPT = Path(__file__).parents[1] / "support" / "triton_llama_model.py"
+PARIS = [pb.Message(role=pb.ROLE_USER, content="What is the capital of France?")]
+# A few-shot prompt that makes the base model count on for hundreds of tokens: long enough to cancel.
+LONG = [
+    pb.Message(role=pb.ROLE_USER, content="Count to 100."),
+    pb.Message(role=pb.ROLE_ASSISTANT, content=", ".join(str(i) for i in range(1, 101))),
+    pb.Message(role=pb.ROLE_USER, content="Count to 300."),
+]
+# Triton's own log line (at --log-verbose 1) when a client cancels a ModelStreamInfer call.
+TRITON_CANCEL_LOG = "Cancellation notification received for ModelStreamInferHandler"
+
+
+@dataclass(frozen=True)
+class TritonServer:
+    """The test Triton server: its gRPC address, the process running it, and Triton's own log file."""
+
+    grpc_address: str
+    process: LoggedProcess
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+@contextmanager
+def running_triton(*extra_args: str) -> Iterator[TritonServer]:
+    """Run the test Triton server until the block ends, then check it shut down cleanly."""
+    grpc_port = free_port()
+    log_dir = tempfile.TemporaryDirectory(prefix="triton-test-")
+    log_path = Path(log_dir.name) / "triton.log"
+    process = start_process(
+        [
+            sys.executable,
+            str(MODEL_SCRIPT),
+            f"--grpc-port={grpc_port}",
+            f"--http-port={free_port()}",
+            f"--metrics-port={free_port()}",
+            "--model-name=ensemble",
+            # Keeps Triton's log out of stdout, where it could split the READY line.
+            f"--log-file={log_path}",
+            *extra_args,
+        ]
+    )
+    try:
+        wait_for_line(process, "READY", timeout=90)
+        yield TritonServer(f"127.0.0.1:{grpc_port}", process, log_path)
+    finally:
+        outcome = stop_process(process, timeout=30)
+        # Belt and braces beyond the process group: nothing may still serve our port.
+        leftover_servers = find_processes(f"--grpc-port {grpc_port}")
+        output = process.output_tail()
+        process.remove_log()
+        log_dir.cleanup()
+    assert outcome.returncode == 0, f"SIGTERM should stop the Triton script cleanly:\n{output}"
+    assert not outcome.orphans, f"processes outlived the Triton script: {outcome.orphans}"
+    assert not leftover_servers, f"tritonserver still running: {leftover_servers}"
+
+
+def service_env(triton_url: str, address: str) -> dict[str, str]:
+    """Environment of an inference service using the Triton backend at `triton_url`."""
+    return {
+        "CHATMESH_INFERENCE_BACKEND": "triton",
+        "CHATMESH_INFERENCE_TRITON_URL": triton_url,
+        "CHATMESH_INFERENCE_ADDRESS": address,
+        "CHATMESH_INFERENCE_LOG_FORMAT": "text",
+    }
+
+
+@pytest.fixture(scope="module")
+def triton() -> Iterator[TritonServer]:
+    # Verbose enough to log stream cancellations, which the cancel test looks for.
+    with running_triton("--log-verbose=1") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def service_address(triton: TritonServer) -> Iterator[str]:
+    address = f"127.0.0.1:{free_port()}"
+    with run_service("inference_service", service_env(triton.grpc_address, address), address, 60) as process:
+        yield address
+    assert process.returncode == 0, "SIGTERM should shut the service down cleanly"
+
+
+@pytest.fixture(scope="module")
+async def stub(service_address: str) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
+    async with grpc.aio.insecure_channel(service_address) as channel:
+        yield inference_stub(channel)
+
+
+def inference_stub(channel: grpc.aio.Channel) -> inference_pb2_grpc.InferenceServiceStub:
+    """A typed stub (the generated _grpc module has no type annotations)."""
+    return inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One finished generation as the client saw it, with arrival times in seconds after the request."""
+
+    deltas: list[str]
+    finished: pb.Finished
+    first_delta_s: float
+    finished_s: float
+
+    @property
+    def text(self) -> str:
+        return "".join(self.deltas)
+
+
+async def generate(
+    stub: inference_pb2_grpc.InferenceServiceStub, messages: list[pb.Message], **sampling: object
+) -> Generation:
+    """Run one generation, checking the stream's shape: deltas, then exactly one finished event."""
+    started = time.perf_counter()
+    deltas: list[str] = []
+    first_delta_s = 0.0
+    finished: pb.Finished | None = None
+    finished_s = 0.0
+    request = pb.GenerateRequest(messages=messages, sampling=pb.SamplingParams(**sampling))  # type: ignore[arg-type]
+    async for event in stub.Generate(request):
+        assert finished is None, "nothing may follow the finished event"
+        if event.HasField("delta"):
+            if not deltas:
+                first_delta_s = time.perf_counter() - started
+            deltas.append(event.delta.text)
+        else:
+            finished, finished_s = event.finished, time.perf_counter() - started
+    assert finished is not None, "the stream must end with a finished event"
+    return Generation(deltas, finished, first_delta_s, finished_s)
+
+
+async def test_model_info_names_the_triton_backend(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.model, info.context_length, info.backend) == ("gemma-3-270m", 4096, "triton")
+
+
+async def test_reply_streams_in_several_chunks_and_stops_at_the_next_turn(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    result = await generate(stub, PARIS, max_tokens=40, temperature=0)
+    assert "Paris" in result.text
+    assert len(result.deltas) >= 3, f"expected token-by-token chunks, got {result.deltas}"
+    assert not result.text.startswith(" "), "the space after the 'Assistant:' cue is not part of the reply"
+    # The model (like TensorRT-LLM) sends the stop word's text; the service must cut it off.
+    assert "User:" not in result.text and not result.text.endswith("\n")
+    assert result.finished.finish_reason == pb.FINISH_REASON_STOP
+    counted = await stub.CountTokens(pb.CountTokensRequest(messages=PARIS))
+    assert result.finished.usage.prompt_tokens == counted.prompt_tokens
+    # The reply plus the stop word's tokens, which the engine did generate.
+    assert len(result.deltas) < result.finished.usage.completion_tokens < 40
+
+
+async def test_text_streams_while_it_is_generated(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    result = await generate(stub, LONG, max_tokens=30, temperature=0)
+    assert len(result.deltas) >= 10, f"expected token-by-token chunks, got {result.deltas}"
+    assert result.text.startswith("1, 2, 3")
+    # Buffered output would arrive all at once; 29 more tokens take well over 0.15 s on this CPU model.
+    assert result.finished_s - result.first_delta_s > 0.15
+    assert result.finished.finish_reason == pb.FINISH_REASON_LENGTH
+    assert result.finished.usage.completion_tokens == 30
+
+
+async def test_max_tokens_ends_with_length_and_exact_usage(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    result = await generate(stub, PARIS, max_tokens=5, temperature=0)
+    assert result.text == "The capital of France is"
+    assert result.finished.finish_reason == pb.FINISH_REASON_LENGTH
+    assert result.finished.usage.completion_tokens == 5
+
+
+async def test_request_stop_sequence_cuts_the_reply(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    result = await generate(stub, PARIS, max_tokens=40, temperature=0, stop=[" Par"])
+    assert result.text == "The capital of France is"
+    assert result.finished.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_seed_makes_sampling_reproducible(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    first = await generate(stub, PARIS, max_tokens=12, temperature=1.0, seed=7)
+    second = await generate(stub, PARIS, max_tokens=12, temperature=1.0, seed=7)
+    assert first.deltas == second.deltas
+
+
+async def test_count_tokens_matches_the_llama_cpp_backend(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    from llama_cpp import Llama
+
+    from inference_service.backends.llama_cpp import LlamaCppBackend, bundled_gguf_path
+    from inference_service.prompt import TEMPLATES
+    from inference_service.validation import parse_turns
+
+    conversations = [
+        PARIS,
+        LONG,
+        [
+            pb.Message(role=pb.ROLE_SYSTEM, content="Be terse. Ünïcödé, emoji 🚀 and <start_of_turn> too."),
+            pb.Message(role=pb.ROLE_USER, content="Hi"),
+            pb.Message(role=pb.ROLE_ASSISTANT, content="Hello."),
+            pb.Message(role=pb.ROLE_USER, content="  spaced\n\nout  "),
+        ],
+    ]
+    path = await asyncio.to_thread(bundled_gguf_path)
+    vocab = await asyncio.to_thread(Llama, model_path=str(path), vocab_only=True, verbose=False)
+    llama_backend = LlamaCppBackend([vocab], TEMPLATES["transcript"], "gemma-3-270m")
+    try:
+        for messages in conversations:
+            expected = await llama_backend.prepare(parse_turns(messages))
+            counted = await stub.CountTokens(pb.CountTokensRequest(messages=messages))
+            assert counted.prompt_tokens == expected.token_count > 0
+    finally:
+        await llama_backend.aclose()
+        vocab.close()
+
+
+async def test_cancelling_mid_stream_cancels_the_triton_stream(
+    stub: inference_pb2_grpc.InferenceServiceStub, triton: TritonServer
+) -> None:
+    cancels_before = triton.log().count(TRITON_CANCEL_LOG)
+    request = pb.GenerateRequest(messages=LONG, sampling=pb.SamplingParams(max_tokens=150, temperature=0))
+    call = stub.Generate(request)
+    received = 0
+    async for _ in call:
+        received += 1
+        if received == 3:
+            break
+    call.cancel()
+    cancelled_at = time.perf_counter()
+
+    # The service cancels its Triton stream as soon as the client goes away; Triton logs it.
+    while triton.log().count(TRITON_CANCEL_LOG) == cancels_before:
+        assert time.perf_counter() - cancelled_at < 3, "Triton never saw the stream being cancelled"
+        await asyncio.sleep(0.05)
+
+    # The service is free for the next request at once (the slot was released).
+    result = await asyncio.wait_for(generate(stub, PARIS, max_tokens=8, temperature=0), timeout=10)
+    assert "capital" in result.text
+    assert result.finished.usage.completion_tokens == 8
+
+
+async def test_service_refuses_to_start_when_triton_is_unreachable() -> None:
+    dead_url = f"127.0.0.1:{free_port()}"  # nothing listens there
+    env = service_env(dead_url, f"127.0.0.1:{free_port()}")
+    process = start_process([sys.executable, "-m", "inference_service"], env)
+    try:
+        returncode = await asyncio.to_thread(process.wait, 30)
+        output = process.output()
+    finally:
+        stop_process(process)
+        process.remove_log()
+    assert returncode != 0
+    assert "Unavailable" in output
+    assert f"Triton at {dead_url}" in output
+    assert "CHATMESH_INFERENCE_TRITON_URL" in output, "the message should say what to fix"
+
+
+async def test_generate_is_unavailable_once_triton_goes_away() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    with (
+        running_triton("--instances=1") as server,
+        run_service("inference_service", service_env(server.grpc_address, address), address, 60),
+    ):
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_stub(channel)
+            before = await generate(stub, PARIS, max_tokens=3, temperature=0)
+            assert before.finished.usage.completion_tokens == 3
+            stop_process(server.process, timeout=30)
+
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await generate(stub, PARIS, max_tokens=3, temperature=0)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    details = err.value.details() or ""
+    assert f"Triton at {server.grpc_address} failed during generation" in details
+    assert "CHATMESH_INFERENCE_TRITON_URL" in details

@@ -1,0 +1,1 @@
+"""Helpers shared by the test tiers: ports, subprocesses, health checks, test-only servers."""
