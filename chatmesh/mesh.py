@@ -28,6 +28,8 @@ class MeshSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CHATMESH_MESH_", frozen=True)
 
     host: str = "127.0.0.1"
+    chat_port: int = Field(50051, description="first chat replica; replica n listens on chat_port + 10 * n")
+    chat_replicas: int = Field(1, ge=1)
     inference_port: int = 50052
     embedding_port: int = 50053
     startup_timeout_s: float = Field(300.0, description="longest wait for a service to become healthy")
@@ -52,11 +54,15 @@ class RunningService:
 
 
 def plan(settings: MeshSettings) -> list[ServiceSpec]:
-    """The services to start, in order (dependencies first)."""
+    """The services to start, in order (dependencies first).
+
+    Only addresses are set here; everything else (database URL, JWT key, backend) comes from the
+    services' own settings, so `CHATMESH_CHAT_DATABASE_URL=postgresql+asyncpg://...` and friends work.
+    """
     common = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     inference = f"{settings.host}:{settings.inference_port}"
     embedding = f"{settings.host}:{settings.embedding_port}"
-    return [
+    specs = [
         ServiceSpec(
             "inference",
             "inference_service",
@@ -78,6 +84,22 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
             },
         ),
     ]
+    for replica in range(settings.chat_replicas):
+        address = f"{settings.host}:{settings.chat_port + 10 * replica}"
+        specs.append(
+            ServiceSpec(
+                f"chat-{replica + 1}",
+                "chat_service",
+                address,
+                {
+                    **common,
+                    "CHATMESH_CHAT_ADDRESS": address,
+                    "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
+                    "CHATMESH_CHAT_LOG_FORMAT": settings.log_format,
+                },
+            )
+        )
+    return specs
 
 
 async def _relay_logs(name: str, stream: asyncio.StreamReader) -> None:
@@ -154,34 +176,41 @@ async def running_mesh(
 
 
 async def run(settings: MeshSettings) -> int:
-    """Run the mesh until Ctrl-C / SIGTERM or until a service dies. Returns the exit code."""
+    """Run the mesh until Ctrl-C / SIGTERM (also during start-up) or until a service dies."""
     print("chatmesh: starting the mesh", flush=True)
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    main = asyncio.current_task()
+    assert main is not None
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        # Cancelling unwinds `running_mesh`, which stops every started service in reverse order.
+        loop.add_signal_handler(sig, main.cancel)
     try:
         async with running_mesh(plan(settings), settings.startup_timeout_s) as services:
-            print("\nchatmesh is up:", flush=True)
-            for service in services:
-                print(f"  {service.spec.name:<10} grpc://{service.spec.address}")
-            print("\nTry it (gRPC reflection is on):")
-            print(
-                f"  .venv/bin/chatmesh generate --address {services[0].spec.address}"
-                " 'What is the capital of France?'"
-            )
-            print("\nPress Ctrl-C to stop.", flush=True)
+            _print_welcome(services)
             died = [asyncio.create_task(s.process.wait()) for s in services]
-            stopper = asyncio.create_task(stop.wait())
-            done, _ = await asyncio.wait([stopper, *died], return_when=asyncio.FIRST_COMPLETED)
-            for task in [stopper, *died]:
-                task.cancel()
-            if stopper not in done:
-                print("chatmesh: a service exited unexpectedly; stopping the rest", file=sys.stderr)
-                return 1
-            print("\nchatmesh: stopping...", flush=True)
+            await asyncio.wait(died, return_when=asyncio.FIRST_COMPLETED)
+            names = [s.spec.name for s, task in zip(services, died, strict=True) if task.done()]
+            print(f"chatmesh: {', '.join(names)} exited unexpectedly; stopping the rest", file=sys.stderr)
+            return 1
+    except asyncio.CancelledError:
+        print("chatmesh: stopped", flush=True)
+        return 0
     except RuntimeError as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 1
-    print("chatmesh: stopped", flush=True)
-    return 0
+
+
+def _print_welcome(services: Sequence[RunningService]) -> None:
+    from chat_service.settings import ChatSettings
+    from chatmesh.common.auth import issue_token
+
+    by_name = {s.spec.name: s.spec.address for s in services}
+    token = issue_token(ChatSettings().jwt_keys(), "dev")
+    print("\nchatmesh is up:")
+    for service in services:
+        print(f"  {service.spec.name:<10} grpc://{service.spec.address}")
+    print("\nTry it:")
+    print(f"  .venv/bin/chatmesh generate --address {by_name['inference']} 'What is the capital of France?'")
+    print("  TOKEN=$(.venv/bin/chatmesh token dev)   # a JWT for user 'dev'; any user name works")
+    print(f"\nA dev token for user 'dev' (valid 30 days):\n  {token}")
+    print("\nPress Ctrl-C to stop.", flush=True)

@@ -1,0 +1,1 @@
+"""chatmesh embedding service: sentence embeddings (all-MiniLM-L6-v2 on CPU) over gRPC, micro-batched."""
