@@ -120,8 +120,16 @@ class HistoryBuilder:
             fold_count -= 1
         if fold_count >= self._policy.min_messages_to_fold:
             to_fold, pending = pending[:fold_count], pending[fold_count:]
-            summary = await self._summarize(summary, to_fold, request_id)
-            await self._store.save_summary(chat.user_id, to_fold[-1].id, summary)
+            try:
+                summary = await self._summarize(summary, to_fold, request_id)
+            except InvalidArgument as exc:
+                # The turns to fold do not fit the engine even trimmed (dense scripts tokenize to more
+                # than ~3 characters per token). Answering matters more: keep the old summary and let the
+                # window below drop what does not fit; the next turn tries again.
+                log.warning("could not summarise older turns", extra={"error": exc.message})
+                pending = [*to_fold, *pending]
+            else:
+                await self._store.save_summary(chat.user_id, to_fold[-1].id, summary)
         preamble = (
             [PromptMessage("system", f"Summary of the earlier conversation: {summary}")] if summary else []
         )
@@ -131,7 +139,13 @@ class HistoryBuilder:
     async def _summarize(self, previous: str | None, messages: Sequence[Message], request_id: str) -> str:
         lines = [f"Earlier summary: {previous}"] if previous else []
         lines += [f"{'User' if m.role is Role.USER else 'Assistant'}: {m.content}" for m in messages]
-        prompt = [PromptMessage("system", SUMMARY_INSTRUCTIONS), PromptMessage("user", "\n".join(lines))]
+        transcript = "\n".join(lines)
+        # About 3 characters per token; leave room for the instructions and the summary itself. When the
+        # folded turns are longer, keep their beginning and end: names and facts tend to sit there.
+        limit = max(2000, (self._engine.context_length - self._policy.max_tokens - 64) * 3)
+        if len(transcript) > limit:
+            transcript = f"{transcript[: limit // 3]}\n...\n{transcript[-(limit - limit // 3) :]}"
+        prompt = [PromptMessage("system", SUMMARY_INSTRUCTIONS), PromptMessage("user", transcript)]
         pieces: list[str] = []
         async with aclosing(
             self._inference.generate(
@@ -145,5 +159,5 @@ class HistoryBuilder:
                     pieces.append(event)
         text = "".join(pieces).strip()
         log.info("summarised older turns", extra={"messages": len(messages), "summary_chars": len(text)})
-        # An empty summary would silently lose the folded turns; keep their text instead.
-        return text or "\n".join(lines)
+        # An empty summary would silently lose the folded turns; keep (trimmed) text instead.
+        return text or transcript
