@@ -21,7 +21,8 @@ from tests.support.processes import LoggedProcess, free_port, run_service
 pytestmark = pytest.mark.integration
 
 SERVICE = "chatmesh.embedding.v1.EmbeddingService"
-PAIRS_FILE = Path(__file__).resolve().parents[3] / "shared" / "bench-data" / "qqp_duplicate_pairs.json"
+# A copy of the first pairs of ../shared/bench-data/qqp_duplicate_pairs.json (see tests/data/README.md).
+PAIRS_FILE = Path(__file__).resolve().parents[1] / "data" / "qqp_pairs_sample.json"
 STARTUP_TIMEOUT_S = 90
 
 Vectors = npt.NDArray[np.float32]
