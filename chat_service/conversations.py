@@ -235,7 +235,13 @@ class Conversations:
         text = "".join(pieces)
         tokens = usage.completion_tokens if usage else len(pieces)
         reply, _ = await self._store.add_assistant_message(
-            chat.user_id, chat.id, user_message.id, text, tokens, reason
+            chat.user_id,
+            chat.id,
+            user_message.id,
+            text,
+            tokens,
+            reason,
+            usage.prompt_tokens if usage else None,
         )
         return reply
 
@@ -257,7 +263,9 @@ class Conversations:
         yield Started(chat.id, user_message.id)
         if reply.content:
             yield Delta(reply.content)
-        yield Finished(reply.finish_reason or FinishReason.STOP, 0, reply.token_count, reply.id)
+        yield Finished(
+            reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
+        )
 
     async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
         return await self._store.list_chats(user_id, limit, after)

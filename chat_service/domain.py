@@ -64,6 +64,8 @@ class Message:
     reply_to: uuid.UUID | None
     created_at: datetime
     summary: str | None = None
+    prompt_tokens: int | None = None
+    """For assistant messages: the prompt tokens the reply was generated from (usage on replay)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -58,6 +58,7 @@ class ConversationStore(Protocol):
         content: str,
         token_count: int,
         finish_reason: FinishReason,
+        prompt_tokens: int | None = None,
     ) -> tuple[Message, bool]:
         """Commit the reply to user message `reply_to` and bump the chat's activity time. Idempotent on
         `reply_to`: at most one reply per user message; a second call returns the existing reply and

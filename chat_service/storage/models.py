@@ -127,3 +127,5 @@ class MessageRow(Base):
     reply_to: Mapped[uuid.UUID | None] = mapped_column(Uuid)
     summary: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Added in migration 0002; NULL for user messages and for replies stored before it.
+    prompt_tokens: Mapped[int | None] = mapped_column(Integer)

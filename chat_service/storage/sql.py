@@ -100,6 +100,7 @@ def _to_message(row: MessageRow) -> Message:
         reply_to=row.reply_to,
         created_at=row.created_at,
         summary=row.summary,
+        prompt_tokens=row.prompt_tokens,
     )
 
 
@@ -306,6 +307,7 @@ class SqlConversationStore(ConversationStore):
         content: str,
         token_count: int,
         finish_reason: FinishReason,
+        prompt_tokens: int | None = None,
     ) -> tuple[Message, bool]:
         """Commit the reply to the user message `reply_to` of this chat (`NotFound` if there is no such
         message); a second reply to the same message returns the stored one and False."""
@@ -323,6 +325,7 @@ class SqlConversationStore(ConversationStore):
                 reply_to=reply_to,
                 summary=None,
                 created_at=now,
+                prompt_tokens=prompt_tokens,
             )
             try:
                 async with self._sessions.begin() as session:

@@ -284,6 +284,7 @@ async def test_retry_with_the_same_request_id_returns_the_stored_answer(alice: C
     assert again.last is not None and first.last is not None
     assert again.last.assistant_message_id == first.last.assistant_message_id
     assert again.text == first.text
+    assert again.last.usage == first.last.usage, "the retry reports the original usage"
     assert len(await alice.all_messages(chat_id)) == 2
 
 

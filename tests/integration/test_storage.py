@@ -9,25 +9,30 @@ Each test works with users of its own, so tests share one database per backend w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
+from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import event, func, select, text
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from chat_service.domain import ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message, Role
 from chat_service.storage.migrate import alembic_config, upgrade_to_head
 from chat_service.storage.models import Base, ChatRow, MessageRow
 from chat_service.storage.sql import TITLE_MAX_CHARS, SqlConversationStore, open_sql_store, title_from_content
 from chatmesh.common.errors import NotFound
+from tests.support.databases import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
 
@@ -450,7 +455,7 @@ async def test_migrations_are_idempotent_and_match_the_models(store: SqlConversa
 
     async with store.engine.connect() as connection:
         revision, differences = await connection.run_sync(inspect)
-    assert revision == head == "0001"
+    assert revision == head == "0002"
     # The hand-written revision creates exactly what the models declare.
     assert differences == []
 
@@ -518,3 +523,65 @@ async def test_list_and_history_are_index_scans(
     assert "seq > " in plans["page"], plans["page"]
     assert "Index Scan using ix_messages_chat_seq" in plans["history"], plans["history"]
     assert all("Sort" not in plan for plan in plans.values()), plans
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_upgrade_keeps_rows_written_by_an_older_schema(backend: str, tmp_path: Path) -> None:
+    """A database created at revision 0001 with data in it upgrades to head with nothing lost."""
+    async with contextlib.AsyncExitStack() as stack:
+        if backend == "sqlite":
+            url = f"sqlite+aiosqlite:///{tmp_path / 'old.db'}"
+        else:
+            url = await stack.enter_async_context(fresh_postgres_database())
+        engine = create_async_engine(url)
+        chat_id, question_id, reply_id = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+        now = datetime.now(UTC)
+
+        def upgrade_to_0001(connection: Connection) -> None:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            alembic_command.upgrade(config, "0001")
+
+        async with engine.begin() as connection:
+            await connection.run_sync(upgrade_to_0001)
+            await connection.execute(
+                text(
+                    "INSERT INTO chats (id, user_id, title, system_prompt, history_strategy, created_at,"
+                    " last_activity_at) VALUES (:id, 'old-user', 'old chat', '', 'full', :now, :now)"
+                ),
+                {"id": chat_id if backend == "postgresql" else chat_id.hex, "now": now},
+            )
+            for message_id, role, reply_to in [
+                (question_id, "user", None),
+                (reply_id, "assistant", question_id),
+            ]:
+                await connection.execute(
+                    text(
+                        "INSERT INTO messages (id, chat_id, user_id, role, content, token_count,"
+                        " finish_reason, reply_to, created_at)"
+                        " VALUES (:id, :chat, 'old-user', :role, :content, 3, :finish, :reply_to, :now)"
+                    ),
+                    {
+                        "id": message_id if backend == "postgresql" else message_id.hex,
+                        "chat": chat_id if backend == "postgresql" else chat_id.hex,
+                        "role": role,
+                        "content": f"{role} text",
+                        "finish": "stop" if role == "assistant" else None,
+                        "reply_to": reply_to if backend == "postgresql" or reply_to is None else reply_to.hex,
+                        "now": now,
+                    },
+                )
+        await engine.dispose()
+
+        async with open_sql_store(url, migrate=True) as upgraded:
+            history = await upgraded.history("old-user", chat_id)
+            assert [(m.id, m.content, m.prompt_tokens) for m in history] == [
+                (question_id, "user text", None),
+                (reply_id, "assistant text", None),
+            ]
+            question, _ = await upgraded.add_user_message("old-user", chat_id, "new", 1, None)
+            reply, _ = await upgraded.add_assistant_message(
+                "old-user", chat_id, question.id, "new reply", 2, FinishReason.STOP, prompt_tokens=42
+            )
+            assert (await upgraded.find_reply("old-user", question.id)) == reply
+            assert reply.prompt_tokens == 42
