@@ -34,9 +34,7 @@ TURNS = [Turn(Role.USER, "Count to 100."), Turn(Role.ASSISTANT, EXAMPLE), Turn(R
 CONTEXT = 2048
 
 
-def in_process_run(
-    llm: object, token_ids: list[int], max_tokens: int, stop: list[str]
-) -> tuple[float, float, int]:
+def in_process_run(llm: object, prompt: str, max_tokens: int, stop: list[str]) -> tuple[float, float, int]:
     """One generation in this process; returns (ttft_s, total_s, completion tokens)."""
     from llama_cpp import StoppingCriteriaList
 
@@ -44,10 +42,13 @@ def in_process_run(
 
     def count(input_ids: object, _logits: object) -> bool:
         nonlocal generated
-        generated = len(input_ids) - len(token_ids)  # type: ignore[arg-type]
+        # Called before the sampled token joins input_ids, as in the service's own count.
+        generated = len(input_ids) - len(token_ids) + 1  # type: ignore[arg-type]
         return False
 
     started = time.perf_counter()
+    # Tokenizing is part of serving a text prompt, in-process as in the service.
+    token_ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)  # type: ignore[attr-defined]
     ttft = 0.0
     for chunk in llm.create_completion(  # type: ignore[attr-defined]
         token_ids,
@@ -106,7 +107,7 @@ async def main() -> None:
         n_threads_batch=threads,
         verbose=False,
     )
-    token_ids = llm.tokenize(template.render(TURNS).encode(), add_bos=True, special=True)
+    prompt = template.render(TURNS)
 
     address = f"127.0.0.1:{free_port()}"
     env = {
@@ -120,12 +121,12 @@ async def main() -> None:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)
             # Warm up both paths (page in weights, first-call allocations).
-            in_process_run(llm, token_ids, 8, list(template.stop))
+            in_process_run(llm, prompt, 8, list(template.stop))
             await relay_run(stub, 8)
             local: list[tuple[float, float, int]] = []
             relay: list[tuple[float, float, int]] = []
             for run in range(args.runs):
-                local.append(in_process_run(llm, token_ids, args.max_tokens, list(template.stop)))
+                local.append(in_process_run(llm, prompt, args.max_tokens, list(template.stop)))
                 relay.append(await relay_run(stub, args.max_tokens))
                 print(
                     f"  run {run + 1}/{args.runs}: in-process ttft {local[-1][0] * 1000:.1f} ms,"
@@ -141,11 +142,17 @@ async def main() -> None:
     relay_ttft = [ttft * 1000 for ttft, _, _ in relay]
     added = [r - lo for r, lo in zip(relay_ttft, local_ttft, strict=True)]
     ratio = tokens_per_s(relay) / tokens_per_s(local)
+    # Per-pair ratios too: the two sides of a pair ran back to back, so background load mostly cancels.
+    paired = [(r[2] / r[1]) / (lo[2] / lo[1]) for r, lo in zip(relay, local, strict=True)]
     print()
     print(f"runs: {args.runs}, max_tokens: {args.max_tokens}, completion tokens per run: {relay[0][2]}")
     print(f"in-process: {tokens_per_s(local):.1f} tokens/s, TTFT p50 {statistics.median(local_ttft):.1f} ms")
     print(f"relay:      {tokens_per_s(relay):.1f} tokens/s, TTFT p50 {statistics.median(relay_ttft):.1f} ms")
-    print(f"tokens/s ratio relay/in-process: {ratio:.3f} (target >= 0.97)")
+    print(
+        f"tokens/s ratio relay/in-process: {ratio:.3f} overall,"
+        f" {statistics.median(paired):.3f} median of pairs"
+    )
+    print("  (target >= 0.97)")
     print(
         f"added TTFT p50: {statistics.median(added):.2f} ms, p90: {pct(added, 0.9):.2f} ms"
         " (target p50 <= 5 ms)"

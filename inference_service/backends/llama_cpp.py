@@ -84,8 +84,18 @@ class LlamaCppBackend:
         work.add_done_callback(lambda _: self._pool.put_nowait(llm))
         work.add_done_callback(lambda _: queue.put_nowait(_DONE))
         try:
-            while (item := await queue.get()) is not _DONE:
-                yield TextDelta(text=item)  # type: ignore[arg-type]
+            done = False
+            while not done:
+                pieces = [await queue.get()]
+                # When the consumer falls behind, send what has piled up as one message rather than
+                # paying per-message overhead for each token; never waits for more.
+                while not queue.empty():
+                    pieces.append(queue.get_nowait())
+                if pieces[-1] is _DONE:
+                    pieces.pop()
+                    done = True
+                if pieces:
+                    yield TextDelta(text="".join(pieces))  # type: ignore[arg-type]
             yield await work
         finally:
             cancel.set()
