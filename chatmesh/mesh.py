@@ -44,6 +44,7 @@ class ServiceSpec:
     module: str
     address: str
     env: dict[str, str] = field(default_factory=dict)
+    loads_model: bool = False
 
 
 @dataclass
@@ -72,6 +73,7 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                 "CHATMESH_INFERENCE_ADDRESS": inference,
                 "CHATMESH_INFERENCE_LOG_FORMAT": settings.log_format,
             },
+            loads_model=True,
         ),
         ServiceSpec(
             "embedding",
@@ -82,6 +84,7 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                 "CHATMESH_EMBEDDING_ADDRESS": embedding,
                 "CHATMESH_EMBEDDING_LOG_FORMAT": settings.log_format,
             },
+            loads_model=True,
         ),
     ]
     for replica in range(settings.chat_replicas):
@@ -167,7 +170,10 @@ async def running_mesh(
     services: list[RunningService] = []
     try:
         for spec in specs:
-            print(f"  {spec.name:<10} starting (loading its model)...", flush=True)
+            print(
+                f"  {spec.name:<10} starting{' (loading its model)' if spec.loads_model else ''}...",
+                flush=True,
+            )
             services.append(await _start(spec))
             await _wait_healthy(services[-1], startup_timeout_s)
         yield services
