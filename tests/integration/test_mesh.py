@@ -1,0 +1,83 @@
+"""`chatmesh run` (what `make run` starts): every service comes up, answers, and Ctrl-C stops them all."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+
+from chatmesh.chat.v1 import chat_pb2 as pb
+from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.common.auth import JwtKeys, issue_token, load_or_create_secret
+from tests.support.processes import free_port, process_group_members
+
+pytestmark = pytest.mark.integration
+
+
+def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("chat", "inference", "embedding")}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "CHATMESH_MESH_CHAT_PORT": str(ports["chat"]),
+        "CHATMESH_MESH_INFERENCE_PORT": str(ports["inference"]),
+        "CHATMESH_MESH_EMBEDDING_PORT": str(ports["embedding"]),
+    }
+    # Its own working directory: the embedded defaults (.run/chatmesh.db, .run/jwt-secret) land there.
+    mesh = subprocess.Popen(
+        [sys.executable, "-m", "chatmesh", "run"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    output: list[str] = []
+    try:
+        assert mesh.stdout is not None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            line = mesh.stdout.readline()
+            if not line:
+                break
+            output.append(line)
+            if "Press Ctrl-C" in line:
+                break
+        text = "".join(output)
+        assert "Press Ctrl-C" in text, text[-3000:]
+        assert "ready on" in text and "A dev token for user 'dev'" in text
+
+        # The chat service works with a token from the dev key that the mesh created.
+        keys = JwtKeys.hs256(load_or_create_secret(tmp_path / ".run" / "jwt-secret"))
+        metadata = (("authorization", f"Bearer {issue_token(keys, 'dev')}"),)
+        with grpc.insecure_channel(f"127.0.0.1:{ports['chat']}") as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            request = pb.CreateChatRequest(content="Hello!", max_tokens=4)
+            events = list(stub.CreateChat(request, metadata=metadata))
+            assert events[-1].assistant_message_id
+            listed = stub.ListChats(pb.ListChatsRequest(), metadata=metadata)
+            assert [c.chat_id for c in listed.chats] == [events[0].chat_id]
+        assert (tmp_path / ".run" / "chatmesh.db").exists(), "the embedded SQLite default is used"
+
+        mesh.send_signal(signal.SIGINT)
+        rest, _ = mesh.communicate(timeout=30)
+        assert mesh.returncode == 0, rest[-3000:]
+        assert "chatmesh: stopped" in rest
+    finally:
+        if mesh.poll() is None:
+            mesh.kill()
+            mesh.wait()
+    # Every service process is gone (each runs in its own session, so look them up by port owner).
+    for port in ports.values():
+        probe = subprocess.run(
+            ["ss", "-ltn", f"sport = :{port}"], capture_output=True, text=True, check=False
+        )
+        assert str(port) not in probe.stdout, f"something still listens on {port}"
+    assert not process_group_members(mesh.pid)
