@@ -59,15 +59,31 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("prompt")
     generate.add_argument("--address", default="127.0.0.1:50052")
     generate.add_argument("--max-tokens", type=int, default=128)
-    token = commands.add_parser(
+    token_command = commands.add_parser(
         "token", help="print a JWT for USER signed with the dev key (.run/jwt-secret)"
     )
-    token.add_argument("user")
-    token.add_argument("--ttl-hours", type=float, default=24 * 30)
-    token.add_argument(
+    token_command.add_argument("user")
+    token_command.add_argument("--ttl-hours", type=float, default=24 * 30)
+    token_command.add_argument(
         "--private-key", help="RS256: PEM private key file (default: HS256 with the chat secret)"
     )
+    chat = commands.add_parser("chat", help="talk to the mesh from the terminal (through the gateway)")
+    chat.add_argument("--address", default="127.0.0.1:8080", help="gateway (Envoy) or a chat replica")
+    chat.add_argument("--user", default="dev", help="sign a dev token for this user (default: dev)")
+    chat.add_argument("--token", help="use this JWT instead of signing one")
+    chat.add_argument("--chat", dest="chat_id", help="continue this chat")
+    chat.add_argument("-m", "--message", help="send one message, print the reply and exit")
+    chat.add_argument("--list", action="store_true", help="list your chats and exit")
+    chat.add_argument("--delete", metavar="CHAT_ID", help="delete a chat and exit")
     args = parser.parse_args(argv)
+
+    if args.command == "chat":
+        from chatmesh.terminal import run_terminal
+
+        token = args.token or _token(args.user, 3600, None)
+        return asyncio.run(
+            run_terminal(args.address, token, args.chat_id, args.message, args.list, args.delete)
+        )
 
     if args.command == "token":
         print(_token(args.user, args.ttl_hours * 3600, args.private_key))
