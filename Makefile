@@ -10,7 +10,7 @@ export TRANSFORMERS_OFFLINE := 1
 # llama-cpp-python compiles from source (about 8 minutes on 2 cores; pip caches the wheel afterwards).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-SRC := chatmesh/common chatmesh/cli.py chatmesh/mesh.py chat_service inference_service embedding_service tests benchmarks tools
+SRC := chatmesh chat_service inference_service embedding_service tests benchmarks tools
 
 .PHONY: install install-test run test test-fast lint format protos protos-check buf-lint bench clean
 

@@ -15,11 +15,14 @@ import sys
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatmesh.gateway import EnvoyProcess, GatewaySettings, run_envoy
 
 
 class MeshSettings(BaseSettings):
@@ -29,7 +32,10 @@ class MeshSettings(BaseSettings):
 
     host: str = "127.0.0.1"
     chat_port: int = Field(50051, description="first chat replica; replica n listens on chat_port + 10 * n")
-    chat_replicas: int = Field(1, ge=1)
+    chat_replicas: int = Field(2, ge=1)
+    gateway: bool = Field(True, description="put Envoy in front of the chat replicas")
+    gateway_port: int = 8080
+    gateway_admin_port: int = 9901
     inference_port: int = 50052
     embedding_port: int = 50053
     startup_timeout_s: float = Field(300.0, description="longest wait for a service to become healthy")
@@ -182,7 +188,7 @@ async def running_mesh(
 
 
 async def run(settings: MeshSettings) -> int:
-    """Run the mesh until Ctrl-C / SIGTERM (also during start-up) or until a service dies."""
+    """Run the mesh until Ctrl-C / SIGTERM (also during start-up) or until a process dies."""
     print("chatmesh: starting the mesh", flush=True)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -191,32 +197,78 @@ async def run(settings: MeshSettings) -> int:
         # Cancelling unwinds `running_mesh`, which stops every started service in reverse order.
         loop.add_signal_handler(sig, main.cancel)
     try:
-        async with running_mesh(plan(settings), settings.startup_timeout_s) as services:
-            _print_welcome(services)
-            died = [asyncio.create_task(s.process.wait()) for s in services]
-            await asyncio.wait(died, return_when=asyncio.FIRST_COMPLETED)
-            names = [s.spec.name for s, task in zip(services, died, strict=True) if task.done()]
-            print(f"chatmesh: {', '.join(names)} exited unexpectedly; stopping the rest", file=sys.stderr)
+        async with (
+            running_mesh(plan(settings), settings.startup_timeout_s) as services,
+            _gateway(settings, services) as gateway,
+        ):
+            _print_welcome(services, gateway)
+            watched = {asyncio.create_task(s.process.wait()): s.spec.name for s in services}
+            if gateway is not None:
+                watched[asyncio.create_task(gateway.process.wait())] = "gateway (Envoy)"
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            names = ", ".join(watched[task] for task in done)
+            print(f"chatmesh: {names} exited unexpectedly; stopping the rest", file=sys.stderr)
             return 1
     except asyncio.CancelledError:
         print("chatmesh: stopped", flush=True)
         return 0
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 1
 
 
-def _print_welcome(services: Sequence[RunningService]) -> None:
+@contextlib.asynccontextmanager
+async def _gateway(
+    settings: MeshSettings, services: Sequence[RunningService]
+) -> AsyncIterator[EnvoyProcess | None]:
+    """Envoy in front of the chat replicas, sharing the chat service's JWT secret."""
+    if not settings.gateway:
+        yield None
+        return
+    from chat_service.settings import ChatSettings
+
+    keys = ChatSettings().jwt_keys()
+    if keys.algorithm != "HS256":
+        raise ValueError(
+            "the gateway checks HS256 tokens; with RS256 keys run with CHATMESH_MESH_GATEWAY=false"
+        )
+    gateway_settings = GatewaySettings(
+        listen_port=settings.gateway_port,
+        admin_port=settings.gateway_admin_port,
+        chat_addresses=[s.spec.address for s in services if s.spec.module == "chat_service"],
+        jwt_secret=keys.verify_key,
+    )
+    workdir = Path(".run")
+    await asyncio.to_thread(workdir.mkdir, exist_ok=True)
+    print(f"  {'gateway':<10} starting Envoy on :{settings.gateway_port}...", flush=True)
+    async with run_envoy(gateway_settings, workdir) as envoy:
+        print(f"  {'gateway':<10} ready on {envoy.base_url} (log: {envoy.log_path})", flush=True)
+        yield envoy
+
+
+def _print_welcome(services: Sequence[RunningService], gateway: EnvoyProcess | None) -> None:
     from chat_service.settings import ChatSettings
     from chatmesh.common.auth import issue_token
 
     by_name = {s.spec.name: s.spec.address for s in services}
     token = issue_token(ChatSettings().jwt_keys(), "dev")
     print("\nchatmesh is up:")
+    if gateway is not None:
+        print(f"  {'gateway':<10} {gateway.base_url}  (REST and gRPC; admin http://{gateway.admin_address})")
     for service in services:
         print(f"  {service.spec.name:<10} grpc://{service.spec.address}")
     print("\nTry it:")
-    print(f"  .venv/bin/chatmesh generate --address {by_name['inference']} 'What is the capital of France?'")
-    print("  TOKEN=$(.venv/bin/chatmesh token dev)   # a JWT for user 'dev'; any user name works")
+    print("  export TOKEN=$(.venv/bin/chatmesh token dev)   # a JWT for user 'dev'; any user name works")
+    if gateway is not None:
+        url = gateway.base_url
+        print(
+            f'  curl -N -H "Authorization: Bearer $TOKEN"'
+            f' -d \'{{"content": "What is the capital of France?"}}\' {url}/chat'
+        )
+        print(f'  curl -H "Authorization: Bearer $TOKEN" {url}/chats')
+        print(f"  .venv/bin/chatmesh chat --address {gateway.listen_address}   # interactive, streamed")
+    else:
+        print(f"  .venv/bin/chatmesh chat --address {by_name['chat-1']}")
+    print(f"  .venv/bin/chatmesh generate --address {by_name['inference']} 'Hello'   # the engine alone")
     print(f"\nA dev token for user 'dev' (valid 30 days):\n  {token}")
     print("\nPress Ctrl-C to stop.", flush=True)

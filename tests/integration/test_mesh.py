@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from chatmesh.chat.v1 import chat_pb2 as pb
@@ -21,13 +22,15 @@ pytestmark = pytest.mark.integration
 
 
 def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("chat", "inference", "embedding")}
+    ports = {name: free_port() for name in ("chat", "inference", "embedding", "gateway", "admin")}
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
         "CHATMESH_MESH_CHAT_PORT": str(ports["chat"]),
         "CHATMESH_MESH_INFERENCE_PORT": str(ports["inference"]),
         "CHATMESH_MESH_EMBEDDING_PORT": str(ports["embedding"]),
+        "CHATMESH_MESH_GATEWAY_PORT": str(ports["gateway"]),
+        "CHATMESH_MESH_GATEWAY_ADMIN_PORT": str(ports["admin"]),
     }
     # Its own working directory: the embedded defaults (.run/chatmesh.db, .run/jwt-secret) land there.
     mesh = subprocess.Popen(
@@ -64,6 +67,13 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             assert events[-1].assistant_message_id
             listed = stub.ListChats(pb.ListChatsRequest(), metadata=metadata)
             assert [c.chat_id for c in listed.chats] == [events[0].chat_id]
+        # ... and so does the REST API through the gateway, with the curl the mesh printed.
+        assert f'curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{ports["gateway"]}/chats' in text
+        headers = {"Authorization": metadata[0][1]}
+        chats = httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", headers=headers, timeout=10)
+        assert chats.status_code == 200, chats.text
+        assert [c["chat_id"] for c in chats.json()["chats"]] == [events[0].chat_id]
+        assert httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", timeout=10).status_code == 401
         assert (tmp_path / ".run" / "chatmesh.db").exists(), "the embedded SQLite default is used"
 
         mesh.send_signal(signal.SIGINT)
