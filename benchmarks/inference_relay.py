@@ -93,18 +93,32 @@ async def main() -> None:
     )
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=128)
+    cores = os.cpu_count() or 1
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=max(1, cores - 1),
+        help="generation threads, both sides (service default)",
+    )
+    parser.add_argument(
+        "--batch-threads", type=int, default=cores, help="prompt threads, both sides (service default)"
+    )
     args = parser.parse_args()
 
     from llama_cpp import Llama
 
     template = TEMPLATES["transcript"]
-    threads = os.cpu_count() or 1
-    print(f"loading the model in-process ({threads} threads, context {CONTEXT})...", flush=True)
+    threads = args.threads
+    print(
+        f"loading the model in-process ({threads} generation / {args.batch_threads} prompt threads,"
+        f" context {CONTEXT})...",
+        flush=True,
+    )
     llm = Llama(
         model_path=str(bundled_gguf_path()),
         n_ctx=CONTEXT,
         n_threads=threads,
-        n_threads_batch=threads,
+        n_threads_batch=args.batch_threads,
         verbose=False,
     )
     prompt = template.render(TURNS)
@@ -114,6 +128,7 @@ async def main() -> None:
         "CHATMESH_INFERENCE_ADDRESS": address,
         "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
         "CHATMESH_INFERENCE_THREADS": str(threads),
+        "CHATMESH_INFERENCE_BATCH_THREADS": str(args.batch_threads),
         "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
     }
     print(f"starting the inference service on {address}...", flush=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -37,6 +38,7 @@ async def open_backend(settings: InferenceSettings) -> AsyncIterator[InferenceBa
         instances=settings.max_concurrent,
         context_length=settings.context_length,
         threads=settings.threads,
+        batch_threads=settings.batch_threads,
         template=template,
         model_name=settings.model_name,
     ) as llama_backend:
@@ -46,6 +48,10 @@ async def open_backend(settings: InferenceSettings) -> AsyncIterator[InferenceBa
 async def serve(settings: InferenceSettings) -> None:
     """Run the inference service until SIGTERM/SIGINT."""
     configure_logging("inference", settings.log_level, settings.log_format)
+    # The generation thread needs the GIL back after every token (sampling, detokenizing) while the
+    # event loop holds it to send the previous one; Python's default 5 ms switch interval would let
+    # the loop keep it for far longer than a token takes.
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     log.info("starting", extra={"backend": settings.backend, "address": settings.address})
     async with open_backend(settings) as backend:
         server = create_server()

@@ -31,7 +31,15 @@ class InferenceSettings(BaseSettings):
     # llama.cpp backend.
     gguf_path: Path | None = Field(None, description="GGUF model file; default: the bundled Gemma 3 270M")
     context_length: int = Field(4096, ge=128)
-    threads: int | None = Field(None, description="CPU threads per generation; default: all cores")
+    threads: int | None = Field(
+        None,
+        description="CPU threads per generation while streaming tokens; default: all cores but one, shared"
+        " by the concurrent generations (see docs/benchmarks.md: a spare core for the event loop, gRPC"
+        " and the other services beats one more spinning llama.cpp thread)",
+    )
+    batch_threads: int | None = Field(
+        None, description="CPU threads for prompt processing; default: all cores"
+    )
 
     # Triton backend (TensorRT-LLM ensemble or tensorrt_llm_bls model).
     triton_url: str = "127.0.0.1:8001"
@@ -41,6 +49,8 @@ class InferenceSettings(BaseSettings):
         description="tokenizer for CountTokens: a HF tokenizer.json or a GGUF file; default as gguf_path",
     )
     triton_timeout_s: float = 600.0
+
+    gil_switch_interval_ms: float = Field(0.5, gt=0, description="Python's GIL switch interval (default 5)")
 
     shutdown_grace_s: float = 10.0
     log_level: str = "INFO"

@@ -161,6 +161,7 @@ async def open_llama_cpp_backend(
     instances: int,
     context_length: int,
     threads: int | None,
+    batch_threads: int | None,
     template: PromptTemplate,
     model_name: str,
 ) -> AsyncIterator[LlamaCppBackend]:
@@ -170,7 +171,11 @@ async def open_llama_cpp_backend(
         raise FileNotFoundError(
             f"GGUF model not found at {path}; set CHATMESH_INFERENCE_GGUF_PATH to a .gguf file"
         )
-    n_threads = threads or max(1, (os.cpu_count() or 1) // instances)
+    cores = os.cpu_count() or 1
+    # llama.cpp's worker threads spin while they wait for each other, so a generation thread that the
+    # event loop or another service preempts stalls the whole token: leave a core free for them.
+    n_threads = threads or max(1, (cores - 1) // instances)
+    n_threads_batch = batch_threads or max(1, cores // instances)
     log.info(
         "loading model (takes a few seconds)",
         extra={"path": str(path), "instances": instances, "context_length": context_length},
@@ -182,12 +187,19 @@ async def open_llama_cpp_backend(
             model_path=str(path),
             n_ctx=context_length,
             n_threads=n_threads,
-            n_threads_batch=n_threads,
+            n_threads_batch=n_threads_batch,
             verbose=False,
         )
         for _ in range(instances)
     ]
-    log.info("model loaded", extra={"seconds": round(time.perf_counter() - started, 2), "threads": n_threads})
+    log.info(
+        "model loaded",
+        extra={
+            "seconds": round(time.perf_counter() - started, 2),
+            "threads": n_threads,
+            "batch_threads": n_threads_batch,
+        },
+    )
     backend = LlamaCppBackend(llms, template, model_name)
     try:
         yield backend
