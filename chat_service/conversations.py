@@ -6,7 +6,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
@@ -73,7 +73,7 @@ class _Broadcast:
         self._closed = True
         self._changed.set()
 
-    async def follow(self) -> AsyncIterator[CompletionEvent]:
+    async def follow(self) -> AsyncGenerator[CompletionEvent, None]:
         seen = 0
         while True:
             changed = self._changed
@@ -117,7 +117,7 @@ class Conversations:
         first_message: str | None,
         sampling: SamplingOptions,
         request_id: str | None,
-    ) -> AsyncIterator[CompletionEvent]:
+    ) -> AsyncGenerator[CompletionEvent, None]:
         """Create a chat; with a first message, stream its reply like `complete`."""
         if not first_message:
             chat, _ = await self._store.create_chat(
@@ -125,14 +125,16 @@ class Conversations:
             )
             yield Started(chat.id, None, chat)
             return
-        (chat, _), token_count = await asyncio.gather(
-            self._store.create_chat(
-                user_id, title, system_prompt, strategy or self._default_strategy, request_id
-            ),
-            self._count(first_message),
+        chat, _ = await self._store.create_chat(
+            user_id, title, system_prompt, strategy or self._default_strategy, request_id
         )
-        async for event in self._complete(chat, first_message, token_count, sampling, request_id):
-            yield Started(event.chat_id, event.user_message_id, chat) if isinstance(event, Started) else event
+        async with aclosing(self._complete(user_id, chat.id, first_message, sampling, request_id)) as events:
+            async for event in events:
+                yield (
+                    Started(event.chat_id, event.user_message_id, chat)
+                    if isinstance(event, Started)
+                    else event
+                )
 
     async def complete(
         self,
@@ -141,43 +143,49 @@ class Conversations:
         content: str,
         sampling: SamplingOptions,
         request_id: str | None,
-    ) -> AsyncIterator[CompletionEvent]:
+    ) -> AsyncGenerator[CompletionEvent, None]:
         """Store the user message, stream the reply, store the reply."""
-        # Independent round trips run concurrently: they sit on the path to the first token.
-        chat, token_count = await asyncio.gather(self._store.get_chat(user_id, chat_id), self._count(content))
-        async for event in self._complete(chat, content, token_count, sampling, request_id):
-            yield event
-
-    async def _count(self, content: str) -> int:
-        return await self._inference.count_tokens([PromptMessage("user", content)])
+        async with aclosing(self._complete(user_id, chat_id, content, sampling, request_id)) as events:
+            async for event in events:
+                yield event
 
     async def _complete(
-        self, chat: Chat, content: str, token_count: int, sampling: SamplingOptions, request_id: str | None
-    ) -> AsyncIterator[CompletionEvent]:
-        # The history read runs beside the insert; the new message is appended to it below.
-        (user_message, created), earlier = await asyncio.gather(
-            self._store.add_user_message(chat.user_id, chat.id, content, token_count, request_id),
-            self._store.history(chat.user_id, chat.id),
-        )
-        if not created:
-            async for event in self._replay(chat, user_message, sampling):
-                yield event
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        content: str,
+        sampling: SamplingOptions,
+        request_id: str | None,
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        # Everything before the first token is on the user's clock: the engine counts the message's
+        # tokens while the store checks the chat and reads its history, and one transaction does it all.
+        counting = asyncio.ensure_future(self._inference.count_tokens([PromptMessage("user", content)]))
+        try:
+            turn = await self._store.start_turn(user_id, chat_id, content, counting, request_id)
+        finally:
+            if not counting.done():
+                counting.cancel()  # the store failed first (e.g. not the user's chat)
+            elif not counting.cancelled():
+                counting.exception()  # retrieved, so an error the store already surfaced is not logged twice
+        if not turn.created:
+            async with aclosing(self._replay(turn.chat, turn.message, sampling)) as replayed:
+                async for event in replayed:
+                    yield event
             return
         broadcast = _Broadcast()
-        self._in_flight[user_message.id] = broadcast
-        history = [m for m in earlier if m.seq < user_message.seq]
-        history.append(user_message)
+        self._in_flight[turn.message.id] = broadcast
         try:
-            async for event in self._generate(chat, user_message, sampling, history):
-                broadcast.publish(event)
-                yield event
+            async with aclosing(self._generate(turn.chat, turn.message, sampling, turn.history)) as events:
+                async for event in events:
+                    broadcast.publish(event)
+                    yield event
         finally:
             broadcast.close()
-            del self._in_flight[user_message.id]
+            del self._in_flight[turn.message.id]
 
     async def _generate(
         self, chat: Chat, user_message: Message, sampling: SamplingOptions, history: Sequence[Message] | None
-    ) -> AsyncIterator[CompletionEvent]:
+    ) -> AsyncGenerator[CompletionEvent, None]:
         """Stream and store the reply to `user_message`; `history` (through that message) saves a read."""
         yield Started(chat.id, user_message.id)
         max_tokens = sampling.max_tokens or self._engine.default_max_tokens
@@ -198,8 +206,9 @@ class Conversations:
                     else:
                         pieces.append(event)
                         yield Delta(event)
-        except asyncio.CancelledError:
-            # The client went away: keep what it already saw, marked as stopped (as ChatGPT does).
+        except (asyncio.CancelledError, GeneratorExit):
+            # The client went away (cancelled while we awaited, or closed while we yielded): keep what
+            # it already saw, marked as stopped (as ChatGPT does).
             await asyncio.shield(self._store_reply(chat, user_message, pieces, FinishReason.CANCELLED, None))
             raise
         except ChatmeshError as exc:
@@ -247,7 +256,7 @@ class Conversations:
 
     async def _replay(
         self, chat: Chat, user_message: Message, sampling: SamplingOptions
-    ) -> AsyncIterator[CompletionEvent]:
+    ) -> AsyncGenerator[CompletionEvent, None]:
         """A retried request: join the completion if it is running here, else return the stored reply,
         else (the first attempt failed or died elsewhere) generate it now."""
         broadcast = self._in_flight.get(user_message.id)
@@ -257,8 +266,9 @@ class Conversations:
             return
         reply = await self._store.find_reply(chat.user_id, user_message.id)
         if reply is None:
-            async for event in self._generate(chat, user_message, sampling, None):
-                yield event
+            async with aclosing(self._generate(chat, user_message, sampling, None)) as events:
+                async for event in events:
+                    yield event
             return
         yield Started(chat.id, user_message.id)
         if reply.content:

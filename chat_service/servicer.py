@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from datetime import datetime
 from typing import Any, TypeAlias
 
@@ -101,8 +102,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             sampling=check.sampling(request, self._conversations.engine.context_length),
             request_id=check.request_id(request.request_id),
         )
-        async for event in events:
-            yield event_to_pb(event)
+        async with aclosing(events):
+            async for event in events:
+                yield event_to_pb(event)
 
     async def Complete(
         self, request: pb.CompleteRequest, context: Context
@@ -115,8 +117,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             check.sampling(request, self._conversations.engine.context_length),
             check.request_id(request.request_id),
         )
-        async for event in events:
-            yield event_to_pb(event)
+        async with aclosing(events):
+            async for event in events:
+                yield event_to_pb(event)
 
     async def ListChats(self, request: pb.ListChatsRequest, context: Context) -> pb.ListChatsResponse:
         limit = check.page_size(request.page_size, check.DEFAULT_CHATS_PAGE, check.MAX_CHATS_PAGE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any, TypeAlias
 
 from chatmesh.inference.v1 import inference_pb2 as pb
@@ -55,22 +56,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             first_token_s: float | None = None
             outcome = "cancelled"
             try:
-                async for event in self._backend.generate(prompt, sampling):
-                    if isinstance(event, Completion):
-                        outcome = event.finish_reason.value
-                        yield pb.GenerateResponse(
-                            finished=pb.Finished(
-                                finish_reason=_FINISH_REASONS[event.finish_reason],
-                                usage=pb.Usage(
-                                    prompt_tokens=event.prompt_tokens,
-                                    completion_tokens=event.completion_tokens,
-                                ),
+                # aclosing: a client that goes away closes this generator at a yield; the engine must
+                # stop now, not when the backend generator is garbage-collected.
+                async with aclosing(self._backend.generate(prompt, sampling)) as events:
+                    async for event in events:
+                        if isinstance(event, Completion):
+                            outcome = event.finish_reason.value
+                            yield pb.GenerateResponse(
+                                finished=pb.Finished(
+                                    finish_reason=_FINISH_REASONS[event.finish_reason],
+                                    usage=pb.Usage(
+                                        prompt_tokens=event.prompt_tokens,
+                                        completion_tokens=event.completion_tokens,
+                                    ),
+                                )
                             )
-                        )
-                    else:
-                        if first_token_s is None:
-                            first_token_s = time.perf_counter() - started
-                        yield pb.GenerateResponse(delta=pb.Delta(text=event.text))
+                        else:
+                            if first_token_s is None:
+                                first_token_s = time.perf_counter() - started
+                            yield pb.GenerateResponse(delta=pb.Delta(text=event.text))
             finally:
                 log.info(
                     "generation ended",

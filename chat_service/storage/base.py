@@ -3,11 +3,24 @@ indistinguishable from a chat that does not exist (`NotFound`)."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStart:
+    """The start of a completion: the chat, its stored user message, whether this call stored it, and
+    (when it did) the chat's history through that message, oldest first."""
+
+    chat: Chat
+    message: Message
+    created: bool
+    history: Sequence[Message]
 
 
 class ConversationStore(Protocol):
@@ -48,6 +61,21 @@ class ConversationStore(Protocol):
         content if the title is empty. Idempotent on (chat, request_id): if a message with that
         request id exists, return it and False instead of storing a second copy. `NotFound` as above.
         """
+        ...
+
+    async def start_turn(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        content: str,
+        token_count: asyncio.Future[int],
+        request_id: str | None,
+        *,
+        with_history: bool = True,
+    ) -> TurnStart:
+        """`add_user_message` plus what a completion needs next (the chat, and its history through the new
+        message) in one transaction. `token_count` is awaited after the reads, so counting can overlap
+        them. On a retry (`created` False) the history is empty."""
         ...
 
     async def add_assistant_message(

@@ -6,6 +6,7 @@ key to verify, private key to issue) lets a separate identity provider mint toke
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import secrets
 import time
@@ -170,7 +171,10 @@ class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream(self, behavior: Behavior) -> Behavior:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
             self._authenticate(context)
-            async for response in behavior(request, context):
-                yield response
+            # aclosing: when the client goes away and this wrapper is closed, close the servicer's
+            # generator now (so it can clean up) rather than whenever it is garbage-collected.
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
 
         return wrapped

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -13,7 +14,7 @@ from chatmesh.common.errors import RETRY_AFTER_METADATA_KEY, ChatmeshError, Reso
 log = logging.getLogger(__name__)
 
 UnaryBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
-StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Any]]
+StreamBehavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], AsyncGenerator[Any, None]]
 
 
 async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseException, method: str) -> None:
@@ -62,10 +63,13 @@ def _wrap_unary(behavior: UnaryBehavior, method: str) -> UnaryBehavior:
 
 
 def _wrap_stream(behavior: StreamBehavior, method: str) -> StreamBehavior:
-    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+    async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncGenerator[Any, None]:
         try:
-            async for response in behavior(request, context):
-                yield response
+            # aclosing: when the client goes away and this wrapper is closed, close the servicer's
+            # generator now (so it can clean up) rather than whenever it is garbage-collected.
+            async with contextlib.aclosing(behavior(request, context)) as responses:
+                async for response in responses:
+                    yield response
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -84,6 +84,6 @@ class InferenceBackend(Protocol):
         """Render and tokenize a conversation exactly as `generate` will send it."""
         ...
 
-    def generate(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[TextDelta | Completion]:
+    def generate(self, prompt: Prompt, sampling: Sampling) -> AsyncGenerator[TextDelta | Completion, None]:
         """Stream the reply: `TextDelta`s, then exactly one `Completion`."""
         ...

@@ -7,7 +7,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -69,7 +69,9 @@ class LlamaCppBackend:
         token_ids = self._tokenizer.tokenize(text.encode(), add_bos=True, special=True)
         return Prompt(text=text, token_ids=token_ids)
 
-    async def generate(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[TextDelta | Completion]:
+    async def generate(
+        self, prompt: Prompt, sampling: Sampling
+    ) -> AsyncGenerator[TextDelta | Completion, None]:
         llm = await self._pool.get()
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[object] = asyncio.Queue()

@@ -144,7 +144,9 @@ class TritonBackend:
         text = self._template.render(turns)
         return Prompt(text=text, token_ids=self._tokenizer.encode(text))
 
-    async def generate(self, prompt: Prompt, sampling: Sampling) -> AsyncIterator[TextDelta | Completion]:
+    async def generate(
+        self, prompt: Prompt, sampling: Sampling
+    ) -> AsyncGenerator[TextDelta | Completion, None]:
         stops = StopSequenceFilter(sampling.stop)
         trimmer = LeadingSpaceTrimmer()
         received: list[str] = []
