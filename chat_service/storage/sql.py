@@ -17,9 +17,9 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Select, case, delete, event, select, tuple_
+from sqlalchemy import Select, Table, case, delete, event, insert, select, tuple_
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -284,33 +284,66 @@ class SqlConversationStore(ConversationStore):
         """Everything a completion needs before generating, in one transaction: bump the chat (owner check,
         activity, title), read its history, insert the user message. `token_count` is awaited only once the
         reads are done, so the caller's counting overlaps them. Idempotent like `add_user_message`."""
+        chats, messages = cast(Table, ChatRow.__table__), cast(Table, MessageRow.__table__)
         for _ in range(_IDEMPOTENT_ATTEMPTS):
             now = _now()
+            message_id = uuid.uuid4()
+            title = title_from_content(content)
             try:
-                async with self._sessions.begin() as session:
-                    chat = _to_chat(
-                        await self._touch_chat(session, user_id, chat_id, now, title_from_content(content))
-                    )
-                    earlier: Sequence[MessageRow] = []
+                # Core statements on a plain connection: this is on the path to the first token, and the
+                # ORM's unit of work costs more than the three statements themselves.
+                async with self._engine.begin() as connection:
+                    chat_row = (
+                        await connection.execute(
+                            sql_update(chats)
+                            .where(chats.c.id == chat_id, chats.c.user_id == user_id)
+                            .values(
+                                last_activity_at=now,
+                                title=case((chats.c.title == "", title), else_=chats.c.title),
+                            )
+                            .returning(*chats.c)
+                        )
+                    ).first()
+                    if chat_row is None:
+                        raise _chat_not_found(chat_id)
+                    earlier = []
                     if with_history:
-                        earlier = (await session.scalars(_chat_messages(user_id, chat_id, None))).all()
-                    row = MessageRow(
-                        id=uuid.uuid4(),
-                        chat_id=chat_id,
-                        user_id=user_id,
-                        role=Role.USER.value,
-                        content=content,
-                        token_count=await token_count,
-                        finish_reason=None,
-                        request_id=request_id,
-                        reply_to=None,
-                        summary=None,
-                        created_at=now,
-                    )
-                    session.add(row)
-                    await session.flush()
-                message = _to_message(row)
-                return TurnStart(chat, message, True, [*map(_to_message, earlier), message])
+                        earlier = [
+                            _to_message(row)  # type: ignore[arg-type]
+                            for row in await connection.execute(
+                                select(*messages.c)
+                                .where(messages.c.chat_id == chat_id)
+                                .order_by(messages.c.seq)
+                            )
+                        ]
+                    counted = await token_count
+                    values = {
+                        "id": message_id,
+                        "chat_id": chat_id,
+                        "user_id": user_id,
+                        "role": Role.USER.value,
+                        "content": content,
+                        "token_count": counted,
+                        "request_id": request_id,
+                        "created_at": now,
+                    }
+                    seq = (
+                        await connection.execute(insert(messages).values(**values).returning(messages.c.seq))
+                    ).scalar_one()
+                message = Message(
+                    id=message_id,
+                    chat_id=chat_id,
+                    user_id=user_id,
+                    seq=seq,
+                    role=Role.USER,
+                    content=content,
+                    token_count=counted,
+                    finish_reason=None,
+                    request_id=request_id,
+                    reply_to=None,
+                    created_at=now,
+                )
+                return TurnStart(_to_chat(chat_row), message, True, [*earlier, message])  # type: ignore[arg-type]
             except IntegrityError:
                 if request_id is None:
                     raise
