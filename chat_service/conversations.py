@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -54,6 +55,14 @@ class Failed:
 
 
 CompletionEvent = Started | Delta | Finished | Failed
+
+
+async def _prepend(
+    first: str | Generated, rest: AsyncGenerator[str | Generated, None]
+) -> AsyncGenerator[str | Generated, None]:
+    yield first
+    async for event in rest:
+        yield event
 
 
 class _Broadcast:
@@ -187,20 +196,22 @@ class Conversations:
         self, chat: Chat, user_message: Message, sampling: SamplingOptions, history: Sequence[Message] | None
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Stream and store the reply to `user_message`; `history` (through that message) saves a read."""
-        yield Started(chat.id, user_message.id)
         max_tokens = sampling.max_tokens or self._engine.default_max_tokens
+        sampling = SamplingOptions(max_tokens, sampling.temperature, sampling.top_p, sampling.seed)
         request_id = str(user_message.id)
         pieces: list[str] = []
         finished: Generated | None = None
         started = time.perf_counter()
+        # The prompt is built and the engine started while the first event goes out: both sit on the
+        # path to the first token.
+        opening = asyncio.ensure_future(self._open_stream(chat, user_message, history, sampling, request_id))
+        stream: AsyncGenerator[str | Generated, None] | None = None
         try:
-            if history is None:
-                stored = await self._store.history(chat.user_id, chat.id)
-                history = [m for m in stored if m.seq <= user_message.seq]
-            prompt = await self._history.build(chat, history, max_tokens, request_id)
-            sampling = SamplingOptions(max_tokens, sampling.temperature, sampling.top_p, sampling.seed)
-            async with aclosing(self._inference.generate(prompt, sampling, request_id)) as stream:
-                async for event in stream:
+            yield Started(chat.id, user_message.id)
+            stream, first = await opening
+            async with aclosing(stream):
+                events = _prepend(first, stream)
+                async for event in events:
                     if isinstance(event, Generated):
                         finished = event
                     else:
@@ -208,7 +219,8 @@ class Conversations:
                         yield Delta(event)
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away (cancelled while we awaited, or closed while we yielded): keep what
-            # it already saw, marked as stopped (as ChatGPT does).
+            # it already saw, marked as stopped (as ChatGPT does), and stop the engine.
+            await asyncio.shield(self._abandon(opening))
             await asyncio.shield(self._store_reply(chat, user_message, pieces, FinishReason.CANCELLED, None))
             raise
         except ChatmeshError as exc:
@@ -232,6 +244,39 @@ class Conversations:
             },
         )
         yield Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, reply.id)
+
+    async def _open_stream(
+        self,
+        chat: Chat,
+        user_message: Message,
+        history: Sequence[Message] | None,
+        sampling: SamplingOptions,
+        request_id: str,
+    ) -> tuple[AsyncGenerator[str | Generated, None], str | Generated]:
+        """Build the prompt, start generating, and wait for the engine's first event."""
+        if history is None:
+            stored = await self._store.history(chat.user_id, chat.id)
+            history = [m for m in stored if m.seq <= user_message.seq]
+        assert sampling.max_tokens is not None
+        prompt = await self._history.build(chat, history, sampling.max_tokens, request_id)
+        stream = self._inference.generate(prompt, sampling, request_id)
+        try:
+            return stream, await anext(stream)
+        except BaseException:
+            await stream.aclose()
+            raise
+
+    @staticmethod
+    async def _abandon(
+        opening: asyncio.Future[tuple[AsyncGenerator[str | Generated, None], str | Generated]],
+    ) -> None:
+        """Stop a stream that `_open_stream` may still be opening."""
+        if not opening.done():
+            opening.cancel()
+            with contextlib.suppress(BaseException):
+                await opening
+        elif not opening.cancelled() and opening.exception() is None:
+            await opening.result()[0].aclose()
 
     async def _store_reply(
         self,

@@ -132,6 +132,9 @@ class SqlConversationStore(ConversationStore):
     def __init__(self, engine: AsyncEngine) -> None:
         self._engine = engine
         self._sessions = async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+        # Single-statement reads need no transaction of their own: autocommit skips BEGIN/ROLLBACK, and
+        # Core rows skip the ORM's identity map. These serve every list and history call.
+        self._reader = engine.execution_options(isolation_level="AUTOCOMMIT")
 
     @property
     def engine(self) -> AsyncEngine:
@@ -177,13 +180,15 @@ class SqlConversationStore(ConversationStore):
 
     async def get_chat(self, user_id: str, chat_id: uuid.UUID) -> Chat:
         """The user's chat, or `NotFound`."""
-        async with self._sessions.begin() as session:
-            row = await session.scalar(
-                select(ChatRow).where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
-            )
+        async with self._reader.connect() as connection:
+            row = (
+                await connection.execute(
+                    select(ChatRow).where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
+                )
+            ).first()
         if row is None:
             raise _chat_not_found(chat_id)
-        return _to_chat(row)
+        return _to_chat(row)  # type: ignore[arg-type]
 
     async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
         """Up to `limit` of the user's chats, most recent activity first, strictly after `after`.
@@ -199,9 +204,9 @@ class SqlConversationStore(ConversationStore):
                 tuple_(ChatRow.last_activity_at, ChatRow.id) < (after.last_activity_at, after.chat_id)
             )
         query = query.order_by(ChatRow.last_activity_at.desc(), ChatRow.id.desc()).limit(limit)
-        async with self._sessions.begin() as session:
-            rows = (await session.scalars(query)).all()
-        return [_to_chat(row) for row in rows]
+        async with self._reader.connect() as connection:
+            rows = (await connection.execute(query)).all()
+        return [_to_chat(row) for row in rows]  # type: ignore[arg-type]
 
     async def update_chat(self, user_id: str, chat_id: uuid.UUID, update: ChatUpdate) -> Chat:
         """Apply the non-None fields of the update and commit; `NotFound` for a missing or foreign chat."""
@@ -429,23 +434,25 @@ class SqlConversationStore(ConversationStore):
         self, user_id: str, chat_id: uuid.UUID, after_seq: int | None = None
     ) -> Sequence[Message]:
         """Every message of the chat (after `after_seq` if given) oldest first; `NotFound` as for get_chat."""
-        async with self._sessions.begin() as session:
-            rows = (await session.scalars(_chat_messages(user_id, chat_id, after_seq))).all()
-            if not rows:
-                await self._require_chat(session, user_id, chat_id)
-        return [_to_message(row) for row in rows]
+        return await self._read_messages(user_id, chat_id, _chat_messages(user_id, chat_id, after_seq))
 
     async def messages_page(
         self, user_id: str, chat_id: uuid.UUID, limit: int, after_seq: int | None
     ) -> Sequence[Message]:
         """Up to `limit` messages oldest first, strictly after `after_seq`; `NotFound` as for get_chat."""
-        async with self._sessions.begin() as session:
-            rows: Sequence[MessageRow] = []
-            if limit >= 1:
-                rows = (await session.scalars(_chat_messages(user_id, chat_id, after_seq).limit(limit))).all()
-            if not rows:
-                await self._require_chat(session, user_id, chat_id)
-        return [_to_message(row) for row in rows]
+        return await self._read_messages(
+            user_id, chat_id, _chat_messages(user_id, chat_id, after_seq).limit(max(limit, 0))
+        )
+
+    async def _read_messages(
+        self, user_id: str, chat_id: uuid.UUID, query: Select[MessageRow]
+    ) -> Sequence[Message]:
+        async with self._reader.connect() as connection:
+            rows = (await connection.execute(query)).all()
+            # An empty result is either an empty chat or nobody's (or someone else's) chat.
+            if not rows and (await connection.execute(_own_chat(user_id, chat_id))).first() is None:
+                raise _chat_not_found(chat_id)
+        return [_to_message(row) for row in rows]  # type: ignore[arg-type]
 
     async def latest_summary(self, user_id: str, chat_id: uuid.UUID) -> Message | None:
         """The newest message of the chat carrying a summary; `NotFound` as for get_chat."""
