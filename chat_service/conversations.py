@@ -168,6 +168,7 @@ class Conversations:
     ) -> AsyncGenerator[CompletionEvent, None]:
         # Everything before the first token is on the user's clock: the engine counts the message's
         # tokens while the store checks the chat and reads its history, and one transaction does it all.
+        received = time.perf_counter()
         counting = asyncio.ensure_future(self._inference.count_tokens([PromptMessage("user", content)]))
         try:
             turn = await self._store.start_turn(user_id, chat_id, content, counting, request_id)
@@ -184,7 +185,9 @@ class Conversations:
         broadcast = _Broadcast()
         self._in_flight[turn.message.id] = broadcast
         try:
-            async with aclosing(self._generate(turn.chat, turn.message, sampling, turn.history)) as events:
+            async with aclosing(
+                self._generate(turn.chat, turn.message, sampling, turn.history, received)
+            ) as events:
                 async for event in events:
                     broadcast.publish(event)
                     yield event
@@ -193,22 +196,28 @@ class Conversations:
             del self._in_flight[turn.message.id]
 
     async def _generate(
-        self, chat: Chat, user_message: Message, sampling: SamplingOptions, history: Sequence[Message] | None
+        self,
+        chat: Chat,
+        user_message: Message,
+        sampling: SamplingOptions,
+        history: Sequence[Message] | None,
+        received: float,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """Stream and store the reply to `user_message`; `history` (through that message) saves a read."""
+        """Stream and store the reply to `user_message`; `history` (through that message) saves a read.
+        `received` is when the request arrived, for the time-to-first-token log."""
         max_tokens = sampling.max_tokens or self._engine.default_max_tokens
         sampling = SamplingOptions(max_tokens, sampling.temperature, sampling.top_p, sampling.seed)
         request_id = str(user_message.id)
         pieces: list[str] = []
         finished: Generated | None = None
-        started = time.perf_counter()
+        started = received
         # The prompt is built and the engine started while the first event goes out: both sit on the
         # path to the first token.
         opening = asyncio.ensure_future(self._open_stream(chat, user_message, history, sampling, request_id))
-        stream: AsyncGenerator[str | Generated, None] | None = None
+        first_token_s: float | None = None
         try:
             yield Started(chat.id, user_message.id)
-            stream, first = await opening
+            stream, first, engine_ttft_s = await opening
             async with aclosing(stream):
                 events = _prepend(first, stream)
                 async for event in events:
@@ -217,6 +226,8 @@ class Conversations:
                     else:
                         pieces.append(event)
                         yield Delta(event)
+                        if first_token_s is None:
+                            first_token_s = time.perf_counter() - started
         except (asyncio.CancelledError, GeneratorExit):
             # The client went away (cancelled while we awaited, or closed while we yielded): keep what
             # it already saw, marked as stopped (as ChatGPT does), and stop the engine.
@@ -241,6 +252,9 @@ class Conversations:
                 "chat_id": str(chat.id),
                 "seconds": round(time.perf_counter() - started, 3),
                 "completion_tokens": finished.completion_tokens,
+                # Time to first token as this service saw it, and the engine's share of it.
+                "ttft_ms": round(first_token_s * 1000, 2) if first_token_s is not None else None,
+                "engine_ttft_ms": round(engine_ttft_s * 1000, 2),
             },
         )
         yield Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, reply.id)
@@ -252,23 +266,25 @@ class Conversations:
         history: Sequence[Message] | None,
         sampling: SamplingOptions,
         request_id: str,
-    ) -> tuple[AsyncGenerator[str | Generated, None], str | Generated]:
-        """Build the prompt, start generating, and wait for the engine's first event."""
+    ) -> tuple[AsyncGenerator[str | Generated, None], str | Generated, float]:
+        """Build the prompt, start generating, and wait for the engine's first event; also returns how
+        long the engine took to send it."""
         if history is None:
             stored = await self._store.history(chat.user_id, chat.id)
             history = [m for m in stored if m.seq <= user_message.seq]
         assert sampling.max_tokens is not None
         prompt = await self._history.build(chat, history, sampling.max_tokens, request_id)
         stream = self._inference.generate(prompt, sampling, request_id)
+        engine_started = time.perf_counter()
         try:
-            return stream, await anext(stream)
+            return stream, await anext(stream), time.perf_counter() - engine_started
         except BaseException:
             await stream.aclose()
             raise
 
     @staticmethod
     async def _abandon(
-        opening: asyncio.Future[tuple[AsyncGenerator[str | Generated, None], str | Generated]],
+        opening: asyncio.Future[tuple[AsyncGenerator[str | Generated, None], str | Generated, float]],
     ) -> None:
         """Stop a stream that `_open_stream` may still be opening."""
         if not opening.done():
@@ -311,7 +327,9 @@ class Conversations:
             return
         reply = await self._store.find_reply(chat.user_id, user_message.id)
         if reply is None:
-            async with aclosing(self._generate(chat, user_message, sampling, None)) as events:
+            async with aclosing(
+                self._generate(chat, user_message, sampling, None, time.perf_counter())
+            ) as events:
                 async for event in events:
                     yield event
             return
