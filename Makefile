@@ -65,9 +65,13 @@ buf-lint: install-test
 	$(PY) tools/protos.py --buf-image build/buf-image.binpb
 	$(BUF) lint build/buf-image.binpb --config protos/buf.yaml --path chatmesh
 
+## Every benchmark behind the figures in docs/benchmarks.md (needs PostgreSQL; gateway.py needs wrk, h2load).
 bench: install-test
 	$(PY) benchmarks/inference_relay.py
 	$(PY) benchmarks/embedding_throughput.py
+	$(PY) benchmarks/chat_overhead.py
+	$(PY) benchmarks/storage_queries.py
+	$(PY) benchmarks/gateway.py
 
 clean:
 	rm -rf $(VENV) .tools build .pytest_cache .mypy_cache .ruff_cache
