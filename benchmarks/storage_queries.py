@@ -28,14 +28,12 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import delete, event, insert, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -43,9 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chat_service.domain import ChatCursor, HistoryStrategy, Role
 from chat_service.storage.models import ChatRow, MessageRow
 from chat_service.storage.sql import SqlConversationStore, open_sql_store
+from tests.support.databases import fresh_postgres_database
 
-PG_HOST = "127.0.0.1:5432"
-ADMIN_DSN = f"postgresql://postgres@{PG_HOST}/test"
 TARGET_P50_MS = 3.0
 
 USER_CHATS = 1_000
@@ -65,27 +62,6 @@ class Seeded:
     user_ids: list[str]
     big_chat_id: uuid.UUID
     chat_ids: list[uuid.UUID]
-
-
-@asynccontextmanager
-async def fresh_database() -> AsyncIterator[str]:
-    """A new, empty PostgreSQL database for the run, dropped afterwards."""
-    name = f"chatmesh_bench_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    print(f"created database {name}")
-    try:
-        yield f"postgresql+asyncpg://postgres@{PG_HOST}/{name}"
-    finally:
-        admin = await asyncpg.connect(ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
-        print(f"dropped database {name}")
 
 
 def _message(chat_id: uuid.UUID, user_id: str, i: int, at: datetime) -> dict[str, Any]:
@@ -250,7 +226,7 @@ async def main() -> int:
     if args.url:
         ok = await run(args.url, args.iterations, cleanup=True)
     else:
-        async with fresh_database() as url:
+        async with fresh_postgres_database("chatmesh_bench") as url:
             ok = await run(url, args.iterations, cleanup=False)
     return 0 if ok else 1
 

@@ -16,7 +16,6 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import asyncpg  # type: ignore[import-untyped]
 import pytest
 from alembic import command as alembic_command
 from alembic.autogenerate import compare_metadata
@@ -36,9 +35,6 @@ from tests.support.databases import fresh_postgres_database
 
 pytestmark = pytest.mark.integration
 
-PG_HOST = "127.0.0.1:5432"
-PG_ADMIN_DSN = f"postgresql://postgres@{PG_HOST}/test"
-
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
 async def store(
@@ -51,23 +47,11 @@ async def store(
         async with open_sql_store(f"sqlite+aiosqlite:///{path}", migrate=True) as sqlite_store:
             yield sqlite_store
         return
-    name = f"chatmesh_storage_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(PG_ADMIN_DSN)
-    try:
-        await admin.execute(f'CREATE DATABASE "{name}"')
-    finally:
-        await admin.close()
-    try:
-        async with open_sql_store(
-            f"postgresql+asyncpg://postgres@{PG_HOST}/{name}", migrate=True
-        ) as pg_store:
-            yield pg_store
-    finally:
-        admin = await asyncpg.connect(PG_ADMIN_DSN)
-        try:
-            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await admin.close()
+    async with (
+        fresh_postgres_database("chatmesh_storage") as url,
+        open_sql_store(url, migrate=True) as pg_store,
+    ):
+        yield pg_store
 
 
 @pytest.fixture

@@ -12,9 +12,9 @@ PG_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/test"
 
 
 @contextlib.asynccontextmanager
-async def fresh_postgres_database() -> AsyncIterator[str]:
+async def fresh_postgres_database(prefix: str = "chatmesh_test") -> AsyncIterator[str]:
     """Create a uniquely named database on the local server; yield its SQLAlchemy URL; drop it after."""
-    name = f"chatmesh_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(PG_ADMIN_DSN)
     try:
         await admin.execute(f'CREATE DATABASE "{name}"')
