@@ -70,9 +70,7 @@ async def serve(settings: ChatSettings) -> None:
             settings.default_history_strategy,
         )
         server = create_server([JwtAuthInterceptor(keys)])
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(
-            ChatServicer(conversations, settings.default_history_strategy), server
-        )
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations), server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
         server.add_insecure_port(settings.address)
         await serve_until_signal(server, health, [SERVICE_NAME], settings.shutdown_grace_s)

@@ -11,7 +11,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from chat_service import validation as check
 from chat_service.conversations import CompletionEvent, Conversations, Delta, Failed, Finished, Started
-from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message, Role
+from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, Message, Role
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.auth import current_user
@@ -83,9 +83,8 @@ def event_to_pb(event: CompletionEvent) -> pb.CompletionEvent:
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Maps ChatService RPCs onto `Conversations`; identity comes from the auth interceptor."""
 
-    def __init__(self, conversations: Conversations, default_strategy: HistoryStrategy) -> None:
+    def __init__(self, conversations: Conversations) -> None:
         self._conversations = conversations
-        self._default_strategy = default_strategy
 
     async def CreateChat(
         self, request: pb.CreateChatRequest, context: Context

@@ -7,6 +7,8 @@ original `AioRpcError` as the cause. Nothing else in the code base should catch-
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import ClassVar
 
 import grpc
@@ -93,15 +95,11 @@ def error_from_rpc(exc: grpc.aio.AioRpcError, service: str) -> ChatmeshError:
     return Unavailable(f"{service} failed ({code.name}): {details}")
 
 
-class rpc_errors:
-    """Context manager that turns a failed gRPC call into the matching domain error, keeping the cause."""
-
-    def __init__(self, service: str) -> None:
-        self.service = service
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
-        if isinstance(exc, grpc.aio.AioRpcError):
-            raise error_from_rpc(exc, self.service) from exc
+@contextmanager
+def rpc_errors(service: str) -> Iterator[None]:
+    """Turn a failed gRPC call to `service` inside the block into the matching domain error, keeping the
+    `AioRpcError` as the cause: `with rpc_errors("inference service"): await stub.Call(...)`."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise error_from_rpc(exc, service) from exc
