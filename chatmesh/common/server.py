@@ -38,7 +38,8 @@ def create_server(extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = ())
 def add_health_and_reflection(
     server: grpc.aio.Server, service_names: Sequence[str]
 ) -> health.aio.HealthServicer:
-    """Register gRPC health checking and reflection for `service_names`; everything starts NOT_SERVING."""
+    """Register gRPC health checking and reflection for `service_names`; nothing reports SERVING until
+    `set_serving` (called once the server has started)."""
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
