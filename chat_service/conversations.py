@@ -137,7 +137,7 @@ class Conversations:
         chat, _ = await self._store.create_chat(
             user_id, title, system_prompt, strategy or self._default_strategy, request_id
         )
-        async with aclosing(self._complete(user_id, chat.id, first_message, sampling, request_id)) as events:
+        async with aclosing(self.complete(user_id, chat.id, first_message, sampling, request_id)) as events:
             async for event in events:
                 yield (
                     Started(event.chat_id, event.user_message_id, chat)
@@ -154,18 +154,6 @@ class Conversations:
         request_id: str | None,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Store the user message, stream the reply, store the reply."""
-        async with aclosing(self._complete(user_id, chat_id, content, sampling, request_id)) as events:
-            async for event in events:
-                yield event
-
-    async def _complete(
-        self,
-        user_id: str,
-        chat_id: uuid.UUID,
-        content: str,
-        sampling: SamplingOptions,
-        request_id: str | None,
-    ) -> AsyncGenerator[CompletionEvent, None]:
         # Everything before the first token is on the user's clock: the engine counts the message's
         # tokens while the store checks the chat and reads its history, and one transaction does it all.
         received = time.perf_counter()
