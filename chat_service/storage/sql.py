@@ -21,10 +21,16 @@ from typing import Any, cast
 
 from sqlalchemy import Select, Table, case, delete, event, insert, select, tuple_
 from sqlalchemy import update as sql_update
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL, Row, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from chat_service.domain import (
@@ -249,19 +255,27 @@ class SqlConversationStore(ConversationStore):
             )
 
     async def _touch_chat(
-        self, session: AsyncSession, user_id: str, chat_id: uuid.UUID, now: datetime, title: str | None
-    ) -> ChatRow:
-        """Bump the chat's activity time (and fill an empty title) and return it, or raise `NotFound`."""
+        self,
+        executor: AsyncConnection | AsyncSession,
+        user_id: str,
+        chat_id: uuid.UUID,
+        now: datetime,
+        title: str | None,
+    ) -> Row[Any]:
+        """Bump the chat's activity time (and fill an empty title) and return its row, or raise `NotFound`.
+        A Core statement, so it serves both the ORM transactions and `start_turn`'s plain connection."""
+        chats = cast(Table, ChatRow.__table__)
         values: dict[str, Any] = {"last_activity_at": now}
         if title:
-            values["title"] = case((ChatRow.title == "", title), else_=ChatRow.title)
-        bumped = await session.scalar(
-            sql_update(ChatRow)
-            .where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
-            .values(**values)
-            .returning(ChatRow)
-            .execution_options(synchronize_session=False)
-        )
+            values["title"] = case((chats.c.title == "", title), else_=chats.c.title)
+        bumped = (
+            await executor.execute(
+                sql_update(chats)
+                .where(chats.c.id == chat_id, chats.c.user_id == user_id)
+                .values(**values)
+                .returning(*chats.c)
+            )
+        ).first()
         if bumped is None:
             raise _chat_not_found(chat_id)
         return bumped
@@ -289,7 +303,7 @@ class SqlConversationStore(ConversationStore):
         """Everything a completion needs before generating, in one transaction: bump the chat (owner check,
         activity, title), read its history, insert the user message. `token_count` is awaited only once the
         reads are done, so the caller's counting overlaps them. Idempotent like `add_user_message`."""
-        chats, messages = cast(Table, ChatRow.__table__), cast(Table, MessageRow.__table__)
+        messages = cast(Table, MessageRow.__table__)
         for _ in range(_IDEMPOTENT_ATTEMPTS):
             now = _now()
             message_id = uuid.uuid4()
@@ -298,19 +312,7 @@ class SqlConversationStore(ConversationStore):
                 # Core statements on a plain connection: this is on the path to the first token, and the
                 # ORM's unit of work costs more than the three statements themselves.
                 async with self._engine.begin() as connection:
-                    chat_row = (
-                        await connection.execute(
-                            sql_update(chats)
-                            .where(chats.c.id == chat_id, chats.c.user_id == user_id)
-                            .values(
-                                last_activity_at=now,
-                                title=case((chats.c.title == "", title), else_=chats.c.title),
-                            )
-                            .returning(*chats.c)
-                        )
-                    ).first()
-                    if chat_row is None:
-                        raise _chat_not_found(chat_id)
+                    chat_row = await self._touch_chat(connection, user_id, chat_id, now, title)
                     earlier = []
                     if with_history:
                         earlier = [
