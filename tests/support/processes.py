@@ -15,7 +15,6 @@ Typical use, from a module-scoped fixture::
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import signal
@@ -45,29 +44,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-# A plain `timeout` argument (not asyncio.timeout) so callers read like the blocking helpers below.
-async def wait_for_health(address: str, timeout: float, service: str = "") -> None:  # noqa: ASYNC109
-    """Poll the gRPC health service at `address` until `service` ("" = the whole server) is SERVING.
-
-    Raises `TimeoutError` if that does not happen within `timeout` seconds.
-    """
-    deadline = time.monotonic() + timeout
-    last_problem = "no answer yet"
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1.0)
-            except grpc.aio.AioRpcError as exc:
-                last_problem = f"{exc.code().name}: {exc.details()}"
-            else:
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-                last_problem = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-            await asyncio.sleep(0.1)
-    raise TimeoutError(f"{address} not SERVING after {timeout:.0f} s ({last_problem})")
 
 
 def is_serving(address: str, service: str = "", timeout: float = 1.0) -> bool:
