@@ -14,10 +14,13 @@ SRC := chatmesh chat_service inference_service embedding_service tests benchmark
 
 .PHONY: install install-test run test test-fast lint format protos protos-check buf-lint bench clean
 
-$(VENV)/.runtime-installed: pyproject.toml
+$(VENV)/.runtime-installed: pyproject.toml tools/install_llama.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo ">> installing runtime packages into $(VENV) (first time: ~10 min, llama-cpp-python compiles)"
 	$(PY) -m pip install --upgrade pip wheel setuptools
+	@# llama.cpp built for every CPU of this architecture, not just this one (see tools/install_llama.py),
+	@# installed before the project so pip never builds or reuses a CPU-specific wheel for it.
+	$(PY) tools/install_llama.py
 	$(PY) -m pip install -e .
 	@touch $@
 
