@@ -22,6 +22,7 @@ $(VENV)/.runtime-installed: pyproject.toml tools/install_llama.py
 	@# installed before the project so pip never builds or reuses a CPU-specific wheel for it.
 	$(PY) tools/install_llama.py
 	$(PY) -m pip install -e .
+	$(PY) tools/install_llama.py --check
 	@touch $@
 
 $(VENV)/.test-installed: $(VENV)/.runtime-installed
