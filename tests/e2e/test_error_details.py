@@ -70,7 +70,7 @@ async def http(gateway: str) -> AsyncIterator[httpx.AsyncClient]:
 def field_violations(body: dict[str, Any]) -> list[tuple[str, str]]:
     (details,) = body["details"]
     assert details["@type"] == BAD_REQUEST, body
-    violations = details.get("field_violations") or details["fieldViolations"]
+    violations = details["field_violations"]  # proto field names, like every REST body
     return [(v["field"], v["description"]) for v in violations]
 
 
