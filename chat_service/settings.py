@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
 
 from chat_service.domain import HistoryStrategy
 from chatmesh.common.auth import JwtKeys, load_or_create_secret
+from chatmesh.common.settings import ServiceSettings
 
 
-class ChatSettings(BaseSettings):
+class ChatSettings(ServiceSettings):
     """Everything the chat service can be configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="CHATMESH_CHAT_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="CHATMESH_CHAT_")
 
     address: str = "127.0.0.1:50051"
     database_url: str = Field(
@@ -42,10 +42,6 @@ class ChatSettings(BaseSettings):
     jwt_public_key_file: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
-
-    shutdown_grace_s: float = 10.0
-    log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"
 
     def jwt_keys(self) -> JwtKeys:
         """The verification keys these settings describe (RS256 public key wins over a secret)."""

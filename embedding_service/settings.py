@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from chatmesh.common.settings import ServiceSettings
 
 
-class EmbeddingSettings(BaseSettings):
+class EmbeddingSettings(ServiceSettings):
     """Everything the embedding service can be configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="CHATMESH_EMBEDDING_", frozen=True, protected_namespaces=())
+    model_config = SettingsConfigDict(env_prefix="CHATMESH_EMBEDDING_", protected_namespaces=())
 
-    address: str = Field(default="127.0.0.1:50053", description="host:port the gRPC server listens on")
+    address: str = "127.0.0.1:50053"
     model_path: Path | None = Field(
         default=None,
         description="sentence-transformers model directory; default: the bundled all-MiniLM-L6-v2",
@@ -35,7 +36,3 @@ class EmbeddingSettings(BaseSettings):
     threads: int | None = Field(
         default=None, ge=1, description="torch CPU threads; default: one per physical core"
     )
-
-    shutdown_grace_s: float = 10.0
-    log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"

@@ -6,15 +6,17 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsConfigDict
+
+from chatmesh.common.settings import ServiceSettings
 
 
-class InferenceSettings(BaseSettings):
+class InferenceSettings(ServiceSettings):
     """Everything the inference service can be configured with."""
 
-    model_config = SettingsConfigDict(env_prefix="CHATMESH_INFERENCE_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="CHATMESH_INFERENCE_")
 
-    address: str = Field("127.0.0.1:50052", description="host:port the gRPC server listens on")
+    address: str = "127.0.0.1:50052"
     backend: Literal["llama_cpp", "triton"] = "llama_cpp"
     model_name: str = Field("gemma-3-270m", description="name reported to clients (cache keys, display)")
     prompt_template: Literal["transcript", "gemma", "chatml"] = "transcript"
@@ -51,7 +53,3 @@ class InferenceSettings(BaseSettings):
     triton_timeout_s: float = 600.0
 
     gil_switch_interval_ms: float = Field(0.5, gt=0, description="Python's GIL switch interval (default 5)")
-
-    shutdown_grace_s: float = 10.0
-    log_level: str = "INFO"
-    log_format: Literal["json", "text"] = "json"

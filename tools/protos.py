@@ -1,7 +1,8 @@
 """Generate (or check) the Python stubs and Envoy's descriptor set from `protos/`.
 
-    python tools/protos.py            # regenerate into the repository
-    python tools/protos.py --check    # fail when the committed output differs from a fresh generation
+    python tools/protos.py            # regenerate into the repository (deleting stubs of removed protos)
+    python tools/protos.py --check    # fail when the committed output differs from a fresh generation,
+                                      # or a generated file is left over from a removed .proto
     python tools/protos.py --buf-image PATH   # descriptor set with source info, for `buf lint`
 
 The google/api/*.proto imports come from the installed googleapis-common-protos package, so the same
@@ -24,75 +25,107 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 DESCRIPTOR_SET = Path("envoy") / "chatmesh.pb"
+GENERATED_PACKAGE = Path("chatmesh")
+"""Where the Python stubs go; any `*_pb2*.py[i]` under it that a fresh generation lacks is stale."""
+GENERATED_PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
+# Not imported by our protos, but the services attach them to error statuses (grpc-status-details-bin),
+# and Envoy's transcoder can only render the REST error body when their types are in its descriptor set.
+DESCRIPTOR_SET_EXTRAS = ["google/rpc/error_details.proto"]
 GOOGLEAPIS_ROOT = Path(google.api.annotations_pb2.__file__).resolve().parent.parent.parent
 WELL_KNOWN_ROOT = Path(grpc_tools.__file__).resolve().parent / "_proto"
 
 
-def proto_files() -> list[str]:
-    return sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
+def proto_files(proto_root: Path = PROTO_ROOT) -> list[str]:
+    return sorted(str(p.relative_to(proto_root)) for p in proto_root.rglob("*.proto"))
 
 
-def run_protoc(args: list[str]) -> None:
-    include = [f"-I{PROTO_ROOT}", f"-I{GOOGLEAPIS_ROOT}", f"-I{WELL_KNOWN_ROOT}"]
-    code = protoc.main(["grpc_tools.protoc", *include, *args, *proto_files()])
+def run_protoc(args: list[str], proto_root: Path = PROTO_ROOT, extra_files: list[str] | None = None) -> None:
+    include = [f"-I{proto_root}", f"-I{GOOGLEAPIS_ROOT}", f"-I{WELL_KNOWN_ROOT}"]
+    files = [*proto_files(proto_root), *(extra_files or [])]
+    code = protoc.main(["grpc_tools.protoc", *include, *args, *files])
     if code != 0:
         raise SystemExit(f"protoc failed with exit code {code}")
 
 
-def generate(out: Path) -> list[Path]:
+def generate(out: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     """Write stubs and the descriptor set under `out`; return the paths written, relative to `out`."""
     (out / DESCRIPTOR_SET.parent).mkdir(parents=True, exist_ok=True)
+    run_protoc([f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}"], proto_root)
+    # A second run for the descriptor set, which also carries the error-detail types; stubs for those
+    # come from googleapis-common-protos, not from us.
     run_protoc(
-        [
-            f"--python_out={out}",
-            f"--pyi_out={out}",
-            f"--grpc_python_out={out}",
-            "--include_imports",
-            f"--descriptor_set_out={out / DESCRIPTOR_SET}",
-        ]
+        ["--include_imports", f"--descriptor_set_out={out / DESCRIPTOR_SET}"],
+        proto_root,
+        DESCRIPTOR_SET_EXTRAS,
     )
     # Packages for the generated modules: chatmesh/<service>/v1/__init__.py.
-    for proto in proto_files():
+    for proto in proto_files(proto_root):
         package_dir = out / Path(proto).parent
-        while package_dir != out / "chatmesh":
+        while package_dir != out / GENERATED_PACKAGE:
             (package_dir / "__init__.py").touch()
             package_dir = package_dir.parent
     return sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
 
 
-def check() -> int:
+def stale_files(fresh: list[Path], root: Path = ROOT) -> list[Path]:
+    """Generated-looking files under `root` that a fresh generation does not produce (their .proto was
+    renamed or deleted), relative to `root`."""
+    expected = set(fresh)
+    found = {
+        path.relative_to(root)
+        for pattern in GENERATED_PATTERNS
+        for path in (root / GENERATED_PACKAGE).rglob(pattern)
+    }
+    return sorted(found - expected)
+
+
+def check(root: Path = ROOT, proto_root: Path = PROTO_ROOT) -> int:
+    """0 if the generated files under `root` match a fresh generation and none is left over, else 1."""
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = generate(Path(tmp))
+        fresh = generate(Path(tmp), proto_root)
         drifted = [
             str(rel)
             for rel in fresh
-            if not (ROOT / rel).exists() or not filecmp.cmp(Path(tmp) / rel, ROOT / rel, shallow=False)
+            if not (root / rel).exists() or not filecmp.cmp(Path(tmp) / rel, root / rel, shallow=False)
         ]
+    stale = [str(rel) for rel in stale_files(fresh, root)]
     if drifted:
         print("Generated protobuf output is out of date: " + ", ".join(drifted), file=sys.stderr)
+    if stale:
+        print("Stale generated files (no .proto produces them): " + ", ".join(stale), file=sys.stderr)
+    if drifted or stale:
         print("Fix: run `make protos` and commit the result.", file=sys.stderr)
         return 1
     print(f"protobuf output up to date ({len(fresh)} files)")
     return 0
 
 
-def main() -> int:
+def write(root: Path = ROOT, proto_root: Path = PROTO_ROOT) -> None:
+    """Regenerate into `root`, deleting generated files that no .proto produces any more."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = generate(Path(tmp), proto_root)
+        for rel in fresh:
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(tmp) / rel, root / rel)
+            print(f"wrote {rel}")
+    for rel in stale_files(fresh, root):
+        (root / rel).unlink()
+        print(f"deleted {rel}")
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--check", action="store_true", help="fail if committed output is stale")
     parser.add_argument("--buf-image", type=Path, help="write a descriptor set with source info for buf")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.check:
         return check()
     if args.buf_image:
         run_protoc(["--include_imports", "--include_source_info", f"--descriptor_set_out={args.buf_image}"])
         return 0
-    with tempfile.TemporaryDirectory() as tmp:
-        for rel in generate(Path(tmp)):
-            (ROOT / rel).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(Path(tmp) / rel, ROOT / rel)
-            print(f"wrote {rel}")
+    write()
     return 0
 
 

@@ -19,6 +19,7 @@ import grpc
 import jwt
 
 from chatmesh.common.errors import Unauthenticated
+from chatmesh.common.handlers import Context, wrap_handler
 
 _current_user: contextvars.ContextVar[str] = contextvars.ContextVar("chatmesh_user")
 
@@ -132,12 +133,9 @@ def load_or_create_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
-Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Any]
-
-
 class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Verifies the bearer token of every call (except health and reflection) and exposes the user
-    through `current_user()` for the duration of the call."""
+    """Verifies the bearer token of every call of every kind (except health and reflection) and exposes
+    the user through `current_user()` for the duration of the call."""
 
     def __init__(self, keys: JwtKeys) -> None:
         self._keys = keys
@@ -151,30 +149,10 @@ class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
         service = handler_call_details.method.lstrip("/").partition("/")[0]
         if handler is None or service in PUBLIC_SERVICES:
             return handler
-        if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._wrap_unary(handler.unary_unary))  # type: ignore[attr-defined,no-any-return]
-        if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._wrap_stream(handler.unary_stream))  # type: ignore[attr-defined,no-any-return]
-        return handler
+        return wrap_handler(handler, self._authenticated)
 
-    def _authenticate(self, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        # Set inside the handler's own task so that the context variable is visible to the servicer.
+    @contextlib.asynccontextmanager
+    async def _authenticated(self, context: Context) -> AsyncIterator[None]:
+        # Entered inside the handler's own task, so the context variable is visible to the servicer.
         _current_user.set(verify_token(self._keys, bearer_token(context.invocation_metadata())))
-
-    def _wrap_unary(self, behavior: Behavior) -> Behavior:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            self._authenticate(context)
-            return await behavior(request, context)
-
-        return wrapped
-
-    def _wrap_stream(self, behavior: Behavior) -> Behavior:
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            self._authenticate(context)
-            # aclosing: when the client goes away and this wrapper is closed, close the servicer's
-            # generator now (so it can clean up) rather than whenever it is garbage-collected.
-            async with contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
-
-        return wrapped
+        yield

@@ -1,17 +1,21 @@
-"""Domain errors shared by every service, and their mapping to and from gRPC status codes.
+"""Domain errors shared by every service, and their mapping to and from gRPC statuses.
 
 Servicers and backends raise these; one server interceptor (`chatmesh.common.grpc_errors`) turns them
-into gRPC statuses, and clients turn statuses back into them with `raise_for_rpc_error`, keeping the
-original `AioRpcError` as the cause. Nothing else in the code base should catch-and-translate errors.
+into gRPC statuses with the standard `google.rpc` details (`rpc_status`), and clients turn statuses
+back into them with `error_from_rpc` / `rpc_errors`, keeping the original `AioRpcError` as the cause.
+Nothing else in the code base should catch-and-translate errors.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import ClassVar
+from typing import ClassVar, TypeVar
 
 import grpc
+from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import DecodeError, Message
+from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]  # no py.typed
 
 
 class ChatmeshError(Exception):
@@ -23,15 +27,26 @@ class ChatmeshError(Exception):
         super().__init__(message)
         self.message = message
 
+    def status_details(self) -> list[Message]:
+        """The `google.rpc` detail messages (BadRequest, RetryInfo, ...) that gRPC clients in any
+        language read from the status; none by default."""
+        return []
+
 
 class InvalidArgument(ChatmeshError):
-    """The request is malformed; `field` names the offending field (e.g. `messages[2].role`)."""
+    """The request is malformed; `field` names the offending field (e.g. `messages[2].role`) and
+    `problem` says what is wrong with it and how to fix it."""
 
     status_code = grpc.StatusCode.INVALID_ARGUMENT
 
     def __init__(self, field: str, problem: str) -> None:
         super().__init__(f"{field}: {problem}")
         self.field = field
+        self.problem = problem
+
+    def status_details(self) -> list[Message]:
+        violation = error_details_pb2.BadRequest.FieldViolation(field=self.field, description=self.problem)
+        return [error_details_pb2.BadRequest(field_violations=[violation])]
 
 
 class NotFound(ChatmeshError):
@@ -55,6 +70,11 @@ class ResourceExhausted(ChatmeshError):
         super().__init__(message)
         self.retry_after_s = retry_after_s
 
+    def status_details(self) -> list[Message]:
+        delay = duration_pb2.Duration()
+        delay.FromMilliseconds(round(self.retry_after_s * 1000))
+        return [error_details_pb2.RetryInfo(retry_delay=delay)]
+
 
 class Unavailable(ChatmeshError):
     """A dependency (model engine, database, another service) cannot serve the request right now."""
@@ -69,6 +89,15 @@ class DeadlineExceeded(ChatmeshError):
 
 
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
+"""Trailer with the retry delay in milliseconds, beside RetryInfo, for clients and proxies that read
+headers rather than status details."""
+
+STATUS_DETAILS_METADATA_KEY = "grpc-status-details-bin"
+"""Trailer carrying a serialized `google.rpc.Status` (code, message, details): what grpcio-status and the
+gRPC libraries of other languages read, and what Envoy's transcoder renders as the REST error body."""
+
+DEFAULT_RETRY_AFTER_S = 1.0
+"""Assumed when a RESOURCE_EXHAUSTED status carries no delay (e.g. Envoy's own rate limiter)."""
 
 _BY_STATUS: dict[grpc.StatusCode, type[ChatmeshError]] = {
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -77,22 +106,78 @@ _BY_STATUS: dict[grpc.StatusCode, type[ChatmeshError]] = {
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
 }
 
+_DetailT = TypeVar("_DetailT", bound=Message)
+
+
+def rpc_status(error: ChatmeshError) -> status_pb2.Status:
+    """The `google.rpc.Status` for `error`, with its details packed (sent as `grpc-status-details-bin`)."""
+    status = status_pb2.Status(code=error.status_code.value[0], message=error.message)
+    for detail in error.status_details():
+        status.details.add().Pack(detail)
+    return status
+
+
+def rpc_status_details(exc: grpc.aio.AioRpcError) -> list[any_pb2.Any]:
+    """The details of the `google.rpc.Status` a failed call carried, if any (and if it matches the call's
+    status code: a proxy may have replaced the status and left the trailer behind)."""
+    for key, value in exc.trailing_metadata() or ():
+        if key == STATUS_DETAILS_METADATA_KEY and isinstance(value, bytes):
+            try:
+                status = status_pb2.Status.FromString(value)
+            except DecodeError:
+                return []
+            return list(status.details) if status.code == exc.code().value[0] else []
+    return []
+
+
+def _detail(details: Sequence[any_pb2.Any], detail_type: type[_DetailT]) -> _DetailT | None:
+    for packed in details:
+        detail = detail_type()
+        if packed.TypeName() == detail.DESCRIPTOR.full_name and packed.Unpack(detail):
+            return detail
+    return None
+
+
+def _retry_after_s(exc: grpc.aio.AioRpcError, details: Sequence[any_pb2.Any]) -> float:
+    retry = _detail(details, error_details_pb2.RetryInfo)
+    if retry is not None and retry.HasField("retry_delay"):
+        delay_ms: int = retry.retry_delay.ToMilliseconds()
+        return delay_ms / 1000
+    trailer = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_METADATA_KEY)
+    try:
+        return int(str(trailer)) / 1000 if trailer is not None else DEFAULT_RETRY_AFTER_S
+    except ValueError:
+        return DEFAULT_RETRY_AFTER_S
+
 
 def error_from_rpc(exc: grpc.aio.AioRpcError, service: str) -> ChatmeshError:
-    """Translate a failed call to `service` into the domain error a caller of ours should see."""
+    """Translate a failed call to `service` into the domain error a caller of ours should see, with the
+    rich details the status carried (`InvalidArgument.field`, `ResourceExhausted.retry_after_s`) and
+    `exc` as its `__cause__` (so it stays attached however the result is raised)."""
+    error = _error_from_rpc(exc, service)
+    error.__cause__ = exc
+    return error
+
+
+def _error_from_rpc(exc: grpc.aio.AioRpcError, service: str) -> ChatmeshError:
     code = exc.code()
-    details = exc.details() or code.name
+    message = exc.details() or code.name
+    details = rpc_status_details(exc)
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        field, _, problem = details.partition(": ")
-        return InvalidArgument(field, problem) if problem else InvalidArgument("request", details)
+        bad_request = _detail(details, error_details_pb2.BadRequest)
+        if bad_request is not None and bad_request.field_violations:
+            violation = bad_request.field_violations[0]
+            return InvalidArgument(violation.field, violation.description)
+        # A server without details: our own message convention is "field: problem".
+        field, _, problem = message.partition(": ")
+        return InvalidArgument(field, problem) if problem else InvalidArgument("request", message)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        retry_ms = dict(exc.trailing_metadata() or ()).get(RETRY_AFTER_METADATA_KEY, "1000")
-        return ResourceExhausted(f"{service} is at capacity: {details}", int(str(retry_ms)) / 1000)
+        return ResourceExhausted(f"{service} is at capacity: {message}", _retry_after_s(exc, details))
     error_type = _BY_STATUS.get(code)
     if error_type is not None:
-        return error_type(details)
+        return error_type(message)
     # Anything else (INTERNAL, UNKNOWN, CANCELLED by the peer...) means the dependency failed us.
-    return Unavailable(f"{service} failed ({code.name}): {details}")
+    return Unavailable(f"{service} failed ({code.name}): {message}")
 
 
 @contextmanager

@@ -1,0 +1,35 @@
+"""What every service's settings have in common: where it listens, how it logs, how long it drains.
+
+Each service subclasses `ServiceSettings` with its own `env_prefix` (so `CHATMESH_CHAT_ADDRESS`,
+`CHATMESH_INFERENCE_LOG_LEVEL`, ...) and its own default `address`.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
+
+
+class ServiceSettings(BaseSettings):
+    """Settings shared by every gRPC service, read from the subclass's `CHATMESH_<SERVICE>_*` variables."""
+
+    model_config = SettingsConfigDict(frozen=True)
+
+    address: str = Field(description="host:port the gRPC server listens on")
+    log_level: LogLevel = "INFO"
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one object per line, for collectors; text: for people"
+    )
+    shutdown_grace_s: float = Field(
+        10.0, ge=0, description="on SIGTERM, how long in-flight calls may finish before they are cancelled"
+    )
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case_level(cls, value: object) -> object:
+        # `info` and `INFO` both work, as they do for Python's logging.
+        return value.upper() if isinstance(value, str) else value

@@ -1,0 +1,85 @@
+"""`tools/protos.py`: regeneration and the drift check, on a small proto tree of its own."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def protos_tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("protos_tool", REPO / "tools" / "protos.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A repository root with two protos (chatmesh.foo.v1 and chatmesh.bar.v1), nothing generated yet."""
+    proto_root = tmp_path / "protos"
+    for name in ("foo", "bar"):
+        path = proto_root / "chatmesh" / name / "v1" / f"{name}.proto"
+        path.parent.mkdir(parents=True)
+        path.write_text(
+            f'syntax = "proto3";\npackage chatmesh.{name}.v1;\nmessage Thing {{ string name = 1; }}\n'
+        )
+    return tmp_path, proto_root
+
+
+def test_a_fresh_generation_passes_the_check(
+    protos_tool: ModuleType, tree: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, proto_root = tree
+    protos_tool.write(root, proto_root)
+    assert (root / "chatmesh/foo/v1/foo_pb2.py").exists() and (root / "chatmesh/foo/v1/__init__.py").exists()
+    assert protos_tool.check(root, proto_root) == 0, capsys.readouterr().err
+
+
+def test_a_changed_generated_file_fails_the_check(
+    protos_tool: ModuleType, tree: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, proto_root = tree
+    protos_tool.write(root, proto_root)
+    (proto_root / "chatmesh/foo/v1/foo.proto").write_text(
+        'syntax = "proto3";\npackage chatmesh.foo.v1;\nmessage Thing { string title = 1; }\n'
+    )
+    assert protos_tool.check(root, proto_root) == 1
+    assert "out of date: " in capsys.readouterr().err
+
+
+def test_a_left_over_generated_file_fails_the_check_until_regenerated(
+    protos_tool: ModuleType, tree: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    root, proto_root = tree
+    protos_tool.write(root, proto_root)
+    (proto_root / "chatmesh/bar/v1/bar.proto").unlink()  # its stubs should go with it
+    assert protos_tool.check(root, proto_root) == 1
+    err = capsys.readouterr().err
+    for name in ("bar_pb2.py", "bar_pb2.pyi", "bar_pb2_grpc.py"):
+        assert f"chatmesh/bar/v1/{name}" in err, err
+    assert "foo_pb2" not in err
+
+    protos_tool.write(root, proto_root)
+    assert not (root / "chatmesh/bar/v1/bar_pb2.py").exists()
+    assert (root / "chatmesh/foo/v1/foo_pb2.py").exists()
+    assert protos_tool.check(root, proto_root) == 0, capsys.readouterr().err
+
+
+def test_the_descriptor_set_carries_the_error_detail_types(
+    protos_tool: ModuleType, tree: tuple[Path, Path]
+) -> None:
+    # Envoy renders REST error bodies from grpc-status-details-bin only if it knows the detail types.
+    root, proto_root = tree
+    protos_tool.write(root, proto_root)
+    descriptors = descriptor_pb2.FileDescriptorSet.FromString((root / "envoy/chatmesh.pb").read_bytes())
+    names = {file.name for file in descriptors.file}
+    assert {"chatmesh/foo/v1/foo.proto", "google/rpc/error_details.proto"} <= names
+    assert not (root / "google").exists(), "no stubs are generated for the extra descriptor files"
