@@ -23,7 +23,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-DESCRIPTOR_SET = Path("envoy") / "chatmesh.pb"
+# Envoy's descriptor set is package data of the gateway, so that an installed chatmesh runs it.
+DESCRIPTOR_SET = Path("chatmesh") / "gateway" / "data" / "chatmesh.pb"
 GOOGLEAPIS_ROOT = Path(google.api.annotations_pb2.__file__).resolve().parent.parent.parent
 WELL_KNOWN_ROOT = Path(grpc_tools.__file__).resolve().parent / "_proto"
 

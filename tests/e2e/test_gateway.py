@@ -252,7 +252,7 @@ async def test_rest_conversation_create_continue_list_page_and_delete(http: http
     deleted = await http.delete(f"/chat/{chat_id}", headers=bearer(ada))
     assert (deleted.status_code, deleted.json()) == (200, {})
     gone = await http.get(f"/chat/{chat_id}/messages", headers=bearer(ada))
-    assert gone.status_code == 404 and gone.json()["code"] == 5
+    assert gone.status_code == 404 and gone.json()["code"] == "NOT_FOUND"
     assert (await http.get("/chats", headers=bearer(ada))).json().get("chats", []) == []
 
 
@@ -342,7 +342,7 @@ async def test_calls_without_a_valid_token_never_reach_a_replica(
 
     missing = await http.get("/chats")
     assert missing.status_code == 401
-    assert missing.json() == {"code": 16, "message": "Jwt is missing"}
+    assert missing.json() == {"code": "UNAUTHENTICATED", "message": "Jwt is missing"}
     assert missing.headers["www-authenticate"].startswith("Bearer")
     forged = bearer("alice", secret="not-the-server-secret-" + "y" * 30)
     for reply in (
@@ -351,7 +351,7 @@ async def test_calls_without_a_valid_token_never_reach_a_replica(
         await http.get("/chats", headers={"authorization": "Basic YWxpY2U6c2VjcmV0"}),
     ):
         assert reply.status_code == 401, reply.text
-        assert reply.json()["code"] == 16
+        assert reply.json()["code"] == "UNAUTHENTICATED"
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ListChats(pb.ListChatsRequest(), metadata=tuple(forged.items()))
@@ -372,9 +372,9 @@ async def test_another_users_chat_is_not_found(http: httpx.AsyncClient) -> None:
         await http.patch(f"/chat/{chat_id}", json={"title": "mine"}, headers=bearer(bob)),
     ):
         assert reply.status_code == 404, reply.text
-        assert reply.json()["code"] == 5 and "secret" not in reply.json()["message"]
+        assert reply.json()["code"] == "NOT_FOUND" and "secret" not in reply.json()["message"]
     stolen = await post_stream(http, f"/chat/{chat_id}/completion", bob, {"content": "hi"})
-    assert stolen.status == 404 and stolen.first["code"] == 5
+    assert stolen.status == 404 and stolen.first["code"] == "NOT_FOUND"
     assert (await http.get("/chats", headers=bearer(alice))).json()["chats"][0]["title"] == "secret plans"
 
 
@@ -383,14 +383,16 @@ async def test_bad_input_is_400_with_a_message_naming_the_field(http: httpx.Asyn
     chat_id = (await post_stream(http, "/chat", user, {"title": "target"})).first["chat_id"]
     empty = await post_stream(http, f"/chat/{chat_id}/completion", user, {"content": ""})
     assert empty.status == 400 and empty.content_type == "application/json"
-    assert empty.first["code"] == 3 and empty.first["message"].startswith("content"), empty.first
+    assert empty.first["code"] == "INVALID_ARGUMENT" and empty.first["message"].startswith("content"), (
+        empty.first
+    )
     big_page = await http.get("/chats", params={"page_size": "1000"}, headers=bearer(user))
     assert big_page.status_code == 400 and big_page.json()["message"].startswith("page_size")
     hot = await post_stream(http, f"/chat/{chat_id}/completion", user, {"content": "hi", "temperature": 5})
     assert hot.status == 400 and hot.first["message"].startswith("temperature")
     # Rejected by the transcoder, before any replica: unparseable JSON and unknown query parameters.
     broken = await http.post("/chat", content=b'{"content":', headers=bearer(user))
-    assert broken.status_code == 400 and broken.json()["code"] == 3
+    assert broken.status_code == 400 and broken.json()["code"] == "INVALID_ARGUMENT"
     unknown = await http.get("/chats", params={"colour": "red"}, headers=bearer(user))
     assert unknown.status_code == 400 and "colour" in unknown.json()["message"]
 
@@ -402,7 +404,7 @@ async def test_unknown_paths_are_404_and_wrong_methods_405(
     for path in ("/", "/nope", "/chats/extra/parts", "/chat/x/y/z"):
         reply = await http.get(path, headers=auth)
         assert reply.status_code == 404, path
-        assert reply.json()["code"] == 5
+        assert reply.json()["code"] == "NOT_FOUND"
     for method, path, allowed in (
         ("PUT", "/chats", "GET"),
         ("GET", "/chat", "POST"),
@@ -412,7 +414,7 @@ async def test_unknown_paths_are_404_and_wrong_methods_405(
     ):
         reply = await http.request(method, path, headers=auth)
         assert reply.status_code == 405, (method, path, reply.text)
-        assert reply.headers["allow"] == allowed and reply.json()["code"] == 12
+        assert reply.headers["allow"] == allowed and reply.json()["code"] == "UNIMPLEMENTED"
     # Health and reflection of the replicas are not exposed through the gateway.
     assert (await http.post("/grpc.health.v1.Health/Check")).status_code == 404
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -446,7 +448,7 @@ async def test_each_user_is_rate_limited_on_their_own(
     passed = statuses.count(200) + codes.count(grpc.StatusCode.OK)
     assert BURST <= passed <= BURST + RATE_PER_S * (int(elapsed) + 1), (statuses, codes, elapsed)
     limited = next(r for r in replies if r.status_code == 429)
-    assert limited.json() == {"code": 8, "message": "local_rate_limited"}
+    assert limited.json() == {"code": "RESOURCE_EXHAUSTED", "message": "local_rate_limited"}
     assert limited.headers["x-ratelimit-limit"] == str(BURST)
     assert (await http.get("/chats", headers=bearer(other))).status_code == 200, "others are unaffected"
 
