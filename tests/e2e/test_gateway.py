@@ -495,12 +495,3 @@ def test_rendered_config_passes_envoy_validate(tmp_path: Path) -> None:
     path.write_text(re.sub(r'"stream_idle_timeout"', '"stream_idle_timout"', path.read_text()))
     with pytest.raises(ValueError, match="stream_idle_timout"):
         validate_config(path)
-
-
-def test_settings_read_replicas_from_a_comma_separated_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CHATMESH_GATEWAY_CHAT_ADDRESSES", "10.0.0.1:50051, 10.0.0.2:50051")
-    monkeypatch.setenv("CHATMESH_GATEWAY_JWT_SECRET", "s" * 40)
-    assert GatewaySettings().chat_addresses == ["10.0.0.1:50051", "10.0.0.2:50051"]
-    monkeypatch.setenv("CHATMESH_GATEWAY_CHAT_ADDRESSES", "no-port")
-    with pytest.raises(ValueError, match="host:port"):
-        GatewaySettings()
