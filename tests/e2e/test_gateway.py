@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -495,3 +499,45 @@ def test_rendered_config_passes_envoy_validate(tmp_path: Path) -> None:
     path.write_text(re.sub(r'"stream_idle_timeout"', '"stream_idle_timout"', path.read_text()))
     with pytest.raises(ValueError, match="stream_idle_timout"):
         validate_config(path)
+
+
+def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(tmp_path: Path) -> None:
+    # Build from a copy of the project (an in-tree build would leave build/ and egg-info behind) and
+    # install into a plain directory, never into the shared environment.
+    source, target, elsewhere = tmp_path / "source", tmp_path / "site", tmp_path / "cwd"
+    root = Path(__file__).resolve().parents[2]
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("chatmesh", "chat_service", "inference_service", "embedding_service"):
+        shutil.copytree(root / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*pip, "--no-index", "--target", str(target), str(source)],
+        check=True,
+        timeout=300,
+    )
+    env = {
+        **os.environ,
+        # Only the installed copy, not this source tree (cwd is elsewhere too).
+        "PYTHONPATH": str(target),
+        "CHATMESH_GATEWAY_JWT_SECRET": TEST_SECRET,
+        "CHATMESH_GATEWAY_CHAT_ADDRESSES": "127.0.0.1:50051",
+    }
+
+    def gateway(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "chatmesh.gateway", *args],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+
+    packaged = target / "chatmesh" / "gateway" / "data" / "chatmesh.pb"
+    assert packaged.is_file(), "the descriptor set is package data"
+    assert str(packaged) in gateway("--print"), "the installed gateway transcodes with its own copy"
+    assert "OK" in gateway("--validate", "--workdir", str(tmp_path / "work"))
