@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from pathlib import Path
 
 import grpc
+import jwt
 
 
 async def _generate(address: str, prompt: str, max_tokens: int) -> int:
@@ -34,8 +36,6 @@ async def _generate(address: str, prompt: str, max_tokens: int) -> int:
 
 
 def _token(user: str, ttl_s: float, private_key: str | None) -> str:
-    from pathlib import Path
-
     from chat_service.settings import ChatSettings
     from chatmesh.common.auth import JwtKeys, issue_token
 
@@ -50,6 +50,26 @@ def _token(user: str, ttl_s: float, private_key: str | None) -> str:
     return issue_token(keys, user, ttl_s)
 
 
+def _keygen(out_dir: Path, hs256: bool, force: bool) -> int:
+    from chatmesh.keygen import (
+        hs256_instructions,
+        rs256_instructions,
+        write_hs256_secret,
+        write_rs256_key_pair,
+    )
+
+    try:
+        if hs256:
+            print(hs256_instructions(write_hs256_secret(out_dir / "jwt-secret", force)), end="")
+        else:
+            files = write_rs256_key_pair(out_dir / "jwt-rs256.key", out_dir / "jwt-rs256.pub", force)
+            print(rs256_instructions(files), end="")
+    except OSError as exc:
+        print(f"chatmesh keygen: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `chatmesh` console script."""
     parser = argparse.ArgumentParser(prog="chatmesh", description=__doc__)
@@ -60,13 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     generate.add_argument("--address", default="127.0.0.1:50052")
     generate.add_argument("--max-tokens", type=int, default=128)
     token_command = commands.add_parser(
-        "token", help="print a JWT for USER signed with the dev key (.run/jwt-secret)"
+        "token", help="print a JWT for USER (HS256 with the chat secret, or RS256 with --private-key)"
     )
     token_command.add_argument("user")
     token_command.add_argument("--ttl-hours", type=float, default=24 * 30)
     token_command.add_argument(
-        "--private-key", help="RS256: PEM private key file (default: HS256 with the chat secret)"
+        "--private-key", help="RS256: PEM private key file from `chatmesh keygen` (default: HS256)"
     )
+    keygen = commands.add_parser(
+        "keygen",
+        help="write an RS256 key pair (or with --hs256 a shared secret) for JWTs",
+        description="Write key material for JWTs and print the settings that use it. RS256 (default):"
+        " OUT_DIR/jwt-rs256.key (private, mode 600) signs tokens, OUT_DIR/jwt-rs256.pub verifies them"
+        " in the chat service and the gateway. --hs256: OUT_DIR/jwt-secret, one shared secret.",
+    )
+    keygen.add_argument("--out-dir", type=Path, default=Path(".run"), help="default: .run")
+    keygen.add_argument("--hs256", action="store_true", help="a shared HS256 secret instead")
+    keygen.add_argument("--force", action="store_true", help="replace existing files")
     chat = commands.add_parser("chat", help="talk to the mesh from the terminal (through the gateway)")
     chat.add_argument("--address", default="127.0.0.1:8080", help="gateway (Envoy) or a chat replica")
     chat.add_argument("--user", default="dev", help="sign a dev token for this user (default: dev)")
@@ -86,8 +116,16 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if args.command == "token":
-        print(_token(args.user, args.ttl_hours * 3600, args.private_key))
+        try:
+            print(_token(args.user, args.ttl_hours * 3600, args.private_key))
+        except (OSError, ValueError, jwt.PyJWTError) as exc:
+            hint = "" if args.private_key else "; with RS256 keys pass --private-key FILE (chatmesh keygen)"
+            print(f"chatmesh token: {exc}{hint}", file=sys.stderr)
+            return 1
         return 0
+
+    if args.command == "keygen":
+        return _keygen(args.out_dir, args.hs256, args.force)
 
     if args.command == "run":
         from chatmesh.mesh import MeshSettings, run

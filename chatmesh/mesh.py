@@ -221,22 +221,23 @@ async def run(settings: MeshSettings) -> int:
 async def _gateway(
     settings: MeshSettings, services: Sequence[RunningService]
 ) -> AsyncIterator[EnvoyProcess | None]:
-    """Envoy in front of the chat replicas, sharing the chat service's JWT secret."""
+    """Envoy in front of the chat replicas, checking tokens with the chat service's own JWT keys."""
     if not settings.gateway:
         yield None
         return
     from chat_service.settings import ChatSettings
 
-    keys = ChatSettings().jwt_keys()
-    if keys.algorithm != "HS256":
-        raise ValueError(
-            "the gateway checks HS256 tokens; with RS256 keys run with CHATMESH_MESH_GATEWAY=false"
-        )
+    chat = ChatSettings()
     gateway_settings = GatewaySettings(
         listen_port=settings.gateway_port,
         admin_port=settings.gateway_admin_port,
         chat_addresses=[s.spec.address for s in services if s.spec.module == "chat_service"],
-        jwt_secret=keys.verify_key,
+        # The same key material, by the same rules: RS256 public key first, else the HS256 secret.
+        jwt_public_key_file=chat.jwt_public_key_file,
+        jwt_secret=chat.jwt_secret,
+        jwt_secret_file=chat.jwt_secret_file,
+        jwt_issuer=chat.jwt_issuer,
+        jwt_audience=chat.jwt_audience,
     )
     workdir = Path(".run")
     await asyncio.to_thread(workdir.mkdir, exist_ok=True)
@@ -251,14 +252,19 @@ def _print_welcome(services: Sequence[RunningService], gateway: EnvoyProcess | N
     from chatmesh.common.auth import issue_token
 
     by_name = {s.spec.name: s.spec.address for s in services}
-    token = issue_token(ChatSettings().jwt_keys(), "dev")
+    keys = ChatSettings().jwt_keys()
+    # With RS256 only the holder of the private key can sign (`chatmesh token dev --private-key FILE`).
+    token = issue_token(keys, "dev") if keys.sign_key is not None else None
     print("\nchatmesh is up:")
     if gateway is not None:
         print(f"  {'gateway':<10} {gateway.base_url}  (REST and gRPC; admin http://{gateway.admin_address})")
     for service in services:
         print(f"  {service.spec.name:<10} grpc://{service.spec.address}")
     print("\nTry it:")
-    print("  export TOKEN=$(.venv/bin/chatmesh token dev)   # a JWT for user 'dev'; any user name works")
+    key_option = "" if token else " --private-key YOUR-PRIVATE-KEY.pem"
+    print(
+        f"  export TOKEN=$(.venv/bin/chatmesh token dev{key_option})   # a JWT for user 'dev'; any user works"
+    )
     if gateway is not None:
         url = gateway.base_url
         print(
@@ -270,5 +276,6 @@ def _print_welcome(services: Sequence[RunningService], gateway: EnvoyProcess | N
     else:
         print(f"  .venv/bin/chatmesh chat --address {by_name['chat-1']}")
     print(f"  .venv/bin/chatmesh generate --address {by_name['inference']} 'Hello'   # the engine alone")
-    print(f"\nA dev token for user 'dev' (valid 30 days):\n  {token}")
+    if token:
+        print(f"\nA dev token for user 'dev' (valid 30 days):\n  {token}")
     print("\nPress Ctrl-C to stop.", flush=True)

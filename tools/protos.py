@@ -24,7 +24,8 @@ from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-DESCRIPTOR_SET = Path("envoy") / "chatmesh.pb"
+# Envoy's descriptor set is package data of the gateway, so that an installed chatmesh runs it.
+DESCRIPTOR_SET = Path("chatmesh") / "gateway" / "data" / "chatmesh.pb"
 GENERATED_PACKAGE = Path("chatmesh")
 """Where the Python stubs go; any `*_pb2*.py[i]` under it that a fresh generation lacks is stale."""
 GENERATED_PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")

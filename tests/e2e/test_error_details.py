@@ -87,7 +87,9 @@ async def test_query_and_path_bytes_that_are_not_utf8_are_400(
     reply = await http.get(path)
     assert reply.status_code == 400, reply.text
     body = reply.json()
-    assert body["code"] == 3 and body["message"].startswith(f"{bad_field}: is not valid UTF-8"), body
+    assert body["code"] == "INVALID_ARGUMENT" and body["message"].startswith(
+        f"{bad_field}: is not valid UTF-8"
+    ), body
     assert field_violations(body)[0][0] == bad_field
 
 
@@ -95,7 +97,7 @@ async def test_validation_errors_carry_bad_request_details(http: httpx.AsyncClie
     reply = await http.get("/chats", params={"page_size": 100000})
     assert reply.status_code == 400, reply.text
     body = reply.json()
-    assert body["code"] == 3 and body["message"].startswith("page_size: "), body
+    assert body["code"] == "INVALID_ARGUMENT" and body["message"].startswith("page_size: "), body
     ((bad_field, description),) = field_violations(body)
     assert bad_field == "page_size" and body["message"] == f"page_size: {description}"
 

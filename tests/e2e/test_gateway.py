@@ -1,19 +1,23 @@
 """The whole mesh behind the real Envoy gateway, driven over REST (HTTP/1.1, httpx) and gRPC.
 
 One stack for the module: the inference service, two chat replicas on one fresh PostgreSQL database,
-and Envoy in front with a low per-user rate limit and fast health checks. The test that kills a
-replica runs last. The mid-stream failure test gets its own small stack (engine, replica, Envoy),
-because it kills the engine.
+and Envoy in front with a low per-user rate limit and fast health checks. Tests that kill something
+or need other keys get their own replicas and Envoy (on the module's engine, unless they kill the
+engine), so no test depends on the order the tests run in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import os
 import re
-import time
+import shutil
+import subprocess
+import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +29,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.common.auth import JwtKeys, issue_token
 from chatmesh.gateway import EnvoyProcess, GatewaySettings, render_envoy_config, run_envoy, validate_config
+from chatmesh.keygen import write_rs256_key_pair
 from tests.support.chat import TEST_SECRET, ChatClient, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
@@ -56,20 +62,21 @@ def inference_env(address: str) -> dict[str, str]:
     }
 
 
-def gateway_settings(replicas: list[str]) -> GatewaySettings:
-    return GatewaySettings(
-        listen_host="127.0.0.1",
-        listen_port=free_port(),
-        admin_port=free_port(),
-        chat_addresses=replicas,
-        jwt_secret=TEST_SECRET,
-        rate_limit_per_s=RATE_PER_S,
-        rate_limit_burst=BURST,
+def gateway_settings(replicas: list[str], **overrides: Any) -> GatewaySettings:
+    values: dict[str, Any] = {
+        "listen_host": "127.0.0.1",
+        "listen_port": free_port(),
+        "admin_port": free_port(),
+        "chat_addresses": replicas,
+        "jwt_secret": TEST_SECRET,
+        "rate_limit_per_s": RATE_PER_S,
+        "rate_limit_burst": BURST,
         # Fast, so that a killed replica is noticed within the test's patience.
-        health_check_interval_s=0.5,
-        health_check_timeout_s=0.5,
-        concurrency=2,
-    )
+        "health_check_interval_s": 0.5,
+        "health_check_timeout_s": 0.5,
+        "concurrency": 2,
+    }
+    return GatewaySettings(**{**values, **overrides})
 
 
 @dataclass
@@ -78,6 +85,8 @@ class Mesh:
 
     envoy: EnvoyProcess
     replicas: dict[str, LoggedProcess]
+    inference: str
+    database_url: str
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +104,7 @@ async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
         ):
             settings = gateway_settings([first, second])
             async with run_envoy(settings, tmp_path_factory.mktemp("envoy")) as envoy:
-                yield Mesh(envoy, {first: one, second: two})
+                yield Mesh(envoy, {first: one, second: two}, inference, url)
 
 
 @pytest.fixture
@@ -120,10 +129,11 @@ def new_user() -> str:
 
 @dataclass
 class Event:
-    """One server-sent event and when it arrived (monotonic seconds)."""
+    """One server-sent event and the network read it arrived in (0, 1, ...): events that arrive in
+    different reads were sent separately, as they were produced."""
 
     data: dict[str, Any]
-    at: float
+    read: int
 
 
 @dataclass
@@ -152,16 +162,22 @@ class Stream:
 
 
 async def sse_events(response: httpx.Response) -> AsyncIterator[Event]:
-    """Parse `data: {json}` events off the wire as they arrive."""
-    data_lines: list[str] = []
-    async for line in response.aiter_lines():
-        if line.startswith("data:"):
-            data_lines.append(line[5:].strip())
-        elif not line and data_lines:
-            yield Event(json.loads("\n".join(data_lines)), time.monotonic())
-            data_lines = []
-    if data_lines:
-        yield Event(json.loads("\n".join(data_lines)), time.monotonic())
+    """Parse `data: {json}` events off the wire as they arrive (each HTTP/1.1 chunk is one read)."""
+    pending = ""
+    read = -1
+
+    def parse(block: str) -> dict[str, Any]:
+        lines = [line[5:].strip() for line in block.splitlines() if line.startswith("data:")]
+        return json.loads("\n".join(lines))  # type: ignore[no-any-return]
+
+    async for text in response.aiter_text():
+        read += 1
+        *blocks, pending = (pending + text).replace("\r\n", "\n").split("\n\n")
+        for block in blocks:
+            if "data:" in block:
+                yield Event(parse(block), read)
+    if "data:" in pending:
+        yield Event(parse(pending), read)
 
 
 async def post_stream(client: httpx.AsyncClient, path: str, user: str, body: dict[str, Any]) -> Stream:
@@ -169,7 +185,7 @@ async def post_stream(client: httpx.AsyncClient, path: str, user: str, body: dic
         stream = Stream(response.status_code, response.headers.get("content-type", ""))
         if response.status_code != 200:
             await response.aread()
-            stream.events.append(Event(response.json(), time.monotonic()))
+            stream.events.append(Event(response.json(), 0))
             return stream
         stream.events = [event async for event in sse_events(response)]
     return stream
@@ -252,7 +268,7 @@ async def test_rest_conversation_create_continue_list_page_and_delete(http: http
     deleted = await http.delete(f"/chat/{chat_id}", headers=bearer(ada))
     assert (deleted.status_code, deleted.json()) == (200, {})
     gone = await http.get(f"/chat/{chat_id}/messages", headers=bearer(ada))
-    assert gone.status_code == 404 and gone.json()["code"] == 5
+    assert gone.status_code == 404 and gone.json()["code"] == "NOT_FOUND"
     assert (await http.get("/chats", headers=bearer(ada))).json().get("chats", []) == []
 
 
@@ -287,13 +303,15 @@ async def test_completion_reaches_the_client_while_the_model_is_still_generating
         rest = [event async for event in events]
     final = rest[-1]
     assert "finish_reason" in final.data, final.data
-    later_deltas = [e for e in rest if "delta" in e.data]
-    assert len(later_deltas) >= 20
-    assert final.at - first_delta.at > 0.1, "the reply arrived in one piece, not as it was generated"
-    gaps = [b.at - a.at for a, b in zip([first_delta, *later_deltas], later_deltas, strict=False)]
-    assert sum(gap > 0.002 for gap in gaps) >= 10, "deltas arrive spread out, token by token"
+    deltas = [first_delta, *(e for e in rest if "delta" in e.data)]
+    assert len(deltas) >= 20
+    # Token by token, not in one piece: the deltas came in many separate reads, all before the one
+    # that brought the final event.
+    delta_reads = sorted({e.read for e in deltas})
+    assert len(delta_reads) >= 10, f"the deltas arrived in only {len(delta_reads)} reads"
+    assert delta_reads[9] < final.read
     stored = (await http.get(f"/chat/{chat_id}/messages", headers=bearer(user))).json()["messages"]
-    assert stored[-1]["content"] == "".join(e.data["delta"] for e in [first_delta, *later_deltas])
+    assert stored[-1]["content"] == "".join(e.data["delta"] for e in deltas)
 
 
 @pytest.fixture
@@ -342,7 +360,7 @@ async def test_calls_without_a_valid_token_never_reach_a_replica(
 
     missing = await http.get("/chats")
     assert missing.status_code == 401
-    assert missing.json() == {"code": 16, "message": "Jwt is missing"}
+    assert missing.json() == {"code": "UNAUTHENTICATED", "message": "Jwt is missing"}
     assert missing.headers["www-authenticate"].startswith("Bearer")
     forged = bearer("alice", secret="not-the-server-secret-" + "y" * 30)
     for reply in (
@@ -351,7 +369,7 @@ async def test_calls_without_a_valid_token_never_reach_a_replica(
         await http.get("/chats", headers={"authorization": "Basic YWxpY2U6c2VjcmV0"}),
     ):
         assert reply.status_code == 401, reply.text
-        assert reply.json()["code"] == 16
+        assert reply.json()["code"] == "UNAUTHENTICATED"
     stub = chat_pb2_grpc.ChatServiceStub(channel)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await stub.ListChats(pb.ListChatsRequest(), metadata=tuple(forged.items()))
@@ -372,9 +390,9 @@ async def test_another_users_chat_is_not_found(http: httpx.AsyncClient) -> None:
         await http.patch(f"/chat/{chat_id}", json={"title": "mine"}, headers=bearer(bob)),
     ):
         assert reply.status_code == 404, reply.text
-        assert reply.json()["code"] == 5 and "secret" not in reply.json()["message"]
+        assert reply.json()["code"] == "NOT_FOUND" and "secret" not in reply.json()["message"]
     stolen = await post_stream(http, f"/chat/{chat_id}/completion", bob, {"content": "hi"})
-    assert stolen.status == 404 and stolen.first["code"] == 5
+    assert stolen.status == 404 and stolen.first["code"] == "NOT_FOUND"
     assert (await http.get("/chats", headers=bearer(alice))).json()["chats"][0]["title"] == "secret plans"
 
 
@@ -383,14 +401,16 @@ async def test_bad_input_is_400_with_a_message_naming_the_field(http: httpx.Asyn
     chat_id = (await post_stream(http, "/chat", user, {"title": "target"})).first["chat_id"]
     empty = await post_stream(http, f"/chat/{chat_id}/completion", user, {"content": ""})
     assert empty.status == 400 and empty.content_type == "application/json"
-    assert empty.first["code"] == 3 and empty.first["message"].startswith("content"), empty.first
+    assert empty.first["code"] == "INVALID_ARGUMENT" and empty.first["message"].startswith("content"), (
+        empty.first
+    )
     big_page = await http.get("/chats", params={"page_size": "1000"}, headers=bearer(user))
     assert big_page.status_code == 400 and big_page.json()["message"].startswith("page_size")
     hot = await post_stream(http, f"/chat/{chat_id}/completion", user, {"content": "hi", "temperature": 5})
     assert hot.status == 400 and hot.first["message"].startswith("temperature")
     # Rejected by the transcoder, before any replica: unparseable JSON and unknown query parameters.
     broken = await http.post("/chat", content=b'{"content":', headers=bearer(user))
-    assert broken.status_code == 400 and broken.json()["code"] == 3
+    assert broken.status_code == 400 and broken.json()["code"] == "INVALID_ARGUMENT"
     unknown = await http.get("/chats", params={"colour": "red"}, headers=bearer(user))
     assert unknown.status_code == 400 and "colour" in unknown.json()["message"]
 
@@ -402,7 +422,7 @@ async def test_unknown_paths_are_404_and_wrong_methods_405(
     for path in ("/", "/nope", "/chats/extra/parts", "/chat/x/y/z"):
         reply = await http.get(path, headers=auth)
         assert reply.status_code == 404, path
-        assert reply.json()["code"] == 5
+        assert reply.json()["code"] == "NOT_FOUND"
     for method, path, allowed in (
         ("PUT", "/chats", "GET"),
         ("GET", "/chat", "POST"),
@@ -412,7 +432,7 @@ async def test_unknown_paths_are_404_and_wrong_methods_405(
     ):
         reply = await http.request(method, path, headers=auth)
         assert reply.status_code == 405, (method, path, reply.text)
-        assert reply.headers["allow"] == allowed and reply.json()["code"] == 12
+        assert reply.headers["allow"] == allowed and reply.json()["code"] == "UNIMPLEMENTED"
     # Health and reflection of the replicas are not exposed through the gateway.
     assert (await http.post("/grpc.health.v1.Health/Check")).status_code == 404
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -426,63 +446,165 @@ async def test_each_user_is_rate_limited_on_their_own(
     greedy, other = new_user(), new_user()
     stub = chat_pb2_grpc.ChatServiceStub(channel)
 
-    async def grpc_status() -> grpc.StatusCode:
-        try:
-            await stub.ListChats(pb.ListChatsRequest(), metadata=tuple(bearer(greedy).items()))
-        except grpc.aio.AioRpcError as exc:
-            return exc.code()
-        return grpc.StatusCode.OK
+    # One call at a time, so that the limiter answers in the order of the calls; every answer says
+    # how many tokens the user's bucket has left (x-ratelimit-remaining).
+    answers: list[tuple[int, int]] = []  # (HTTP status, tokens left)
+    while not answers or answers[-1][0] == 200:
+        assert len(answers) <= 10 * BURST, f"never rate limited: {answers}"
+        reply = await http.get("/chats", headers=bearer(greedy))
+        answers.append((reply.status_code, int(reply.headers["x-ratelimit-remaining"])))
+    statuses = [status for status, _ in answers]
+    assert statuses[-1] == 429, answers
+    # A new user starts with a full bucket of BURST tokens ...
+    assert answers[0] == (200, BURST - 1) and statuses.count(200) >= BURST, answers
+    # ... each call that passes takes exactly one token (unless the bucket was refilled in between,
+    # which only ever adds tokens) ...
+    for (_, before), (_, after) in itertools.pairwise(answers[:-1]):
+        assert after == before - 1 or after >= before, answers
+    # ... and a call is refused only once the bucket is empty.
+    assert answers[-2] == (200, 0) and answers[-1] == (429, 0), answers
+    assert reply.json() == {"code": "RESOURCE_EXHAUSTED", "message": "local_rate_limited"}
+    assert reply.headers["x-ratelimit-limit"] == str(BURST)
 
-    # REST and gRPC calls of one user share one bucket: drain it over REST, then call over gRPC.
-    started = time.monotonic()
-    replies = await asyncio.gather(*(http.get("/chats", headers=bearer(greedy)) for _ in range(3 * BURST)))
-    codes = await asyncio.gather(*(grpc_status() for _ in range(BURST)))
-    elapsed = time.monotonic() - started
-    statuses = [r.status_code for r in replies]
-    assert set(statuses) == {200, 429}, statuses
-    assert grpc.StatusCode.RESOURCE_EXHAUSTED in codes, codes
-    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
-    # The bucket starts with BURST tokens and gets RATE_PER_S more each second.
-    passed = statuses.count(200) + codes.count(grpc.StatusCode.OK)
-    assert BURST <= passed <= BURST + RATE_PER_S * (int(elapsed) + 1), (statuses, codes, elapsed)
-    limited = next(r for r in replies if r.status_code == 429)
-    assert limited.json() == {"code": 8, "message": "local_rate_limited"}
-    assert limited.headers["x-ratelimit-limit"] == str(BURST)
-    assert (await http.get("/chats", headers=bearer(other))).status_code == 200, "others are unaffected"
+    # gRPC calls of the same user draw on the same, now empty, bucket: refused, or (if a refill came
+    # in between) let through from the refill, not from a fresh bucket of BURST.
+    call = stub.ListChats(pb.ListChatsRequest(), metadata=tuple(bearer(greedy).items()))
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
+    else:
+        left = dict(await call.initial_metadata())["x-ratelimit-remaining"]
+        assert int(left) < RATE_PER_S <= BURST - 1, left
+
+    fresh = await http.get("/chats", headers=bearer(other))
+    assert fresh.status_code == 200, "others are unaffected"
+    assert fresh.headers["x-ratelimit-remaining"] == str(BURST - 1), "and have their own full bucket"
 
 
-async def test_zz_both_replicas_serve_and_losing_one_is_survivable(
-    mesh: Mesh, http: httpx.AsyncClient
-) -> None:
-    # Runs last in the module: it kills a replica.
+async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15.0) -> None:
+    """Wait until `check()` holds. Envoy's state can only be read, not subscribed to, so this polls
+    it; the wait ends on the condition, never on a guess of how long it takes."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            # No asyncio.Event to wait on: the state lives in another process (ASYNC110).
+            while not await check():  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"after {timeout_s:.0f} s: {what}") from None
+
+
+@dataclass
+class ReplicaPair:
+    """Two chat replicas of their own behind an Envoy of their own (on the module's engine and
+    database), for a test that kills one."""
+
+    envoy: EnvoyProcess
+    replicas: dict[str, LoggedProcess]
+
+
+@pytest.fixture
+async def replica_pair(mesh: Mesh, tmp_path: Path) -> AsyncIterator[ReplicaPair]:
+    first, second = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    with (
+        run_service(
+            "chat_service", chat_env(first, mesh.database_url, mesh.inference, migrate=False), first, 60
+        ) as one,
+        run_service(
+            "chat_service", chat_env(second, mesh.database_url, mesh.inference, migrate=False), second, 60
+        ) as two,
+    ):
+        async with run_envoy(gateway_settings([first, second]), tmp_path) as envoy:
+            yield ReplicaPair(envoy, {first: one, second: two})
+
+
+async def test_both_replicas_serve_and_losing_one_is_survivable(replica_pair: ReplicaPair) -> None:
+    envoy, replicas = replica_pair.envoy, replica_pair.replicas
+    counting = {"content": "Count to 300.", "system_prompt": COUNTING_SYSTEM_PROMPT, "temperature": 0}
     users = [new_user() for _ in range(4)]
-    for user in users:
-        for _ in range(5):
+    async with httpx.AsyncClient(base_url=envoy.base_url, timeout=60.0) as http:
+        for user in users:
+            for _ in range(5):
+                assert (await http.get("/chats", headers=bearer(user))).status_code == 200
+        before = await host_stats(envoy)
+        assert set(before) == set(replicas)
+        assert all(int(host["rq_total"]) > 0 for host in before.values()), before
+
+        victim, survivor = list(replicas)
+        replicas[victim].kill()
+        replicas[victim].wait()
+
+        async def victim_connections_closed() -> bool:
+            return (await host_stats(envoy))[victim]["cx_active"] == "0"
+
+        # Envoy has seen its connections to the victim close, so no call goes out on one of them.
+        await eventually(victim_connections_closed, "Envoy still holds connections to the killed replica")
+        # Before the health check has caught up, calls that hit the dead replica are retried elsewhere
+        # (connection refused is safe to retry, even for a completion).
+        for user in users:
             assert (await http.get("/chats", headers=bearer(user))).status_code == 200
-    before = await host_stats(mesh.envoy)
-    assert set(before) == set(mesh.replicas)
-    assert all(int(host["rq_total"]) > 0 for host in before.values()), before
+        check_completion_shape(await post_stream(http, "/chat", users[0], {**counting, "max_tokens": 4}))
 
-    victim, survivor = list(mesh.replicas)
-    mesh.replicas[victim].kill()
-    await asyncio.sleep(0.2)  # let Envoy see its connections to the victim close
+        async def victim_marked_unhealthy() -> bool:
+            return "failed_active_hc" in (await host_stats(envoy))[victim]["health_flags"]
 
-    # Before the health check has caught up, calls that hit the dead replica are retried elsewhere
-    # (connection refused is safe to retry, even for a completion).
-    for user in users:
-        assert (await http.get("/chats", headers=bearer(user))).status_code == 200
-    streamed = await post_stream(http, "/chat", users[0], {"content": "Hello!", "max_tokens": 4})
-    check_completion_shape(streamed)
+        await eventually(victim_marked_unhealthy, "the health check never marked the killed replica")
+        served_before = int((await host_stats(envoy))[survivor]["rq_total"])
+        for user in users[1:]:
+            check_completion_shape(await post_stream(http, "/chat", user, {**counting, "max_tokens": 4}))
+            assert (await http.get("/chats", headers=bearer(user))).status_code == 200
+        assert int((await host_stats(envoy))[survivor]["rq_total"]) >= served_before + 6
 
-    deadline = time.monotonic() + 10
-    while "failed_active_hc" not in (await host_stats(mesh.envoy))[victim]["health_flags"]:
-        assert time.monotonic() < deadline, "the health check never marked the killed replica"
-        await asyncio.sleep(0.1)
-    served_before = int((await host_stats(mesh.envoy))[survivor]["rq_total"])
-    for user in users[1:]:
-        check_completion_shape(await post_stream(http, "/chat", user, {"content": "Hi", "max_tokens": 4}))
-        assert (await http.get("/chats", headers=bearer(user))).status_code == 200
-    assert int((await host_stats(mesh.envoy))[survivor]["rq_total"]) >= served_before + 6
+
+@dataclass
+class Rs256Stack:
+    """A chat replica and Envoy that verify RS256 tokens of one key pair (on the module's engine)."""
+
+    envoy: EnvoyProcess
+    keys: JwtKeys
+
+
+@pytest.fixture
+async def rs256_stack(mesh: Mesh, tmp_path: Path) -> AsyncIterator[Rs256Stack]:
+    files = write_rs256_key_pair(tmp_path / "jwt.key", tmp_path / "jwt.pub")
+    replica = f"127.0.0.1:{free_port()}"
+    env = {
+        **chat_env(replica, f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", mesh.inference),
+        "CHATMESH_CHAT_JWT_PUBLIC_KEY_FILE": str(files.public_key),  # wins over the HS256 secret
+    }
+    settings = gateway_settings([replica], jwt_secret=None, jwt_public_key_file=files.public_key)
+    with run_service("chat_service", env, replica, timeout=60):
+        async with run_envoy(settings, tmp_path / "envoy") as envoy:
+            keys = JwtKeys.rs256(files.public_key.read_text(), files.private_key.read_text())
+            yield Rs256Stack(envoy, keys)
+
+
+async def test_rs256_tokens_are_checked_at_the_edge_and_by_the_service(rs256_stack: Rs256Stack) -> None:
+    envoy = rs256_stack.envoy
+    user = new_user()
+    good = {"authorization": f"Bearer {issue_token(rs256_stack.keys, user)}"}
+    async with httpx.AsyncClient(base_url=envoy.base_url, timeout=60.0) as http:
+        body = {"content": "Count to 300.", "system_prompt": COUNTING_SYSTEM_PROMPT, "max_tokens": 4}
+        async with http.stream("POST", "/chat", json=body, headers=good) as response:
+            assert response.status_code == 200, await response.aread()
+            events = [event async for event in sse_events(response)]
+        assert events[0].data["chat_id"] and "finish_reason" in events[-1].data, events
+        listed = (await http.get("/chats", headers=good)).json()["chats"]
+        assert [c["chat_id"] for c in listed] == [events[0].data["chat_id"]]
+
+        denied_before = (await envoy.stats(r"jwt_authn\.denied$")).get("http.public.jwt_authn.denied", 0)
+        upstream_before = await upstream_requests(envoy)
+        other_pair = write_rs256_key_pair(
+            envoy.config_path.parent / "other.key", envoy.config_path.parent / "o.pub"
+        )
+        stranger = JwtKeys.rs256(other_pair.public_key.read_text(), other_pair.private_key.read_text())
+        for token in (issue_token(stranger, user), token_for(user)):  # another RS256 key; HS256
+            reply = await http.get("/chats", headers={"authorization": f"Bearer {token}"})
+            assert reply.status_code == 401, reply.text
+            assert reply.json()["code"] == "UNAUTHENTICATED"
+        denied = (await envoy.stats(r"jwt_authn\.denied$"))["http.public.jwt_authn.denied"]
+        assert denied - denied_before == 2
+        assert await upstream_requests(envoy) == upstream_before, "a rejected call reached the replica"
 
 
 def test_rendered_config_passes_envoy_validate(tmp_path: Path) -> None:
@@ -495,10 +617,43 @@ def test_rendered_config_passes_envoy_validate(tmp_path: Path) -> None:
         validate_config(path)
 
 
-def test_settings_read_replicas_from_a_comma_separated_variable(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("CHATMESH_GATEWAY_CHAT_ADDRESSES", "10.0.0.1:50051, 10.0.0.2:50051")
-    monkeypatch.setenv("CHATMESH_GATEWAY_JWT_SECRET", "s" * 40)
-    assert GatewaySettings().chat_addresses == ["10.0.0.1:50051", "10.0.0.2:50051"]
-    monkeypatch.setenv("CHATMESH_GATEWAY_CHAT_ADDRESSES", "no-port")
-    with pytest.raises(ValueError, match="host:port"):
-        GatewaySettings()
+def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(tmp_path: Path) -> None:
+    # Build from a copy of the project (an in-tree build would leave build/ and egg-info behind) and
+    # install into a plain directory, never into the shared environment.
+    source, target, elsewhere = tmp_path / "source", tmp_path / "site", tmp_path / "cwd"
+    root = Path(__file__).resolve().parents[2]
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
+    for name in ("chatmesh", "chat_service", "inference_service", "embedding_service"):
+        shutil.copytree(root / name, source / name, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(root / name, source / name)
+    elsewhere.mkdir()
+    pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+    subprocess.run(
+        [*pip, "--no-index", "--target", str(target), str(source)],
+        check=True,
+        timeout=300,
+    )
+    env = {
+        **os.environ,
+        # Only the installed copy, not this source tree (cwd is elsewhere too).
+        "PYTHONPATH": str(target),
+        "CHATMESH_GATEWAY_JWT_SECRET": TEST_SECRET,
+        "CHATMESH_GATEWAY_CHAT_ADDRESSES": "127.0.0.1:50051",
+    }
+
+    def gateway(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "chatmesh.gateway", *args],
+            cwd=elsewhere,
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=120,
+        ).stdout
+
+    packaged = target / "chatmesh" / "gateway" / "data" / "chatmesh.pb"
+    assert packaged.is_file(), "the descriptor set is package data"
+    assert str(packaged) in gateway("--print"), "the installed gateway transcodes with its own copy"
+    assert "OK" in gateway("--validate", "--workdir", str(tmp_path / "work"))

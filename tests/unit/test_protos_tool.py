@@ -79,7 +79,9 @@ def test_the_descriptor_set_carries_the_error_detail_types(
     # Envoy renders REST error bodies from grpc-status-details-bin only if it knows the detail types.
     root, proto_root = tree
     protos_tool.write(root, proto_root)
-    descriptors = descriptor_pb2.FileDescriptorSet.FromString((root / "envoy/chatmesh.pb").read_bytes())
+    descriptors = descriptor_pb2.FileDescriptorSet.FromString(
+        (root / protos_tool.DESCRIPTOR_SET).read_bytes()
+    )
     names = {file.name for file in descriptors.file}
     assert {"chatmesh/foo/v1/foo.proto", "google/rpc/error_details.proto"} <= names
     assert not (root / "google").exists(), "no stubs are generated for the extra descriptor files"

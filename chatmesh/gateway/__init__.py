@@ -1,0 +1,34 @@
+"""The Envoy gateway in front of the chat replicas.
+
+The parts, each in its own module:
+
+- `settings`: `GatewaySettings`, typed from `CHATMESH_GATEWAY_*` environment variables;
+- `api`: ChatService's gRPC paths, streaming methods and REST bindings, read from the descriptor set
+  shipped in this package (`data/chatmesh.pb`, written by `make protos`);
+- `config`: the Envoy bootstrap rendered from both;
+- `validate`: the Envoy binary and `envoy --mode validate`;
+- `process`: running Envoy (`run_envoy`) and reading its admin interface;
+- `cli`: `python -m chatmesh.gateway [--print | --validate]`.
+"""
+
+from chatmesh.gateway.api import CHAT_SERVICE, ServiceApi, default_descriptor_path
+from chatmesh.gateway.config import USER_HEADER, build_envoy_config, jwks, render_envoy_config
+from chatmesh.gateway.process import EnvoyProcess, run_envoy
+from chatmesh.gateway.settings import GatewaySettings
+from chatmesh.gateway.validate import envoy_binary, validate_config, validate_settings
+
+__all__ = [
+    "CHAT_SERVICE",
+    "USER_HEADER",
+    "EnvoyProcess",
+    "GatewaySettings",
+    "ServiceApi",
+    "build_envoy_config",
+    "default_descriptor_path",
+    "envoy_binary",
+    "jwks",
+    "render_envoy_config",
+    "run_envoy",
+    "validate_config",
+    "validate_settings",
+]

@@ -1,0 +1,212 @@
+"""The public API as the gateway sees it, read from the descriptor set Envoy transcodes with.
+
+Everything the config needs to know about ChatService (its gRPC paths, which methods stream, the REST
+paths and verbs of the `google.api.http` rules) comes from `data/chatmesh.pb`, the same file the
+`grpc_json_transcoder` loads, so the routes can never disagree with the transcoder or the protos.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from google.api import annotations_pb2, http_pb2
+from google.protobuf import descriptor_pb2
+
+CHAT_SERVICE = "chatmesh.chat.v1.ChatService"
+"""The only service the gateway exposes."""
+
+DESCRIPTOR_RESOURCE = "data/chatmesh.pb"
+"""The descriptor set inside this package (written by `tools/protos.py`, shipped as package data)."""
+
+_VERBS = ("get", "put", "post", "delete", "patch")
+
+
+def default_descriptor_path() -> Path:
+    """The descriptor set shipped in this package (`chatmesh/gateway/data/chatmesh.pb`).
+
+    A real file on disk in a source tree and in any pip install (Envoy reads it by path)."""
+    resource = importlib.resources.files(__package__ or "chatmesh.gateway").joinpath(DESCRIPTOR_RESOURCE)
+    return Path(str(resource))
+
+
+@dataclass(frozen=True, slots=True)
+class RestBinding:
+    """One `google.api.http` binding: an HTTP verb on a path template."""
+
+    verb: str  # upper case, e.g. "POST"
+    template: str  # e.g. "/chat/{chat_id}/completion"
+
+    @property
+    def path_regex(self) -> str:
+        """An RE2 regex for the paths the transcoder maps to this template (trailing slash allowed)."""
+        return template_regex(self.template)
+
+
+@dataclass(frozen=True, slots=True)
+class Method:
+    """One RPC of the service."""
+
+    name: str  # e.g. "Complete"
+    grpc_path: str  # e.g. "/chatmesh.chat.v1.ChatService/Complete"
+    streaming: bool  # the request or the reply streams
+    bindings: tuple[RestBinding, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RestPath:
+    """A REST path template with every verb some method binds on it (in declaration order)."""
+
+    template: str
+    verbs: tuple[str, ...]
+
+    @property
+    def path_regex(self) -> str:
+        """See `RestBinding.path_regex`."""
+        return template_regex(self.template)
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceApi:
+    """A gRPC service and its REST face, as declared in a descriptor set."""
+
+    service: str
+    methods: tuple[Method, ...]
+
+    @classmethod
+    def load(cls, descriptor_path: Path, service: str = CHAT_SERVICE) -> ServiceApi:
+        """Read `service` from the FileDescriptorSet at `descriptor_path` (`ValueError` if absent)."""
+        try:
+            data = descriptor_path.read_bytes()
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"descriptor set {descriptor_path} is missing; run `make protos`"
+            ) from None
+        return cls.parse(descriptor_pb2.FileDescriptorSet.FromString(data), service)
+
+    @classmethod
+    def parse(cls, files: descriptor_pb2.FileDescriptorSet, service: str = CHAT_SERVICE) -> ServiceApi:
+        """`service` from a parsed FileDescriptorSet."""
+        for file in files.file:
+            for candidate in file.service:
+                full_name = f"{file.package}.{candidate.name}" if file.package else candidate.name
+                if full_name == service:
+                    return cls(service, tuple(_method(full_name, m) for m in candidate.method))
+        raise ValueError(f"service {service} is not in the descriptor set; run `make protos`")
+
+    @property
+    def grpc_prefix(self) -> str:
+        """`/<package>.<Service>/`: the path prefix of every gRPC call of the service."""
+        return f"/{self.service}/"
+
+    @property
+    def streaming_methods(self) -> tuple[Method, ...]:
+        """Methods whose request or reply streams."""
+        return tuple(m for m in self.methods if m.streaming)
+
+    def rest_paths(self) -> tuple[RestPath, ...]:
+        """Every REST path template with its verbs, in declaration order."""
+        verbs: dict[str, list[str]] = {}
+        for binding in self.bindings():
+            verbs.setdefault(binding.template, [])
+            if binding.verb not in verbs[binding.template]:
+                verbs[binding.template].append(binding.verb)
+        return tuple(RestPath(template, tuple(v)) for template, v in verbs.items())
+
+    def bindings(self) -> Iterator[RestBinding]:
+        """Every REST binding of every method, in declaration order."""
+        for method in self.methods:
+            yield from method.bindings
+
+    def endpoint_summary(self) -> str:
+        """`POST /chat, POST /chat/{chat_id}/completion, ...`: the REST API in one line."""
+        return ", ".join(f"{b.verb} {b.template}" for b in self.bindings())
+
+
+def _method(service: str, method: descriptor_pb2.MethodDescriptorProto) -> Method:
+    return Method(
+        name=method.name,
+        grpc_path=f"/{service}/{method.name}",
+        streaming=method.server_streaming or method.client_streaming,
+        bindings=tuple(_bindings(_http_rule(method.options))),
+    )
+
+
+def _http_rule(options: descriptor_pb2.MethodOptions) -> http_pb2.HttpRule:
+    # Parsed again from bytes with the annotation registered, so that the extension is read the same
+    # way whether or not the protobuf runtime resolved it while parsing the whole set.
+    parsed = descriptor_pb2.MethodOptions.FromString(options.SerializeToString())
+    if not parsed.HasExtension(annotations_pb2.http):
+        return http_pb2.HttpRule()
+    rule: http_pb2.HttpRule = parsed.Extensions[annotations_pb2.http]
+    return rule
+
+
+def _bindings(rule: http_pb2.HttpRule) -> Iterator[RestBinding]:
+    pattern = rule.WhichOneof("pattern")
+    if pattern in _VERBS:
+        yield RestBinding(pattern.upper(), getattr(rule, pattern))
+    elif pattern == "custom":
+        yield RestBinding(rule.custom.kind.upper(), rule.custom.path)
+    for extra in rule.additional_bindings:
+        yield from _bindings(extra)
+
+
+_SEGMENT = r"[^/]+"
+
+
+def template_regex(template: str) -> str:
+    """RE2 regex (anchored) for a `google.api.http` path template.
+
+    `*` and `{var}` / `{var=*}` match one segment, `**` and `{var=**}` any number; a `:verb` suffix is
+    literal. Like the transcoder, a trailing slash is accepted.
+    """
+    path, verb = _split_verb(template)
+    parts: list[str] = []
+    for segment in _segments(path):
+        if segment.startswith("{") and segment.endswith("}"):
+            _, _, sub = segment[1:-1].partition("=")
+            parts.extend(_wildcard(s) for s in (sub or "*").split("/"))
+        else:
+            parts.append(_wildcard(segment))
+    body = "/" + "/".join(parts)
+    suffix = re.escape(":" + verb) if verb else ""
+    return f"^{body}{suffix}/?$"
+
+
+def _wildcard(segment: str) -> str:
+    if segment == "**":
+        return ".*"
+    if segment == "*":
+        return _SEGMENT
+    return re.escape(segment)
+
+
+def _split_verb(template: str) -> tuple[str, str]:
+    # A verb is a `:name` after the last segment, outside any `{...}` variable.
+    depth, colon = 0, -1
+    for index, char in enumerate(template):
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        if depth == 0 and char == "/":
+            colon = -1
+        elif depth == 0 and char == ":":
+            colon = index
+    if colon < 0:
+        return template, ""
+    return template[:colon], template[colon + 1 :]
+
+
+def _segments(path: str) -> Iterator[str]:
+    # Split on "/" outside of `{...}` (a variable may hold a multi-segment pattern).
+    depth, current = 0, ""
+    for char in path.lstrip("/"):
+        if char == "/" and depth == 0:
+            yield current
+            current = ""
+            continue
+        depth += {"{": 1, "}": -1}.get(char, 0)
+        current += char
+    yield current

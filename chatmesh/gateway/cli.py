@@ -1,0 +1,48 @@
+"""`python -m chatmesh.gateway`: run, print or validate the gateway for `CHATMESH_GATEWAY_*` settings.
+
+python -m chatmesh.gateway                 # run Envoy with CHATMESH_GATEWAY_* settings
+python -m chatmesh.gateway --print         # print the rendered config
+python -m chatmesh.gateway --validate      # render, then `envoy --mode validate`
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from chatmesh.gateway.config import render_envoy_config
+from chatmesh.gateway.process import serve
+from chatmesh.gateway.settings import GatewaySettings
+from chatmesh.gateway.validate import validate_settings
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `python -m chatmesh.gateway`; returns the exit code."""
+    parser = argparse.ArgumentParser(
+        prog="python -m chatmesh.gateway",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    action = parser.add_mutually_exclusive_group()
+    action.add_argument("--print", action="store_true", help="print the rendered config and exit")
+    action.add_argument("--validate", action="store_true", help="validate the rendered config and exit")
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(".run/gateway"), help="where the config and log go"
+    )
+    args = parser.parse_args(argv)
+    try:
+        settings = GatewaySettings()
+        if args.print:
+            sys.stdout.write(render_envoy_config(settings))
+            return 0
+        if args.validate:
+            path, output = validate_settings(settings, args.workdir)
+            print(output.strip() or f"{path}: OK")
+            return 0
+        asyncio.run(serve(settings, args.workdir))
+    except (ValueError, RuntimeError, OSError) as exc:
+        print(f"chatmesh.gateway: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,593 @@
+"""The Envoy config of the gateway, rendered from typed settings and the API's descriptor set.
+
+One listener serves both faces of the public API:
+
+- REST+JSON, transcoded to gRPC by `grpc_json_transcoder` from the `google.api.http` annotations in the
+  descriptor set; completions stream back as server-sent events (`data: {json}` per event);
+- native gRPC, passed through unchanged (gRPC clients call the same port with HTTP/2).
+
+Every ChatService call needs a valid bearer token (HS256 shared secret or RS256 public key), checked at
+the edge by `jwt_authn` (and again by the service, which gets the header forwarded); each token subject
+gets its own token bucket (`local_ratelimit` with a wildcard descriptor fed by the `sub` claim). Envoy
+load-balances over the chat replicas with active gRPC health checks, outlier detection and retries
+that never repeat a streaming call that may have reached a replica.
+
+Routes, the 404/405 answers and which calls stream all come from the descriptor set (see `api.py`);
+nothing here names a method or a REST path. The config is built as data and written as JSON (a subset
+of YAML, which Envoy reads by extension), so nothing needs escaping and every value comes from
+typed settings.
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import json
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from chatmesh.common.auth import JwtKeys
+from chatmesh.gateway.api import Method, ServiceApi, default_descriptor_path
+from chatmesh.gateway.settings import GatewaySettings, split_host_port
+
+USER_HEADER = "x-chatmesh-user"
+"""Request header carrying the verified token subject, for the per-user rate limit. jwt_authn strips any
+client-supplied copy before setting it."""
+
+# The canonical gRPC code (as google.rpc.Code names it, the vocabulary of the `error` events of a
+# stream) for each HTTP status Envoy answers by itself, so that every REST error body has one shape:
+# {"code": "<NAME>", "message": ...}.
+LOCAL_REPLY_CODES: dict[int, grpc.StatusCode] = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,  # unparseable JSON, unknown field or query parameter
+    401: grpc.StatusCode.UNAUTHENTICATED,  # jwt_authn
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,  # no such path
+    405: grpc.StatusCode.UNIMPLEMENTED,  # known path, wrong method
+    408: grpc.StatusCode.DEADLINE_EXCEEDED,  # request headers too slow
+    413: grpc.StatusCode.RESOURCE_EXHAUSTED,  # body too large
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,  # rate limit
+    431: grpc.StatusCode.RESOURCE_EXHAUSTED,  # headers too large
+    500: grpc.StatusCode.INTERNAL,
+    502: grpc.StatusCode.UNAVAILABLE,
+    503: grpc.StatusCode.UNAVAILABLE,  # no healthy replica, connect failure, reset
+    504: grpc.StatusCode.DEADLINE_EXCEEDED,  # route timeout
+}
+UNKNOWN_CODE = grpc.StatusCode.UNKNOWN
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _seconds(value: float) -> str:
+    """A protobuf Duration in JSON form."""
+    return f"{value:.3f}s"
+
+
+def _typed(type_name: str, **fields: Any) -> dict[str, Any]:
+    return {"@type": f"type.googleapis.com/{type_name}", **fields}
+
+
+def _b64url_uint(value: int) -> str:
+    raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+
+
+def jwks(keys: JwtKeys) -> dict[str, Any]:
+    """The JSON Web Key Set that lets `jwt_authn` verify what `keys` verifies.
+
+    HS256: the shared secret as an `oct` key. RS256: the public key's modulus and exponent (RFC 7518
+    §6.3.1, base64url big-endian); `ValueError` if the PEM is not an RSA public key.
+    """
+    if keys.algorithm == "HS256":
+        secret = base64.urlsafe_b64encode(keys.verify_key.encode()).rstrip(b"=").decode()
+        return {"keys": [{"kty": "oct", "alg": "HS256", "k": secret}]}
+    if keys.algorithm == "RS256":
+        try:
+            public_key = serialization.load_pem_public_key(keys.verify_key.encode())
+        except ValueError as exc:
+            raise ValueError(
+                f"the JWT public key is not a PEM public key ({exc}); create a key pair with"
+                " `chatmesh keygen`"
+            ) from exc
+        if not isinstance(public_key, rsa.RSAPublicKey):
+            raise ValueError(
+                "the JWT public key must be an RSA key for RS256; create one with `chatmesh keygen`"
+            )
+        numbers = public_key.public_numbers()
+        return {
+            "keys": [
+                {
+                    "kty": "RSA",
+                    "alg": "RS256",
+                    "use": "sig",
+                    "n": _b64url_uint(numbers.n),
+                    "e": _b64url_uint(numbers.e),
+                }
+            ]
+        }
+    raise ValueError(f"the gateway cannot check {keys.algorithm} tokens; use HS256 or RS256")
+
+
+def _local_reply_config() -> dict[str, Any]:
+    # REST requests only: a gRPC client's local replies must stay gRPC (grpc-status/grpc-message), not
+    # JSON. A transcoded request has a gRPC content type by now, but carries x-envoy-original-path.
+    rest = {
+        "or_filter": {
+            "filters": [
+                {"header_filter": {"header": {"name": "x-envoy-original-path", "present_match": True}}},
+                {
+                    "header_filter": {
+                        "header": {
+                            "name": "content-type",
+                            "string_match": {"prefix": "application/grpc"},
+                            "invert_match": True,
+                            # A GET without a content type is REST too.
+                            "treat_missing_header_as_empty": True,
+                        }
+                    }
+                },
+            ]
+        }
+    }
+
+    def json_body(code: grpc.StatusCode) -> dict[str, Any]:
+        return {
+            "json_format": {"code": code.name, "message": "%LOCAL_REPLY_BODY%"},
+            "content_type": "application/json",
+        }
+
+    mappers = [
+        {
+            "filter": {
+                "and_filter": {
+                    "filters": [
+                        rest,
+                        {
+                            "status_code_filter": {
+                                "comparison": {
+                                    "op": "EQ",
+                                    "value": {"default_value": status, "runtime_key": f"lr_{status}"},
+                                }
+                            }
+                        },
+                    ]
+                }
+            },
+            "body_format_override": json_body(code),
+        }
+        for status, code in LOCAL_REPLY_CODES.items()
+    ]
+    mappers.append({"filter": rest, "body_format_override": json_body(UNKNOWN_CODE)})
+    return {"mappers": mappers}
+
+
+def _rest_error_code_names_lua() -> str:
+    """Lua for the one REST error vocabulary: a gRPC error the transcoder turns into a REST reply
+    (`convert_grpc_status`, which keeps the status details) is a google.rpc.Status whose `code` is
+    its number; this renames it, so that every REST error says `"code": "NOT_FOUND"` like Envoy's own
+    replies (`LOCAL_REPLY_CODES`) and the `error` event of a stream do.
+
+    Only non-200 JSON replies are touched (a transcoded error); successes and native gRPC replies,
+    whose HTTP status is always 200, pass straight through without their body being buffered."""
+    names = ", ".join(f'[{code.value[0]}] = "{code.name}"' for code in grpc.StatusCode)
+    return f"""local NAMES = {{{names}}}
+local PREFIX = '{{"code":'
+
+function envoy_on_response(handle)
+  local headers = handle:headers()
+  if headers:get(":status") == "200" or headers:get("content-type") ~= "application/json" then
+    return
+  end
+  local body = handle:body()
+  if body == nil then
+    return
+  end
+  local text = body:getBytes(0, body:length())
+  local digits = string.match(text, "^" .. PREFIX .. "(%d+)")
+  local name = digits and NAMES[tonumber(digits)]
+  if name then
+    body:setBytes(PREFIX .. '"' .. name .. '"' .. string.sub(text, #PREFIX + #digits + 1))
+  end
+end
+"""
+
+
+def _retry_policy(
+    retry_on: str, settings: GatewaySettings, per_try_timeout_s: float | None
+) -> dict[str, Any]:
+    policy: dict[str, Any] = {
+        "retry_on": retry_on,
+        "num_retries": settings.max_retries,
+        # A retry goes to another replica whenever there is one.
+        "retry_host_predicate": [
+            {
+                "name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": _typed(
+                    "envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
+                ),
+            }
+        ],
+        "host_selection_retry_max_attempts": 3,
+        "retry_back_off": {"base_interval": "0.025s", "max_interval": "0.250s"},
+    }
+    if per_try_timeout_s is not None:
+        policy["per_try_timeout"] = _seconds(per_try_timeout_s)
+    return policy
+
+
+def _rate_limit_per_route(settings: GatewaySettings) -> dict[str, Any]:
+    bucket = {
+        "max_tokens": settings.rate_limit_burst,
+        "tokens_per_fill": settings.rate_limit_per_s,
+        "fill_interval": "1s",
+    }
+    return _typed(
+        "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+        stat_prefix="per_user",
+        # Required on a route; only used for a request without a user, which jwt_authn never lets by.
+        token_bucket=bucket,
+        filter_enabled={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        filter_enforced={"default_value": {"numerator": 100, "denominator": "HUNDRED"}},
+        # An empty value is a wildcard: one bucket per distinct user, kept in an LRU of this size.
+        descriptors=[{"entries": [{"key": "user", "value": ""}], "token_bucket": bucket}],
+        max_dynamic_descriptors=settings.rate_limit_max_users,
+        always_consume_default_token_bucket=False,
+        # One descriptor per request: the verified token subject (set by jwt_authn).
+        rate_limits=[
+            {"actions": [{"request_headers": {"header_name": USER_HEADER, "descriptor_key": "user"}}]}
+        ],
+        # gRPC clients get RESOURCE_EXHAUSTED (the default, UNAVAILABLE, invites immediate retries).
+        rate_limited_as_resource_exhausted=True,
+        enable_x_ratelimit_headers="DRAFT_VERSION_03",
+    )
+
+
+def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, Any]]:
+    # One exact route per method of the descriptor: every call the service has is rate-limited per
+    # user, and a gRPC call to a method it does not have never reaches a replica (404 below, which
+    # gRPC clients see as UNIMPLEMENTED).
+    per_route: dict[str, Any] = (
+        {"envoy.filters.http.local_ratelimit": _rate_limit_per_route(settings)}
+        if settings.rate_limit_per_s > 0
+        else {}
+    )
+    # Streaming calls: only retry when the request certainly never reached a replica (connection
+    # refused or failed, HTTP/2 REFUSED_STREAM, reset before sending). A reset or timeout later may mean
+    # a replica already stored the user message and started generating; Envoy never retries once
+    # response headers have been forwarded anyway. No overall timeout but completion_timeout_s: a reply
+    # streams for as long as the model generates (stream_idle_timeout_s cuts a stream gone quiet).
+    streaming_action = {
+        "timeout": _seconds(settings.completion_timeout_s),
+        "retry_policy": _retry_policy("connect-failure,refused-stream,reset-before-request", settings, None),
+    }
+    # Unary calls (reads, updates, deletes) are idempotent: any reset or UNAVAILABLE may go to another
+    # replica. (A retried delete that had in fact succeeded answers NOT_FOUND, which the chat now is.)
+    attempts = settings.max_retries + 1
+    unary_action = {
+        "timeout": _seconds(settings.unary_timeout_s),
+        "retry_policy": _retry_policy(
+            "connect-failure,refused-stream,reset,unavailable",
+            settings,
+            settings.unary_timeout_s / attempts,
+        ),
+    }
+
+    def route(method: Method) -> dict[str, Any]:
+        entry: dict[str, Any] = {
+            "name": method.grpc_path,
+            "match": {"path": method.grpc_path, "grpc": {}},
+            "route": {
+                "cluster": "chat",
+                # A gRPC client's own deadline (grpc-timeout) applies as is.
+                "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+                **(streaming_action if method.streaming else unary_action),
+            },
+        }
+        if per_route:
+            entry["typed_per_filter_config"] = per_route
+        return entry
+
+    return [route(method) for method in api.methods]
+
+
+def _route_config(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
+    not_found = f"no such endpoint; the API is {api.endpoint_summary()}"
+    # Health and reflection stay private: Envoy health-checks the replicas directly, and a public
+    # health endpoint of one replica behind a load balancer says nothing useful. gRPC callers get
+    # UNIMPLEMENTED, REST callers 404.
+    private = [
+        {
+            "match": {"prefix": prefix},
+            "direct_response": {"status": 404, "body": {"inline_string": not_found}},
+        }
+        for prefix in ("/grpc.health.v1.Health/", "/grpc.reflection.")
+    ]
+    # The transcoder rewrites every request it maps (path and method) before routing, so a request
+    # still on a REST path here used a verb that path does not have.
+    wrong_method = []
+    for path in api.rest_paths():
+        allowed = ", ".join(path.verbs)
+        wrong_method.append(
+            {
+                "name": f"method-not-allowed {path.template}",
+                "match": {"safe_regex": {"regex": path.path_regex}},
+                "direct_response": {
+                    "status": 405,
+                    "body": {"inline_string": f"method not allowed; {path.template} takes {allowed}"},
+                },
+                "response_headers_to_add": [
+                    {
+                        "header": {"key": "allow", "value": allowed},
+                        "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                    }
+                ],
+            }
+        )
+    fallback = {
+        "match": {"prefix": "/"},
+        "direct_response": {"status": 404, "body": {"inline_string": not_found}},
+    }
+    return {
+        "name": "public",
+        "virtual_hosts": [
+            {
+                "name": "chatmesh",
+                "domains": ["*"],
+                "routes": [*_chat_routes(settings, api), *private, *wrong_method, fallback],
+            }
+        ],
+    }
+
+
+def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: Path) -> list[dict[str, Any]]:
+    provider: dict[str, Any] = {
+        "local_jwks": {"inline_string": json.dumps(jwks(settings.jwt_keys()))},
+        # Only the Authorization header (not the default `access_token` query parameter, which the
+        # transcoder would reject as an unknown field anyway).
+        "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
+        # The chat service verifies the token again and takes the user from it.
+        "forward": True,
+        "claim_to_headers": [{"header_name": USER_HEADER, "claim_name": "sub"}],
+        "clock_skew_seconds": settings.jwt_clock_skew_s,
+        # Verified tokens are cached until they expire (the cache is off by default), so a client's
+        # repeated calls skip the signature check and the JSON parsing.
+        "jwt_cache_config": {"jwt_cache_size": settings.jwt_cache_size},
+        "require_expiration": True,
+    }
+    if settings.jwt_issuer:
+        provider["issuer"] = settings.jwt_issuer
+    if settings.jwt_audience:
+        provider["audiences"] = [settings.jwt_audience]
+    filters = [
+        {
+            # Before the transcoder, so that it sees the transcoder's responses (encoding runs in
+            # reverse order): see _rest_error_code_names_lua.
+            "name": "envoy.filters.http.lua",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.lua.v3.Lua",
+                default_source_code={"inline_string": _rest_error_code_names_lua()},
+            ),
+        },
+        {
+            # The first filter to touch a request, so that everything after it (JWT rules, rate limit,
+            # routes) sees one path space: REST requests rewritten to /<package>.<Service>/<Method>;
+            # gRPC passes through.
+            "name": "envoy.filters.http.grpc_json_transcoder",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
+                proto_descriptor=str(descriptor_path),
+                services=[api.service],
+                print_options={
+                    "preserve_proto_field_names": True,
+                    "always_print_primitive_fields": False,
+                    "always_print_enums_as_ints": False,
+                    # Each CompletionEvent goes out as its own `data: {...}` event, as soon as it arrives.
+                    "stream_sse_style_delimited": True,
+                },
+                # gRPC errors before any reply become the HTTP status plus {"code", "message"}.
+                convert_grpc_status=True,
+                request_validation_options={
+                    # A known path with a query parameter that binds to nothing is a 400, not a pass-through.
+                    "reject_unknown_query_parameters": True,
+                    "reject_binding_body_field_collisions": True,
+                },
+                case_insensitive_enum_parsing=True,
+                max_request_body_size=1024 * 1024,
+            ),
+        },
+        {
+            "name": "envoy.filters.http.jwt_authn",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+                providers={"chatmesh": provider},
+                rules=[{"match": {"prefix": api.grpc_prefix}, "requires": {"provider_name": "chatmesh"}}],
+            ),
+        },
+    ]
+    if settings.rate_limit_per_s > 0:
+        filters.append(
+            {
+                "name": "envoy.filters.http.local_ratelimit",
+                # Disabled here; the ChatService routes carry the per-user configuration.
+                "typed_config": _typed(
+                    "envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit",
+                    stat_prefix="per_user",
+                ),
+            }
+        )
+    filters.append(
+        {
+            "name": "envoy.filters.http.router",
+            "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+        }
+    )
+    return filters
+
+
+def _chat_cluster(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
+    endpoints = [split_host_port(address) for address in settings.chat_addresses]
+    return {
+        "name": "chat",
+        "type": "STATIC" if all(_is_ip(host) for host, _ in endpoints) else "STRICT_DNS",
+        "connect_timeout": _seconds(settings.connect_timeout_s),
+        # Completions hold a replica for seconds, list calls for a millisecond: least-request spreads
+        # the long streams instead of counting turns.
+        "lb_policy": "LEAST_REQUEST",
+        "load_assignment": {
+            "cluster_name": "chat",
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                        for host, port in endpoints
+                    ]
+                }
+            ],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={
+                    "http2_protocol_options": {
+                        # Notices a replica that vanished without closing its connections.
+                        "connection_keepalive": {"interval": "30s", "timeout": "5s"},
+                    }
+                },
+            )
+        },
+        "health_checks": [
+            {
+                "timeout": _seconds(settings.health_check_timeout_s),
+                "interval": _seconds(settings.health_check_interval_s),
+                # Keep checking at the normal pace while the cluster is idle (the default is 60 s).
+                "no_traffic_interval": _seconds(settings.health_check_interval_s),
+                "unhealthy_threshold": settings.unhealthy_threshold,
+                "healthy_threshold": settings.healthy_threshold,
+                # A replica reports NOT_SERVING for this service while it drains on SIGTERM.
+                "grpc_health_check": {"service_name": api.service},
+            }
+        ],
+        "outlier_detection": {
+            # gRPC statuses count as their HTTP equivalents (UNAVAILABLE = 503, INTERNAL = 500).
+            "consecutive_5xx": settings.outlier_consecutive_errors,
+            "consecutive_gateway_failure": settings.outlier_consecutive_errors,
+            "interval": "5s",
+            "base_ejection_time": _seconds(settings.outlier_base_ejection_s),
+            # Never eject so many replicas that the rest drown; with two, at most one goes.
+            "max_ejection_percent": settings.outlier_max_ejection_percent,
+            "split_external_local_origin_errors": True,
+            "consecutive_local_origin_failure": 3,
+        },
+        "common_lb_config": {
+            # Never send calls to replicas known to be down, however few are left healthy.
+            "healthy_panic_threshold": {"value": 0},
+        },
+        "circuit_breakers": {
+            "thresholds": [
+                {
+                    "priority": "DEFAULT",
+                    "max_connections": settings.max_upstream_requests,
+                    "max_pending_requests": settings.max_upstream_requests,
+                    "max_requests": settings.max_upstream_requests,
+                    "max_retries": max(3, settings.max_upstream_requests // 10),
+                }
+            ]
+        },
+    }
+
+
+def descriptor_path_for(settings: GatewaySettings, descriptor_path: Path | None = None) -> Path:
+    """The descriptor set to transcode with: the argument, else the setting, else the packaged one."""
+    return (descriptor_path or settings.descriptor_path or default_descriptor_path()).resolve()
+
+
+def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None = None) -> dict[str, Any]:
+    """The Envoy bootstrap for `settings` as a dictionary (see `render_envoy_config`)."""
+    descriptor_path = descriptor_path_for(settings, descriptor_path)
+    api = ServiceApi.load(descriptor_path)
+    hcm: dict[str, Any] = {
+        "stat_prefix": "public",
+        # HTTP/1.1 for REST clients and HTTP/2 (prior knowledge, as gRPC clients speak it) on one port.
+        "codec_type": "AUTO",
+        "use_remote_address": True,
+        "normalize_path": True,
+        "merge_slashes": True,
+        "stream_idle_timeout": _seconds(settings.stream_idle_timeout_s),
+        "request_headers_timeout": "10s",
+        "common_http_protocol_options": {
+            "idle_timeout": "3600s",
+            "headers_with_underscores_action": "REJECT_REQUEST",
+        },
+        "http2_protocol_options": {"max_concurrent_streams": 1024},
+        "local_reply_config": _local_reply_config(),
+        "route_config": _route_config(settings, api),
+        "http_filters": _http_filters(settings, api, descriptor_path),
+    }
+    if settings.access_log:
+        hcm["access_log"] = [
+            {
+                "name": "envoy.access_loggers.stdout",
+                "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"),
+            }
+        ]
+    return {
+        "admin": {
+            "address": {"socket_address": {"address": settings.admin_host, "port_value": settings.admin_port}}
+        },
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "public",
+                    "address": {
+                        "socket_address": {
+                            "address": settings.listen_host,
+                            "port_value": settings.listen_port,
+                        }
+                    },
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {
+                                    "name": "envoy.filters.network.http_connection_manager",
+                                    "typed_config": _typed(
+                                        "envoy.extensions.filters.network.http_connection_manager.v3."
+                                        "HttpConnectionManager",
+                                        **hcm,
+                                    ),
+                                }
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": [_chat_cluster(settings, api)],
+        },
+        # A cap on downstream connections (Envoy warns at start-up when there is none).
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": _typed(
+                        "envoy.extensions.resource_monitors.downstream_connections.v3."
+                        "DownstreamConnectionsConfig",
+                        max_active_downstream_connections=50_000,
+                    ),
+                }
+            ]
+        },
+    }
+
+
+def render_envoy_config(settings: GatewaySettings, descriptor_path: Path | None = None) -> str:
+    """The Envoy bootstrap for `settings` as JSON text; `descriptor_path` is the transcoder's
+    descriptor set (default: `settings.descriptor_path`, else the one shipped in this package)."""
+    return json.dumps(build_envoy_config(settings, descriptor_path), indent=2) + "\n"

@@ -1,0 +1,168 @@
+"""Running Envoy: start it on a rendered config, wait until it is ready, read its admin interface, stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatmesh.gateway.config import render_envoy_config
+from chatmesh.gateway.settings import GatewaySettings, split_host_port
+from chatmesh.gateway.validate import envoy_binary
+
+# The admin interface is local: never send its requests through an HTTP proxy from the environment.
+_ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _admin_get(url: str, timeout_s: float) -> tuple[int, str]:
+    try:
+        with _ADMIN_OPENER.open(url, timeout=timeout_s) as response:
+            return int(response.status), response.read().decode(errors="replace")
+    except urllib.error.HTTPError as exc:  # a status other than 2xx still has a body worth showing
+        return exc.code, exc.read().decode(errors="replace")
+
+
+@dataclass
+class EnvoyProcess:
+    """A running Envoy started by `run_envoy`."""
+
+    process: asyncio.subprocess.Process
+    config_path: Path
+    log_path: Path
+    listen_address: str
+    admin_address: str
+
+    @property
+    def base_url(self) -> str:
+        """`http://host:port` of the public listener."""
+        return f"http://{self.listen_address}"
+
+    def log_tail(self, max_chars: int = 4000) -> str:
+        """The end of Envoy's log, for error messages."""
+        return self.log_path.read_text(errors="replace")[-max_chars:]
+
+    async def admin_get(self, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
+        """GET `path` (e.g. `/clusters`, `/stats?filter=...`) from the admin interface: (status, body).
+
+        Raises `OSError` (connection refused, ...) or `TimeoutError` when the admin does not answer."""
+        # urllib blocks, so it runs in a thread; the admin answers in microseconds.
+        return await asyncio.to_thread(_admin_get, f"http://{self.admin_address}{path}", timeout_s)
+
+    async def stats(self, filter_regex: str = "") -> dict[str, int]:
+        """Counters and gauges whose names match `filter_regex`, by name."""
+        query = f"?usedonly&filter={urllib.parse.quote(filter_regex)}" if filter_regex else "?usedonly"
+        status, body = await self.admin_get(f"/stats{query}")
+        if status != 200:
+            raise RuntimeError(f"admin /stats answered {status}: {body[:200]}")
+        result: dict[str, int] = {}
+        for line in body.splitlines():
+            name, sep, value = line.partition(": ")
+            if sep and value.strip().lstrip("-").isdigit():
+                result[name] = int(value)
+        return result
+
+
+def _connectable_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+
+
+async def _wait_ready(envoy: EnvoyProcess, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    problem = "no answer yet"
+    while time.monotonic() < deadline:
+        if envoy.process.returncode is not None:
+            raise RuntimeError(
+                f"envoy exited with code {envoy.process.returncode} while starting:\n{envoy.log_tail()}"
+            )
+        try:
+            # LIVE once initialised, which includes the first health-check round of every replica.
+            status, body = await envoy.admin_get("/ready", timeout_s=1.0)
+            if status == 200 and body.strip() == "LIVE":
+                host, port = split_host_port(envoy.listen_address)
+                _, writer = await asyncio.open_connection(host, port)
+                writer.close()
+                return
+            problem = f"/ready: {status} {body.strip()}"
+        except (OSError, TimeoutError) as exc:
+            problem = repr(exc)
+        await asyncio.sleep(0.1)  # polling a process we do not control: there is nothing to await
+    raise RuntimeError(f"envoy not ready after {timeout_s:.0f} s ({problem}):\n{envoy.log_tail()}")
+
+
+def _write_config(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@contextlib.asynccontextmanager
+async def run_envoy(
+    settings: GatewaySettings,
+    workdir: Path,
+    descriptor_path: Path | None = None,
+    ready_timeout_s: float = 30.0,
+) -> AsyncIterator[EnvoyProcess]:
+    """Write the config into `workdir`, run Envoy until the block ends, yield it once it is ready.
+
+    Ready means the admin interface reports LIVE (Envoy has initialised, including the first health
+    check of each replica) and the public listener accepts connections. On exit Envoy gets SIGTERM
+    (SIGKILL after 10 s). Raises `RuntimeError` with the log's tail if Envoy fails to start.
+    """
+    config_path = workdir / "envoy.json"
+    log_path = workdir / "envoy.log"
+    await asyncio.to_thread(_write_config, config_path, render_envoy_config(settings, descriptor_path))
+    args = [
+        str(envoy_binary(settings)),
+        "-c",
+        str(config_path),
+        "--log-level",
+        settings.log_level,
+        # Hot restart shares memory between Envoys on one machine; several gateways (tests) must not.
+        "--disable-hot-restart",
+    ]
+    if settings.concurrency is not None:
+        args += ["--concurrency", str(settings.concurrency)]
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+        )
+    envoy = EnvoyProcess(
+        process=process,
+        config_path=config_path,
+        log_path=log_path,
+        listen_address=f"{_connectable_host(settings.listen_host)}:{settings.listen_port}",
+        admin_address=f"{_connectable_host(settings.admin_host)}:{settings.admin_port}",
+    )
+    try:
+        await _wait_ready(envoy, ready_timeout_s)
+        yield envoy
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 10.0)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+
+
+async def serve(settings: GatewaySettings, workdir: Path) -> None:
+    """Run the gateway until SIGTERM/SIGINT; `RuntimeError` if Envoy exits by itself."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with run_envoy(settings, workdir) as envoy:
+        print(f"gateway ready on {envoy.base_url} (admin {envoy.admin_address}); log: {envoy.log_path}")
+        exited = asyncio.ensure_future(envoy.process.wait())
+        waiting = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([exited, waiting], return_when=asyncio.FIRST_COMPLETED)
+        waiting.cancel()
+        if exited.done():
+            raise RuntimeError(f"envoy exited with code {exited.result()}:\n{envoy.log_tail()}")

