@@ -3,18 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
-from chat_service.storage.base import ConversationStore
+from chat_service.storage.base import NOT_COUNTED, ConversationStore
 from chatmesh.common.errors import ChatmeshError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -65,33 +64,91 @@ async def _prepend(
         yield event
 
 
-class _Broadcast:
-    """Events of one in-flight completion, replayable to a retry that joins it."""
+def _is_terminal(event: CompletionEvent) -> bool:
+    return isinstance(event, Finished | Failed)
 
-    def __init__(self) -> None:
+
+class _Running:
+    """One completion running in this process, followed by every request for it: the one that started it
+    and the retries (same request id) that joined it.
+
+    A task of its own drives the completion, so it does not belong to any one caller: it runs while
+    anyone follows it. Each follower sees every event from the first, and exactly one terminal event:
+    `Finished`, or `Failed` followed by its error raised (the error then becomes the call's status). A
+    failure before the stream started has no event, only the raised error.
+
+    When the last follower leaves (cancelled, or its client went away), the completion is *abandoned*:
+    the task is cancelled, which stores the reply so far marked cancelled and stops the engine, and the
+    follower waits for that before its call ends. A retry arriving meanwhile must not follow it (nobody
+    would see a terminal event): it waits until the task is done and then finds the stored reply.
+    """
+
+    def __init__(self, events: AsyncGenerator[CompletionEvent, None]) -> None:
         self._events: list[CompletionEvent] = []
-        self._closed = False
         self._changed = asyncio.Event()
+        self._followers = 0
+        self._error: BaseException | None = None
+        self.abandoned = False
+        self._task = asyncio.create_task(self._run(events))
 
-    def publish(self, event: CompletionEvent) -> None:
-        self._events.append(event)
-        self._changed.set()
-        self._changed = asyncio.Event()
+    def when_done(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the task is done (also if it was cancelled before it ever ran)."""
+        self._task.add_done_callback(lambda _: callback())
 
-    def close(self) -> None:
-        self._closed = True
-        self._changed.set()
+    async def _run(self, source: AsyncGenerator[CompletionEvent, None]) -> None:
+        try:
+            async with aclosing(source) as events:
+                async for event in events:
+                    self._events.append(event)
+                    self._changed.set()
+                    self._changed = asyncio.Event()
+        except asyncio.CancelledError:
+            raise  # abandoned: the source stored what there was
+        except Exception as exc:
+            # Every follower raises it (after the `Failed` event carrying it, if the stream started).
+            self._error = exc
+            if self._followers == 0:
+                log.warning("a completion nobody follows failed", exc_info=exc)
+        finally:
+            self._changed.set()
+
+    async def finished(self) -> None:
+        """Wait until the task is done, without raising its outcome and without cancelling it."""
+        await asyncio.wait({self._task})
 
     async def follow(self) -> AsyncGenerator[CompletionEvent, None]:
+        """Every event from the first, until the terminal one; then raise the error of a failure."""
+        assert not self.abandoned, "an abandoned completion has no terminal event for a new follower"
+        self._followers += 1
         seen = 0
-        while True:
-            changed = self._changed
-            while seen < len(self._events):
-                yield self._events[seen]
-                seen += 1
-            if self._closed:
-                return
-            await changed.wait()
+        try:
+            while True:
+                changed = self._changed
+                while seen < len(self._events):
+                    event = self._events[seen]
+                    seen += 1
+                    yield event
+                    if isinstance(event, Failed):
+                        raise event.error
+                    if isinstance(event, Finished):
+                        return
+                if self._task.done():
+                    break
+                await changed.wait()
+        finally:
+            self._followers -= 1
+            ended = self._task.done() or any(_is_terminal(e) for e in self._events[-1:])
+            if self._followers == 0 and not ended:
+                self.abandoned = True
+                self._task.cancel()
+                # The stored partial reply is part of this call: a client that reads the chat after its
+                # cancel took effect finds it.
+                await self.finished()
+        # The task ended without a terminal event: it failed before the stream started, or the whole
+        # process is shutting down and cancelled it.
+        if self._error is not None:
+            raise self._error
+        raise Unavailable("the completion was interrupted; retry with the same request_id")
 
 
 class Conversations:
@@ -111,7 +168,7 @@ class Conversations:
         self._engine = engine
         self._default_strategy = default_strategy
         # Completions running in this process, by user message id, so a retry can join one.
-        self._in_flight: dict[uuid.UUID, _Broadcast] = {}
+        self._in_flight: dict[uuid.UUID, _Running] = {}
 
     @property
     def engine(self) -> EngineInfo:
@@ -153,35 +210,95 @@ class Conversations:
         sampling: SamplingOptions,
         request_id: str | None,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """Store the user message, stream the reply, store the reply."""
+        """Store the user message, stream the reply, store the reply (with the message's token count).
+
+        A retry (same `request_id`) joins the completion if it is still running here, returns the stored
+        reply if there is one (a cancelled one included, with `FinishReason.CANCELLED`), and generates
+        it otherwise. Either way the stream ends with exactly one `Finished`, or one `Failed` followed by
+        its error raised.
+        """
         # Everything before the first token is on the user's clock: the engine counts the message's
-        # tokens while the store checks the chat and reads its history, and one transaction does it all.
+        # tokens while the store checks the chat, reads its history and stores the message. The count is
+        # not needed before the prompt is built, and is recorded with the reply: no transaction waits
+        # on the engine.
         received = time.perf_counter()
         counting = asyncio.ensure_future(self._inference.count_tokens([PromptMessage("user", content)]))
         try:
-            turn = await self._store.start_turn(user_id, chat_id, content, counting, request_id)
-        finally:
-            if not counting.done():
-                counting.cancel()  # the store failed first (e.g. not the user's chat)
-            elif not counting.cancelled():
-                counting.exception()  # retrieved, so an error the store already surfaced is not logged twice
-        if not turn.created:
-            async with aclosing(self._replay(turn.chat, turn.message, sampling)) as replayed:
-                async for event in replayed:
-                    yield event
-            return
-        broadcast = _Broadcast()
-        self._in_flight[turn.message.id] = broadcast
-        try:
+            turn = await self._store.start_turn(user_id, chat_id, content, request_id)
+        except BaseException:
+            _discard(counting)  # e.g. not the user's chat: the store's error is the one to report
+            raise
+        if turn.created:
+            running = self._run(
+                turn.message.id,
+                lambda: self._generate(turn.chat, turn.message, sampling, turn.history, counting, received),
+            )
+            # Normally the generation consumes the count; not if it is cancelled before it starts.
+            running.when_done(lambda: _discard(counting))
+        else:
+            # A retry: the stored message is (being) counted by the request that stored it.
+            _discard(counting)
+            running = await self._join(turn.chat, turn.message, sampling)
+        async with aclosing(running.follow()) as events:
+            async for event in events:
+                yield event
+
+    def _run(
+        self, message_id: uuid.UUID, events: Callable[[], AsyncGenerator[CompletionEvent, None]]
+    ) -> _Running:
+        """The completion of `message_id` running here, started from `events` if there is none yet.
+
+        Synchronous, so that checking and registering cannot interleave with another request's.
+        """
+        running = self._in_flight.get(message_id)
+        if running is not None and not running.abandoned:
+            return running
+        # (An abandoned one is still winding down; its successor replaces it in the registry.)
+        started = _Running(events())
+        self._in_flight[message_id] = started
+        started.when_done(lambda: self._forget(message_id, started))
+        return started
+
+    def _forget(self, message_id: uuid.UUID, running: _Running) -> None:
+        if self._in_flight.get(message_id) is running:
+            del self._in_flight[message_id]
+
+    async def _join(self, chat: Chat, user_message: Message, sampling: SamplingOptions) -> _Running:
+        """The running completion for a retried message, or a new one that replays or regenerates it."""
+        while (running := self._in_flight.get(user_message.id)) is not None and running.abandoned:
+            # Its last caller left and it is storing the partial reply: wait for that reply.
+            await running.finished()
+            self._forget(user_message.id, running)  # now, rather than when its done-callback runs
+        if running is not None:
+            return running
+        return self._run(user_message.id, lambda: self._resume(chat, user_message, sampling))
+
+    async def _resume(
+        self, chat: Chat, user_message: Message, sampling: SamplingOptions
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """A retried message that nothing here is completing: return its stored reply, else (the first
+        attempt failed, or died elsewhere) generate it now.
+
+        Registered as running before the reply is looked up, so a completion of this message that ended
+        earlier has stored its reply by then, and none can start meanwhile."""
+        reply = await self._store.find_reply(chat.user_id, user_message.id)
+        if reply is None:
+            counting = None
+            if user_message.token_count == NOT_COUNTED:
+                prompt = [PromptMessage("user", user_message.content)]
+                counting = asyncio.ensure_future(self._inference.count_tokens(prompt))
             async with aclosing(
-                self._generate(turn.chat, turn.message, sampling, turn.history, received)
+                self._generate(chat, user_message, sampling, None, counting, time.perf_counter())
             ) as events:
                 async for event in events:
-                    broadcast.publish(event)
                     yield event
-        finally:
-            broadcast.close()
-            del self._in_flight[turn.message.id]
+            return
+        yield Started(chat.id, user_message.id)
+        if reply.content:
+            yield Delta(reply.content)
+        yield Finished(
+            reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
+        )
 
     async def _generate(
         self,
@@ -189,10 +306,12 @@ class Conversations:
         user_message: Message,
         sampling: SamplingOptions,
         history: Sequence[Message] | None,
+        counting: asyncio.Future[int] | None,
         received: float,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Stream and store the reply to `user_message`; `history` (through that message) saves a read.
-        `received` is when the request arrived, for the time-to-first-token log."""
+        `counting` counts the user message's tokens if that is still to be done (the count is recorded
+        with the reply). `received` is when the request arrived, for the time-to-first-token log."""
         max_tokens = sampling.max_tokens or self._engine.default_max_tokens
         sampling = SamplingOptions(max_tokens, sampling.temperature, sampling.top_p, sampling.seed)
         request_id = str(user_message.id)
@@ -201,7 +320,9 @@ class Conversations:
         started = received
         # The prompt is built and the engine started while the first event goes out: both sit on the
         # path to the first token.
-        opening = asyncio.ensure_future(self._open_stream(chat, user_message, history, sampling, request_id))
+        opening = asyncio.ensure_future(
+            self._open_stream(chat, user_message, history, counting, sampling, request_id)
+        )
         first_token_s: float | None = None
         try:
             yield Started(chat.id, user_message.id)
@@ -216,24 +337,42 @@ class Conversations:
                         yield Delta(event)
                         if first_token_s is None:
                             first_token_s = time.perf_counter() - started
+            if finished is None:
+                raise Unavailable("the inference service ended the stream without finishing; retry")
+            reply = await self._store_reply(
+                chat, user_message, pieces, finished.finish_reason, finished, _counted(counting)
+            )
         except (asyncio.CancelledError, GeneratorExit):
-            # The client went away (cancelled while we awaited, or closed while we yielded): keep what
-            # it already saw, marked as stopped (as ChatGPT does), and stop the engine.
+            # Nobody follows any more (cancelled while we awaited, or closed while we yielded): keep what
+            # was generated, marked as stopped (as ChatGPT does), and stop the engine.
             await asyncio.shield(self._abandon(opening))
-            await asyncio.shield(self._store_reply(chat, user_message, pieces, FinishReason.CANCELLED, None))
+            await asyncio.shield(
+                self._store_reply(
+                    chat, user_message, pieces, FinishReason.CANCELLED, None, _counted(counting)
+                )
+            )
             raise
         except ChatmeshError as exc:
             # The user message stays; no half-written reply is stored. The stream already started, so
-            # the error travels as an event before the status (HTTP clients see only the event).
-            yield Failed(
-                exc if not isinstance(exc, Unavailable) else Unavailable(f"generation failed: {exc}")
-            )
-            raise
-        if finished is None:
-            error = Unavailable("the inference service ended the stream without finishing; retry")
+            # the error travels as an event before the status (HTTP clients see only the event), and
+            # both say the same.
+            await self._keep_count(user_message, counting)
+            if not isinstance(exc, Unavailable):
+                yield Failed(exc)
+                raise
+            error = Unavailable(f"generation failed: {exc}")
             yield Failed(error)
-            raise error
-        reply = await self._store_reply(chat, user_message, pieces, finished.finish_reason, finished)
+            raise error from exc
+        except Exception as exc:
+            # A bug or an unexpected failure (e.g. of the database driver): still exactly one terminal
+            # event for every follower, and the details in the log rather than in the reply.
+            log.exception("completion failed", extra={"chat_id": str(chat.id)})
+            await self._keep_count(user_message, counting)
+            internal = ChatmeshError("the completion failed unexpectedly; see the chat service log")
+            yield Failed(internal)
+            raise internal from exc
+        finally:
+            _discard(counting)
         log.info(
             "completion stored",
             extra={
@@ -252,6 +391,7 @@ class Conversations:
         chat: Chat,
         user_message: Message,
         history: Sequence[Message] | None,
+        counting: asyncio.Future[int] | None,
         sampling: SamplingOptions,
         request_id: str,
     ) -> tuple[AsyncGenerator[str | Generated, None], str | Generated, float]:
@@ -260,6 +400,10 @@ class Conversations:
         if history is None:
             stored = await self._store.history(chat.user_id, chat.id)
             history = [m for m in stored if m.seq <= user_message.seq]
+        if counting is not None:
+            # The window strategy reads the messages' token counts, the new message's included.
+            counted = replace(user_message, token_count=await counting)
+            history = [counted if m.id == counted.id else m for m in history]
         assert sampling.max_tokens is not None
         prompt = await self._history.build(chat, history, sampling.max_tokens, request_id)
         stream = self._inference.generate(prompt, sampling, request_id)
@@ -275,12 +419,16 @@ class Conversations:
         opening: asyncio.Future[tuple[AsyncGenerator[str | Generated, None], str | Generated, float]],
     ) -> None:
         """Stop a stream that `_open_stream` may still be opening."""
-        if not opening.done():
-            opening.cancel()
-            with contextlib.suppress(BaseException):
-                await opening
-        elif not opening.cancelled() and opening.exception() is None:
-            await opening.result()[0].aclose()
+        opening.cancel()
+        try:
+            stream = (await opening)[0]
+        except asyncio.CancelledError:
+            return  # stopped before the engine started (or while it sent its first event)
+        except Exception:
+            # It failed on its own just as nobody was waiting any more: nobody to tell but the log.
+            log.warning("a completion failed while it was being abandoned", exc_info=True)
+            return
+        await stream.aclose()
 
     async def _store_reply(
         self,
@@ -289,6 +437,7 @@ class Conversations:
         pieces: Sequence[str],
         reason: FinishReason,
         usage: Generated | None,
+        question_tokens: int | None,
     ) -> Message:
         text = "".join(pieces)
         tokens = usage.completion_tokens if usage else len(pieces)
@@ -300,33 +449,21 @@ class Conversations:
             tokens,
             reason,
             usage.prompt_tokens if usage else None,
+            question_tokens,
         )
         return reply
 
-    async def _replay(
-        self, chat: Chat, user_message: Message, sampling: SamplingOptions
-    ) -> AsyncGenerator[CompletionEvent, None]:
-        """A retried request: join the completion if it is running here, else return the stored reply,
-        else (the first attempt failed or died elsewhere) generate it now."""
-        broadcast = self._in_flight.get(user_message.id)
-        if broadcast is not None:
-            async for event in broadcast.follow():
-                yield event
+    async def _keep_count(self, user_message: Message, counting: asyncio.Future[int] | None) -> None:
+        """Record the user message's token count when its turn ends without a reply."""
+        count = _counted(counting)
+        if count is None:
             return
-        reply = await self._store.find_reply(chat.user_id, user_message.id)
-        if reply is None:
-            async with aclosing(
-                self._generate(chat, user_message, sampling, None, time.perf_counter())
-            ) as events:
-                async for event in events:
-                    yield event
-            return
-        yield Started(chat.id, user_message.id)
-        if reply.content:
-            yield Delta(reply.content)
-        yield Finished(
-            reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
-        )
+        try:
+            await self._store.record_token_count(user_message.user_id, user_message.id, count)
+        except Exception:
+            # The turn's own failure is what the caller must hear about; a missing count only makes
+            # the window strategy ask the engine once more.
+            log.warning("could not record a message's token count", exc_info=True)
 
     async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
         return await self._store.list_chats(user_id, limit, after)
@@ -341,3 +478,21 @@ class Conversations:
 
     async def delete_chat(self, user_id: str, chat_id: uuid.UUID) -> None:
         await self._store.delete_chat(user_id, chat_id)
+
+
+def _discard(future: asyncio.Future[int] | None) -> None:
+    """Cancel a count nobody needs any more; retrieve the error of one that failed, so asyncio does not
+    log it as never retrieved (whoever needed it has reported it)."""
+    if future is None:
+        return
+    if not future.done():
+        future.cancel()
+    elif not future.cancelled():
+        future.exception()
+
+
+def _counted(future: asyncio.Future[int] | None) -> int | None:
+    """The count, if it is known."""
+    if future is None or not future.done() or future.cancelled() or future.exception() is not None:
+        return None
+    return future.result()

@@ -9,7 +9,7 @@ from typing import Literal, Protocol
 import grpc
 
 from chat_service.domain import FinishReason
-from chatmesh.common.errors import rpc_errors
+from chatmesh.common.errors import Unavailable, rpc_errors
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 
@@ -77,21 +77,48 @@ def _to_pb(messages: Sequence[PromptMessage]) -> list[pb.Message]:
     return [pb.Message(role=_ROLES[m.role], content=m.content) for m in messages]
 
 
-class GrpcInferenceClient:
-    """`InferenceClient` over gRPC; failures surface as domain errors (`Unavailable`, ...)."""
+def _finish_reason(value: pb.FinishReason) -> FinishReason:
+    """The engine's finish reason; one this client does not know is the engine's fault, not a STOP."""
+    reason = _FINISH.get(value)
+    if reason is None:
+        name = pb.FinishReason.Name(value) if value in pb.FinishReason.values() else "not in the API"
+        raise Unavailable(
+            f"the inference service finished with an unknown finish reason {value} ({name});"
+            " its API version may not match this chat service's"
+        )
+    return reason
 
-    def __init__(self, channel: grpc.aio.Channel, timeout_s: float = 600.0) -> None:
+
+class GrpcInferenceClient:
+    """`InferenceClient` over gRPC; failures surface as domain errors (`Unavailable`, ...).
+
+    Each call has its own deadline in seconds: `model_info_timeout_s` for GetModelInfo,
+    `count_timeout_s` for CountTokens and `generate_timeout_s` for a whole Generate stream.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        model_info_timeout_s: float = 10.0,
+        count_timeout_s: float = 30.0,
+        generate_timeout_s: float = 600.0,
+    ) -> None:
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
-        self._timeout_s = timeout_s
+        self._model_info_timeout_s = model_info_timeout_s
+        self._count_timeout_s = count_timeout_s
+        self._generate_timeout_s = generate_timeout_s
 
     async def model_info(self) -> EngineInfo:
         with rpc_errors("inference service"):
-            info = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=10)
+            info = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._model_info_timeout_s)
         return EngineInfo(info.model, info.context_length, info.default_max_tokens)
 
     async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
         with rpc_errors("inference service"):
-            reply = await self._stub.CountTokens(pb.CountTokensRequest(messages=_to_pb(messages)), timeout=30)
+            reply = await self._stub.CountTokens(
+                pb.CountTokensRequest(messages=_to_pb(messages)), timeout=self._count_timeout_s
+            )
         return int(reply.prompt_tokens)
 
     async def generate(
@@ -105,7 +132,7 @@ class GrpcInferenceClient:
         )
         call = self._stub.Generate(
             pb.GenerateRequest(messages=_to_pb(messages), sampling=params, request_id=request_id),
-            timeout=self._timeout_s,
+            timeout=self._generate_timeout_s,
         )
         try:
             with rpc_errors("inference service"):
@@ -115,7 +142,7 @@ class GrpcInferenceClient:
                     else:
                         usage = event.finished.usage
                         yield Generated(
-                            _FINISH.get(event.finished.finish_reason, FinishReason.STOP),
+                            _finish_reason(event.finished.finish_reason),
                             usage.prompt_tokens,
                             usage.completion_tokens,
                         )

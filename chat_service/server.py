@@ -52,7 +52,12 @@ async def serve(settings: ChatSettings) -> None:
         open_sql_store(settings.database_url, migrate=settings.migrate_on_start) as store,
         grpc.aio.insecure_channel(settings.inference_address) as inference_channel,
     ):
-        inference = GrpcInferenceClient(inference_channel)
+        inference = GrpcInferenceClient(
+            inference_channel,
+            model_info_timeout_s=settings.inference_model_info_timeout_s,
+            count_timeout_s=settings.inference_count_timeout_s,
+            generate_timeout_s=settings.inference_generate_timeout_s,
+        )
         engine = await wait_for_engine(inference, settings.dependency_timeout_s, settings.inference_address)
         log.info(
             "inference service ready", extra={"model": engine.model, "context_length": engine.context_length}

@@ -27,6 +27,15 @@ class ChatSettings(ServiceSettings):
     dependency_timeout_s: float = Field(
         120.0, description="how long to wait for the inference service at start"
     )
+    inference_model_info_timeout_s: float = Field(
+        10.0, gt=0, description="deadline of each GetModelInfo call to the inference service"
+    )
+    inference_count_timeout_s: float = Field(
+        30.0, gt=0, description="deadline of each CountTokens call to the inference service"
+    )
+    inference_generate_timeout_s: float = Field(
+        600.0, gt=0, description="deadline of a whole Generate stream, from the request to its last token"
+    )
     default_history_strategy: HistoryStrategy = HistoryStrategy.WINDOW
 
     # Summary strategy.

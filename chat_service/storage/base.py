@@ -3,13 +3,18 @@ indistinguishable from a chat that does not exist (`NotFound`)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
+
+NOT_COUNTED = 0
+"""`token_count` of a user message whose tokens were not counted yet. `start_turn` stores the message
+before its count is known (counting is a call to another service, which no transaction may wait on);
+the count is recorded with the reply (`add_assistant_message(question_tokens=...)`) or, when no reply
+comes, by `record_token_count`. A real count is never 0: the chat template alone adds tokens."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,14 +73,14 @@ class ConversationStore(Protocol):
         user_id: str,
         chat_id: uuid.UUID,
         content: str,
-        token_count: asyncio.Future[int],
         request_id: str | None,
         *,
         with_history: bool = True,
     ) -> TurnStart:
         """`add_user_message` plus what a completion needs next (the chat, and its history through the new
-        message) in one transaction. `token_count` is awaited after the reads, so counting can overlap
-        them. On a retry (`created` False) the history is empty."""
+        message) in one short transaction. The message is stored with `token_count` `NOT_COUNTED`, so
+        the caller can count it concurrently and record the count later. On a retry (`created` False)
+        the history is empty and the message is the stored one (counted or not)."""
         ...
 
     async def add_assistant_message(
@@ -87,10 +92,18 @@ class ConversationStore(Protocol):
         token_count: int,
         finish_reason: FinishReason,
         prompt_tokens: int | None = None,
+        question_tokens: int | None = None,
     ) -> tuple[Message, bool]:
-        """Commit the reply to user message `reply_to` and bump the chat's activity time. Idempotent on
-        `reply_to`: at most one reply per user message; a second call returns the existing reply and
-        False. `NotFound` as above, or if `reply_to` is not a user message of this chat."""
+        """Commit the reply to user message `reply_to` and bump the chat's activity time; with
+        `question_tokens`, record that as the token count of `reply_to` in the same transaction.
+        Idempotent on `reply_to`: at most one reply per user message; a second call returns the existing
+        reply and False (and records nothing). `NotFound` as above, or if `reply_to` is not a user
+        message of this chat."""
+        ...
+
+    async def record_token_count(self, user_id: str, message_id: uuid.UUID, token_count: int) -> None:
+        """Record the token count of the user's message `message_id` (for a turn that ended without a
+        reply); `NotFound` if the user has no such message."""
         ...
 
     async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:

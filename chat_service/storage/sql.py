@@ -11,7 +11,6 @@ committed in `seq` order and a reader paging by `seq` can never skip a message c
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -42,7 +41,7 @@ from chat_service.domain import (
     Message,
     Role,
 )
-from chat_service.storage.base import ConversationStore, TurnStart
+from chat_service.storage.base import NOT_COUNTED, ConversationStore, TurnStart
 from chat_service.storage.migrate import upgrade_to_head
 from chat_service.storage.models import ChatRow, MessageRow
 from chatmesh.common.errors import NotFound
@@ -285,9 +284,9 @@ class SqlConversationStore(ConversationStore):
     ) -> tuple[Message, bool]:
         """Commit a user message, bump the chat's activity and set its title if empty, in one transaction.
         A retry with the same (chat, request_id) returns the stored message and False."""
-        counted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        counted.set_result(token_count)
-        turn = await self.start_turn(user_id, chat_id, content, counted, request_id, with_history=False)
+        turn = await self._insert_user_message(
+            user_id, chat_id, content, token_count, request_id, with_history=False
+        )
         return turn.message, turn.created
 
     async def start_turn(
@@ -295,14 +294,27 @@ class SqlConversationStore(ConversationStore):
         user_id: str,
         chat_id: uuid.UUID,
         content: str,
-        token_count: asyncio.Future[int],
         request_id: str | None,
         *,
         with_history: bool = True,
     ) -> TurnStart:
         """Everything a completion needs before generating, in one transaction: bump the chat (owner check,
-        activity, title), read its history, insert the user message. `token_count` is awaited only once the
-        reads are done, so the caller's counting overlaps them. Idempotent like `add_user_message`."""
+        activity, title), read its history, insert the user message (not counted yet: `NOT_COUNTED`).
+        Idempotent like `add_user_message`."""
+        return await self._insert_user_message(
+            user_id, chat_id, content, NOT_COUNTED, request_id, with_history=with_history
+        )
+
+    async def _insert_user_message(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        content: str,
+        token_count: int,
+        request_id: str | None,
+        *,
+        with_history: bool,
+    ) -> TurnStart:
         messages = cast(Table, MessageRow.__table__)
         for _ in range(_IDEMPOTENT_ATTEMPTS):
             now = _now()
@@ -310,7 +322,9 @@ class SqlConversationStore(ConversationStore):
             title = title_from_content(content)
             try:
                 # Core statements on a plain connection: this is on the path to the first token, and the
-                # ORM's unit of work costs more than the three statements themselves.
+                # ORM's unit of work costs more than the three statements themselves. Nothing in here
+                # waits on anything but the database: on SQLite this transaction holds the write lock
+                # of every replica.
                 async with self._engine.begin() as connection:
                     chat_row = await self._touch_chat(connection, user_id, chat_id, now, title)
                     earlier = []
@@ -323,14 +337,13 @@ class SqlConversationStore(ConversationStore):
                                 .order_by(messages.c.seq)
                             )
                         ]
-                    counted = await token_count
                     values = {
                         "id": message_id,
                         "chat_id": chat_id,
                         "user_id": user_id,
                         "role": Role.USER.value,
                         "content": content,
-                        "token_count": counted,
+                        "token_count": token_count,
                         "request_id": request_id,
                         "created_at": now,
                     }
@@ -344,7 +357,7 @@ class SqlConversationStore(ConversationStore):
                     seq=seq,
                     role=Role.USER,
                     content=content,
-                    token_count=counted,
+                    token_count=token_count,
                     finish_reason=None,
                     request_id=request_id,
                     reply_to=None,
@@ -378,9 +391,11 @@ class SqlConversationStore(ConversationStore):
         token_count: int,
         finish_reason: FinishReason,
         prompt_tokens: int | None = None,
+        question_tokens: int | None = None,
     ) -> tuple[Message, bool]:
         """Commit the reply to the user message `reply_to` of this chat (`NotFound` if there is no such
-        message); a second reply to the same message returns the stored one and False."""
+        message), recording `question_tokens` as that message's token count if given; a second reply to
+        the same message returns the stored one and False."""
         for _ in range(_IDEMPOTENT_ATTEMPTS):
             now = _now()
             row = MessageRow(
@@ -400,13 +415,23 @@ class SqlConversationStore(ConversationStore):
             try:
                 async with self._sessions.begin() as session:
                     await self._touch_chat(session, user_id, chat_id, now, None)
-                    question = await session.scalar(
-                        select(MessageRow.seq).where(
-                            MessageRow.id == reply_to,
-                            MessageRow.chat_id == chat_id,
-                            MessageRow.role == Role.USER.value,
-                        )
+                    is_question = (
+                        MessageRow.id == reply_to,
+                        MessageRow.chat_id == chat_id,
+                        MessageRow.role == Role.USER.value,
                     )
+                    if question_tokens is None:
+                        question = await session.scalar(select(MessageRow.seq).where(*is_question))
+                    else:
+                        # The same statement checks the question and records its count, which was not
+                        # known yet when it was stored.
+                        question = await session.scalar(
+                            sql_update(MessageRow)
+                            .where(*is_question)
+                            .values(token_count=question_tokens)
+                            .returning(MessageRow.seq)
+                            .execution_options(synchronize_session=False)
+                        )
                     if question is None:
                         raise _message_not_found(reply_to)
                     session.add(row)
@@ -417,6 +442,19 @@ class SqlConversationStore(ConversationStore):
             if reply is not None:
                 return reply, False
         raise RuntimeError(f"add_assistant_message kept colliding on the reply to {reply_to}")
+
+    async def record_token_count(self, user_id: str, message_id: uuid.UUID, token_count: int) -> None:
+        """Record the token count of the user's message `message_id`; `NotFound` if there is none."""
+        async with self._sessions.begin() as session:
+            recorded = await session.scalar(
+                sql_update(MessageRow)
+                .where(MessageRow.id == message_id, MessageRow.user_id == user_id)
+                .values(token_count=token_count)
+                .returning(MessageRow.seq)
+                .execution_options(synchronize_session=False)
+            )
+        if recorded is None:
+            raise _message_not_found(message_id)
 
     async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
         """The user's stored reply to `user_message_id`, if any."""

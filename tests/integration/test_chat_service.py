@@ -114,6 +114,38 @@ async def expect_error(code: grpc.StatusCode, call: object) -> str:
     return err.value.details() or ""
 
 
+Events = AsyncIterator[pb.CompletionEvent]
+
+
+def is_terminal(event: pb.CompletionEvent) -> bool:
+    return event.finish_reason != pb.FINISH_REASON_UNSPECIFIED or event.HasField("error")
+
+
+async def read_through_first_delta(events: Events) -> list[pb.CompletionEvent]:
+    """The events of a stream up to and including its first delta."""
+    read = [await anext(events)]
+    while not read[-1].delta:
+        read.append(await anext(events))
+    return read
+
+
+async def read_to_the_end(events: Events) -> tuple[list[pb.CompletionEvent], grpc.aio.AioRpcError | None]:
+    """The rest of a stream's events, and its error status (None for OK)."""
+    read: list[pb.CompletionEvent] = []
+    try:
+        async for event in events:
+            read.append(event)
+    except grpc.aio.AioRpcError as exc:
+        return read, exc
+    return read, None
+
+
+def assert_one_terminal_event_last(events: list[pb.CompletionEvent]) -> pb.CompletionEvent:
+    assert [is_terminal(e) for e in events].count(True) == 1, events
+    assert is_terminal(events[-1])
+    return events[-1]
+
+
 async def test_create_with_first_message_streams_and_stores_both_messages(alice: ChatClient) -> None:
     created = await alice.create("What is the capital of France?", max_tokens=16, temperature=0)
     first = created.first
@@ -288,7 +320,9 @@ async def test_retry_with_the_same_request_id_returns_the_stored_answer(alice: C
     assert len(await alice.all_messages(chat_id)) == 2
 
 
-async def test_concurrent_retries_join_the_running_completion(alice: ChatClient) -> None:
+async def test_concurrent_retries_join_the_running_completion(
+    alice: ChatClient, recorder: RecordingInferenceProxy
+) -> None:
     chat_id = (await alice.create(title="join", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
     results = await asyncio.gather(
         *(
@@ -297,34 +331,71 @@ async def test_concurrent_retries_join_the_running_completion(alice: ChatClient)
         )
     )
     assert len({r.first.user_message_id for r in results}) == 1
+    assert all(r.last is not None and r.last.finish_reason for r in results), "each ends with Finished"
     assert len({r.last.assistant_message_id for r in results if r.last}) == 1
     assert len({r.text for r in results}) == 1
     assert len(await alice.all_messages(chat_id)) == 2
+    assert len(recorder.chat_requests()) == 1, "the engine generated the reply once"
 
 
-async def test_client_cancel_keeps_the_partial_answer_marked_cancelled(alice: ChatClient) -> None:
-    chat_id = (await alice.create(title="cancel", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
-    call = alice.stub.Complete(
-        pb.CompleteRequest(chat_id=chat_id, content="Count to 300.", max_tokens=300, temperature=0),
-        metadata=alice.metadata,
+async def test_a_joined_completion_outlives_its_cancelled_original(
+    alice: ChatClient, recorder: RecordingInferenceProxy
+) -> None:
+    chat_id = (await alice.create(title="outlive", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
+    request = pb.CompleteRequest(
+        chat_id=chat_id, content="Count to 300.", max_tokens=100, temperature=0, request_id="outlive"
     )
+    original_call = alice.stub.Complete(request, metadata=alice.metadata)
+    await read_through_first_delta(aiter(original_call))
+    retry = aiter(alice.stub.Complete(request, metadata=alice.metadata))
+    # A delta while the original still streams: the retry follows the running completion.
+    joined = await read_through_first_delta(retry)
+    original_call.cancel()
+
+    rest, error = await read_to_the_end(retry)
+    assert error is None, error
+    events = [*joined, *rest]
+    last = assert_one_terminal_event_last(events)
+    assert last.finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH), "not cut short"
+    question, reply = await alice.all_messages(chat_id)
+    assert question.token_count > 0, "the question's count is stored with the reply"
+    assert reply.message_id == last.assistant_message_id
+    assert reply.content == "".join(e.delta for e in events)
+    assert reply.finish_reason == last.finish_reason
+    assert len(recorder.chat_requests()) == 1
+
+
+async def test_client_cancel_keeps_the_partial_answer_marked_cancelled(
+    alice: ChatClient, recorder: RecordingInferenceProxy
+) -> None:
+    chat_id = (await alice.create(title="cancel", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
+    request = pb.CompleteRequest(
+        chat_id=chat_id, content="Count to 300.", max_tokens=300, temperature=0, request_id="cancel-me"
+    )
+    call = alice.stub.Complete(request, metadata=alice.metadata)
     received: list[str] = []
+    user_message_id = ""
     async for event in call:
+        user_message_id = user_message_id or event.user_message_id
         if event.delta:
             received.append(event.delta)
         if len(received) == 4:
             break
     call.cancel()
-    for _ in range(50):  # the service stores the partial reply right after it notices the cancel
-        messages = await alice.all_messages(chat_id)
-        if len(messages) == 2:
-            break
-        await asyncio.sleep(0.1)
+    # The service stops the engine once it notices the cancel, and stores the partial reply then.
+    await recorder.until(lambda: user_message_id in recorder.ended_generates)
+    # A retry now waits for that reply and returns it, cancelled as it is.
+    retried = await alice.complete(chat_id, request.content, request_id=request.request_id)
+    assert retried.last is not None and retried.last.finish_reason == pb.FINISH_REASON_CANCELLED
+    assert retried.first.user_message_id == user_message_id
+    messages = await alice.all_messages(chat_id)
     assert len(messages) == 2
     reply = messages[1]
+    assert reply.message_id == retried.last.assistant_message_id and reply.content == retried.text
     assert reply.finish_reason == pb.FINISH_REASON_CANCELLED
     assert reply.content.startswith("".join(received))
     assert len(reply.content) < 300, "generation stopped soon after the cancel"
+    assert len(recorder.chat_requests()) == 1, "the retry did not generate again"
 
 
 WINDOW_CONTEXT = 256
@@ -407,6 +478,7 @@ async def test_summary_is_stored_and_extended_not_recomputed(
 
 
 async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp_path: Path) -> None:
+    """The original request and a retry that joined it both end with the error event and its status."""
     inference = f"127.0.0.1:{free_port()}"
     chat = f"127.0.0.1:{free_port()}"
     inference_env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_CONTEXT_LENGTH": "1024"}
@@ -416,19 +488,30 @@ async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp
             async with grpc.aio.insecure_channel(chat) as channel:
                 client = ChatClient(channel)
                 chat_id = (await client.create(title="doomed", system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
-                call = client.stub.Complete(
-                    pb.CompleteRequest(
-                        chat_id=chat_id, content="Count to 300.", max_tokens=300, temperature=0
-                    ),
-                    metadata=client.metadata,
+                request = pb.CompleteRequest(
+                    chat_id=chat_id,
+                    content="Count to 300.",
+                    max_tokens=300,
+                    temperature=0,
+                    request_id="doomed",
                 )
-                events = []
-                with pytest.raises(grpc.aio.AioRpcError) as err:
-                    async for event in call:
-                        events.append(event)
-                        if len(events) == 3:
-                            engine.kill()  # the engine dies mid-stream
-                assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert events[-1].error.code == "UNAVAILABLE" and events[-1].error.message
+                original = aiter(client.stub.Complete(request, metadata=client.metadata))
+                retry = aiter(client.stub.Complete(request, metadata=client.metadata))
+                seen = {"original": await read_through_first_delta(original)}
+                seen["retry"] = await read_through_first_delta(retry)  # it follows the running completion
+                engine.kill()  # the engine dies mid-stream
+                ends = dict(
+                    zip(
+                        seen,
+                        await asyncio.gather(read_to_the_end(original), read_to_the_end(retry)),
+                        strict=True,
+                    )
+                )
+                for name, (rest, error) in ends.items():
+                    events = [*seen[name], *rest]
+                    last = assert_one_terminal_event_last(events)
+                    assert error is not None and error.code() == grpc.StatusCode.UNAVAILABLE, (name, error)
+                    assert last.error.code == "UNAVAILABLE" and last.error.message == error.details(), name
                 messages = await client.all_messages(chat_id)
                 assert [m.role for m in messages] == [pb.ROLE_USER], "no broken assistant message is stored"
+                assert messages[0].token_count > 0, "the question's count is kept without a reply"

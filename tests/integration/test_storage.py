@@ -27,6 +27,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from chat_service.domain import ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message, Role
+from chat_service.storage.base import NOT_COUNTED
 from chat_service.storage.migrate import alembic_config, upgrade_to_head
 from chat_service.storage.models import Base, ChatRow, MessageRow
 from chat_service.storage.sql import TITLE_MAX_CHARS, SqlConversationStore, open_sql_store, title_from_content
@@ -384,6 +385,38 @@ async def test_add_assistant_message_is_idempotent_on_reply_to(
     with pytest.raises(NotFound, match=f"message {question.id} not found"):
         await store.add_assistant_message(user, other_chat, question.id, "x", 1, FinishReason.STOP)
     assert await count_messages(store, other_chat) == 0
+
+
+async def test_a_turn_is_stored_before_its_count_and_the_count_is_recorded_later(
+    store: SqlConversationStore, new_user: Callable[[], str]
+) -> None:
+    user, bob = new_user(), new_user()
+    chat_id = await new_chat(store, user)
+    earlier = await add_turns(store, user, chat_id, 1)
+    turn = await store.start_turn(user, chat_id, "How many tokens am I?", "count-me")
+    assert turn.created and turn.message.token_count == NOT_COUNTED
+    assert [m.id for m in turn.history] == [*(m.id for m in earlier), turn.message.id]
+    retried = await store.start_turn(user, chat_id, "How many tokens am I?", "count-me")
+    assert not retried.created and retried.message.id == turn.message.id and retried.history == []
+
+    # With the reply, in its transaction; a second reply records nothing.
+    await store.add_assistant_message(
+        user, chat_id, turn.message.id, "Seven.", 2, FinishReason.STOP, 9, question_tokens=7
+    )
+    await store.add_assistant_message(
+        user, chat_id, turn.message.id, "late", 1, FinishReason.STOP, 9, question_tokens=70
+    )
+    stored = {m.id: m for m in await store.history(user, chat_id)}
+    assert stored[turn.message.id].token_count == 7
+    assert stored[earlier[0].id].token_count == earlier[0].token_count
+
+    # Without a reply (the turn failed), on its own; only for the message's owner.
+    unanswered = await store.start_turn(user, chat_id, "And me?", None, with_history=False)
+    assert unanswered.history == [unanswered.message]
+    with pytest.raises(NotFound):
+        await store.record_token_count(bob, unanswered.message.id, 5)
+    await store.record_token_count(user, unanswered.message.id, 5)
+    assert (await store.history(user, chat_id))[-1].token_count == 5
 
 
 async def test_summary_is_saved_and_the_latest_one_is_found(

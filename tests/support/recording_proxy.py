@@ -9,13 +9,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import grpc
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
+
+_WAIT_LIMIT_S = 120.0
 
 
 class RecordingInferenceProxy(inference_pb2_grpc.InferenceServiceServicer):
@@ -25,10 +27,34 @@ class RecordingInferenceProxy(inference_pb2_grpc.InferenceServiceServicer):
         self._upstream = inference_pb2_grpc.InferenceServiceStub(upstream)
         self.generate_requests: list[pb.GenerateRequest] = []
         self.count_requests: list[pb.CountTokensRequest] = []
+        # Request ids of the Generate calls that ended (finished, failed, or cancelled by the caller).
+        self.ended_generates: list[str] = []
+        # The proxy records on its own thread; tests wait on this for what they expect to be recorded.
+        self._recorded = threading.Condition()
 
     def clear(self) -> None:
-        self.generate_requests.clear()
-        self.count_requests.clear()
+        with self._recorded:
+            self.generate_requests.clear()
+            self.count_requests.clear()
+            self.ended_generates.clear()
+
+    def _record(self, update: Callable[[], None]) -> None:
+        with self._recorded:
+            update()
+            self._recorded.notify_all()
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Wait until `condition()` (about what was recorded) holds, without blocking the caller's event
+        loop. The limit only keeps a broken test from hanging (and the waiting thread from outliving it)."""
+
+        def wait() -> bool:
+            with self._recorded:
+                return self._recorded.wait_for(condition, _WAIT_LIMIT_S)
+
+        if not await asyncio.to_thread(wait):
+            raise TimeoutError(
+                f"the inference proxy did not record what the test waited for in {_WAIT_LIMIT_S} s"
+            )
 
     def summary_requests(self) -> list[pb.GenerateRequest]:
         """Generate calls made to summarise history (the chat service tags their request ids)."""
@@ -41,7 +67,7 @@ class RecordingInferenceProxy(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[pb.GenerateResponse]:
-        self.generate_requests.append(request)
+        self._record(lambda: self.generate_requests.append(request))
         call = self._upstream.Generate(request)
         try:
             async for response in call:
@@ -50,11 +76,12 @@ class RecordingInferenceProxy(inference_pb2_grpc.InferenceServiceServicer):
             await context.abort(exc.code(), exc.details() or "")
         finally:
             call.cancel()
+            self._record(lambda: self.ended_generates.append(request.request_id))
 
     async def CountTokens(
         self, request: pb.CountTokensRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> pb.CountTokensResponse:
-        self.count_requests.append(request)
+        self._record(lambda: self.count_requests.append(request))
         try:
             reply: pb.CountTokensResponse = await self._upstream.CountTokens(request)
             return reply
