@@ -30,8 +30,34 @@ class SummaryPolicy:
     max_tokens: int = 160
 
 
+STORED_COUNT_SLACK = 4
+"""How many times a message's stored token count may exceed its tokens in the prompt before the window
+could drop a turn that would have fit (see `_first_worth_counting`)."""
+
+
 def as_prompt(message: Message) -> PromptMessage:
     return PromptMessage("user" if message.role is Role.USER else "assistant", message.content)
+
+
+def _first_worth_counting(history: Sequence[Message], starts: Sequence[int], budget: int) -> int:
+    """The oldest turn start worth sending to the engine for counting.
+
+    Stored token counts are close to a message's tokens in the prompt (a user message's count is its
+    count as a prompt of its own, a reply's the tokens generated). Once the newer messages' stored counts
+    add up to more than `STORED_COUNT_SLACK` times the budget, no older start can fit, so the engine
+    need not tokenize those turns: a long chat costs each turn no more than a short one.
+    """
+    limit = STORED_COUNT_SLACK * max(budget, 0)
+    stored_from = 0
+    first = starts[-1]
+    index = len(history)
+    for start in reversed(starts):
+        stored_from += sum(m.token_count for m in history[start:index])
+        index = start
+        if stored_from > limit:
+            break
+        first = start
+    return first
 
 
 class HistoryBuilder:
@@ -55,7 +81,34 @@ class HistoryBuilder:
             return await self._with_summary(chat, history, system, max_tokens, request_id)
         if chat.history_strategy is HistoryStrategy.WINDOW:
             return await self.fit_window(system, [], history, max_tokens)
-        return [*system, *map(as_prompt, history)]
+        return await self._full(system, history, max_tokens)
+
+    async def _full(
+        self, system: list[PromptMessage], history: Sequence[Message], max_tokens: int
+    ) -> list[PromptMessage]:
+        """Everything, checked against the context here so that a chat that outgrew it hears what to do
+        in the chat API's terms (the engine would name its own API's fields)."""
+        prompt = [*system, *map(as_prompt, history)]
+        counts = await self._inference.count_message_tokens(prompt)
+        budget = self._engine.context_length - max_tokens
+        if counts.prompt_tokens <= budget:
+            return prompt
+        question_alone = (
+            counts.template_tokens + sum(counts.message_tokens[: len(system)]) + counts.message_tokens[-1]
+        )
+        if question_alone > budget:
+            raise self._question_too_long(question_alone, budget, max_tokens)
+        room = self._engine.context_length - counts.prompt_tokens
+        raise InvalidArgument(
+            "history_strategy",
+            f"the chat's history needs {counts.prompt_tokens} prompt tokens, but only {budget} fit the"
+            f" model's {self._engine.context_length}-token context with max_tokens={max_tokens}, and the"
+            " chat's history_strategy HISTORY_STRATEGY_FULL sends all of it; switch the chat to"
+            " HISTORY_STRATEGY_WINDOW or HISTORY_STRATEGY_SUMMARY (UpdateChat) so that older turns make"
+            " room"
+            + (f", or lower max_tokens to {room} or less" if room > 0 else "")
+            + ", or start a new chat",
+        )
 
     async def fit_window(
         self,
@@ -64,43 +117,41 @@ class HistoryBuilder:
         history: Sequence[Message],
         max_tokens: int,
     ) -> list[PromptMessage]:
-        """Drop the oldest turns until system + preamble + history + max_tokens fits the context.
+        """Drop the oldest whole turns until system + preamble + history + max_tokens fits the context.
 
-        The stored per-message token counts give a first guess of where to start; the engine's own
-        count of the whole prompt has the final word.
+        One CountTokens call whatever the history's length: the engine counts each message on its own
+        and reports the counts, so what any suffix of the history occupies follows exactly from them.
+        The system prompt, the preamble and the new question (the last message) are never dropped.
         """
         budget = self._engine.context_length - max_tokens
-        turn_starts = [i for i, m in enumerate(history) if m.role is Role.USER] or [0]
-        # Guess: the earliest turn whose stored counts fit (counts include per-message template overhead,
-        # so the guess errs toward dropping a little too much, which the loop below cannot undo; the
-        # overhead is a handful of tokens per message).
-        remaining = sum(m.token_count for m in history)
-        start_index = 0
-        fixed = sum(len(p.content) // 4 for p in (*system, *preamble))
-        while start_index < len(turn_starts) - 1 and remaining + fixed > budget:
-            remaining -= sum(
-                m.token_count for m in history[turn_starts[start_index] : turn_starts[start_index + 1]]
+        fixed_messages = [*system, *preamble]
+        # Where the kept part may begin: the start, or a user message (turns are dropped whole).
+        starts = sorted({0, *(i for i, m in enumerate(history) if m.role is Role.USER)})
+        first = _first_worth_counting(history, starts, budget)
+        sent = history[first:]
+        counts = await self._inference.count_message_tokens([*fixed_messages, *map(as_prompt, sent)])
+        fixed = counts.template_tokens + sum(counts.message_tokens[: len(fixed_messages)])
+        # needed[i]: prompt tokens with sent[i:] kept.
+        needed = [fixed] * (len(sent) + 1)
+        for i in reversed(range(len(sent))):
+            needed[i] = needed[i + 1] + counts.message_tokens[len(fixed_messages) + i]
+        start = next((s for s in starts if s >= first and needed[s - first] <= budget), None)
+        if start is None:
+            raise self._question_too_long(needed[starts[-1] - first], budget, max_tokens)
+        if start:
+            log.info(
+                "window dropped old turns",
+                extra={"dropped_messages": start, "prompt_tokens": needed[start - first]},
             )
-            start_index += 1
-        while True:
-            kept = history[turn_starts[start_index] :]
-            candidate = [*system, *preamble, *map(as_prompt, kept)]
-            prompt_tokens = await self._inference.count_tokens(candidate)
-            if prompt_tokens <= budget:
-                if start_index:
-                    log.info(
-                        "window dropped old turns",
-                        extra={"dropped_messages": len(history) - len(kept), "prompt_tokens": prompt_tokens},
-                    )
-                return candidate
-            if start_index >= len(turn_starts) - 1:
-                raise InvalidArgument(
-                    "content",
-                    f"the message needs {prompt_tokens} prompt tokens, but only {budget} fit the model's"
-                    f" {self._engine.context_length}-token context with max_tokens={max_tokens};"
-                    " shorten the message or the system prompt, or lower max_tokens",
-                )
-            start_index += 1
+        return [*fixed_messages, *map(as_prompt, history[start:])]
+
+    def _question_too_long(self, prompt_tokens: int, budget: int, max_tokens: int) -> InvalidArgument:
+        return InvalidArgument(
+            "content",
+            f"the message needs {prompt_tokens} prompt tokens, but only {budget} fit the model's"
+            f" {self._engine.context_length}-token context with max_tokens={max_tokens};"
+            " shorten the message or the system prompt, or lower max_tokens",
+        )
 
     async def _with_summary(
         self,

@@ -51,6 +51,21 @@ class Generated:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenCounts:
+    """Prompt tokens of a message list as the engine tokenizes it.
+
+    Each message is tokenized on its own, so the prompt of any sub-list of the messages (same order)
+    occupies `template_tokens` plus those messages' `message_tokens`.
+    """
+
+    prompt_tokens: int
+    message_tokens: tuple[int, ...]
+    """One entry per message, in order: its tokens as rendered in the prompt (role markup included)."""
+    template_tokens: int
+    """Tokens every prompt has whatever its messages (BOS, the reply cue)."""
+
+
+@dataclass(frozen=True, slots=True)
 class EngineInfo:
     """What the inference service serves."""
 
@@ -64,7 +79,13 @@ class InferenceClient(Protocol):
 
     async def model_info(self) -> EngineInfo: ...
 
-    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int: ...
+    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
+        """Prompt tokens `messages` occupy, template markup and reply cue included."""
+        ...
+
+    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
+        """Prompt tokens `messages` occupy, in total and per message, in one call."""
+        ...
 
     def generate(
         self, messages: Sequence[PromptMessage], sampling: SamplingOptions, request_id: str
@@ -115,11 +136,25 @@ class GrpcInferenceClient:
         return EngineInfo(info.model, info.context_length, info.default_max_tokens)
 
     async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
+        return int((await self._count(messages)).prompt_tokens)
+
+    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
+        reply = await self._count(messages)
+        counts = TokenCounts(reply.prompt_tokens, tuple(reply.message_tokens), reply.template_tokens)
+        if len(counts.message_tokens) != len(messages):
+            # An engine built before per-message counts existed leaves the field empty.
+            raise Unavailable(
+                f"the inference service returned {len(counts.message_tokens)} per-message token counts for"
+                f" {len(messages)} messages; upgrade it to a version that reports message_tokens"
+            )
+        return counts
+
+    async def _count(self, messages: Sequence[PromptMessage]) -> pb.CountTokensResponse:
         with rpc_errors("inference service"):
-            reply = await self._stub.CountTokens(
+            reply: pb.CountTokensResponse = await self._stub.CountTokens(
                 pb.CountTokensRequest(messages=_to_pb(messages)), timeout=self._count_timeout_s
             )
-        return int(reply.prompt_tokens)
+        return reply
 
     async def generate(
         self, messages: Sequence[PromptMessage], sampling: SamplingOptions, request_id: str

@@ -37,9 +37,16 @@ class PromptTemplate:
     stop: tuple[str, ...]
 
     def render(self, turns: Sequence[Turn]) -> str:
+        """The whole prompt text: every message with its role markup, then the generation cue."""
+        return "".join(self.render_messages(turns)) + self.generation_cue
+
+    def render_messages(self, turns: Sequence[Turn]) -> list[str]:
+        """Each message with its role markup, in order; the prompt is these joined plus the cue.
+
+        Backends tokenize these pieces one by one (see `backends.tokenizers.tokenize_prompt`).
+        """
         formats = {Role.SYSTEM: self.system, Role.USER: self.user, Role.ASSISTANT: self.assistant}
-        body = "".join(formats[turn.role].format(content=turn.content) for turn in turns)
-        return body + self.generation_cue
+        return [formats[turn.role].format(content=turn.content) for turn in turns]
 
 
 TEMPLATES: dict[str, PromptTemplate] = {

@@ -89,7 +89,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: Context) -> pb.CountTokensResponse:
         prompt = await self._backend.prepare(parse_turns(request.messages))
-        return pb.CountTokensResponse(prompt_tokens=prompt.token_count)
+        return pb.CountTokensResponse(
+            prompt_tokens=prompt.token_count,
+            message_tokens=prompt.message_tokens,
+            template_tokens=prompt.template_tokens,
+        )
 
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context

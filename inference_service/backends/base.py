@@ -27,14 +27,24 @@ class ModelInfo:
 
 @dataclass(frozen=True, slots=True)
 class Prompt:
-    """A conversation rendered by the backend's template and tokenized by its tokenizer."""
+    """A conversation rendered by the backend's template and tokenized by its tokenizer.
+
+    `token_ids` is the special prefix (BOS), each message's tokens in order, then the generation cue's
+    tokens; `message_tokens` says how many of them each message has (the rest are template tokens).
+    """
 
     text: str
     token_ids: Sequence[int]
+    message_tokens: Sequence[int] = ()
 
     @property
     def token_count(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def template_tokens(self) -> int:
+        """Tokens that belong to no message: the special prefix and the generation cue."""
+        return len(self.token_ids) - sum(self.message_tokens)
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,7 +91,8 @@ class InferenceBackend(Protocol):
         ...
 
     async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        """Render and tokenize a conversation exactly as `generate` will send it."""
+        """Render and tokenize a conversation exactly as `generate` will send it, message by message
+        (see `tokenizers.tokenize_prompt`), off the event loop."""
         ...
 
     def generate(self, prompt: Prompt, sampling: Sampling) -> AsyncGenerator[TextDelta | Completion, None]:

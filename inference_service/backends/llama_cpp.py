@@ -19,6 +19,7 @@ from llama_cpp import Llama, StoppingCriteriaList
 
 from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
 from inference_service.backends.text import LeadingSpaceTrimmer
+from inference_service.backends.tokenizers import LlamaTokenizer, tokenize_prompt
 from inference_service.prompt import PromptTemplate, Turn
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ class LlamaCppBackend:
 
     A `Llama` object is not thread-safe, so each concurrent generation gets its own instance (they share
     the memory-mapped weights). Generation runs in a worker thread and hands tokens to the event loop
-    as they are sampled.
+    as they are sampled. Prompts are tokenized on a thread of their own, never on the event loop (a long
+    history takes milliseconds, and every stream's next token waits behind the loop) and never in the
+    generation pool (whose threads may all be busy with generations for seconds).
     """
 
     def __init__(
@@ -48,11 +51,15 @@ class LlamaCppBackend:
         model_name: str,
     ) -> None:
         self._template = template
-        self._tokenizer = instances[0]
+        # Tokenizing reads only the vocabulary, which is safe beside a generation on the same instance.
+        self._tokenizer = LlamaTokenizer(instances[0])
         self._pool: asyncio.Queue[Llama] = asyncio.Queue()
         for llm in instances:
             self._pool.put_nowait(llm)
         self._executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix="llama")
+        # One thread: tokenizing takes well under a generation step, and one thread keeps it from taking
+        # more than a core away from the generation threads when many prompts arrive at once.
+        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-tokenize")
         self._info = ModelInfo(model=model_name, context_length=instances[0].n_ctx(), backend="llama_cpp")
 
     @property
@@ -64,10 +71,10 @@ class LlamaCppBackend:
         return self._template.stop
 
     async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        text = self._template.render(turns)
-        # Tokenizing reads only the vocabulary, which is safe beside a running generation.
-        token_ids = self._tokenizer.tokenize(text.encode(), add_bos=True, special=True)
-        return Prompt(text=text, token_ids=token_ids)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenize_executor, tokenize_prompt, self._template, turns, self._tokenizer
+        )
 
     async def generate(
         self, prompt: Prompt, sampling: Sampling
@@ -106,6 +113,7 @@ class LlamaCppBackend:
                 await asyncio.shield(work)
 
     async def aclose(self) -> None:
+        self._tokenize_executor.shutdown(wait=True, cancel_futures=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 

@@ -1,32 +1,56 @@
-"""Tokenizers for engines that tokenize on their own side (Triton): we still need counts for the context
-window and usage, and they must match the engine's, so the same vocabulary is loaded here."""
+"""Tokenizers and the one way a prompt is tokenized (`tokenize_prompt`), shared by the backends.
+
+llama.cpp tokenizes with the loaded model's vocabulary. Engines that tokenize on their own side (Triton)
+still need counts here for the context window and usage, and they must match the engine's, so the same
+vocabulary is loaded locally."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from inference_service.backends.base import Prompt
+from inference_service.prompt import PromptTemplate, Turn
+
 
 class Tokenizer(Protocol):
-    """Turns text into the token ids the engine would see."""
+    """Turns text into the token ids the engine would see. Blocking: call it off the event loop."""
+
+    @property
+    def prefix(self) -> Sequence[int]:
+        """Special tokens the engine puts before a prompt (BOS for most models; may be empty)."""
+        ...
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, with the special prefix (BOS) the engine adds to a prompt."""
+        """Token ids of `text` on its own: no special prefix, special-token markup (turn markers) parsed."""
         ...
 
 
-class LlamaVocabTokenizer:
-    """The tokenizer stored in a GGUF file, loaded through llama.cpp without the weights."""
+class LlamaTokenizer:
+    """The tokenizer stored in a GGUF file, through a llama.cpp `Llama` instance.
 
-    def __init__(self, gguf_path: Path) -> None:
+    Tokenizing reads only the vocabulary, so it is safe in another thread beside a generation running on
+    the same instance.
+    """
+
+    def __init__(self, llama: Any) -> None:
+        self._llama = llama
+        self._prefix = tuple(llama.tokenize(b"", add_bos=True, special=True))
+
+    @classmethod
+    def vocab_only(cls, gguf_path: Path) -> LlamaTokenizer:
+        """Load only the vocabulary of `gguf_path`: a few hundred ms and a few MB, not the weights."""
         from llama_cpp import Llama
 
-        # vocab_only skips the tensors: a few hundred ms and a few MB instead of the whole model.
-        self._llama: Any = Llama(model_path=str(gguf_path), vocab_only=True, verbose=False)
+        return cls(Llama(model_path=str(gguf_path), vocab_only=True, verbose=False))
+
+    @property
+    def prefix(self) -> Sequence[int]:
+        return self._prefix
 
     def encode(self, text: str) -> list[int]:
-        """Token ids as llama.cpp tokenizes a prompt: BOS first, special tokens (turn markers) parsed."""
-        return list(self._llama.tokenize(text.encode(), add_bos=True, special=True))
+        return list(self._llama.tokenize(text.encode(), add_bos=False, special=True))
 
 
 class HfTokenizer:
@@ -40,10 +64,40 @@ class HfTokenizer:
         # make the counts wrong (padded to a fixed length, or capped at the model's input size).
         self._tokenizer.no_padding()
         self._tokenizer.no_truncation()
+        # The tokenizer's post-processor decides which special tokens go around a text (BOS, usually).
+        self._prefix = tuple(self._tokenizer.encode("", add_special_tokens=True).ids)
+
+    @property
+    def prefix(self) -> Sequence[int]:
+        return self._prefix
 
     def encode(self, text: str) -> list[int]:
-        """Token ids with the tokenizer's own special tokens (its post-processor decides about BOS)."""
-        return list(self._tokenizer.encode(text, add_special_tokens=True).ids)
+        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def tokenize_prompt(template: PromptTemplate, turns: Sequence[Turn], tokenizer: Tokenizer) -> Prompt:
+    """Render `turns` with `template` and tokenize them the way every backend does: the special prefix,
+    then each rendered message tokenized on its own, then the generation cue.
+
+    Message by message, so that no token spans two messages: a message's count is then the same in any
+    prompt it appears in, and one CountTokens call tells a caller exactly what any sub-list of the
+    messages occupies (the inference API's contract). With turn markers that are special tokens the
+    result is the same as tokenizing the whole text; with plain-text markers it differs at most where a
+    merge across a message boundary would have happened.
+
+    Blocking (the tokenizer runs here): call it from a worker thread in async code.
+    """
+    pieces = template.render_messages(turns)
+    token_ids = list(tokenizer.prefix)
+    message_tokens = []
+    for piece in pieces:
+        ids = tokenizer.encode(piece)
+        token_ids += ids
+        message_tokens.append(len(ids))
+    token_ids += tokenizer.encode(template.generation_cue)
+    return Prompt(
+        text="".join(pieces) + template.generation_cue, token_ids=token_ids, message_tokens=message_tokens
+    )
 
 
 def open_tokenizer(path: Path) -> Tokenizer:
@@ -59,7 +113,7 @@ def open_tokenizer(path: Path) -> Tokenizer:
             " tokenizer.json (or its directory) or to a .gguf file with the same vocabulary"
         )
     if path.suffix == ".gguf":
-        return LlamaVocabTokenizer(path)
+        return LlamaTokenizer.vocab_only(path)
     if path.suffix == ".json":
         return HfTokenizer(path)
     raise ValueError(

@@ -12,7 +12,10 @@ after the one request; Triton ends such a stream once that request is complete. 
 `triton_final_response=true` (TensorRT-LLM sets it on the last token) ends the generation as well.
 
 Triton tokenizes inside the model, but prompt counts (context window, usage, CountTokens) are needed
-here, so the same vocabulary is loaded locally (see `tokenizers.py`).
+here, so the same vocabulary is loaded locally (see `tokenizers.py`) and used off the event loop. The
+counts are message by message, like the llama.cpp backend's (`tokenize_prompt`); Triton tokenizes the
+whole text, which can only differ where a merge across a message boundary is possible (never with
+special-token turn markers).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import codecs
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +39,12 @@ from tritonclient.utils import InferenceServerException
 from chatmesh.common.errors import Unavailable
 from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
 from inference_service.backends.text import LeadingSpaceTrimmer
-from inference_service.backends.tokenizers import Tokenizer, default_tokenizer_path, open_tokenizer
+from inference_service.backends.tokenizers import (
+    Tokenizer,
+    default_tokenizer_path,
+    open_tokenizer,
+    tokenize_prompt,
+)
 from inference_service.prompt import PromptTemplate, Turn
 from inference_service.settings import InferenceSettings
 
@@ -129,8 +138,9 @@ class TritonBackend:
         self._info = info
         self._timeout_s = timeout_s
         self._tensors = tensors
-        # Special tokens the tokenizer adds to any text (BOS): not part of a completion's token count.
-        self._special_tokens = len(tokenizer.encode(""))
+        # Tokenizing a long history or reply takes milliseconds: on the event loop every stream's next
+        # token would wait behind it. One thread, so that it takes at most one core from the rest.
+        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @property
     def info(self) -> ModelInfo:
@@ -141,8 +151,14 @@ class TritonBackend:
         return self._template.stop
 
     async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        text = self._template.render(turns)
-        return Prompt(text=text, token_ids=self._tokenizer.encode(text))
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenize_executor, tokenize_prompt, self._template, turns, self._tokenizer
+        )
+
+    def close(self) -> None:
+        """Stop the tokenizer thread (the Triton client belongs to whoever opened this backend)."""
+        self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
 
     async def generate(
         self, prompt: Prompt, sampling: Sampling
@@ -164,7 +180,10 @@ class TritonBackend:
         # Triton does not report token counts, so the engine's text is re-tokenized. Re-tokenizing can
         # merge tokens the model produced separately (Gemma has a "\n\n" token, the model may emit "\n"
         # twice); each streamed response is at least one token, so that count is a floor.
-        retokenized = len(self._tokenizer.encode("".join(received))) - self._special_tokens
+        reply_tokens = await asyncio.get_running_loop().run_in_executor(
+            self._tokenize_executor, self._tokenizer.encode, "".join(received)
+        )
+        retokenized = len(reply_tokens)
         completion_tokens = max(retokenized, len(received))
         finish = (
             FinishReason.LENGTH
@@ -290,7 +309,7 @@ async def open_triton_backend(
         path = await asyncio.to_thread(default_tokenizer_path, settings.triton_tokenizer, settings.gguf_path)
         tokenizer = await asyncio.to_thread(open_tokenizer, path)
         log.info("connected to Triton", extra={"url": url, "model": model, "tokenizer": str(path)})
-        yield TritonBackend(
+        backend = TritonBackend(
             client,
             tokenizer,
             template,
@@ -302,6 +321,10 @@ async def open_triton_backend(
             timeout_s=settings.triton_timeout_s,
             tensors=tensors,
         )
+        try:
+            yield backend
+        finally:
+            backend.close()
     finally:
         await client.close()
 

@@ -515,3 +515,33 @@ async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp
                 messages = await client.all_messages(chat_id)
                 assert [m.role for m in messages] == [pb.ROLE_USER], "no broken assistant message is stored"
                 assert messages[0].token_count > 0, "the question's count is kept without a reply"
+
+
+async def test_full_strategy_reports_an_over_long_history_in_chat_api_terms(
+    small_context_chat: tuple[str, str, RecordingInferenceProxy],
+) -> None:
+    chat_address, _, recorder = small_context_chat
+    async with grpc.aio.insecure_channel(chat_address) as channel:
+        alice = ChatClient(channel)
+        chat_id = (await alice.create(history_strategy=pb.HISTORY_STRATEGY_FULL)).chat_id
+        recorder.clear()
+        question = "Question: " + " ".join(f"w{j}" for j in range(30))
+        details = ""
+        for _ in range(WINDOW_CONTEXT // 30 + 1):
+            call = alice.stub.Complete(
+                pb.CompleteRequest(chat_id=chat_id, content=question, max_tokens=16, temperature=0),
+                metadata=alice.metadata,
+            )
+            try:
+                await drain(call)
+            except grpc.aio.AioRpcError as err:
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+                details = err.details() or ""
+                break
+        assert details.startswith("history_strategy: "), details
+        assert "HISTORY_STRATEGY_WINDOW" in details and "max_tokens" in details
+        assert "messages" not in details and "sampling." not in details, "no inference API field names"
+        # Detected before generating: the engine got a Generate only for the turns that fit.
+        stored = await alice.all_messages(chat_id)
+    assert [m.role for m in stored[-2:]] == [pb.ROLE_ASSISTANT, pb.ROLE_USER]
+    assert len(recorder.chat_requests()) == len(stored) // 2

@@ -195,3 +195,26 @@ async def test_count_tokens_rejects_bad_roles(stub: inference_pb2_grpc.Inference
         await stub.CountTokens(pb.CountTokensRequest(messages=[pb.Message(role=pb.ROLE_USER), unknown_role]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "messages[1].role" in (err.value.details() or "")
+
+
+async def test_count_tokens_per_message_adds_up_for_any_sub_list(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    conversation = [
+        pb.Message(role=pb.ROLE_SYSTEM, content="Be terse. Ünïcödé, emoji 🚀 and <start_of_turn> too."),
+        *LONG,
+        pb.Message(role=pb.ROLE_ASSISTANT, content="  spaced\n\nout  "),
+        pb.Message(role=pb.ROLE_USER, content="And now?\n"),
+    ]
+    whole = await stub.CountTokens(pb.CountTokensRequest(messages=conversation))
+    assert len(whole.message_tokens) == len(conversation)
+    assert whole.template_tokens > 0 and all(count > 0 for count in whole.message_tokens)
+    assert whole.prompt_tokens == whole.template_tokens + sum(whole.message_tokens)
+    # What the window strategy relies on: any sub-list's count follows from the one answer.
+    for kept in ([0, 3, 4, 5], [2, 3, 4, 5], [5], [0, 5]):
+        part = await stub.CountTokens(pb.CountTokensRequest(messages=[conversation[i] for i in kept]))
+        assert list(part.message_tokens) == [whole.message_tokens[i] for i in kept]
+        assert part.template_tokens == whole.template_tokens
+    # And Generate sees the same prompt.
+    _, finished, _ = await collect(stub, conversation, max_tokens=1, temperature=0)
+    assert finished.usage.prompt_tokens == whole.prompt_tokens

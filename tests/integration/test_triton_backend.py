@@ -238,6 +238,8 @@ async def test_count_tokens_matches_the_llama_cpp_backend(
             expected = await llama_backend.prepare(parse_turns(messages))
             counted = await stub.CountTokens(pb.CountTokensRequest(messages=messages))
             assert counted.prompt_tokens == expected.token_count > 0
+            assert list(counted.message_tokens) == list(expected.message_tokens)
+            assert counted.template_tokens == expected.template_tokens
     finally:
         await llama_backend.aclose()
         vocab.close()

@@ -98,10 +98,14 @@ class CountTokensRequest(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[Message, _Mapping]]] = ...) -> None: ...
 
 class CountTokensResponse(_message.Message):
-    __slots__ = ("prompt_tokens",)
+    __slots__ = ("prompt_tokens", "message_tokens", "template_tokens")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPLATE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
-    def __init__(self, prompt_tokens: _Optional[int] = ...) -> None: ...
+    message_tokens: _containers.RepeatedScalarFieldContainer[int]
+    template_tokens: int
+    def __init__(self, prompt_tokens: _Optional[int] = ..., message_tokens: _Optional[_Iterable[int]] = ..., template_tokens: _Optional[int] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()

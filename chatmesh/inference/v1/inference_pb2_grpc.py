@@ -75,7 +75,9 @@ class InferenceServiceServicer:
 
     def CountTokens(self, request, context):
         """CountTokens returns how many prompt tokens a message list occupies with the engine's own tokenizer
-        and prompt template, so that callers can fit history into the model's context.
+        and prompt template, in total and per message, so that callers can fit history into the model's
+        context with one call: the prompt of any sub-list of the messages (in the same order) occupies
+        `template_tokens` plus the sum of those messages' `message_tokens`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
