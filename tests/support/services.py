@@ -42,8 +42,9 @@ def inference_env(address: str, **settings: str) -> dict[str, str]:
     return {"CHATMESH_INFERENCE_ADDRESS": address, **settings}
 
 
-def shared_engine_env(address: str) -> dict[str, str]:
-    """Environment of the session's shared inference service (see tests/conftest.py)."""
+def standard_engine_env(address: str) -> dict[str, str]:
+    """The settings most tests run an inference service with: the session's shared one
+    (tests/conftest.py), and private copies that a test may kill."""
     return inference_env(
         address,
         CHATMESH_INFERENCE_CONTEXT_LENGTH=str(SHARED_ENGINE_CONTEXT),
