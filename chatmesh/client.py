@@ -4,7 +4,7 @@ Two flavours with the same methods: `AsyncChatClient` for asyncio code and `Chat
 blocking wrapper around it for scripts and notebooks. Both talk to the gateway (Envoy's port) or to a
 chat replica directly::
 
-    from chatmesh.client import ChatClient
+    from chatmesh.client import ChatClient, Delta
 
     with ChatClient("127.0.0.1:8080", token=token) as client:
         reply = client.complete("What is the capital of France?", max_tokens=32)
