@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.support.processes import LoggedProcess, free_port, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env, shared_engine_env
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env, standard_engine_env
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,7 @@ def inference_address() -> Iterator[str]:
     `SHARED_ENGINE_CONTEXT`, one generation at a time). Shared: do not kill it or rely on its state."""
     address = f"127.0.0.1:{free_port()}"
     with run_service(
-        "inference_service", shared_engine_env(address), address, MODEL_STARTUP_TIMEOUT_S
+        "inference_service", standard_engine_env(address), address, MODEL_STARTUP_TIMEOUT_S
     ) as process:
         yield address
     assert process.returncode == 0, "SIGTERM should shut the inference service down cleanly"
