@@ -19,7 +19,9 @@ import asyncio
 import statistics
 import sys
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -27,11 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_service.domain import FinishReason, HistoryStrategy
 from chat_service.storage.sql import open_sql_store
-from chatmesh.chat.v1 import chat_pb2 as pb
-from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.client import NO_RETRY, AsyncChatClient, Delta
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.chat import TEST_SECRET, auth
+from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
 
@@ -65,9 +66,10 @@ async def seed(url: str) -> str:
         return str(big.id)
 
 
-async def first_delta_ms(call: grpc.aio.UnaryStreamCall, started: float, is_delta: object) -> float:  # type: ignore[type-arg]
+async def first_delta_ms(call: AsyncIterator[Any], started: float, is_delta: Callable[[Any], bool]) -> float:
+    """Milliseconds from `started` to the first event of `call` that `is_delta`; reads the rest too."""
     async for event in call:
-        if is_delta(event):  # type: ignore[operator]
+        if is_delta(event):
             ttft = (time.perf_counter() - started) * 1000
             async for _ in call:  # drain, so the run ends as a real client's would
                 pass
@@ -101,10 +103,13 @@ async def main() -> None:
             run_service("chat_service", chat_env, chat, timeout=120),
         ):
             big_chat = await seed(url)
-            metadata = auth(USER)
-            async with grpc.aio.insecure_channel(inference) as ich, grpc.aio.insecure_channel(chat) as cch:
+            async with (
+                grpc.aio.insecure_channel(inference) as ich,
+                # The SDK, as a user of the chat API calls it; no retries and no deadline, so that every
+                # figure is one plain call.
+                AsyncChatClient(chat, token=token_for(USER), timeout=None, retry=NO_RETRY) as chats,
+            ):
                 engine = inference_pb2_grpc.InferenceServiceStub(ich)
-                chats = chat_pb2_grpc.ChatServiceStub(cch)
                 generate = ipb.GenerateRequest(
                     messages=[ipb.Message(role=ipb.ROLE_USER, content=QUESTION)],
                     sampling=ipb.SamplingParams(max_tokens=8, temperature=0),
@@ -113,18 +118,16 @@ async def main() -> None:
                 direct: list[float] = []
                 through_chat: list[float] = []
                 for run in range(args.runs + 3):
-                    created = chats.CreateChat(pb.CreateChatRequest(), metadata=metadata)
-                    new_chat = await created.read()
+                    new_chat = await chats.create_chat()
                     started = time.perf_counter()
                     d = await first_delta_ms(
                         engine.Generate(generate), started, lambda e: e.HasField("delta")
                     )
-                    request = pb.CompleteRequest(
-                        chat_id=new_chat.chat_id, content=QUESTION, max_tokens=8, temperature=0
-                    )
                     started = time.perf_counter()
                     c = await first_delta_ms(
-                        chats.Complete(request, metadata=metadata), started, lambda e: bool(e.delta)
+                        chats.stream(QUESTION, chat_id=new_chat.chat_id, max_tokens=8, temperature=0),
+                        started,
+                        lambda e: isinstance(e, Delta),
                     )
                     if run >= 3:  # warm-up
                         direct.append(d)
@@ -135,16 +138,15 @@ async def main() -> None:
                 print(f"  added by the chat service (paired): {percentiles(added)}  (target p50 <= 5 ms)")
 
                 print(f"ListChats / GetMessages: {args.iterations} calls each...", flush=True)
-                list_chats = pb.ListChatsRequest(page_size=20)
-                get_messages = pb.GetMessagesRequest(chat_id=big_chat, page_size=50)
-                for name, method, query in (
-                    ("ListChats(20) of 1,000+ chats", chats.ListChats, list_chats),
-                    ("GetMessages(50) of a 500-message chat", chats.GetMessages, get_messages),
-                ):
+                calls: list[tuple[str, Callable[[], Awaitable[object]]]] = [
+                    ("ListChats(20) of 1,000+ chats", lambda: chats.list_chats(20)),
+                    ("GetMessages(50) of a 500-message chat", lambda: chats.get_messages(big_chat, 50)),
+                ]
+                for name, call in calls:
                     timings: list[float] = []
                     for i in range(args.iterations + 20):
                         started = time.perf_counter()
-                        await method(query, metadata=metadata)
+                        await call()
                         if i >= 20:
                             timings.append((time.perf_counter() - started) * 1000)
                     print(f"  {name}: {percentiles(timings)}  (target p50 <= 3 ms)")

@@ -41,14 +41,14 @@ import grpc
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.chat.v1 import chat_pb2 as pb
-from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.client import NO_RETRY, AsyncChatClient, Delta, Finished
 from chatmesh.gateway import EnvoyProcess, GatewaySettings, run_envoy
 from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
+from tests.support.services import COUNTING_SYSTEM_PROMPT
 
 USER = "bench-user"
-COUNTING_SYSTEM_PROMPT = "User: Count to 100.\nAssistant: " + ", ".join(str(i) for i in range(1, 101))
 
 
 def at(values: list[float], q: float) -> float:
@@ -91,34 +91,34 @@ class KeepAliveClient:
             await self._writer.wait_closed()
 
 
-async def seed_chats(stub: chat_pb2_grpc.ChatServiceStub, count: int) -> None:
-    metadata = (("authorization", f"Bearer {token_for(USER)}"),)
+def chat_client(target: grpc.aio.Channel) -> AsyncChatClient:
+    """The SDK as the benchmark's user: no retries and no deadline, so every figure is one plain call."""
+    return AsyncChatClient(target, token=token_for(USER), timeout=None, retry=NO_RETRY)
+
+
+async def seed_chats(client: AsyncChatClient, count: int) -> None:
     for i in range(count):
-        async for _ in stub.CreateChat(pb.CreateChatRequest(title=f"chat {i}"), metadata=metadata):
-            pass
+        await client.create_chat(title=f"chat {i}")
 
 
 async def latency(envoy: EnvoyProcess, replica: str, iterations: int) -> None:
     print(f"\n1. ListChats(20) latency, {iterations} calls per series, interleaved", flush=True)
-    token = token_for(USER)
-    metadata = (("authorization", f"Bearer {token}"),)
-    rest = KeepAliveClient(envoy.listen_address, token)
+    rest = KeepAliveClient(envoy.listen_address, token_for(USER))
     series: dict[str, list[float]] = {"direct gRPC": [], "gRPC via Envoy": [], "REST via Envoy": []}
     async with (
         grpc.aio.insecure_channel(replica) as direct_channel,
         grpc.aio.insecure_channel(envoy.listen_address) as envoy_channel,
     ):
-        direct = chat_pb2_grpc.ChatServiceStub(direct_channel)
-        proxied = chat_pb2_grpc.ChatServiceStub(envoy_channel)
-        request = pb.ListChatsRequest(page_size=20)
+        direct = chat_client(direct_channel)
+        proxied = chat_client(envoy_channel)
 
         async def rest_call() -> None:
             status, body = await rest.get("/chats?page_size=20")
             assert status == 200 and len(json.loads(body)["chats"]) == 20, body[:200]
 
         calls: dict[str, Callable[[], Awaitable[object]]] = {
-            "direct gRPC": lambda: direct.ListChats(request, metadata=metadata),
-            "gRPC via Envoy": lambda: proxied.ListChats(request, metadata=metadata),
+            "direct gRPC": lambda: direct.list_chats(20),
+            "gRPC via Envoy": lambda: proxied.list_chats(20),
             "REST via Envoy": rest_call,
         }
         warmup = 50
@@ -159,16 +159,18 @@ def completion_body(max_tokens: int) -> dict[str, object]:
     }
 
 
-async def stream_direct(stub: chat_pb2_grpc.ChatServiceStub, max_tokens: int) -> StreamRun:
-    metadata = (("authorization", f"Bearer {token_for(USER)}"),)
-    request = pb.CreateChatRequest(**completion_body(max_tokens))  # type: ignore[arg-type]
+async def stream_direct(client: AsyncChatClient, max_tokens: int) -> StreamRun:
+    body = completion_body(max_tokens)
     started = time.perf_counter()
     first = None
     tokens = 0
-    async for event in stub.CreateChat(request, metadata=metadata):
-        if event.delta and first is None:
+    async for event in client.stream(
+        str(body.pop("content")),
+        **body,  # type: ignore[arg-type]
+    ):
+        if isinstance(event, Delta) and first is None:
             first = time.perf_counter()
-        if event.HasField("usage"):
+        elif isinstance(event, Finished):
             tokens = event.usage.completion_tokens
     ended = time.perf_counter()
     assert first is not None and tokens
@@ -208,10 +210,10 @@ async def streaming(envoy: EnvoyProcess, replica: str, runs: int, max_tokens: in
     direct: list[StreamRun] = []
     proxied: list[StreamRun] = []
     async with grpc.aio.insecure_channel(replica) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
-        await stream_direct(stub, 8)  # warm-up
+        client = chat_client(channel)
+        await stream_direct(client, 8)  # warm-up
         for _ in range(runs):
-            direct.append(await stream_direct(stub, max_tokens))
+            direct.append(await stream_direct(client, max_tokens))
             proxied.append(await stream_rest(envoy, max_tokens))
     for name, results in (("direct gRPC", direct), ("REST SSE via Envoy", proxied)):
         rates = [r.tokens_per_s for r in results]
@@ -428,7 +430,7 @@ async def main() -> None:
                             flush=True,
                         )
                         async with grpc.aio.insecure_channel(addresses[0]) as channel:
-                            await seed_chats(chat_pb2_grpc.ChatServiceStub(channel), args.seed_chats)
+                            await seed_chats(chat_client(channel), args.seed_chats)
                         await latency(envoy, addresses[0], args.iterations)
                         await streaming(envoy, addresses[0], args.stream_runs, args.max_tokens)
                         database = url.rsplit("/", 1)[1]

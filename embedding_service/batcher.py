@@ -135,6 +135,11 @@ class MicroBatcher:
         self._queue.append(_Request(list(texts), future))
         self._queued_texts += len(texts)
         self._stats.requests += 1
+        if log.isEnabledFor(logging.DEBUG):
+            # Lets a test (or an operator) see that a call reached the batcher, e.g. before a SIGTERM.
+            log.debug(
+                "request queued", extra={"requests": self._stats.requests, "queued": self._queued_texts}
+            )
         if self._inflight is None:
             # Only the idle-encoder path waits on this; a busy encoder picks the request up on completion.
             self._wakeup.set()

@@ -35,31 +35,12 @@ from chatmesh.keygen import write_rs256_key_pair
 from tests.support.chat import TEST_SECRET, ChatClient, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
+from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env, standard_engine_env
 
 pytestmark = pytest.mark.e2e
 
 RATE_PER_S = 10
 BURST = 20
-COUNTING_SYSTEM_PROMPT = "User: Count to 100.\nAssistant: " + ", ".join(str(i) for i in range(1, 101))
-
-
-def chat_env(address: str, database_url: str, inference: str, migrate: bool = True) -> dict[str, str]:
-    return {
-        "CHATMESH_CHAT_ADDRESS": address,
-        "CHATMESH_CHAT_DATABASE_URL": database_url,
-        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-        "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
-        "CHATMESH_CHAT_MIGRATE_ON_START": "true" if migrate else "false",
-    }
-
-
-def inference_env(address: str) -> dict[str, str]:
-    return {
-        "CHATMESH_INFERENCE_ADDRESS": address,
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "1024",
-        "CHATMESH_INFERENCE_DEFAULT_MAX_TOKENS": "24",
-    }
 
 
 def gateway_settings(replicas: list[str], **overrides: Any) -> GatewaySettings:
@@ -90,12 +71,11 @@ class Mesh:
 
 
 @pytest.fixture(scope="module")
-async def mesh(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Mesh]:
-    inference = f"127.0.0.1:{free_port()}"
+async def mesh(tmp_path_factory: pytest.TempPathFactory, inference_address: str) -> AsyncIterator[Mesh]:
+    inference = inference_address  # the session's engine (tests/conftest.py)
     first, second = (f"127.0.0.1:{free_port()}" for _ in range(2))
     async with fresh_postgres_database() as url:
         with (
-            run_service("inference_service", inference_env(inference), inference, timeout=60),
             # The first replica migrates the fresh database; the second starts on the migrated schema.
             run_service("chat_service", chat_env(first, url, inference), first, timeout=60) as one,
             run_service(
@@ -321,7 +301,7 @@ async def doomed_stack(tmp_path: Path) -> AsyncIterator[tuple[EnvoyProcess, Logg
     replica = f"127.0.0.1:{free_port()}"
     url = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
     with (
-        run_service("inference_service", inference_env(inference), inference, timeout=60) as engine,
+        run_service("inference_service", standard_engine_env(inference), inference, timeout=60) as engine,
         run_service("chat_service", chat_env(replica, url, inference), replica, timeout=60),
     ):
         async with run_envoy(gateway_settings([replica]), tmp_path / "envoy") as envoy:

@@ -18,47 +18,19 @@ from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.chat import TEST_SECRET, ChatClient, auth, drain
+from tests.support.chat import ChatClient, auth, drain
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
 from tests.support.recording_proxy import RecordingInferenceProxy, run_recording_proxy
+from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env
 
 pytestmark = pytest.mark.integration
-
-CONTEXT = 1024  # small, so that the window strategy has to drop turns after a few long messages
-COUNTING_SYSTEM_PROMPT = "User: Count to 100.\nAssistant: " + ", ".join(str(i) for i in range(1, 101))
-
-
-@pytest.fixture(scope="module")
-def inference_address() -> Iterator[str]:
-    address = f"127.0.0.1:{free_port()}"
-    env = {
-        "CHATMESH_INFERENCE_ADDRESS": address,
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
-        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
-        "CHATMESH_INFERENCE_DEFAULT_MAX_TOKENS": "24",
-    }
-    with run_service("inference_service", env, address, timeout=60):
-        yield address
 
 
 @pytest.fixture(scope="module")
 def proxy(inference_address: str) -> Iterator[tuple[str, RecordingInferenceProxy]]:
     with run_recording_proxy(inference_address) as running:
         yield running
-
-
-def chat_env(address: str, database_url: str, inference: str) -> dict[str, str]:
-    return {
-        "CHATMESH_CHAT_ADDRESS": address,
-        "CHATMESH_CHAT_DATABASE_URL": database_url,
-        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-        "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
-        "CHATMESH_CHAT_SUMMARY_KEEP_RECENT_MESSAGES": "2",
-        "CHATMESH_CHAT_SUMMARY_MIN_MESSAGES_TO_FOLD": "4",
-        "CHATMESH_CHAT_SUMMARY_MAX_TOKENS": "32",
-    }
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -16,42 +16,23 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatmesh.embedding.v1 import embedding_pb2 as pb
 from chatmesh.embedding.v1 import embedding_pb2_grpc
-from tests.support.processes import LoggedProcess, free_port, run_service
+from tests.support.processes import LoggedProcess, free_port, log_entries, run_service, wait_for_log_entry
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env
 
 pytestmark = pytest.mark.integration
 
 SERVICE = "chatmesh.embedding.v1.EmbeddingService"
 # A copy of the first pairs of ../shared/bench-data/qqp_duplicate_pairs.json (see tests/data/README.md).
 PAIRS_FILE = Path(__file__).resolve().parents[1] / "data" / "qqp_pairs_sample.json"
-STARTUP_TIMEOUT_S = 90
 
 Vectors = npt.NDArray[np.float32]
 
 
-def service_env(address: str) -> dict[str, str]:
-    """Environment for a service instance on `address`; DEBUG logs record every batch's size."""
-    return {
-        "CHATMESH_EMBEDDING_ADDRESS": address,
-        "CHATMESH_EMBEDDING_THREADS": "2",
-        "CHATMESH_EMBEDDING_LOG_LEVEL": "DEBUG",
-    }
-
-
-@pytest.fixture(scope="module")
-def embedding_process() -> Iterator[tuple[str, LoggedProcess]]:
-    address = f"127.0.0.1:{free_port()}"
-    with run_service(
-        "embedding_service", service_env(address), address, timeout=STARTUP_TIMEOUT_S
-    ) as process:
-        yield address, process
-    assert process.returncode == 0, "SIGTERM should shut the service down cleanly"
-
-
 @pytest.fixture
 async def stub(
-    embedding_process: tuple[str, LoggedProcess],
+    embedding_service: tuple[str, LoggedProcess],
 ) -> AsyncIterator[embedding_pb2_grpc.EmbeddingServiceStub]:
-    async with grpc.aio.insecure_channel(embedding_process[0]) as channel:
+    async with grpc.aio.insecure_channel(embedding_service[0]) as channel:
         yield embedding_pb2_grpc.EmbeddingServiceStub(channel)
 
 
@@ -72,9 +53,9 @@ async def rejected(
 
 
 async def test_health_and_model_info(
-    embedding_process: tuple[str, LoggedProcess], stub: embedding_pb2_grpc.EmbeddingServiceStub
+    embedding_service: tuple[str, LoggedProcess], stub: embedding_pb2_grpc.EmbeddingServiceStub
 ) -> None:
-    async with grpc.aio.insecure_channel(embedding_process[0]) as channel:
+    async with grpc.aio.insecure_channel(embedding_service[0]) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for name in ("", SERVICE):
             reply = await health.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
@@ -126,7 +107,7 @@ async def test_result_order_matches_input_order(stub: embedding_pb2_grpc.Embeddi
 
 
 async def test_concurrent_clients_get_their_own_vectors(
-    embedding_process: tuple[str, LoggedProcess], stub: embedding_pb2_grpc.EmbeddingServiceStub
+    embedding_service: tuple[str, LoggedProcess], stub: embedding_pb2_grpc.EmbeddingServiceStub
 ) -> None:
     pairs = json.loads(PAIRS_FILE.read_text())[100:124]
     requests = [[p["origin"]] if i % 3 else [p["origin"], p["similar"]] for i, p in enumerate(pairs)]
@@ -137,10 +118,8 @@ async def test_concurrent_clients_get_their_own_vectors(
         for text, vector in zip(texts, vectors, strict=True):
             np.testing.assert_allclose(vector, solo[text], atol=1e-5, err_msg=text)
     # The service logs each batch at DEBUG: concurrent calls must have shared forward passes.
-    log_entries = [
-        json.loads(line) for line in embedding_process[1].output().splitlines() if line.startswith("{")
-    ]
-    batch_sizes = [entry["requests"] for entry in log_entries if entry.get("msg") == "batch encoded"]
+    entries = log_entries(embedding_service[1])
+    batch_sizes = [entry["requests"] for entry in entries if entry.get("msg") == "batch encoded"]
     assert max(batch_sizes) > 1, f"no batch merged two requests: {batch_sizes}"
 
 
@@ -168,20 +147,30 @@ async def test_invalid_requests_name_the_field(
 async def test_sigterm_finishes_in_flight_calls_and_exits_0() -> None:
     address = f"127.0.0.1:{free_port()}"
     with run_service(
-        "embedding_service", service_env(address), address, timeout=STARTUP_TIMEOUT_S
+        "embedding_service", embedding_env(address), address, timeout=MODEL_STARTUP_TIMEOUT_S
     ) as process:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = embedding_pb2_grpc.EmbeddingServiceStub(channel)
-            texts = [f"sentence number {i} about shutting servers down gracefully" for i in range(32)]
+            # Three batches of 64 texts of ~20 tokens: about a second each here, so work is left at SIGTERM.
+            texts = [f"sentence number {i} about shutting servers down gracefully " * 2 for i in range(32)]
             calls = [asyncio.ensure_future(embed(stub, texts)) for _ in range(6)]
-            # Let the calls reach the server (several forward passes' worth of work), then stop it.
-            await asyncio.sleep(0.3)
+            # Stop it once every call has reached the batcher (the service logs each at DEBUG).
+            await asyncio.to_thread(
+                wait_for_log_entry,
+                process,
+                lambda entry: entry.get("msg") == "request queued" and entry.get("requests") == len(calls),
+                MODEL_STARTUP_TIMEOUT_S,
+            )
             process.send_signal(signal.SIGTERM)
             results = await asyncio.gather(*calls)
         assert all(vectors.shape == (32, 384) for vectors in results)
         # Only one SIGTERM: the service restores the default handler while it drains.
         returncode = await asyncio.to_thread(process.wait, 30)
+        messages = [entry.get("msg") for entry in log_entries(process)]
         log = process.output()
     assert returncode == 0, log[-3000:]
-    assert '"msg": "stopped"' in log
+    # The drain really happened: batches were still being encoded after the shutdown began.
+    shutdown = messages.index("shutting down")
+    assert "batch encoded" in messages[shutdown:], log[-3000:]
+    assert "stopped" in messages[shutdown:]
     assert '"failed_batches": 0' in log

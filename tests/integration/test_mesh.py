@@ -9,16 +9,22 @@ import sys
 import time
 from pathlib import Path
 
-import grpc
 import httpx
 import pytest
 
-from chatmesh.chat.v1 import chat_pb2 as pb
-from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.client import ChatClient
 from chatmesh.common.auth import JwtKeys, issue_token, load_or_create_secret
 from tests.support.processes import free_port, process_group_members
 
 pytestmark = pytest.mark.integration
+
+
+def terminal_client(cwd: Path, env: dict[str, str], gateway_port: int, *args: str) -> str:
+    """Run `chatmesh chat --address <gateway> ARGS` in `cwd` (whose .run/ holds the dev key); its output."""
+    command = [sys.executable, "-m", "chatmesh", "chat", "--address", f"127.0.0.1:{gateway_port}", *args]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
 
 
 def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
@@ -57,22 +63,25 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert "Press Ctrl-C" in text, text[-3000:]
         assert "ready on" in text and "A dev token for user 'dev'" in text
 
-        # The chat service works with a token from the dev key that the mesh created.
+        # The chat service works with a token from the dev key that the mesh created (through the SDK's
+        # blocking client, as a script would use it).
         keys = JwtKeys.hs256(load_or_create_secret(tmp_path / ".run" / "jwt-secret"))
-        metadata = (("authorization", f"Bearer {issue_token(keys, 'dev')}"),)
-        with grpc.insecure_channel(f"127.0.0.1:{ports['chat']}") as channel:
-            stub = chat_pb2_grpc.ChatServiceStub(channel)
-            request = pb.CreateChatRequest(content="Hello!", max_tokens=4)
-            events = list(stub.CreateChat(request, metadata=metadata))
-            assert events[-1].assistant_message_id
-            listed = stub.ListChats(pb.ListChatsRequest(), metadata=metadata)
-            assert [c.chat_id for c in listed.chats] == [events[0].chat_id]
+        token = issue_token(keys, "dev")
+        with ChatClient(f"127.0.0.1:{ports['chat']}", token=token) as client:
+            reply = client.complete("Hello!", max_tokens=4)
+            assert reply.assistant_message_id
+            assert [c.chat_id for c in client.iter_chats()] == [reply.chat_id]
         # ... and so does the REST API through the gateway, with the curl the mesh printed.
         assert f'curl -H "Authorization: Bearer $TOKEN" http://127.0.0.1:{ports["gateway"]}/chats' in text
-        headers = {"Authorization": metadata[0][1]}
+        headers = {"Authorization": f"Bearer {token}"}
         chats = httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", headers=headers, timeout=10)
         assert chats.status_code == 200, chats.text
-        assert [c["chat_id"] for c in chats.json()["chats"]] == [events[0].chat_id]
+        assert [c["chat_id"] for c in chats.json()["chats"]] == [reply.chat_id]
+        # ... and the terminal client, through the gateway, with a dev token it signs itself.
+        said = terminal_client(tmp_path, env, ports["gateway"], "-m", "Hi!").strip().splitlines()[-1]
+        assert said.startswith("[chat "), said
+        listed = terminal_client(tmp_path, env, ports["gateway"], "--list")
+        assert said.removeprefix("[chat ").removesuffix("]") in listed
         assert httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", timeout=10).status_code == 401
         assert (tmp_path / ".run" / "chatmesh.db").exists(), "the embedded SQLite default is used"
 

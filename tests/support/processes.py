@@ -16,6 +16,7 @@ Typical use, from a module-scoped fixture::
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -23,9 +24,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -217,6 +219,39 @@ def wait_for_line(process: LoggedProcess, line: str, timeout: float) -> None:
         time.sleep(0.1)
     raise RuntimeError(
         f"{_describe(process)} did not print {line!r} within {timeout:.0f} s:\n{process.output_tail()}"
+    )
+
+
+def log_entries(process: LoggedProcess) -> list[dict[str, Any]]:
+    """The JSON log lines (the services' default log format) the process has written so far."""
+    entries = []
+    for line in process.output().splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(json.JSONDecodeError):
+                entries.append(json.loads(line))
+    return entries
+
+
+def wait_for_log_entry(
+    process: LoggedProcess, matches: Callable[[dict[str, Any]], bool], timeout: float
+) -> dict[str, Any]:
+    """Block until `process` writes a JSON log entry for which `matches` is true; return it.
+
+    Raises `RuntimeError` with the output's tail if the process exits first or `timeout` passes. Blocks:
+    from async code, run it with `asyncio.to_thread`.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for entry in log_entries(process):
+            if matches(entry):
+                return entry
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{_describe(process)} exited with code {process.returncode}:\n{process.output_tail()}"
+            )
+        time.sleep(0.05)
+    raise RuntimeError(
+        f"{_describe(process)} wrote no matching log entry within {timeout:.0f} s:\n{process.output_tail()}"
     )
 
 

@@ -20,25 +20,34 @@ def test_round_trip_gives_the_subject() -> None:
     assert verify_token(KEYS, issue_token(KEYS, "alice")) == "alice"
 
 
+def expiring_in(seconds: float) -> int:
+    """An `exp` claim `seconds` from now. Called inside tests, never at import: a token made when the
+    module is imported would expire while a long suite runs, and the test would fail for that reason."""
+    return int(time.time() + seconds)
+
+
 @pytest.mark.parametrize(
-    ("claims", "reason"),
+    ("claims", "exp_in_s", "reason"),
     [
-        ({"sub": "alice", "exp": int(time.time()) - 3600}, "expired"),
-        ({"exp": int(time.time()) + 60}, "sub"),
-        ({"sub": "alice"}, "exp"),
-        ({"sub": "", "exp": int(time.time()) + 60}, "sub"),
+        ({"sub": "alice"}, -3600, "expired"),
+        ({}, 60, "sub"),
+        ({"sub": "alice"}, None, "exp"),
+        ({"sub": ""}, 60, "sub"),
     ],
+    ids=["expired", "no-sub", "no-exp", "empty-sub"],
 )
-def test_bad_claims_are_unauthenticated(claims: dict[str, object], reason: str) -> None:
+def test_bad_claims_are_unauthenticated(claims: dict[str, object], exp_in_s: int | None, reason: str) -> None:
+    if exp_in_s is not None:
+        claims = {**claims, "exp": expiring_in(exp_in_s)}
     with pytest.raises(Unauthenticated, match=reason):
         verify_token(KEYS, jwt.encode(claims, SECRET, algorithm="HS256"))
 
 
 def test_wrong_secret_and_wrong_algorithm_are_rejected() -> None:
-    forged = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, "x" * 40, algorithm="HS256")
+    forged = jwt.encode({"sub": "alice", "exp": expiring_in(60)}, "x" * 40, algorithm="HS256")
     with pytest.raises(Unauthenticated):
         verify_token(KEYS, forged)
-    unsigned = jwt.encode({"sub": "alice", "exp": int(time.time()) + 60}, "", algorithm="none")
+    unsigned = jwt.encode({"sub": "alice", "exp": expiring_in(60)}, "", algorithm="none")
     with pytest.raises(Unauthenticated):
         verify_token(KEYS, unsigned)
 

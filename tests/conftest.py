@@ -1,0 +1,39 @@
+"""Fixtures shared by every test module.
+
+The model-loading services start once per test session and are shared by the modules that can share
+them: loading a model costs seconds, and a module's own copy would load it again. A test that needs
+different engine settings (a tiny context, a queue of one) or that kills its service starts its own
+with `tests.support.services` and `tests.support.processes.run_service`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.support.processes import LoggedProcess, free_port, run_service
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env, standard_engine_env
+
+
+@pytest.fixture(scope="session")
+def inference_address() -> Iterator[str]:
+    """Address of the session's inference service (llama.cpp, the bundled model; context
+    `SHARED_ENGINE_CONTEXT`, one generation at a time). Shared: do not kill it or rely on its state."""
+    address = f"127.0.0.1:{free_port()}"
+    with run_service(
+        "inference_service", standard_engine_env(address), address, MODEL_STARTUP_TIMEOUT_S
+    ) as process:
+        yield address
+    assert process.returncode == 0, "SIGTERM should shut the inference service down cleanly"
+
+
+@pytest.fixture(scope="session")
+def embedding_service() -> Iterator[tuple[str, LoggedProcess]]:
+    """(address, process) of the session's embedding service, logging every request and batch at DEBUG."""
+    address = f"127.0.0.1:{free_port()}"
+    with run_service(
+        "embedding_service", embedding_env(address), address, MODEL_STARTUP_TIMEOUT_S
+    ) as process:
+        yield address, process
+    assert process.returncode == 0, "SIGTERM should shut the embedding service down cleanly"

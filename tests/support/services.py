@@ -1,0 +1,83 @@
+"""Settings the tests start services with, and the prompts they send: one copy for every test module.
+
+The environment builders return what a service needs on top of os.environ (see `run_service`); pass
+more settings as keyword arguments (`CHATMESH_INFERENCE_MAX_QUEUE="1"` style names).
+"""
+
+from __future__ import annotations
+
+from chatmesh.inference.v1 import inference_pb2 as ipb
+from tests.support.chat import TEST_SECRET
+
+MODEL_STARTUP_TIMEOUT_S = 90
+"""How long a model-loading service may take to report SERVING (a cold page cache on this machine)."""
+
+SHARED_ENGINE_CONTEXT = 1024
+"""Context of the session's shared inference service: small, so that the window strategy has to drop
+turns after a few long messages."""
+
+SHARED_ENGINE_MAX_TOKENS = 24
+"""Default reply length of the shared inference service: short replies keep the suite fast."""
+
+COUNTING_EXAMPLE = ", ".join(str(i) for i in range(1, 101))
+
+COUNTING_SYSTEM_PROMPT = f"User: Count to 100.\nAssistant: {COUNTING_EXAMPLE}"
+"""A chat system prompt after which "Count to 300." makes the base model count on for hundreds of
+tokens: a long stream to cancel, join or break mid-way."""
+
+PARIS = [ipb.Message(role=ipb.ROLE_USER, content="What is the capital of France?")]
+"""An inference prompt with a short, known answer."""
+
+LONG = [
+    ipb.Message(role=ipb.ROLE_USER, content="Count to 100."),
+    ipb.Message(role=ipb.ROLE_ASSISTANT, content=COUNTING_EXAMPLE),
+    ipb.Message(role=ipb.ROLE_USER, content="Count to 300."),
+]
+"""A few-shot inference prompt that makes the base model count for several hundred tokens (seconds
+here): long enough to cancel or overload it mid-generation."""
+
+
+def inference_env(address: str, **settings: str) -> dict[str, str]:
+    """Environment of an inference service on `address` (llama.cpp, the bundled model)."""
+    return {"CHATMESH_INFERENCE_ADDRESS": address, **settings}
+
+
+def standard_engine_env(address: str) -> dict[str, str]:
+    """The settings most tests run an inference service with: the session's shared one
+    (tests/conftest.py), and private copies that a test may kill."""
+    return inference_env(
+        address,
+        CHATMESH_INFERENCE_CONTEXT_LENGTH=str(SHARED_ENGINE_CONTEXT),
+        CHATMESH_INFERENCE_DEFAULT_MAX_TOKENS=str(SHARED_ENGINE_MAX_TOKENS),
+    )
+
+
+def chat_env(
+    address: str, database_url: str, inference: str, migrate: bool = True, **settings: str
+) -> dict[str, str]:
+    """Environment of a chat service on `address`, storing in `database_url`, generating with the
+    inference service at `inference`, accepting tokens signed with `TEST_SECRET`. `migrate=False` for
+    a replica that starts on a schema another replica migrated."""
+    return {
+        "CHATMESH_CHAT_ADDRESS": address,
+        "CHATMESH_CHAT_DATABASE_URL": database_url,
+        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
+        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
+        "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
+        "CHATMESH_CHAT_MIGRATE_ON_START": "true" if migrate else "false",
+        # Small, so that a summary is written and extended within a few turns.
+        "CHATMESH_CHAT_SUMMARY_KEEP_RECENT_MESSAGES": "2",
+        "CHATMESH_CHAT_SUMMARY_MIN_MESSAGES_TO_FOLD": "4",
+        "CHATMESH_CHAT_SUMMARY_MAX_TOKENS": "32",
+        **settings,
+    }
+
+
+def embedding_env(address: str, **settings: str) -> dict[str, str]:
+    """Environment of an embedding service on `address`; DEBUG logs record every request and batch."""
+    return {
+        "CHATMESH_EMBEDDING_ADDRESS": address,
+        "CHATMESH_EMBEDDING_THREADS": "2",
+        "CHATMESH_EMBEDDING_LOG_LEVEL": "DEBUG",
+        **settings,
+    }
