@@ -35,6 +35,40 @@ STORED_COUNT_SLACK = 4
 could drop a turn that would have fit (see `_first_worth_counting`)."""
 
 
+MARKUP_TOKEN_BOUND = 32
+"""More tokens than any prompt template spends on one message's role markup, or on the prompt's own
+start and reply cue (a handful for `User:`/`Assistant:`, ChatML or Gemma turn markers)."""
+
+
+def prompt_token_bound(fixed: Sequence[PromptMessage], history: Sequence[Message], limit: int) -> int:
+    """An upper bound of the prompt's tokens, judged without the engine (counting stops past `limit`).
+
+    A stored user message's count is its count as a whole prompt of its own (so its markup and the
+    prompt's start are included), a reply's is the tokens generated, plus a bound on its markup; text
+    with no stored count (the system prompt, a summary, a message whose count was never recorded) counts
+    one token per UTF-8 byte, which no tokenizer exceeds but for its special tokens (the markup bound).
+    """
+    bound = MARKUP_TOKEN_BOUND
+    for message in fixed:
+        bound += len(message.content.encode()) + MARKUP_TOKEN_BOUND
+    for message in history:
+        if bound > limit:
+            break
+        if message.token_count <= 0:
+            bound += len(message.content.encode()) + MARKUP_TOKEN_BOUND
+        elif message.role is Role.USER:
+            bound += message.token_count
+        else:
+            bound += message.token_count + MARKUP_TOKEN_BOUND
+    return bound
+
+
+def surely_fits(fixed: Sequence[PromptMessage], history: Sequence[Message], budget: int) -> bool:
+    """Whether the prompt certainly fits `budget` tokens. Most turns of most chats are far from the
+    context's end, and skip a CountTokens round trip on the way to the first token."""
+    return prompt_token_bound(fixed, history, budget) <= budget
+
+
 def as_prompt(message: Message) -> PromptMessage:
     return PromptMessage("user" if message.role is Role.USER else "assistant", message.content)
 
@@ -89,8 +123,10 @@ class HistoryBuilder:
         """Everything, checked against the context here so that a chat that outgrew it hears what to do
         in the chat API's terms (the engine would name its own API's fields)."""
         prompt = [*system, *map(as_prompt, history)]
-        counts = await self._inference.count_message_tokens(prompt)
         budget = self._engine.context_length - max_tokens
+        if surely_fits(system, history, budget):
+            return prompt
+        counts = await self._inference.count_message_tokens(prompt)
         if counts.prompt_tokens <= budget:
             return prompt
         question_alone = (
@@ -119,12 +155,15 @@ class HistoryBuilder:
     ) -> list[PromptMessage]:
         """Drop the oldest whole turns until system + preamble + history + max_tokens fits the context.
 
-        One CountTokens call whatever the history's length: the engine counts each message on its own
-        and reports the counts, so what any suffix of the history occupies follows exactly from them.
-        The system prompt, the preamble and the new question (the last message) are never dropped.
+        At most one CountTokens call whatever the history's length (none when the stored counts prove
+        that everything fits): the engine counts each message on its own and reports the counts, so what
+        any suffix of the history occupies follows exactly from them. The system prompt, the preamble
+        and the new question (the last message) are never dropped.
         """
         budget = self._engine.context_length - max_tokens
         fixed_messages = [*system, *preamble]
+        if surely_fits(fixed_messages, history, budget):
+            return [*fixed_messages, *map(as_prompt, history)]
         # Where the kept part may begin: the start, or a user message (turns are dropped whole).
         starts = sorted({0, *(i for i, m in enumerate(history) if m.role is Role.USER)})
         first = _first_worth_counting(history, starts, budget)

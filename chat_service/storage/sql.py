@@ -11,6 +11,8 @@ committed in `seq` order and a reader paging by `seq` can never skip a message c
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -18,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, case, delete, event, insert, select, tuple_
+from sqlalchemy import Select, Table, case, delete, event, insert, literal, select, tuple_
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import URL, Row, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -315,41 +317,29 @@ class SqlConversationStore(ConversationStore):
         *,
         with_history: bool,
     ) -> TurnStart:
-        messages = cast(Table, MessageRow.__table__)
         for _ in range(_IDEMPOTENT_ATTEMPTS):
             now = _now()
             message_id = uuid.uuid4()
             title = title_from_content(content)
+            values = {
+                "id": message_id,
+                "chat_id": chat_id,
+                "user_id": user_id,
+                "role": Role.USER.value,
+                "content": content,
+                "token_count": token_count,
+                "request_id": request_id,
+                "created_at": now,
+            }
             try:
-                # Core statements on a plain connection: this is on the path to the first token, and the
-                # ORM's unit of work costs more than the three statements themselves. Nothing in here
-                # waits on anything but the database: on SQLite this transaction holds the write lock
-                # of every replica.
-                async with self._engine.begin() as connection:
-                    chat_row = await self._touch_chat(connection, user_id, chat_id, now, title)
-                    earlier = []
-                    if with_history:
-                        earlier = [
-                            _to_message(row)  # type: ignore[arg-type]
-                            for row in await connection.execute(
-                                select(*messages.c)
-                                .where(messages.c.chat_id == chat_id)
-                                .order_by(messages.c.seq)
-                            )
-                        ]
-                    values = {
-                        "id": message_id,
-                        "chat_id": chat_id,
-                        "user_id": user_id,
-                        "role": Role.USER.value,
-                        "content": content,
-                        "token_count": token_count,
-                        "request_id": request_id,
-                        "created_at": now,
-                    }
-                    seq = (
-                        await connection.execute(insert(messages).values(**values).returning(messages.c.seq))
-                    ).scalar_one()
+                if self._engine.dialect.name == "postgresql":
+                    chat_row, seq, earlier = await self._insert_turn_one_statement(
+                        user_id, chat_id, now, title, values, with_history
+                    )
+                else:
+                    chat_row, seq, earlier = await self._insert_turn_transaction(
+                        user_id, chat_id, now, title, values, with_history
+                    )
                 message = Message(
                     id=message_id,
                     chat_id=chat_id,
@@ -381,6 +371,103 @@ class SqlConversationStore(ConversationStore):
             if existing is not None and chat_row is not None:
                 return TurnStart(_to_chat(chat_row), _to_message(existing), False, [])
         raise RuntimeError(f"add_user_message kept colliding on request id {request_id!r}")
+
+    async def _insert_turn_transaction(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        now: datetime,
+        title: str,
+        values: dict[str, Any],
+        with_history: bool,
+    ) -> tuple[Row[Any], int, list[Message]]:
+        """Bump the chat, read its history, insert the user message: one transaction of three statements.
+        Nothing in here waits on anything but the database: on SQLite this transaction holds the write
+        lock of every replica."""
+        messages = cast(Table, MessageRow.__table__)
+        # Core statements on a plain connection: this is on the path to the first token, and the ORM's
+        # unit of work costs more than the statements themselves.
+        async with self._engine.begin() as connection:
+            chat_row = await self._touch_chat(connection, user_id, chat_id, now, title)
+            earlier = []
+            if with_history:
+                earlier = [
+                    _to_message(row)  # type: ignore[arg-type]
+                    for row in await connection.execute(
+                        select(*messages.c).where(messages.c.chat_id == chat_id).order_by(messages.c.seq)
+                    )
+                ]
+            seq = (
+                await connection.execute(insert(messages).values(**values).returning(messages.c.seq))
+            ).scalar_one()
+        return chat_row, seq, earlier
+
+    async def _insert_turn_one_statement(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        now: datetime,
+        title: str,
+        values: dict[str, Any],
+        with_history: bool,
+    ) -> tuple[Row[Any], int, list[Message]]:
+        """PostgreSQL: bump the chat and insert the user message in ONE statement (data-modifying CTEs, in
+        autocommit: the statement is its own transaction, so no BEGIN or COMMIT round trips), while the
+        history is read beside it on another connection. This is on the path to the first token.
+
+        The UPDATE takes the chat's row lock before the INSERT, as every other write does, so messages are
+        still committed in `seq` order. The history read may see the new message, or one of a concurrent
+        turn of the same chat committed after it; `seq` leaves both out."""
+        chats = cast(Table, ChatRow.__table__)
+        messages = cast(Table, MessageRow.__table__)
+        bump: dict[str, Any] = {"last_activity_at": now}
+        if title:
+            bump["title"] = case((chats.c.title == "", title), else_=chats.c.title)
+        touched = (
+            sql_update(chats)
+            .where(chats.c.id == chat_id, chats.c.user_id == user_id)
+            .values(**bump)
+            .returning(*chats.c)
+            .cte("touched")
+        )
+        columns = [name for name in values if name != "chat_id"]
+        inserted = (
+            insert(messages)
+            .from_select(
+                ["chat_id", *columns],
+                select(touched.c.id, *(literal(values[name], messages.c[name].type) for name in columns)),
+            )
+            .returning(messages.c.seq, messages.c.chat_id)
+            .cte("inserted")
+        )
+        reading = asyncio.ensure_future(self._history_rows(chat_id)) if with_history else None
+        try:
+            async with self._reader.connect() as connection:
+                row = (
+                    await connection.execute(
+                        select(touched, inserted.c.seq).join_from(
+                            touched, inserted, touched.c.id == inserted.c.chat_id
+                        )
+                    )
+                ).first()
+            if row is None:
+                raise _chat_not_found(chat_id)
+            seq: int = row.seq
+            earlier = [m for m in await reading if m.seq < seq] if reading is not None else []
+        finally:
+            if reading is not None and not reading.done():
+                reading.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await reading
+        return row, seq, earlier
+
+    async def _history_rows(self, chat_id: uuid.UUID) -> list[Message]:
+        """The chat's messages in seq order, ownership unchecked (the caller checks it)."""
+        async with self._reader.connect() as connection:
+            rows = await connection.execute(
+                select(MessageRow).where(MessageRow.chat_id == chat_id).order_by(MessageRow.seq)
+            )
+            return [_to_message(row) for row in rows]  # type: ignore[arg-type]
 
     async def add_assistant_message(
         self,

@@ -14,6 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from chat_service.domain import Message, Role
+from chat_service.history import as_prompt, prompt_token_bound
+from chat_service.inference import GrpcInferenceClient, PromptMessage
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.inference.v1 import inference_pb2 as ipb
@@ -517,3 +520,41 @@ async def test_full_strategy_reports_an_over_long_history_in_chat_api_terms(
         stored = await alice.all_messages(chat_id)
     assert [m.role for m in stored[-2:]] == [pb.ROLE_ASSISTANT, pb.ROLE_USER]
     assert len(recorder.chat_requests()) == len(stored) // 2
+
+
+async def test_the_stored_counts_bound_the_real_prompt_from_above(
+    alice: ChatClient, inference_address: str
+) -> None:
+    """The shortcut that skips CountTokens (chat_service.history.surely_fits) is only safe if its bound
+    is never below the engine's own count: check it on a real chat with text that tokenizes densely."""
+    system = "Réponds brièvement. 简短回答。"
+    created = await alice.create(
+        content="Translate 'good night' into French, Japanese and emoji 🌙.",
+        system_prompt=system,
+        history_strategy=pb.HISTORY_STRATEGY_FULL,
+        max_tokens=24,
+        temperature=0,
+    )
+    await alice.complete(created.chat_id, "And `def f(x): return x**2` in one word?", max_tokens=24)
+    stored = await alice.all_messages(created.chat_id)
+    history = [
+        Message(
+            id=uuid.UUID(m.message_id),
+            chat_id=uuid.UUID(created.chat_id),
+            user_id="alice",
+            seq=seq,
+            role=Role.USER if m.role == pb.ROLE_USER else Role.ASSISTANT,
+            content=m.content,
+            token_count=m.token_count,
+            finish_reason=None,
+            request_id=None,
+            reply_to=None,
+            created_at=m.create_time.ToDatetime(),
+        )
+        for seq, m in enumerate(stored, start=1)
+    ]
+    assert all(m.token_count > 0 for m in history), "every finished turn has its counts stored"
+    fixed = [PromptMessage("system", system)]
+    async with grpc.aio.insecure_channel(inference_address) as channel:
+        real = await GrpcInferenceClient(channel).count_message_tokens([*fixed, *map(as_prompt, history)])
+    assert prompt_token_bound(fixed, history, limit=10**9) >= real.prompt_tokens

@@ -10,7 +10,14 @@ from datetime import UTC, datetime
 import pytest
 
 from chat_service.domain import Chat, HistoryStrategy, Message, Role
-from chat_service.history import STORED_COUNT_SLACK, HistoryBuilder, SummaryPolicy
+from chat_service.history import (
+    MARKUP_TOKEN_BOUND,
+    STORED_COUNT_SLACK,
+    HistoryBuilder,
+    SummaryPolicy,
+    as_prompt,
+    prompt_token_bound,
+)
 from chat_service.inference import EngineInfo, Generated, PromptMessage, SamplingOptions, TokenCounts
 from chatmesh.common.errors import InvalidArgument
 
@@ -177,3 +184,24 @@ async def test_full_with_a_question_that_cannot_fit_names_the_content_field() ->
     with pytest.raises(InvalidArgument) as err:
         await builder(WordCountingEngine()).build(chat(HistoryStrategy.FULL), history, 10, "r")
     assert err.value.field == "content"
+
+
+@pytest.mark.parametrize("strategy", [HistoryStrategy.FULL, HistoryStrategy.WINDOW])
+async def test_a_chat_far_from_the_context_end_is_sent_whole_without_counting(
+    strategy: HistoryStrategy,
+) -> None:
+    engine = WordCountingEngine()
+    history = turns(2, 3)
+    roomy = HistoryBuilder(None, engine, EngineInfo("fake", 4096, 10), SummaryPolicy())  # type: ignore[arg-type]
+    prompt = await roomy.build(chat(strategy), history, max_tokens=100, request_id="r")
+    assert prompt == [PromptMessage("system", "be brief"), *map(as_prompt, history)]
+    assert engine.calls == [], "the stored counts prove it fits: no CountTokens round trip"
+
+
+def test_the_bound_counts_bytes_for_text_without_a_stored_count() -> None:
+    uncounted = message(1, Role.USER, 5, token_count=0)
+    counted = message(2, Role.ASSISTANT, 5, token_count=7)
+    system = [PromptMessage("system", "héllo")]
+    bound = prompt_token_bound(system, [uncounted, counted], limit=10_000)
+    markup = MARKUP_TOKEN_BOUND
+    assert bound == markup + (len("héllo".encode()) + markup) + (len(uncounted.content) + markup) + 7 + markup
