@@ -49,8 +49,8 @@ def prompt_token_bound(fixed: Sequence[PromptMessage], history: Sequence[Message
     one token per UTF-8 byte, which no tokenizer exceeds but for its special tokens (the markup bound).
     """
     bound = MARKUP_TOKEN_BOUND
-    for message in fixed:
-        bound += len(message.content.encode()) + MARKUP_TOKEN_BOUND
+    for text in fixed:
+        bound += len(text.content.encode()) + MARKUP_TOKEN_BOUND
     for message in history:
         if bound > limit:
             break
