@@ -8,7 +8,6 @@ engine), so no test depends on the order the tests run in.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 import json
 import os
@@ -17,7 +16,7 @@ import shutil
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +35,7 @@ from tests.support.chat import TEST_SECRET, ChatClient, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
 from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env, standard_engine_env
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
@@ -460,18 +460,6 @@ async def test_each_user_is_rate_limited_on_their_own(
     fresh = await http.get("/chats", headers=bearer(other))
     assert fresh.status_code == 200, "others are unaffected"
     assert fresh.headers["x-ratelimit-remaining"] == str(BURST - 1), "and have their own full bucket"
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 15.0) -> None:
-    """Wait until `check()` holds. Envoy's state can only be read, not subscribed to, so this polls
-    it; the wait ends on the condition, never on a guess of how long it takes."""
-    try:
-        async with asyncio.timeout(timeout_s):
-            # No asyncio.Event to wait on: the state lives in another process (ASYNC110).
-            while not await check():  # noqa: ASYNC110
-                await asyncio.sleep(0.05)
-    except TimeoutError:
-        raise AssertionError(f"after {timeout_s:.0f} s: {what}") from None
 
 
 @dataclass

@@ -14,18 +14,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from tests.support.processes import LoggedProcess, free_port, run_service, wait_for_log_entry
+from tests.support.services import LONG, PARIS
 
 pytestmark = pytest.mark.integration
-
-# A few-shot prompt that makes the base model count for several hundred tokens (about 5 s here), long
-# enough to cancel or overload it mid-generation.
-_EXAMPLE = ", ".join(str(i) for i in range(1, 101))
-LONG = [
-    pb.Message(role=pb.ROLE_USER, content="Count to 100."),
-    pb.Message(role=pb.ROLE_ASSISTANT, content=_EXAMPLE),
-    pb.Message(role=pb.ROLE_USER, content="Count to 300."),
-]
-PARIS = [pb.Message(role=pb.ROLE_USER, content="What is the capital of France?")]
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,21 @@
+"""Waiting for a condition that lives in another process (a log file, a server's admin state)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+
+async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str, timeout_s: float = 15.0) -> None:
+    """Wait until `check()` holds. State in another process can only be read, not subscribed to, so
+    this polls it; the wait ends on the condition, never on a guess of how long it takes, and the
+    timeout only turns a hang into a failure that says what never happened."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            while True:
+                result = check()
+                if await result if isinstance(result, Awaitable) else result:
+                    return
+                await asyncio.sleep(0.05)
+    except TimeoutError:
+        raise AssertionError(f"after {timeout_s:.0f} s: {what}") from None
