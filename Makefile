@@ -71,9 +71,11 @@ buf-lint: install-test
 
 ## Every benchmark behind the figures in docs/benchmarks.md (needs PostgreSQL; gateway.py needs wrk, h2load).
 bench: install-test
+	$(PY) benchmarks/llama_build.py
 	$(PY) benchmarks/inference_relay.py
 	$(PY) benchmarks/embedding_throughput.py
 	$(PY) benchmarks/chat_overhead.py
+	$(PY) benchmarks/concurrent_streams.py
 	$(PY) benchmarks/storage_queries.py
 	$(PY) benchmarks/gateway.py
 
