@@ -8,7 +8,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
@@ -217,27 +217,14 @@ class Conversations:
         it otherwise. Either way the stream ends with exactly one `Finished`, or one `Failed` followed by
         its error raised.
         """
-        # Everything before the first token is on the user's clock: the engine counts the message's
-        # tokens while the store checks the chat, reads its history and stores the message. The count is
-        # not needed before the prompt is built, and is recorded with the reply: no transaction waits
-        # on the engine.
         received = time.perf_counter()
-        counting = asyncio.ensure_future(self._inference.count_tokens([PromptMessage("user", content)]))
-        try:
-            turn = await self._store.start_turn(user_id, chat_id, content, request_id)
-        except BaseException:
-            _discard(counting)  # e.g. not the user's chat: the store's error is the one to report
-            raise
+        turn = await self._store.start_turn(user_id, chat_id, content, request_id)
         if turn.created:
             running = self._run(
                 turn.message.id,
-                lambda: self._generate(turn.chat, turn.message, sampling, turn.history, counting, received),
+                lambda: self._generate(turn.chat, turn.message, sampling, turn.history, received),
             )
-            # Normally the generation consumes the count; not if it is cancelled before it starts.
-            running.when_done(lambda: _discard(counting))
         else:
-            # A retry: the stored message is (being) counted by the request that stored it.
-            _discard(counting)
             running = await self._join(turn.chat, turn.message, sampling)
         async with aclosing(running.follow()) as events:
             async for event in events:
@@ -283,12 +270,8 @@ class Conversations:
         earlier has stored its reply by then, and none can start meanwhile."""
         reply = await self._store.find_reply(chat.user_id, user_message.id)
         if reply is None:
-            counting = None
-            if user_message.token_count == NOT_COUNTED:
-                prompt = [PromptMessage("user", user_message.content)]
-                counting = asyncio.ensure_future(self._inference.count_tokens(prompt))
             async with aclosing(
-                self._generate(chat, user_message, sampling, None, counting, time.perf_counter())
+                self._generate(chat, user_message, sampling, None, time.perf_counter())
             ) as events:
                 async for event in events:
                     yield event
@@ -306,12 +289,14 @@ class Conversations:
         user_message: Message,
         sampling: SamplingOptions,
         history: Sequence[Message] | None,
-        counting: asyncio.Future[int] | None,
         received: float,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Stream and store the reply to `user_message`; `history` (through that message) saves a read.
-        `counting` counts the user message's tokens if that is still to be done (the count is recorded
-        with the reply). `received` is when the request arrived, for the time-to-first-token log."""
+        The user message's token count (for the history strategies of later turns) is taken once the
+        engine has sent its first event: before, it would compete with this prompt for the engine's
+        tokenizer on the way to the first token; after, it is done long before the reply ends, and it is
+        recorded with the reply, so no transaction waits on the engine. `received` is when the request
+        arrived, for the time-to-first-token log."""
         max_tokens = sampling.max_tokens or self._engine.default_max_tokens
         sampling = SamplingOptions(max_tokens, sampling.temperature, sampling.top_p, sampling.seed)
         request_id = str(user_message.id)
@@ -320,13 +305,13 @@ class Conversations:
         started = received
         # The prompt is built and the engine started while the first event goes out: both sit on the
         # path to the first token.
-        opening = asyncio.ensure_future(
-            self._open_stream(chat, user_message, history, counting, sampling, request_id)
-        )
+        opening = asyncio.ensure_future(self._open_stream(chat, user_message, history, sampling, request_id))
+        counting: asyncio.Future[int] | None = None
         first_token_s: float | None = None
         try:
             yield Started(chat.id, user_message.id)
             stream, first, engine_ttft_s = await opening
+            counting = self._start_counting(user_message)
             async with aclosing(stream):
                 events = _prepend(first, stream)
                 async for event in events:
@@ -391,7 +376,6 @@ class Conversations:
         chat: Chat,
         user_message: Message,
         history: Sequence[Message] | None,
-        counting: asyncio.Future[int] | None,
         sampling: SamplingOptions,
         request_id: str,
     ) -> tuple[AsyncGenerator[str | Generated, None], str | Generated, float]:
@@ -400,10 +384,6 @@ class Conversations:
         if history is None:
             stored = await self._store.history(chat.user_id, chat.id)
             history = [m for m in stored if m.seq <= user_message.seq]
-        if counting is not None:
-            # The window strategy reads the messages' token counts, the new message's included.
-            counted = replace(user_message, token_count=await counting)
-            history = [counted if m.id == counted.id else m for m in history]
         assert sampling.max_tokens is not None
         prompt = await self._history.build(chat, history, sampling.max_tokens, request_id)
         stream = self._inference.generate(prompt, sampling, request_id)
@@ -452,6 +432,14 @@ class Conversations:
             question_tokens,
         )
         return reply
+
+    def _start_counting(self, user_message: Message) -> asyncio.Future[int] | None:
+        """Count the user message's tokens in the background, unless they are already stored."""
+        if user_message.token_count != NOT_COUNTED:
+            return None
+        return asyncio.ensure_future(
+            self._inference.count_tokens([PromptMessage("user", user_message.content)])
+        )
 
     async def _keep_count(self, user_message: Message, counting: asyncio.Future[int] | None) -> None:
         """Record the user message's token count when its turn ends without a reply."""

@@ -489,7 +489,6 @@ async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp
                     assert last.error.code == "UNAVAILABLE" and last.error.message == error.details(), name
                 messages = await client.all_messages(chat_id)
                 assert [m.role for m in messages] == [pb.ROLE_USER], "no broken assistant message is stored"
-                assert messages[0].token_count > 0, "the question's count is kept without a reply"
 
 
 async def test_full_strategy_reports_an_over_long_history_in_chat_api_terms(
