@@ -19,7 +19,7 @@ import grpc
 import jwt
 
 from chatmesh.common.errors import Unauthenticated
-from chatmesh.common.handlers import Context, wrap_handler
+from chatmesh.common.handlers import Context, WrappedHandlers, wrap_handler
 
 _current_user: contextvars.ContextVar[str] = contextvars.ContextVar("chatmesh_user")
 
@@ -139,6 +139,7 @@ class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
 
     def __init__(self, keys: JwtKeys) -> None:
         self._keys = keys
+        self._wrapped = WrappedHandlers()
 
     async def intercept_service(
         self,
@@ -149,7 +150,9 @@ class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
         service = handler_call_details.method.lstrip("/").partition("/")[0]
         if handler is None or service in PUBLIC_SERVICES:
             return handler
-        return wrap_handler(handler, self._authenticated)
+        return self._wrapped.get(
+            handler_call_details.method, handler, lambda: wrap_handler(handler, self._authenticated)
+        )
 
     @contextlib.asynccontextmanager
     async def _authenticated(self, context: Context) -> AsyncIterator[None]:

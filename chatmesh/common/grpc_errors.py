@@ -16,7 +16,7 @@ from chatmesh.common.errors import (
     ResourceExhausted,
     rpc_status,
 )
-from chatmesh.common.handlers import Context, wrap_handler
+from chatmesh.common.handlers import Context, WrappedHandlers, wrap_handler
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,9 @@ async def mapping_errors(context: Context, method: str) -> AsyncIterator[None]:
 class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
     """Maps `ChatmeshError` raised by any servicer method (of any kind) to its gRPC status code."""
 
+    def __init__(self) -> None:
+        self._wrapped = WrappedHandlers()
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -71,4 +74,4 @@ class ErrorMappingInterceptor(grpc.aio.ServerInterceptor):
         def guard(context: Context) -> contextlib.AbstractAsyncContextManager[Any]:
             return mapping_errors(context, method)
 
-        return wrap_handler(handler, guard)
+        return self._wrapped.get(method, handler, lambda: wrap_handler(handler, guard))

@@ -58,6 +58,25 @@ def wrap_handler(handler: grpc.RpcMethodHandler, guard: Guard) -> grpc.RpcMethod
     return handler._replace(**replaced)  # type: ignore[attr-defined,no-any-return]
 
 
+class WrappedHandlers:
+    """An interceptor's wrapped handlers by method: gRPC asks the interceptor for every call, and the
+    registered handler of a method never changes, so the wrapping is paid for once per method."""
+
+    def __init__(self) -> None:
+        self._by_method: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+
+    def get(
+        self, method: str, handler: grpc.RpcMethodHandler, wrap: Callable[[], grpc.RpcMethodHandler]
+    ) -> grpc.RpcMethodHandler:
+        """The wrapped `handler` of `method`, made by `wrap()` unless it was made for this very handler."""
+        cached = self._by_method.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = wrap()
+        self._by_method[method] = (handler, wrapped)
+        return wrapped
+
+
 def _wrap_behavior(
     behavior: Callable[..., Any], guard: Guard, request_streaming: bool, check: bool
 ) -> Callable[..., Any]:

@@ -24,7 +24,7 @@ from chatmesh.common.errors import (
     Unauthenticated,
     error_from_rpc,
 )
-from chatmesh.common.handlers import undecodable_request
+from chatmesh.common.handlers import WrappedHandlers, undecodable_request, wrap_handler
 from chatmesh.common.server import add_health_and_reflection, create_server, set_serving
 from chatmesh.inference.v1 import inference_pb2 as ipb
 
@@ -251,3 +251,19 @@ def test_the_field_with_invalid_utf8_is_named_however_deep(data: bytes, field: s
 def test_other_undecodable_bytes_name_the_request() -> None:
     error = undecodable_request(ipb.GenerateRequest.FromString, b"\x0a\x05ab")  # truncated
     assert error.field == "request" and "chatmesh.inference.v1.GenerateRequest" in error.problem
+
+
+def test_a_method_is_wrapped_once_however_often_it_is_called() -> None:
+    wrapped = WrappedHandlers()
+    handler = grpc.unary_unary_rpc_method_handler(unary_unary)
+    made: list[grpc.RpcMethodHandler] = []
+
+    def wrap() -> grpc.RpcMethodHandler:
+        made.append(wrap_handler(handler, JwtAuthInterceptor(KEYS)._authenticated))
+        return made[-1]
+
+    first = wrapped.get("/test.Echo/A", handler, wrap)
+    assert wrapped.get("/test.Echo/A", handler, wrap) is first and len(made) == 1
+    # A different handler registered under the name (a server rebuilt in the same process) is wrapped anew.
+    other = grpc.unary_unary_rpc_method_handler(unary_unary)
+    assert wrapped.get("/test.Echo/A", other, wrap) is not first and len(made) == 2
