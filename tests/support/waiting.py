@@ -19,3 +19,13 @@ async def eventually(check: Callable[[], Awaitable[bool] | bool], what: str, tim
                 await asyncio.sleep(0.05)
     except TimeoutError:
         raise AssertionError(f"after {timeout_s:.0f} s: {what}") from None
+
+
+async def until(condition: Callable[[], bool], passes: int = 1000) -> None:
+    """Let the event loop's other tasks run until `condition` (which only they can change) holds: no
+    timer, just passes of the loop, and a failure if it never holds."""
+    for _ in range(passes):
+        if condition():
+            return
+        await asyncio.sleep(0)  # one pass of the event loop
+    raise AssertionError("the condition never held")

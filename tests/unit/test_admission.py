@@ -8,6 +8,7 @@ import pytest
 
 from chatmesh.common.errors import ResourceExhausted
 from inference_service.admission import AdmissionController
+from tests.support.waiting import until
 
 
 async def test_admits_up_to_max_active_then_queues_then_rejects() -> None:
@@ -21,9 +22,9 @@ async def test_admits_up_to_max_active_then_queues_then_rejects() -> None:
             await release.wait()
 
     first = asyncio.create_task(hold("first"))
-    await asyncio.sleep(0)
+    await until(lambda: admission.active == 1)
     second = asyncio.create_task(hold("second"))
-    await asyncio.sleep(0)
+    await until(lambda: admission.waiting == 1)
     assert (admission.active, admission.waiting) == (1, 1)
 
     with pytest.raises(ResourceExhausted) as rejected:
@@ -46,9 +47,9 @@ async def test_cancelled_waiter_leaves_the_queue() -> None:
             await release.wait()
 
     holder = asyncio.create_task(hold())
-    await asyncio.sleep(0)
+    await until(lambda: admission.active == 1)
     waiter = asyncio.create_task(hold())
-    await asyncio.sleep(0)
+    await until(lambda: admission.waiting == 1)
     waiter.cancel()
     with pytest.raises(asyncio.CancelledError):
         await waiter
@@ -68,7 +69,7 @@ async def test_queue_timeout_is_resource_exhausted() -> None:
             await release.wait()
 
     holder = asyncio.create_task(hold())
-    await asyncio.sleep(0)
+    await until(lambda: admission.active == 1)
     with pytest.raises(ResourceExhausted, match="waited"):
         async with admission.slot():
             pass

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from chatmesh.common.errors import Unavailable
 from embedding_service.batcher import MicroBatcher
 from embedding_service.encoder import Vectors
+from tests.support.waiting import until
 
 GUARD_S = 30
 """Only turns a hang into a failure; nothing is timed."""
@@ -62,15 +62,6 @@ def ids(vectors: Vectors) -> list[int]:
 async def wait_until_encoding(encoder: FakeEncoder) -> None:
     """Return once the encoder thread has started a batch."""
     assert await asyncio.to_thread(encoder.started.wait, GUARD_S), "no batch started"
-
-
-async def until(condition: Callable[[], bool]) -> None:
-    """Let the other tasks run until `condition` holds (it must depend on them, not on a thread)."""
-    for _ in range(1000):
-        if condition():
-            return
-        await asyncio.sleep(0)  # one pass of the event loop, no timer
-    raise AssertionError("the condition never held")
 
 
 async def test_concurrent_calls_share_one_encode_call() -> None:
@@ -182,7 +173,7 @@ async def test_exit_answers_accepted_requests_then_refuses_new_ones() -> None:
     pending = [asyncio.create_task(batcher.embed([str(i)])) for i in range(5)]
     await wait_until_encoding(encoder)
     exiting = asyncio.create_task(batcher.__aexit__(None, None, None))
-    await asyncio.sleep(0)  # the exit starts: from here on the batcher takes no new requests
+    await until(lambda: batcher._closed)  # the exit started: from here on it takes no new requests
     with pytest.raises(Unavailable):
         await batcher.embed(["6"])
     assert not exiting.done(), "exit waits for the batch in the encoder and those queued behind it"
