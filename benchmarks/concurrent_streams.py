@@ -51,11 +51,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chat_service.domain import FinishReason, HistoryStrategy
 from chat_service.storage.sql import open_sql_store
-from chatmesh.chat.v1 import chat_pb2 as pb
-from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.client import NO_RETRY, AsyncChatClient, Delta
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.chat import TEST_SECRET, auth
+from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
 
@@ -261,8 +260,12 @@ async def main() -> None:
         ):
             async with grpc.aio.insecure_channel(inference) as ich, grpc.aio.insecure_channel(chat) as cch:
                 engine = inference_pb2_grpc.InferenceServiceStub(ich)
-                chats = chat_pb2_grpc.ChatServiceStub(cch)
                 users = [f"bench-{i}" for i in range(args.users)]
+                # The Python SDK, one client per user on one channel; no retries, so every stream is one call.
+                chats = [
+                    AsyncChatClient(cch, token=token_for(user), timeout=None, retry=NO_RETRY)
+                    for user in users
+                ]
                 print(f"seeding {args.users} chats with {args.history_turns} turns each...", flush=True)
                 chat_ids = await asyncio.gather(
                     *(seed_chat(url, engine, user, args.history_turns) for user in users)
@@ -282,10 +285,11 @@ async def main() -> None:
                     return aiter(engine.Generate(generate))
 
                 def through_chat(index: int) -> AsyncIterator[object]:
-                    request = pb.CompleteRequest(
-                        chat_id=chat_ids[index], content=QUESTION, max_tokens=args.max_tokens, temperature=0
+                    return aiter(
+                        chats[index].stream(
+                            QUESTION, chat_id=chat_ids[index], max_tokens=args.max_tokens, temperature=0
+                        )
                     )
-                    return aiter(chats.Complete(request, metadata=auth(users[index])))
 
                 # Warm-up: the first generations load caches and pages.
                 await run_side(2, 1, direct, lambda e: e.HasField("delta"))  # type: ignore[attr-defined]
@@ -306,7 +310,7 @@ async def main() -> None:
                         args.users,
                         args.rounds,
                         through_chat,
-                        lambda e: bool(e.delta),  # type: ignore[attr-defined]
+                        lambda e: isinstance(e, Delta),
                     )
                 direct_line, direct_p50, direct_p99 = summary(results["direct"])
                 chat_line, chat_p50, chat_p99 = summary(results["chat"])
