@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -31,11 +32,30 @@ async def open_backend(settings: InferenceSettings) -> AsyncIterator[InferenceBa
         async with open_triton_backend(settings, template) as triton_backend:
             yield triton_backend
         return
+    if settings.backend == "llama_server":
+        from inference_service.backends.llama_cpp import bundled_gguf_path
+        from inference_service.backends.llama_server import open_llama_server_backend
+
+        gguf_path = settings.gguf_path
+        if gguf_path is None:
+            gguf_path = await asyncio.to_thread(bundled_gguf_path)
+        async with open_llama_server_backend(
+            gguf_path,
+            parallel=settings.concurrency,
+            context_length=settings.context_length,
+            threads=settings.threads,
+            batch_threads=settings.batch_threads,
+            template=template,
+            model_name=settings.model_name,
+            log_dir=settings.run_dir,
+        ) as server_backend:
+            yield server_backend
+        return
     from inference_service.backends.llama_cpp import open_llama_cpp_backend
 
     async with open_llama_cpp_backend(
         settings.gguf_path,
-        instances=settings.max_concurrent,
+        instances=settings.concurrency,
         context_length=settings.context_length,
         threads=settings.threads,
         batch_threads=settings.batch_threads,
@@ -58,7 +78,7 @@ async def serve(settings: InferenceSettings) -> None:
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(
                 backend,
-                AdmissionController(settings.max_concurrent, settings.max_queue, settings.queue_timeout_s),
+                AdmissionController(settings.concurrency, settings.max_queue, settings.queue_timeout_s),
                 settings,
             ),
             server,

