@@ -126,6 +126,8 @@ async def main() -> None:
     address = f"127.0.0.1:{free_port()}"
     env = {
         "CHATMESH_INFERENCE_ADDRESS": address,
+        # The relay over the same in-process engine the other side calls directly.
+        "CHATMESH_INFERENCE_BACKEND": "llama_cpp",
         "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
         "CHATMESH_INFERENCE_THREADS": str(threads),
         "CHATMESH_INFERENCE_BATCH_THREADS": str(args.batch_threads),

@@ -17,7 +17,12 @@ class InferenceSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CHATMESH_INFERENCE_")
 
     address: str = "127.0.0.1:50052"
-    backend: Literal["llama_cpp", "llama_server", "triton"] = "llama_cpp"
+    backend: Literal["llama_cpp", "llama_server", "triton"] = Field(
+        "llama_server",
+        description="llama_server: llama.cpp's own server, many streams batched together (the default);"
+        " llama_cpp: llama-cpp-python in process, one model instance per concurrent generation; triton:"
+        " TensorRT-LLM on a Triton server (GPU)",
+    )
     model_name: str = Field("gemma-3-270m", description="name reported to clients (cache keys, display)")
     prompt_template: Literal["transcript", "gemma", "chatml"] = "transcript"
 

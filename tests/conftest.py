@@ -18,8 +18,8 @@ from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env, stand
 
 @pytest.fixture(scope="session")
 def inference_address() -> Iterator[str]:
-    """Address of the session's inference service (llama.cpp, the bundled model; context
-    `SHARED_ENGINE_CONTEXT`, one generation at a time). Shared: do not kill it or rely on its state."""
+    """Address of the session's inference service (the default llama-server backend, the bundled
+    model, context `SHARED_ENGINE_CONTEXT`). Shared: do not kill it or rely on its state."""
     address = f"127.0.0.1:{free_port()}"
     with run_service(
         "inference_service", standard_engine_env(address), address, MODEL_STARTUP_TIMEOUT_S

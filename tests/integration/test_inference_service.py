@@ -1,4 +1,5 @@
-"""The real inference service (llama.cpp, Gemma 3 270M) over gRPC: streaming, cancel, overload, validation."""
+"""The real inference service on the in-process engine (llama-cpp-python, Gemma 3 270M) over gRPC:
+streaming, cancel, overload, validation."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def inference_process() -> Iterator[tuple[str, Popen[bytes]]]:
     address = f"127.0.0.1:{free_port()}"
     env = {
         "CHATMESH_INFERENCE_ADDRESS": address,
+        # The in-process engine (llama-cpp-python); the llama_server backend has its own module.
+        "CHATMESH_INFERENCE_BACKEND": "llama_cpp",
         "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
         "CHATMESH_INFERENCE_MAX_QUEUE": "1",
         "CHATMESH_INFERENCE_CONTEXT_LENGTH": "2048",

@@ -85,12 +85,25 @@ async def test_reply_streams_and_counts_match_count_tokens(
     assert log.count("a:delta") >= 3, "token by token"
 
 
+@pytest.fixture(scope="module")
+def in_process_address() -> Iterator[str]:
+    """An inference service on the in-process engine (llama-cpp-python), for comparison."""
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        "CHATMESH_INFERENCE_ADDRESS": address,
+        "CHATMESH_INFERENCE_BACKEND": "llama_cpp",
+        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "2048",
+    }
+    with run_service("inference_service", env, address, timeout=120):
+        yield address
+
+
 async def test_same_answer_as_the_in_process_engine_when_greedy(
-    stub: inference_pb2_grpc.InferenceServiceStub, inference_address: str
+    stub: inference_pb2_grpc.InferenceServiceStub, in_process_address: str
 ) -> None:
     log: list[str] = []
     served, _ = await events_of(stub, LONG, log, "server", max_tokens=24, temperature=0)
-    async with grpc.aio.insecure_channel(inference_address) as channel:
+    async with grpc.aio.insecure_channel(in_process_address) as channel:
         in_process, _ = await events_of(
             inference_pb2_grpc.InferenceServiceStub(channel), LONG, log, "llama", max_tokens=24, temperature=0
         )

@@ -38,7 +38,8 @@ here): long enough to cancel or overload it mid-generation."""
 
 
 def inference_env(address: str, **settings: str) -> dict[str, str]:
-    """Environment of an inference service on `address` (llama.cpp, the bundled model)."""
+    """Environment of an inference service on `address` (the default backend, llama-server; the
+    bundled model)."""
     return {"CHATMESH_INFERENCE_ADDRESS": address, **settings}
 
 
