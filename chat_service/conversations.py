@@ -283,7 +283,7 @@ class Conversations:
             reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
         )
 
-    async def _generate(
+    async def _generate(  # noqa: PLR0915 (one completion's life, read top to bottom)
         self,
         chat: Chat,
         user_message: Message,
@@ -303,14 +303,18 @@ class Conversations:
         pieces: list[str] = []
         finished: Generated | None = None
         started = received
-        # The prompt is built and the engine started while the first event goes out: both sit on the
-        # path to the first token.
         opening = asyncio.ensure_future(self._open_stream(chat, user_message, history, sampling, request_id))
         counting: asyncio.Future[int] | None = None
         first_token_s: float | None = None
+        announced = False
         try:
-            yield Started(chat.id, user_message.id)
             stream, first, engine_ttft_s = await opening
+            # Announced once the engine has taken the request and sent its first event: a refusal before
+            # (engine busy, prompt too long, engine down) is the call's status, a fast 429/400/503 with
+            # its details before any byte of the answer, not an error event after a 200. The first token
+            # is as early either way.
+            yield Started(chat.id, user_message.id)
+            announced = True
             counting = self._start_counting(user_message)
             async with aclosing(stream):
                 events = _prepend(first, stream)
@@ -342,11 +346,11 @@ class Conversations:
             # the error travels as an event before the status (HTTP clients see only the event), and
             # both say the same.
             await self._keep_count(user_message, counting)
-            if not isinstance(exc, Unavailable):
-                yield Failed(exc)
+            error = exc if not isinstance(exc, Unavailable) else Unavailable(f"generation failed: {exc}")
+            if announced:
+                yield Failed(error)
+            if error is exc:
                 raise
-            error = Unavailable(f"generation failed: {exc}")
-            yield Failed(error)
             raise error from exc
         except Exception as exc:
             # A bug or an unexpected failure (e.g. of the database driver): still exactly one terminal
@@ -354,21 +358,12 @@ class Conversations:
             log.exception("completion failed", extra={"chat_id": str(chat.id)})
             await self._keep_count(user_message, counting)
             internal = ChatmeshError("the completion failed unexpectedly; see the chat service log")
-            yield Failed(internal)
+            if announced:
+                yield Failed(internal)
             raise internal from exc
         finally:
             _discard(counting)
-        log.info(
-            "completion stored",
-            extra={
-                "chat_id": str(chat.id),
-                "seconds": round(time.perf_counter() - started, 3),
-                "completion_tokens": finished.completion_tokens,
-                # Time to first token as this service saw it, and the engine's share of it.
-                "ttft_ms": round(first_token_s * 1000, 2) if first_token_s is not None else None,
-                "engine_ttft_ms": round(engine_ttft_s * 1000, 2),
-            },
-        )
+        _log_stored(chat, finished, started, first_token_s, engine_ttft_s)
         yield Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, reply.id)
 
     async def _open_stream(
@@ -466,6 +461,22 @@ class Conversations:
 
     async def delete_chat(self, user_id: str, chat_id: uuid.UUID) -> None:
         await self._store.delete_chat(user_id, chat_id)
+
+
+def _log_stored(
+    chat: Chat, finished: Generated, started: float, first_token_s: float | None, engine_ttft_s: float
+) -> None:
+    log.info(
+        "completion stored",
+        extra={
+            "chat_id": str(chat.id),
+            "seconds": round(time.perf_counter() - started, 3),
+            "completion_tokens": finished.completion_tokens,
+            # Time to first token as this service saw it, and the engine's share of it.
+            "ttft_ms": round(first_token_s * 1000, 2) if first_token_s is not None else None,
+            "engine_ttft_ms": round(engine_ttft_s * 1000, 2),
+        },
+    )
 
 
 def _discard(future: asyncio.Future[int] | None) -> None:

@@ -14,11 +14,13 @@ The server is a child process of this service, on a loopback port, started and s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
+import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -142,6 +144,16 @@ class LlamaServerBackend:
         )
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM the server when this service dies, even by SIGKILL, so that a
+    crashed service never leaves an orphaned engine holding memory and cores (Linux only)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -199,7 +211,11 @@ async def open_llama_server_backend(
     started = time.perf_counter()
     with log_path.open("wb") as log_file:
         process = await asyncio.create_subprocess_exec(
-            *args, stdout=log_file, stderr=asyncio.subprocess.STDOUT, start_new_session=True
+            *args,
+            stdout=log_file,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
         )
     http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False)
     backend: LlamaServerBackend | None = None

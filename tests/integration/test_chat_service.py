@@ -19,9 +19,11 @@ from chat_service.history import as_prompt, prompt_token_bound
 from chat_service.inference import GrpcInferenceClient, PromptMessage
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.client import AsyncChatClient
+from chatmesh.common.errors import ResourceExhausted, error_from_rpc
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.chat import ChatClient, auth, drain
+from tests.support.chat import ChatClient, auth, drain, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
 from tests.support.recording_proxy import RecordingInferenceProxy, run_recording_proxy
@@ -557,3 +559,45 @@ async def test_the_stored_counts_bound_the_real_prompt_from_above(
     async with grpc.aio.insecure_channel(inference_address) as channel:
         real = await GrpcInferenceClient(channel).count_message_tokens([*fixed, *map(as_prompt, history)])
     assert prompt_token_bound(fixed, history, limit=10**9) >= real.prompt_tokens
+
+
+async def test_a_saturated_engine_is_resource_exhausted_before_any_event(tmp_path: Path) -> None:
+    """Backpressure: with the engine's only slot taken and no queue, a completion is refused at once with
+    a retry hint, as the call's status (a 429 through the gateway), not as an error event after a 200;
+    retried with the same request_id once the slot is free, it is answered and stored once."""
+    inference = f"127.0.0.1:{free_port()}"
+    chat = f"127.0.0.1:{free_port()}"
+    engine_env = {
+        "CHATMESH_INFERENCE_ADDRESS": inference,
+        "CHATMESH_INFERENCE_BACKEND": "llama_server",
+        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
+        "CHATMESH_INFERENCE_MAX_QUEUE": "0",
+        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "1024",
+        "CHATMESH_INFERENCE_RUN_DIR": str(tmp_path),
+    }
+    with run_service("inference_service", engine_env, inference, timeout=120):
+        env = chat_env(chat, f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", inference)
+        with run_service("chat_service", env, chat, timeout=60):
+            async with grpc.aio.insecure_channel(chat) as channel:
+                client = ChatClient(channel)
+                busy = (await client.create(system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
+                holding = client.stub.Complete(
+                    pb.CompleteRequest(chat_id=busy, content="Count to 300.", max_tokens=300, temperature=0),
+                    metadata=client.metadata,
+                )
+                await read_through_first_delta(aiter(holding))  # the engine's only slot is taken
+                other = (await client.create(title="waits")).chat_id
+                request = pb.CompleteRequest(chat_id=other, content="Hi", max_tokens=8, request_id="later")
+                refused = client.stub.Complete(request, metadata=client.metadata)
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await refused.read()
+                assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+                mapped = error_from_rpc(err.value, "chat service")
+                assert isinstance(mapped, ResourceExhausted) and mapped.retry_after_s > 0
+                holding.cancel()  # frees the slot, as soon as the engine hears of it
+                # The SDK retries RESOURCE_EXHAUSTED after the server's hint, with the same request_id.
+                sdk = AsyncChatClient(channel, token=token_for(client.user))
+                answered = await sdk.complete("Hi", chat_id=other, max_tokens=8, request_id="later")
+                assert answered.assistant_message_id
+                messages = await client.all_messages(other)
+                assert [m.role for m in messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT], "stored once"

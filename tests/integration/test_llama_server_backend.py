@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.processes import LoggedProcess, free_port, run_service, wait_for_log_entry
+from tests.support.processes import (
+    LoggedProcess,
+    find_processes,
+    free_port,
+    run_service,
+    wait_for_log_entry,
+)
 from tests.support.services import LONG, PARIS
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -153,3 +161,22 @@ async def test_cancel_frees_the_slot(
         *(events_of(stub, PARIS, log, f"after{i}", max_tokens=8, temperature=0) for i in range(SLOTS))
     )
     assert all(finished.usage.completion_tokens > 0 for _, finished in results)
+
+
+async def test_the_engine_dies_with_the_service_even_on_sigkill(tmp_path: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    env = {
+        "CHATMESH_INFERENCE_ADDRESS": address,
+        "CHATMESH_INFERENCE_BACKEND": "llama_server",
+        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
+        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "512",
+        "CHATMESH_INFERENCE_RUN_DIR": str(tmp_path),
+    }
+    with run_service("inference_service", env, address, timeout=120) as service:
+        started = await asyncio.to_thread(
+            wait_for_log_entry, service, lambda entry: entry.get("msg") == "starting llama-server", 30
+        )
+        (engine,) = find_processes(f"--port {started['port']} ")
+        service.kill()
+        await eventually(lambda: not find_processes(f"--port {started['port']} "), "llama-server outlived it")
+    assert engine not in find_processes("llama-server")
