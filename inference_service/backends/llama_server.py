@@ -203,6 +203,10 @@ async def open_llama_server_backend(
         # Every slot gets the whole per-conversation context.
         "--ctx-size", str(context_length * parallel),
         "--cont-batching",
+        # Models with sliding-window attention layers (Gemma 3) otherwise keep only the last window of
+        # those layers' KV: a chat's cached prompt longer than the window could not be extended by its
+        # next turn, which would re-read the whole history. The full cache costs little on small models.
+        "--swa-full",
         "--threads", str(threads or max(1, cores - 1)),
         "--threads-batch", str(batch_threads or cores),
         "--no-webui",
