@@ -1,0 +1,186 @@
+"""Many streams through the whole mesh: REST SSE via Envoy and two chat replicas vs the engine alone.
+
+At each concurrency (1, 4, 8, 16) every stream starts a new chat with its first message (`POST /chat`,
+server-sent events) through Envoy, two chat service replicas (PostgreSQL) and the inference service
+(llama_server backend); the other side sends the very same prompt (the chat's system prompt and
+question, as the chat service renders them) straight to a `llama-server` with the same slots. Greedy,
+`--max-tokens` each, all streams started together, the sides alternating `--rounds` times; aggregate
+generated tokens/s (median over rounds) and TTFT p50/p99 (pooled), and the tokens on both sides.
+
+    .venv/bin/python benchmarks/mesh_concurrency.py [--rounds 3] [--max-tokens 64] [--slots 16]
+
+Target (issue 8): the mesh keeps >= 0.9 of the engine's aggregate tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.engine_concurrency import HEADER, one_round, row
+from chatmesh.gateway import GatewaySettings, run_envoy
+from inference_service.backends.llama_cpp import bundled_gguf_path
+from inference_service.backends.llama_server import open_llama_server_backend
+from inference_service.prompt import TEMPLATES, Role, Turn
+from tests.support.chat import TEST_SECRET, token_for
+from tests.support.databases import fresh_postgres_database
+from tests.support.processes import free_port, run_service
+
+CONTEXT = 1024
+SYSTEM_PROMPT = "User: Count from 1 to 40.\nAssistant: " + ", ".join(str(i) for i in range(1, 41))
+
+
+def question(index: int) -> str:
+    start = 100 + 37 * index
+    return f"Count from {start} to {start + 500}."
+
+
+async def main() -> None:  # noqa: PLR0915 (one script, read top to bottom)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--concurrency", default="1,4,8,16")
+    args = parser.parse_args()
+    levels = [int(n) for n in args.concurrency.split(",")]
+    template = TEMPLATES["transcript"]
+    inference = f"127.0.0.1:{free_port()}"
+    replicas = [f"127.0.0.1:{free_port()}" for _ in range(2)]
+    quiet = {"CHATMESH_INFERENCE_LOG_LEVEL": "WARNING", "CHATMESH_CHAT_LOG_LEVEL": "WARNING"}
+    with tempfile.TemporaryDirectory() as run_dir:
+        async with fresh_postgres_database() as url:
+            inference_env = {
+                **quiet,
+                "CHATMESH_INFERENCE_ADDRESS": inference,
+                "CHATMESH_INFERENCE_MAX_CONCURRENT": str(args.slots),
+                "CHATMESH_INFERENCE_MAX_QUEUE": "64",
+                "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
+                "CHATMESH_INFERENCE_RUN_DIR": run_dir,
+            }
+
+            def chat_env(address: str, migrate: bool) -> dict[str, str]:
+                return {
+                    **quiet,
+                    "CHATMESH_CHAT_ADDRESS": address,
+                    "CHATMESH_CHAT_DATABASE_URL": url,
+                    "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
+                    "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
+                    "CHATMESH_CHAT_MIGRATE_ON_START": "true" if migrate else "false",
+                }
+
+            print(f"starting the mesh ({args.slots} engine slots) and llama-server alone...", flush=True)
+            async with open_llama_server_backend(
+                bundled_gguf_path(),
+                parallel=args.slots,
+                context_length=CONTEXT,
+                threads=None,
+                batch_threads=None,
+                template=template,
+                model_name="gemma-3-270m",
+                log_dir=Path(run_dir) / "alone",
+            ) as alone:
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(
+                        run_service("inference_service", inference_env, inference, timeout=180)
+                    )
+                    for number, address in enumerate(replicas):
+                        stack.enter_context(
+                            run_service("chat_service", chat_env(address, number == 0), address, timeout=120)
+                        )
+                    settings = GatewaySettings(
+                        listen_host="127.0.0.1",
+                        listen_port=free_port(),
+                        admin_port=free_port(),
+                        chat_addresses=replicas,
+                        jwt_secret=TEST_SECRET,
+                        rate_limit_per_s=1_000_000,
+                        rate_limit_burst=1_000_000,
+                    )
+                    async with run_envoy(settings, Path(run_dir)) as envoy:
+                        prompts = [
+                            await alone.prepare(
+                                [Turn(Role.SYSTEM, SYSTEM_PROMPT), Turn(Role.USER, question(i))]
+                            )
+                            for i in range(max(levels))
+                        ]
+                        headers = {"authorization": f"Bearer {token_for('mesh-bench')}"}
+                        async with (
+                            httpx.AsyncClient(
+                                base_url=alone.base_url, trust_env=False, timeout=None
+                            ) as engine,
+                            httpx.AsyncClient(
+                                base_url=f"http://{envoy.listen_address}", trust_env=False, timeout=None
+                            ) as mesh,
+                        ):
+
+                            async def direct(i: int, t0: float) -> tuple[float, float, int]:
+                                body = {
+                                    "prompt": list(prompts[i].token_ids),
+                                    "n_predict": args.max_tokens,
+                                    "temperature": 0.0,
+                                    "stop": list(template.stop),
+                                    "stream": True,
+                                    "cache_prompt": True,
+                                }
+                                first, tokens = 0.0, 0
+                                async with engine.stream("POST", "/completion", json=body) as response:
+                                    async for line in response.aiter_lines():
+                                        if line.startswith("data: "):
+                                            event = json.loads(line[6:])
+                                            if event.get("content", "").strip() and not first:
+                                                first = time.perf_counter() - t0
+                                            if event.get("stop"):
+                                                tokens = int(event.get("tokens_predicted", 0))
+                                return first, time.perf_counter() - t0, tokens
+
+                            async def through_mesh(i: int, t0: float) -> tuple[float, float, int]:
+                                body = {
+                                    "system_prompt": SYSTEM_PROMPT,
+                                    "content": question(i),
+                                    "max_tokens": args.max_tokens,
+                                    "temperature": 0,
+                                    "history_strategy": "HISTORY_STRATEGY_FULL",
+                                }
+                                first, tokens = 0.0, 0
+                                async with mesh.stream(
+                                    "POST", "/chat", json=body, headers=headers
+                                ) as response:
+                                    response.raise_for_status()
+                                    async for line in response.aiter_lines():
+                                        if line.startswith("data: "):
+                                            event = json.loads(line[6:])
+                                            if event.get("delta") and not first:
+                                                first = time.perf_counter() - t0
+                                            if "error" in event:
+                                                raise RuntimeError(f"mesh stream failed: {event['error']}")
+                                            if "usage" in event:
+                                                tokens = int(event["usage"].get("completion_tokens", 0))
+                                return first, time.perf_counter() - t0, tokens
+
+                            for side in (direct, through_mesh):
+                                await one_round(2, side)  # warm-up
+                            print(
+                                HEADER.replace("llama-server", "engine alone").replace("service", "mesh   ")
+                            )
+                            for streams in levels:
+                                rows: dict[str, list[tuple[float, list[float], int]]] = {"a": [], "m": []}
+                                for _ in range(args.rounds):
+                                    rows["a"].append(await one_round(streams, direct))
+                                    rows["m"].append(await one_round(streams, through_mesh))
+                                print(row(streams, rows["a"], rows["m"]), flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
