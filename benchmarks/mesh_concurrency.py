@@ -27,7 +27,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.engine_concurrency import HEADER, one_round, row
+from engine_concurrency import HEADER, one_round, row  # a sibling script: this folder is on the path
+
 from chatmesh.gateway import GatewaySettings, run_envoy
 from inference_service.backends.llama_cpp import bundled_gguf_path
 from inference_service.backends.llama_server import open_llama_server_backend
