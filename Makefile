@@ -76,6 +76,9 @@ bench: install-test
 	$(PY) benchmarks/embedding_throughput.py
 	$(PY) benchmarks/chat_overhead.py
 	$(PY) benchmarks/concurrent_streams.py
+	$(PY) benchmarks/engine_concurrency.py
+	$(PY) benchmarks/prefix_reuse.py
+	$(PY) benchmarks/mesh_concurrency.py
 	$(PY) benchmarks/storage_queries.py
 	$(PY) benchmarks/gateway.py
 
