@@ -381,7 +381,7 @@ class Conversations:
             history = [m for m in stored if m.seq <= user_message.seq]
         assert sampling.max_tokens is not None
         prompt = await self._history.build(chat, history, sampling.max_tokens, request_id)
-        stream = self._inference.generate(prompt, sampling, request_id)
+        stream = self._inference.generate(prompt, sampling, request_id, affinity=str(chat.id))
         engine_started = time.perf_counter()
         try:
             return stream, await anext(stream), time.perf_counter() - engine_started

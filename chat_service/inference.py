@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Sequence
+import hashlib
+import logging
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, TypeVar
 
 import grpc
 
 from chat_service.domain import FinishReason
-from chatmesh.common.errors import Unavailable, rpc_errors
+from chatmesh.common.errors import ChatmeshError, ResourceExhausted, Unavailable, rpc_errors
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 PromptRole = Literal["system", "user", "assistant"]
 
@@ -88,9 +95,15 @@ class InferenceClient(Protocol):
         ...
 
     def generate(
-        self, messages: Sequence[PromptMessage], sampling: SamplingOptions, request_id: str
+        self,
+        messages: Sequence[PromptMessage],
+        sampling: SamplingOptions,
+        request_id: str,
+        *,
+        affinity: str | None = None,
     ) -> AsyncGenerator[str | Generated, None]:
-        """Stream text pieces, then one `Generated`."""
+        """Stream text pieces, then one `Generated`. Generations with the same `affinity` (a chat id) go
+        to the same engine replica where there are several, to reuse its cached prompt prefix."""
         ...
 
 
@@ -157,7 +170,12 @@ class GrpcInferenceClient:
         return reply
 
     async def generate(
-        self, messages: Sequence[PromptMessage], sampling: SamplingOptions, request_id: str
+        self,
+        messages: Sequence[PromptMessage],
+        sampling: SamplingOptions,
+        request_id: str,
+        *,
+        affinity: str | None = None,
     ) -> AsyncGenerator[str | Generated, None]:
         params = pb.SamplingParams(
             max_tokens=sampling.max_tokens,
@@ -184,3 +202,84 @@ class GrpcInferenceClient:
         finally:
             # Closing this iterator early (our client went away) must stop the engine too.
             call.cancel()
+
+
+class AffinityInferenceClient:
+    """Several inference replicas behind one `InferenceClient`.
+
+    A conversation's generations go to the replica that holds its cached prompt prefix: the replicas are
+    ranked per affinity key (the chat id) by rendezvous hashing, so every turn of a chat goes to the
+    same replica, and adding or losing one moves only the chats that were on it. A replica that fails
+    or is full before its first event is skipped for the next in the chat's order (failover); once text
+    has streamed, a failure is the caller's. Counting and model info go to any replica that answers.
+    """
+
+    def __init__(self, replicas: Sequence[tuple[str, InferenceClient]]) -> None:
+        if not replicas:
+            raise ValueError("at least one inference replica is needed")
+        self._replicas = list(replicas)
+        self._next = 0
+
+    def ranked(self, key: str) -> list[tuple[str, InferenceClient]]:
+        """The replicas in the order a generation with affinity `key` tries them."""
+
+        def weight(name: str) -> bytes:
+            return hashlib.sha256(f"{key}|{name}".encode()).digest()
+
+        return sorted(self._replicas, key=lambda replica: weight(replica[0]), reverse=True)
+
+    def _rotation(self) -> list[tuple[str, InferenceClient]]:
+        # Unkeyed calls spread over the replicas, each trying the others when its first choice fails.
+        self._next = (self._next + 1) % len(self._replicas)
+        return self._replicas[self._next :] + self._replicas[: self._next]
+
+    async def model_info(self) -> EngineInfo:
+        return await self._first_answer(lambda client: client.model_info())
+
+    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
+        return await self._first_answer(lambda client: client.count_tokens(messages))
+
+    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
+        return await self._first_answer(lambda client: client.count_message_tokens(messages))
+
+    async def _first_answer(self, call: Callable[[InferenceClient], Awaitable[_T]]) -> _T:
+        failure: ChatmeshError | None = None
+        for name, client in self._rotation():
+            try:
+                return await call(client)
+            except (Unavailable, ResourceExhausted) as exc:
+                log.warning("inference replica failed; trying the next", extra={"replica": name})
+                failure = exc
+        assert failure is not None
+        raise failure
+
+    async def generate(
+        self,
+        messages: Sequence[PromptMessage],
+        sampling: SamplingOptions,
+        request_id: str,
+        *,
+        affinity: str | None = None,
+    ) -> AsyncGenerator[str | Generated, None]:
+        failure: ChatmeshError | None = None
+        for name, client in self.ranked(affinity or request_id):
+            stream = client.generate(messages, sampling, request_id, affinity=affinity)
+            try:
+                first = await anext(stream)
+            except (Unavailable, ResourceExhausted) as exc:
+                await stream.aclose()
+                log.warning(
+                    "inference replica failed before streaming; trying the next", extra={"replica": name}
+                )
+                failure = exc
+                continue
+            except BaseException:
+                await stream.aclose()
+                raise
+            async with aclosing(stream):
+                yield first
+                async for event in stream:
+                    yield event
+            return
+        assert failure is not None
+        raise failure

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
@@ -10,7 +11,12 @@ import grpc
 
 from chat_service.conversations import Conversations
 from chat_service.history import HistoryBuilder, SummaryPolicy
-from chat_service.inference import EngineInfo, GrpcInferenceClient
+from chat_service.inference import (
+    AffinityInferenceClient,
+    EngineInfo,
+    GrpcInferenceClient,
+    InferenceClient,
+)
 from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
 from chat_service.storage.sql import open_sql_store
@@ -25,7 +31,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 
-async def wait_for_engine(client: GrpcInferenceClient, timeout_s: float, address: str) -> EngineInfo:
+async def wait_for_engine(client: InferenceClient, timeout_s: float, address: str) -> EngineInfo:
     """Ask the inference service what it serves, waiting while it starts (models take a while)."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -50,13 +56,20 @@ async def serve(settings: ChatSettings) -> None:
     )
     async with (
         open_sql_store(settings.database_url, migrate=settings.migrate_on_start) as store,
-        grpc.aio.insecure_channel(settings.inference_address) as inference_channel,
+        contextlib.AsyncExitStack() as channels,
     ):
-        inference = GrpcInferenceClient(
-            inference_channel,
-            model_info_timeout_s=settings.inference_model_info_timeout_s,
-            count_timeout_s=settings.inference_count_timeout_s,
-            generate_timeout_s=settings.inference_generate_timeout_s,
+        replicas: list[tuple[str, InferenceClient]] = []
+        for address in settings.inference_addresses:
+            channel = await channels.enter_async_context(grpc.aio.insecure_channel(address))
+            client = GrpcInferenceClient(
+                channel,
+                model_info_timeout_s=settings.inference_model_info_timeout_s,
+                count_timeout_s=settings.inference_count_timeout_s,
+                generate_timeout_s=settings.inference_generate_timeout_s,
+            )
+            replicas.append((address, client))
+        inference: InferenceClient = (
+            replicas[0][1] if len(replicas) == 1 else AffinityInferenceClient(replicas)
         )
         engine = await wait_for_engine(inference, settings.dependency_timeout_s, settings.inference_address)
         log.info(

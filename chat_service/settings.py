@@ -23,7 +23,17 @@ class ChatSettings(ServiceSettings):
         description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db",
     )
     migrate_on_start: bool = Field(True, description="run Alembic migrations to head at start-up")
-    inference_address: str = "127.0.0.1:50052"
+    inference_address: str = Field(
+        "127.0.0.1:50052",
+        description="host:port of the inference service; several replicas comma-separated (a chat's"
+        " generations then stick to one replica, for its cached prompt prefix, and fail over to the next)",
+    )
+
+    @property
+    def inference_addresses(self) -> list[str]:
+        """Every inference replica named in `inference_address`."""
+        return [address.strip() for address in self.inference_address.split(",") if address.strip()]
+
     dependency_timeout_s: float = Field(
         120.0, description="how long to wait for the inference service at start"
     )

@@ -7,6 +7,7 @@ see exactly what the engine received.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -601,3 +602,47 @@ async def test_a_saturated_engine_is_resource_exhausted_before_any_event(tmp_pat
                 assert answered.assistant_message_id
                 messages = await client.all_messages(other)
                 assert [m.role for m in messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT], "stored once"
+
+
+async def test_a_chat_sticks_to_one_engine_replica_and_fails_over(
+    inference_address: str, tmp_path: Path
+) -> None:
+    """With several inference replicas (two recording proxies here, in front of the session's engine),
+    every turn of a chat goes to the same replica, where its prompt prefix is cached; when that replica
+    is gone, the chat's next turn goes to the other one."""
+    chat = f"127.0.0.1:{free_port()}"
+    stacks = [contextlib.ExitStack() for _ in range(2)]
+    try:
+        proxies = [stack.enter_context(run_recording_proxy(inference_address)) for stack in stacks]
+        addresses = ",".join(address for address, _ in proxies)
+        env = chat_env(chat, f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", addresses)
+        with run_service("chat_service", env, chat, timeout=60):
+            async with grpc.aio.insecure_channel(chat) as channel:
+                client = ChatClient(channel)
+                chats = [(await client.create(title=f"chat {i}")).chat_id for i in range(6)]
+
+                def replicas_of(question: str) -> set[int]:
+                    return {
+                        index
+                        for index, (_, proxy) in enumerate(proxies)
+                        for request in proxy.chat_requests()
+                        if request.messages[-1].content == question
+                    }
+
+                home: dict[str, int] = {}
+                for turn in range(2):
+                    for chat_id in chats:
+                        question = f"{chat_id} turn {turn}"
+                        await client.complete(chat_id, question, max_tokens=4, temperature=0)
+                        (replica,) = replicas_of(question)
+                        assert home.setdefault(chat_id, replica) == replica, "a chat stays on its replica"
+                lost = 0 if 0 in home.values() else 1  # a replica that some chat calls home
+                stacks[lost].close()
+                for chat_id in chats:
+                    question = f"{chat_id} after the loss"
+                    done = await client.complete(chat_id, question, max_tokens=4, temperature=0)
+                    assert done.last is not None and done.last.HasField("usage"), "answered regardless"
+                    assert replicas_of(question) == {1 - lost}, "failed over to the replica left"
+    finally:
+        for stack in stacks:
+            stack.close()
