@@ -19,7 +19,7 @@ from llama_cpp import Llama, StoppingCriteriaList
 
 from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
 from inference_service.backends.text import LeadingSpaceTrimmer
-from inference_service.backends.tokenizers import LlamaTokenizer, tokenize_prompt
+from inference_service.backends.tokenizers import LlamaTokenizer, TokenizerThread
 from inference_service.prompt import PromptTemplate, Turn
 
 log = logging.getLogger(__name__)
@@ -52,14 +52,11 @@ class LlamaCppBackend:
     ) -> None:
         self._template = template
         # Tokenizing reads only the vocabulary, which is safe beside a generation on the same instance.
-        self._tokenizer = LlamaTokenizer(instances[0])
+        self._tokenizer = TokenizerThread(LlamaTokenizer(instances[0]), template, "llama-tokenize")
         self._pool: asyncio.Queue[Llama] = asyncio.Queue()
         for llm in instances:
             self._pool.put_nowait(llm)
         self._executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix="llama")
-        # One thread: tokenizing takes well under a generation step, and one thread keeps it from taking
-        # more than a core away from the generation threads when many prompts arrive at once.
-        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llama-tokenize")
         self._info = ModelInfo(model=model_name, context_length=instances[0].n_ctx(), backend="llama_cpp")
 
     @property
@@ -71,10 +68,7 @@ class LlamaCppBackend:
         return self._template.stop
 
     async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenize_executor, tokenize_prompt, self._template, turns, self._tokenizer
-        )
+        return await self._tokenizer.prompt(turns)
 
     async def generate(
         self, prompt: Prompt, sampling: Sampling
@@ -113,7 +107,7 @@ class LlamaCppBackend:
                 await asyncio.shield(work)
 
     async def aclose(self) -> None:
-        self._tokenize_executor.shutdown(wait=True, cancel_futures=True)
+        self._tokenizer.close(wait=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 

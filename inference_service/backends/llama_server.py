@@ -23,7 +23,6 @@ import socket
 import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import httpx
 from chatmesh.common.errors import Unavailable
 from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
 from inference_service.backends.text import LeadingSpaceTrimmer
-from inference_service.backends.tokenizers import LlamaTokenizer, Tokenizer, tokenize_prompt
+from inference_service.backends.tokenizers import LlamaTokenizer, Tokenizer, TokenizerThread
 from inference_service.prompt import PromptTemplate, Turn
 
 log = logging.getLogger(__name__)
@@ -73,12 +72,9 @@ class LlamaServerBackend:
         self._http = http
         self.base_url = str(http.base_url)
         """Where the llama-server listens (for benchmarks that compare against it alone)."""
-        self._tokenizer = tokenizer
+        self._tokenizer = TokenizerThread(tokenizer, template)
         self._template = template
         self._info = info
-        # Tokenizing a long history takes milliseconds: on the event loop every stream's next token would
-        # wait behind it. One thread, so that it takes at most one core from the engine.
-        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     @property
     def info(self) -> ModelInfo:
@@ -89,13 +85,10 @@ class LlamaServerBackend:
         return self._template.stop
 
     async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenize_executor, tokenize_prompt, self._template, turns, self._tokenizer
-        )
+        return await self._tokenizer.prompt(turns)
 
     def close(self) -> None:
-        self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
+        self._tokenizer.close()
 
     async def generate(
         self, prompt: Prompt, sampling: Sampling

@@ -6,7 +6,9 @@ vocabulary is loaded locally."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,6 +100,35 @@ def tokenize_prompt(template: PromptTemplate, turns: Sequence[Turn], tokenizer: 
     return Prompt(
         text="".join(pieces) + template.generation_cue, token_ids=token_ids, message_tokens=message_tokens
     )
+
+
+class TokenizerThread:
+    """A backend's tokenizer and the one thread it runs on.
+
+    Tokenizing a long history (or a reply, for an engine that reports no counts) takes milliseconds: on
+    the event loop every stream's next token would wait behind it, and in a generation pool it would wait
+    behind generations for seconds. One thread keeps it from taking more than a core from the engine.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, template: PromptTemplate, name: str = "tokenize") -> None:
+        self._tokenizer = tokenizer
+        self._template = template
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+
+    async def prompt(self, turns: Sequence[Turn]) -> Prompt:
+        """`turns` rendered and tokenized as every backend sends them (`tokenize_prompt`)."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(
+            self._executor, tokenize_prompt, self._template, turns, self._tokenizer
+        )
+
+    async def encode(self, text: str) -> list[int]:
+        """The token ids of `text` on its own."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._tokenizer.encode, text)
+
+    def close(self, wait: bool = False) -> None:
+        """Stop the thread; queued work is cancelled."""
+        self._executor.shutdown(wait=wait, cancel_futures=True)
 
 
 def open_tokenizer(path: Path) -> Tokenizer:

@@ -25,7 +25,6 @@ import codecs
 import logging
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +40,9 @@ from inference_service.backends.base import Completion, FinishReason, ModelInfo,
 from inference_service.backends.text import LeadingSpaceTrimmer
 from inference_service.backends.tokenizers import (
     Tokenizer,
+    TokenizerThread,
     default_tokenizer_path,
     open_tokenizer,
-    tokenize_prompt,
 )
 from inference_service.prompt import PromptTemplate, Turn
 from inference_service.settings import InferenceSettings
@@ -138,9 +137,7 @@ class TritonBackend:
         self._info = info
         self._timeout_s = timeout_s
         self._tensors = tensors
-        # Tokenizing a long history or reply takes milliseconds: on the event loop every stream's next
-        # token would wait behind it. One thread, so that it takes at most one core from the rest.
-        self._tokenize_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+        self._tokenizer_thread = TokenizerThread(tokenizer, template)
 
     @property
     def info(self) -> ModelInfo:
@@ -151,14 +148,11 @@ class TritonBackend:
         return self._template.stop
 
     async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._tokenize_executor, tokenize_prompt, self._template, turns, self._tokenizer
-        )
+        return await self._tokenizer_thread.prompt(turns)
 
     def close(self) -> None:
         """Stop the tokenizer thread (the Triton client belongs to whoever opened this backend)."""
-        self._tokenize_executor.shutdown(wait=False, cancel_futures=True)
+        self._tokenizer_thread.close()
 
     async def generate(
         self, prompt: Prompt, sampling: Sampling
@@ -180,10 +174,7 @@ class TritonBackend:
         # Triton does not report token counts, so the engine's text is re-tokenized. Re-tokenizing can
         # merge tokens the model produced separately (Gemma has a "\n\n" token, the model may emit "\n"
         # twice); each streamed response is at least one token, so that count is a floor.
-        reply_tokens = await asyncio.get_running_loop().run_in_executor(
-            self._tokenize_executor, self._tokenizer.encode, "".join(received)
-        )
-        retokenized = len(reply_tokens)
+        retokenized = len(await self._tokenizer_thread.encode("".join(received)))
         completion_tokens = max(retokenized, len(received))
         finish = (
             FinishReason.LENGTH
