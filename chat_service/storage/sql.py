@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import Select, Table, case, delete, event, insert, literal, select, tuple_
+from sqlalchemy import Select, Table, Update, case, delete, event, insert, literal, select, tuple_
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import URL, Row, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection
@@ -128,6 +128,29 @@ def _chat_messages(user_id: str, chat_id: uuid.UUID, after_seq: int | None) -> S
     if after_seq is not None:
         query = query.where(MessageRow.seq > after_seq)
     return query.order_by(MessageRow.seq)
+
+
+async def _read_history(connection: AsyncConnection, chat_id: uuid.UUID) -> list[Message]:
+    """The chat's messages in seq order, ownership unchecked: for callers whose statement checks it."""
+    rows = await connection.execute(
+        select(MessageRow).where(MessageRow.chat_id == chat_id).order_by(MessageRow.seq)
+    )
+    return [_to_message(row) for row in rows]  # type: ignore[arg-type]
+
+
+def _bump_chat(user_id: str, chat_id: uuid.UUID, now: datetime, title: str | None) -> Update:
+    """UPDATE the user's chat: activity time now, an empty title filled with `title`; RETURNING the row
+    (none: not the user's chat). Taking the chat's row lock first is what orders its messages' writes."""
+    chats = cast(Table, ChatRow.__table__)
+    values: dict[str, Any] = {"last_activity_at": now}
+    if title:
+        values["title"] = case((chats.c.title == "", title), else_=chats.c.title)
+    return (
+        sql_update(chats)
+        .where(chats.c.id == chat_id, chats.c.user_id == user_id)
+        .values(**values)
+        .returning(*chats.c)
+    )
 
 
 class SqlConversationStore(ConversationStore):
@@ -265,18 +288,7 @@ class SqlConversationStore(ConversationStore):
     ) -> Row[Any]:
         """Bump the chat's activity time (and fill an empty title) and return its row, or raise `NotFound`.
         A Core statement, so it serves both the ORM transactions and `start_turn`'s plain connection."""
-        chats = cast(Table, ChatRow.__table__)
-        values: dict[str, Any] = {"last_activity_at": now}
-        if title:
-            values["title"] = case((chats.c.title == "", title), else_=chats.c.title)
-        bumped = (
-            await executor.execute(
-                sql_update(chats)
-                .where(chats.c.id == chat_id, chats.c.user_id == user_id)
-                .values(**values)
-                .returning(*chats.c)
-            )
-        ).first()
+        bumped = (await executor.execute(_bump_chat(user_id, chat_id, now, title))).first()
         if bumped is None:
             raise _chat_not_found(chat_id)
         return bumped
@@ -391,12 +403,7 @@ class SqlConversationStore(ConversationStore):
             chat_row = await self._touch_chat(connection, user_id, chat_id, now, title)
             earlier = []
             if with_history:
-                earlier = [
-                    _to_message(row)  # type: ignore[arg-type]
-                    for row in await connection.execute(
-                        select(*messages.c).where(messages.c.chat_id == chat_id).order_by(messages.c.seq)
-                    )
-                ]
+                earlier = await _read_history(connection, chat_id)
             seq = (
                 await connection.execute(insert(messages).values(**values).returning(messages.c.seq))
             ).scalar_one()
@@ -418,18 +425,8 @@ class SqlConversationStore(ConversationStore):
         The UPDATE takes the chat's row lock before the INSERT, as every other write does, so messages are
         still committed in `seq` order. The history read may see the new message, or one of a concurrent
         turn of the same chat committed after it; `seq` leaves both out."""
-        chats = cast(Table, ChatRow.__table__)
         messages = cast(Table, MessageRow.__table__)
-        bump: dict[str, Any] = {"last_activity_at": now}
-        if title:
-            bump["title"] = case((chats.c.title == "", title), else_=chats.c.title)
-        touched = (
-            sql_update(chats)
-            .where(chats.c.id == chat_id, chats.c.user_id == user_id)
-            .values(**bump)
-            .returning(*chats.c)
-            .cte("touched")
-        )
+        touched = _bump_chat(user_id, chat_id, now, title).cte("touched")
         columns = [name for name in values if name != "chat_id"]
         inserted = (
             insert(messages)
@@ -462,12 +459,10 @@ class SqlConversationStore(ConversationStore):
         return row, seq, earlier
 
     async def _history_rows(self, chat_id: uuid.UUID) -> list[Message]:
-        """The chat's messages in seq order, ownership unchecked (the caller checks it)."""
+        """The chat's messages in seq order on a connection of its own, ownership unchecked (the caller
+        checks it)."""
         async with self._reader.connect() as connection:
-            rows = await connection.execute(
-                select(MessageRow).where(MessageRow.chat_id == chat_id).order_by(MessageRow.seq)
-            )
-            return [_to_message(row) for row in rows]  # type: ignore[arg-type]
+            return await _read_history(connection, chat_id)
 
     async def add_assistant_message(
         self,
@@ -532,16 +527,7 @@ class SqlConversationStore(ConversationStore):
 
     async def record_token_count(self, user_id: str, message_id: uuid.UUID, token_count: int) -> None:
         """Record the token count of the user's message `message_id`; `NotFound` if there is none."""
-        async with self._sessions.begin() as session:
-            recorded = await session.scalar(
-                sql_update(MessageRow)
-                .where(MessageRow.id == message_id, MessageRow.user_id == user_id)
-                .values(token_count=token_count)
-                .returning(MessageRow.seq)
-                .execution_options(synchronize_session=False)
-            )
-        if recorded is None:
-            raise _message_not_found(message_id)
+        await self._update_message(user_id, message_id, token_count=token_count)
 
     async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
         """The user's stored reply to `user_message_id`, if any."""
@@ -597,15 +583,19 @@ class SqlConversationStore(ConversationStore):
 
     async def save_summary(self, user_id: str, message_id: uuid.UUID, summary: str) -> None:
         """Store `summary` on the user's message `message_id`; `NotFound` if there is no such message."""
+        await self._update_message(user_id, message_id, summary=summary)
+
+    async def _update_message(self, user_id: str, message_id: uuid.UUID, **values: Any) -> None:
+        """Set `values` on the user's message `message_id`; `NotFound` if the user has no such message."""
         async with self._sessions.begin() as session:
-            saved = await session.scalar(
+            updated = await session.scalar(
                 sql_update(MessageRow)
                 .where(MessageRow.id == message_id, MessageRow.user_id == user_id)
-                .values(summary=summary)
+                .values(**values)
                 .returning(MessageRow.seq)
                 .execution_options(synchronize_session=False)
             )
-        if saved is None:
+        if updated is None:
             raise _message_not_found(message_id)
 
 
