@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
 import grpc
@@ -33,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
+from inference_service.backends.base import Prompt
 from inference_service.backends.llama_cpp import bundled_gguf_path
-from inference_service.backends.llama_server import open_llama_server_backend
+from inference_service.backends.llama_server import LlamaServerBackend, open_llama_server_backend
 from inference_service.prompt import TEMPLATES, Role, Turn
 from tests.support.processes import free_port, run_service
 
@@ -83,6 +85,48 @@ def row(streams: int, alone: list[Round], service: list[Round]) -> str:
     )
 
 
+def llama_server_alone(slots: int, run_dir: Path) -> AbstractAsyncContextManager[LlamaServerBackend]:
+    """A llama-server of its own (the bundled model, `slots` slots of CONTEXT tokens), for the side that
+    talks to the engine with nothing in front of it."""
+    return open_llama_server_backend(
+        bundled_gguf_path(),
+        parallel=slots,
+        context_length=CONTEXT,
+        threads=None,
+        batch_threads=None,
+        template=TEMPLATES["transcript"],
+        model_name="gemma-3-270m",
+        log_dir=run_dir / "alone",
+    )
+
+
+async def completion_stream(
+    http: httpx.AsyncClient, prompt: Prompt, max_tokens: int, t0: float
+) -> tuple[float, float, int]:
+    """One greedy completion straight from llama-server's `/completion` (the relay's own request):
+    (first text s, last token s) after t0, and the tokens generated."""
+    body = {
+        "prompt": list(prompt.token_ids),
+        "n_predict": max_tokens,
+        "temperature": 0.0,
+        "stop": list(TEMPLATES["transcript"].stop),
+        "stream": True,
+        "cache_prompt": True,
+    }
+    first = 0.0
+    tokens = 0
+    async with http.stream("POST", "/completion", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            event = json.loads(line[6:])
+            if event.get("content", "").strip() and not first:
+                first = time.perf_counter() - t0
+            if event.get("stop"):
+                tokens = int(event.get("tokens_predicted", 0))
+    return first, time.perf_counter() - t0, tokens
+
+
 async def one_round(streams: int, run: Stream) -> tuple[float, list[float], int]:
     """(aggregate tokens/s, TTFTs, tokens) of `streams` concurrent streams started together."""
     t0 = time.perf_counter()
@@ -102,8 +146,6 @@ async def main() -> None:
     parser.add_argument("--concurrency", default="1,2,4,8,16")
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
-    template = TEMPLATES["transcript"]
-    gguf = bundled_gguf_path()
     address = f"127.0.0.1:{free_port()}"
     env = {
         "CHATMESH_INFERENCE_ADDRESS": address,
@@ -116,21 +158,9 @@ async def main() -> None:
     print(f"starting llama-server alone and the inference service, {args.slots} slots each...", flush=True)
     with tempfile.TemporaryDirectory() as run_dir:
         env["CHATMESH_INFERENCE_RUN_DIR"] = run_dir
-        async with (
-            open_llama_server_backend(
-                gguf,
-                parallel=args.slots,
-                context_length=CONTEXT,
-                threads=None,
-                batch_threads=None,
-                template=template,
-                model_name="gemma-3-270m",
-                log_dir=Path(run_dir) / "alone",
-            ) as alone,
-        ):
+        async with llama_server_alone(args.slots, Path(run_dir)) as alone:
             with run_service("inference_service", env, address, timeout=180):
                 prompts = [await alone.prepare(question(i)) for i in range(max(levels))]
-                stop = list(template.stop)
                 async with (
                     grpc.aio.insecure_channel(address) as channel,
                     httpx.AsyncClient(base_url=alone.base_url, trust_env=False, timeout=None) as http,
@@ -138,26 +168,7 @@ async def main() -> None:
                     stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
                     async def direct(i: int, t0: float) -> tuple[float, float, int]:
-                        body = {
-                            "prompt": list(prompts[i].token_ids),
-                            "n_predict": args.max_tokens,
-                            "temperature": 0.0,
-                            "stop": stop,
-                            "stream": True,
-                            "cache_prompt": True,
-                        }
-                        first = 0.0
-                        tokens = 0
-                        async with http.stream("POST", "/completion", json=body) as response:
-                            async for line in response.aiter_lines():
-                                if not line.startswith("data: "):
-                                    continue
-                                event = json.loads(line[6:])
-                                if event.get("content", "").strip() and not first:
-                                    first = time.perf_counter() - t0
-                                if event.get("stop"):
-                                    tokens = int(event.get("tokens_predicted", 0))
-                        return first, time.perf_counter() - t0, tokens
+                        return await completion_stream(http, prompts[i], args.max_tokens, t0)
 
                     async def service(i: int, t0: float) -> tuple[float, float, int]:
                         messages = [

@@ -27,17 +27,21 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from engine_concurrency import HEADER, one_round, row  # a sibling script: this folder is on the path
+from engine_concurrency import (
+    CONTEXT,
+    HEADER,
+    completion_stream,
+    llama_server_alone,
+    one_round,
+    row,
+)  # a sibling script: this folder is on the path
 
 from chatmesh.gateway import GatewaySettings, run_envoy
-from inference_service.backends.llama_cpp import bundled_gguf_path
-from inference_service.backends.llama_server import open_llama_server_backend
-from inference_service.prompt import TEMPLATES, Role, Turn
+from inference_service.prompt import Role, Turn
 from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
 
-CONTEXT = 1024
 SYSTEM_PROMPT = "User: Count from 1 to 40.\nAssistant: " + ", ".join(str(i) for i in range(1, 41))
 
 
@@ -46,7 +50,7 @@ def question(index: int) -> str:
     return f"Count from {start} to {start + 500}."
 
 
-async def main() -> None:  # noqa: PLR0915 (one script, read top to bottom)
+async def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -56,7 +60,6 @@ async def main() -> None:  # noqa: PLR0915 (one script, read top to bottom)
     parser.add_argument("--concurrency", default="1,4,8,16")
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
-    template = TEMPLATES["transcript"]
     inference = f"127.0.0.1:{free_port()}"
     replicas = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     quiet = {"CHATMESH_INFERENCE_LOG_LEVEL": "WARNING", "CHATMESH_CHAT_LOG_LEVEL": "WARNING"}
@@ -82,16 +85,7 @@ async def main() -> None:  # noqa: PLR0915 (one script, read top to bottom)
                 }
 
             print(f"starting the mesh ({args.slots} engine slots) and llama-server alone...", flush=True)
-            async with open_llama_server_backend(
-                bundled_gguf_path(),
-                parallel=args.slots,
-                context_length=CONTEXT,
-                threads=None,
-                batch_threads=None,
-                template=template,
-                model_name="gemma-3-270m",
-                log_dir=Path(run_dir) / "alone",
-            ) as alone:
+            async with llama_server_alone(args.slots, Path(run_dir)) as alone:
                 with contextlib.ExitStack() as stack:
                     stack.enter_context(
                         run_service("inference_service", inference_env, inference, timeout=180)
@@ -127,24 +121,7 @@ async def main() -> None:  # noqa: PLR0915 (one script, read top to bottom)
                         ):
 
                             async def direct(i: int, t0: float) -> tuple[float, float, int]:
-                                body = {
-                                    "prompt": list(prompts[i].token_ids),
-                                    "n_predict": args.max_tokens,
-                                    "temperature": 0.0,
-                                    "stop": list(template.stop),
-                                    "stream": True,
-                                    "cache_prompt": True,
-                                }
-                                first, tokens = 0.0, 0
-                                async with engine.stream("POST", "/completion", json=body) as response:
-                                    async for line in response.aiter_lines():
-                                        if line.startswith("data: "):
-                                            event = json.loads(line[6:])
-                                            if event.get("content", "").strip() and not first:
-                                                first = time.perf_counter() - t0
-                                            if event.get("stop"):
-                                                tokens = int(event.get("tokens_predicted", 0))
-                                return first, time.perf_counter() - t0, tokens
+                                return await completion_stream(engine, prompts[i], args.max_tokens, t0)
 
                             async def through_mesh(i: int, t0: float) -> tuple[float, float, int]:
                                 body = {
