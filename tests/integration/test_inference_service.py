@@ -14,8 +14,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.processes import LoggedProcess, free_port, run_service, wait_for_log_entry
-from tests.support.services import LONG, PARIS
+from tests.support.processes import LoggedProcess, free_port, run_service
+from tests.support.services import LONG, PARIS, cancel_a_long_generation
 
 pytestmark = pytest.mark.integration
 
@@ -106,29 +106,12 @@ async def test_seed_makes_sampling_reproducible(stub: inference_pb2_grpc.Inferen
 async def test_cancel_frees_the_slot(
     stub: inference_pb2_grpc.InferenceServiceStub, inference_process: tuple[str, Popen[bytes]]
 ) -> None:
-    call_id = "cancel-frees-the-slot"
-    call = stub.Generate(
-        pb.GenerateRequest(
-            messages=LONG, sampling=pb.SamplingParams(max_tokens=1000, temperature=0), request_id=call_id
-        )
-    )
-    received = 0
-    async for _ in call:
-        received += 1
-        if received == 3:
-            break
-    call.cancel()
     # A cancelled generation still holding the only slot would queue the next request and reject the one
     # after (queue size 1). Both must get through even though the cancelled one had ~390 tokens to go.
     # The service logs the end of a generation as it gives the slot back: wait for that line.
     process = inference_process[1]
     assert isinstance(process, LoggedProcess)
-    ended = await asyncio.to_thread(
-        wait_for_log_entry,
-        process,
-        lambda entry: entry.get("msg") == "generation ended" and entry.get("request_id") == call_id,
-        30,
-    )
+    ended = await cancel_a_long_generation(stub, process, "cancel-frees-the-slot")
     # This also shows the reply streams: its first deltas arrived while the engine was still generating.
     assert ended["outcome"] == "cancelled"
     results = await asyncio.gather(

@@ -19,7 +19,7 @@ from tests.support.processes import (
     run_service,
     wait_for_log_entry,
 )
-from tests.support.services import LONG, PARIS
+from tests.support.services import LONG, PARIS, cancel_a_long_generation
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -137,24 +137,7 @@ async def test_streams_run_together_not_one_after_another(
 async def test_cancel_frees_the_slot(
     stub: inference_pb2_grpc.InferenceServiceStub, llama_server_service: tuple[str, LoggedProcess]
 ) -> None:
-    call_id = "llama-server-cancel"
-    call = stub.Generate(
-        pb.GenerateRequest(
-            messages=LONG, sampling=pb.SamplingParams(max_tokens=1000, temperature=0), request_id=call_id
-        )
-    )
-    received = 0
-    async for _ in call:
-        received += 1
-        if received == 3:
-            break
-    call.cancel()
-    ended = await asyncio.to_thread(
-        wait_for_log_entry,
-        llama_server_service[1],
-        lambda entry: entry.get("msg") == "generation ended" and entry.get("request_id") == call_id,
-        30,
-    )
+    ended = await cancel_a_long_generation(stub, llama_server_service[1], "llama-server-cancel")
     assert ended["outcome"] == "cancelled"
     log: list[str] = []
     results = await asyncio.gather(

@@ -6,8 +6,13 @@ more settings as keyword arguments (`CHATMESH_INFERENCE_MAX_QUEUE="1"` style nam
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from chatmesh.inference.v1 import inference_pb2 as ipb
+from chatmesh.inference.v1 import inference_pb2_grpc
 from tests.support.chat import TEST_SECRET
+from tests.support.processes import LoggedProcess, wait_for_log_entry
 
 MODEL_STARTUP_TIMEOUT_S = 90
 """How long a model-loading service may take to report SERVING (a cold page cache on this machine)."""
@@ -82,3 +87,28 @@ def embedding_env(address: str, **settings: str) -> dict[str, str]:
         "CHATMESH_EMBEDDING_LOG_LEVEL": "DEBUG",
         **settings,
     }
+
+
+async def cancel_a_long_generation(
+    stub: inference_pb2_grpc.InferenceServiceStub, service: LoggedProcess, request_id: str
+) -> dict[str, Any]:
+    """Start a generation that would run for hundreds of tokens, cancel it after its third event, and
+    wait for the service's log entry for the end of that generation (written as it gives the slot back);
+    returns that entry (its `outcome` says how it ended)."""
+    call = stub.Generate(
+        ipb.GenerateRequest(
+            messages=LONG, sampling=ipb.SamplingParams(max_tokens=1000, temperature=0), request_id=request_id
+        )
+    )
+    received = 0
+    async for _ in call:
+        received += 1
+        if received == 3:
+            break
+    call.cancel()
+    return await asyncio.to_thread(
+        wait_for_log_entry,
+        service,
+        lambda entry: entry.get("msg") == "generation ended" and entry.get("request_id") == request_id,
+        30,
+    )
