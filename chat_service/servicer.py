@@ -80,6 +80,22 @@ def event_to_pb(event: CompletionEvent) -> pb.CompletionEvent:
     )
 
 
+GATEWAY_REQUEST_ID_KEY = "x-request-id"
+"""Envoy sets this header once per client request and keeps it on every retry of that request."""
+
+
+def _request_id(request: pb.CreateChatRequest | pb.CompleteRequest, context: Context) -> str | None:
+    """The caller's `request_id`, else the gateway's request id: Envoy retries a completion that a
+    replica refused as RESOURCE_EXHAUSTED on another replica, and with the same id that replica
+    continues the question the first one stored rather than storing it a second time."""
+    if own := check.request_id(request.request_id):
+        return own
+    for key, value in context.invocation_metadata() or ():
+        if key == GATEWAY_REQUEST_ID_KEY:
+            return check.request_id(value if isinstance(value, str) else value.decode())
+    return None
+
+
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Maps ChatService RPCs onto `Conversations`; identity comes from the auth interceptor."""
 
@@ -99,7 +115,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             strategy=check.strategy(request.history_strategy),
             first_message=check.content(request.content) if request.content else None,
             sampling=check.sampling(request, self._conversations.engine.context_length),
-            request_id=check.request_id(request.request_id),
+            request_id=_request_id(request, context),
         )
         async with aclosing(events):
             async for event in events:
@@ -114,7 +130,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             check.chat_id(request.chat_id),
             check.content(request.content),
             check.sampling(request, self._conversations.engine.context_length),
-            check.request_id(request.request_id),
+            _request_id(request, context),
         )
         async with aclosing(events):
             async for event in events:

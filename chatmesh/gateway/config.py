@@ -260,14 +260,19 @@ def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, A
         if settings.rate_limit_per_s > 0
         else {}
     )
-    # Streaming calls: only retry when the request certainly never reached a replica (connection
-    # refused or failed, HTTP/2 REFUSED_STREAM, reset before sending). A reset or timeout later may mean
-    # a replica already stored the user message and started generating; Envoy never retries once
+    # Streaming calls: retry when the request certainly never reached a replica (connection refused or
+    # failed, HTTP/2 REFUSED_STREAM, reset before sending), or when a replica refused it as
+    # RESOURCE_EXHAUSTED (its engine is full): that status comes as a trailers-only response before any
+    # byte of the answer, and the retry carries the same x-request-id, which the chat service takes as
+    # the request id, so the other replica continues the stored question instead of storing it twice.
+    # A reset or timeout later may mean a replica is already generating; Envoy never retries once
     # response headers have been forwarded anyway. No overall timeout but completion_timeout_s: a reply
     # streams for as long as the model generates (stream_idle_timeout_s cuts a stream gone quiet).
     streaming_action = {
         "timeout": _seconds(settings.completion_timeout_s),
-        "retry_policy": _retry_policy("connect-failure,refused-stream,reset-before-request", settings, None),
+        "retry_policy": _retry_policy(
+            "connect-failure,refused-stream,reset-before-request,resource-exhausted", settings, None
+        ),
     }
     # Unary calls (reads, updates, deletes) are idempotent: any reset or UNAVAILABLE may go to another
     # replica. (A retried delete that had in fact succeeded answers NOT_FOUND, which the chat now is.)

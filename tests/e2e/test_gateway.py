@@ -28,13 +28,21 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.inference.v1 import inference_pb2 as ipb
+from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.common.auth import JwtKeys, issue_token
 from chatmesh.gateway import EnvoyProcess, GatewaySettings, render_envoy_config, run_envoy, validate_config
 from chatmesh.keygen import write_rs256_key_pair
 from tests.support.chat import TEST_SECRET, ChatClient, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
-from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env, standard_engine_env
+from tests.support.services import (
+    COUNTING_SYSTEM_PROMPT,
+    LONG,
+    MODEL_STARTUP_TIMEOUT_S,
+    chat_env,
+    standard_engine_env,
+)
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -522,6 +530,66 @@ async def test_both_replicas_serve_and_losing_one_is_survivable(replica_pair: Re
             check_completion_shape(await post_stream(http, "/chat", user, {**counting, "max_tokens": 4}))
             assert (await http.get("/chats", headers=bearer(user))).status_code == 200
         assert int((await host_stats(envoy))[survivor]["rq_total"]) >= served_before + 6
+
+
+async def test_a_replica_with_a_full_engine_hands_the_completion_to_another(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """Backpressure through the gateway: a replica whose engine is full refuses a completion before any
+    byte of the answer (RESOURCE_EXHAUSTED), Envoy retries it on the other replica, and there it is
+    answered and stored once. With every replica full, the client gets a 429 with a retry hint."""
+    busy_engine = f"127.0.0.1:{free_port()}"
+    busy, free = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    engine_env = standard_engine_env(busy_engine) | {
+        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
+        "CHATMESH_INFERENCE_MAX_QUEUE": "0",
+        "CHATMESH_INFERENCE_RUN_DIR": str(tmp_path / "engine"),
+    }
+    url = mesh.database_url
+    with (
+        run_service("inference_service", engine_env, busy_engine, MODEL_STARTUP_TIMEOUT_S),
+        run_service("chat_service", chat_env(busy, url, busy_engine, migrate=False), busy, 60),
+        run_service("chat_service", chat_env(free, url, mesh.inference, migrate=False), free, 60),
+    ):
+        async with grpc.aio.insecure_channel(busy_engine) as engine_channel:
+            holding = inference_pb2_grpc.InferenceServiceStub(engine_channel).Generate(
+                ipb.GenerateRequest(
+                    messages=LONG, sampling=ipb.SamplingParams(max_tokens=1000, temperature=0)
+                )
+            )
+            await holding.read()  # the busy engine's only slot is taken
+            user = new_user()
+            body = {"content": "Hi", "max_tokens": 4, "temperature": 0}
+            async with (
+                run_envoy(gateway_settings([busy, free]), tmp_path / "both") as envoy,
+                httpx.AsyncClient(base_url=envoy.base_url, timeout=60.0) as http,
+            ):
+                # The balancer picks replicas at random among the least loaded: ask until one of the
+                # requests has met the busy replica and been retried.
+                chats: list[str] = []
+                retries = 0
+                while retries == 0 and len(chats) < 40:
+                    stream = await post_stream(http, "/chat", user, body)
+                    check_completion_shape(stream)
+                    chats.append(stream.first["chat_id"])
+                    stats = await envoy.stats(r"^cluster\.chat\.upstream_rq_retry$")
+                    retries = stats.get("cluster.chat.upstream_rq_retry", 0)
+                assert retries >= 1, f"none of {len(chats)} completions met the busy replica"
+                for chat_id in chats:
+                    messages = (await http.get(f"/chat/{chat_id}/messages", headers=bearer(user))).json()
+                    roles = [m["role"] for m in messages["messages"]]
+                    assert roles == ["ROLE_USER", "ROLE_ASSISTANT"], "every question is stored once"
+                listed = (await http.get("/chats", headers=bearer(user), params={"page_size": 100})).json()
+                assert len(listed["chats"]) == len(chats), "a retried request creates one chat"
+            async with (
+                run_envoy(gateway_settings([busy]), tmp_path / "busy-only") as envoy,
+                httpx.AsyncClient(base_url=envoy.base_url, timeout=60.0) as http,
+            ):
+                refused = await http.post("/chat", json=body, headers=bearer(user))
+                assert refused.status_code == 429, refused.text
+                assert refused.json()["code"] == "RESOURCE_EXHAUSTED", refused.json()
+                assert int(refused.headers["retry-after-ms"]) > 0, refused.headers
+            holding.cancel()
 
 
 @dataclass
