@@ -74,6 +74,7 @@ bench: install-test
 	$(PY) benchmarks/llama_build.py
 	$(PY) benchmarks/inference_relay.py
 	$(PY) benchmarks/embedding_throughput.py
+	$(PY) benchmarks/vector_search.py
 	$(PY) benchmarks/chat_overhead.py
 	$(PY) benchmarks/concurrent_streams.py
 	$(PY) benchmarks/engine_concurrency.py

@@ -120,6 +120,8 @@ def embedding_service(args: argparse.Namespace) -> Iterator[str]:
         "CHATMESH_EMBEDDING_MAX_BATCH_SIZE": str(args.batch_size),
         "CHATMESH_EMBEDDING_MAX_WAIT_MS": str(args.max_wait_ms),
         "CHATMESH_EMBEDDING_LOG_FORMAT": "text",
+        # Embedding alone; a vector index in the repository's .run/ would clash with a running mesh's.
+        "CHATMESH_EMBEDDING_VECTORS_ENABLED": "false",
     }
     with tempfile.NamedTemporaryFile(prefix="embedding-bench-", suffix=".log", delete=False) as log:
         process = subprocess.Popen(
