@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
 from chatmesh.common.settings import ServiceSettings
@@ -35,4 +35,18 @@ class EmbeddingSettings(ServiceSettings):
 
     threads: int | None = Field(
         default=None, ge=1, description="torch CPU threads; default: one per physical core"
+    )
+
+    # The vector index (VectorService): embedded Qdrant (local mode) in `vectors_path` by default, or a
+    # Qdrant server at `vectors_url`. Local mode locks its directory: one embedding service per path.
+    vectors_enabled: bool = Field(default=True, description="serve chatmesh.vectors.v1.VectorService")
+    vectors_path: Path = Field(
+        default=Path(".run/qdrant"), description="local-mode index directory (relative: to the working dir)"
+    )
+    vectors_url: str | None = Field(
+        default=None, description="Qdrant server, e.g. http://127.0.0.1:6333; set: local mode is off"
+    )
+    vectors_api_key: SecretStr | None = Field(default=None, description="API key of the Qdrant server")
+    vectors_timeout_s: float = Field(
+        default=5.0, gt=0, description="longest a single index operation (search, upsert, delete) may take"
     )

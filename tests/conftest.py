@@ -29,11 +29,11 @@ def inference_address() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
-def embedding_service() -> Iterator[tuple[str, LoggedProcess]]:
-    """(address, process) of the session's embedding service, logging every request and batch at DEBUG."""
+def embedding_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, LoggedProcess]]:
+    """(address, process) of the session's embedding service, logging every request and batch at DEBUG,
+    with the vector service on a fresh local index (tests keep apart by using their own collections)."""
     address = f"127.0.0.1:{free_port()}"
-    with run_service(
-        "embedding_service", embedding_env(address), address, MODEL_STARTUP_TIMEOUT_S
-    ) as process:
+    env = embedding_env(address, vectors_path=tmp_path_factory.mktemp("qdrant"))
+    with run_service("embedding_service", env, address, MODEL_STARTUP_TIMEOUT_S) as process:
         yield address, process
     assert process.returncode == 0, "SIGTERM should shut the embedding service down cleanly"

@@ -7,6 +7,7 @@ more settings as keyword arguments (`CHATMESH_INFERENCE_MAX_QUEUE="1"` style nam
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import Any
 
 from chatmesh.inference.v1 import inference_pb2 as ipb
@@ -79,12 +80,21 @@ def chat_env(
     }
 
 
-def embedding_env(address: str, **settings: str) -> dict[str, str]:
-    """Environment of an embedding service on `address`; DEBUG logs record every request and batch."""
+def embedding_env(address: str, vectors_path: Path | None = None, **settings: str) -> dict[str, str]:
+    """Environment of an embedding service on `address`; DEBUG logs record every request and batch.
+
+    With `vectors_path` it serves the vector index from that directory (local mode locks it: one
+    service per directory); without, the vector service is off, so no test touches `.run/qdrant`."""
+    vectors = (
+        {"CHATMESH_EMBEDDING_VECTORS_PATH": str(vectors_path)}
+        if vectors_path is not None
+        else {"CHATMESH_EMBEDDING_VECTORS_ENABLED": "false"}
+    )
     return {
         "CHATMESH_EMBEDDING_ADDRESS": address,
         "CHATMESH_EMBEDDING_THREADS": "2",
         "CHATMESH_EMBEDDING_LOG_LEVEL": "DEBUG",
+        **vectors,
         **settings,
     }
 
