@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from chat_service.cache.verification import Candidate, VerificationRule
-from chatmesh.vectors.client import NewPoint, VectorClient, Where
+from chatmesh.vectors.client import Hit, NewPoint, VectorClient, Where
 from chatmesh.vectors.values import PayloadValue, Range
 
 log = logging.getLogger(__name__)
@@ -158,21 +158,15 @@ class SemanticCache:
             },
         )
 
-    async def lookup(self, question: Question) -> CachedAnswer | None:
+    async def search(self, question: Question) -> list[Hit]:
+        """The unexpired entries in `question`'s scope nearest to it, best first (raises on failure)."""
         where: Where = {**self._key(question), "expires_at": Range(gt=time.time())}
-        try:
-            # The whole lookup is bounded, not only the RPC: a slow channel (reconnecting to a dead
-            # service) must not hold up the answer either.
-            async with asyncio.timeout(self._policy.lookup_timeout_s):
-                hits = await self._vectors.search(
-                    self._policy.collection,
-                    question.text,
-                    where=where,
-                    limit=self._policy.candidates,
-                )
-        except Exception as exc:  # any failure of the cache is a miss, never the user's error
-            self._failed("lookup", exc, question)
-            return None
+        return await self._vectors.search(
+            self._policy.collection, question.text, where=where, limit=self._policy.candidates
+        )
+
+    def answer(self, question: Question, hits: Sequence[Hit]) -> CachedAnswer | None:
+        """The answer among `hits` that the verification rule lets `question` be served, if any."""
         candidates = [Candidate(hit.score, str(hit.payload.get("question", ""))) for hit in hits]
         chosen = self._rule.choose(question.text, candidates)
         if chosen is None:
@@ -186,7 +180,19 @@ class SemanticCache:
             score=hit.score,
         )
 
-    async def store(self, question: Question, answer: str, token_count: int) -> None:
+    async def lookup(self, question: Question) -> CachedAnswer | None:
+        try:
+            # The whole lookup is bounded, not only the RPC: a slow channel (reconnecting to a dead
+            # service) must not hold up the answer either.
+            async with asyncio.timeout(self._policy.lookup_timeout_s):
+                hits = await self.search(question)
+        except Exception as exc:  # any failure of the cache is a miss, never the user's error
+            self._failed("lookup", exc, question)
+            return None
+        return self.answer(question, hits)
+
+    def entry(self, question: Question, answer: str, token_count: int) -> NewPoint:
+        """The cache entry that keeps `answer` to `question`."""
         now = time.time()
         payload: dict[str, PayloadValue] = {
             **self._key(question),
@@ -198,9 +204,11 @@ class SemanticCache:
             "created_at": now,
             "expires_at": now + self._policy.ttl_s,
         }
-        point = NewPoint(uuid.uuid4(), question.text, payload)
+        return NewPoint(uuid.uuid4(), question.text, payload)
+
+    async def store(self, question: Question, answer: str, token_count: int) -> None:
         try:
-            await self._vectors.upsert(self._policy.collection, [point])
+            await self._vectors.upsert(self._policy.collection, [self.entry(question, answer, token_count)])
         except Exception as exc:
             self._failed("store", exc, question)
 
