@@ -132,6 +132,11 @@ class SemanticCache:
         self.failures = 0
         """Lookups and writes that failed or ran out of time (each also logged)."""
 
+    @property
+    def collection(self) -> str:
+        """The vector collection the entries live in."""
+        return self._policy.collection
+
     def _scope(self, question: Question) -> str:
         if self._policy.scope == "global" and not question.system_prompt:
             return GLOBAL_SCOPE
