@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import random
 import sys
@@ -72,10 +71,9 @@ def point(name: str, file: str, threshold: float, true: int, false: int, queries
     }
 
 
-async def measure(cache: SemanticCache, vectors: GrpcVectorClient, path: Path, sample: int | None) -> None:
-    pairs = json.loads(path.read_text())
-    name = path.name
-    print(f"{name}: storing {len(pairs)} origins...", file=sys.stderr, flush=True)
+async def store_origins(cache: SemanticCache, vectors: GrpcVectorClient, pairs: list[dict[str, str]]) -> None:
+    """Every origin as a cache entry whose answer is its index."""
+    print(f"storing {len(pairs)} origins...", file=sys.stderr, flush=True)
     started = time.perf_counter()
     for start in range(0, len(pairs), 64):
         batch = [
@@ -86,6 +84,10 @@ async def measure(cache: SemanticCache, vectors: GrpcVectorClient, path: Path, s
         if (start // 64) % 40 == 0:
             print(f"  {start + len(batch)}/{len(pairs)}", file=sys.stderr, flush=True)
     print(f"  stored in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+async def measure(cache: SemanticCache, name: str, pairs: list[dict[str, str]], sample: int | None) -> None:
+    """Look up the reporting half's queries and print the operating points."""
     report = list(range(len(pairs) // 2, len(pairs)))
     if sample and sample < len(report):
         report = sorted(random.Random(9).sample(report, sample))
@@ -122,13 +124,7 @@ async def measure(cache: SemanticCache, vectors: GrpcVectorClient, path: Path, s
     print(json.dumps({**chosen, "chosen": True}), flush=True)
 
 
-async def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--pairs", type=Path, nargs="+", default=FILES)
-    parser.add_argument("--sample", type=int, default=None, help="queries per file (default: all)")
-    args = parser.parse_args()
+async def run(files: dict[str, list[dict[str, str]]], sample: int | None) -> None:
     address = f"127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as run_dir:
         env = {
@@ -140,11 +136,24 @@ async def main() -> None:
         with run_service("embedding_service", env, address, timeout=180):
             async with grpc.aio.insecure_channel(address) as channel:
                 vectors = GrpcVectorClient(channel, search_timeout_s=60, write_timeout_s=120)
-                for path in args.pairs:
-                    policy = CachePolicy(model="bench", collection=f"quality_{path.stem}")
+                for name, pairs in files.items():
+                    print(f"{name}:", file=sys.stderr, flush=True)
+                    policy = CachePolicy(model="bench", collection=f"quality_{Path(name).stem}")
                     cache = SemanticCache(vectors, policy, VerificationRule())
-                    await measure(cache, vectors, path, args.sample)
+                    await store_origins(cache, vectors, pairs)
+                    await measure(cache, name, pairs, sample)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--pairs", type=Path, nargs="+", default=FILES)
+    parser.add_argument("--sample", type=int, default=None, help="queries per file (default: all)")
+    args = parser.parse_args()
+    files = {path.name: json.loads(path.read_text()) for path in args.pairs}
+    asyncio.run(run(files, args.sample))
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    main()
