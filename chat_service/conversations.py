@@ -6,10 +6,12 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
+from typing import Any
 
+from chat_service.cache.policy import CachedAnswer, NoCache, Question, ResponseCache
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
@@ -161,14 +163,24 @@ class Conversations:
         history: HistoryBuilder,
         engine: EngineInfo,
         default_strategy: HistoryStrategy,
+        cache: ResponseCache | None = None,
     ) -> None:
         self._store = store
         self._inference = inference
         self._history = history
         self._engine = engine
         self._default_strategy = default_strategy
+        self._cache = cache or NoCache()
         # Completions running in this process, by user message id, so a retry can join one.
         self._in_flight: dict[uuid.UUID, _Running] = {}
+        # Cache writes that run after their answer was sent; kept so they are not collected mid-way
+        # and can be waited for at shutdown.
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        """Wait (up to `timeout_s`) for cache writes still under way."""
+        if self._background:
+            await asyncio.wait(self._background, timeout=timeout_s)
 
     @property
     def engine(self) -> EngineInfo:
@@ -183,6 +195,7 @@ class Conversations:
         first_message: str | None,
         sampling: SamplingOptions,
         request_id: str | None,
+        use_cache: bool = True,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Create a chat; with a first message, stream its reply like `complete`."""
         if not first_message:
@@ -194,7 +207,9 @@ class Conversations:
         chat, _ = await self._store.create_chat(
             user_id, title, system_prompt, strategy or self._default_strategy, request_id
         )
-        async with aclosing(self.complete(user_id, chat.id, first_message, sampling, request_id)) as events:
+        async with aclosing(
+            self.complete(user_id, chat.id, first_message, sampling, request_id, use_cache)
+        ) as events:
             async for event in events:
                 yield (
                     Started(event.chat_id, event.user_message_id, chat)
@@ -209,8 +224,12 @@ class Conversations:
         content: str,
         sampling: SamplingOptions,
         request_id: str | None,
+        use_cache: bool = True,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Store the user message, stream the reply, store the reply (with the message's token count).
+
+        The reply comes from the semantic cache when it holds a verified answer to the same question in
+        the same context (`use_cache=False`: neither look up nor store).
 
         A retry (same `request_id`) joins the completion if it is still running here, returns the stored
         reply if there is one (a cancelled one included, with `FinishReason.CANCELLED`), and generates
@@ -222,7 +241,7 @@ class Conversations:
         if turn.created:
             running = self._run(
                 turn.message.id,
-                lambda: self._generate(turn.chat, turn.message, sampling, turn.history, received),
+                lambda: self._answer(turn.chat, turn.message, sampling, turn.history, received, use_cache),
             )
         else:
             running = await self._join(turn.chat, turn.message, sampling)
@@ -282,6 +301,82 @@ class Conversations:
         yield Finished(
             reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
         )
+
+    async def _answer(
+        self,
+        chat: Chat,
+        user_message: Message,
+        sampling: SamplingOptions,
+        history: Sequence[Message],
+        received: float,
+        use_cache: bool,
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """The reply from the cache when it holds a verified one, else generated and then kept in the
+        cache (finished answers only: never a `length`, cancelled or failed one)."""
+        question = (
+            Question(
+                user_id=chat.user_id,
+                chat_id=chat.id,
+                system_prompt=chat.system_prompt,
+                earlier_turns=[(m.role.value, m.content) for m in history if m.seq < user_message.seq],
+                text=user_message.content,
+            )
+            if use_cache
+            else None
+        )
+        if question is not None:
+            cached = await self._cache.lookup(question)
+            if cached is not None:
+                async with aclosing(self._serve_cached(chat, user_message, cached, received)) as events:
+                    async for event in events:
+                        yield event
+                return
+        pieces: list[str] = []
+        async with aclosing(self._generate(chat, user_message, sampling, history, received)) as events:
+            async for event in events:
+                if isinstance(event, Delta):
+                    pieces.append(event.text)
+                elif (
+                    isinstance(event, Finished)
+                    and question is not None
+                    and event.finish_reason == FinishReason.STOP
+                ):
+                    self._in_background(self._cache.store(question, "".join(pieces), event.completion_tokens))
+                yield event
+
+    async def _serve_cached(
+        self, chat: Chat, user_message: Message, cached: CachedAnswer, received: float
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """A cached answer in the shape of a generated one, stored in the history like any answer (before
+        it is sent, so a client that leaves early still finds it there)."""
+        reply, _ = await self._store.add_assistant_message(
+            chat.user_id,
+            chat.id,
+            user_message.id,
+            cached.text,
+            cached.token_count,
+            FinishReason.STOP,
+            None,
+            None,
+        )
+        log.info(
+            "completion served from the cache",
+            extra={
+                "chat_id": str(chat.id),
+                "entry_id": cached.entry_id,
+                "score": round(cached.score, 4),
+                "seconds": round(time.perf_counter() - received, 4),
+            },
+        )
+        yield Started(chat.id, user_message.id)
+        if cached.text:
+            yield Delta(cached.text)
+        yield Finished(FinishReason.STOP, 0, 0, reply.id, cached=True)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _generate(  # noqa: PLR0915 (one completion's life, read top to bottom)
         self,
@@ -460,7 +555,13 @@ class Conversations:
         return await self._store.update_chat(user_id, chat_id, update)
 
     async def delete_chat(self, user_id: str, chat_id: uuid.UUID) -> None:
+        """Delete a chat, its messages and the answers it left in the cache."""
         await self._store.delete_chat(user_id, chat_id)
+        await self._cache.forget_chat(user_id, chat_id)
+
+    async def clear_cache(self, user_id: str) -> int:
+        """Delete every cached answer `user_id` stored; returns how many."""
+        return await self._cache.clear(user_id)
 
 
 def _log_stored(

@@ -9,6 +9,8 @@ import time
 
 import grpc
 
+from chat_service.cache.policy import CachePolicy, NoCache, ResponseCache, SemanticCache
+from chat_service.cache.verification import VerificationRule
 from chat_service.conversations import Conversations
 from chat_service.history import HistoryBuilder, SummaryPolicy
 from chat_service.inference import (
@@ -25,6 +27,7 @@ from chatmesh.common.auth import JwtAuthInterceptor
 from chatmesh.common.errors import Unavailable
 from chatmesh.common.logs import configure_logging
 from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
+from chatmesh.vectors.client import GrpcVectorClient
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,46 @@ async def wait_for_engine(client: InferenceClient, timeout_s: float, address: st
                 ) from exc
             log.info("waiting for the inference service", extra={"address": address})
             await asyncio.sleep(1.0)
+
+
+async def open_cache(
+    settings: ChatSettings, engine: EngineInfo, channels: contextlib.AsyncExitStack
+) -> ResponseCache:
+    """The semantic cache the settings ask for: over the vector service at `cache_address`, or none."""
+    if not settings.cache_address:
+        log.info("semantic cache off (set CHATMESH_CHAT_CACHE_ADDRESS to the embedding service)")
+        return NoCache()
+    channel = await channels.enter_async_context(grpc.aio.insecure_channel(settings.cache_address))
+    vectors = GrpcVectorClient(
+        channel,
+        search_timeout_s=settings.cache_lookup_timeout_s,
+        write_timeout_s=settings.cache_write_timeout_s,
+    )
+    policy = CachePolicy(
+        model=engine.model,
+        scope=settings.cache_scope,
+        ttl_s=settings.cache_ttl_s,
+        lookup_timeout_s=settings.cache_lookup_timeout_s,
+        collection=settings.cache_collection,
+    )
+    log.info(
+        "semantic cache on",
+        extra={
+            "address": settings.cache_address,
+            "scope": settings.cache_scope,
+            "ttl_s": settings.cache_ttl_s,
+        },
+    )
+    return SemanticCache(vectors, policy, VerificationRule())
+
+
+async def purge_periodically(cache: SemanticCache, interval_s: float) -> None:
+    """Delete expired cache entries every `interval_s` (lookups ignore them meanwhile)."""
+    while True:
+        await asyncio.sleep(interval_s)
+        purged = await cache.purge_expired()
+        if purged:
+            log.info("purged expired cache entries", extra={"entries": purged})
 
 
 async def serve(settings: ChatSettings) -> None:
@@ -80,15 +123,27 @@ async def serve(settings: ChatSettings) -> None:
             min_messages_to_fold=settings.summary_min_messages_to_fold,
             max_tokens=settings.summary_max_tokens,
         )
+        cache = await open_cache(settings, engine, channels)
         conversations = Conversations(
             store,
             inference,
             HistoryBuilder(store, inference, engine, policy),
             engine,
             settings.default_history_strategy,
+            cache,
         )
         server = create_server([JwtAuthInterceptor(keys)])
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations), server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
         server.add_insecure_port(settings.address)
-        await serve_until_signal(server, health, [SERVICE_NAME], settings.shutdown_grace_s)
+        purging = (
+            asyncio.create_task(purge_periodically(cache, settings.cache_purge_interval_s))
+            if isinstance(cache, SemanticCache)
+            else None
+        )
+        try:
+            await serve_until_signal(server, health, [SERVICE_NAME], settings.shutdown_grace_s)
+        finally:
+            if purging is not None:
+                purging.cancel()
+            await conversations.close()

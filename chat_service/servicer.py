@@ -116,6 +116,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             first_message=check.content(request.content) if request.content else None,
             sampling=check.sampling(request, self._conversations.engine.context_length),
             request_id=_request_id(request, context),
+            use_cache=not request.skip_cache,
         )
         async with aclosing(events):
             async for event in events:
@@ -131,6 +132,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             check.content(request.content),
             check.sampling(request, self._conversations.engine.context_length),
             _request_id(request, context),
+            use_cache=not request.skip_cache,
         )
         async with aclosing(events):
             async for event in events:
@@ -177,3 +179,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def DeleteChat(self, request: pb.DeleteChatRequest, context: Context) -> pb.DeleteChatResponse:
         await self._conversations.delete_chat(current_user(), check.chat_id(request.chat_id))
         return pb.DeleteChatResponse()
+
+    async def ClearCache(self, request: pb.ClearCacheRequest, context: Context) -> pb.ClearCacheResponse:
+        deleted = await self._conversations.clear_cache(current_user())
+        return pb.ClearCacheResponse(deleted_entries=deleted)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
@@ -47,6 +48,27 @@ class ChatSettings(ServiceSettings):
         600.0, gt=0, description="deadline of a whole Generate stream, from the request to its last token"
     )
     default_history_strategy: HistoryStrategy = HistoryStrategy.WINDOW
+
+    # Semantic cache (the vector service runs in the embedding service's process).
+    cache_address: str | None = Field(
+        None,
+        description="host:port of the vector service (the embedding service); unset switches the"
+        " semantic cache off",
+    )
+    cache_scope: Literal["user", "global"] = Field(
+        "user",
+        description="`user`: answers are only ever served to the user they were generated for; `global`:"
+        " shared between users, except in chats with a system prompt of their own",
+    )
+    cache_ttl_s: float = Field(7 * 24 * 3600.0, gt=0, description="how long a cached answer may be served")
+    cache_lookup_timeout_s: float = Field(
+        0.05, gt=0, description="a lookup that takes longer is a miss (the model answers)"
+    )
+    cache_write_timeout_s: float = Field(5.0, gt=0, description="deadline of a cache store or delete")
+    cache_purge_interval_s: float = Field(
+        600.0, gt=0, description="how often expired entries are deleted from the index"
+    )
+    cache_collection: str = Field("chat_answers", min_length=1)
 
     # Summary strategy.
     summary_keep_recent_messages: int = Field(4, ge=0)

@@ -326,6 +326,7 @@ class AsyncChatClient:
         seed: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,
+        skip_cache: bool = False,
     ) -> CompletionStream:
         """Send `content` and stream the reply as typed events: `Started`, then `Delta`s, then `Finished`.
 
@@ -334,6 +335,8 @@ class AsyncChatClient:
         Sampling: `max_tokens` (server default when None), `temperature` (0 to 2), `top_p`, `seed`.
         `request_id` makes the completion idempotent (default: a fresh UUID); retries reuse it.
         `timeout` bounds the whole stream (default: the client's `stream_timeout`; `math.inf`: none).
+        `skip_cache=True`: the model answers even if the semantic cache holds an answer, and the answer
+        is not cached (`Finished.cached` says whether a reply came from the cache).
 
         Stopping early cancels the completion (see `CompletionStream`); the service keeps the partial
         reply, marked `FINISH_REASON_CANCELLED`. Failures raise (see the module docstring), also
@@ -358,6 +361,7 @@ class AsyncChatClient:
                 system_prompt=system_prompt,
                 history_strategy=history_strategy,
                 request_id=request_id,
+                skip_cache=skip_cache,
                 **sampling,
             )
             method = self._stub.CreateChat
@@ -367,7 +371,9 @@ class AsyncChatClient:
                     "title, system_prompt and history_strategy apply to a new chat; "
                     "use update_chat to change an existing one"
                 )
-            request = pb.CompleteRequest(chat_id=chat_id, content=content, request_id=request_id, **sampling)
+            request = pb.CompleteRequest(
+                chat_id=chat_id, content=content, request_id=request_id, skip_cache=skip_cache, **sampling
+            )
             method = self._stub.Complete
         return CompletionStream(
             self._completion(method, request, self._deadline(timeout, self.stream_timeout)), request_id
@@ -387,6 +393,7 @@ class AsyncChatClient:
         seed: int | None = None,
         request_id: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
+        skip_cache: bool = False,
     ) -> Completion:
         """Like `stream`, but wait for the whole reply and return it as one `Completion`."""
         events = self.stream(
@@ -401,6 +408,7 @@ class AsyncChatClient:
             seed=seed,
             request_id=request_id,
             timeout=timeout,
+            skip_cache=skip_cache,
         )
         return await events.collect()
 
@@ -516,6 +524,13 @@ class AsyncChatClient:
         that finds the chat gone treats it as deleted by the attempt that lost its answer."""
         request = pb.DeleteChatRequest(chat_id=chat_id)
         await self._unary(self._stub.DeleteChat, request, timeout, not_found_on_retry_is_done=True)
+
+    async def clear_cache(self, *, timeout: float | None = None) -> int:  # noqa: ASYNC109
+        """Delete every answer the caller's completions left in the semantic cache; returns how many."""
+        reply: pb.ClearCacheResponse = await self._unary(
+            self._stub.ClearCache, pb.ClearCacheRequest(), timeout
+        )
+        return reply.deleted_entries
 
     # --- machinery -----------------------------------------------------------------------------------
 
@@ -666,6 +681,7 @@ class CompletionOptions(TypedDict, total=False):
     seed: int | None
     request_id: str | None
     timeout: float | None
+    skip_cache: bool
 
 
 class ChatOptions(TypedDict, total=False):
@@ -806,3 +822,7 @@ class ChatClient:
     def delete_chat(self, chat_id: str, *, timeout: float | None = None) -> None:
         """`AsyncChatClient.delete_chat`: delete a chat and its messages."""
         self._run(self._client.delete_chat(chat_id, timeout=timeout))
+
+    def clear_cache(self, *, timeout: float | None = None) -> int:
+        """`AsyncChatClient.clear_cache`: delete the caller's answers from the semantic cache."""
+        return self._run(self._client.clear_cache(timeout=timeout))

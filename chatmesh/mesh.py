@@ -104,6 +104,8 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                     **common,
                     "CHATMESH_CHAT_ADDRESS": address,
                     "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
+                    # The semantic cache, on the embedding service's vector index (embedded Qdrant).
+                    "CHATMESH_CHAT_CACHE_ADDRESS": embedding,
                     "CHATMESH_CHAT_LOG_FORMAT": settings.log_format,
                 },
             )

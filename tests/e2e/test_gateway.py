@@ -33,6 +33,7 @@ from chatmesh.gateway import EnvoyProcess, GatewaySettings, render_envoy_config,
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.keygen import write_rs256_key_pair
+from chatmesh.vectors.client import GrpcVectorClient
 from tests.support.chat import TEST_SECRET, ChatClient, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
@@ -588,6 +589,60 @@ async def test_a_replica_with_a_full_engine_hands_the_completion_to_another(
                 assert refused.json()["code"] == "RESOURCE_EXHAUSTED", refused.json()
                 assert int(refused.headers["retry-after-ms"]) > 0, refused.headers
             holding.cancel()
+
+
+async def test_the_semantic_cache_over_rest(
+    mesh: Mesh, embedding_service: tuple[str, LoggedProcess], tmp_path: Path
+) -> None:
+    """Through Envoy: a repeated question is answered from the cache (`cached: true` in the final event),
+    `skip_cache` in the body makes the model answer, and `DELETE /cache` clears the caller's entries."""
+    replica = f"127.0.0.1:{free_port()}"
+    collection = f"rest_{uuid.uuid4().hex[:12]}"
+    env = chat_env(
+        replica,
+        mesh.database_url,
+        mesh.inference,
+        migrate=False,
+        CHATMESH_CHAT_CACHE_ADDRESS=embedding_service[0],
+        CHATMESH_CHAT_CACHE_COLLECTION=collection,
+        CHATMESH_CHAT_CACHE_LOOKUP_TIMEOUT_S="10",  # a busy test machine must not turn hits into misses
+    )
+    content = "What is the capital of France?"
+    question = {"content": content, "max_tokens": 48, "temperature": 0}
+    with run_service("chat_service", env, replica, 60):
+        async with (
+            run_envoy(gateway_settings([replica]), tmp_path / "envoy") as envoy,
+            httpx.AsyncClient(base_url=envoy.base_url, timeout=60.0) as http,
+        ):
+            user = new_user()
+            first = await post_stream(http, "/chat", user, question)
+            check_completion_shape(first)
+            assert first.last["finish_reason"] == "FINISH_REASON_STOP" and not first.last.get("cached")
+
+            async def answer_stored() -> bool:
+                async with grpc.aio.insecure_channel(embedding_service[0]) as channel:
+                    hits = await GrpcVectorClient(channel).search(collection, content, where={"owner": user})
+                return len(hits) == 1
+
+            # The answer is stored just after it was sent.
+            await eventually(answer_stored, "the answer never reached the cache")
+            again = await post_stream(http, "/chat", user, question)
+            assert again.status == 200 and again.last.get("cached") is True, again.last
+            assert "".join(e.data["delta"] for e in again.deltas) == "".join(
+                e.data["delta"] for e in first.deltas
+            )
+            assert again.last["finish_reason"] == "FINISH_REASON_STOP" and again.last["assistant_message_id"]
+            skipped = await post_stream(http, "/chat", user, {**question, "skip_cache": True})
+            check_completion_shape(skipped)
+            assert not skipped.last.get("cached"), "skip_cache: the model answered"
+
+            cleared = await http.delete("/cache", headers=bearer(user))
+            assert cleared.status_code == 200, cleared.text
+            assert int(cleared.json()["deleted_entries"]) == 1, cleared.json()
+            after = await post_stream(http, "/chat", user, question)
+            check_completion_shape(after)
+            assert not after.last.get("cached"), "a cleared cache misses"
+            assert (await http.delete("/cache")).status_code == 401, "only with a token"
 
 
 @dataclass

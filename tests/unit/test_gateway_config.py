@@ -163,6 +163,7 @@ def test_the_real_api_is_read_from_the_packaged_descriptor_set() -> None:
         ("/chats", ("GET",)),
         ("/chat/{chat_id}/messages", ("GET",)),
         ("/chat/{chat_id}", ("PATCH", "DELETE")),
+        ("/cache", ("DELETE",)),
     }
 
 

@@ -26,7 +26,7 @@ from google.api import annotations_pb2 as google_dot_api_dot_annotations__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63hatmesh/chat/v1/chat.proto\x12\x10\x63hatmesh.chat.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x01\n\x04\x43hat\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12;\n\x10history_strategy\x18\x04 \x01(\x0e\x32!.chatmesh.chat.v1.HistoryStrategy\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12last_activity_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd5\x01\n\x0b\x43hatMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.chatmesh.chat.v1.Role\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\x05\x12\x35\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1e.chatmesh.chat.v1.FinishReason\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xa7\x02\n\x11\x43reateChatRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12;\n\x10history_strategy\x18\x03 \x01(\x0e\x32!.chatmesh.chat.v1.HistoryStrategy\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nrequest_id\x18\t \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xd3\x01\n\x0f\x43ompleteRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\tB\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xab\x02\n\x0f\x43ompletionEvent\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x17\n\x0fuser_message_id\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.chatmesh.chat.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.chatmesh.chat.v1.Usage\x12\x1c\n\x14\x61ssistant_message_id\x18\x06 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12,\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1d.chatmesh.chat.v1.StreamError\x12$\n\x04\x63hat\x18\t \x01(\x0b\x32\x16.chatmesh.chat.v1.Chat\"9\n\x10ListChatsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x11ListChatsResponse\x12%\n\x05\x63hats\x18\x01 \x03(\x0b\x32\x16.chatmesh.chat.v1.Chat\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x12GetMessagesRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x13GetMessagesResponse\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.chatmesh.chat.v1.ChatMessage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xad\x01\n\x11UpdateChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rsystem_prompt\x18\x03 \x01(\tH\x01\x88\x01\x01\x12;\n\x10history_strategy\x18\x04 \x01(\x0e\x32!.chatmesh.chat.v1.HistoryStrategyB\x08\n\x06_titleB\x10\n\x0e_system_prompt\":\n\x12UpdateChatResponse\x12$\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x16.chatmesh.chat.v1.Chat\"$\n\x11\x44\x65leteChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteChatResponse*\x89\x01\n\x0fHistoryStrategy\x12 \n\x1cHISTORY_STRATEGY_UNSPECIFIED\x10\x00\x12\x19\n\x15HISTORY_STRATEGY_FULL\x10\x01\x12\x1b\n\x17HISTORY_STRATEGY_WINDOW\x10\x02\x12\x1c\n\x18HISTORY_STRATEGY_SUMMARY\x10\x03*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xbd\x05\n\x0b\x43hatService\x12h\n\nCreateChat\x12#.chatmesh.chat.v1.CreateChatRequest\x1a!.chatmesh.chat.v1.CompletionEvent\"\x10\x82\xd3\xe4\x93\x02\n\"\x05/chat:\x01*0\x01\x12y\n\x08\x43omplete\x12!.chatmesh.chat.v1.CompleteRequest\x1a!.chatmesh.chat.v1.CompletionEvent\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/chat/{chat_id}/completion:\x01*0\x01\x12\x64\n\tListChats\x12\".chatmesh.chat.v1.ListChatsRequest\x1a#.chatmesh.chat.v1.ListChatsResponse\"\x0e\x82\xd3\xe4\x93\x02\x08\x12\x06/chats\x12|\n\x0bGetMessages\x12$.chatmesh.chat.v1.GetMessagesRequest\x1a%.chatmesh.chat.v1.GetMessagesResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/chat/{chat_id}/messages\x12s\n\nUpdateChat\x12#.chatmesh.chat.v1.UpdateChatRequest\x1a$.chatmesh.chat.v1.UpdateChatResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x32\x0f/chat/{chat_id}:\x01*\x12p\n\nDeleteChat\x12#.chatmesh.chat.v1.DeleteChatRequest\x1a$.chatmesh.chat.v1.DeleteChatResponse\"\x17\x82\xd3\xe4\x93\x02\x11*\x0f/chat/{chat_id}b\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1b\x63hatmesh/chat/v1/chat.proto\x12\x10\x63hatmesh.chat.v1\x1a\x1cgoogle/api/annotations.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"\xe3\x01\n\x04\x43hat\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\x15\n\rsystem_prompt\x18\x03 \x01(\t\x12;\n\x10history_strategy\x18\x04 \x01(\x0e\x32!.chatmesh.chat.v1.HistoryStrategy\x12/\n\x0b\x63reate_time\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12last_activity_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd5\x01\n\x0b\x43hatMessage\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12$\n\x04role\x18\x02 \x01(\x0e\x32\x16.chatmesh.chat.v1.Role\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\t\x12\x13\n\x0btoken_count\x18\x04 \x01(\x05\x12\x35\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x1e.chatmesh.chat.v1.FinishReason\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\",\n\x0bStreamError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xbb\x02\n\x11\x43reateChatRequest\x12\r\n\x05title\x18\x01 \x01(\t\x12\x15\n\rsystem_prompt\x18\x02 \x01(\t\x12;\n\x10history_strategy\x18\x03 \x01(\x0e\x32!.chatmesh.chat.v1.HistoryStrategy\x12\x0f\n\x07\x63ontent\x18\x04 \x01(\t\x12\x17\n\nmax_tokens\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x07 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nrequest_id\x18\t \x01(\t\x12\x12\n\nskip_cache\x18\n \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xe7\x01\n\x0f\x43ompleteRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x17\n\nmax_tokens\x18\x03 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x04 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\x04H\x03\x88\x01\x01\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x12\n\nskip_cache\x18\x08 \x01(\x08\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\xab\x02\n\x0f\x43ompletionEvent\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x17\n\x0fuser_message_id\x18\x02 \x01(\t\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\t\x12\x35\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x1e.chatmesh.chat.v1.FinishReason\x12&\n\x05usage\x18\x05 \x01(\x0b\x32\x17.chatmesh.chat.v1.Usage\x12\x1c\n\x14\x61ssistant_message_id\x18\x06 \x01(\t\x12\x0e\n\x06\x63\x61\x63hed\x18\x07 \x01(\x08\x12,\n\x05\x65rror\x18\x08 \x01(\x0b\x32\x1d.chatmesh.chat.v1.StreamError\x12$\n\x04\x63hat\x18\t \x01(\x0b\x32\x16.chatmesh.chat.v1.Chat\"9\n\x10ListChatsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x11ListChatsResponse\x12%\n\x05\x63hats\x18\x01 \x03(\x0b\x32\x16.chatmesh.chat.v1.Chat\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"L\n\x12GetMessagesRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"_\n\x13GetMessagesResponse\x12/\n\x08messages\x18\x01 \x03(\x0b\x32\x1d.chatmesh.chat.v1.ChatMessage\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\xad\x01\n\x11UpdateChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\x12\x12\n\x05title\x18\x02 \x01(\tH\x00\x88\x01\x01\x12\x1a\n\rsystem_prompt\x18\x03 \x01(\tH\x01\x88\x01\x01\x12;\n\x10history_strategy\x18\x04 \x01(\x0e\x32!.chatmesh.chat.v1.HistoryStrategyB\x08\n\x06_titleB\x10\n\x0e_system_prompt\":\n\x12UpdateChatResponse\x12$\n\x04\x63hat\x18\x01 \x01(\x0b\x32\x16.chatmesh.chat.v1.Chat\"$\n\x11\x44\x65leteChatRequest\x12\x0f\n\x07\x63hat_id\x18\x01 \x01(\t\"\x14\n\x12\x44\x65leteChatResponse\"\x13\n\x11\x43learCacheRequest\"-\n\x12\x43learCacheResponse\x12\x17\n\x0f\x64\x65leted_entries\x18\x01 \x01(\x03*\x89\x01\n\x0fHistoryStrategy\x12 \n\x1cHISTORY_STRATEGY_UNSPECIFIED\x10\x00\x12\x19\n\x15HISTORY_STRATEGY_FULL\x10\x01\x12\x1b\n\x17HISTORY_STRATEGY_WINDOW\x10\x02\x12\x1c\n\x18HISTORY_STRATEGY_SUMMARY\x10\x03*?\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\r\n\tROLE_USER\x10\x01\x12\x12\n\x0eROLE_ASSISTANT\x10\x02*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa6\x06\n\x0b\x43hatService\x12h\n\nCreateChat\x12#.chatmesh.chat.v1.CreateChatRequest\x1a!.chatmesh.chat.v1.CompletionEvent\"\x10\x82\xd3\xe4\x93\x02\n\"\x05/chat:\x01*0\x01\x12y\n\x08\x43omplete\x12!.chatmesh.chat.v1.CompleteRequest\x1a!.chatmesh.chat.v1.CompletionEvent\"%\x82\xd3\xe4\x93\x02\x1f\"\x1a/chat/{chat_id}/completion:\x01*0\x01\x12\x64\n\tListChats\x12\".chatmesh.chat.v1.ListChatsRequest\x1a#.chatmesh.chat.v1.ListChatsResponse\"\x0e\x82\xd3\xe4\x93\x02\x08\x12\x06/chats\x12|\n\x0bGetMessages\x12$.chatmesh.chat.v1.GetMessagesRequest\x1a%.chatmesh.chat.v1.GetMessagesResponse\" \x82\xd3\xe4\x93\x02\x1a\x12\x18/chat/{chat_id}/messages\x12s\n\nUpdateChat\x12#.chatmesh.chat.v1.UpdateChatRequest\x1a$.chatmesh.chat.v1.UpdateChatResponse\"\x1a\x82\xd3\xe4\x93\x02\x14\x32\x0f/chat/{chat_id}:\x01*\x12p\n\nDeleteChat\x12#.chatmesh.chat.v1.DeleteChatRequest\x1a$.chatmesh.chat.v1.DeleteChatResponse\"\x17\x82\xd3\xe4\x93\x02\x11*\x0f/chat/{chat_id}\x12g\n\nClearCache\x12#.chatmesh.chat.v1.ClearCacheRequest\x1a$.chatmesh.chat.v1.ClearCacheResponse\"\x0e\x82\xd3\xe4\x93\x02\x08*\x06/cacheb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -45,12 +45,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CHATSERVICE'].methods_by_name['UpdateChat']._serialized_options = b'\202\323\344\223\002\0242\017/chat/{chat_id}:\001*'
   _globals['_CHATSERVICE'].methods_by_name['DeleteChat']._loaded_options = None
   _globals['_CHATSERVICE'].methods_by_name['DeleteChat']._serialized_options = b'\202\323\344\223\002\021*\017/chat/{chat_id}'
-  _globals['_HISTORYSTRATEGY']._serialized_start=2093
-  _globals['_HISTORYSTRATEGY']._serialized_end=2230
-  _globals['_ROLE']._serialized_start=2232
-  _globals['_ROLE']._serialized_end=2295
-  _globals['_FINISHREASON']._serialized_start=2297
-  _globals['_FINISHREASON']._serialized_end=2421
+  _globals['_CHATSERVICE'].methods_by_name['ClearCache']._loaded_options = None
+  _globals['_CHATSERVICE'].methods_by_name['ClearCache']._serialized_options = b'\202\323\344\223\002\010*\006/cache'
+  _globals['_HISTORYSTRATEGY']._serialized_start=2201
+  _globals['_HISTORYSTRATEGY']._serialized_end=2338
+  _globals['_ROLE']._serialized_start=2340
+  _globals['_ROLE']._serialized_end=2403
+  _globals['_FINISHREASON']._serialized_start=2405
+  _globals['_FINISHREASON']._serialized_end=2529
   _globals['_CHAT']._serialized_start=113
   _globals['_CHAT']._serialized_end=340
   _globals['_CHATMESSAGE']._serialized_start=343
@@ -60,27 +62,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMERROR']._serialized_start=617
   _globals['_STREAMERROR']._serialized_end=661
   _globals['_CREATECHATREQUEST']._serialized_start=664
-  _globals['_CREATECHATREQUEST']._serialized_end=959
-  _globals['_COMPLETEREQUEST']._serialized_start=962
-  _globals['_COMPLETEREQUEST']._serialized_end=1173
-  _globals['_COMPLETIONEVENT']._serialized_start=1176
-  _globals['_COMPLETIONEVENT']._serialized_end=1475
-  _globals['_LISTCHATSREQUEST']._serialized_start=1477
-  _globals['_LISTCHATSREQUEST']._serialized_end=1534
-  _globals['_LISTCHATSRESPONSE']._serialized_start=1536
-  _globals['_LISTCHATSRESPONSE']._serialized_end=1619
-  _globals['_GETMESSAGESREQUEST']._serialized_start=1621
-  _globals['_GETMESSAGESREQUEST']._serialized_end=1697
-  _globals['_GETMESSAGESRESPONSE']._serialized_start=1699
-  _globals['_GETMESSAGESRESPONSE']._serialized_end=1794
-  _globals['_UPDATECHATREQUEST']._serialized_start=1797
-  _globals['_UPDATECHATREQUEST']._serialized_end=1970
-  _globals['_UPDATECHATRESPONSE']._serialized_start=1972
-  _globals['_UPDATECHATRESPONSE']._serialized_end=2030
-  _globals['_DELETECHATREQUEST']._serialized_start=2032
-  _globals['_DELETECHATREQUEST']._serialized_end=2068
-  _globals['_DELETECHATRESPONSE']._serialized_start=2070
-  _globals['_DELETECHATRESPONSE']._serialized_end=2090
-  _globals['_CHATSERVICE']._serialized_start=2424
-  _globals['_CHATSERVICE']._serialized_end=3125
+  _globals['_CREATECHATREQUEST']._serialized_end=979
+  _globals['_COMPLETEREQUEST']._serialized_start=982
+  _globals['_COMPLETEREQUEST']._serialized_end=1213
+  _globals['_COMPLETIONEVENT']._serialized_start=1216
+  _globals['_COMPLETIONEVENT']._serialized_end=1515
+  _globals['_LISTCHATSREQUEST']._serialized_start=1517
+  _globals['_LISTCHATSREQUEST']._serialized_end=1574
+  _globals['_LISTCHATSRESPONSE']._serialized_start=1576
+  _globals['_LISTCHATSRESPONSE']._serialized_end=1659
+  _globals['_GETMESSAGESREQUEST']._serialized_start=1661
+  _globals['_GETMESSAGESREQUEST']._serialized_end=1737
+  _globals['_GETMESSAGESRESPONSE']._serialized_start=1739
+  _globals['_GETMESSAGESRESPONSE']._serialized_end=1834
+  _globals['_UPDATECHATREQUEST']._serialized_start=1837
+  _globals['_UPDATECHATREQUEST']._serialized_end=2010
+  _globals['_UPDATECHATRESPONSE']._serialized_start=2012
+  _globals['_UPDATECHATRESPONSE']._serialized_end=2070
+  _globals['_DELETECHATREQUEST']._serialized_start=2072
+  _globals['_DELETECHATREQUEST']._serialized_end=2108
+  _globals['_DELETECHATRESPONSE']._serialized_start=2110
+  _globals['_DELETECHATRESPONSE']._serialized_end=2130
+  _globals['_CLEARCACHEREQUEST']._serialized_start=2132
+  _globals['_CLEARCACHEREQUEST']._serialized_end=2151
+  _globals['_CLEARCACHERESPONSE']._serialized_start=2153
+  _globals['_CLEARCACHERESPONSE']._serialized_end=2198
+  _globals['_CHATSERVICE']._serialized_start=2532
+  _globals['_CHATSERVICE']._serialized_end=3338
 # @@protoc_insertion_point(module_scope)

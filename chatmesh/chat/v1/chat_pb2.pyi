@@ -91,7 +91,7 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CreateChatRequest(_message.Message):
-    __slots__ = ("title", "system_prompt", "history_strategy", "content", "max_tokens", "temperature", "top_p", "seed", "request_id")
+    __slots__ = ("title", "system_prompt", "history_strategy", "content", "max_tokens", "temperature", "top_p", "seed", "request_id", "skip_cache")
     TITLE_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class CreateChatRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
     title: str
     system_prompt: str
     history_strategy: HistoryStrategy
@@ -110,10 +111,11 @@ class CreateChatRequest(_message.Message):
     top_p: float
     seed: int
     request_id: str
-    def __init__(self, title: _Optional[str] = ..., system_prompt: _Optional[str] = ..., history_strategy: _Optional[_Union[HistoryStrategy, str]] = ..., content: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    skip_cache: bool
+    def __init__(self, title: _Optional[str] = ..., system_prompt: _Optional[str] = ..., history_strategy: _Optional[_Union[HistoryStrategy, str]] = ..., content: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("chat_id", "content", "max_tokens", "temperature", "top_p", "seed", "request_id")
+    __slots__ = ("chat_id", "content", "max_tokens", "temperature", "top_p", "seed", "request_id", "skip_cache")
     CHAT_ID_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class CompleteRequest(_message.Message):
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
     chat_id: str
     content: str
     max_tokens: int
@@ -128,7 +131,8 @@ class CompleteRequest(_message.Message):
     top_p: float
     seed: int
     request_id: str
-    def __init__(self, chat_id: _Optional[str] = ..., content: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    skip_cache: bool
+    def __init__(self, chat_id: _Optional[str] = ..., content: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
 
 class CompletionEvent(_message.Message):
     __slots__ = ("chat_id", "user_message_id", "delta", "finish_reason", "usage", "assistant_message_id", "cached", "error", "chat")
@@ -213,3 +217,13 @@ class DeleteChatRequest(_message.Message):
 class DeleteChatResponse(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class ClearCacheRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ClearCacheResponse(_message.Message):
+    __slots__ = ("deleted_entries",)
+    DELETED_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    deleted_entries: int
+    def __init__(self, deleted_entries: _Optional[int] = ...) -> None: ...

@@ -68,6 +68,11 @@ class ChatServiceStub:
                 request_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.DeleteChatRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.DeleteChatResponse.FromString,
                 _registered_method=True)
+        self.ClearCache = channel.unary_unary(
+                '/chatmesh.chat.v1.ChatService/ClearCache',
+                request_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -116,7 +121,16 @@ class ChatServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteChat(self, request, context):
-        """DeleteChat removes a chat and all of its messages.
+        """DeleteChat removes a chat, all of its messages and the answers it left in the semantic cache.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClearCache(self, request, context):
+        """ClearCache deletes every answer the caller's completions stored in the semantic cache; other
+        users' entries are untouched. UNAVAILABLE when the cache cannot be reached (nothing was deleted
+        for certain; retry).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -154,6 +168,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.DeleteChat,
                     request_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.DeleteChatRequest.FromString,
                     response_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.DeleteChatResponse.SerializeToString,
+            ),
+            'ClearCache': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClearCache,
+                    request_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheRequest.FromString,
+                    response_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -322,6 +341,33 @@ class ChatService:
             '/chatmesh.chat.v1.ChatService/DeleteChat',
             chatmesh_dot_chat_dot_v1_dot_chat__pb2.DeleteChatRequest.SerializeToString,
             chatmesh_dot_chat_dot_v1_dot_chat__pb2.DeleteChatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClearCache(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.chat.v1.ChatService/ClearCache',
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheRequest.SerializeToString,
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,171 @@
+"""Semantic cache speed end to end through ChatService over gRPC: a hit, a miss, and the lookup's cost.
+
+Starts the inference service (llama_server backend), the embedding service with the vector index on a
+fresh local directory, and a chat service (SQLite) with the cache on its defaults (50 ms lookup budget),
+then, for `--questions` distinct real user questions (Quora origins from ../shared/bench-data), one at a
+time and interleaved so that all three see the same machine state:
+
+- miss: the question asked for the first time, cache on: time to the first text (TTFT) — lookup,
+  verification, then generation;
+- skip: another new question with `skip_cache` (no lookup): TTFT of the same path without the cache;
+- hit: a third question, whose answer was stored beforehand through the cache's own policy code
+  (`SemanticCache.store`, as after a generated answer), asked in a new chat: time to the *last* event
+  (the whole answer, from the cache, stored in the history). Stored beforehand because the base model
+  often runs to `max_tokens`, and such answers are never cached.
+
+The lookup's added cost on a miss is p50(miss TTFT) - p50(skip TTFT). Targets (issue 9): hit p50 <=
+20 ms; added cost on a miss <= 15 ms at p50.
+
+    .venv/bin/python benchmarks/cache_speed.py [--questions 100] [--max-tokens 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chat_service.cache.policy import CachePolicy, Question, SemanticCache
+from chat_service.cache.verification import VerificationRule
+from chat_service.inference import GrpcInferenceClient
+from chatmesh.client import NO_RETRY, AsyncChatClient, Delta, Finished
+from chatmesh.vectors.client import GrpcVectorClient
+from tests.support.chat import TEST_SECRET, token_for
+from tests.support.processes import free_port, run_service
+
+PAIRS = Path(__file__).resolve().parents[2] / "shared" / "bench-data" / "qqp_duplicate_pairs.json"
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def timed(
+    client: AsyncChatClient, question: str, max_tokens: int, skip_cache: bool = False
+) -> tuple[float, float, bool]:
+    """(ms to the first text, ms to the last event, served from the cache) of one question, new chat."""
+    started = time.perf_counter()
+    first = 0.0
+    cached = False
+    async for event in client.stream(question, max_tokens=max_tokens, temperature=0, skip_cache=skip_cache):
+        if isinstance(event, Delta) and not first:
+            first = (time.perf_counter() - started) * 1000
+        if isinstance(event, Finished):
+            cached = event.cached
+    return first, (time.perf_counter() - started) * 1000, cached
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--questions", type=int, default=100)
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--pairs", type=Path, default=PAIRS)
+    args = parser.parse_args()
+    origins = [pair["origin"] for pair in json.loads(args.pairs.read_text())]
+    # Distinct questions, far apart in the file, for the cache's first-time and skip sides.
+    asked = origins[0 : 3 * args.questions : 3]
+    skipped = origins[1 : 3 * args.questions : 3]
+    prefilled = origins[2 : 3 * args.questions : 3]
+    inference, embedding, chat = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    with tempfile.TemporaryDirectory() as run_dir:
+        print("starting the inference, embedding and chat services...", flush=True)
+        with (
+            run_service(
+                "inference_service",
+                {
+                    "CHATMESH_INFERENCE_ADDRESS": inference,
+                    "CHATMESH_INFERENCE_RUN_DIR": run_dir,
+                    "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
+                },
+                inference,
+                timeout=180,
+            ),
+            run_service(
+                "embedding_service",
+                {
+                    "CHATMESH_EMBEDDING_ADDRESS": embedding,
+                    "CHATMESH_EMBEDDING_VECTORS_PATH": f"{run_dir}/qdrant",
+                    "CHATMESH_EMBEDDING_LOG_LEVEL": "WARNING",
+                },
+                embedding,
+                timeout=180,
+            ),
+            run_service(
+                "chat_service",
+                {
+                    "CHATMESH_CHAT_ADDRESS": chat,
+                    "CHATMESH_CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{run_dir}/chat.db",
+                    "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
+                    "CHATMESH_CHAT_CACHE_ADDRESS": embedding,
+                    "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
+                    "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
+                },
+                chat,
+                timeout=120,
+            ),
+        ):
+            user = "cache-bench"
+            async with (
+                AsyncChatClient(chat, token=token_for(user), retry=NO_RETRY) as client,
+                grpc.aio.insecure_channel(inference) as engine_channel,
+                grpc.aio.insecure_channel(embedding) as vector_channel,
+            ):
+                engine = await GrpcInferenceClient(engine_channel).model_info()
+                cache = SemanticCache(
+                    GrpcVectorClient(vector_channel), CachePolicy(model=engine.model), VerificationRule()
+                )
+                print(f"storing {len(prefilled)} answers...", flush=True)
+                for question in prefilled:
+                    asked_by = Question(user, uuid.uuid4(), "", (), question)
+                    await cache.store(asked_by, f"A stored answer to: {question}", 12)
+                # Warm-up: the first calls page in models and open connections.
+                for warm in origins[-3:]:
+                    await timed(client, warm, args.max_tokens, skip_cache=True)
+                miss, skip, hit = [], [], []
+                hits_served = misses_served = 0
+                for index, (question, other, stored) in enumerate(
+                    zip(asked, skipped, prefilled, strict=True)
+                ):
+                    ttft, _, cached = await timed(client, question, args.max_tokens)
+                    misses_served += not cached
+                    miss.append(ttft)
+                    skip.append((await timed(client, other, args.max_tokens, skip_cache=True))[0])
+                    _, total, cached = await timed(client, stored, args.max_tokens)
+                    hits_served += cached
+                    if cached:
+                        hit.append(total)
+                    if (index + 1) % 20 == 0:
+                        print(f"  {index + 1}/{len(asked)} questions", flush=True)
+    print(
+        f"{len(asked)} questions of each kind; new questions that missed: {misses_served};"
+        f" stored ones served from the cache: {hits_served}"
+    )
+    print(f"{'':>28} {'p50':>8} {'p99':>8}")
+    for name, values in (
+        ("hit, whole answer", hit),
+        ("miss, TTFT (cache on)", miss),
+        ("skip_cache, TTFT", skip),
+    ):
+        print(f"{name:>28} {statistics.median(values):>6.1f}ms {pct(values, 0.99):>6.1f}ms")
+    added = statistics.median(miss) - statistics.median(skip)
+    print(
+        f"hit p50 {statistics.median(hit):.1f} ms (target <= 20); lookup's added cost on a miss"
+        f" {added:.1f} ms at p50 (target <= 15)"
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

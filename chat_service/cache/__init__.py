@@ -1,0 +1,1 @@
+"""The semantic response cache: answers to questions already asked, served without the model."""

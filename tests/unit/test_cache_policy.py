@@ -1,0 +1,143 @@
+"""The cache policy's key, scope and failure handling, over an in-memory vector client."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Sequence
+
+from chat_service.cache.policy import GLOBAL_SCOPE, CachePolicy, Question, SemanticCache
+from chat_service.cache.verification import VerificationRule
+from chatmesh.common.errors import Unavailable
+from chatmesh.vectors.client import Hit, NewPoint, Where
+from chatmesh.vectors.values import Range
+
+
+class MemoryVectors:
+    """Exact-text "embedding": a point matches a search with score 1.0 when its text is the query."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, NewPoint] = {}
+        self.searches: list[Where] = []
+        self.fail: Exception | None = None
+        self.delay_s = 0.0
+
+    @staticmethod
+    def _passes(point: NewPoint, where: Where) -> bool:
+        for key, match in where.items():
+            value = point.payload.get(key)
+            if isinstance(match, Range):
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    return False
+                if match.gt is not None and not value > match.gt:
+                    return False
+                if match.lte is not None and not value <= match.lte:
+                    return False
+            elif value != match:
+                return False
+        return True
+
+    async def search(
+        self,
+        collection: str,
+        text: str,
+        *,
+        where: Where | None = None,
+        limit: int = 5,
+        score_threshold: float | None = None,
+    ) -> list[Hit]:
+        self.searches.append(where or {})
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise self.fail
+        return [
+            Hit(str(point.id), 1.0, dict(point.payload))
+            for point in self.points.values()
+            if point.text == text and self._passes(point, where or {})
+        ][:limit]
+
+    async def upsert(self, collection: str, points: Sequence[NewPoint]) -> int:
+        for point in points:
+            self.points[str(point.id)] = point
+        return len(points)
+
+    async def delete(self, collection: str, where: Where) -> int:
+        doomed = [key for key, point in self.points.items() if self._passes(point, where)]
+        for key in doomed:
+            del self.points[key]
+        return len(doomed)
+
+
+def question(user: str = "alice", text: str = "What is the capital of France?", **fields: object) -> Question:
+    values: dict[str, object] = {
+        "user_id": user,
+        "chat_id": uuid.uuid4(),
+        "system_prompt": "",
+        "earlier_turns": (),
+        "text": text,
+    }
+    values.update(fields)
+    return Question(**values)  # type: ignore[arg-type]
+
+
+def cache(vectors: MemoryVectors, **policy: object) -> SemanticCache:
+    return SemanticCache(vectors, CachePolicy(model="m", **policy), VerificationRule())  # type: ignore[arg-type]
+
+
+async def test_an_answer_is_found_by_its_asker_in_the_same_context_only() -> None:
+    vectors = MemoryVectors()
+    store = cache(vectors)
+    asked = question()
+    await store.store(asked, "Paris.", 3)
+    found = await store.lookup(question())
+    assert found is not None and found.text == "Paris." and found.token_count == 3
+    assert await store.lookup(question(user="bob")) is None, "another user"
+    assert await store.lookup(question(system_prompt="Be terse.")) is None, "another system prompt"
+    after_other_turns = question(earlier_turns=(("user", "Hi"), ("assistant", "Hello")))
+    assert await store.lookup(after_other_turns) is None, "another conversation before the question"
+
+
+async def test_a_global_scope_shares_only_chats_without_a_system_prompt() -> None:
+    vectors = MemoryVectors()
+    store = cache(vectors, scope="global")
+    await store.store(question(), "Paris.", 3)
+    await store.store(question(text="Say hello.", system_prompt="Be terse."), "Hello.", 2)
+    assert await store.lookup(question(user="bob")) is not None
+    assert await store.lookup(question(user="bob", text="Say hello.", system_prompt="Be terse.")) is None
+    scopes = sorted(str(p.payload["scope"]) for p in vectors.points.values())
+    assert scopes == sorted([GLOBAL_SCOPE, "alice"])
+
+
+async def test_expired_entries_are_filtered_at_lookup_and_purged() -> None:
+    vectors = MemoryVectors()
+    store = cache(vectors, ttl_s=-1.0)  # already expired when stored
+    await store.store(question(), "Paris.", 3)
+    assert await store.lookup(question()) is None
+    assert "expires_at" in vectors.searches[-1]
+    assert await store.purge_expired() == 1 and not vectors.points
+
+
+async def test_failures_and_slow_lookups_are_misses_and_counted() -> None:
+    vectors = MemoryVectors()
+    store = cache(vectors, lookup_timeout_s=0.01)
+    await store.store(question(), "Paris.", 3)
+    vectors.fail = Unavailable("vector service down")
+    assert await store.lookup(question()) is None
+    vectors.fail = None
+    vectors.delay_s = 1.0  # far beyond the 10 ms budget
+    assert await store.lookup(question()) is None
+    assert store.failures == 2
+
+
+async def test_forgetting_a_chat_and_clearing_a_user_delete_only_theirs() -> None:
+    vectors = MemoryVectors()
+    store = cache(vectors)
+    chat = uuid.uuid4()
+    await store.store(question(chat_id=chat), "Paris.", 3)
+    await store.store(question(text="Say hello."), "Hello.", 2)
+    await store.store(question(user="bob"), "Paris.", 3)
+    await store.forget_chat("alice", chat)
+    assert len(vectors.points) == 2
+    assert await store.clear("alice") == 1
+    assert [p.payload["owner"] for p in vectors.points.values()] == ["bob"]
