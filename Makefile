@@ -75,6 +75,8 @@ bench: install-test
 	$(PY) benchmarks/inference_relay.py
 	$(PY) benchmarks/embedding_throughput.py
 	$(PY) benchmarks/vector_search.py
+	$(PY) benchmarks/cache_quality.py --sample 2000
+	$(PY) benchmarks/cache_speed.py
 	$(PY) benchmarks/chat_overhead.py
 	$(PY) benchmarks/concurrent_streams.py
 	$(PY) benchmarks/engine_concurrency.py
