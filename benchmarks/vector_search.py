@@ -4,8 +4,9 @@ Starts its own embedding service on a fresh local-mode index (qdrant-client's em
 default), fills one collection with real questions (Quora Question Pairs from `../shared/bench-data`)
 spread over `--users` users, and at each of `--sizes` entries times `--queries` lookups, one at a time,
 as the semantic cache makes them: a paraphrase of a stored question, filtered to its user
-(`user_id == u` and `expires_at > now`), top 1. For reference it also times `Embed` of the same single
-texts, the part of a lookup that is not search.
+(`scope == u` and `expires_at > now`), top 1. `scope` is the service's default tenant key, so in local
+mode each user's entries are a partition of their own and a lookup scans only those. For reference it
+also times `Embed` of the same single texts, the part of a lookup that is not search.
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vector_search.py                       # 1k, 10k, 100k
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/vector_search.py --sizes 1000,10000
@@ -134,7 +135,7 @@ async def fill(
                 NewPoint(
                     uuid.UUID(int=entry + 1),
                     pairs[question_of(entry, pairs)][0],
-                    {"user_id": user_of(entry, args.users), "expires_at": expires_at, "entry": entry},
+                    {"scope": user_of(entry, args.users), "expires_at": expires_at, "entry": entry},
                 )
                 for entry in batch
             ]
@@ -170,12 +171,12 @@ async def lookups(
         hits = await client.search(
             args.collection,
             paraphrase,
-            where={"user_id": user, "expires_at": Range(gt=now)},
+            where={"scope": user, "expires_at": Range(gt=now)},
             limit=1,
             timeout_s=120,
         )
         search_ms.append((time.perf_counter() - started) * 1000)
-        assert all(hit.payload["user_id"] == user for hit in hits), "a lookup crossed users"
+        assert all(hit.payload["scope"] == user for hit in hits), "a lookup crossed users"
         found += bool(hits) and hits[0].payload["entry"] == entry
         started = time.perf_counter()
         await embed.Embed(embedding_pb2.EmbedRequest(texts=[paraphrase]), timeout=60)
@@ -193,7 +194,7 @@ async def run(args: argparse.Namespace, address: str) -> list[str]:
         embed = embedding_pb2_grpc.EmbeddingServiceStub(channel)
         # Warm-up: connection, handlers, the collection's creation.
         await fill(client, args, pairs, 0, min(args.users, args.sizes[0]), now + 86_400)
-        await client.search(args.collection, "warm-up", where={"user_id": "user-0"}, limit=1)
+        await client.search(args.collection, "warm-up", where={"scope": "user-0"}, limit=1)
         stored = min(args.users, args.sizes[0])
         for size in args.sizes:
             print(f"{size:,} entries:", flush=True)

@@ -50,3 +50,11 @@ class EmbeddingSettings(ServiceSettings):
     vectors_timeout_s: float = Field(
         default=5.0, gt=0, description="longest a single index operation (search, upsert, delete) may take"
     )
+    # Multitenancy: the payload key that says whose a point is (the semantic cache's `scope`). In local
+    # mode each of its values gets a partition of its own, so a search or delete with an exact condition
+    # on it scans that tenant's points only; on a server it gets a tenant payload index (`is_tenant`).
+    vectors_tenant_key: str = Field(
+        default="scope",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,63}$",
+        description="payload key that partitions the points by tenant (local mode) or is the tenant index",
+    )

@@ -157,6 +157,30 @@ async def test_delete_by_filter_removes_exactly_the_matching_points(client: Grpc
     assert await client.delete(new_collection(), {"chat_id": chat_a}) == 0  # no such collection: nothing
 
 
+async def test_cache_entries_are_kept_apart_by_scope_and_purged_across_scopes(
+    client: GrpcVectorClient,
+) -> None:
+    # The semantic cache's shape: `scope` is the service's default tenant key, so in local mode every
+    # scope is a partition of its own; the purge names no scope and must reach all of them.
+    collection = new_collection()
+    now = int(time.time())
+    question = "How many moons does Jupiter have?"
+    entries = {
+        scope: NewPoint(uuid.uuid4(), question, {"scope": scope, "owner": scope, "expires_at": expires})
+        for scope, expires in (("alice", now + 3600), ("bob", now - 60), ("*", now - 60))
+    }
+    await client.upsert(collection, list(entries.values()))
+    for scope, entry in entries.items():
+        hits = await client.search(collection, question, where={"scope": scope}, limit=10)
+        assert [hit.id for hit in hits] == [str(entry.id)]
+    fresh = await client.search(collection, question, where={"expires_at": Range(gt=now)}, limit=10)
+    assert [hit.id for hit in fresh] == [str(entries["alice"].id)]
+    assert await client.delete(collection, {"expires_at": Range(lt=now)}) == 2
+    assert await client.search(collection, question, where={"scope": "bob"}) == []
+    assert await client.delete(collection, {"owner": "alice"}) == 1
+    assert await client.search(collection, question, limit=10) == []
+
+
 async def test_an_empty_delete_filter_is_refused_and_deletes_nothing(
     client: GrpcVectorClient, stub: vectors_pb2_grpc.VectorServiceStub
 ) -> None:
