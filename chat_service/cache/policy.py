@@ -186,6 +186,7 @@ class SemanticCache:
         )
 
     async def lookup(self, question: Question) -> CachedAnswer | None:
+        started = time.perf_counter()
         try:
             # The whole lookup is bounded, not only the RPC: a slow channel (reconnecting to a dead
             # service) must not hold up the answer either.
@@ -194,7 +195,17 @@ class SemanticCache:
         except Exception as exc:  # any failure of the cache is a miss, never the user's error
             self._failed("lookup", exc, question)
             return None
-        return self.answer(question, hits)
+        found = self.answer(question, hits)
+        log.debug(
+            "cache lookup",
+            extra={
+                "chat_id": str(question.chat_id),
+                "hit": found is not None,
+                "candidates": len(hits),
+                "ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
+        return found
 
     def entry(self, question: Question, answer: str, token_count: int) -> NewPoint:
         """The cache entry that keeps `answer` to `question`."""
