@@ -8,6 +8,9 @@ time and interleaved so that all three see the same machine state:
 - miss: the question asked for the first time, cache on: time to the first text (TTFT) — lookup,
   verification, then generation;
 - skip: another new question with `skip_cache` (no lookup): TTFT of the same path without the cache;
+- paraphrase hit: the same stored question reworded (the pair's `similar`), timed when the verification
+  rule serves it (a text the service has not embedded yet: it pays the model's forward pass, which a
+  verbatim repeat does not, see `RecentEmbeddings` in embedding_service/vector_servicer.py);
 - hit: a third question, whose answer was stored beforehand through the cache's own policy code
   (`SemanticCache.store`, as after a generated answer), asked in a new chat: time to the *last* event
   (the whole answer, from the cache, stored in the history). Stored beforehand because the base model
@@ -74,7 +77,9 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--pairs", type=Path, default=PAIRS)
     args = parser.parse_args()
-    origins = [pair["origin"] for pair in json.loads(args.pairs.read_text())]
+    pairs = json.loads(args.pairs.read_text())
+    origins = [pair["origin"] for pair in pairs]
+    paraphrases = [pair["similar"] for pair in pairs][2 : 3 * args.questions : 3]
     # Distinct questions, far apart in the file, for the cache's first-time and skip sides.
     asked = origins[0 : 3 * args.questions : 3]
     skipped = origins[1 : 3 * args.questions : 3]
@@ -134,10 +139,10 @@ async def main() -> None:
                 # Warm-up: the first calls page in models and open connections.
                 for warm in origins[-3:]:
                     await timed(client, warm, args.max_tokens, skip_cache=True)
-                miss, skip, hit = [], [], []
+                miss, skip, hit, paraphrase_hit = [], [], [], []
                 hits_served = misses_served = 0
-                for index, (question, other, stored) in enumerate(
-                    zip(asked, skipped, prefilled, strict=True)
+                for index, (question, other, stored, paraphrase) in enumerate(
+                    zip(asked, skipped, prefilled, paraphrases, strict=True)
                 ):
                     ttft, _, cached = await timed(client, question, args.max_tokens)
                     misses_served += not cached
@@ -147,6 +152,9 @@ async def main() -> None:
                     hits_served += cached
                     if cached:
                         hit.append(total)
+                    _, total, cached = await timed(client, paraphrase, args.max_tokens)
+                    if cached:
+                        paraphrase_hit.append(total)
                     if (index + 1) % 20 == 0:
                         print(f"  {index + 1}/{len(asked)} questions", flush=True)
     print(
@@ -156,6 +164,7 @@ async def main() -> None:
     print(f"{'':>28} {'p50':>8} {'p99':>8}")
     for name, values in (
         ("hit, whole answer", hit),
+        (f"paraphrase hit ({len(paraphrase_hit)})", paraphrase_hit),
         ("miss, TTFT (cache on)", miss),
         ("skip_cache, TTFT", skip),
     ):

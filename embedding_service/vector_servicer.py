@@ -5,14 +5,17 @@ from __future__ import annotations
 import math
 import re
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
+
+import numpy as np
 
 from chatmesh.common.errors import InvalidArgument
 from chatmesh.vectors.v1 import vectors_pb2 as pb
 from chatmesh.vectors.v1 import vectors_pb2_grpc
 from chatmesh.vectors.values import Condition, PayloadValue, filter_from_pb, payload_from_pb, value_to_pb
 from embedding_service.batcher import MicroBatcher
-from embedding_service.encoder import Encoder
+from embedding_service.encoder import Encoder, Vectors
 from embedding_service.servicer import Context
 from embedding_service.settings import EmbeddingSettings
 from embedding_service.vector_index import PayloadKind, VectorIndex
@@ -121,6 +124,34 @@ def payload_kinds(payloads: Sequence[dict[str, PayloadValue]]) -> dict[str, Payl
     return kinds
 
 
+class RecentEmbeddings:
+    """The vectors of the texts stored or searched most recently, by exact text (least recently used
+    dropped first).
+
+    A semantic cache mostly sees the same question again, word for word: the text it stored, or asked a
+    moment ago. Embedding it again costs a model forward pass (most of a lookup's time on a CPU) for a
+    vector the service already computed; the model is deterministic, so the remembered vector is the
+    same one.
+    """
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self._capacity = capacity
+        self._vectors: OrderedDict[str, Vectors] = OrderedDict()
+
+    async def embed(self, batcher: MicroBatcher, texts: Sequence[str]) -> list[Vectors]:
+        """One vector per text: remembered ones as they are, the others from `batcher` (one batch)."""
+        missing = list(dict.fromkeys(t for t in texts if t not in self._vectors))
+        if missing:
+            for text, vector in zip(missing, await batcher.embed(missing), strict=True):
+                self._vectors[text] = vector.copy()  # not a view that would keep its whole batch alive
+        found = [self._vectors[text] for text in texts]
+        for text in texts:
+            self._vectors.move_to_end(text)
+        while len(self._vectors) > self._capacity:
+            self._vectors.popitem(last=False)
+        return found
+
+
 class VectorServicer(vectors_pb2_grpc.VectorServiceServicer):
     """Validates requests, embeds their texts through the micro-batcher Embed uses, and hands the
     vectors to the index. Everything is checked before any text is embedded."""
@@ -132,6 +163,7 @@ class VectorServicer(vectors_pb2_grpc.VectorServiceServicer):
         self._batcher = batcher
         self._encoder = encoder
         self._settings = settings
+        self._recent = RecentEmbeddings()
 
     async def Search(self, request: pb.SearchRequest, context: Context) -> pb.SearchResponse:
         collection = validate_collection(request.collection)
@@ -139,8 +171,8 @@ class VectorServicer(vectors_pb2_grpc.VectorServiceServicer):
         where = validate_filter(request.filter, "filter")
         limit = validate_limit(request.limit)
         threshold = validate_score_threshold(request)
-        vectors = await self._batcher.embed([request.text])
-        hits = await self._index.search(collection, vectors[0].tolist(), where, limit, threshold)
+        (vector,) = await self._recent.embed(self._batcher, [request.text])
+        hits = await self._index.search(collection, vector.tolist(), where, limit, threshold)
         return pb.SearchResponse(
             matches=[
                 pb.Match(
@@ -172,7 +204,7 @@ class VectorServicer(vectors_pb2_grpc.VectorServiceServicer):
             ids.append(point_id)
             validate_text(f"points[{i}].text", point.text, self._settings.max_text_chars)
             payloads.append(validate_payload(f"points[{i}].payload", dict(point.payload)))
-        vectors = await self._batcher.embed([point.text for point in request.points])
+        vectors = np.stack(await self._recent.embed(self._batcher, [point.text for point in request.points]))
         await self._index.ensure_collection(collection, self._encoder.dimension, payload_kinds(payloads))
         await self._index.upsert(collection, ids, vectors, payloads)
         return pb.UpsertResponse(upserted=len(ids), model=self._encoder.model_name)
