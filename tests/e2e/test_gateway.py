@@ -33,7 +33,6 @@ from chatmesh.gateway import EnvoyProcess, GatewaySettings, render_envoy_config,
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.keygen import write_rs256_key_pair
-from chatmesh.vectors.client import GrpcVectorClient
 from tests.support.chat import TEST_SECRET, ChatClient, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
@@ -41,6 +40,7 @@ from tests.support.services import (
     COUNTING_SYSTEM_PROMPT,
     LONG,
     MODEL_STARTUP_TIMEOUT_S,
+    cache_entries,
     chat_env,
     standard_engine_env,
 )
@@ -620,9 +620,7 @@ async def test_the_semantic_cache_over_rest(
             assert first.last["finish_reason"] == "FINISH_REASON_STOP" and not first.last.get("cached")
 
             async def answer_stored() -> bool:
-                async with grpc.aio.insecure_channel(embedding_service[0]) as channel:
-                    hits = await GrpcVectorClient(channel).search(collection, content, where={"owner": user})
-                return len(hits) == 1
+                return await cache_entries(embedding_service[0], collection, {"owner": user}) == 1
 
             # The answer is stored just after it was sent.
             await eventually(answer_stored, "the answer never reached the cache")

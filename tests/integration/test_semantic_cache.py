@@ -20,12 +20,10 @@ import pytest
 
 from chat_service.cache.policy import GLOBAL_SCOPE
 from chatmesh.chat.v1 import chat_pb2 as pb
-from chatmesh.vectors.client import GrpcVectorClient
-from chatmesh.vectors.values import Range
 from tests.support.chat import ChatClient
 from tests.support.processes import LoggedProcess, free_port, log_entries, run_service
 from tests.support.recording_proxy import RecordingInferenceProxy, run_recording_proxy
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, chat_env, embedding_env
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S, cache_entries, chat_env, embedding_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -45,20 +43,13 @@ class CacheStack:
     collection: str
     process: LoggedProcess
 
-    def client(self, channel: grpc.aio.Channel, user: str | None = None) -> ChatClient:
-        return ChatClient(channel, user)
-
     def generated(self) -> list[str]:
         """The last user message of every reply the engine was asked to generate."""
         return [r.messages[-1].content for r in self.engine.chat_requests()]
 
     async def entries(self, where: dict[str, str]) -> int:
         """How many cache entries match `where` (read straight from the vector service)."""
-        async with grpc.aio.insecure_channel(self.vectors) as channel:
-            hits = await GrpcVectorClient(channel).search(
-                self.collection, QUESTION, where={**where, "created_at": Range(gt=0)}, limit=100
-            )
-        return len(hits)
+        return await cache_entries(self.vectors, self.collection, where)
 
 
 @contextmanager
@@ -113,7 +104,7 @@ async def stored(stack: CacheStack, where: dict[str, str], count: int) -> None:
 async def test_a_paraphrase_from_the_same_user_is_served_from_the_cache(
     stack: CacheStack, channel: grpc.aio.Channel
 ) -> None:
-    alice = stack.client(channel)
+    alice = ChatClient(channel)
     first = await alice.create(QUESTION, max_tokens=48, temperature=0)
     assert first.last is not None and first.last.finish_reason == pb.FINISH_REASON_STOP, first.last
     assert not first.last.cached and first.text
@@ -137,7 +128,7 @@ async def test_a_paraphrase_from_the_same_user_is_served_from_the_cache(
 async def test_another_user_asking_the_same_question_gets_a_generated_answer(
     stack: CacheStack, channel: grpc.aio.Channel
 ) -> None:
-    alice, bob = stack.client(channel), stack.client(channel)
+    alice, bob = ChatClient(channel), ChatClient(channel)
     await alice.create(QUESTION, max_tokens=48, temperature=0)
     await stored(stack, {"owner": alice.user}, 1)
     stack.engine.clear()
@@ -149,7 +140,7 @@ async def test_another_user_asking_the_same_question_gets_a_generated_answer(
 async def test_a_follow_up_hits_only_after_the_very_same_conversation(
     stack: CacheStack, channel: grpc.aio.Channel
 ) -> None:
-    alice = stack.client(channel)
+    alice = ChatClient(channel)
     first = await alice.create("What is 2 plus 2?", max_tokens=48, temperature=0)
     follow_up = await alice.complete(first.chat_id, "Say hello.", max_tokens=48, temperature=0)
     assert follow_up.last is not None and follow_up.last.finish_reason == pb.FINISH_REASON_STOP
@@ -170,7 +161,7 @@ async def test_a_follow_up_hits_only_after_the_very_same_conversation(
 
 
 async def test_skip_cache_neither_looks_up_nor_stores(stack: CacheStack, channel: grpc.aio.Channel) -> None:
-    alice = stack.client(channel)
+    alice = ChatClient(channel)
     skipped = await alice.create(QUESTION, max_tokens=48, temperature=0, skip_cache=True)
     assert skipped.last is not None and skipped.last.finish_reason == pb.FINISH_REASON_STOP
     # Stored by then, had it been stored: the store is decided as the reply ends, before this request.
@@ -189,7 +180,7 @@ async def test_skip_cache_neither_looks_up_nor_stores(stack: CacheStack, channel
 async def test_an_answer_cut_at_max_tokens_is_not_stored(
     stack: CacheStack, channel: grpc.aio.Channel
 ) -> None:
-    alice = stack.client(channel)
+    alice = ChatClient(channel)
     cut = await alice.create(QUESTION, max_tokens=2, temperature=0)
     assert cut.last is not None and cut.last.finish_reason == pb.FINISH_REASON_LENGTH
     await alice.create("Say hello.", max_tokens=48, temperature=0)
@@ -198,7 +189,7 @@ async def test_an_answer_cut_at_max_tokens_is_not_stored(
 
 
 async def test_deleting_a_chat_deletes_its_entries(stack: CacheStack, channel: grpc.aio.Channel) -> None:
-    alice = stack.client(channel)
+    alice = ChatClient(channel)
     first = await alice.create(QUESTION, max_tokens=48, temperature=0)
     await stored(stack, {"chat_id": first.chat_id}, 1)
     await alice.sdk.delete_chat(first.chat_id)
@@ -210,7 +201,7 @@ async def test_deleting_a_chat_deletes_its_entries(stack: CacheStack, channel: g
 async def test_clear_cache_deletes_only_the_callers_entries(
     stack: CacheStack, channel: grpc.aio.Channel
 ) -> None:
-    alice, bob = stack.client(channel), stack.client(channel)
+    alice, bob = ChatClient(channel), ChatClient(channel)
     await alice.create(QUESTION, max_tokens=48, temperature=0)
     await alice.create("Say hello.", max_tokens=48, temperature=0)
     await bob.create(QUESTION, max_tokens=48, temperature=0)
@@ -229,7 +220,7 @@ async def test_expired_entries_miss_and_are_purged(
     settings = {"CHATMESH_CHAT_CACHE_TTL_S": "1", "CHATMESH_CHAT_CACHE_PURGE_INTERVAL_S": "0.5"}
     with cache_stack(tmp_path, inference_address, embedding_service[0], **settings) as stack:
         async with grpc.aio.insecure_channel(stack.address) as channel:
-            alice = stack.client(channel)
+            alice = ChatClient(channel)
             await alice.create(QUESTION, max_tokens=48, temperature=0)
             stored_at = time.time()
             await stored(stack, {"owner": alice.user}, 1)
@@ -247,7 +238,7 @@ async def test_global_scope_shares_plain_chats_but_never_chats_with_their_own_sy
         tmp_path, inference_address, embedding_service[0], CHATMESH_CHAT_CACHE_SCOPE="global"
     ) as stack:
         async with grpc.aio.insecure_channel(stack.address) as channel:
-            alice, bob = stack.client(channel), stack.client(channel)
+            alice, bob = ChatClient(channel), ChatClient(channel)
             first = await alice.create(QUESTION, max_tokens=48, temperature=0)
             await stored(stack, {"owner": alice.user, "scope": GLOBAL_SCOPE}, 1)
             shared = await bob.create(PARAPHRASE, max_tokens=48, temperature=0)
@@ -281,7 +272,7 @@ async def test_two_chat_replicas_share_one_cache(
                 grpc.aio.insecure_channel(one.address) as first_channel,
                 grpc.aio.insecure_channel(two) as second_channel,
             ):
-                first = await one.client(first_channel, user).create(QUESTION, max_tokens=48, temperature=0)
+                first = await ChatClient(first_channel, user).create(QUESTION, max_tokens=48, temperature=0)
                 await stored(one, {"owner": user}, 1)
                 other = await ChatClient(second_channel, user).create(
                     PARAPHRASE, max_tokens=48, temperature=0
@@ -299,7 +290,7 @@ async def test_without_the_vector_service_answers_are_generated_and_the_failure_
         cache_stack(tmp_path, inference_address, vectors) as stack,
     ):
         async with grpc.aio.insecure_channel(stack.address) as channel:
-            alice = stack.client(channel)
+            alice = ChatClient(channel)
             await alice.create(QUESTION, max_tokens=48, temperature=0)
             await stored(stack, {"owner": alice.user}, 1)
             embedding.kill()

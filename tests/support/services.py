@@ -10,8 +10,11 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
+from chatmesh.vectors.client import GrpcVectorClient, Where
 from tests.support.chat import TEST_SECRET
 from tests.support.processes import LoggedProcess, wait_for_log_entry
 
@@ -122,3 +125,11 @@ async def cancel_a_long_generation(
         lambda entry: entry.get("msg") == "generation ended" and entry.get("request_id") == request_id,
         30,
     )
+
+
+async def cache_entries(vectors: str, collection: str, where: Where) -> int:
+    """How many semantic-cache entries in `collection` match `where`, read straight from the vector
+    service at `vectors` (up to 100; the tests store a handful)."""
+    async with grpc.aio.insecure_channel(vectors) as channel:
+        hits = await GrpcVectorClient(channel).search(collection, "question", where=where, limit=100)
+    return len(hits)
