@@ -83,3 +83,46 @@ class ChatUpdate:
     title: str | None = None
     system_prompt: str | None = None
     history_strategy: HistoryStrategy | None = None
+
+
+class JobState(StrEnum):
+    """Where an asynchronous completion is."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def finished(self) -> bool:
+        """No worker will touch the job again."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED)
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    """What a job was asked to do: answer `user_message_id` with these sampling settings."""
+
+    user_id: str
+    chat_id: uuid.UUID
+    user_message_id: uuid.UUID
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+    use_cache: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """An asynchronous completion and its progress; its answer is the reply to `request.user_message_id`."""
+
+    id: uuid.UUID
+    request: JobRequest
+    state: JobState
+    attempts: int
+    """Deliveries to a worker so far."""
+    error: str | None
+    """Why the job failed (or why its last attempt failed, while it is queued for another)."""
+    created_at: datetime
+    updated_at: datetime

@@ -8,7 +8,17 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
+from chat_service.domain import (
+    Chat,
+    ChatCursor,
+    ChatUpdate,
+    FinishReason,
+    HistoryStrategy,
+    Job,
+    JobRequest,
+    JobState,
+    Message,
+)
 
 NOT_COUNTED = 0
 """`token_count` of a user message whose tokens were not counted yet. `start_turn` stores the message
@@ -131,4 +141,32 @@ class ConversationStore(Protocol):
     async def save_summary(self, user_id: str, message_id: uuid.UUID, summary: str) -> None:
         """Store `summary` (of the history through `message_id`) on that message; `NotFound` if the
         user has no such message."""
+        ...
+
+
+class JobStore(Protocol):
+    """Durable asynchronous completions (the queue holds only their ids)."""
+
+    async def create_job(self, request: JobRequest) -> tuple[Job, bool]:
+        """Commit a queued job for `request.user_message_id`. Idempotent on that message: a retry returns
+        the job created first and False. `NotFound` if the user has no such message."""
+        ...
+
+    async def get_job(self, user_id: str, job_id: uuid.UUID) -> Job:
+        """The user's job; `NotFound` if it does not exist or is another user's."""
+        ...
+
+    async def load_job(self, job_id: uuid.UUID) -> Job | None:
+        """Any user's job, for the worker (None when it was deleted with its chat)."""
+        ...
+
+    async def update_job(
+        self, job_id: uuid.UUID, state: JobState, attempts: int, error: str | None = None
+    ) -> None:
+        """Record a job's progress (a job deleted meanwhile is left deleted)."""
+        ...
+
+    async def discard_job(self, job: Job) -> None:
+        """Delete a job that could not be queued, and its user message while it has no reply, so the
+        refused submission leaves nothing behind."""
         ...

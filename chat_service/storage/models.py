@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
     Dialect,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -129,3 +131,26 @@ class MessageRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     # Added in migration 0002; NULL for user messages and for replies stored before it.
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+
+
+class JobRow(Base):
+    """An asynchronous completion: the user message it answers and how far its worker got. The reply is
+    the message whose `reply_to` is `user_message_id` (one at most), so a job cannot answer twice."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("user_message_id", name="uq_jobs_user_message_id"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    chat_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("chats.id", ondelete="CASCADE"), index=True)
+    user_message_id: Mapped[uuid.UUID] = mapped_column(Uuid, ForeignKey("messages.id", ondelete="CASCADE"))
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    max_tokens: Mapped[int | None] = mapped_column(Integer)
+    temperature: Mapped[float | None] = mapped_column(Float)
+    top_p: Mapped[float | None] = mapped_column(Float)
+    seed: Mapped[int | None] = mapped_column(BigInteger)
+    use_cache: Mapped[bool] = mapped_column(Boolean)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

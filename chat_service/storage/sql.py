@@ -40,12 +40,15 @@ from chat_service.domain import (
     ChatUpdate,
     FinishReason,
     HistoryStrategy,
+    Job,
+    JobRequest,
+    JobState,
     Message,
     Role,
 )
-from chat_service.storage.base import NOT_COUNTED, ConversationStore, TurnStart
+from chat_service.storage.base import NOT_COUNTED, ConversationStore, JobStore, TurnStart
 from chat_service.storage.migrate import upgrade_to_head
-from chat_service.storage.models import ChatRow, MessageRow
+from chat_service.storage.models import ChatRow, JobRow, MessageRow
 from chatmesh.common.errors import NotFound
 
 TITLE_MAX_CHARS = 80
@@ -153,8 +156,34 @@ def _bump_chat(user_id: str, chat_id: uuid.UUID, now: datetime, title: str | Non
     )
 
 
-class SqlConversationStore(ConversationStore):
-    """`ConversationStore` over an async SQLAlchemy engine whose schema is at the newest migration.
+def _to_job(row: JobRow) -> Job:
+    return Job(
+        id=row.id,
+        request=JobRequest(
+            user_id=row.user_id,
+            chat_id=row.chat_id,
+            user_message_id=row.user_message_id,
+            max_tokens=row.max_tokens,
+            temperature=row.temperature,
+            top_p=row.top_p,
+            seed=row.seed,
+            use_cache=row.use_cache,
+        ),
+        state=JobState(row.state),
+        attempts=row.attempts,
+        error=row.error,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _job_not_found(job_id: uuid.UUID) -> NotFound:
+    return NotFound(f"job {job_id} not found")
+
+
+class SqlConversationStore(ConversationStore, JobStore):
+    """`ConversationStore` and `JobStore` over an async SQLAlchemy engine whose schema is at the newest
+    migration.
 
     Subclasses the Protocol explicitly so that mypy checks every signature against it.
     """
@@ -597,6 +626,92 @@ class SqlConversationStore(ConversationStore):
             )
         if updated is None:
             raise _message_not_found(message_id)
+
+    # -- jobs ------------------------------------------------------------------------------------------
+
+    async def create_job(self, request: JobRequest) -> tuple[Job, bool]:
+        """Commit a queued job for the user's message `request.user_message_id` (one job per message)."""
+        for _ in range(_IDEMPOTENT_ATTEMPTS):
+            now = _now()
+            row = JobRow(
+                id=uuid.uuid4(),
+                user_id=request.user_id,
+                chat_id=request.chat_id,
+                user_message_id=request.user_message_id,
+                state=JobState.QUEUED.value,
+                attempts=0,
+                error=None,
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                use_cache=request.use_cache,
+                created_at=now,
+                updated_at=now,
+            )
+            try:
+                async with self._sessions.begin() as session:
+                    message = await session.scalar(
+                        select(MessageRow.id).where(
+                            MessageRow.id == request.user_message_id,
+                            MessageRow.chat_id == request.chat_id,
+                            MessageRow.user_id == request.user_id,
+                            MessageRow.role == Role.USER.value,
+                        )
+                    )
+                    if message is None:
+                        raise _message_not_found(request.user_message_id)
+                    session.add(row)
+                return _to_job(row), True
+            except IntegrityError:
+                pass
+            async with self._sessions.begin() as session:
+                existing = await session.scalar(
+                    select(JobRow).where(
+                        JobRow.user_message_id == request.user_message_id,
+                        JobRow.user_id == request.user_id,
+                    )
+                )
+            if existing is not None:
+                return _to_job(existing), False
+        raise RuntimeError(f"create_job kept colliding on message {request.user_message_id}")
+
+    async def get_job(self, user_id: str, job_id: uuid.UUID) -> Job:
+        async with self._sessions.begin() as session:
+            row = await session.scalar(select(JobRow).where(JobRow.id == job_id, JobRow.user_id == user_id))
+        if row is None:
+            raise _job_not_found(job_id)
+        return _to_job(row)
+
+    async def load_job(self, job_id: uuid.UUID) -> Job | None:
+        async with self._sessions.begin() as session:
+            row = await session.scalar(select(JobRow).where(JobRow.id == job_id))
+        return _to_job(row) if row is not None else None
+
+    async def update_job(
+        self, job_id: uuid.UUID, state: JobState, attempts: int, error: str | None = None
+    ) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                sql_update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(state=state.value, attempts=attempts, error=error, updated_at=_now())
+                .execution_options(synchronize_session=False)
+            )
+
+    async def discard_job(self, job: Job) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(delete(JobRow).where(JobRow.id == job.id))
+            answered = await session.scalar(
+                select(MessageRow.id).where(MessageRow.reply_to == job.request.user_message_id)
+            )
+            if answered is None:
+                await session.execute(
+                    delete(MessageRow).where(
+                        MessageRow.id == job.request.user_message_id,
+                        MessageRow.user_id == job.request.user_id,
+                    )
+                )
 
 
 def _async_url(database_url: str) -> URL:

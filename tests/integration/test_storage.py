@@ -26,7 +26,16 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from chat_service.domain import ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message, Role
+from chat_service.domain import (
+    ChatCursor,
+    ChatUpdate,
+    FinishReason,
+    HistoryStrategy,
+    JobRequest,
+    JobState,
+    Message,
+    Role,
+)
 from chat_service.storage.base import NOT_COUNTED
 from chat_service.storage.migrate import alembic_config, upgrade_to_head
 from chat_service.storage.models import Base, ChatRow, MessageRow
@@ -472,7 +481,7 @@ async def test_migrations_are_idempotent_and_match_the_models(store: SqlConversa
 
     async with store.engine.connect() as connection:
         revision, differences = await connection.run_sync(inspect)
-    assert revision == head == "0002"
+    assert revision == head == "0003"
     # The hand-written revision creates exactly what the models declare.
     assert differences == []
 
@@ -602,3 +611,63 @@ async def test_upgrade_keeps_rows_written_by_an_older_schema(backend: str, tmp_p
             )
             assert (await upgraded.find_reply("old-user", question.id)) == reply
             assert reply.prompt_tokens == 42
+
+
+# -- jobs ----------------------------------------------------------------------------------------------
+
+
+def job_request(user: str, chat_id: uuid.UUID, message: Message) -> JobRequest:
+    return JobRequest(user, chat_id, message.id, 32, 0.0, None, 7, True)
+
+
+async def test_a_job_is_created_once_per_message_and_read_only_by_its_owner(
+    store: SqlConversationStore, new_user: Callable[[], str]
+) -> None:
+    user, other = new_user(), new_user()
+    chat_id = await new_chat(store, user)
+    message, _ = await store.add_user_message(user, chat_id, "later, please", NOT_COUNTED, "req-1")
+    job, created = await store.create_job(job_request(user, chat_id, message))
+    again, created_again = await store.create_job(job_request(user, chat_id, message))
+    assert (created, created_again) == (True, False)
+    assert again == job
+    assert (job.state, job.attempts, job.error) == (JobState.QUEUED, 0, None)
+    assert job.request == job_request(user, chat_id, message)
+
+    assert await store.get_job(user, job.id) == job
+    with pytest.raises(NotFound):
+        await store.get_job(other, job.id)
+    with pytest.raises(NotFound):
+        # Nobody can queue a job on another user's message.
+        await store.create_job(job_request(other, chat_id, message))
+
+    await store.update_job(job.id, JobState.FAILED, 3, "the engine kept failing")
+    failed = await store.get_job(user, job.id)
+    assert (failed.state, failed.attempts, failed.error) == (JobState.FAILED, 3, "the engine kept failing")
+    assert failed.updated_at >= job.updated_at
+    assert await store.load_job(job.id) == failed
+
+
+async def test_jobs_die_with_their_chat(store: SqlConversationStore, new_user: Callable[[], str]) -> None:
+    user = new_user()
+    chat_id = await new_chat(store, user)
+    message, _ = await store.add_user_message(user, chat_id, "later, please", NOT_COUNTED, None)
+    job, _ = await store.create_job(job_request(user, chat_id, message))
+    await store.delete_chat(user, chat_id)
+    assert await store.load_job(job.id) is None
+
+
+async def test_a_discarded_job_leaves_no_unanswered_message(
+    store: SqlConversationStore, new_user: Callable[[], str]
+) -> None:
+    user = new_user()
+    chat_id = await new_chat(store, user)
+    kept = await add_turns(store, user, chat_id, 1)
+    message, _ = await store.add_user_message(user, chat_id, "refused", NOT_COUNTED, "req-2")
+    job, _ = await store.create_job(job_request(user, chat_id, message))
+    await store.discard_job(job)
+    assert await store.load_job(job.id) is None
+    assert [m.id for m in await store.history(user, chat_id)] == [m.id for m in kept]
+    # The same request can be submitted again from scratch.
+    again, created = await store.add_user_message(user, chat_id, "refused", NOT_COUNTED, "req-2")
+    assert created
+    assert again.id != message.id
