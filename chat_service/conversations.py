@@ -16,7 +16,7 @@ from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, Hist
 from chat_service.history import HistoryBuilder
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
 from chat_service.storage.base import NOT_COUNTED, ConversationStore
-from chatmesh.common.errors import ChatmeshError, Unavailable
+from chatmesh.common.errors import ChatmeshError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -562,6 +562,71 @@ class Conversations:
     async def clear_cache(self, user_id: str) -> int:
         """Delete every cached answer `user_id` stored; returns how many."""
         return await self._cache.clear(user_id)
+
+    # -- what asynchronous jobs need ---------------------------------------------------------------------
+
+    async def store_question(
+        self, user_id: str, chat_id: uuid.UUID, content: str, request_id: str | None
+    ) -> tuple[Message, bool]:
+        """Store a user message to be answered later (idempotent on `request_id`, like `complete`)."""
+        return await self._store.add_user_message(user_id, chat_id, content, NOT_COUNTED, request_id)
+
+    async def answer_stored(
+        self, user_id: str, user_message_id: uuid.UUID, sampling: SamplingOptions, use_cache: bool
+    ) -> Message:
+        """The reply to the user's stored message: the stored one if there is one, else generated now
+        (joining the generation if one is running here) and stored. Raises what the generation raised;
+        `NotFound` once the chat is gone."""
+        if (reply := await self._store.find_reply(user_id, user_message_id)) is not None:
+            return reply
+        running = self._in_flight.get(user_message_id)
+        if running is None or running.abandoned:
+            message, chat, history = await self._stored_turn(user_id, user_message_id)
+            running = self._run(
+                message.id,
+                lambda: self._answer(chat, message, sampling, history, time.perf_counter(), use_cache),
+            )
+        async with aclosing(running.follow()) as events:
+            async for _ in events:
+                pass
+        reply = await self._store.find_reply(user_id, user_message_id)
+        if reply is None:
+            raise Unavailable("the completion ended without a stored reply; retry")
+        return reply
+
+    async def follow_stored(
+        self, user_id: str, user_message_id: uuid.UUID
+    ) -> AsyncGenerator[CompletionEvent, None] | None:
+        """The events of the completion of the user's message if it is running in this process (from its
+        first event), else None. Following does not keep it alive: jobs run whether anyone watches."""
+        running = self._in_flight.get(user_message_id)
+        if running is None or running.abandoned:
+            return None
+        return self._watch(running)
+
+    @staticmethod
+    async def _watch(running: _Running) -> AsyncGenerator[CompletionEvent, None]:
+        # A second follower that leaves early must not abandon the completion: the job's worker follows
+        # it too, to its end, so the follower count never drops to zero before it is over.
+        async with aclosing(running.follow()) as events:
+            async for event in events:
+                yield event
+
+    async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
+        """The stored reply to the user's message, if any."""
+        return await self._store.find_reply(user_id, user_message_id)
+
+    async def _stored_turn(
+        self, user_id: str, user_message_id: uuid.UUID
+    ) -> tuple[Message, Chat, list[Message]]:
+        """A stored user message, its chat, and the chat's history through it."""
+        chat_id = await self._store.chat_of_message(user_id, user_message_id)
+        chat = await self._store.get_chat(user_id, chat_id)
+        history = list(await self._store.history(user_id, chat_id))
+        for position, message in enumerate(history):
+            if message.id == user_message_id:
+                return message, chat, history[: position + 1]
+        raise NotFound(f"message {user_message_id} not found")
 
 
 def _log_stored(

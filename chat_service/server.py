@@ -19,6 +19,8 @@ from chat_service.inference import (
     GrpcInferenceClient,
     InferenceClient,
 )
+from chat_service.jobs.queue import JetStreamConfig, NatsJobQueue
+from chat_service.jobs.service import Jobs, JobWorker
 from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
 from chat_service.storage.sql import open_sql_store
@@ -132,8 +134,38 @@ async def serve(settings: ChatSettings) -> None:
             settings.default_history_strategy,
             cache,
         )
+        jobs: Jobs | None = None
+        worker: JobWorker | None = None
+        if settings.jobs_nats_url:
+            queue = await channels.enter_async_context(
+                await NatsJobQueue.connect(
+                    JetStreamConfig(
+                        url=settings.jobs_nats_url,
+                        stream=settings.jobs_stream,
+                        subject=f"chatmesh.jobs.{settings.jobs_stream.lower()}",
+                        capacity=settings.jobs_capacity,
+                        max_attempts=settings.jobs_max_attempts,
+                        ack_wait_s=settings.jobs_ack_wait_s,
+                    )
+                )
+            )
+            jobs = Jobs(store, queue, conversations)
+            if settings.jobs_workers:
+                worker = JobWorker(
+                    store,
+                    queue,
+                    conversations,
+                    concurrency=settings.jobs_workers,
+                    heartbeat_s=settings.jobs_ack_wait_s / 3,
+                )
+            log.info(
+                "asynchronous jobs on",
+                extra={"nats": settings.jobs_nats_url, "workers": settings.jobs_workers},
+            )
+        else:
+            log.info("asynchronous jobs off (set CHATMESH_CHAT_JOBS_NATS_URL to a NATS JetStream server)")
         server = create_server([JwtAuthInterceptor(keys)])
-        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations), server)
+        chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
         server.add_insecure_port(settings.address)
         purging = (
@@ -141,9 +173,13 @@ async def serve(settings: ChatSettings) -> None:
             if isinstance(cache, SemanticCache)
             else None
         )
+        if worker is not None:
+            worker.start()
         try:
             await serve_until_signal(server, health, [SERVICE_NAME], settings.shutdown_grace_s)
         finally:
+            if worker is not None:
+                await worker.stop(settings.shutdown_grace_s)
             if purging is not None:
                 purging.cancel()
             await conversations.close()

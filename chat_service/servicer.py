@@ -11,10 +11,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from chat_service import validation as check
 from chat_service.conversations import CompletionEvent, Conversations, Delta, Failed, Finished, Started
-from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, Message, Role
+from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, JobState, Message, Role
+from chat_service.jobs.service import Jobs, JobView
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.auth import current_user
+from chatmesh.common.errors import FailedPrecondition
 
 # grpc.aio.ServicerContext; grpcio ships no type information.
 Context: TypeAlias = Any
@@ -58,6 +60,29 @@ def message_to_pb(message: Message) -> pb.ChatMessage:
     )
 
 
+_JOB_STATE_PB = {
+    JobState.QUEUED: pb.JOB_STATE_QUEUED,
+    JobState.RUNNING: pb.JOB_STATE_RUNNING,
+    JobState.SUCCEEDED: pb.JOB_STATE_SUCCEEDED,
+    JobState.FAILED: pb.JOB_STATE_FAILED,
+}
+
+
+def job_to_pb(view: JobView) -> pb.Job:
+    job = view.job
+    return pb.Job(
+        job_id=str(job.id),
+        chat_id=str(job.request.chat_id),
+        user_message_id=str(job.request.user_message_id),
+        state=_JOB_STATE_PB[job.state],
+        attempts=job.attempts,
+        error=job.error or "",
+        reply=message_to_pb(view.reply) if view.reply is not None else None,
+        create_time=_timestamp(job.created_at),
+        update_time=_timestamp(job.updated_at),
+    )
+
+
 def event_to_pb(event: CompletionEvent) -> pb.CompletionEvent:
     if isinstance(event, Delta):
         return pb.CompletionEvent(delta=event.text)
@@ -84,7 +109,9 @@ GATEWAY_REQUEST_ID_KEY = "x-request-id"
 """Envoy sets this header once per client request and keeps it on every retry of that request."""
 
 
-def _request_id(request: pb.CreateChatRequest | pb.CompleteRequest, context: Context) -> str | None:
+def _request_id(
+    request: pb.CreateChatRequest | pb.CompleteRequest | pb.SubmitCompletionRequest, context: Context
+) -> str | None:
     """The caller's `request_id`, else the gateway's request id: Envoy retries a completion that a
     replica refused as RESOURCE_EXHAUSTED on another replica, and with the same id that replica
     continues the question the first one stored rather than storing it a second time."""
@@ -99,8 +126,17 @@ def _request_id(request: pb.CreateChatRequest | pb.CompleteRequest, context: Con
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     """Maps ChatService RPCs onto `Conversations`; identity comes from the auth interceptor."""
 
-    def __init__(self, conversations: Conversations) -> None:
+    def __init__(self, conversations: Conversations, jobs: Jobs | None = None) -> None:
         self._conversations = conversations
+        self._jobs = jobs
+
+    def _job_service(self) -> Jobs:
+        if self._jobs is None:
+            raise FailedPrecondition(
+                "asynchronous jobs are off on this deployment: the chat service needs a NATS JetStream"
+                " server (CHATMESH_CHAT_JOBS_NATS_URL)"
+            )
+        return self._jobs
 
     async def CreateChat(
         self, request: pb.CreateChatRequest, context: Context
@@ -183,3 +219,27 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     async def ClearCache(self, request: pb.ClearCacheRequest, context: Context) -> pb.ClearCacheResponse:
         deleted = await self._conversations.clear_cache(current_user())
         return pb.ClearCacheResponse(deleted_entries=deleted)
+
+    async def SubmitCompletion(self, request: pb.SubmitCompletionRequest, context: Context) -> pb.Job:
+        jobs = self._job_service()
+        view = await jobs.submit(
+            current_user(),
+            check.chat_id(request.chat_id),
+            check.content(request.content),
+            check.sampling(request, self._conversations.engine.context_length),
+            _request_id(request, context),
+            use_cache=not request.skip_cache,
+        )
+        return job_to_pb(view)
+
+    async def GetJob(self, request: pb.GetJobRequest, context: Context) -> pb.Job:
+        view = await self._job_service().get(current_user(), check.job_id(request.job_id))
+        return job_to_pb(view)
+
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: Context
+    ) -> AsyncIterator[pb.CompletionEvent]:
+        events = self._job_service().watch(current_user(), check.job_id(request.job_id))
+        async with aclosing(events):
+            async for event in events:
+                yield event_to_pb(event)

@@ -70,6 +70,24 @@ class ChatSettings(ServiceSettings):
     )
     cache_collection: str = Field("chat_answers", min_length=1)
 
+    # Asynchronous completions (SubmitCompletion) on NATS JetStream.
+    jobs_nats_url: str | None = Field(
+        None,
+        description="NATS server with JetStream for asynchronous jobs, e.g. nats://127.0.0.1:4222; unset"
+        " switches jobs off (SubmitCompletion answers FAILED_PRECONDITION)",
+    )
+    jobs_stream: str = Field("CHATMESH_JOBS", min_length=1, description="JetStream stream of the job queue")
+    jobs_capacity: int = Field(
+        1000, ge=1, description="jobs queued or running at most; a submission beyond it gets 429"
+    )
+    jobs_max_attempts: int = Field(3, ge=1, description="attempts per job before it is marked failed")
+    jobs_ack_wait_s: float = Field(
+        30.0, gt=0, description="a job whose worker goes silent this long is given to another worker"
+    )
+    jobs_workers: int = Field(
+        1, ge=0, description="jobs this replica runs at once (0: it only accepts jobs, others run them)"
+    )
+
     # Summary strategy.
     summary_keep_recent_messages: int = Field(4, ge=0)
     summary_min_messages_to_fold: int = Field(2, ge=1)

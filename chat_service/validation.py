@@ -59,11 +59,20 @@ def strategy(value: int) -> HistoryStrategy | None:
         ) from None
 
 
+def job_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidArgument("job_id", f"must be a UUID, got {value[:64]!r}") from None
+
+
 def request_id(value: str) -> str | None:
     return bounded_text(value, "request_id", MAX_REQUEST_ID_CHARS) or None
 
 
-def sampling(request: pb.CreateChatRequest | pb.CompleteRequest, context_length: int) -> SamplingOptions:
+def sampling(
+    request: pb.CreateChatRequest | pb.CompleteRequest | pb.SubmitCompletionRequest, context_length: int
+) -> SamplingOptions:
     max_tokens = request.max_tokens if request.HasField("max_tokens") else None
     if max_tokens is not None and not 1 <= max_tokens <= context_length:
         raise InvalidArgument("max_tokens", f"must be between 1 and {context_length}, got {max_tokens}")

@@ -38,6 +38,18 @@ class MeshSettings(BaseSettings):
     gateway_admin_port: int = 9901
     inference_port: int = 50052
     embedding_port: int = 50053
+    nats_url: str | None = Field(
+        None,
+        description="NATS with JetStream for asynchronous jobs; unset: the mesh starts the bundled"
+        " nats-server on nats_port, keeping its streams under .run/nats",
+    )
+    nats_port: int = 14222
+
+    @property
+    def jobs_nats_url(self) -> str:
+        """The NATS the chat replicas queue jobs on."""
+        return self.nats_url or f"nats://{self.host}:{self.nats_port}"
+
     startup_timeout_s: float = Field(300.0, description="longest wait for a service to become healthy")
     log_format: str = "text"
 
@@ -106,6 +118,8 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                     "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
                     # The semantic cache, on the embedding service's vector index (embedded Qdrant).
                     "CHATMESH_CHAT_CACHE_ADDRESS": embedding,
+                    # Asynchronous jobs, on the mesh's NATS; every replica also runs them.
+                    "CHATMESH_CHAT_JOBS_NATS_URL": settings.jobs_nats_url,
                     "CHATMESH_CHAT_LOG_FORMAT": settings.log_format,
                 },
             )
@@ -200,6 +214,7 @@ async def run(settings: MeshSettings) -> int:
         loop.add_signal_handler(sig, main.cancel)
     try:
         async with (
+            _nats(settings) as nats,
             running_mesh(plan(settings), settings.startup_timeout_s) as services,
             _gateway(settings, services) as gateway,
         ):
@@ -207,6 +222,8 @@ async def run(settings: MeshSettings) -> int:
             watched = {asyncio.create_task(s.process.wait()): s.spec.name for s in services}
             if gateway is not None:
                 watched[asyncio.create_task(gateway.process.wait())] = "gateway (Envoy)"
+            if nats is not None:
+                watched[asyncio.create_task(nats.wait())] = "nats-server"
             done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             names = ", ".join(watched[task] for task in done)
             print(f"chatmesh: {names} exited unexpectedly; stopping the rest", file=sys.stderr)
@@ -217,6 +234,53 @@ async def run(settings: MeshSettings) -> int:
     except (RuntimeError, ValueError) as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 1
+
+
+@contextlib.asynccontextmanager
+async def _nats(settings: MeshSettings) -> AsyncIterator[asyncio.subprocess.Process | None]:
+    """The bundled NATS server for the job queue, unless the settings name one to use."""
+    if settings.nats_url:
+        yield None
+        return
+    from chatmesh.common.nats_server import nats_server_args
+
+    store = Path(".run") / "nats"
+    await asyncio.to_thread(store.mkdir, parents=True, exist_ok=True)
+    log_path = Path(".run") / "nats.log"
+    print(f"  {'nats':<10} starting nats-server (JetStream) on :{settings.nats_port}...", flush=True)
+    with log_path.open("ab") as log_file:
+        process = await asyncio.create_subprocess_exec(
+            *nats_server_args(settings.nats_port, store.resolve(), settings.host),
+            stdout=log_file,
+            stderr=log_file,
+            start_new_session=True,
+        )
+    try:
+        started = time.monotonic()
+        while True:
+            if process.returncode is not None:
+                raise RuntimeError(
+                    f"nats-server exited with code {process.returncode} while starting (port"
+                    f" {settings.nats_port} taken? see {log_path}); set CHATMESH_MESH_NATS_PORT or"
+                    " CHATMESH_MESH_NATS_URL"
+                )
+            with contextlib.suppress(OSError):
+                _, writer = await asyncio.open_connection(settings.host, settings.nats_port)
+                writer.close()
+                break
+            if time.monotonic() - started > 30:
+                raise RuntimeError(f"nats-server did not accept connections within 30 s; see {log_path}")
+            await asyncio.sleep(0.1)
+        print(f"  {'nats':<10} ready on {settings.jobs_nats_url} (log: {log_path})", flush=True)
+        yield process
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
 
 
 @contextlib.asynccontextmanager

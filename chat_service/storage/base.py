@@ -121,6 +121,10 @@ class ConversationStore(Protocol):
         another user's message)."""
         ...
 
+    async def chat_of_message(self, user_id: str, message_id: uuid.UUID) -> uuid.UUID:
+        """The chat of the user's message `message_id`; `NotFound` if the user has no such message."""
+        ...
+
     async def history(
         self, user_id: str, chat_id: uuid.UUID, after_seq: int | None = None
     ) -> Sequence[Message]:

@@ -568,6 +568,15 @@ class SqlConversationStore(ConversationStore, JobStore):
             )
         return _to_message(row) if row is not None else None
 
+    async def chat_of_message(self, user_id: str, message_id: uuid.UUID) -> uuid.UUID:
+        async with self._reader.connect() as connection:
+            chat_id = await connection.scalar(
+                select(MessageRow.chat_id).where(MessageRow.id == message_id, MessageRow.user_id == user_id)
+            )
+        if chat_id is None:
+            raise _message_not_found(message_id)
+        return chat_id  # type: ignore[no-any-return]
+
     async def _require_chat(self, session: AsyncSession, user_id: str, chat_id: uuid.UUID) -> None:
         if await session.scalar(_own_chat(user_id, chat_id)) is None:
             raise _chat_not_found(chat_id)

@@ -82,6 +82,13 @@ class Unavailable(ChatmeshError):
     status_code = grpc.StatusCode.UNAVAILABLE
 
 
+class FailedPrecondition(ChatmeshError):
+    """The request is valid but this deployment or resource is not in a state to serve it (a feature
+    switched off, say); the message says what to change."""
+
+    status_code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class DeadlineExceeded(ChatmeshError):
     """The caller's deadline passed before the work finished."""
 
@@ -104,6 +111,7 @@ _BY_STATUS: dict[grpc.StatusCode, type[ChatmeshError]] = {
     grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
 }
 
 _DetailT = TypeVar("_DetailT", bound=Message)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -27,8 +28,26 @@ def terminal_client(cwd: Path, env: dict[str, str], gateway_port: int, *args: st
     return done.stdout
 
 
+def submit_job_and_wait(base: str, headers: dict[str, str], chat_id: str) -> dict[str, Any]:
+    """POST a job over REST, then read it until it is finished (or a minute passed); the last read."""
+    submitted = httpx.post(
+        f"{base}/chat/{chat_id}/jobs",
+        headers=headers,
+        json={"content": "Goodbye!", "max_tokens": 4},
+        timeout=10,
+    )
+    assert submitted.status_code == 200, submitted.text
+    job_id = submitted.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while True:
+        job: dict[str, Any] = httpx.get(f"{base}/jobs/{job_id}", headers=headers, timeout=10).json()
+        if job["state"] in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED") or time.monotonic() > deadline:
+            return job
+        time.sleep(0.1)  # polling another process's state: the loop ends on the condition
+
+
 def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
-    ports = {name: free_port() for name in ("chat", "inference", "embedding", "gateway", "admin")}
+    ports = {name: free_port() for name in ("chat", "inference", "embedding", "gateway", "admin", "nats")}
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -37,6 +56,7 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         "CHATMESH_MESH_EMBEDDING_PORT": str(ports["embedding"]),
         "CHATMESH_MESH_GATEWAY_PORT": str(ports["gateway"]),
         "CHATMESH_MESH_GATEWAY_ADMIN_PORT": str(ports["admin"]),
+        "CHATMESH_MESH_NATS_PORT": str(ports["nats"]),
     }
     # Its own working directory: the embedded defaults (.run/chatmesh.db, .run/jwt-secret) land there.
     mesh = subprocess.Popen(
@@ -77,6 +97,11 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         chats = httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", headers=headers, timeout=10)
         assert chats.status_code == 200, chats.text
         assert [c["chat_id"] for c in chats.json()["chats"]] == [reply.chat_id]
+        # ... and an asynchronous job, queued on the mesh's own NATS and answered by a replica.
+        job = submit_job_and_wait(f"http://127.0.0.1:{ports['gateway']}", headers, reply.chat_id)
+        assert job["state"] == "JOB_STATE_SUCCEEDED", job
+        assert job["reply"]["message_id"]
+        assert (tmp_path / ".run" / "nats").is_dir(), "the bundled NATS keeps its streams under .run"
         # ... and the terminal client, through the gateway, with a dev token it signs itself.
         said = terminal_client(tmp_path, env, ports["gateway"], "-m", "Hi!").strip().splitlines()[-1]
         assert said.startswith("[chat "), said

@@ -156,7 +156,7 @@ def test_routes_405s_and_streaming_come_from_the_descriptor_set(tmp_path: Path) 
 def test_the_real_api_is_read_from_the_packaged_descriptor_set() -> None:
     api = ServiceApi.load(default_descriptor_path())
     assert api.service == "chatmesh.chat.v1.ChatService"
-    assert [m.name for m in api.streaming_methods] == ["CreateChat", "Complete"]
+    assert [m.name for m in api.streaming_methods] == ["CreateChat", "Complete", "WatchJob"]
     assert {(p.template, p.verbs) for p in api.rest_paths()} == {
         ("/chat", ("POST",)),
         ("/chat/{chat_id}/completion", ("POST",)),
@@ -164,6 +164,9 @@ def test_the_real_api_is_read_from_the_packaged_descriptor_set() -> None:
         ("/chat/{chat_id}/messages", ("GET",)),
         ("/chat/{chat_id}", ("PATCH", "DELETE")),
         ("/cache", ("DELETE",)),
+        ("/chat/{chat_id}/jobs", ("POST",)),
+        ("/jobs/{job_id}", ("GET",)),
+        ("/jobs/{job_id}/events", ("GET",)),
     }
 
 

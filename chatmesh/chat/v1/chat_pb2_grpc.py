@@ -73,6 +73,21 @@ class ChatServiceStub:
                 request_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheResponse.FromString,
                 _registered_method=True)
+        self.SubmitCompletion = channel.unary_unary(
+                '/chatmesh.chat.v1.ChatService/SubmitCompletion',
+                request_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.SubmitCompletionRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.Job.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/chatmesh.chat.v1.ChatService/GetJob',
+                request_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.Job.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/chatmesh.chat.v1.ChatService/WatchJob',
+                request_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.WatchJobRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.CompletionEvent.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -136,6 +151,30 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitCompletion(self, request, context):
+        """SubmitCompletion stores the user message and queues its reply as a job, answering at once with the
+        queued job; a worker generates and stores the reply later. RESOURCE_EXHAUSTED when the queue is full
+        (nothing is stored then). A retry with the same `request_id` returns the same job.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """GetJob reads one of the caller's jobs, with the reply once it is stored.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """WatchJob streams a job's reply as a completion: the events of the generation while it runs (from
+        the start of the reply), or the stored reply once it is done. A failed job ends with an error event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -173,6 +212,21 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.ClearCache,
                     request_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheRequest.FromString,
                     response_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheResponse.SerializeToString,
+            ),
+            'SubmitCompletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitCompletion,
+                    request_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.SubmitCompletionRequest.FromString,
+                    response_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.Job.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.GetJobRequest.FromString,
+                    response_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.Job.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.WatchJobRequest.FromString,
+                    response_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.CompletionEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -368,6 +422,87 @@ class ChatService:
             '/chatmesh.chat.v1.ChatService/ClearCache',
             chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheRequest.SerializeToString,
             chatmesh_dot_chat_dot_v1_dot_chat__pb2.ClearCacheResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.chat.v1.ChatService/SubmitCompletion',
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.SubmitCompletionRequest.SerializeToString,
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.chat.v1.ChatService/GetJob',
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.GetJobRequest.SerializeToString,
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/chatmesh.chat.v1.ChatService/WatchJob',
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.WatchJobRequest.SerializeToString,
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.CompletionEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,264 @@
+"""Asynchronous completions: submit now, answered by a worker later, read or watched meanwhile.
+
+`Jobs` holds the use cases the servicer calls (submit, get, watch) and `JobWorker` the loop that runs
+queued jobs. A job is a row (`JobStore`) answering one stored user message; the queue carries its id.
+Exactly once in the history rests on the store: a message has one reply at most, and a redelivered job
+first looks for it. The worker runs a job through `Conversations`, so a job's completion is the same as a
+synchronous one (history strategy, cache, engine) and a retry or a watcher in this process joins it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from dataclasses import dataclass
+
+from chat_service.conversations import CompletionEvent, Conversations, Delta, Failed, Finished, Started
+from chat_service.domain import FinishReason, Job, JobRequest, JobState, Message
+from chat_service.inference import SamplingOptions
+from chat_service.jobs.queue import Delivery, JobQueue
+from chat_service.storage.base import JobStore
+from chatmesh.common.errors import ChatmeshError, NotFound, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class JobView:
+    """A job as its owner sees it: the row and, once stored, the reply."""
+
+    job: Job
+    reply: Message | None
+
+
+class Jobs:
+    """The job use cases for authenticated users; every method takes the caller's user id first."""
+
+    def __init__(
+        self, store: JobStore, queue: JobQueue, conversations: Conversations, poll_interval_s: float = 0.25
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._conversations = conversations
+        self._poll_interval_s = poll_interval_s
+
+    async def submit(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        content: str,
+        sampling: SamplingOptions,
+        request_id: str | None,
+        use_cache: bool,
+    ) -> JobView:
+        """Store the question and queue its job. A full queue (ResourceExhausted) or an unreachable one
+        (Unavailable) stores nothing: the question and the job are taken back before the error is raised.
+        A retry (same `request_id`) returns the first submission's job."""
+        message, _ = await self._conversations.store_question(user_id, chat_id, content, request_id)
+        job, _ = await self._store.create_job(
+            JobRequest(
+                user_id=user_id,
+                chat_id=chat_id,
+                user_message_id=message.id,
+                max_tokens=sampling.max_tokens,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                seed=sampling.seed,
+                use_cache=use_cache,
+            )
+        )
+        if job.state == JobState.QUEUED and job.attempts == 0:
+            # Also on a retry: the first attempt may have stopped before queueing it (the queue drops
+            # a second copy of an id it holds).
+            try:
+                await self._queue.submit(str(job.id))
+            except ChatmeshError:
+                await self._store.discard_job(job)
+                raise
+        return await self.get(user_id, job.id)
+
+    async def get(self, user_id: str, job_id: uuid.UUID) -> JobView:
+        """The user's job and its reply if stored; `NotFound` for another user's."""
+        job = await self._store.get_job(user_id, job_id)
+        reply = await self._conversations.find_reply(user_id, job.request.user_message_id)
+        return JobView(job, reply)
+
+    async def watch(self, user_id: str, job_id: uuid.UUID) -> AsyncGenerator[CompletionEvent, None]:
+        """The job's reply as completion events: live from the first event while it runs in this process,
+        else the stored reply once there is one (waiting for it). A failed job ends with `Failed`, then
+        its error raised."""
+        while True:
+            view = await self.get(user_id, job_id)
+            request = view.job.request
+            if view.reply is not None:
+                async for event in _replay(view.job, view.reply):
+                    yield event
+                return
+            if view.job.state == JobState.FAILED:
+                error = Unavailable(f"the job failed: {view.job.error}")
+                yield Started(request.chat_id, request.user_message_id)
+                yield Failed(error)
+                raise error
+            live = await self._conversations.follow_stored(user_id, request.user_message_id)
+            if live is not None:
+                async with aclosing(live) as events:
+                    async for event in events:
+                        yield event
+                return
+            # Queued, or running on another replica: its reply lands in the database.
+            await asyncio.sleep(self._poll_interval_s)
+
+
+async def _replay(job: Job, reply: Message) -> AsyncGenerator[CompletionEvent, None]:
+    yield Started(job.request.chat_id, job.request.user_message_id)
+    if reply.content:
+        yield Delta(reply.content)
+    yield Finished(
+        reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
+    )
+
+
+class JobWorker:
+    """Runs queued jobs, `concurrency` at a time, until `stop`.
+
+    Per delivery: a job that is gone (its chat was deleted) or finished is acknowledged; one delivered
+    more than `queue.max_attempts` times (its workers died on every attempt) is marked failed; otherwise
+    it is marked running and answered. A failure that another attempt may not meet (engine busy or
+    down, database down) is retried after a backoff, up to the attempts allowed; any other is final.
+    While it runs, the worker tells the queue it is alive, so a long generation is not redelivered.
+    """
+
+    def __init__(
+        self,
+        store: JobStore,
+        queue: JobQueue,
+        conversations: Conversations,
+        *,
+        concurrency: int = 1,
+        heartbeat_s: float = 5.0,
+        retry_delay_s: float = 1.0,
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._conversations = conversations
+        self._concurrency = concurrency
+        self._heartbeat_s = heartbeat_s
+        self._retry_delay_s = retry_delay_s
+        self._consumers: list[asyncio.Task[None]] = []
+        self._running: set[asyncio.Task[None]] = set()
+        self._stopping = asyncio.Event()
+
+    def start(self) -> None:
+        """Start taking jobs."""
+        self._consumers = [
+            asyncio.create_task(self._consume(), name=f"job-consumer-{i}") for i in range(self._concurrency)
+        ]
+
+    async def stop(self, grace_s: float) -> None:
+        """Take no more jobs, give the running ones `grace_s` to finish, then cancel them (their jobs are
+        delivered again to another worker)."""
+        self._stopping.set()
+        if self._running:
+            await asyncio.wait(self._running, timeout=grace_s)
+        for task in [*self._consumers, *self._running]:
+            task.cancel()
+        for task in [*self._consumers, *self._running]:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _consume(self) -> None:
+        async with aclosing(self._queue.deliveries()) as deliveries:
+            async for delivery in deliveries:
+                if self._stopping.is_set():
+                    # Back to the queue at once for another worker.
+                    with contextlib.suppress(Exception):
+                        await delivery.retry_later(0)
+                    return
+                handling = asyncio.create_task(self._handle(delivery))
+                self._running.add(handling)
+                handling.add_done_callback(self._running.discard)
+                # One job at a time per consumer; shielded so that stop() can let it finish.
+                with contextlib.suppress(asyncio.CancelledError):
+                    await asyncio.shield(handling)
+                if self._stopping.is_set():
+                    return
+
+    async def _handle(self, delivery: Delivery) -> None:
+        try:
+            await self._run(delivery)
+        except asyncio.CancelledError:
+            raise  # shutting down: the job is delivered again after the ack wait
+        except Exception:
+            # The database or the broker failed under us: leave the delivery unsettled, so the job comes
+            # back after the ack wait, when they may be back.
+            log.exception(
+                "a job could not be handled; it will be delivered again", extra={"job_id": delivery.job_id}
+            )
+
+    async def _run(self, delivery: Delivery) -> None:
+        try:
+            job_id = uuid.UUID(delivery.job_id)
+        except ValueError:
+            log.error("a queued job id is not a UUID; dropped", extra={"job_id": delivery.job_id})
+            await delivery.give_up()
+            return
+        job = await self._store.load_job(job_id)
+        if job is None or job.state.finished:
+            await delivery.ack()
+            return
+        attempts_allowed = self._queue.max_attempts
+        if delivery.attempt > attempts_allowed:
+            reason = job.error or "its worker stopped during every attempt"
+            await self._store.update_job(job.id, JobState.FAILED, delivery.attempt - 1, reason)
+            log.warning("job failed for good", extra={"job_id": str(job.id), "error": reason})
+            await delivery.give_up()
+            return
+        await self._store.update_job(job.id, JobState.RUNNING, delivery.attempt, job.error)
+        request = job.request
+        sampling = SamplingOptions(request.max_tokens, request.temperature, request.top_p, request.seed)
+        beating = asyncio.create_task(self._heartbeat(delivery))
+        try:
+            await self._conversations.answer_stored(
+                request.user_id, request.user_message_id, sampling, request.use_cache
+            )
+        except NotFound:
+            await delivery.ack()  # the chat was deleted, and the job with it
+            return
+        except (Unavailable, ResourceExhausted) as exc:
+            await self._retry_or_fail(job, delivery, exc.message)
+            return
+        except ChatmeshError as exc:
+            await self._fail(job, delivery, exc.message)
+            return
+        finally:
+            beating.cancel()
+        await self._store.update_job(job.id, JobState.SUCCEEDED, delivery.attempt)
+        await delivery.ack()
+        log.info("job done", extra={"job_id": str(job.id), "attempt": delivery.attempt})
+
+    async def _retry_or_fail(self, job: Job, delivery: Delivery, reason: str) -> None:
+        if delivery.attempt >= self._queue.max_attempts:
+            await self._fail(job, delivery, reason)
+            return
+        delay = self._retry_delay_s * 2 ** (delivery.attempt - 1)
+        await self._store.update_job(job.id, JobState.QUEUED, delivery.attempt, reason)
+        log.warning(
+            "job attempt failed; retrying",
+            extra={"job_id": str(job.id), "attempt": delivery.attempt, "error": reason, "delay_s": delay},
+        )
+        await delivery.retry_later(delay)
+
+    async def _fail(self, job: Job, delivery: Delivery, reason: str) -> None:
+        await self._store.update_job(job.id, JobState.FAILED, delivery.attempt, reason)
+        log.warning("job failed", extra={"job_id": str(job.id), "attempt": delivery.attempt, "error": reason})
+        await delivery.give_up()
+
+    async def _heartbeat(self, delivery: Delivery) -> None:
+        while True:
+            await asyncio.sleep(self._heartbeat_s)
+            with contextlib.suppress(Exception):
+                await delivery.still_working()
