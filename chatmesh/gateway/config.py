@@ -177,14 +177,31 @@ def _rest_error_code_names_lua() -> str:
     replies (`LOCAL_REPLY_CODES`) and the `error` event of a stream do.
 
     Only non-200 JSON replies are touched (a transcoded error); successes and native gRPC replies,
-    whose HTTP status is always 200, pass straight through without their body being buffered."""
+    whose HTTP status is always 200, pass straight through without their body being buffered.
+
+    One success changes status: a job submission over REST (`POST /chat/{chat_id}/jobs`) answers 202
+    Accepted, as asynchronous work does; the transcoder itself can only say 200."""
     names = ", ".join(f'[{code.value[0]}] = "{code.name}"' for code in grpc.StatusCode)
     return f"""local NAMES = {{{names}}}
 local PREFIX = '{{"code":'
 
+function envoy_on_request(handle)
+  local headers = handle:headers()
+  if headers:get(":method") == "POST" and string.match(headers:get(":path") or "", "^/chat/[^/?]+/jobs/?$") then
+    handle:streamInfo():dynamicMetadata():set("chatmesh", "accepted", "1")
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
-  if headers:get(":status") == "200" or headers:get("content-type") ~= "application/json" then
+  if headers:get(":status") == "200" then
+    local marks = handle:streamInfo():dynamicMetadata():get("chatmesh")
+    if marks ~= nil and marks["accepted"] ~= nil then
+      headers:replace(":status", "202")
+    end
+    return
+  end
+  if headers:get("content-type") ~= "application/json" then
     return
   end
   local body = handle:body()

@@ -36,7 +36,7 @@ def submit_job_and_wait(base: str, headers: dict[str, str], chat_id: str) -> dic
         json={"content": "Goodbye!", "max_tokens": 4},
         timeout=10,
     )
-    assert submitted.status_code == 200, submitted.text
+    assert submitted.status_code == 202, submitted.text
     job_id = submitted.json()["job_id"]
     deadline = time.monotonic() + 60
     while True:
