@@ -187,7 +187,8 @@ local PREFIX = '{{"code":'
 
 function envoy_on_request(handle)
   local headers = handle:headers()
-  if headers:get(":method") == "POST" and string.match(headers:get(":path") or "", "^/chat/[^/?]+/jobs/?$") then
+  local path = headers:get(":path") or ""
+  if headers:get(":method") == "POST" and string.match(path, "^/chat/[^/?]+/jobs/?$") then
     handle:streamInfo():dynamicMetadata():set("chatmesh", "accepted", "1")
   end
 end
