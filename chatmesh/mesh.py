@@ -51,6 +51,13 @@ class MeshSettings(BaseSettings):
         return self.nats_url or f"nats://{self.host}:{self.nats_port}"
 
     startup_timeout_s: float = Field(300.0, description="longest wait for a service to become healthy")
+    restart_backoff_s: float = Field(1.0, gt=0, description="wait before restarting a crashed service")
+    stable_after_s: float = Field(
+        60.0, gt=0, description="a service that ran this long before crashing starts its backoff afresh"
+    )
+    max_fast_crashes: int = Field(
+        5, ge=1, description="crashes in a row, each soon after start, before the mesh gives up"
+    )
     log_format: str = "text"
 
 
@@ -203,6 +210,45 @@ async def running_mesh(
         await _stop(services)
 
 
+async def supervise(service: RunningService, settings: MeshSettings) -> None:
+    """Restart `service` whenever it exits, after a backoff that doubles with each crash that follows a
+    short run (from `restart_backoff_s` up to 30 s); return when it crashed `max_fast_crashes` times in
+    a row within `stable_after_s` of starting, which the caller treats as fatal. The other services keep
+    serving meanwhile: Envoy routes around a dead chat replica, and the chat service answers UNAVAILABLE
+    while the engine is away."""
+    fast_crashes = 0
+    while True:
+        started = time.monotonic()
+        code = await service.process.wait()
+        await service.log_task
+        ran_s = time.monotonic() - started
+        fast_crashes = fast_crashes + 1 if ran_s < settings.stable_after_s else 1
+        if fast_crashes >= settings.max_fast_crashes:
+            print(
+                f"chatmesh: {service.spec.name} crashed {fast_crashes} times in a row within"
+                f" {settings.stable_after_s:.0f} s of starting (last exit code {code}); giving up",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        delay = min(30.0, settings.restart_backoff_s * 2 ** (fast_crashes - 1))
+        print(
+            f"chatmesh: {service.spec.name} exited with code {code} after {ran_s:.1f} s;"
+            f" restarting it in {delay:.1f} s (the rest keep serving)",
+            file=sys.stderr,
+            flush=True,
+        )
+        await asyncio.sleep(delay)
+        restarted = await _start(service.spec)
+        service.process, service.log_task = restarted.process, restarted.log_task
+        try:
+            await _wait_healthy(service, settings.startup_timeout_s)
+        except RuntimeError as exc:
+            print(f"chatmesh: {exc}", file=sys.stderr, flush=True)
+            continue  # it exited while starting: the next pass counts it as a fast crash
+        print(f"chatmesh: {service.spec.name} is back", file=sys.stderr, flush=True)
+
+
 async def run(settings: MeshSettings) -> int:
     """Run the mesh until Ctrl-C / SIGTERM (also during start-up) or until a process dies."""
     print("chatmesh: starting the mesh", flush=True)
@@ -219,14 +265,22 @@ async def run(settings: MeshSettings) -> int:
             _gateway(settings, services) as gateway,
         ):
             _print_welcome(services, gateway)
-            watched = {asyncio.create_task(s.process.wait()): s.spec.name for s in services}
+            # The services heal (each is restarted by its supervisor); the gateway and NATS hold no
+            # state worth a restart loop, and their exit takes the mesh down.
+            watched: dict[asyncio.Task[object], str] = {
+                asyncio.create_task(supervise(service, settings)): service.spec.name for service in services
+            }
             if gateway is not None:
                 watched[asyncio.create_task(gateway.process.wait())] = "gateway (Envoy)"
             if nats is not None:
                 watched[asyncio.create_task(nats.wait())] = "nats-server"
-            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in watched:
+                    task.cancel()
             names = ", ".join(watched[task] for task in done)
-            print(f"chatmesh: {names} exited unexpectedly; stopping the rest", file=sys.stderr)
+            print(f"chatmesh: {names} exited for good; stopping the rest", file=sys.stderr)
             return 1
     except asyncio.CancelledError:
         print("chatmesh: stopped", flush=True)

@@ -46,6 +46,39 @@ def submit_job_and_wait(base: str, headers: dict[str, str], chat_id: str) -> dic
         time.sleep(0.1)  # polling another process's state: the loop ends on the condition
 
 
+def listening_pid(port: int) -> int:
+    """The pid of the process listening on `port`."""
+    probe = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True, text=True, check=True)
+    return int(probe.stdout.split("pid=")[1].split(",")[0])
+
+
+def read_until(mesh: subprocess.Popen[str], marker: str, timeout_s: float = 120) -> str:
+    """The mesh's output up to and including the first line containing `marker`."""
+    assert mesh.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and (line := mesh.stdout.readline()):
+        seen.append(line)
+        if marker in line:
+            return "".join(seen)
+    raise AssertionError(f"no {marker!r} in the mesh's output:\n{''.join(seen)[-3000:]}")
+
+
+def heal_after_a_crash(mesh: subprocess.Popen[str], ports: dict[str, int], headers: dict[str, str]) -> None:
+    """SIGKILL the inference service: the mesh says so and restarts it; the chat replicas and the gateway
+    keep serving meanwhile (reads work), and completions work again once it is back."""
+    base = f"http://127.0.0.1:{ports['gateway']}"
+    os.kill(listening_pid(ports["inference"]), signal.SIGKILL)
+    read_until(mesh, "inference exited with code -9")
+    assert httpx.get(f"{base}/chats", headers=headers, timeout=10).status_code == 200
+    read_until(mesh, "inference is back")
+    reply = httpx.post(
+        f"{base}/chat", headers=headers, json={"content": "Hello again!", "max_tokens": 4}, timeout=60
+    )
+    assert reply.status_code == 200, reply.text
+    assert '"finish_reason"' in reply.text
+
+
 def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("chat", "inference", "embedding", "gateway", "admin", "nats")}
     env = {
@@ -68,19 +101,8 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         text=True,
         start_new_session=True,
     )
-    output: list[str] = []
     try:
-        assert mesh.stdout is not None
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            line = mesh.stdout.readline()
-            if not line:
-                break
-            output.append(line)
-            if "Press Ctrl-C" in line:
-                break
-        text = "".join(output)
-        assert "Press Ctrl-C" in text, text[-3000:]
+        text = read_until(mesh, "Press Ctrl-C")
         assert "ready on" in text and "A dev token for user 'dev'" in text
 
         # The chat service works with a token from the dev key that the mesh created (through the SDK's
@@ -102,6 +124,8 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert job["state"] == "JOB_STATE_SUCCEEDED", job
         assert job["reply"]["message_id"]
         assert (tmp_path / ".run" / "nats").is_dir(), "the bundled NATS keeps its streams under .run"
+        # A crashed service is restarted while the rest keep serving.
+        heal_after_a_crash(mesh, ports, headers)
         # ... and the terminal client, through the gateway, with a dev token it signs itself.
         said = terminal_client(tmp_path, env, ports["gateway"], "-m", "Hi!").strip().splitlines()[-1]
         assert said.startswith("[chat "), said
