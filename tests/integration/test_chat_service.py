@@ -456,7 +456,9 @@ async def test_summary_is_stored_and_extended_not_recomputed(
 
 
 async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp_path: Path) -> None:
-    """The original request and a retry that joined it both end with the error event and its status."""
+    """The engine killed mid-stream: the original request and a retry that joined it both end with the
+    error event and its status; the question stays, with no broken reply; once the engine is back, the
+    retry is answered."""
     inference = f"127.0.0.1:{free_port()}"
     chat = f"127.0.0.1:{free_port()}"
     inference_env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_CONTEXT_LENGTH": "1024"}
@@ -492,6 +494,14 @@ async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp
                     assert last.error.code == "UNAVAILABLE" and last.error.message == error.details(), name
                 messages = await client.all_messages(chat_id)
                 assert [m.role for m in messages] == [pb.ROLE_USER], "no broken assistant message is stored"
+                # Once the engine is back (a restart on the same address), the retry answers the stored
+                # question: one question, one reply.
+                with run_service("inference_service", inference_env, inference, timeout=60):
+                    answered = await drain(client.stub.Complete(request, metadata=client.metadata))
+                assert answered.last is not None and answered.last.finish_reason
+                messages = await client.all_messages(chat_id)
+                assert [m.role for m in messages] == [pb.ROLE_USER, pb.ROLE_ASSISTANT]
+                assert messages[1].content == answered.text
 
 
 async def test_full_strategy_reports_an_over_long_history_in_chat_api_terms(
