@@ -286,3 +286,52 @@ async def test_a_worker_killed_mid_job(
         assert (done.state, done.attempts) == (pb.JOB_STATE_FAILED, 1)
         assert "stopped" in done.error
         assert [m.role for m in history] == [pb.ROLE_USER]
+
+
+async def test_queued_jobs_survive_a_nats_restart_and_complete_once(
+    inference_address: str, tmp_path: Path
+) -> None:
+    """Jobs queued while no worker runs, then NATS restarted: every job completes, each exactly once, and
+    the replica that queued them queues more without a restart of its own."""
+    database = tmp_path / "chat.db"
+    front, worker = (f"127.0.0.1:{free_port()}" for _ in range(2))
+    with run_nats(tmp_path / "nats") as nats:
+        front_env = jobs_env(
+            front, database, inference_address, nats, "JOBS_RESTART", CHATMESH_CHAT_JOBS_WORKERS="0"
+        )
+        worker_env = jobs_env(
+            worker, database, inference_address, nats, "JOBS_RESTART", CHATMESH_CHAT_MIGRATE_ON_START="false"
+        )
+        with run_service("chat_service", front_env, front, timeout=60):
+            async with grpc.aio.insecure_channel(front) as channel:
+                alice = client(channel)
+                chats = [(await alice.chat.create()).chat_id for _ in range(4)]
+                jobs = [await alice.submit(chat_id, f"Say {i}.", **SHORT) for i, chat_id in enumerate(chats)]
+                assert {job.state for job in jobs} == {pb.JOB_STATE_QUEUED}
+                nats.restart()
+                # The replica reconnects by itself; a submission succeeds once it has.
+                late_chat = (await alice.chat.create()).chat_id
+                late = await _submit_when_reconnected(alice, late_chat)
+                with run_service("chat_service", worker_env, worker, timeout=60):
+                    finished = [await alice.finished(job.job_id) for job in [*jobs, late]]
+                for chat_id, job in zip([*chats, late_chat], finished, strict=True):
+                    assert (job.state, job.attempts) == (pb.JOB_STATE_SUCCEEDED, 1)
+                    history = await alice.chat.all_messages(chat_id)
+                    assert [m.role for m in history] == [pb.ROLE_USER, pb.ROLE_ASSISTANT]
+                    assert history[1].message_id == job.reply.message_id
+
+
+async def _submit_when_reconnected(alice: JobClient, chat_id: str) -> pb.Job:
+    """Submit a job, retrying while the replica's NATS connection is still coming back (UNAVAILABLE)."""
+    submitted: list[pb.Job] = []
+
+    async def try_submit() -> bool:
+        try:
+            submitted.append(await alice.submit(chat_id, "Say late.", request_id="late", **SHORT))
+        except grpc.aio.AioRpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error.details()
+            return False
+        return True
+
+    await eventually(try_submit, "a submission after NATS restarted", timeout_s=30)
+    return submitted[-1]
