@@ -20,10 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
 
+import asyncpg
 from sqlalchemy import Select, Table, Update, case, delete, event, insert, literal, select, tuple_
 from sqlalchemy import update as sql_update
-from sqlalchemy.engine import URL, Row, make_url
-from sqlalchemy.engine.interfaces import DBAPIConnection
+from sqlalchemy.engine import URL, Dialect, Row, make_url
+from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
@@ -49,7 +50,7 @@ from chat_service.domain import (
 from chat_service.storage.base import NOT_COUNTED, ConversationStore, JobStore, TurnStart
 from chat_service.storage.migrate import upgrade_to_head
 from chat_service.storage.models import ChatRow, JobRow, MessageRow
-from chatmesh.common.errors import NotFound
+from chatmesh.common.errors import NotFound, Unavailable
 
 TITLE_MAX_CHARS = 80
 _ELLIPSIS = "…"
@@ -742,6 +743,39 @@ def _sqlite_on_connect(dbapi_connection: DBAPIConnection, connection_record: Con
     cursor.close()
 
 
+_UNREACHABLE = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+)
+"""What PostgreSQL (or the way to it) raises while it is down, starting or shutting down."""
+
+
+def _unreachable(cause: BaseException) -> Unavailable:
+    return Unavailable(f"the database cannot be reached ({type(cause).__name__}); retry")
+
+
+def _unavailable_when_unreachable(context: ExceptionContext) -> None:
+    """A database that cannot be reached (down, restarting, a dropped connection) is a dependency that
+    is unavailable, not a bug: the call fails with UNAVAILABLE and a message that says so, and a retry
+    may succeed. Every other database error stays what it is."""
+    original = context.original_exception
+    if context.is_disconnect or isinstance(original, _UNREACHABLE):
+        raise _unreachable(original) from (context.sqlalchemy_exception or original)
+
+
+def _connect_or_unavailable(
+    dialect: Dialect, record: ConnectionPoolEntry, cargs: Sequence[Any], cparams: dict[str, Any]
+) -> DBAPIConnection:
+    """A new connection, or Unavailable: errors of connecting bypass `handle_error`."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except _UNREACHABLE as exc:
+        raise _unreachable(exc) from exc
+
+
 def create_store_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngine:
     """An async engine for the conversation store (see `open_sql_store`)."""
     url = _async_url(database_url)
@@ -757,7 +791,7 @@ def create_store_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngin
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         return engine
     if url.get_backend_name() == "postgresql":
-        return create_async_engine(
+        engine = create_async_engine(
             url,
             pool_size=pool_size,
             max_overflow=pool_size,
@@ -767,6 +801,9 @@ def create_store_engine(database_url: str, *, pool_size: int = 10) -> AsyncEngin
             pool_recycle=1800,
             connect_args={"server_settings": {"application_name": "chatmesh-chat"}},
         )
+        event.listen(engine.sync_engine, "handle_error", _unavailable_when_unreachable)
+        event.listen(engine.sync_engine, "do_connect", _connect_or_unavailable)
+        return engine
     raise ValueError(f"unsupported chat database {url.render_as_string(hide_password=True)!r}")
 
 
