@@ -762,6 +762,8 @@ def _unavailable_when_unreachable(context: ExceptionContext) -> None:
     is unavailable, not a bug: the call fails with UNAVAILABLE and a message that says so, and a retry
     may succeed. Every other database error stays what it is."""
     original = context.original_exception
+    if not isinstance(original, Exception):
+        return  # a cancelled call (its connection is dropped as a disconnect) stays cancelled
     if context.is_disconnect or isinstance(original, _UNREACHABLE):
         raise _unreachable(original) from (context.sqlalchemy_exception or original)
 
