@@ -15,7 +15,7 @@ from chat_service.cache.policy import CachedAnswer, NoCache, Question, ResponseC
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
-from chat_service.storage.base import NOT_COUNTED, ConversationStore
+from chat_service.storage.base import NOT_COUNTED, ConversationStore, Lease
 from chatmesh.common.errors import ChatmeshError, NotFound, Unavailable
 
 log = logging.getLogger(__name__)
@@ -164,6 +164,10 @@ class Conversations:
         engine: EngineInfo,
         default_strategy: HistoryStrategy,
         cache: ResponseCache | None = None,
+        *,
+        replica_id: str | None = None,
+        lease_s: float = 15.0,
+        poll_interval_s: float = 0.2,
     ) -> None:
         self._store = store
         self._inference = inference
@@ -171,6 +175,11 @@ class Conversations:
         self._engine = engine
         self._default_strategy = default_strategy
         self._cache = cache or NoCache()
+        # Completions running in *other* replicas are known by their lease in the store: the replica that
+        # generates a reply holds it (renewed every third of `lease_s`), so a retry that lands elsewhere
+        # waits for that reply rather than generating a second one, and takes over once it lapses.
+        self._lease = Lease(replica_id or f"replica-{uuid.uuid4().hex[:12]}", lease_s)
+        self._poll_interval_s = poll_interval_s
         # Completions running in this process, by user message id, so a retry can join one.
         self._in_flight: dict[uuid.UUID, _Running] = {}
         # Cache writes that run after their answer was sent; kept so they are not collected mid-way
@@ -237,7 +246,7 @@ class Conversations:
         its error raised.
         """
         received = time.perf_counter()
-        turn = await self._store.start_turn(user_id, chat_id, content, request_id)
+        turn = await self._store.start_turn(user_id, chat_id, content, request_id, lease=self._lease)
         if turn.created:
             running = self._run(
                 turn.message.id,
@@ -282,19 +291,22 @@ class Conversations:
     async def _resume(
         self, chat: Chat, user_message: Message, sampling: SamplingOptions
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """A retried message that nothing here is completing: return its stored reply, else (the first
-        attempt failed, or died elsewhere) generate it now.
+        """A retried message that nothing here is completing: return its stored reply; else, if another
+        replica is generating it (its lease runs), wait for that reply; else (the first attempt failed,
+        or its replica died and the lease lapsed) generate it now.
 
         Registered as running before the reply is looked up, so a completion of this message that ended
-        earlier has stored its reply by then, and none can start meanwhile."""
-        reply = await self._store.find_reply(chat.user_id, user_message.id)
-        if reply is None:
-            async with aclosing(
-                self._generate(chat, user_message, sampling, None, time.perf_counter())
-            ) as events:
-                async for event in events:
-                    yield event
-            return
+        earlier here has stored its reply by then, and none can start here meanwhile."""
+        while (reply := await self._store.find_reply(chat.user_id, user_message.id)) is None:
+            if await self._store.claim_completion(chat.user_id, user_message.id, self._lease):
+                async with aclosing(
+                    self._generate(chat, user_message, sampling, None, time.perf_counter())
+                ) as events:
+                    async for event in events:
+                        yield event
+                return
+            # Another replica holds the lease: its reply lands in the store (or the lease lapses).
+            await asyncio.sleep(self._poll_interval_s)
         yield Started(chat.id, user_message.id)
         if reply.content:
             yield Delta(reply.content)
@@ -399,6 +411,7 @@ class Conversations:
         finished: Generated | None = None
         started = received
         opening = asyncio.ensure_future(self._open_stream(chat, user_message, history, sampling, request_id))
+        keeping = asyncio.ensure_future(self._keep_lease(chat.user_id, user_message.id))
         counting: asyncio.Future[int] | None = None
         first_token_s: float | None = None
         announced = False
@@ -441,6 +454,7 @@ class Conversations:
             # the error travels as an event before the status (HTTP clients see only the event), and
             # both say the same.
             await self._keep_count(user_message, counting)
+            self._in_background(self._release_lease(user_message.id))
             error = exc if not isinstance(exc, Unavailable) else Unavailable(f"generation failed: {exc}")
             if announced:
                 yield Failed(error)
@@ -452,14 +466,36 @@ class Conversations:
             # event for every follower, and the details in the log rather than in the reply.
             log.exception("completion failed", extra={"chat_id": str(chat.id)})
             await self._keep_count(user_message, counting)
+            self._in_background(self._release_lease(user_message.id))
             internal = ChatmeshError("the completion failed unexpectedly; see the chat service log")
             if announced:
                 yield Failed(internal)
             raise internal from exc
         finally:
             _discard(counting)
+            keeping.cancel()
         _log_stored(chat, finished, started, first_token_s, engine_ttft_s)
         yield Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, reply.id)
+
+    async def _keep_lease(self, user_id: str, message_id: uuid.UUID) -> None:
+        """Renew this replica's lease on the completion while it runs (cancelled when it ends)."""
+        while True:
+            await asyncio.sleep(self._lease.seconds / 3)
+            try:
+                if not await self._store.claim_completion(user_id, message_id, self._lease):
+                    log.warning(
+                        "another replica took over a running completion",
+                        extra={"message_id": str(message_id)},
+                    )
+            except ChatmeshError as exc:
+                log.warning("renewing a completion lease failed", extra={"error": exc.message})
+
+    async def _release_lease(self, message_id: uuid.UUID) -> None:
+        """Free the completion for a retry anywhere (it ended without a reply)."""
+        try:
+            await self._store.release_completion(message_id, self._lease.holder)
+        except ChatmeshError as exc:
+            log.warning("releasing a completion lease failed", extra={"error": exc.message})
 
     async def _open_stream(
         self,

@@ -133,6 +133,8 @@ async def serve(settings: ChatSettings) -> None:
             engine,
             settings.default_history_strategy,
             cache,
+            replica_id=settings.replica_id,
+            lease_s=settings.completion_lease_s,
         )
         jobs: Jobs | None = None
         worker: JobWorker | None = None

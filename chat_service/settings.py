@@ -48,6 +48,15 @@ class ChatSettings(ServiceSettings):
         600.0, gt=0, description="deadline of a whole Generate stream, from the request to its last token"
     )
     default_history_strategy: HistoryStrategy = HistoryStrategy.WINDOW
+    replica_id: str | None = Field(
+        None, max_length=64, description="this replica's name in completion leases; default: a random one"
+    )
+    completion_lease_s: float = Field(
+        15.0,
+        gt=0,
+        description="a retry on another replica waits this long for a silent replica's reply before"
+        " generating it itself",
+    )
 
     # Semantic cache (the vector service runs in the embedding service's process).
     cache_address: str | None = Field(

@@ -28,6 +28,14 @@ comes, by `record_token_count`. A real count is never 0: the chat template alone
 
 
 @dataclass(frozen=True, slots=True)
+class Lease:
+    """A replica's claim on generating one reply: `holder` until `seconds` from now, unless renewed."""
+
+    holder: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class TurnStart:
     """The start of a completion: the chat, its stored user message, whether this call stored it, and
     (when it did) the chat's history through that message, oldest first."""
@@ -86,11 +94,24 @@ class ConversationStore(Protocol):
         request_id: str | None,
         *,
         with_history: bool = True,
+        lease: Lease | None = None,
     ) -> TurnStart:
         """`add_user_message` plus what a completion needs next (the chat, and its history through the new
         message) in one short transaction. The message is stored with `token_count` `NOT_COUNTED`, so
-        the caller can count it concurrently and record the count later. On a retry (`created` False)
-        the history is empty and the message is the stored one (counted or not)."""
+        the caller can count it concurrently and record the count later, and with `lease` (the caller
+        generates its reply). On a retry (`created` False) the history is empty and the message is the
+        stored one (counted or not)."""
+        ...
+
+    async def claim_completion(self, user_id: str, message_id: uuid.UUID, lease: Lease) -> bool:
+        """Take or renew the lease on generating the reply to the user's message: True if `lease.holder`
+        holds it now (nobody held it, it lapsed, or the holder already held it), False if another holder's
+        lease is still running. `NotFound` if the user has no such message."""
+        ...
+
+    async def release_completion(self, message_id: uuid.UUID, holder: str) -> None:
+        """Give up `holder`'s lease (the completion ended without a reply), so a retry anywhere may start
+        at once; a lease someone else holds is left alone."""
         ...
 
     async def add_assistant_message(

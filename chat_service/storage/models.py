@@ -131,6 +131,11 @@ class MessageRow(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     # Added in migration 0002; NULL for user messages and for replies stored before it.
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
+    # Added in migration 0004, user messages only: which chat replica is generating the reply, and until
+    # when that claim holds unless renewed. A retry on another replica waits for that reply instead of
+    # generating a second one, and takes the completion over once the claim has lapsed.
+    running_on: Mapped[str | None] = mapped_column(String(64))
+    lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class JobRow(Base):

@@ -16,12 +16,12 @@ import contextlib
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import Select, Table, Update, case, delete, event, insert, literal, select, tuple_
+from sqlalchemy import Select, Table, Update, case, delete, event, insert, literal, or_, select, tuple_
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import URL, Dialect, Row, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
@@ -47,7 +47,7 @@ from chat_service.domain import (
     Message,
     Role,
 )
-from chat_service.storage.base import NOT_COUNTED, ConversationStore, JobStore, TurnStart
+from chat_service.storage.base import NOT_COUNTED, ConversationStore, JobStore, Lease, TurnStart
 from chat_service.storage.migrate import upgrade_to_head
 from chat_service.storage.models import ChatRow, JobRow, MessageRow
 from chatmesh.common.errors import NotFound, Unavailable
@@ -341,12 +341,13 @@ class SqlConversationStore(ConversationStore, JobStore):
         request_id: str | None,
         *,
         with_history: bool = True,
+        lease: Lease | None = None,
     ) -> TurnStart:
         """Everything a completion needs before generating, in one transaction: bump the chat (owner check,
-        activity, title), read its history, insert the user message (not counted yet: `NOT_COUNTED`).
-        Idempotent like `add_user_message`."""
+        activity, title), read its history, insert the user message (not counted yet: `NOT_COUNTED`;
+        claimed by `lease`). Idempotent like `add_user_message`."""
         return await self._insert_user_message(
-            user_id, chat_id, content, NOT_COUNTED, request_id, with_history=with_history
+            user_id, chat_id, content, NOT_COUNTED, request_id, with_history=with_history, lease=lease
         )
 
     async def _insert_user_message(
@@ -358,6 +359,7 @@ class SqlConversationStore(ConversationStore, JobStore):
         request_id: str | None,
         *,
         with_history: bool,
+        lease: Lease | None = None,
     ) -> TurnStart:
         for _ in range(_IDEMPOTENT_ATTEMPTS):
             now = _now()
@@ -372,6 +374,8 @@ class SqlConversationStore(ConversationStore, JobStore):
                 "token_count": token_count,
                 "request_id": request_id,
                 "created_at": now,
+                "running_on": lease.holder if lease else None,
+                "lease_until": now + timedelta(seconds=lease.seconds) if lease else None,
             }
             try:
                 if self._engine.dialect.name == "postgresql":
@@ -568,6 +572,43 @@ class SqlConversationStore(ConversationStore, JobStore):
                 )
             )
         return _to_message(row) if row is not None else None
+
+    async def claim_completion(self, user_id: str, message_id: uuid.UUID, lease: Lease) -> bool:
+        now = _now()
+        async with self._sessions.begin() as session:
+            claimed = await session.scalar(
+                sql_update(MessageRow)
+                .where(
+                    MessageRow.id == message_id,
+                    MessageRow.user_id == user_id,
+                    MessageRow.role == Role.USER.value,
+                    or_(
+                        MessageRow.running_on.is_(None),
+                        MessageRow.running_on == lease.holder,
+                        MessageRow.lease_until < now,
+                    ),
+                )
+                .values(running_on=lease.holder, lease_until=now + timedelta(seconds=lease.seconds))
+                .returning(MessageRow.seq)
+                .execution_options(synchronize_session=False)
+            )
+            if claimed is not None:
+                return True
+            exists = await session.scalar(
+                select(MessageRow.seq).where(MessageRow.id == message_id, MessageRow.user_id == user_id)
+            )
+        if exists is None:
+            raise _message_not_found(message_id)
+        return False
+
+    async def release_completion(self, message_id: uuid.UUID, holder: str) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                sql_update(MessageRow)
+                .where(MessageRow.id == message_id, MessageRow.running_on == holder)
+                .values(running_on=None, lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
 
     async def chat_of_message(self, user_id: str, message_id: uuid.UUID) -> uuid.UUID:
         async with self._reader.connect() as connection:

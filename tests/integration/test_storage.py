@@ -36,7 +36,7 @@ from chat_service.domain import (
     Message,
     Role,
 )
-from chat_service.storage.base import NOT_COUNTED
+from chat_service.storage.base import NOT_COUNTED, Lease
 from chat_service.storage.migrate import alembic_config, upgrade_to_head
 from chat_service.storage.models import Base, ChatRow, MessageRow
 from chat_service.storage.sql import TITLE_MAX_CHARS, SqlConversationStore, open_sql_store, title_from_content
@@ -481,7 +481,7 @@ async def test_migrations_are_idempotent_and_match_the_models(store: SqlConversa
 
     async with store.engine.connect() as connection:
         revision, differences = await connection.run_sync(inspect)
-    assert revision == head == "0003"
+    assert revision == head == "0004"
     # The hand-written revision creates exactly what the models declare.
     assert differences == []
 
@@ -671,3 +671,20 @@ async def test_a_discarded_job_leaves_no_unanswered_message(
     again, created = await store.add_user_message(user, chat_id, "refused", NOT_COUNTED, "req-2")
     assert created
     assert again.id != message.id
+
+
+async def test_completion_leases(store: SqlConversationStore, new_user: Callable[[], str]) -> None:
+    user = new_user()
+    chat_id = await new_chat(store, user)
+    turn = await store.start_turn(user, chat_id, "Hi", "req-lease", lease=Lease("replica-a", 60))
+    message = turn.message.id
+    assert not await store.claim_completion(user, message, Lease("replica-b", 60)), "a runs it"
+    assert await store.claim_completion(user, message, Lease("replica-a", 60)), "a renews its own"
+    await store.release_completion(message, "replica-b")  # not b's to release
+    assert not await store.claim_completion(user, message, Lease("replica-b", 60))
+    await store.release_completion(message, "replica-a")
+    assert await store.claim_completion(user, message, Lease("replica-b", 0)), "free after a released it"
+    # b's lease of 0 s has lapsed at once: anyone may take over.
+    assert await store.claim_completion(user, message, Lease("replica-c", 60))
+    with pytest.raises(NotFound):
+        await store.claim_completion(new_user(), message, Lease("replica-d", 60))
