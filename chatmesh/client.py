@@ -532,6 +532,56 @@ class AsyncChatClient:
         )
         return reply.deleted_entries
 
+    # --- asynchronous jobs ---------------------------------------------------------------------------
+
+    async def submit_job(
+        self,
+        chat_id: str,
+        content: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        request_id: str | None = None,
+        skip_cache: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> pb.Job:
+        """Queue the reply to `content` in chat `chat_id` as a job and return it at once (state QUEUED);
+        a worker answers it later. `ResourceExhausted` when the queue is full (nothing is stored). The
+        `request_id` (default: a fresh UUID) makes retries of the submission return the same job."""
+        sampling: dict[str, Any] = {
+            name: value
+            for name, value in (
+                ("max_tokens", max_tokens),
+                ("temperature", temperature),
+                ("top_p", top_p),
+                ("seed", seed),
+            )
+            if value is not None
+        }
+        request = pb.SubmitCompletionRequest(
+            chat_id=chat_id,
+            content=content,
+            request_id=request_id or str(uuid.uuid4()),
+            skip_cache=skip_cache,
+            **sampling,
+        )
+        job: pb.Job = await self._unary(self._stub.SubmitCompletion, request, timeout)
+        return job
+
+    async def get_job(self, job_id: str, *, timeout: float | None = None) -> pb.Job:  # noqa: ASYNC109
+        """One of the caller's jobs, with its reply once stored (`NotFound` for anyone else's)."""
+        job: pb.Job = await self._unary(self._stub.GetJob, pb.GetJobRequest(job_id=job_id), timeout)
+        return job
+
+    def watch_job(self, job_id: str, *, timeout: float | None = None) -> CompletionStream:
+        """The job's reply as a completion stream: live while it runs, or the stored reply; a failed job
+        raises its error."""
+        request = pb.WatchJobRequest(job_id=job_id)
+        deadline = self._deadline(timeout, self.stream_timeout)
+        return CompletionStream(self._completion(self._stub.WatchJob, request, deadline), job_id)
+
     # --- machinery -----------------------------------------------------------------------------------
 
     def _metadata(self) -> tuple[tuple[str, str], ...]:

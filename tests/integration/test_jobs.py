@@ -15,7 +15,7 @@ import pytest
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
-from tests.support.chat import ChatClient, auth, drain
+from tests.support.chat import ChatClient, auth, drain, grpc_errors
 from tests.support.nats import NatsServer, run_nats
 from tests.support.processes import free_port, run_service, start_process, stop_process, wait_until_serving
 from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env
@@ -68,13 +68,13 @@ class JobClient:
         self.metadata = auth(chat.user)
 
     async def submit(self, chat_id: str, content: str, **fields: Any) -> pb.Job:
-        request = pb.SubmitCompletionRequest(chat_id=chat_id, content=content, **fields)
-        job: pb.Job = await self.stub.SubmitCompletion(request, metadata=self.metadata)
-        return job
+        """Through the SDK (which maps errors), re-raised as the gRPC error for the tests to inspect."""
+        with grpc_errors():
+            return await self.chat.sdk.submit_job(chat_id, content, **fields)
 
     async def get(self, job_id: str) -> pb.Job:
-        job: pb.Job = await self.stub.GetJob(pb.GetJobRequest(job_id=job_id), metadata=self.metadata)
-        return job
+        with grpc_errors():
+            return await self.chat.sdk.get_job(job_id)
 
     def watch(self, job_id: str) -> grpc.aio.UnaryStreamCall[pb.WatchJobRequest, pb.CompletionEvent]:
         return self.stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=self.metadata)
@@ -130,12 +130,9 @@ async def test_a_job_is_answered_once_and_can_be_watched_and_read(channel: grpc.
         (pb.ROLE_USER, job.user_message_id),
         (pb.ROLE_ASSISTANT, done.reply.message_id),
     ]
-    # Watching a finished job replays its stored reply.
-    replayed = await drain(alice.watch(job.job_id))
-    assert (replayed.text, replayed.last and replayed.last.assistant_message_id) == (
-        watched.text,
-        done.reply.message_id,
-    )
+    # Watching a finished job replays its stored reply (here through the SDK).
+    replayed = await alice.chat.sdk.watch_job(job.job_id).collect()
+    assert (replayed.text, replayed.assistant_message_id) == (watched.text, done.reply.message_id)
 
 
 async def test_a_retried_submission_is_the_same_job(channel: grpc.aio.Channel) -> None:
