@@ -107,8 +107,9 @@ _CODE: Final = re.compile(
     r"`[^`]+`|[A-Za-z_][\w.]*\(\)|\b\w*_\w+\b|\b[a-z]+[A-Z]\w*\b|\b[A-Z]\w*[A-Z]\w*[a-z]\w*\b"
 )
 _CODE_NOISE: Final = re.compile(r"[`()]")
-# Word rarity is 7 minus the word's Zipf frequency in English (wordfreq: "the" 7.7, "python" 3.8,
-# "tokenizer" 0), floored at 0: a word seen less than once per ten million words scores 7.
+# Word rarity is 7 minus the word's Zipf frequency in English (log10 of its count per billion words;
+# wordfreq: "the" 7.7, "python" 3.8, "tokenizer" 0), floored at 0: "the" scores 0, "python" 3.2, a word
+# wordfreq has never seen (an identifier, a typo) 7.
 _RARITY_CEILING: Final = 7.0
 
 
@@ -263,7 +264,8 @@ FEATURE_NAMES: Final = (
 """
 
 # Logistic-regression weights over FEATURE_NAMES and the intercept, fitted by
-# `benchmarks/cache_research.py --fit` on the first halves of both data sets, then frozen.
+# `benchmarks/cache_research.py --fit` on the top candidate of every lookup of the first halves of both
+# data sets, then frozen.
 _WEIGHTS: Final[tuple[float, ...]] = (
     23.3219,  # margin
     6.9584,  # identical
