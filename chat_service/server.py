@@ -10,7 +10,7 @@ import time
 import grpc
 
 from chat_service.cache.policy import CachePolicy, NoCache, ResponseCache, SemanticCache
-from chat_service.cache.verification import VerificationRule
+from chat_service.cache.verification import VerificationRule, preload_word_frequencies
 from chat_service.conversations import Conversations
 from chat_service.history import HistoryBuilder, SummaryPolicy
 from chat_service.inference import (
@@ -80,6 +80,7 @@ async def open_cache(
             "ttl_s": settings.cache_ttl_s,
         },
     )
+    preload_word_frequencies()  # at start-up rather than during the first cached question
     return SemanticCache(vectors, policy, VerificationRule())
 
 

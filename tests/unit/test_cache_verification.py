@@ -172,3 +172,72 @@ def test_evidence_has_one_value_per_feature() -> None:
         "How do I lose weight fast?", [Candidate(0.9, "How can I lose weight quickly?")]
     )
     assert len(evidence[0].features) == len(FEATURE_NAMES)
+
+
+def test_typographic_apostrophes_are_apostrophes() -> None:
+    # Made-up scores. With U+2019 for the apostrophe, "Isn't" is still a negation and "don't" the same word.
+    query = "Is it healthy to drink coffee every day?"
+    assert RULE.choose("Isn\u2019t it healthy to drink coffee every day?", [Candidate(0.95, query)]) is None
+    copy = "What happens if you don\u2019t put your phone in airplane mode?"
+    evidence = candidate_evidence(copy, [Candidate(0.99, copy.replace("\u2019", "'"))])
+    assert not evidence[0].vetoed
+    assert evidence[0].features[FEATURE_NAMES.index("identical")] == 1.0
+
+
+def test_not_only_is_not_a_negation() -> None:
+    # Made-up score: only the veto is checked.
+    query = "This code can load not only one type of audio dataset but also others."
+    candidate = "Other types of audio datasets can be loaded too."
+    evidence = candidate_evidence(query, [Candidate(0.92, candidate)])
+    assert not evidence[0].vetoed
+
+
+def test_a_negation_said_with_another_negative_word_is_no_conflict() -> None:
+    # Made-up scores: only the veto is checked.
+    query = "No alternative to the upload page is mentioned in the document."
+    candidate = "The document doesn't mention any alternative to the upload page."
+    assert not candidate_evidence(query, [Candidate(0.99, candidate)])[0].vetoed
+    query = "The builder makes a label column in the absence of metadata."
+    candidate = "If the dataset doesn't have metadata, the builder makes a label column."
+    assert not candidate_evidence(query, [Candidate(0.95, candidate)])[0].vetoed
+
+
+def test_a_stored_copy_of_the_candidate_is_no_rival() -> None:
+    # Made-up scores: the same question stored twice (case and punctuation aside) is no ambiguity.
+    query = "How do I lose weight fast?"
+    candidates = [
+        Candidate(0.921, "How can I lose weight quickly?"),
+        Candidate(0.918, "how can I lose weight quickly"),
+        Candidate(0.677, "How do I gain weight fast?"),
+    ]
+    assert RULE.choose(query, candidates) == 0
+    margin = FEATURE_NAMES.index("margin")
+    assert candidate_evidence(query, candidates)[0].features[margin] == pytest.approx(0.921 - 0.677)
+
+
+def test_a_rare_word_swapped_weighs_more_than_a_common_one() -> None:
+    # Made-up scores: only the features are checked.
+    query = "How do I learn Java quickly?"
+    rare_swap, common_swap = candidate_evidence(
+        query,
+        [Candidate(0.8, "How do I learn Python quickly?"), Candidate(0.8, "How can I learn Java fast?")],
+    )
+    query_only = FEATURE_NAMES.index("query_only_rarity")
+    assert rare_swap.features[query_only] > common_swap.features[query_only]
+    overlap = FEATURE_NAMES.index("rarity_overlap")
+    assert rare_swap.features[overlap] < common_swap.features[overlap]
+
+
+def test_different_code_identifiers_are_a_mismatch() -> None:
+    # Made-up scores: only the features are checked.
+    query = "How do I speed up `map()` on a dataset?"
+    other, same = candidate_evidence(
+        query,
+        [
+            Candidate(0.9, "How do I speed up `filter()` on a dataset?"),
+            Candidate(0.9, "How can `map()` on a dataset be made faster?"),
+        ],
+    )
+    mismatch = FEATURE_NAMES.index("code_mismatch")
+    assert other.features[mismatch] == 1.0
+    assert same.features[mismatch] == 0.0
