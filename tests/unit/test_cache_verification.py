@@ -29,7 +29,7 @@ def test_the_default_rule_uses_the_shipped_operating_point() -> None:
 def test_a_paraphrase_with_a_clear_lead_is_served() -> None:
     query = "How can I improve my English speaking skills?"
     candidates = [
-        Candidate(0.901, "How do I improve my spoken English?"),
+        Candidate(0.94, "How do I improve my spoken English?"),
         Candidate(0.747, "How can I improve my English writing skills?"),
         Candidate(0.385, "What is the best way to learn French?"),
     ]
@@ -132,7 +132,7 @@ def test_the_index_refers_to_the_order_given() -> None:
     candidates = [
         Candidate(0.385, "What is the best way to learn French?"),
         Candidate(0.747, "How can I improve my English writing skills?"),
-        Candidate(0.901, "How do I improve my spoken English?"),
+        Candidate(0.94, "How do I improve my spoken English?"),
     ]
     assert RULE.choose(query, candidates) == 2
 
