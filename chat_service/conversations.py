@@ -454,7 +454,8 @@ class Conversations:
             # the error travels as an event before the status (HTTP clients see only the event), and
             # both say the same.
             await self._keep_count(user_message, counting)
-            self._in_background(self._release_lease(user_message.id))
+            # Before the error reaches the client: its retry, on any replica, may start at once.
+            await self._release_lease(user_message.id)
             error = exc if not isinstance(exc, Unavailable) else Unavailable(f"generation failed: {exc}")
             if announced:
                 yield Failed(error)
@@ -466,7 +467,8 @@ class Conversations:
             # event for every follower, and the details in the log rather than in the reply.
             log.exception("completion failed", extra={"chat_id": str(chat.id)})
             await self._keep_count(user_message, counting)
-            self._in_background(self._release_lease(user_message.id))
+            # Before the error reaches the client: its retry, on any replica, may start at once.
+            await self._release_lease(user_message.id)
             internal = ChatmeshError("the completion failed unexpectedly; see the chat service log")
             if announced:
                 yield Failed(internal)

@@ -39,16 +39,21 @@ class AdmissionController:
         ahead = self._active + self._waiting
         return max(0.1, self._avg_hold_s * ahead / self._max_active)
 
+    def check(self) -> None:
+        """Raise what `slot` would raise right now for a full house: lets a request be refused before
+        any work is spent on it (a refusal must be fast, and preparing a prompt is not free)."""
+        if self._slots.locked() and self._waiting >= self._max_queued:
+            raise ResourceExhausted(
+                f"all {self._max_active} generation slots are busy and {self._waiting} requests are"
+                " queued; retry later",
+                self.retry_after_s(),
+            )
+
     @asynccontextmanager
     async def slot(self) -> AsyncIterator[None]:
         """Hold a slot for the duration of the block, waiting in the queue if allowed."""
         if self._slots.locked():
-            if self._waiting >= self._max_queued:
-                raise ResourceExhausted(
-                    f"all {self._max_active} generation slots are busy and {self._waiting} requests are"
-                    " queued; retry later",
-                    self.retry_after_s(),
-                )
+            self.check()
             self._waiting += 1
             try:
                 await asyncio.wait_for(self._slots.acquire(), self._queue_timeout_s)

@@ -41,6 +41,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
         turns = parse_turns(request.messages)
+        self._admission.check()
         prompt = await self._backend.prepare(turns)
         sampling = parse_sampling(
             request.sampling,

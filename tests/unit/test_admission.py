@@ -21,12 +21,17 @@ async def test_admits_up_to_max_active_then_queues_then_rejects() -> None:
             order.append(name)
             await release.wait()
 
+    admission.check()  # room: no refusal
     first = asyncio.create_task(hold("first"))
     await until(lambda: admission.active == 1)
+    admission.check()  # the queue still has room
     second = asyncio.create_task(hold("second"))
     await until(lambda: admission.waiting == 1)
     assert (admission.active, admission.waiting) == (1, 1)
 
+    # Full house: refused up front (before a prompt is prepared) and by slot() alike.
+    with pytest.raises(ResourceExhausted):
+        admission.check()
     with pytest.raises(ResourceExhausted) as rejected:
         async with admission.slot():
             pass
