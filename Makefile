@@ -84,6 +84,7 @@ bench: install-test
 	$(PY) benchmarks/mesh_concurrency.py
 	$(PY) benchmarks/storage_queries.py
 	$(PY) benchmarks/gateway.py
+	$(PY) benchmarks/load_test.py
 
 clean:
 	rm -rf $(VENV) .tools build .pytest_cache .mypy_cache .ruff_cache
