@@ -279,10 +279,11 @@ async def with_mesh(args: argparse.Namespace, body: Callable[[EnvoyProcess, str]
                 **quiet,
                 "CHATMESH_INFERENCE_ADDRESS": inference,
                 "CHATMESH_INFERENCE_MAX_CONCURRENT": str(args.slots),
-                "CHATMESH_INFERENCE_MAX_QUEUE": str(args.slots),
+                "CHATMESH_INFERENCE_MAX_QUEUE": str(args.queue if args.queue is not None else args.slots),
                 "CHATMESH_INFERENCE_RUN_DIR": run_dir,
             }
-            print(f"starting the mesh ({args.slots} engine slots + a queue of {args.slots})...", flush=True)
+            queue = args.queue if args.queue is not None else args.slots
+            print(f"starting the mesh ({args.slots} engine slots + a queue of {queue})...", flush=True)
             with contextlib.ExitStack() as stack:
                 stack.enter_context(run_service("inference_service", inference_env, inference, timeout=180))
                 for number, address in enumerate(replicas):
@@ -320,6 +321,7 @@ async def main() -> None:
     parser.add_argument("--overload", type=int, default=48)
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--queue", type=int, default=None, help="engine queue length (default: --slots)")
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
 
