@@ -306,6 +306,9 @@ async def with_mesh(args: argparse.Namespace, body: Callable[[EnvoyProcess, str]
                     jwt_secret=TEST_SECRET,
                     rate_limit_per_s=1_000_000,
                     rate_limit_burst=1_000_000,
+                    # Admission at the edge: what the engine holds (slots + queue), so an overflow is
+                    # refused by Envoy at once instead of costing the replicas and the engine work first.
+                    max_active_completions=0 if args.no_edge_cap else args.slots + queue,
                 )
                 async with run_envoy(settings, Path(run_dir)) as envoy:
                     await body(envoy, url.replace("postgresql+asyncpg://", "postgresql://"))
@@ -322,6 +325,9 @@ async def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--queue", type=int, default=None, help="engine queue length (default: --slots)")
+    parser.add_argument(
+        "--no-edge-cap", action="store_true", help="no gateway cap: overflow reaches the engine's admission"
+    )
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
 

@@ -21,6 +21,7 @@ typed settings.
 from __future__ import annotations
 
 import base64
+import copy
 import ipaddress
 import json
 from pathlib import Path
@@ -117,7 +118,13 @@ def jwks(keys: JwtKeys) -> dict[str, Any]:
     raise ValueError(f"the gateway cannot check {keys.algorithm} tokens; use HS256 or RS256")
 
 
-def _local_reply_config() -> dict[str, Any]:
+COMPLETIONS_CLUSTER = "chat_completions"
+"""The chat replicas again, for the streaming routes alone, when `max_active_completions` caps them."""
+
+_OVERFLOW_MESSAGE = "too many completions are in progress; retry after the time in retry-after-ms"
+
+
+def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
     # REST requests only: a gRPC client's local replies must stay gRPC (grpc-status/grpc-message), not
     # JSON. A transcoded request has a gRPC content type by now, but carries x-envoy-original-path.
     rest = {
@@ -145,7 +152,49 @@ def _local_reply_config() -> dict[str, Any]:
             "content_type": "application/json",
         }
 
-    mappers = [
+    # A request refused by a circuit breaker (response flag UO, "upstream overflow"): the gateway is full,
+    # which is RESOURCE_EXHAUSTED with a retry hint, not the 503 Envoy would say.
+    overflow = {"response_flag_filter": {"flags": ["UO"]}}
+    retry_after_ms = str(round(settings.completion_retry_after_s * 1000))
+    overflow_headers = [
+        {
+            "header": {"key": "retry-after-ms", "value": retry_after_ms},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        },
+        {
+            "header": {"key": "retry-after", "value": str(max(1, round(settings.completion_retry_after_s)))},
+            "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+        },
+    ]
+    mappers: list[dict[str, Any]] = [
+        {
+            "filter": {"and_filter": {"filters": [rest, overflow]}},
+            "status_code": 429,
+            "headers_to_add": overflow_headers,
+            "body": {"inline_string": _OVERFLOW_MESSAGE},
+            "body_format_override": json_body(grpc.StatusCode.RESOURCE_EXHAUSTED),
+        },
+        {
+            "filter": overflow,
+            "status_code": 429,
+            "headers_to_add": [
+                *overflow_headers,
+                # gRPC clients read the status from here (429 alone would read as UNAVAILABLE).
+                {
+                    "header": {
+                        "key": "grpc-status",
+                        "value": str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]),
+                    },
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                },
+                {
+                    "header": {"key": "grpc-message", "value": _OVERFLOW_MESSAGE},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                },
+            ],
+        },
+    ]
+    mappers += [
         {
             "filter": {
                 "and_filter": {
@@ -309,7 +358,9 @@ def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, A
             "name": method.grpc_path,
             "match": {"path": method.grpc_path, "grpc": {}},
             "route": {
-                "cluster": "chat",
+                "cluster": COMPLETIONS_CLUSTER
+                if method.streaming and settings.max_active_completions
+                else "chat",
                 # A gRPC client's own deadline (grpc-timeout) applies as is.
                 "max_stream_duration": {"grpc_timeout_header_max": "0s"},
                 **(streaming_action if method.streaming else unary_action),
@@ -528,6 +579,21 @@ def _chat_cluster(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
     }
 
 
+def _clusters(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, Any]]:
+    """The chat replicas; with `max_active_completions`, a second cluster of the same replicas for the
+    completions, whose circuit breaker admits that many at once (a breaker counts per cluster, so the
+    cap leaves the short calls alone)."""
+    chat = _chat_cluster(settings, api)
+    if not settings.max_active_completions:
+        return [chat]
+    cap = settings.max_active_completions
+    completions = copy.deepcopy(chat)
+    completions["name"] = COMPLETIONS_CLUSTER
+    completions["load_assignment"]["cluster_name"] = COMPLETIONS_CLUSTER
+    completions["circuit_breakers"]["thresholds"][0].update(max_requests=cap, max_pending_requests=cap)
+    return [chat, completions]
+
+
 def descriptor_path_for(settings: GatewaySettings, descriptor_path: Path | None = None) -> Path:
     """The descriptor set to transcode with: the argument, else the setting, else the packaged one."""
     return (descriptor_path or settings.descriptor_path or default_descriptor_path()).resolve()
@@ -551,7 +617,7 @@ def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None =
             "headers_with_underscores_action": "REJECT_REQUEST",
         },
         "http2_protocol_options": {"max_concurrent_streams": 1024},
-        "local_reply_config": _local_reply_config(),
+        "local_reply_config": _local_reply_config(settings),
         "route_config": _route_config(settings, api),
         "http_filters": _http_filters(settings, api, descriptor_path),
     }
@@ -592,7 +658,7 @@ def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None =
                     ],
                 }
             ],
-            "clusters": [_chat_cluster(settings, api)],
+            "clusters": _clusters(settings, api),
         },
         # A cap on downstream connections (Envoy warns at start-up when there is none).
         "overload_manager": {

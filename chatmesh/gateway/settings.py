@@ -63,6 +63,17 @@ class GatewaySettings(BaseSettings):
 
     max_retries: int = Field(2, ge=0)
     max_upstream_requests: int = Field(4096, ge=1, description="circuit breaker: concurrent calls")
+    max_active_completions: int = Field(
+        0,
+        ge=0,
+        description="completions (streaming calls) in flight through the gateway at most; one more is"
+        " refused at the edge, at once, with 429 / RESOURCE_EXHAUSTED and a retry hint, before any replica"
+        " spends work on it. 0: no limit (the engines' own admission decides). Set it to what the engines"
+        " hold: slots + queue, summed over inference replicas",
+    )
+    completion_retry_after_s: float = Field(
+        1.0, gt=0, description="retry hint of a completion refused at the edge"
+    )
 
     concurrency: int | None = Field(None, ge=1, description="Envoy worker threads; default one per core")
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"

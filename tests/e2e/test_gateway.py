@@ -698,6 +698,9 @@ def test_rendered_config_passes_envoy_validate(tmp_path: Path) -> None:
     path = tmp_path / "envoy.json"
     path.write_text(render_envoy_config(gateway_settings(["127.0.0.1:50051", "chat-2.internal:50051"])))
     assert "OK" in validate_config(path)
+    capped = gateway_settings(["127.0.0.1:50051"], max_active_completions=16)
+    path.write_text(render_envoy_config(capped))
+    assert "OK" in validate_config(path)
     # The check has teeth: Envoy rejects a config with a typo in a field name.
     path.write_text(re.sub(r'"stream_idle_timeout"', '"stream_idle_timout"', path.read_text()))
     with pytest.raises(ValueError, match="stream_idle_timout"):
@@ -744,3 +747,57 @@ def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(
     assert packaged.is_file(), "the descriptor set is package data"
     assert str(packaged) in gateway("--print"), "the installed gateway transcodes with its own copy"
     assert "OK" in gateway("--validate", "--workdir", str(tmp_path / "work"))
+
+
+async def test_completions_beyond_the_gateways_cap_are_refused_at_the_edge(
+    mesh: Mesh, tmp_path: Path
+) -> None:
+    """With `max_active_completions`, one completion too many is refused by Envoy itself (429 /
+    RESOURCE_EXHAUSTED with a retry hint; no replica sees it) while the admitted one streams on, and
+    the short calls are not capped."""
+    settings = gateway_settings(list(mesh.replicas), max_active_completions=1, rate_limit_per_s=0)
+    user = new_user()
+    async with (
+        run_envoy(settings, tmp_path) as envoy,
+        httpx.AsyncClient(base_url=envoy.base_url, timeout=60.0) as http,
+        grpc.aio.insecure_channel(envoy.listen_address) as channel,
+    ):
+        body = {"system_prompt": COUNTING_SYSTEM_PROMPT, "content": "Count to 300.", "max_tokens": 300}
+        async with http.stream("POST", "/chat", json=body, headers=bearer(user)) as admitted:
+            assert admitted.status_code == 200
+            events = sse_events(admitted)
+            while "delta" not in (await anext(events)).data:
+                pass
+            before = await upstream_requests_of(envoy, "chat_completions")
+
+            refused = await http.post("/chat", json={"content": "Hi", "max_tokens": 4}, headers=bearer(user))
+            assert refused.status_code == 429, refused.text
+            assert refused.json()["code"] == "RESOURCE_EXHAUSTED"
+            assert refused.headers["retry-after-ms"] == "1000"
+            client = ChatClient(channel, user)
+            with pytest.raises(grpc.aio.AioRpcError) as grpc_refused:
+                async for _ in client.stub.CreateChat(
+                    pb.CreateChatRequest(content="Hi", max_tokens=4), metadata=client.metadata
+                ):
+                    pass
+            assert grpc_refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert await upstream_requests_of(envoy, "chat_completions") == before, "no replica saw them"
+            listed = await http.get("/chats", headers=bearer(user))
+            assert listed.status_code == 200, "short calls are not capped"
+
+            # The admitted completion is still streaming after both refusals.
+            assert "delta" in (await anext(events)).data
+
+        # Once it is over (the client left), the next completion is admitted.
+        async def admitted_again() -> bool:
+            reply = await http.post("/chat", json={"content": "Hi", "max_tokens": 4}, headers=bearer(user))
+            assert reply.status_code in (200, 429), reply.text
+            return reply.status_code == 200
+
+        await eventually(admitted_again, "a completion admitted after the first one ended")
+
+
+async def upstream_requests_of(envoy: EnvoyProcess, cluster: str) -> int:
+    name = f"cluster.{cluster}.upstream_rq_total"
+    stats = await envoy.stats(rf"^{re.escape(name)}$")
+    return stats.get(name, 0)
