@@ -72,7 +72,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="further in-process batch sizes to measure, comma-separated (for reference)",
     )
     parser.add_argument(
-        "--max-wait-ms", type=float, default=2.0, help="service max_wait_ms (own service only)"
+        "--max-wait-ms", type=float, default=0.0, help="service max_wait_ms (own service only)"
     )
     parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process and in the service")
     parser.add_argument(

@@ -25,9 +25,11 @@ class EmbeddingSettings(ServiceSettings):
 
     # Micro-batching: concurrent Embed calls are merged into one forward pass of at most `max_batch_size`
     # texts. `max_wait_ms` is how long a request arriving at an idle encoder waits for companions; requests
-    # arriving while the encoder is busy simply join the next batch.
+    # arriving while the encoder is busy simply join the next batch. 0 by default: under load batches form
+    # anyway while the encoder works (32 concurrent clients: 0.96 of in-process batch throughput at 0 ms,
+    # 0.97 at 2 ms), and a lone request -- a cache lookup in front of a completion -- should not wait.
     max_batch_size: int = Field(default=64, ge=1)
-    max_wait_ms: float = Field(default=2.0, ge=0)
+    max_wait_ms: float = Field(default=0.0, ge=0)
 
     # Request limits, reported by GetModelInfo.
     max_texts_per_request: int = Field(default=64, ge=1)
