@@ -348,6 +348,9 @@ async def _gateway(
     from chat_service.settings import ChatSettings
 
     chat = ChatSettings()
+    from inference_service.settings import InferenceSettings
+
+    engine = InferenceSettings()
     gateway_settings = GatewaySettings(
         listen_port=settings.gateway_port,
         admin_port=settings.gateway_admin_port,
@@ -359,6 +362,13 @@ async def _gateway(
         jwt_issuer=chat.jwt_issuer,
         jwt_audience=chat.jwt_audience,
     )
+    # Refuse at the edge what the one engine cannot hold (its slots and queue), fast, rather than after a
+    # replica and the engine have spent work on it (docs/jobs.md, "Overload"); the gateway's own setting,
+    # when given, wins.
+    if "CHATMESH_GATEWAY_MAX_ACTIVE_COMPLETIONS" not in os.environ:
+        gateway_settings = gateway_settings.model_copy(
+            update={"max_active_completions": engine.concurrency + engine.max_queue}
+        )
     workdir = Path(".run")
     await asyncio.to_thread(workdir.mkdir, exist_ok=True)
     print(f"  {'gateway':<10} starting Envoy on :{settings.gateway_port}...", flush=True)
