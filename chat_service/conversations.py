@@ -66,6 +66,17 @@ async def _prepend(
         yield event
 
 
+def stored_reply_events(
+    chat_id: uuid.UUID, user_message_id: uuid.UUID, reply: Message
+) -> tuple[CompletionEvent, ...]:
+    """A reply already stored, as the events of a completion: a retry's or a watcher's replay."""
+    text = (Delta(reply.content),) if reply.content else ()
+    finished = Finished(
+        reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
+    )
+    return (Started(chat_id, user_message_id), *text, finished)
+
+
 def _is_terminal(event: CompletionEvent) -> bool:
     return isinstance(event, Finished | Failed)
 
@@ -307,12 +318,8 @@ class Conversations:
                 return
             # Another replica holds the lease: its reply lands in the store (or the lease lapses).
             await asyncio.sleep(self._poll_interval_s)
-        yield Started(chat.id, user_message.id)
-        if reply.content:
-            yield Delta(reply.content)
-        yield Finished(
-            reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
-        )
+        for event in stored_reply_events(chat.id, user_message.id, reply):
+            yield event
 
     async def _answer(
         self,
@@ -632,23 +639,14 @@ class Conversations:
             raise Unavailable("the completion ended without a stored reply; retry")
         return reply
 
-    async def follow_stored(
-        self, user_id: str, user_message_id: uuid.UUID
-    ) -> AsyncGenerator[CompletionEvent, None] | None:
-        """The events of the completion of the user's message if it is running in this process (from its
-        first event), else None. Following does not keep it alive: jobs run whether anyone watches."""
+    def follow_stored(self, user_message_id: uuid.UUID) -> AsyncGenerator[CompletionEvent, None] | None:
+        """The events of the completion of a stored message if it is running in this process (from its
+        first event), else None. A watcher that leaves early does not abandon it: the job's worker
+        follows it too, to its end."""
         running = self._in_flight.get(user_message_id)
         if running is None or running.abandoned:
             return None
-        return self._watch(running)
-
-    @staticmethod
-    async def _watch(running: _Running) -> AsyncGenerator[CompletionEvent, None]:
-        # A second follower that leaves early must not abandon the completion: the job's worker follows
-        # it too, to its end, so the follower count never drops to zero before it is over.
-        async with aclosing(running.follow()) as events:
-            async for event in events:
-                yield event
+        return running.follow()
 
     async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
         """The stored reply to the user's message, if any."""

@@ -17,8 +17,14 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 
-from chat_service.conversations import CompletionEvent, Conversations, Delta, Failed, Finished, Started
-from chat_service.domain import FinishReason, Job, JobRequest, JobState, Message
+from chat_service.conversations import (
+    CompletionEvent,
+    Conversations,
+    Failed,
+    Started,
+    stored_reply_events,
+)
+from chat_service.domain import Job, JobRequest, JobState, Message
 from chat_service.inference import SamplingOptions
 from chat_service.jobs.queue import Delivery, JobQueue
 from chat_service.storage.base import JobStore
@@ -95,7 +101,7 @@ class Jobs:
             view = await self.get(user_id, job_id)
             request = view.job.request
             if view.reply is not None:
-                async for event in _replay(view.job, view.reply):
+                for event in stored_reply_events(request.chat_id, request.user_message_id, view.reply):
                     yield event
                 return
             if view.job.state == JobState.FAILED:
@@ -103,7 +109,8 @@ class Jobs:
                 yield Started(request.chat_id, request.user_message_id)
                 yield Failed(error)
                 raise error
-            live = await self._conversations.follow_stored(user_id, request.user_message_id)
+            # Jobs are the user's own (get() checked): the message is theirs.
+            live = self._conversations.follow_stored(request.user_message_id)
             if live is not None:
                 async with aclosing(live) as events:
                     async for event in events:
@@ -111,15 +118,6 @@ class Jobs:
                 return
             # Queued, or running on another replica: its reply lands in the database.
             await asyncio.sleep(self._poll_interval_s)
-
-
-async def _replay(job: Job, reply: Message) -> AsyncGenerator[CompletionEvent, None]:
-    yield Started(job.request.chat_id, job.request.user_message_id)
-    if reply.content:
-        yield Delta(reply.content)
-    yield Finished(
-        reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
-    )
 
 
 class JobWorker:
