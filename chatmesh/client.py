@@ -342,16 +342,7 @@ class AsyncChatClient:
         reply, marked `FINISH_REASON_CANCELLED`. Failures raise (see the module docstring), also
         mid-stream.
         """
-        sampling: dict[str, Any] = {
-            name: value
-            for name, value in (
-                ("max_tokens", max_tokens),
-                ("temperature", temperature),
-                ("top_p", top_p),
-                ("seed", seed),
-            )
-            if value is not None
-        }
+        sampling = _sampling(max_tokens, temperature, top_p, seed)
         request_id = request_id or str(uuid.uuid4())
         request: pb.CreateChatRequest | pb.CompleteRequest
         if chat_id is None:
@@ -550,16 +541,7 @@ class AsyncChatClient:
         """Queue the reply to `content` in chat `chat_id` as a job and return it at once (state QUEUED);
         a worker answers it later. `ResourceExhausted` when the queue is full (nothing is stored). The
         `request_id` (default: a fresh UUID) makes retries of the submission return the same job."""
-        sampling: dict[str, Any] = {
-            name: value
-            for name, value in (
-                ("max_tokens", max_tokens),
-                ("temperature", temperature),
-                ("top_p", top_p),
-                ("seed", seed),
-            )
-            if value is not None
-        }
+        sampling = _sampling(max_tokens, temperature, top_p, seed)
         request = pb.SubmitCompletionRequest(
             chat_id=chat_id,
             content=content,
@@ -696,6 +678,22 @@ class _Resumption:
         fresh = self.replayed[len(self.received) :]
         self.received = self.replayed
         return event if fresh == event.text else Delta(fresh, event.raw)
+
+
+def _sampling(
+    max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None
+) -> dict[str, Any]:
+    """The request fields of the sampling knobs that are set (unset ones take the server's default)."""
+    return {
+        name: value
+        for name, value in (
+            ("max_tokens", max_tokens),
+            ("temperature", temperature),
+            ("top_p", top_p),
+            ("seed", seed),
+        )
+        if value is not None
+    }
 
 
 def _remaining(deadline: float | None) -> float | None:
