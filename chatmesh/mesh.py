@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chatmesh.common.subprocesses import terminate, wait_or_kill
 from chatmesh.gateway import EnvoyProcess, GatewaySettings, run_envoy
 
 
@@ -183,11 +184,7 @@ async def _stop(services: Sequence[RunningService], grace_s: float = 15.0) -> No
         if service.process.returncode is None:
             service.process.send_signal(signal.SIGTERM)
     for service in reversed(services):
-        try:
-            await asyncio.wait_for(service.process.wait(), grace_s)
-        except TimeoutError:
-            service.process.kill()
-            await service.process.wait()
+        await wait_or_kill(service.process, grace_s)
         await service.log_task
 
 
@@ -328,13 +325,7 @@ async def _nats(settings: MeshSettings) -> AsyncIterator[asyncio.subprocess.Proc
         print(f"  {'nats':<10} ready on {settings.jobs_nats_url} (log: {log_path})", flush=True)
         yield process
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await terminate(process, 10.0)
 
 
 @contextlib.asynccontextmanager

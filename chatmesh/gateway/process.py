@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatmesh.common.subprocesses import terminate
 from chatmesh.gateway.config import render_envoy_config
 from chatmesh.gateway.settings import GatewaySettings, split_host_port
 from chatmesh.gateway.validate import envoy_binary
@@ -143,13 +144,7 @@ async def run_envoy(
         await _wait_ready(envoy, ready_timeout_s)
         yield envoy
     finally:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 10.0)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+        await terminate(process, 10.0)
 
 
 async def serve(settings: GatewaySettings, workdir: Path) -> None:
