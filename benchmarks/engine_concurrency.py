@@ -5,8 +5,12 @@ prompt starting at a different number, so that each reply is long and distinct),
 tokens; all streams start together. Reported per side: aggregate generated tokens/s (all completion
 tokens over the wall time from the first request to the last token), TTFT p50/p99 over the streams,
 and the tokens generated, which must be the same on both sides. Both sides run the same portable
-`llama-server` build with the same slots (`--slots`, default 16) and context per slot; the sides
-alternate at every concurrency, `--rounds` times, and the medians are reported.
+`llama-server` build with the same slots (`--slots`, default 16) and context per slot. A warm-up round
+at the highest concurrency leaves every question's prompt cached in a slot on both sides, so every
+measured round does the same work (a cold round would instead measure which prompts happen to share
+llama-server's first batch). The sides alternate at every concurrency, `--rounds` times, taking turns
+at going first; the table gives the median rates and the median of the per-round ratios (each round's
+pair ran back to back, so a machine that speeds up or slows down between rounds cancels out).
 
     .venv/bin/python benchmarks/engine_concurrency.py [--rounds 3] [--max-tokens 64] [--slots 16]
 
@@ -71,16 +75,18 @@ Round = tuple[float, list[float], int]
 
 
 def row(streams: int, alone: list[Round], service: list[Round]) -> str:
-    """One line of the table: median aggregate rates over the rounds, TTFTs pooled over the rounds."""
+    """One line of the table: median aggregate rates over the rounds, the median of the rounds' rate
+    ratios, TTFTs pooled over the rounds."""
     a_rate = statistics.median(r[0] for r in alone)
     s_rate = statistics.median(r[0] for r in service)
+    ratio = statistics.median(s[0] / a[0] for a, s in zip(alone, service, strict=True))
     a_ttft = [t * 1000 for r in alone for t in r[1]]
     s_ttft = [t * 1000 for r in service for t in r[1]]
     a_p50, s_p50 = statistics.median(a_ttft), statistics.median(s_ttft)
     return (
         f"{streams:>7} | {a_rate:>18.1f} {a_p50:>7.0f}ms {pct(a_ttft, 0.99):>5.0f}ms |"
         f" {s_rate:>13.1f} {s_p50:>7.0f}ms {pct(s_ttft, 0.99):>5.0f}ms |"
-        f" {s_rate / a_rate:>5.3f} {s_p50 / a_p50:>6.2f} |"
+        f" {ratio:>5.3f} {s_p50 / a_p50:>6.2f} |"
         f" {sorted({r[2] for r in alone})} / {sorted({r[2] for r in service})}"
     )
 
@@ -188,14 +194,15 @@ async def main() -> None:
                                 tokens = event.finished.usage.completion_tokens
                         return first, time.perf_counter() - t0, tokens
 
-                    # Warm-up: page the weights in on both servers.
+                    # Warm-up: page the weights in and cache every question's prompt in a slot.
                     for side in (direct, service):
-                        await one_round(2, side)
+                        await one_round(max(levels), side)
                     print(HEADER, flush=True)
                     for streams in levels:
                         rows: dict[str, list[tuple[float, list[float], int]]] = {"alone": [], "service": []}
-                        for _ in range(args.rounds):
-                            for name, side in (("alone", direct), ("service", service)):
+                        sides = [("alone", direct), ("service", service)]
+                        for round_index in range(args.rounds):
+                            for name, side in sides if round_index % 2 == 0 else sides[::-1]:
                                 rows[name].append(await one_round(streams, side))
                         print(row(streams, rows["alone"], rows["service"]), flush=True)
 

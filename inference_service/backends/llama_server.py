@@ -146,6 +146,24 @@ class LlamaServerBackend:
     def close(self) -> None:
         self._tokenizer.close()
 
+    async def _open_stream(self, stack: contextlib.AsyncExitStack, body: dict[str, Any]) -> httpx.Response:
+        """POST a completion; its response (headers read) stays open until `stack` closes.
+
+        llama-server may close a kept-alive connection just as it is reused: the request then fails
+        before any response with "Server disconnected without sending a response", and httpx does not
+        retry. The request never reached the engine, so it is sent once more on a fresh connection.
+        """
+        for attempt in (1, 2):
+            try:
+                return await stack.enter_async_context(
+                    self._http.stream("POST", "/completion", json=body, timeout=None)
+                )
+            except httpx.RemoteProtocolError:
+                if attempt == 2:
+                    raise
+                log.info("llama-server closed a kept-alive connection; sending the request again")
+        raise AssertionError("unreachable")
+
     async def generate(
         self, prompt: Prompt, sampling: Sampling
     ) -> AsyncGenerator[TextDelta | Completion, None]:
@@ -170,7 +188,8 @@ class LlamaServerBackend:
         try:
             # Leaving this block early (the caller went away) closes the connection, and llama-server
             # stops the sequence and frees its slot.
-            async with self._http.stream("POST", "/completion", json=body, timeout=None) as response:
+            async with contextlib.AsyncExitStack() as stack:
+                response = await self._open_stream(stack, body)
                 if response.status_code != 200:
                     detail = (await response.aread()).decode(errors="replace")[:500]
                     raise Unavailable(f"llama-server answered {response.status_code}: {detail}")

@@ -7,7 +7,9 @@ vocabulary is loaded locally."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
@@ -89,38 +91,105 @@ def tokenize_prompt(template: PromptTemplate, turns: Sequence[Turn], tokenizer: 
 
     Blocking (the tokenizer runs here): call it from a worker thread in async code.
     """
-    pieces = template.render_messages(turns)
-    token_ids = list(tokenizer.prefix)
+    return _tokenize_pieces(template, template.render_messages(turns), tokenizer.encode, tokenizer.prefix)
+
+
+def _tokenize_pieces(
+    template: PromptTemplate,
+    pieces: Sequence[str],
+    encode: Callable[[str], Sequence[int]],
+    prefix: Sequence[int],
+) -> Prompt:
+    token_ids = list(prefix)
     message_tokens = []
     for piece in pieces:
-        ids = tokenizer.encode(piece)
+        ids = encode(piece)
         token_ids += ids
         message_tokens.append(len(ids))
-    token_ids += tokenizer.encode(template.generation_cue)
+    token_ids += encode(template.generation_cue)
     return Prompt(
         text="".join(pieces) + template.generation_cue, token_ids=token_ids, message_tokens=message_tokens
     )
 
 
+class _TokenCache:
+    """Token ids of recently tokenized texts (rendered messages), least recently used dropped first.
+
+    A chat's next turn resends its whole history, and because messages are tokenized one by one
+    (`tokenize_prompt`), each earlier message has the same ids every time: only the new message needs
+    the tokenizer. Bounded by the number of cached tokens. Thread-safe (one lock around dict moves).
+    """
+
+    def __init__(self, max_tokens: int) -> None:
+        self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._tokens = 0
+        self._max_tokens = max_tokens
+        self._lock = threading.Lock()
+
+    def get(self, text: str) -> tuple[int, ...] | None:
+        with self._lock:
+            ids = self._entries.get(text)
+            if ids is not None:
+                self._entries.move_to_end(text)
+            return ids
+
+    def put(self, text: str, ids: tuple[int, ...]) -> None:
+        if len(ids) > self._max_tokens // 8:
+            return  # one huge text would flush everything else
+        with self._lock:
+            if text in self._entries:
+                return
+            self._entries[text] = ids
+            self._tokens += len(ids)
+            while self._tokens > self._max_tokens:
+                _, dropped = self._entries.popitem(last=False)
+                self._tokens -= len(dropped)
+
+
 class TokenizerThread:
-    """A backend's tokenizer and the one thread it runs on.
+    """A backend's tokenizer, the one thread it runs on, and a cache of tokenized messages.
 
     Tokenizing a long history (or a reply, for an engine that reports no counts) takes milliseconds: on
     the event loop every stream's next token would wait behind it, and in a generation pool it would wait
     behind generations for seconds. One thread keeps it from taking more than a core from the engine.
+
+    Most of a prompt was tokenized before (the history of a chat's next turn, a shared system prompt or
+    preamble), so messages are looked up in a cache first. When what is left is short, it is tokenized
+    right here on the event loop (well under a millisecond): while the engine keeps every core busy, a
+    hop to the thread and back costs more than that, and requests arriving together would queue behind
+    each other on the one thread and miss the engine's next batch.
     """
 
-    def __init__(self, tokenizer: Tokenizer, template: PromptTemplate, name: str = "tokenize") -> None:
+    INLINE_CHARS = 512
+    """Uncached text up to this length is tokenized on the caller's thread."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        template: PromptTemplate,
+        name: str = "tokenize",
+        cache_tokens: int = 262_144,
+    ) -> None:
         self._tokenizer = tokenizer
         self._template = template
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self._cache = _TokenCache(cache_tokens)
+
+    def _encode_cached(self, text: str) -> tuple[int, ...]:
+        ids = self._cache.get(text)
+        if ids is None:
+            ids = tuple(self._tokenizer.encode(text))
+            self._cache.put(text, ids)
+        return ids
 
     async def prompt(self, turns: Sequence[Turn]) -> Prompt:
         """`turns` rendered and tokenized as every backend sends them (`tokenize_prompt`)."""
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(
-            self._executor, tokenize_prompt, self._template, turns, self._tokenizer
-        )
+        pieces = self._template.render_messages(turns)
+        uncached = sum(len(piece) for piece in pieces if self._cache.get(piece) is None)
+        args = (self._template, pieces, self._encode_cached, self._tokenizer.prefix)
+        if uncached <= self.INLINE_CHARS:
+            return _tokenize_pieces(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _tokenize_pieces, *args)
 
     async def encode(self, text: str) -> list[int]:
         """The token ids of `text` on its own."""
