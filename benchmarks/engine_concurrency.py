@@ -12,7 +12,11 @@ llama-server's first batch). The sides alternate at every concurrency, `--rounds
 at going first; the table gives the median rates and the median of the per-round ratios (each round's
 pair ran back to back, so a machine that speeds up or slows down between rounds cancels out).
 
-    .venv/bin/python benchmarks/engine_concurrency.py [--rounds 3] [--max-tokens 64] [--slots 16]
+    .venv/bin/python benchmarks/engine_concurrency.py [--rounds 3] [--max-tokens 64] [--slots 16] [--control]
+
+`--control` replaces the service with a second llama-server alone, reached the same way as the first:
+the "ratio" column then shows how far two identical engines differ on this machine in this run, the
+noise floor that any service/llama-server ratio must be read against.
 
 Targets (issue 8): the service keeps >= 0.95 of llama-server's aggregate tokens/s at every concurrency,
 and its TTFT p50 <= 1.25x llama-server's at 8 and 16 streams.
@@ -22,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -107,11 +113,17 @@ def llama_server_alone(slots: int, run_dir: Path) -> AbstractAsyncContextManager
 
 
 async def completion_stream(
-    http: httpx.AsyncClient, prompt: Prompt, max_tokens: int, t0: float
+    http: httpx.AsyncClient,
+    prompt: Prompt,
+    max_tokens: int,
+    t0: float,
+    slot: int | None = None,
+    on_first: Callable[[], None] = lambda: None,
 ) -> tuple[float, float, int]:
     """One greedy completion straight from llama-server's `/completion` (the relay's own request):
-    (first text s, last token s) after t0, and the tokens generated."""
-    body = {
+    (first text s, last token s) after t0, and the tokens generated. `slot`: the slot to run in;
+    `on_first` is called at the first text."""
+    body: dict[str, object] = {
         "prompt": list(prompt.token_ids),
         "n_predict": max_tokens,
         "temperature": 0.0,
@@ -119,6 +131,21 @@ async def completion_stream(
         "stream": True,
         "cache_prompt": True,
     }
+    if slot is not None:
+        body["id_slot"] = slot
+    for attempt in (1, 2):
+        try:
+            return await _stream_once(http, body, t0, on_first)
+        except httpx.RemoteProtocolError:
+            # A kept-alive connection closed as it was reused (see LlamaServerBackend._open_stream).
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+async def _stream_once(
+    http: httpx.AsyncClient, body: dict[str, object], t0: float, on_first: Callable[[], None]
+) -> tuple[float, float, int]:
     first = 0.0
     tokens = 0
     async with http.stream("POST", "/completion", json=body) as response:
@@ -128,6 +155,7 @@ async def completion_stream(
             event = json.loads(line[6:])
             if event.get("content", "").strip() and not first:
                 first = time.perf_counter() - t0
+                on_first()
             if event.get("stop"):
                 tokens = int(event.get("tokens_predicted", 0))
     return first, time.perf_counter() - t0, tokens
@@ -150,6 +178,9 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--concurrency", default="1,2,4,8,16")
+    parser.add_argument(
+        "--control", action="store_true", help="a second llama-server alone in the service's place"
+    )
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
     address = f"127.0.0.1:{free_port()}"
@@ -164,19 +195,33 @@ async def main() -> None:
     print(f"starting llama-server alone and the inference service, {args.slots} slots each...", flush=True)
     with tempfile.TemporaryDirectory() as run_dir:
         env["CHATMESH_INFERENCE_RUN_DIR"] = run_dir
-        async with llama_server_alone(args.slots, Path(run_dir)) as alone:
+        async with (
+            llama_server_alone(args.slots, Path(run_dir)) as alone,
+            llama_server_alone(args.slots, Path(run_dir) / "control")
+            if args.control
+            else contextlib.nullcontext() as control,
+        ):
             with run_service("inference_service", env, address, timeout=180):
                 prompts = [await alone.prepare(question(i)) for i in range(max(levels))]
                 async with (
                     grpc.aio.insecure_channel(address) as channel,
                     httpx.AsyncClient(base_url=alone.base_url, trust_env=False, timeout=None) as http,
+                    httpx.AsyncClient(
+                        base_url=control.base_url if control else alone.base_url,
+                        trust_env=False,
+                        timeout=None,
+                    ) as control_http,
                 ):
                     stub = inference_pb2_grpc.InferenceServiceStub(channel)
+                    started: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
 
                     async def direct(i: int, t0: float) -> tuple[float, float, int]:
                         return await completion_stream(http, prompts[i], args.max_tokens, t0)
 
-                    async def service(i: int, t0: float) -> tuple[float, float, int]:
+                    async def second_engine(i: int, t0: float) -> tuple[float, float, int]:
+                        return await completion_stream(control_http, prompts[i], args.max_tokens, t0)
+
+                    async def through_service(i: int, t0: float) -> tuple[float, float, int]:
                         messages = [
                             pb.Message(role=getattr(pb, f"ROLE_{t.role.name}"), content=t.content)
                             for t in question(i)
@@ -190,13 +235,34 @@ async def main() -> None:
                         async for event in stub.Generate(request):
                             if event.HasField("delta") and not first:
                                 first = time.perf_counter() - t0
+                                started[i].set()
                             if event.HasField("finished"):
                                 tokens = event.finished.usage.completion_tokens
                         return first, time.perf_counter() - t0, tokens
 
-                    # Warm-up: page the weights in and cache every question's prompt in a slot.
-                    for side in (direct, service):
-                        await one_round(max(levels), side)
+                    service = second_engine if args.control else through_service
+
+                    # Warm-up: page the weights in and cache question i's prompt in slot i on both sides.
+                    # Where the prompts sit matters: llama.cpp computes a batch's attention over every
+                    # slot from the lowest running one to the highest, so the same streams run much
+                    # slower in slots far apart (the SlotChooser docstring has figures). Each side's
+                    # question i starts once i-1 is running: the relay's SlotChooser then puts it next
+                    # to them, in slot i, and llama-server alone is told to (`id_slot`).
+                    def in_slot(client: httpx.AsyncClient) -> Stream:
+                        async def stream(i: int, t0: float) -> tuple[float, float, int]:
+                            return await completion_stream(
+                                client, prompts[i], args.max_tokens, t0, slot=i, on_first=started[i].set
+                            )
+
+                        return stream
+
+                    for side in (in_slot(http), in_slot(control_http) if args.control else service):
+                        running: list[asyncio.Task[tuple[float, float, int]]] = []
+                        for i in range(max(levels)):
+                            running.append(asyncio.ensure_future(side(i, time.perf_counter())))
+                            await started[i].wait()
+                        await asyncio.gather(*running)
+                        started.clear()
                     print(HEADER, flush=True)
                     for streams in levels:
                         rows: dict[str, list[tuple[float, list[float], int]]] = {"alone": [], "service": []}

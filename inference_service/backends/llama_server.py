@@ -83,7 +83,13 @@ class SlotChooser:
     several chats that start alike ("User: ..."), a new chat's first turn lands in another chat's slot
     and wipes its cache, and that chat's next turn re-reads its whole history. Here a prompt goes to the
     idle slot whose cached prompt it mostly extends (at least `min_reuse` of it, the next turn of the
-    same conversation), else to the least recently used idle slot, so the coldest cache is the one lost.
+    same conversation), else to an idle slot next to the running ones, the least recently used of those,
+    so the coldest cache nearby is the one lost.
+
+    Why next to the running ones: each slot has its own KV buffer, and llama.cpp computes a batch's
+    attention over the whole range of buffers from the lowest running slot to the highest, idle ones in
+    between included. Measured with 16 slots holding cached prompts, greedy, 64 tokens: two streams in
+    slots 0 and 1 generate 70 tokens/s, in slots 0 and 15 46; four in slots 0-3 97, in 0, 5, 10, 15 45.
     """
 
     def __init__(self, slots: int, min_reuse: float = 0.5) -> None:
@@ -102,10 +108,15 @@ class SlotChooser:
         reuse = {slot: _common_prefix_length(tokens, self._cached[slot]) for slot in idle}
         best = max(idle, key=lambda slot: reuse[slot])
         if not (reuse[best] and reuse[best] >= self._min_reuse * len(self._cached[best])):
-            best = min(idle, key=lambda slot: self._last_used[slot])
+            best = min(idle, key=lambda slot: (self._span_with(slot), self._last_used[slot]))
         self._uses += 1
         self._busy[best], self._cached[best], self._last_used[best] = True, tokens, self._uses
         return best
+
+    def _span_with(self, slot: int) -> int:
+        """How many slots the running ones would span with `slot` added (see the class docstring)."""
+        running = [other for other, busy in enumerate(self._busy) if busy] + [slot]
+        return max(running) - min(running)
 
     def release(self, slot: int | None) -> None:
         """Give `slot` back once its request has ended."""

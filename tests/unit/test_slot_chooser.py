@@ -49,3 +49,14 @@ def test_busy_slots_are_never_chosen_and_a_full_house_leaves_the_choice_to_the_s
     assert chooser.acquire(turn(1, 10)) is None
     chooser.release(first)
     assert chooser.acquire(turn(1, 10)) == first
+
+
+def test_new_chats_go_next_to_the_running_slots() -> None:
+    chooser = SlotChooser(8)
+    for chat in range(8):  # every slot holds a chat; slot 0 is the least recently used
+        chooser.release(chooser.acquire(turn(chat, 10)))
+    running = chooser.acquire(turn(5, 30))  # chat 5's next turn, in its own slot
+    assert running == 5
+    newcomers = [chooser.acquire(turn(100 + n, 10)) for n in range(3)]
+    # Each joins the running block at an end; of two ends, the older slot (lower here) goes first.
+    assert newcomers == [4, 3, 2], "next to the running slots, not the least recently used slot 0"
