@@ -161,6 +161,17 @@ async def _stream_once(
     return first, time.perf_counter() - t0, tokens
 
 
+async def place_in_slots(side: Stream, count: int, started: defaultdict[int, asyncio.Event]) -> None:
+    """Run questions 0..count-1 on `side`, each started once the previous one streams (`started[i]` is
+    set by the side at its first token), so that question i lands in slot i; then forget the events."""
+    running = []
+    for i in range(count):
+        running.append(asyncio.ensure_future(side(i, time.perf_counter())))
+        await started[i].wait()
+    await asyncio.gather(*running)
+    started.clear()
+
+
 async def one_round(streams: int, run: Stream) -> tuple[float, list[float], int]:
     """(aggregate tokens/s, TTFTs, tokens) of `streams` concurrent streams started together."""
     t0 = time.perf_counter()
@@ -257,12 +268,7 @@ async def main() -> None:
                         return stream
 
                     for side in (in_slot(http), in_slot(control_http) if args.control else service):
-                        running: list[asyncio.Task[tuple[float, float, int]]] = []
-                        for i in range(max(levels)):
-                            running.append(asyncio.ensure_future(side(i, time.perf_counter())))
-                            await started[i].wait()
-                        await asyncio.gather(*running)
-                        started.clear()
+                        await place_in_slots(side, max(levels), started)
                     print(HEADER, flush=True)
                     for streams in levels:
                         rows: dict[str, list[tuple[float, list[float], int]]] = {"alone": [], "service": []}

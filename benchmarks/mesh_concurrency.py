@@ -4,8 +4,9 @@ At each concurrency (1, 4, 8, 16) every stream starts a new chat with its first 
 server-sent events) through Envoy, two chat service replicas (PostgreSQL) and the inference service
 (llama_server backend); the other side sends the very same prompt (the chat's system prompt and
 question, as the chat service renders them) straight to a `llama-server` with the same slots. Greedy,
-`--max-tokens` each, all streams started together, the sides alternating `--rounds` times; aggregate
-generated tokens/s (median over rounds) and TTFT p50/p99 (pooled), and the tokens on both sides.
+`--max-tokens` each, all streams started together, the sides alternating `--rounds` times (question i
+cached in slot i on both sides first, as in engine_concurrency); aggregate generated tokens/s (median
+over rounds; ratio: median of the rounds' ratios) and TTFT p50/p99 (pooled), and the tokens on both sides.
 
     .venv/bin/python benchmarks/mesh_concurrency.py [--rounds 3] [--max-tokens 64] [--slots 16]
 
@@ -21,6 +22,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import httpx
@@ -33,6 +35,7 @@ from engine_concurrency import (
     completion_stream,
     llama_server_alone,
     one_round,
+    place_in_slots,
     row,
 )  # a sibling script: this folder is on the path
 
@@ -119,6 +122,7 @@ async def main() -> None:
                                 base_url=f"http://{envoy.listen_address}", trust_env=False, timeout=None
                             ) as mesh,
                         ):
+                            started: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
 
                             async def direct(i: int, t0: float) -> tuple[float, float, int]:
                                 return await completion_stream(engine, prompts[i], args.max_tokens, t0)
@@ -141,22 +145,31 @@ async def main() -> None:
                                             event = json.loads(line[6:])
                                             if event.get("delta") and not first:
                                                 first = time.perf_counter() - t0
+                                                started[i].set()
                                             if "error" in event:
                                                 raise RuntimeError(f"mesh stream failed: {event['error']}")
                                             if "usage" in event:
                                                 tokens = int(event["usage"].get("completion_tokens", 0))
                                 return first, time.perf_counter() - t0, tokens
 
-                            for side in (direct, through_mesh):
-                                await one_round(2, side)  # warm-up
+                            async def direct_in_slot(i: int, t0: float) -> tuple[float, float, int]:
+                                return await completion_stream(
+                                    engine, prompts[i], args.max_tokens, t0, slot=i, on_first=started[i].set
+                                )
+
+                            # Warm-up: question i cached in slot i on both sides, as in engine_concurrency
+                            # (where the streams sit decides how fast the engine runs them).
+                            for side in (direct_in_slot, through_mesh):
+                                await place_in_slots(side, max(levels), started)
                             print(
                                 HEADER.replace("llama-server", "engine alone").replace("service", "mesh   ")
                             )
                             for streams in levels:
                                 rows: dict[str, list[tuple[float, list[float], int]]] = {"a": [], "m": []}
-                                for _ in range(args.rounds):
-                                    rows["a"].append(await one_round(streams, direct))
-                                    rows["m"].append(await one_round(streams, through_mesh))
+                                sides = [("a", direct), ("m", through_mesh)]
+                                for round_index in range(args.rounds):
+                                    for name, side in sides if round_index % 2 == 0 else sides[::-1]:
+                                        rows[name].append(await one_round(streams, side))
                                 print(row(streams, rows["a"], rows["m"]), flush=True)
 
 
