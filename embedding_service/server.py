@@ -12,7 +12,7 @@ from chatmesh.common.server import add_health_and_reflection, create_server, ser
 from chatmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from chatmesh.vectors.v1 import vectors_pb2, vectors_pb2_grpc
 from embedding_service.batcher import MicroBatcher
-from embedding_service.encoder import open_sentence_transformer_encoder
+from embedding_service.encoder import open_encoder
 from embedding_service.qdrant_index import open_qdrant_index
 from embedding_service.servicer import EmbeddingServicer
 from embedding_service.settings import EmbeddingSettings
@@ -39,7 +39,7 @@ async def serve(settings: EmbeddingSettings) -> None:
     async with (
         # First: a locked or unreachable index fails the start before the model spends seconds loading.
         open_vector_index(settings) as index,
-        open_sentence_transformer_encoder(settings) as encoder,
+        open_encoder(settings) as encoder,
         MicroBatcher(
             encoder, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms
         ) as batcher,
