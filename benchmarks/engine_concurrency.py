@@ -161,6 +161,21 @@ async def _stream_once(
     return first, time.perf_counter() - t0, tokens
 
 
+def in_slots(
+    client: httpx.AsyncClient,
+    prompts: list[Prompt],
+    max_tokens: int,
+    started: defaultdict[int, asyncio.Event],
+) -> Stream:
+    """Question i straight to llama-server in slot i (`id_slot`), setting `started[i]` at its first text:
+    the direct side's stream for `place_in_slots`."""
+
+    async def stream(i: int, t0: float) -> tuple[float, float, int]:
+        return await completion_stream(client, prompts[i], max_tokens, t0, slot=i, on_first=started[i].set)
+
+    return stream
+
+
 async def place_in_slots(side: Stream, count: int, started: defaultdict[int, asyncio.Event]) -> None:
     """Run questions 0..count-1 on `side`, each started once the previous one streams (`started[i]` is
     set by the side at its first token), so that question i lands in slot i; then forget the events."""
@@ -259,15 +274,10 @@ async def main() -> None:
                     # slower in slots far apart (the SlotChooser docstring has figures). Each side's
                     # question i starts once i-1 is running: the relay's SlotChooser then puts it next
                     # to them, in slot i, and llama-server alone is told to (`id_slot`).
-                    def in_slot(client: httpx.AsyncClient) -> Stream:
-                        async def stream(i: int, t0: float) -> tuple[float, float, int]:
-                            return await completion_stream(
-                                client, prompts[i], args.max_tokens, t0, slot=i, on_first=started[i].set
-                            )
-
-                        return stream
-
-                    for side in (in_slot(http), in_slot(control_http) if args.control else service):
+                    second = (
+                        in_slots(control_http, prompts, args.max_tokens, started) if args.control else service
+                    )
+                    for side in (in_slots(http, prompts, args.max_tokens, started), second):
                         await place_in_slots(side, max(levels), started)
                     print(HEADER, flush=True)
                     for streams in levels:

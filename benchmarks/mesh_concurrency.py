@@ -33,6 +33,7 @@ from engine_concurrency import (
     CONTEXT,
     HEADER,
     completion_stream,
+    in_slots,
     llama_server_alone,
     one_round,
     place_in_slots,
@@ -152,14 +153,9 @@ async def main() -> None:
                                                 tokens = int(event["usage"].get("completion_tokens", 0))
                                 return first, time.perf_counter() - t0, tokens
 
-                            async def direct_in_slot(i: int, t0: float) -> tuple[float, float, int]:
-                                return await completion_stream(
-                                    engine, prompts[i], args.max_tokens, t0, slot=i, on_first=started[i].set
-                                )
-
                             # Warm-up: question i cached in slot i on both sides, as in engine_concurrency
                             # (where the streams sit decides how fast the engine runs them).
-                            for side in (direct_in_slot, through_mesh):
+                            for side in (in_slots(engine, prompts, args.max_tokens, started), through_mesh):
                                 await place_in_slots(side, max(levels), started)
                             print(
                                 HEADER.replace("llama-server", "engine alone").replace("service", "mesh   ")

@@ -108,28 +108,6 @@ def load_sentence_transformer(path: Path, threads: int | None) -> SentenceTransf
     return SentenceTransformer(str(path), device="cpu", local_files_only=True)
 
 
-@asynccontextmanager
-async def open_sentence_transformer_encoder(
-    settings: EmbeddingSettings,
-) -> AsyncIterator[SentenceTransformerEncoder]:
-    """Load the configured model (default: bundled all-MiniLM-L6-v2), warm it up, and yield the encoder."""
-    path = await asyncio.to_thread(resolve_model_path, settings.model_path)
-    log.info(
-        "loading embedding model (takes a few seconds)",
-        extra={"path": str(path), "threads": settings.threads},
-    )
-    started = time.perf_counter()
-    model = await asyncio.to_thread(load_sentence_transformer, path, settings.threads)
-    encoder = SentenceTransformerEncoder(model, settings.model_name)
-    # The first forward pass allocates and picks kernels; pay for it now rather than in a client's call.
-    await asyncio.to_thread(encoder.encode, ["warm-up"])
-    log.info(
-        "embedding model loaded",
-        extra={"seconds": round(time.perf_counter() - started, 2), "dimension": encoder.dimension},
-    )
-    yield encoder
-
-
 class OnnxEncoder:
     """An `Encoder` running the sentence-transformers model's transformer with ONNX Runtime.
 
@@ -246,26 +224,35 @@ def export_onnx(model_path: Path, target: Path) -> None:
     partial.replace(target)
 
 
-@asynccontextmanager
-async def open_encoder(settings: EmbeddingSettings) -> AsyncIterator[Encoder]:
-    """The encoder the settings ask for (`runtime`): ONNX Runtime by default, exporting the model on
-    first use; torch (sentence-transformers) otherwise."""
+def load_encoder(settings: EmbeddingSettings, path: Path) -> Encoder:
+    """The encoder of the model at `path` on the configured runtime (blocking): ONNX Runtime, exporting
+    the model on first use, or torch (sentence-transformers)."""
     if settings.runtime == "torch":
-        async with open_sentence_transformer_encoder(settings) as encoder:
-            yield encoder
-        return
-    path = await asyncio.to_thread(resolve_model_path, settings.model_path)
-    started = time.perf_counter()
-    onnx_path = await asyncio.to_thread(onnx_export_path, path)
+        return SentenceTransformerEncoder(
+            load_sentence_transformer(path, settings.threads), settings.model_name
+        )
+    onnx_path = onnx_export_path(path)
     if not onnx_path.is_file():
         log.info("exporting the embedding model to ONNX (once, a few seconds)", extra={"to": str(onnx_path)})
-        await asyncio.to_thread(export_onnx, path, onnx_path)
-    onnx_encoder = await asyncio.to_thread(
-        OnnxEncoder, onnx_path, path, settings.model_name, settings.threads
-    )
-    await asyncio.to_thread(onnx_encoder.encode, ["warm-up"])
+        export_onnx(path, onnx_path)
+    return OnnxEncoder(onnx_path, path, settings.model_name, settings.threads)
+
+
+@asynccontextmanager
+async def open_encoder(settings: EmbeddingSettings) -> AsyncIterator[Encoder]:
+    """Load the configured model (default: bundled all-MiniLM-L6-v2) on the configured runtime, warm it
+    up, and yield the encoder."""
+    path = await asyncio.to_thread(resolve_model_path, settings.model_path)
     log.info(
-        "embedding model loaded (ONNX Runtime)",
-        extra={"seconds": round(time.perf_counter() - started, 2), "dimension": onnx_encoder.dimension},
+        "loading embedding model (takes a few seconds)",
+        extra={"path": str(path), "runtime": settings.runtime, "threads": settings.threads},
     )
-    yield onnx_encoder
+    started = time.perf_counter()
+    encoder = await asyncio.to_thread(load_encoder, settings, path)
+    # The first forward pass allocates and picks kernels; pay for it now rather than in a client's call.
+    await asyncio.to_thread(encoder.encode, ["warm-up"])
+    log.info(
+        "embedding model loaded",
+        extra={"seconds": round(time.perf_counter() - started, 2), "dimension": encoder.dimension},
+    )
+    yield encoder
