@@ -3,7 +3,8 @@
 Starts the inference service (llama_server backend), the embedding service with the vector index on a
 fresh local directory, and a chat service (SQLite) with the cache on its defaults (50 ms lookup budget),
 then, for `--questions` distinct real user questions (Quora origins from ../shared/bench-data), one at a
-time and interleaved so that all three see the same machine state:
+time and interleaved, each kind taking each place in a round in turn, so that all of them see the same
+machine state (what ran just before a request changes the engine's time to first token by several ms):
 
 - miss: the question asked for the first time, cache on: time to the first text (TTFT) — lookup,
   verification, then generation;
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -67,6 +69,31 @@ async def timed(
         if isinstance(event, Finished):
             cached = event.cached
     return first, (time.perf_counter() - started) * 1000, cached
+
+
+@dataclass
+class Samples:
+    """What each kind of question measured (ms)."""
+
+    miss: list[float] = field(default_factory=list)
+    skip: list[float] = field(default_factory=list)
+    hit: list[float] = field(default_factory=list)
+    paraphrase_hit: list[float] = field(default_factory=list)
+    misses_served: int = 0
+    hits_served: int = 0
+
+    def add(self, kind: str, ttft: float, total: float, cached: bool) -> None:
+        if kind == "miss":
+            self.misses_served += not cached
+            self.miss.append(ttft)
+        elif kind == "skip":
+            self.skip.append(ttft)
+        elif kind == "hit":
+            self.hits_served += cached
+            if cached:
+                self.hit.append(total)
+        elif cached:
+            self.paraphrase_hit.append(total)
 
 
 async def main() -> None:
@@ -139,27 +166,22 @@ async def main() -> None:
                 # Warm-up: the first calls page in models and open connections.
                 for warm in origins[-3:]:
                     await timed(client, warm, args.max_tokens, skip_cache=True)
-                miss, skip, hit, paraphrase_hit = [], [], [], []
-                hits_served = misses_served = 0
+                samples = Samples()
                 for index, (question, other, stored, paraphrase) in enumerate(
                     zip(asked, skipped, prefilled, paraphrases, strict=True)
                 ):
-                    ttft, _, cached = await timed(client, question, args.max_tokens)
-                    misses_served += not cached
-                    miss.append(ttft)
-                    skip.append((await timed(client, other, args.max_tokens, skip_cache=True))[0])
-                    _, total, cached = await timed(client, stored, args.max_tokens)
-                    hits_served += cached
-                    if cached:
-                        hit.append(total)
-                    _, total, cached = await timed(client, paraphrase, args.max_tokens)
-                    if cached:
-                        paraphrase_hit.append(total)
+                    # Each kind takes each place in the round in turn: what ran just before (an idle
+                    # engine after two hits, or one that has just generated) must not favour a side.
+                    kinds = [("miss", question), ("skip", other), ("hit", stored), ("paraphrase", paraphrase)]
+                    turn = index % len(kinds)
+                    for kind, text in kinds[turn:] + kinds[:turn]:
+                        samples.add(kind, *await timed(client, text, args.max_tokens, kind == "skip"))
                     if (index + 1) % 20 == 0:
                         print(f"  {index + 1}/{len(asked)} questions", flush=True)
+    miss, skip, hit, paraphrase_hit = samples.miss, samples.skip, samples.hit, samples.paraphrase_hit
     print(
-        f"{len(asked)} questions of each kind; new questions that missed: {misses_served};"
-        f" stored ones served from the cache: {hits_served}"
+        f"{len(asked)} questions of each kind; new questions that missed: {samples.misses_served};"
+        f" stored ones served from the cache: {samples.hits_served}"
     )
     print(f"{'':>28} {'p50':>8} {'p99':>8}")
     for name, values in (

@@ -217,18 +217,32 @@ class Conversations:
         request_id: str | None,
         use_cache: bool = True,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """Create a chat; with a first message, stream its reply like `complete`."""
+        """Create a chat; with a first message, stream its reply like `complete`.
+
+        A first message's cache lookup depends on nothing stored (no turns come before it), so it runs
+        while the chat and the message are written rather than after."""
         if not first_message:
             chat, _ = await self._store.create_chat(
                 user_id, title, system_prompt, strategy or self._default_strategy, request_id
             )
             yield Started(chat.id, None, chat)
             return
-        chat, _ = await self._store.create_chat(
-            user_id, title, system_prompt, strategy or self._default_strategy, request_id
+        early_lookup = (
+            asyncio.ensure_future(
+                self._cache.lookup(Question(user_id, None, system_prompt, (), first_message))
+            )
+            if use_cache
+            else None
         )
+        try:
+            chat, _ = await self._store.create_chat(
+                user_id, title, system_prompt, strategy or self._default_strategy, request_id
+            )
+        except BaseException:
+            _discard(early_lookup)
+            raise
         async with aclosing(
-            self.complete(user_id, chat.id, first_message, sampling, request_id, use_cache)
+            self.complete(user_id, chat.id, first_message, sampling, request_id, use_cache, early_lookup)
         ) as events:
             async for event in events:
                 yield (
@@ -245,11 +259,13 @@ class Conversations:
         sampling: SamplingOptions,
         request_id: str | None,
         use_cache: bool = True,
+        early_lookup: asyncio.Future[CachedAnswer | None] | None = None,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Store the user message, stream the reply, store the reply (with the message's token count).
 
         The reply comes from the semantic cache when it holds a verified answer to the same question in
-        the same context (`use_cache=False`: neither look up nor store).
+        the same context (`use_cache=False`: neither look up nor store). `early_lookup`: that lookup,
+        already started for `content` as the first message of the chat (used only if it is).
 
         A retry (same `request_id`) joins the completion if it is still running here, returns the stored
         reply if there is one (a cancelled one included, with `FinishReason.CANCELLED`), and generates
@@ -257,13 +273,20 @@ class Conversations:
         its error raised.
         """
         received = time.perf_counter()
-        turn = await self._store.start_turn(user_id, chat_id, content, request_id, lease=self._lease)
+        try:
+            turn = await self._store.start_turn(user_id, chat_id, content, request_id, lease=self._lease)
+        except BaseException:
+            _discard(early_lookup)
+            raise
         if turn.created:
             running = self._run(
                 turn.message.id,
-                lambda: self._answer(turn.chat, turn.message, sampling, turn.history, received, use_cache),
+                lambda: self._answer(
+                    turn.chat, turn.message, sampling, turn.history, received, use_cache, early_lookup
+                ),
             )
         else:
+            _discard(early_lookup)
             running = await self._join(turn.chat, turn.message, sampling)
         async with aclosing(running.follow()) as events:
             async for event in events:
@@ -329,9 +352,11 @@ class Conversations:
         history: Sequence[Message],
         received: float,
         use_cache: bool,
+        early_lookup: asyncio.Future[CachedAnswer | None] | None = None,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """The reply from the cache when it holds a verified one, else generated and then kept in the
-        cache (finished answers only: never a `length`, cancelled or failed one)."""
+        cache (finished answers only: never a `length`, cancelled or failed one). `early_lookup` is the
+        lookup of the message as a chat's first, started before it was stored."""
         question = (
             Question(
                 user_id=chat.user_id,
@@ -343,8 +368,14 @@ class Conversations:
             if use_cache
             else None
         )
-        if question is not None:
-            cached = await self._cache.lookup(question)
+        if question is None:
+            _discard(early_lookup)
+        else:
+            if early_lookup is not None and not question.earlier_turns:
+                cached = await early_lookup
+            else:
+                _discard(early_lookup)
+                cached = await self._cache.lookup(question)
             if cached is not None:
                 async with aclosing(self._serve_cached(chat, user_message, cached, received)) as events:
                     async for event in events:
@@ -681,9 +712,9 @@ def _log_stored(
     )
 
 
-def _discard(future: asyncio.Future[int] | None) -> None:
-    """Cancel a count nobody needs any more; retrieve the error of one that failed, so asyncio does not
-    log it as never retrieved (whoever needed it has reported it)."""
+def _discard(future: asyncio.Future[Any] | None) -> None:
+    """Cancel a count or lookup nobody needs any more; retrieve the error of one that failed, so asyncio
+    does not log it as never retrieved (whoever needed it has reported it)."""
     if future is None:
         return
     if not future.done():

@@ -123,8 +123,11 @@ class OnnxEncoder:
         from tokenizers import Tokenizer
 
         options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads or _physical_cores()
+        options.intra_op_num_threads = threads or physical_cores()
         options.inter_op_num_threads = 1
+        # ONNX Runtime's pool threads spin for a while after each run by default; a lookup in front of
+        # a completion would then take a core from the engine that is about to generate its answer.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(
             str(onnx_path), options, providers=["CPUExecutionProvider"]
         )
@@ -156,9 +159,23 @@ class OnnxEncoder:
         return np.asarray(pooled / np.clip(norms, 1e-12, None), dtype=np.float32)
 
 
-def _physical_cores() -> int:
-    # cpu_count() counts hardware threads; two per core is the common case.
-    return max(1, (os.cpu_count() or 2) // 2)
+def physical_cores() -> int:
+    """The physical cores this process may run on: hardware threads that share a core count once.
+
+    From Linux's CPU topology; elsewhere (or if it cannot be read) half the hardware threads, the
+    common two per core. A VM's vCPUs are often whole cores (two vCPUs: two cores, not one)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+        cores = {
+            (
+                Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/physical_package_id").read_text().strip(),
+                Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/core_id").read_text().strip(),
+            )
+            for cpu in allowed
+        }
+        return max(1, len(cores))
+    except (AttributeError, OSError):
+        return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _max_seq_length(model_path: Path) -> int:

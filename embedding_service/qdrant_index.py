@@ -43,6 +43,7 @@ from qdrant_client.local.persistence import STORAGE_FILE_NAME
 from chatmesh.common.errors import ChatmeshError, InvalidArgument, NotFound, Unavailable
 from chatmesh.vectors.values import Condition, Payload, PayloadValue, Range
 from embedding_service.encoder import Vectors
+from embedding_service.local_filters import speed_up_local_filters
 from embedding_service.settings import EmbeddingSettings
 from embedding_service.vector_index import Hit, PayloadKind
 
@@ -192,7 +193,7 @@ class QdrantIndex:
         if known is None:
             return []
         _check_dimension(collection, known, len(vector))
-        selected = _qdrant_filter(where)
+        selected = _qdrant_filter(self._within_partition(where))
 
         async def search_partitions() -> list[models.ScoredPoint]:
             found: list[models.ScoredPoint] = []
@@ -305,6 +306,20 @@ class QdrantIndex:
         names = {described.name for described in response.collections}
         partitions = sorted(name for name in names if _is_partition_of(collection, name))
         return ([collection] if collection in names else []) + partitions
+
+    def _within_partition(self, where: Sequence[Condition]) -> list[Condition]:
+        """`where` as a search of the partitions `_targets` picks for it must check it: in local mode,
+        without the exact conditions on the tenant value that picked one partition, which every point
+        there passes by construction (local mode checks each condition on each point, in Python)."""
+        tenant = _tenant(where, self._tenant_key) if self._local_path is not None else None
+        if tenant is None:
+            return list(where)
+        # The same type too: 1 == True in Python, but not to Qdrant (nor to the partition's name).
+        return [
+            c
+            for c in where
+            if not (c.key == self._tenant_key and type(c.match) is type(tenant) and c.match == tenant)
+        ]
 
     def _partition_for(self, collection: str, payload: Payload | None) -> str:
         tenant = (payload or {}).get(self._tenant_key)
@@ -467,6 +482,7 @@ async def open_qdrant_index(settings: EmbeddingSettings) -> AsyncIterator[Qdrant
         location = settings.vectors_url
     else:
         path = settings.vectors_path.resolve()
+        speed_up_local_filters()
         runner = _DedicatedLoop("qdrant-local")
         try:
             client = await runner.run(_open_local(path))

@@ -49,7 +49,8 @@ class Question:
     """A question as the cache sees it: who asks, in which chat, after what, of which model."""
 
     user_id: str
-    chat_id: uuid.UUID
+    chat_id: uuid.UUID | None
+    """None for the first question of a chat that is being created (looked up before it is stored)."""
     system_prompt: str
     earlier_turns: Sequence[tuple[str, str]]
     """(role, content) of every message before the question, oldest first."""
@@ -159,7 +160,7 @@ class SemanticCache:
             extra={
                 "error": f"{type(exc).__name__}: {exc}",
                 "failures": self.failures,
-                "chat_id": str(question.chat_id) if question else None,
+                "chat_id": str(question.chat_id) if question and question.chat_id else None,
             },
         )
 
@@ -199,7 +200,7 @@ class SemanticCache:
         log.debug(
             "cache lookup",
             extra={
-                "chat_id": str(question.chat_id),
+                "chat_id": str(question.chat_id) if question.chat_id else None,
                 "hit": found is not None,
                 "candidates": len(hits),
                 "ms": round((time.perf_counter() - started) * 1000, 2),
@@ -208,7 +209,9 @@ class SemanticCache:
         return found
 
     def entry(self, question: Question, answer: str, token_count: int) -> NewPoint:
-        """The cache entry that keeps `answer` to `question`."""
+        """The cache entry that keeps `answer` to `question` (a question of a stored chat)."""
+        if question.chat_id is None:
+            raise ValueError("an answer is stored for a question of a stored chat; this one has no chat id")
         now = time.time()
         payload: dict[str, PayloadValue] = {
             **self._key(question),

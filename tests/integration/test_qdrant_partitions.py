@@ -102,6 +102,19 @@ async def test_tenant_values_of_different_types_are_different_tenants(index: Qdr
         assert [hit.id for hit in hits] == [own]
 
 
+async def test_a_search_inside_a_partition_still_checks_every_other_condition(index: QdrantIndex) -> None:
+    # Within the tenant's partition the tenant condition that chose it is not checked again (every point
+    # there passes it); any other condition on the tenant key still is, with Qdrant's types (1 is not True).
+    vectors = unit_vectors(2)
+    alice, flag = await store(index, vectors, [{"scope": "alice", "owner": "a"}, {"scope": True}])
+    query = vectors[0].tolist()
+    assert [h.id for h in await index.search("c", query, [Condition("scope", "alice")], 10)] == [alice]
+    assert await index.search("c", query, [Condition("scope", "alice"), Condition("owner", "b")], 10) == []
+    assert await index.search("c", query, [Condition("scope", "alice"), Condition("scope", "bob")], 10) == []
+    assert [h.id for h in await index.search("c", query, [Condition("scope", True)], 10)] == [flag]
+    assert await index.search("c", query, [Condition("scope", True), Condition("scope", 1)], 10) == []
+
+
 async def test_a_call_with_a_tenant_condition_reaches_that_tenants_partition_only(
     settings: EmbeddingSettings,
 ) -> None:
