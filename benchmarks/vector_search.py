@@ -23,6 +23,7 @@ import asyncio
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -31,6 +32,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from chatmesh.vectors.client import GrpcVectorClient, NewPoint
