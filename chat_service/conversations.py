@@ -15,6 +15,7 @@ from chat_service.cache.policy import CachedAnswer, NoCache, Question, ResponseC
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
+from chat_service.metrics import ChatMetrics, NoMetrics
 from chat_service.storage.base import NOT_COUNTED, ConversationStore, Lease
 from chatmesh.common.errors import ChatmeshError, NotFound, Unavailable
 
@@ -179,7 +180,9 @@ class Conversations:
         replica_id: str | None = None,
         lease_s: float = 15.0,
         poll_interval_s: float = 0.2,
+        metrics: ChatMetrics | None = None,
     ) -> None:
+        self._metrics = metrics or NoMetrics()
         self._store = store
         self._inference = inference
         self._history = history
@@ -281,8 +284,10 @@ class Conversations:
         if turn.created:
             running = self._run(
                 turn.message.id,
-                lambda: self._answer(
-                    turn.chat, turn.message, sampling, turn.history, received, use_cache, early_lookup
+                lambda: self._counted(
+                    self._answer(
+                        turn.chat, turn.message, sampling, turn.history, received, use_cache, early_lookup
+                    )
                 ),
             )
         else:
@@ -343,6 +348,25 @@ class Conversations:
             await asyncio.sleep(self._poll_interval_s)
         for event in stored_reply_events(chat.id, user_message.id, reply):
             yield event
+
+    async def _counted(
+        self, events: AsyncGenerator[CompletionEvent, None]
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """`events` of one completion, counted by how it ended once it has."""
+        outcome, cached = "cancelled", False
+        try:
+            async with aclosing(events):
+                async for event in events:
+                    if isinstance(event, Finished):
+                        outcome, cached = event.finish_reason.value, event.cached
+                    elif isinstance(event, Failed):
+                        outcome = "failed"
+                    yield event
+        except Exception:
+            outcome = "failed"
+            raise
+        finally:
+            self._metrics.completion_ended(outcome, cached)
 
     async def _answer(
         self,
@@ -552,6 +576,7 @@ class Conversations:
             history = [m for m in stored if m.seq <= user_message.seq]
         assert sampling.max_tokens is not None
         prompt = await self._history.build(chat, history, sampling.max_tokens, request_id)
+        self._metrics.history_built(chat.history_strategy.value)
         stream = self._inference.generate(prompt, sampling, request_id, affinity=str(chat.id))
         engine_started = time.perf_counter()
         try:

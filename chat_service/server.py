@@ -8,6 +8,7 @@ import logging
 import time
 
 import grpc
+from prometheus_client import CollectorRegistry
 
 from chat_service.cache.policy import CachePolicy, NoCache, ResponseCache, SemanticCache
 from chat_service.cache.verification import VerificationRule, preload_word_frequencies
@@ -21,6 +22,7 @@ from chat_service.inference import (
 )
 from chat_service.jobs.queue import JetStreamConfig, NatsJobQueue
 from chat_service.jobs.service import Jobs, JobWorker
+from chat_service.metrics import ChatMetrics
 from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
 from chat_service.storage.sql import open_sql_store
@@ -28,6 +30,7 @@ from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from chatmesh.common.auth import JwtAuthInterceptor
 from chatmesh.common.errors import Unavailable
 from chatmesh.common.logs import configure_logging
+from chatmesh.common.metrics import serve_metrics
 from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
 from chatmesh.vectors.client import GrpcVectorClient
 
@@ -53,7 +56,7 @@ async def wait_for_engine(client: InferenceClient, timeout_s: float, address: st
 
 
 async def open_cache(
-    settings: ChatSettings, engine: EngineInfo, channels: contextlib.AsyncExitStack
+    settings: ChatSettings, engine: EngineInfo, channels: contextlib.AsyncExitStack, metrics: ChatMetrics
 ) -> ResponseCache:
     """The semantic cache the settings ask for: over the vector service at `cache_address`, or none."""
     if not settings.cache_address:
@@ -81,7 +84,7 @@ async def open_cache(
         },
     )
     preload_word_frequencies()  # at start-up rather than during the first cached question
-    return SemanticCache(vectors, policy, VerificationRule())
+    return SemanticCache(vectors, policy, VerificationRule(), metrics)
 
 
 async def purge_periodically(cache: SemanticCache, interval_s: float) -> None:
@@ -100,10 +103,14 @@ async def serve(settings: ChatSettings) -> None:
     log.info(
         "starting", extra={"address": settings.address, "database": settings.database_url.split("@")[-1]}
     )
+    registry = CollectorRegistry()
+    metrics = ChatMetrics(registry)
     async with (
         open_sql_store(settings.database_url, migrate=settings.migrate_on_start) as store,
         contextlib.AsyncExitStack() as channels,
+        serve_metrics(registry, settings.metrics_address),
     ):
+        metrics.watch_database(store.engine)
         replicas: list[tuple[str, InferenceClient]] = []
         for address in settings.inference_addresses:
             channel = await channels.enter_async_context(grpc.aio.insecure_channel(address))
@@ -126,7 +133,7 @@ async def serve(settings: ChatSettings) -> None:
             min_messages_to_fold=settings.summary_min_messages_to_fold,
             max_tokens=settings.summary_max_tokens,
         )
-        cache = await open_cache(settings, engine, channels)
+        cache = await open_cache(settings, engine, channels, metrics)
         conversations = Conversations(
             store,
             inference,
@@ -136,6 +143,7 @@ async def serve(settings: ChatSettings) -> None:
             cache,
             replica_id=settings.replica_id,
             lease_s=settings.completion_lease_s,
+            metrics=metrics,
         )
         jobs: Jobs | None = None
         worker: JobWorker | None = None

@@ -39,6 +39,11 @@ class MeshSettings(BaseSettings):
     gateway_admin_port: int = 9901
     inference_port: int = 50052
     embedding_port: int = 50053
+    metrics_port: int = Field(
+        9101,
+        description="Prometheus /metrics of chat replica 1; replica n on metrics_port + 10 * n, inference on"
+        " metrics_port + 1, embedding on metrics_port + 2",
+    )
     nats_url: str | None = Field(
         None,
         description="NATS with JetStream for asynchronous jobs; unset: the mesh starts the bundled"
@@ -71,6 +76,7 @@ class ServiceSpec:
     address: str
     env: dict[str, str] = field(default_factory=dict)
     loads_model: bool = False
+    metrics_address: str | None = None
 
 
 @dataclass
@@ -89,6 +95,8 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
     common = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     inference = f"{settings.host}:{settings.inference_port}"
     embedding = f"{settings.host}:{settings.embedding_port}"
+    inference_metrics = f"{settings.host}:{settings.metrics_port + 1}"
+    embedding_metrics = f"{settings.host}:{settings.metrics_port + 2}"
     specs = [
         ServiceSpec(
             "inference",
@@ -98,8 +106,10 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                 **common,
                 "CHATMESH_INFERENCE_ADDRESS": inference,
                 "CHATMESH_INFERENCE_LOG_FORMAT": settings.log_format,
+                "CHATMESH_INFERENCE_METRICS_ADDRESS": inference_metrics,
             },
             loads_model=True,
+            metrics_address=inference_metrics,
         ),
         ServiceSpec(
             "embedding",
@@ -109,12 +119,15 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                 **common,
                 "CHATMESH_EMBEDDING_ADDRESS": embedding,
                 "CHATMESH_EMBEDDING_LOG_FORMAT": settings.log_format,
+                "CHATMESH_EMBEDDING_METRICS_ADDRESS": embedding_metrics,
             },
             loads_model=True,
+            metrics_address=embedding_metrics,
         ),
     ]
     for replica in range(settings.chat_replicas):
         address = f"{settings.host}:{settings.chat_port + 10 * replica}"
+        metrics = f"{settings.host}:{settings.metrics_port + 10 * replica}"
         specs.append(
             ServiceSpec(
                 f"chat-{replica + 1}",
@@ -129,7 +142,9 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                     # Asynchronous jobs, on the mesh's NATS; every replica also runs them.
                     "CHATMESH_CHAT_JOBS_NATS_URL": settings.jobs_nats_url,
                     "CHATMESH_CHAT_LOG_FORMAT": settings.log_format,
+                    "CHATMESH_CHAT_METRICS_ADDRESS": metrics,
                 },
+                metrics_address=metrics,
             )
         )
     return specs
@@ -380,7 +395,12 @@ def _print_welcome(services: Sequence[RunningService], gateway: EnvoyProcess | N
     if gateway is not None:
         print(f"  {'gateway':<10} {gateway.base_url}  (REST and gRPC; admin http://{gateway.admin_address})")
     for service in services:
-        print(f"  {service.spec.name:<10} grpc://{service.spec.address}")
+        metrics = (
+            f"  metrics http://{service.spec.metrics_address}/metrics" if service.spec.metrics_address else ""
+        )
+        print(f"  {service.spec.name:<10} grpc://{service.spec.address}{metrics}")
+    if gateway is not None:
+        print(f"  {'':<10} Envoy's own metrics: http://{gateway.admin_address}/stats/prometheus")
     print("\nTry it:")
     key_option = "" if token else " --private-key YOUR-PRIVATE-KEY.pem"
     print(

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Self
+from typing import Protocol, Self
 
 import numpy as np
 
@@ -43,6 +43,15 @@ log = logging.getLogger(__name__)
 class _Request:
     texts: list[str]
     future: asyncio.Future[Vectors]
+    queued_at: float
+
+
+class BatchObserver(Protocol):
+    """Told of every batch the encoder finished (metrics)."""
+
+    def batch_encoded(self, texts: int, queue_waits_s: Sequence[float], seconds: float, failed: bool) -> None:
+        """`texts` encoded in `seconds`; each request of the batch waited `queue_waits_s` before it."""
+        ...
 
 
 @dataclass(slots=True)
@@ -62,12 +71,20 @@ class MicroBatcher:
     finishes the ones already accepted and stops the worker thread.
     """
 
-    def __init__(self, encoder: Encoder, *, max_batch_size: int, max_wait_ms: float) -> None:
+    def __init__(
+        self,
+        encoder: Encoder,
+        *,
+        max_batch_size: int,
+        max_wait_ms: float,
+        observer: BatchObserver | None = None,
+    ) -> None:
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         if max_wait_ms < 0:
             raise ValueError("max_wait_ms must not be negative")
         self._encoder = encoder
+        self._observer = observer
         self._max_batch_size = max_batch_size
         self._max_wait_s = max_wait_ms / 1000
         self._queue: deque[_Request] = deque()
@@ -132,7 +149,7 @@ class MicroBatcher:
         if not texts:
             return np.empty((0, self._encoder.dimension), dtype=np.float32)
         future: asyncio.Future[Vectors] = asyncio.get_running_loop().create_future()
-        self._queue.append(_Request(list(texts), future))
+        self._queue.append(_Request(list(texts), future, time.perf_counter()))
         self._queued_texts += len(texts)
         self._stats.requests += 1
         if log.isEnabledFor(logging.DEBUG):
@@ -203,6 +220,14 @@ class MicroBatcher:
             self._dispatch()
         self._stats.batches += 1
         self._stats.texts += n_texts
+        error = _batch_error(inflight, n_texts)
+        if self._observer is not None:
+            self._observer.batch_encoded(
+                n_texts,
+                [started - request.queued_at for request in batch],
+                time.perf_counter() - started,
+                error is not None,
+            )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
                 "batch encoded",
@@ -213,7 +238,6 @@ class MicroBatcher:
                     "queued": self._queued_texts,
                 },
             )
-        error = _batch_error(inflight, n_texts)
         if error is not None:
             self._stats.failed_batches += 1
             for request in batch:

@@ -7,12 +7,16 @@ import contextlib
 import logging
 from contextlib import AbstractAsyncContextManager
 
+from prometheus_client import CollectorRegistry
+
 from chatmesh.common.logs import configure_logging
+from chatmesh.common.metrics import serve_metrics
 from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
 from chatmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from chatmesh.vectors.v1 import vectors_pb2, vectors_pb2_grpc
 from embedding_service.batcher import MicroBatcher
 from embedding_service.encoder import open_encoder
+from embedding_service.metrics import EmbeddingMetrics
 from embedding_service.qdrant_index import open_qdrant_index
 from embedding_service.servicer import EmbeddingServicer
 from embedding_service.settings import EmbeddingSettings
@@ -36,12 +40,17 @@ async def serve(settings: EmbeddingSettings) -> None:
     """Run the embedding service (and the vector service, unless disabled) until SIGTERM/SIGINT."""
     configure_logging("embedding", settings.log_level, settings.log_format)
     log.info("starting", extra={"address": settings.address, "model": settings.model_name})
+    registry = CollectorRegistry()
     async with (
         # First: a locked or unreachable index fails the start before the model spends seconds loading.
         open_vector_index(settings) as index,
+        serve_metrics(registry, settings.metrics_address),
         open_encoder(settings) as encoder,
         MicroBatcher(
-            encoder, max_batch_size=settings.max_batch_size, max_wait_ms=settings.max_wait_ms
+            encoder,
+            max_batch_size=settings.max_batch_size,
+            max_wait_ms=settings.max_wait_ms,
+            observer=EmbeddingMetrics(registry),
         ) as batcher,
     ):
         server = create_server()

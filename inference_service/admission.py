@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from chatmesh.common.errors import ResourceExhausted
@@ -17,7 +17,16 @@ class AdmissionController:
     for about as long as the queue takes to move instead of hammering a full server.
     """
 
-    def __init__(self, max_active: int, max_queued: int, queue_timeout_s: float) -> None:
+    def __init__(
+        self,
+        max_active: int,
+        max_queued: int,
+        queue_timeout_s: float,
+        on_reject: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        """`on_reject(reason)` is told of every rejection: `full` (no slot, full queue) or
+        `queue_timeout` (waited `queue_timeout_s` without a slot)."""
+        self._on_reject = on_reject
         self._slots = asyncio.Semaphore(max_active)
         self._max_active = max_active
         self._max_queued = max_queued
@@ -43,6 +52,7 @@ class AdmissionController:
         """Raise what `slot` would raise right now for a full house: lets a request be refused before
         any work is spent on it (a refusal must be fast, and preparing a prompt is not free)."""
         if self._slots.locked() and self._waiting >= self._max_queued:
+            self._on_reject("full")
             raise ResourceExhausted(
                 f"all {self._max_active} generation slots are busy and {self._waiting} requests are"
                 " queued; retry later",
@@ -58,6 +68,7 @@ class AdmissionController:
             try:
                 await asyncio.wait_for(self._slots.acquire(), self._queue_timeout_s)
             except TimeoutError:
+                self._on_reject("queue_timeout")
                 raise ResourceExhausted(
                     f"waited {self._queue_timeout_s:.0f}s in the queue without getting a slot; retry later",
                     self.retry_after_s(),

@@ -8,11 +8,15 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from prometheus_client import CollectorRegistry
+
 from chatmesh.common.logs import configure_logging
+from chatmesh.common.metrics import serve_metrics
 from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
 from chatmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from inference_service.admission import AdmissionController
 from inference_service.backends.base import InferenceBackend
+from inference_service.metrics import InferenceMetrics
 from inference_service.prompt import TEMPLATES
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
@@ -73,15 +77,16 @@ async def serve(settings: InferenceSettings) -> None:
     # the loop keep it for far longer than a token takes.
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     log.info("starting", extra={"backend": settings.backend, "address": settings.address})
-    async with open_backend(settings) as backend:
+    registry = CollectorRegistry()
+    async with open_backend(settings) as backend, serve_metrics(registry, settings.metrics_address):
+        metrics = InferenceMetrics(registry, backend.info.model)
+        admission = AdmissionController(
+            settings.concurrency, settings.max_queue, settings.queue_timeout_s, on_reject=metrics.rejected
+        )
+        metrics.watch(admission)
         server = create_server()
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
-            InferenceServicer(
-                backend,
-                AdmissionController(settings.concurrency, settings.max_queue, settings.queue_timeout_s),
-                settings,
-            ),
-            server,
+            InferenceServicer(backend, admission, settings, metrics), server
         )
         health = add_health_and_reflection(server, [SERVICE_NAME])
         server.add_insecure_port(settings.address)

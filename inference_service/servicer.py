@@ -12,6 +12,7 @@ from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.admission import AdmissionController
 from inference_service.backends.base import Completion, FinishReason, InferenceBackend
+from inference_service.metrics import InferenceMetrics
 from inference_service.settings import InferenceSettings
 from inference_service.validation import parse_sampling, parse_turns
 
@@ -31,11 +32,16 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """Validates requests, applies admission control and relays the backend's stream."""
 
     def __init__(
-        self, backend: InferenceBackend, admission: AdmissionController, settings: InferenceSettings
+        self,
+        backend: InferenceBackend,
+        admission: AdmissionController,
+        settings: InferenceSettings,
+        metrics: InferenceMetrics,
     ):
         self._backend = backend
         self._admission = admission
         self._settings = settings
+        self._metrics = metrics
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
@@ -56,6 +62,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             started = time.perf_counter()
             first_token_s: float | None = None
             outcome = "cancelled"
+            completion_tokens: int | None = None
             try:
                 # aclosing: a client that goes away closes this generator at a yield; the engine must
                 # stop now, not when the backend generator is garbage-collected.
@@ -63,6 +70,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                     async for event in events:
                         if isinstance(event, Completion):
                             outcome = event.finish_reason.value
+                            completion_tokens = event.completion_tokens
                             yield pb.GenerateResponse(
                                 finished=pb.Finished(
                                     finish_reason=_FINISH_REASONS[event.finish_reason],
@@ -76,7 +84,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                             if first_token_s is None:
                                 first_token_s = time.perf_counter() - started
                             yield pb.GenerateResponse(delta=pb.Delta(text=event.text))
+            except Exception:
+                outcome = "error"
+                raise
             finally:
+                seconds = time.perf_counter() - started
+                self._metrics.generation_ended(
+                    outcome, seconds, first_token_s, prompt.token_count, completion_tokens
+                )
                 log.info(
                     "generation ended",
                     extra={
@@ -84,7 +99,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         "outcome": outcome,
                         "prompt_tokens": prompt.token_count,
                         "ttft_ms": None if first_token_s is None else round(first_token_s * 1000, 1),
-                        "seconds": round(time.perf_counter() - started, 3),
+                        "seconds": round(seconds, 3),
                     },
                 )
 

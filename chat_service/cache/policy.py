@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 from chat_service.cache.verification import Candidate, VerificationRule
+from chat_service.metrics import ChatMetrics, NoMetrics
 from chatmesh.vectors.client import Hit, NewPoint, VectorClient, Where
 from chatmesh.vectors.values import PayloadValue, Range
 
@@ -126,10 +127,17 @@ class SemanticCache:
 
     The client's own deadlines bound each call (a search within `lookup_timeout_s`, see the root)."""
 
-    def __init__(self, vectors: VectorClient, policy: CachePolicy, rule: VerificationRule) -> None:
+    def __init__(
+        self,
+        vectors: VectorClient,
+        policy: CachePolicy,
+        rule: VerificationRule,
+        metrics: ChatMetrics | None = None,
+    ) -> None:
         self._vectors = vectors
         self._policy = policy
         self._rule = rule
+        self._metrics = metrics or NoMetrics()
         self.failures = 0
         """Lookups and writes that failed or ran out of time (each also logged)."""
 
@@ -195,8 +203,10 @@ class SemanticCache:
                 hits = await self.search(question)
         except Exception as exc:  # any failure of the cache is a miss, never the user's error
             self._failed("lookup", exc, question)
+            self._metrics.cache_lookup("error")
             return None
         found = self.answer(question, hits)
+        self._metrics.cache_lookup("miss" if found is None else "hit")
         log.debug(
             "cache lookup",
             extra={

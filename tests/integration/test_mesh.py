@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 
 from chatmesh.client import ChatClient
 from chatmesh.common.auth import JwtKeys, issue_token, load_or_create_secret
-from tests.support.processes import free_port, process_group_members
+from tests.support.processes import free_port, free_port_block, process_group_members
 
 pytestmark = pytest.mark.integration
 
@@ -81,6 +82,7 @@ def heal_after_a_crash(mesh: subprocess.Popen[str], ports: dict[str, int], heade
 
 def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("chat", "inference", "embedding", "gateway", "admin", "nats")}
+    metrics = free_port_block([0, 1, 2, 10])  # chat-1, inference, embedding, chat-2
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
@@ -90,6 +92,7 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         "CHATMESH_MESH_GATEWAY_PORT": str(ports["gateway"]),
         "CHATMESH_MESH_GATEWAY_ADMIN_PORT": str(ports["admin"]),
         "CHATMESH_MESH_NATS_PORT": str(ports["nats"]),
+        "CHATMESH_MESH_METRICS_PORT": str(metrics),
     }
     # Its own working directory: the embedded defaults (.run/chatmesh.db, .run/jwt-secret) land there.
     mesh = subprocess.Popen(
@@ -119,6 +122,17 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         chats = httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", headers=headers, timeout=10)
         assert chats.status_code == 200, chats.text
         assert [c["chat_id"] for c in chats.json()["chats"]] == [reply.chat_id]
+        # Every service's Prometheus metrics, at the addresses the mesh printed, and Envoy's.
+        for port in (metrics, metrics + 1, metrics + 2, metrics + 10):
+            assert f"http://127.0.0.1:{port}/metrics" in text
+            assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
+        completions = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+        # The one completion so far went to replica 1 (stop or length, as the model decides).
+        assert re.search(
+            r'chatmesh_chat_completions_total\{cached="false",outcome="(stop|length)"\} 1\.0', completions
+        )
+        envoy = httpx.get(f"http://127.0.0.1:{ports['admin']}/stats/prometheus", timeout=10)
+        assert envoy.status_code == 200 and "envoy_cluster_upstream_rq" in envoy.text
         # ... and an asynchronous job, queued on the mesh's own NATS and answered by a replica.
         job = submit_job_and_wait(f"http://127.0.0.1:{ports['gateway']}", headers, reply.chat_id)
         assert job["state"] == "JOB_STATE_SUCCEEDED", job

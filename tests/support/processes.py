@@ -48,6 +48,26 @@ def free_port() -> int:
         return port
 
 
+def free_port_block(offsets: Sequence[int]) -> int:
+    """A port `base` such that `base + offset` is free on 127.0.0.1 for every offset (for a program that
+    derives several ports from one setting)."""
+    for _ in range(100):
+        base = free_port()
+        sockets: list[socket.socket] = []
+        try:
+            for offset in offsets:
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(sock)
+                sock.bind(("127.0.0.1", base + offset))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise RuntimeError(f"no free block of ports at offsets {list(offsets)}")
+
+
 def is_serving(address: str, service: str = "", timeout: float = 1.0) -> bool:
     """One blocking health check: True if `service` at `address` answers SERVING."""
     with grpc.insecure_channel(address) as channel:

@@ -12,7 +12,10 @@ from tests.support.waiting import until
 
 
 async def test_admits_up_to_max_active_then_queues_then_rejects() -> None:
-    admission = AdmissionController(max_active=1, max_queued=1, queue_timeout_s=5)
+    rejections: list[str] = []
+    admission = AdmissionController(
+        max_active=1, max_queued=1, queue_timeout_s=5, on_reject=rejections.append
+    )
     release = asyncio.Event()
     order: list[str] = []
 
@@ -36,6 +39,7 @@ async def test_admits_up_to_max_active_then_queues_then_rejects() -> None:
         async with admission.slot():
             pass
     assert rejected.value.retry_after_s > 0
+    assert rejections == ["full", "full"]
 
     release.set()
     await asyncio.gather(first, second)
@@ -66,7 +70,10 @@ async def test_cancelled_waiter_leaves_the_queue() -> None:
 
 
 async def test_queue_timeout_is_resource_exhausted() -> None:
-    admission = AdmissionController(max_active=1, max_queued=1, queue_timeout_s=0.05)
+    rejections: list[str] = []
+    admission = AdmissionController(
+        max_active=1, max_queued=1, queue_timeout_s=0.05, on_reject=rejections.append
+    )
     release = asyncio.Event()
 
     async def hold() -> None:
@@ -78,5 +85,6 @@ async def test_queue_timeout_is_resource_exhausted() -> None:
     with pytest.raises(ResourceExhausted, match="waited"):
         async with admission.slot():
             pass
+    assert rejections == ["queue_timeout"]
     release.set()
     await holder

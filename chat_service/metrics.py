@@ -1,0 +1,91 @@
+"""The chat service's Prometheus metrics: completions by outcome, the semantic cache, history strategies
+and database statement latency."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from chatmesh.common.metrics import FAST_BUCKETS_S
+
+COMPLETION_OUTCOMES = ("stop", "length", "cancelled", "failed")
+CACHE_RESULTS = ("hit", "miss", "error")
+_STATEMENT_KINDS = ("select", "insert", "update", "delete")
+
+
+class ChatMetrics:
+    """What the chat use cases report; one per service, over the service's registry."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._completions = Counter(
+            "chatmesh_chat_completions",
+            "Completions that ended, by outcome (stop, length, cancelled, failed) and whether the answer"
+            " came from the semantic cache.",
+            ["outcome", "cached"],
+            registry=registry,
+        )
+        self._cache = Counter(
+            "chatmesh_chat_cache_lookups",
+            "Semantic cache lookups by result (hit, miss, error: failed or over its time budget).",
+            ["result"],
+            registry=registry,
+        )
+        for result in CACHE_RESULTS:
+            self._cache.labels(result)
+        self._strategies = Counter(
+            "chatmesh_chat_history_strategy",
+            "Prompts built for the engine, by the chat's history strategy.",
+            ["strategy"],
+            registry=registry,
+        )
+        self._statements = Histogram(
+            "chatmesh_chat_store_statement_seconds",
+            "Database statement latency in the conversation store, by kind.",
+            ["kind"],
+            buckets=FAST_BUCKETS_S,
+            registry=registry,
+        )
+
+    def completion_ended(self, outcome: str, cached: bool) -> None:
+        """Count one completion (`outcome` one of COMPLETION_OUTCOMES)."""
+        self._completions.labels(outcome, "true" if cached else "false").inc()
+
+    def cache_lookup(self, result: str) -> None:
+        """Count one cache lookup (`result` one of CACHE_RESULTS)."""
+        self._cache.labels(result).inc()
+
+    def history_built(self, strategy: str) -> None:
+        self._strategies.labels(strategy).inc()
+
+    def watch_database(self, engine: AsyncEngine) -> None:
+        """Time every statement `engine` executes (SQLAlchemy's cursor events, on the driver's side)."""
+
+        def before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+            conn.info.setdefault("chatmesh_started", []).append(time.perf_counter())
+
+        def after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+            started = conn.info["chatmesh_started"].pop()
+            verb = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else "other"
+            kind = verb if verb in _STATEMENT_KINDS else "other"
+            self._statements.labels(kind).observe(time.perf_counter() - started)
+
+        def failed(context: Any) -> None:
+            # No `after` for a statement that raised: drop its start time.
+            connection = context.connection
+            if connection is not None and connection.info.get("chatmesh_started"):
+                connection.info["chatmesh_started"].pop()
+
+        event.listen(engine.sync_engine, "before_cursor_execute", before)
+        event.listen(engine.sync_engine, "after_cursor_execute", after)
+        event.listen(engine.sync_engine, "handle_error", failed)
+
+
+class NoMetrics(ChatMetrics):
+    """Metrics nobody reads (unit tests, tools): the same interface over a private registry."""
+
+    def __init__(self) -> None:
+        super().__init__(CollectorRegistry())

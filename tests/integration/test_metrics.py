@@ -1,0 +1,160 @@
+"""Prometheus metrics of every service, scraped over HTTP after real traffic: the inference service (the
+bundled model on llama-server), the embedding service (real model, local-mode vector index) and a chat
+service with the semantic cache on SQLite. Each service here is the test's own, so the counters move by
+exactly what the test did."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from chatmesh.chat.v1 import chat_pb2 as pb
+from tests.support.chat import ChatClient
+from tests.support.processes import free_port, run_service
+from tests.support.services import (
+    MODEL_STARTUP_TIMEOUT_S,
+    cache_entries,
+    chat_env,
+    embedding_env,
+    standard_engine_env,
+)
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.integration
+
+QUESTION = "What is the capital of France?"
+PARAPHRASE = "What's the capital of France?"
+"""The base model answers QUESTION with a short sentence that ends on its own (`stop`)."""
+
+SERVICES = ("chat", "inference", "embedding")
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def scrape(address: str) -> Samples:
+    """Every sample `address` serves at /metrics, by (name, labels)."""
+    response = httpx.get(f"http://{address}/metrics", timeout=10)
+    response.raise_for_status()
+    assert response.headers["content-type"].startswith("text/plain")
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sample `name` with exactly `labels`, 0 if it is not there (yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of the samples `name` whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, found), v in samples.items() if n == name and wanted <= found)
+
+
+@dataclass
+class Mesh:
+    chat: str
+    embedding: str
+    chat_metrics: str
+    inference_metrics: str
+    embedding_metrics: str
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
+    tmp = tmp_path_factory.mktemp("metrics")
+    inference, embedding, chat = (f"127.0.0.1:{free_port()}" for _ in range(3))
+    metrics = {name: f"127.0.0.1:{free_port()}" for name in ("inference", "embedding", "chat")}
+    with (
+        run_service(
+            "inference_service",
+            {**standard_engine_env(inference), "CHATMESH_INFERENCE_METRICS_ADDRESS": metrics["inference"]},
+            inference,
+            MODEL_STARTUP_TIMEOUT_S,
+        ),
+        run_service(
+            "embedding_service",
+            embedding_env(embedding, tmp / "qdrant", CHATMESH_EMBEDDING_METRICS_ADDRESS=metrics["embedding"]),
+            embedding,
+            MODEL_STARTUP_TIMEOUT_S,
+        ),
+        run_service(
+            "chat_service",
+            chat_env(
+                chat,
+                f"sqlite+aiosqlite:///{tmp / 'chat.db'}",
+                inference,
+                CHATMESH_CHAT_CACHE_ADDRESS=embedding,
+                CHATMESH_CHAT_CACHE_LOOKUP_TIMEOUT_S="10",
+                CHATMESH_CHAT_METRICS_ADDRESS=metrics["chat"],
+            ),
+            chat,
+            60,
+        ),
+    ):
+        yield Mesh(chat, embedding, metrics["chat"], metrics["inference"], metrics["embedding"])
+
+
+async def test_counters_move_by_what_the_traffic_did(mesh: Mesh) -> None:
+    async with grpc.aio.insecure_channel(mesh.chat) as channel:
+        alice = ChatClient(channel)
+
+        async def entries() -> int:
+            return await cache_entries(mesh.embedding, "chat_answers", {"owner": alice.user})
+
+        # Counting entries searches with a fixed text; the service embeds it once, before the counts.
+        assert await entries() == 0
+        before = {name: scrape(getattr(mesh, f"{name}_metrics")) for name in SERVICES}
+
+        generated = await alice.create(QUESTION, max_tokens=48, temperature=0)
+        assert generated.last is not None and generated.last.finish_reason == pb.FINISH_REASON_STOP
+        skipped = await alice.create("Name a colour.", max_tokens=8, temperature=0, skip_cache=True)
+        assert skipped.last is not None
+
+        async def answer_stored() -> bool:
+            return await entries() == 1
+
+        await eventually(answer_stored, "the first answer never reached the cache")
+        cached = await alice.create(PARAPHRASE, max_tokens=48, temperature=0)
+        assert cached.last is not None and cached.last.cached
+
+    after = {name: scrape(getattr(mesh, f"{name}_metrics")) for name in SERVICES}
+
+    def moved(service: str, name: str, **labels: str) -> float:
+        return total(after[service], name, **labels) - total(before[service], name, **labels)
+
+    # The engine generated two answers (the question, and the one that skipped the cache).
+    assert moved("inference", "gen_ai_server_time_to_first_token_seconds_count") == 2
+    assert moved("inference", "gen_ai_server_request_duration_seconds_count") == 2
+    generated_tokens = generated.last.usage.completion_tokens + skipped.last.usage.completion_tokens
+    prompt_tokens = generated.last.usage.prompt_tokens + skipped.last.usage.prompt_tokens
+    assert moved("inference", "gen_ai_server_tokens_total", gen_ai_token_type="output") == generated_tokens
+    assert moved("inference", "gen_ai_server_tokens_total", gen_ai_token_type="input") == prompt_tokens
+    assert value(after["inference"], "chatmesh_inference_running_generations") == 0
+    assert value(after["inference"], "chatmesh_inference_queue_depth") == 0
+    assert moved("inference", "chatmesh_inference_admission_rejections_total") == 0
+
+    # Three completions: two generated (one of them `stop`), one from the cache.
+    assert moved("chat", "chatmesh_chat_completions_total") == 3
+    assert moved("chat", "chatmesh_chat_completions_total", cached="true", outcome="stop") == 1
+    assert moved("chat", "chatmesh_chat_completions_total", cached="false", outcome="stop") >= 1
+    # Two lookups (the skip looked nothing up): the first question missed, its paraphrase hit.
+    assert moved("chat", "chatmesh_chat_cache_lookups_total", result="miss") == 1
+    assert moved("chat", "chatmesh_chat_cache_lookups_total", result="hit") == 1
+    assert moved("chat", "chatmesh_chat_cache_lookups_total", result="error") == 0
+    assert moved("chat", "chatmesh_chat_history_strategy_total", strategy="full") == 2
+    assert moved("chat", "chatmesh_chat_store_statement_seconds_count", kind="insert") >= 6
+
+    # The embedding service encoded two texts, one per lookup: storing the answer reused the question's
+    # vector from its lookup.
+    assert moved("embedding", "chatmesh_embedding_texts_total") == 2
+    assert moved("embedding", "chatmesh_embedding_batch_size_count") == 2
+    assert moved("embedding", "chatmesh_embedding_queue_wait_seconds_count") == 2
