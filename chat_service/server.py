@@ -29,6 +29,7 @@ from chat_service.storage.sql import open_sql_store
 from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from chatmesh.common.auth import JwtAuthInterceptor
 from chatmesh.common.errors import Unavailable
+from chatmesh.common.health import DependencyHealth
 from chatmesh.common.logs import configure_logging
 from chatmesh.common.metrics import serve_metrics
 from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
@@ -186,9 +187,18 @@ async def serve(settings: ChatSettings) -> None:
         )
         if worker is not None:
             worker.start()
+        dependencies = DependencyHealth(
+            health,
+            [SERVICE_NAME],
+            {"database": store.ping, "inference": inference.model_info},
+            interval_s=settings.health_check_interval_s,
+            timeout_s=settings.health_check_timeout_s,
+        )
+        monitoring = asyncio.create_task(dependencies.watch())
         try:
             await serve_until_signal(server, health, [SERVICE_NAME], settings.shutdown_grace_s)
         finally:
+            monitoring.cancel()
             if worker is not None:
                 await worker.stop(settings.shutdown_grace_s)
             if purging is not None:

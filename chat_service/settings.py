@@ -42,6 +42,13 @@ class ChatSettings(ServiceSettings):
     dependency_timeout_s: float = Field(
         120.0, description="how long to wait for the inference service at start"
     )
+    health_check_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="how often the database and the inference service are checked; gRPC health reports"
+        " NOT_SERVING while either does not answer",
+    )
+    health_check_timeout_s: float = Field(1.0, gt=0, description="deadline of each dependency check")
     inference_model_info_timeout_s: float = Field(
         10.0, gt=0, description="deadline of each GetModelInfo call to the inference service"
     )

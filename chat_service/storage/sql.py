@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import Select, Table, Update, case, delete, event, insert, literal, or_, select, tuple_
+from sqlalchemy import Select, Table, Update, case, delete, event, insert, literal, or_, select, text, tuple_
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import URL, Dialect, Row, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
@@ -200,6 +200,11 @@ class SqlConversationStore(ConversationStore, JobStore):
     def engine(self) -> AsyncEngine:
         """The engine the store runs on (for health checks and diagnostics)."""
         return self._engine
+
+    async def ping(self) -> None:
+        """One round trip to the database (`SELECT 1`); raises if it does not answer."""
+        async with self._reader.connect() as connection:
+            await connection.execute(text("SELECT 1"))
 
     async def create_chat(
         self,

@@ -1,6 +1,6 @@
 """PostgreSQL restarted under a chat service (a private server, stopped and started by the test): calls
-fail cleanly with UNAVAILABLE while it is down, succeed again once it is back, and nothing committed is
-lost or stored twice."""
+fail cleanly with UNAVAILABLE while it is down and gRPC health says NOT_SERVING, calls succeed and health
+says SERVING again once it is back, and nothing committed is lost or stored twice."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from chatmesh.chat.v1 import chat_pb2 as pb
 from tests.support.chat import ChatClient, drain
 from tests.support.databases import PrivatePostgres, private_postgres
 from tests.support.processes import free_port, run_service
-from tests.support.services import chat_env
+from tests.support.services import NOT_SERVING, SERVING, chat_env, chat_health
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -39,7 +39,8 @@ async def test_a_database_restart_fails_calls_cleanly_and_loses_nothing(
     postgres: PrivatePostgres, inference_address: str
 ) -> None:
     address = f"127.0.0.1:{free_port()}"
-    with run_service("chat_service", chat_env(address, postgres.url, inference_address), address, timeout=60):
+    env = chat_env(address, postgres.url, inference_address, CHATMESH_CHAT_HEALTH_CHECK_INTERVAL_S="0.1")
+    with run_service("chat_service", env, address, timeout=60):
         async with grpc.aio.insecure_channel(address) as channel:
             alice = ChatClient(channel)
             chat_id = (await alice.create()).chat_id
@@ -54,7 +55,14 @@ async def test_a_database_restart_fails_calls_cleanly_and_loses_nothing(
                 assert failed.value.code() == grpc.StatusCode.UNAVAILABLE, failed.value.details()
                 assert "database" in (failed.value.details() or "")
 
+            async def health_is(status: int) -> bool:
+                return await chat_health(address) == {status}
+
+            # Load balancers route around it meanwhile.
+            await eventually(lambda: health_is(NOT_SERVING), "NOT_SERVING while the database is down")
+
             postgres.start()
+            await eventually(lambda: health_is(SERVING), "SERVING once the database is back", timeout_s=30)
 
             async def answered() -> bool:
                 try:

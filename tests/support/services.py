@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chatmesh.chat.v1 import chat_pb2
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.vectors.client import GrpcVectorClient, Where
@@ -133,3 +135,18 @@ async def cache_entries(vectors: str, collection: str, where: Where) -> int:
     async with grpc.aio.insecure_channel(vectors) as channel:
         hits = await GrpcVectorClient(channel).search(collection, "question", where=where, limit=100)
     return len(hits)
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def chat_health(address: str) -> set[int]:
+    """The gRPC health status of the chat service's server and of ChatService at `address`."""
+    service = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        replies = await asyncio.gather(
+            *(stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=5) for name in ("", service))
+        )
+    return {reply.status for reply in replies}
