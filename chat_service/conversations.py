@@ -11,6 +11,8 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+
 from chat_service.cache.policy import CachedAnswer, NoCache, Question, ResponseCache
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
@@ -392,6 +394,8 @@ class Conversations:
             if use_cache
             else None
         )
+        span = trace.get_current_span()  # the call's server span when tracing is on; else a no-op
+        span.set_attributes({"chatmesh.chat_id": str(chat.id), "gen_ai.request.model": self._engine.model})
         if question is None:
             _discard(early_lookup)
         else:
@@ -400,6 +404,7 @@ class Conversations:
             else:
                 _discard(early_lookup)
                 cached = await self._cache.lookup(question)
+            span.set_attribute("chatmesh.cache.hit", cached is not None)
             if cached is not None:
                 async with aclosing(self._serve_cached(chat, user_message, cached, received)) as events:
                     async for event in events:
@@ -410,12 +415,18 @@ class Conversations:
             async for event in events:
                 if isinstance(event, Delta):
                     pieces.append(event.text)
-                elif (
-                    isinstance(event, Finished)
-                    and question is not None
-                    and event.finish_reason == FinishReason.STOP
-                ):
-                    self._in_background(self._cache.store(question, "".join(pieces), event.completion_tokens))
+                elif isinstance(event, Finished):
+                    span.set_attributes(
+                        {
+                            "gen_ai.usage.input_tokens": event.prompt_tokens,
+                            "gen_ai.usage.output_tokens": event.completion_tokens,
+                            "gen_ai.response.finish_reasons": [event.finish_reason.value],
+                        }
+                    )
+                    if question is not None and event.finish_reason == FinishReason.STOP:
+                        self._in_background(
+                            self._cache.store(question, "".join(pieces), event.completion_tokens)
+                        )
                 yield event
 
     async def _serve_cached(

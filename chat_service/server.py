@@ -33,6 +33,7 @@ from chatmesh.common.health import DependencyHealth
 from chatmesh.common.logs import configure_logging
 from chatmesh.common.metrics import serve_metrics
 from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
+from chatmesh.common.tracing import Tracing, open_tracing
 from chatmesh.vectors.client import GrpcVectorClient
 
 log = logging.getLogger(__name__)
@@ -57,13 +58,19 @@ async def wait_for_engine(client: InferenceClient, timeout_s: float, address: st
 
 
 async def open_cache(
-    settings: ChatSettings, engine: EngineInfo, channels: contextlib.AsyncExitStack, metrics: ChatMetrics
+    settings: ChatSettings,
+    engine: EngineInfo,
+    channels: contextlib.AsyncExitStack,
+    metrics: ChatMetrics,
+    tracing: Tracing,
 ) -> ResponseCache:
     """The semantic cache the settings ask for: over the vector service at `cache_address`, or none."""
     if not settings.cache_address:
         log.info("semantic cache off (set CHATMESH_CHAT_CACHE_ADDRESS to the embedding service)")
         return NoCache()
-    channel = await channels.enter_async_context(grpc.aio.insecure_channel(settings.cache_address))
+    channel = await channels.enter_async_context(
+        grpc.aio.insecure_channel(settings.cache_address, interceptors=tracing.client_interceptors())
+    )
     vectors = GrpcVectorClient(
         channel,
         search_timeout_s=settings.cache_lookup_timeout_s,
@@ -107,14 +114,18 @@ async def serve(settings: ChatSettings) -> None:
     registry = CollectorRegistry()
     metrics = ChatMetrics(registry)
     async with (
+        open_tracing("chat", settings.otlp_endpoint) as tracing,
         open_sql_store(settings.database_url, migrate=settings.migrate_on_start) as store,
         contextlib.AsyncExitStack() as channels,
         serve_metrics(registry, settings.metrics_address),
     ):
         metrics.watch_database(store.engine)
+        tracing.instrument_database(store.engine)
         replicas: list[tuple[str, InferenceClient]] = []
         for address in settings.inference_addresses:
-            channel = await channels.enter_async_context(grpc.aio.insecure_channel(address))
+            channel = await channels.enter_async_context(
+                grpc.aio.insecure_channel(address, interceptors=tracing.client_interceptors())
+            )
             client = GrpcInferenceClient(
                 channel,
                 model_info_timeout_s=settings.inference_model_info_timeout_s,
@@ -134,7 +145,7 @@ async def serve(settings: ChatSettings) -> None:
             min_messages_to_fold=settings.summary_min_messages_to_fold,
             max_tokens=settings.summary_max_tokens,
         )
-        cache = await open_cache(settings, engine, channels, metrics)
+        cache = await open_cache(settings, engine, channels, metrics, tracing)
         conversations = Conversations(
             store,
             inference,
@@ -176,7 +187,7 @@ async def serve(settings: ChatSettings) -> None:
             )
         else:
             log.info("asynchronous jobs off (set CHATMESH_CHAT_JOBS_NATS_URL to a NATS JetStream server)")
-        server = create_server([JwtAuthInterceptor(keys)])
+        server = create_server([JwtAuthInterceptor(keys)], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
         health = add_health_and_reflection(server, [SERVICE_NAME])
         server.add_insecure_port(settings.address)

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from chatmesh.common.logs import configure_logging
 from chatmesh.common.metrics import serve_metrics
 from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
+from chatmesh.common.tracing import open_tracing
 from chatmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from chatmesh.vectors.v1 import vectors_pb2, vectors_pb2_grpc
 from embedding_service.batcher import MicroBatcher
@@ -42,6 +43,7 @@ async def serve(settings: EmbeddingSettings) -> None:
     log.info("starting", extra={"address": settings.address, "model": settings.model_name})
     registry = CollectorRegistry()
     async with (
+        open_tracing("embedding", settings.otlp_endpoint) as tracing,
         # First: a locked or unreachable index fails the start before the model spends seconds loading.
         open_vector_index(settings) as index,
         serve_metrics(registry, settings.metrics_address),
@@ -53,7 +55,7 @@ async def serve(settings: EmbeddingSettings) -> None:
             observer=EmbeddingMetrics(registry),
         ) as batcher,
     ):
-        server = create_server()
+        server = create_server(tracing_interceptors=tracing.server_interceptors())
         embedding_pb2_grpc.add_EmbeddingServiceServicer_to_server(
             EmbeddingServicer(batcher, encoder, settings), server
         )

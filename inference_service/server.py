@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from chatmesh.common.logs import configure_logging
 from chatmesh.common.metrics import serve_metrics
 from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
+from chatmesh.common.tracing import open_tracing
 from chatmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from inference_service.admission import AdmissionController
 from inference_service.backends.base import InferenceBackend
@@ -78,13 +79,17 @@ async def serve(settings: InferenceSettings) -> None:
     sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
     log.info("starting", extra={"backend": settings.backend, "address": settings.address})
     registry = CollectorRegistry()
-    async with open_backend(settings) as backend, serve_metrics(registry, settings.metrics_address):
+    async with (
+        open_tracing("inference", settings.otlp_endpoint) as tracing,
+        open_backend(settings) as backend,
+        serve_metrics(registry, settings.metrics_address),
+    ):
         metrics = InferenceMetrics(registry, backend.info.model)
         admission = AdmissionController(
             settings.concurrency, settings.max_queue, settings.queue_timeout_s, on_reject=metrics.rejected
         )
         metrics.watch(admission)
-        server = create_server()
+        server = create_server(tracing_interceptors=tracing.server_interceptors())
         inference_pb2_grpc.add_InferenceServiceServicer_to_server(
             InferenceServicer(backend, admission, settings, metrics), server
         )

@@ -8,6 +8,8 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any, TypeAlias
 
+from opentelemetry import trace
+
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.admission import AdmissionController
@@ -58,6 +60,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             self._settings.max_stop_sequences,
             self._settings.max_stop_chars,
         )
+        span = trace.get_current_span()  # the call's server span when tracing is on; else a no-op
+        span.set_attributes(
+            {
+                "gen_ai.operation.name": "chat",
+                "gen_ai.request.model": self._backend.info.model,
+                "gen_ai.request.max_tokens": sampling.max_tokens,
+                "gen_ai.usage.input_tokens": prompt.token_count,
+            }
+        )
         async with self._admission.slot():
             started = time.perf_counter()
             first_token_s: float | None = None
@@ -89,6 +100,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 raise
             finally:
                 seconds = time.perf_counter() - started
+                span.set_attribute("gen_ai.response.finish_reasons", [outcome])
+                if completion_tokens is not None:
+                    span.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
                 self._metrics.generation_ended(
                     outcome, seconds, first_token_s, prompt.token_count, completion_tokens
                 )

@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import Literal
 
+from opentelemetry import trace
+
 _STANDARD_ATTRS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
 
 
@@ -25,6 +27,11 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            # Lets a log line be found from its trace and the other way round.
+            entry["trace_id"] = format(span.trace_id, "032x")
+            entry["span_id"] = format(span.span_id, "016x")
         for key, value in record.__dict__.items():
             if key not in _STANDARD_ATTRS:
                 entry[key] = value

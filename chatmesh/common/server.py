@@ -26,11 +26,16 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
-def create_server(extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = ()) -> grpc.aio.Server:
-    """A grpc.aio server whose servicers (and `extra_interceptors`) may raise `ChatmeshError`s."""
+def create_server(
+    extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    tracing_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+) -> grpc.aio.Server:
+    """A grpc.aio server whose servicers (and `extra_interceptors`) may raise `ChatmeshError`s;
+    `tracing_interceptors` (from `Tracing.server_interceptors`) wrap everything, so a call's span holds
+    its whole handling and the status the client got."""
     return grpc.aio.server(
         # First is outermost: error mapping must see what the other interceptors raise (e.g. auth).
-        interceptors=[ErrorMappingInterceptor(), *extra_interceptors],
+        interceptors=[*tracing_interceptors, ErrorMappingInterceptor(), *extra_interceptors],
         options=SERVER_OPTIONS,
     )
 

@@ -24,6 +24,9 @@ class ServiceSettings(BaseSettings):
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one object per line, for collectors; text: for people"
     )
+    otlp_endpoint: str | None = Field(
+        None, description="host:port of an OTLP/gRPC collector to send traces to; unset: tracing off"
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="on SIGTERM, how long in-flight calls may finish before they are cancelled"
     )

