@@ -13,6 +13,8 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 from grpc_health.v1 import health, health_pb2
 
+from chatmesh.common.tracing import untraced
+
 log = logging.getLogger(__name__)
 
 Check = Callable[[], Awaitable[object]]
@@ -75,7 +77,8 @@ class DependencyHealth:
     async def _run(self, check: Check) -> str | None:
         try:
             async with asyncio.timeout(self._timeout_s):
-                await check()
+                with untraced():
+                    await check()
         except TimeoutError:
             return f"no answer within {self._timeout_s:g} s"
         except Exception as exc:  # any failure of a dependency is "unreachable", whatever its kind

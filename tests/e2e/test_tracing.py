@@ -38,6 +38,8 @@ async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tm
                     f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
                     inference,
                     CHATMESH_CHAT_OTLP_ENDPOINT=receiver.address,
+                    # Checks its database and engine ten times a second: none of that may be traced.
+                    CHATMESH_CHAT_HEALTH_CHECK_INTERVAL_S="0.1",
                 ),
                 chat,
                 60,
@@ -75,6 +77,7 @@ async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tm
                 trace = trace_of_the_completion()
                 trace_id = trace[0].trace_id
                 assert any(e.get("trace_id") == trace_id for e in log_entries(chat_process))
+                everything = receiver.spans
 
     by_id = {s.span_id: s for s in trace}
     roots = [s for s in trace if not s.parent_span_id]
@@ -106,6 +109,12 @@ async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tm
     assert chat_id and chat_server.attributes["chatmesh.chat_id"] == chat_id.group(1)
     assert chat_server.attributes["chatmesh.cache.hit"] is False
     assert any(s.service == "chatmesh-chat" and s.name.startswith(("INSERT", "SELECT")) for s in trace), "SQL"
+    # Probes make no traces: Envoy's health checks, and the chat service's own dependency checks (the
+    # one GetModelInfo is the start-up's).
+    assert not [s for s in everything if "grpc.health" in s.name]
+    model_info = [s for s in everything if s.name.endswith("/GetModelInfo")]
+    assert len(model_info) <= 2, model_info  # the chat service's call at start-up, and its server side
+    assert not [s for s in everything if s.name.startswith("SELECT") and not s.parent_span_id], "DB pings"
     for span in trace:
         rendered = repr(span.attributes)
         assert content not in rendered and "Bearer" not in rendered

@@ -1,0 +1,136 @@
+"""What telemetry costs: time to first token and `ListChats` with metrics and tracing on vs off.
+
+Two identical stacks on one throw-away PostgreSQL database (127.0.0.1:5432): an inference service and
+a chat service with telemetry off (nothing installed), and the same pair with Prometheus metrics served
+and OpenTelemetry tracing exporting over OTLP/gRPC to a real receiver in this process (every span is
+sent and received, as with a collector). Calls alternate between the stacks (off, on, off, on, ...),
+so both see the same machine:
+
+- TTFT of `ChatService.Complete` on a new chat (the question's first text, over gRPC);
+- `ListChats` (20 per page) for a user with 1,000 chats.
+
+Target (issue 11): p50 with telemetry on within 5% of off (and within 0.3 ms on ListChats).
+
+    .venv/bin/python benchmarks/telemetry_overhead.py [--runs 60] [--iterations 400]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chat_overhead import QUESTION, USER, first_delta_ms, percentiles, seed
+
+from chatmesh.client import NO_RETRY, AsyncChatClient, Delta
+from tests.support.chat import TEST_SECRET, token_for
+from tests.support.databases import fresh_postgres_database
+from tests.support.otlp import run_trace_receiver
+from tests.support.processes import free_port, run_service
+
+
+def stack_env(
+    url: str, inference: str, chat: str, telemetry: str | None, parts: set[str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """(inference env, chat env); with `telemetry` (an OTLP endpoint), `parts` (metrics, tracing) on."""
+    engine = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING"}
+    chat_env = {
+        "CHATMESH_CHAT_ADDRESS": chat,
+        "CHATMESH_CHAT_DATABASE_URL": url,
+        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
+        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
+        "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
+        "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
+    }
+    if telemetry is None:
+        return engine, chat_env
+    chat_env["CHATMESH_CHAT_MIGRATE_ON_START"] = "false"
+    if "tracing" in parts:
+        engine["CHATMESH_INFERENCE_OTLP_ENDPOINT"] = telemetry
+        chat_env["CHATMESH_CHAT_OTLP_ENDPOINT"] = telemetry
+    if "metrics" in parts:
+        engine["CHATMESH_INFERENCE_METRICS_ADDRESS"] = f"127.0.0.1:{free_port()}"
+        chat_env["CHATMESH_CHAT_METRICS_ADDRESS"] = f"127.0.0.1:{free_port()}"
+    return engine, chat_env
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=60)
+    parser.add_argument("--iterations", type=int, default=400)
+    parser.add_argument(
+        "--on", default="metrics,tracing", help="what the 'on' stack turns on: metrics, tracing or both"
+    )
+    args = parser.parse_args()
+
+    async with fresh_postgres_database() as url, run_trace_receiver() as receiver:
+        print("starting two stacks (telemetry off, telemetry on)...", flush=True)
+        addresses = {side: (f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}") for side in ("off", "on")}
+        parts = set(args.on.split(","))
+        off_engine, off_chat = stack_env(url, *addresses["off"], None, parts)
+        on_engine, on_chat = stack_env(url, *addresses["on"], receiver.address, parts)
+        with (
+            run_service("inference_service", off_engine, addresses["off"][0], timeout=120),
+            run_service("chat_service", off_chat, addresses["off"][1], timeout=120),
+            run_service("inference_service", on_engine, addresses["on"][0], timeout=120),
+            run_service("chat_service", on_chat, addresses["on"][1], timeout=120),
+        ):
+            await seed(url)
+            async with (
+                AsyncChatClient(
+                    addresses["off"][1], token=token_for(USER), timeout=None, retry=NO_RETRY
+                ) as off,
+                AsyncChatClient(
+                    addresses["on"][1], token=token_for(USER), timeout=None, retry=NO_RETRY
+                ) as on,
+            ):
+                clients = {"off": off, "on": on}
+                ttft: dict[str, list[float]] = {"off": [], "on": []}
+                print(f"TTFT: {args.runs} runs per side, alternating...", flush=True)
+                for run in range(args.runs + 3):
+                    order = ("off", "on") if run % 2 == 0 else ("on", "off")
+                    for side in order:
+                        chat = await clients[side].create_chat()
+                        started = time.perf_counter()
+                        value = await first_delta_ms(
+                            clients[side].stream(QUESTION, chat_id=chat.chat_id, max_tokens=8, temperature=0),
+                            started,
+                            lambda e: isinstance(e, Delta),
+                        )
+                        if run >= 3:  # warm-up
+                            ttft[side].append(value)
+                listing: dict[str, list[float]] = {"off": [], "on": []}
+                print(f"ListChats(20): {args.iterations} calls per side, alternating...", flush=True)
+                for i in range(args.iterations + 20):
+                    order = ("off", "on") if i % 2 == 0 else ("on", "off")
+                    for side in order:
+                        started = time.perf_counter()
+                        await clients[side].list_chats(20)
+                        if i >= 20:
+                            listing[side].append((time.perf_counter() - started) * 1000)
+        spans = Counter(f"{span.service} {span.name}" for span in receiver.spans)
+    for name, values in (("Complete TTFT", ttft), ("ListChats(20) of 1,000 chats", listing)):
+        off_p50, on_p50 = statistics.median(values["off"]), statistics.median(values["on"])
+        print(f"{name}:")
+        print(f"  telemetry off: {percentiles(values['off'])}")
+        print(f"  telemetry on:  {percentiles(values['on'])}")
+        print(f"  on / off at p50: {on_p50 / off_p50:.3f} ({on_p50 - off_p50:+.2f} ms)")
+        # Each on call against the off call made next to it: slow drifts of the machine cancel out.
+        paired = statistics.median(on - off for on, off in zip(values["on"], values["off"], strict=True))
+        print(f"  paired difference, median: {paired:+.2f} ms ({paired / off_p50:+.1%} of off's p50)")
+    print(f"on: {args.on}; spans received by the OTLP receiver: {sum(spans.values())}")
+    for name, count in spans.most_common(12):
+        print(f"  {count:>6}  {name}")
+    print("target: on within 5% of off at p50 (ListChats within 0.3 ms)")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
