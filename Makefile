@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 BUF := .tools/node_modules/.bin/buf
+PROMTOOL := .tools/prometheus/usr/bin/promtool
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 # llama-cpp-python compiles from source (about 8 minutes on 2 cores; pip caches the wheel afterwards).
@@ -34,8 +35,18 @@ $(BUF):
 	@echo ">> installing buf from npm into .tools/"
 	npm install --prefix .tools --no-fund --no-audit @bufbuild/buf@1.75.0
 
+# promtool checks the alert rules in deploy/prometheus: Debian's prometheus package, unpacked into .tools
+# (not installed: that would also start a Prometheus server).
+$(PROMTOOL):
+	@echo ">> unpacking promtool from Debian's prometheus package into .tools/prometheus"
+	@mkdir -p .tools/prometheus
+	cd .tools && apt-get download prometheus
+	dpkg-deb -x .tools/prometheus_*.deb .tools/prometheus
+	rm -f .tools/prometheus_*.deb
+	@$(PROMTOOL) --version | head -1
+
 install: $(VENV)/.runtime-installed
-install-test: $(VENV)/.test-installed $(BUF)
+install-test: $(VENV)/.test-installed $(BUF) $(PROMTOOL)
 
 ## The whole mesh on this machine, embedded defaults, Ctrl-C to stop.
 run: install

@@ -32,7 +32,12 @@ from chatmesh.common.errors import Unavailable
 from chatmesh.common.health import DependencyHealth
 from chatmesh.common.logs import configure_logging
 from chatmesh.common.metrics import serve_metrics
-from chatmesh.common.server import add_health_and_reflection, create_server, serve_until_signal
+from chatmesh.common.server import (
+    CHANNEL_OPTIONS,
+    add_health_and_reflection,
+    create_server,
+    serve_until_signal,
+)
 from chatmesh.common.tracing import Tracing, open_tracing
 from chatmesh.vectors.client import GrpcVectorClient
 
@@ -69,7 +74,9 @@ async def open_cache(
         log.info("semantic cache off (set CHATMESH_CHAT_CACHE_ADDRESS to the embedding service)")
         return NoCache()
     channel = await channels.enter_async_context(
-        grpc.aio.insecure_channel(settings.cache_address, interceptors=tracing.client_interceptors())
+        grpc.aio.insecure_channel(
+            settings.cache_address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+        )
     )
     vectors = GrpcVectorClient(
         channel,
@@ -124,7 +131,9 @@ async def serve(settings: ChatSettings) -> None:
         replicas: list[tuple[str, InferenceClient]] = []
         for address in settings.inference_addresses:
             channel = await channels.enter_async_context(
-                grpc.aio.insecure_channel(address, interceptors=tracing.client_interceptors())
+                grpc.aio.insecure_channel(
+                    address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
+                )
             )
             client = GrpcInferenceClient(
                 channel,

@@ -42,6 +42,8 @@ class InferenceMetrics:
             [*labels, "gen_ai_token_type"],
             registry=registry,
         )
+        for token_type in ("input", "output"):
+            self._tokens.labels(model, token_type)
         self._rejections = Counter(
             "chatmesh_inference_admission_rejections",
             "Generations refused with RESOURCE_EXHAUSTED, by reason (full: no slot and a full queue;"

@@ -26,6 +26,17 @@ SERVER_OPTIONS: Sequence[tuple[str, int]] = (
 )
 
 
+# A service's channels to the services it depends on. gRPC backs off between reconnection attempts
+# up to 120 s by default; a dependency that restarts must be used again within a second, and the
+# health checks (chatmesh/common/health.py) keep calling while it is down.
+CHANNEL_OPTIONS: Sequence[tuple[str, int]] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+)
+
+
 def create_server(
     extra_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     tracing_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),

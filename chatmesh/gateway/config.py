@@ -562,8 +562,12 @@ def _chat_cluster(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
             "consecutive_local_origin_failure": 3,
         },
         "common_lb_config": {
-            # Never send calls to replicas known to be down, however few are left healthy.
-            "healthy_panic_threshold": {"value": 0},
+            # A replica reports NOT_SERVING while its database or engine is unreachable. When that is
+            # one replica's own trouble, the others take its calls; when fewer than half are healthy it
+            # is usually a shared dependency, and Envoy then tries them all ("panic" routing): reads of
+            # the history still work while the engine is down, and completions fail with the replica's
+            # own clear UNAVAILABLE rather than a blanket "no healthy upstream".
+            "healthy_panic_threshold": {"value": 50},
         },
         "circuit_breakers": {
             "thresholds": [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -17,6 +18,8 @@ import pytest
 from chatmesh.client import ChatClient
 from chatmesh.common.auth import JwtKeys, issue_token, load_or_create_secret
 from tests.support.processes import free_port, free_port_block, process_group_members
+from tests.support.services import SERVING, chat_health
+from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
@@ -73,6 +76,13 @@ def heal_after_a_crash(mesh: subprocess.Popen[str], ports: dict[str, int], heade
     read_until(mesh, "inference exited with code -9")
     assert httpx.get(f"{base}/chats", headers=headers, timeout=10).status_code == 200
     read_until(mesh, "inference is back")
+
+    async def replicas_serving() -> bool:
+        # They report SERVING again once their next check reaches the engine.
+        replicas = (f"127.0.0.1:{ports['chat']}", f"127.0.0.1:{ports['chat'] + 10}")
+        return all([await chat_health(replica) == {SERVING} for replica in replicas])
+
+    asyncio.run(eventually(replicas_serving, "the chat replicas SERVING again with the engine back"))
     reply = httpx.post(
         f"{base}/chat", headers=headers, json={"content": "Hello again!", "max_tokens": 4}, timeout=60
     )
@@ -132,7 +142,14 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             r'chatmesh_chat_completions_total\{cached="false",outcome="(stop|length)"\} 1\.0', completions
         )
         envoy = httpx.get(f"http://127.0.0.1:{ports['admin']}/stats/prometheus", timeout=10)
-        assert envoy.status_code == 200 and "envoy_cluster_upstream_rq" in envoy.text
+        assert envoy.status_code == 200
+        # The names deploy/grafana/chatmesh.json queries (tests/unit/test_observability_files.py).
+        for name in (
+            "envoy_cluster_upstream_rq_xx",
+            "envoy_cluster_membership_healthy",
+            "envoy_cluster_membership_total",
+        ):
+            assert re.search(rf'^{name}{{[^}}]*envoy_cluster_name="chat"', envoy.text, re.MULTILINE), name
         # ... and an asynchronous job, queued on the mesh's own NATS and answered by a replica.
         job = submit_job_and_wait(f"http://127.0.0.1:{ports['gateway']}", headers, reply.chat_id)
         assert job["state"] == "JOB_STATE_SUCCEEDED", job
