@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -60,6 +62,32 @@ async def wait_for_engine(client: InferenceClient, timeout_s: float, address: st
                 ) from exc
             log.info("waiting for the inference service", extra={"address": address})
             await asyncio.sleep(1.0)
+
+
+async def connect_inference(
+    settings: ChatSettings,
+    channels: contextlib.AsyncExitStack,
+    interceptors: Sequence[Any],
+    own_connections: bool = False,
+) -> InferenceClient:
+    """A client of the inference service: over one channel per replica in `inference_address` (the
+    channels close with `channels`), spreading chats over the replicas when there are several.
+    `own_connections`: connections not shared with the process's other channels to the same address
+    (gRPC shares them, and with them their reconnection backoff, by default)."""
+    options = [*CHANNEL_OPTIONS, *((("grpc.use_local_subchannel_pool", 1),) if own_connections else ())]
+    replicas: list[tuple[str, InferenceClient]] = []
+    for address in settings.inference_addresses:
+        channel = await channels.enter_async_context(
+            grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors))
+        )
+        client = GrpcInferenceClient(
+            channel,
+            model_info_timeout_s=settings.inference_model_info_timeout_s,
+            count_timeout_s=settings.inference_count_timeout_s,
+            generate_timeout_s=settings.inference_generate_timeout_s,
+        )
+        replicas.append((address, client))
+    return replicas[0][1] if len(replicas) == 1 else AffinityInferenceClient(replicas)
 
 
 async def open_cache(
@@ -128,22 +156,12 @@ async def serve(settings: ChatSettings) -> None:
     ):
         metrics.watch_database(store.engine)
         tracing.instrument_database(store.engine)
-        replicas: list[tuple[str, InferenceClient]] = []
-        for address in settings.inference_addresses:
-            channel = await channels.enter_async_context(
-                grpc.aio.insecure_channel(
-                    address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
-                )
-            )
-            client = GrpcInferenceClient(
-                channel,
-                model_info_timeout_s=settings.inference_model_info_timeout_s,
-                count_timeout_s=settings.inference_count_timeout_s,
-                generate_timeout_s=settings.inference_generate_timeout_s,
-            )
-            replicas.append((address, client))
-        inference: InferenceClient = (
-            replicas[0][1] if len(replicas) == 1 else AffinityInferenceClient(replicas)
+        inference = await connect_inference(settings, channels, tracing.client_interceptors())
+        # The dependency checks call the engine every few seconds, also while it is down, which keeps
+        # their connection backing off between reconnection attempts; on connections of their own, the
+        # completions' are not held back by that when the engine returns.
+        inference_for_checks = await connect_inference(
+            settings, channels, tracing.client_interceptors(), own_connections=True
         )
         engine = await wait_for_engine(inference, settings.dependency_timeout_s, settings.inference_address)
         log.info(
@@ -210,7 +228,7 @@ async def serve(settings: ChatSettings) -> None:
         dependencies = DependencyHealth(
             health,
             [SERVICE_NAME],
-            {"database": store.ping, "inference": inference.model_info},
+            {"database": store.ping, "inference": inference_for_checks.model_info},
             interval_s=settings.health_check_interval_s,
             timeout_s=settings.health_check_timeout_s,
         )
