@@ -88,6 +88,7 @@ bench: install-test
 	$(PY) benchmarks/vector_search.py
 	$(PY) benchmarks/cache_quality.py --sample 2000
 	$(PY) benchmarks/cache_speed.py
+	$(PY) benchmarks/telemetry_overhead.py
 	$(PY) benchmarks/chat_overhead.py
 	$(PY) benchmarks/concurrent_streams.py
 	$(PY) benchmarks/engine_concurrency.py

@@ -1,5 +1,6 @@
-"""One trace per request, from Envoy through the chat service to the inference service: real Envoy, chat
-service (SQLite) and inference service, all exporting to a real OTLP/gRPC receiver started by the test."""
+"""One trace per request, from Envoy through the chat service to the inference service, the vector service
+(the cache lookup) and the database: real Envoy, chat service (SQLite), inference and embedding services,
+all exporting to a real OTLP/gRPC receiver started by the test."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from chatmesh.gateway import run_envoy
 from tests.e2e.test_gateway import bearer, gateway_settings, new_user
 from tests.support.otlp import ReceivedSpan, run_trace_receiver
 from tests.support.processes import free_port, log_entries, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, chat_env, standard_engine_env
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S, chat_env, embedding_env, standard_engine_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -21,14 +22,22 @@ pytestmark = pytest.mark.e2e
 SERVER, CLIENT = 2, 3  # OTLP SpanKind
 
 
-async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tmp_path: Path) -> None:
+async def test_a_rest_completion_is_one_trace_across_envoy_chat_inference_and_vectors(tmp_path: Path) -> None:
     async with run_trace_receiver() as receiver:
-        inference, chat = (f"127.0.0.1:{free_port()}" for _ in range(2))
+        inference, embedding, chat = (f"127.0.0.1:{free_port()}" for _ in range(3))
         with (
             run_service(
                 "inference_service",
                 {**standard_engine_env(inference), "CHATMESH_INFERENCE_OTLP_ENDPOINT": receiver.address},
                 inference,
+                MODEL_STARTUP_TIMEOUT_S,
+            ),
+            run_service(
+                "embedding_service",
+                embedding_env(
+                    embedding, tmp_path / "qdrant", CHATMESH_EMBEDDING_OTLP_ENDPOINT=receiver.address
+                ),
+                embedding,
                 MODEL_STARTUP_TIMEOUT_S,
             ),
             run_service(
@@ -38,6 +47,8 @@ async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tm
                     f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
                     inference,
                     CHATMESH_CHAT_OTLP_ENDPOINT=receiver.address,
+                    CHATMESH_CHAT_CACHE_ADDRESS=embedding,
+                    CHATMESH_CHAT_CACHE_LOOKUP_TIMEOUT_S="10",
                     # Checks its database and engine ten times a second: none of that may be traced.
                     CHATMESH_CHAT_HEALTH_CHECK_INTERVAL_S="0.1",
                 ),
@@ -70,7 +81,12 @@ async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tm
 
                 def complete() -> bool:
                     services = {s.service for s in trace_of_the_completion()}
-                    return {"chatmesh-gateway", "chatmesh-chat", "chatmesh-inference"} <= services
+                    return {
+                        "chatmesh-gateway",
+                        "chatmesh-chat",
+                        "chatmesh-inference",
+                        "chatmesh-embedding",
+                    } <= services
 
                 await eventually(complete, "spans of Envoy, the chat and the inference service in one trace")
                 # The chat service's log lines of that request carry its trace id.
@@ -79,6 +95,13 @@ async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tm
                 assert any(e.get("trace_id") == trace_id for e in log_entries(chat_process))
                 everything = receiver.spans
 
+    assert_one_parented_trace(trace, everything, reply.text, content)
+
+
+def assert_one_parented_trace(
+    trace: list[ReceivedSpan], everything: list[ReceivedSpan], reply: str, content: str
+) -> None:
+    """The completion's spans form one tree rooted at Envoy, with the attributes promised and no content."""
     by_id = {s.span_id: s for s in trace}
     roots = [s for s in trace if not s.parent_span_id]
     assert len(roots) == 1 and roots[0].service == "chatmesh-gateway", "Envoy starts the trace"
@@ -101,11 +124,20 @@ async def test_a_rest_completion_is_one_trace_across_envoy_chat_and_inference(tm
     parent = by_id[engine_server.parent_span_id]
     assert (parent.service, parent.kind) == ("chatmesh-chat", CLIENT), "the chat service's call to the engine"
     assert "chatmesh-chat" in chain(parent) and chain(parent)[-1] == "chatmesh-gateway"
+    # The cache lookup: the chat service's call to the vector service, and the vector service's span.
+    (vector_server,) = [
+        s
+        for s in trace
+        if s.service == "chatmesh-embedding" and s.kind == SERVER and s.name.endswith("/Search")
+    ]
+    lookup = by_id[vector_server.parent_span_id]
+    assert (lookup.service, lookup.kind) == ("chatmesh-chat", CLIENT)
+    assert chain(lookup)[-1] == "chatmesh-gateway"
     # GenAI attributes, and the chat's id and cache outcome; never the message text or the token.
     assert engine_server.attributes["gen_ai.request.model"]
     assert engine_server.attributes["gen_ai.usage.output_tokens"] >= 1
     assert engine_server.attributes["gen_ai.response.finish_reasons"] in (["stop"], ["length"])
-    chat_id = re.search(r'"chat_id":\s*"([0-9a-f-]{36})"', reply.text)
+    chat_id = re.search(r'"chat_id":\s*"([0-9a-f-]{36})"', reply)
     assert chat_id and chat_server.attributes["chatmesh.chat_id"] == chat_id.group(1)
     assert chat_server.attributes["chatmesh.cache.hit"] is False
     assert any(s.service == "chatmesh-chat" and s.name.startswith(("INSERT", "SELECT")) for s in trace), "SQL"
