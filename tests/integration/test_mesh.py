@@ -171,8 +171,14 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert "chatmesh: stopped" in rest
     finally:
         if mesh.poll() is None:
-            mesh.kill()
-            mesh.wait()
+            # A failed check: stop it as Ctrl-C would, so that it stops the services it started (they
+            # run in sessions of their own and would outlive a killed launcher).
+            mesh.send_signal(signal.SIGINT)
+            try:
+                mesh.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                mesh.kill()
+                mesh.wait()
     # Every service process is gone (each runs in its own session, so look them up by port owner).
     for port in ports.values():
         probe = subprocess.run(
