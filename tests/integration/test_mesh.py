@@ -90,6 +90,40 @@ def heal_after_a_crash(mesh: subprocess.Popen[str], ports: dict[str, int], heade
     assert '"finish_reason"' in reply.text
 
 
+def stop_after_a_failure(mesh: subprocess.Popen[str]) -> None:
+    """A check failed with the mesh still up: stop it as Ctrl-C would, so that it stops the services it
+    started (they run in sessions of their own and would outlive a killed launcher)."""
+    if mesh.poll() is not None:
+        return
+    mesh.send_signal(signal.SIGINT)
+    try:
+        mesh.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        mesh.kill()
+        mesh.wait()
+
+
+def scrape_every_metrics_endpoint(text: str, metrics: int, admin_port: int) -> None:
+    """Every service's Prometheus metrics, at the addresses the mesh printed (`text`), and Envoy's."""
+    for port in (metrics, metrics + 1, metrics + 2, metrics + 10):
+        assert f"http://127.0.0.1:{port}/metrics" in text
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
+    completions = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
+    # The one completion so far went to replica 1 (stop or length, as the model decides).
+    assert re.search(
+        r'chatmesh_chat_completions_total\{cached="false",outcome="(stop|length)"\} 1\.0', completions
+    )
+    envoy = httpx.get(f"http://127.0.0.1:{admin_port}/stats/prometheus", timeout=10)
+    assert envoy.status_code == 200
+    # The names deploy/grafana/chatmesh.json queries (tests/unit/test_observability_files.py).
+    for name in (
+        "envoy_cluster_upstream_rq_xx",
+        "envoy_cluster_membership_healthy",
+        "envoy_cluster_membership_total",
+    ):
+        assert re.search(rf'^{name}{{[^}}]*envoy_cluster_name="chat"', envoy.text, re.MULTILINE), name
+
+
 def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("chat", "inference", "embedding", "gateway", "admin", "nats")}
     metrics = free_port_block([0, 1, 2, 10])  # chat-1, inference, embedding, chat-2
@@ -132,24 +166,7 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         chats = httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", headers=headers, timeout=10)
         assert chats.status_code == 200, chats.text
         assert [c["chat_id"] for c in chats.json()["chats"]] == [reply.chat_id]
-        # Every service's Prometheus metrics, at the addresses the mesh printed, and Envoy's.
-        for port in (metrics, metrics + 1, metrics + 2, metrics + 10):
-            assert f"http://127.0.0.1:{port}/metrics" in text
-            assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
-        completions = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
-        # The one completion so far went to replica 1 (stop or length, as the model decides).
-        assert re.search(
-            r'chatmesh_chat_completions_total\{cached="false",outcome="(stop|length)"\} 1\.0', completions
-        )
-        envoy = httpx.get(f"http://127.0.0.1:{ports['admin']}/stats/prometheus", timeout=10)
-        assert envoy.status_code == 200
-        # The names deploy/grafana/chatmesh.json queries (tests/unit/test_observability_files.py).
-        for name in (
-            "envoy_cluster_upstream_rq_xx",
-            "envoy_cluster_membership_healthy",
-            "envoy_cluster_membership_total",
-        ):
-            assert re.search(rf'^{name}{{[^}}]*envoy_cluster_name="chat"', envoy.text, re.MULTILINE), name
+        scrape_every_metrics_endpoint(text, metrics, ports["admin"])
         # ... and an asynchronous job, queued on the mesh's own NATS and answered by a replica.
         job = submit_job_and_wait(f"http://127.0.0.1:{ports['gateway']}", headers, reply.chat_id)
         assert job["state"] == "JOB_STATE_SUCCEEDED", job
@@ -170,15 +187,7 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert mesh.returncode == 0, rest[-3000:]
         assert "chatmesh: stopped" in rest
     finally:
-        if mesh.poll() is None:
-            # A failed check: stop it as Ctrl-C would, so that it stops the services it started (they
-            # run in sessions of their own and would outlive a killed launcher).
-            mesh.send_signal(signal.SIGINT)
-            try:
-                mesh.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                mesh.kill()
-                mesh.wait()
+        stop_after_a_failure(mesh)
     # Every service process is gone (each runs in its own session, so look them up by port owner).
     for port in ports.values():
         probe = subprocess.run(
