@@ -1,4 +1,5 @@
-"""Generate (or check) the Python stubs and Envoy's descriptor set from `protos/`.
+"""Generate (or check) the Python stubs, Envoy's descriptor set and the REST API's OpenAPI document
+(`chatmesh/gateway/data/openapi.json`) from `protos/`.
 
     python tools/protos.py            # regenerate into the repository (deleting stubs of removed protos)
     python tools/protos.py --check    # fail when the committed output differs from a fresh generation,
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
 import sys
 import tempfile
@@ -20,12 +22,19 @@ from pathlib import Path
 
 import google.api.annotations_pb2
 import grpc_tools
+from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from chatmesh.gateway.api import CHAT_SERVICE
+from chatmesh.gateway.openapi import openapi_document
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 # Envoy's descriptor set is package data of the gateway, so that an installed chatmesh runs it.
 DESCRIPTOR_SET = Path("chatmesh") / "gateway" / "data" / "chatmesh.pb"
+OPENAPI_DOCUMENT = Path("chatmesh") / "gateway" / "data" / "openapi.json"
 GENERATED_PACKAGE = Path("chatmesh")
 """Where the Python stubs go; any `*_pb2*.py[i]` under it that a fresh generation lacks is stale."""
 GENERATED_PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
@@ -59,6 +68,13 @@ def generate(out: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
         proto_root,
         DESCRIPTOR_SET_EXTRAS,
     )
+    # The REST API's OpenAPI document, from that descriptor set (served by the gateway).
+    files = descriptor_pb2.FileDescriptorSet.FromString((out / DESCRIPTOR_SET).read_bytes())
+    if any(
+        f"{file.package}.{service.name}" == CHAT_SERVICE for file in files.file for service in file.service
+    ):
+        document = json.dumps(openapi_document(files), indent=2, ensure_ascii=False) + "\n"
+        (out / OPENAPI_DOCUMENT).write_text(document, encoding="utf-8")
     # Packages for the generated modules: chatmesh/<service>/v1/__init__.py.
     for proto in proto_files(proto_root):
         package_dir = out / Path(proto).parent

@@ -131,11 +131,12 @@ def _method(service: str, method: descriptor_pb2.MethodDescriptorProto) -> Metho
         name=method.name,
         grpc_path=f"/{service}/{method.name}",
         streaming=method.server_streaming or method.client_streaming,
-        bindings=tuple(_bindings(_http_rule(method.options))),
+        bindings=tuple(_bindings(http_rule(method.options))),
     )
 
 
-def _http_rule(options: descriptor_pb2.MethodOptions) -> http_pb2.HttpRule:
+def http_rule(options: descriptor_pb2.MethodOptions) -> http_pb2.HttpRule:
+    """The method's `google.api.http` rule (empty if it has none)."""
     # Parsed again from bytes with the annotation registered, so that the extension is read the same
     # way whether or not the protobuf runtime resolved it while parsing the whole set.
     parsed = descriptor_pb2.MethodOptions.FromString(options.SerializeToString())

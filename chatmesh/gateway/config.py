@@ -168,6 +168,18 @@ def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
     ]
     mappers: list[dict[str, Any]] = [
         {
+            # A successful direct response (the OpenAPI document) is not an error: its body as it is.
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {"op": "EQ", "value": {"default_value": 200, "runtime_key": "lr_200"}}
+                }
+            },
+            "body_format_override": {
+                "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
+                "content_type": "application/json",
+            },
+        },
+        {
             "filter": {"and_filter": {"filters": [rest, overflow]}},
             "status_code": 429,
             "headers_to_add": overflow_headers,
@@ -373,7 +385,30 @@ def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, A
     return [route(method) for method in api.methods]
 
 
-def _route_config(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
+OPENAPI_PATH = "/openapi.json"
+_MAX_DIRECT_RESPONSE_BYTES = 1024 * 1024
+
+
+def _openapi_route(openapi_path: Path) -> list[dict[str, Any]]:
+    """`GET /openapi.json`: the REST API's OpenAPI document (no token needed), if there is one."""
+    if not openapi_path.is_file():
+        return []
+    return [
+        {
+            "name": "openapi",
+            "match": {"path": OPENAPI_PATH},
+            "direct_response": {"status": 200, "body": {"filename": str(openapi_path)}},
+            "response_headers_to_add": [
+                {
+                    "header": {"key": "content-type", "value": "application/json"},
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        }
+    ]
+
+
+def _route_config(settings: GatewaySettings, api: ServiceApi, openapi_path: Path) -> dict[str, Any]:
     not_found = f"no such endpoint; the API is {api.endpoint_summary()}"
     # Health and reflection stay private: Envoy health-checks the replicas directly, and a public
     # health endpoint of one replica behind a load balancer says nothing useful. gRPC callers get
@@ -412,11 +447,19 @@ def _route_config(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
     }
     return {
         "name": "public",
+        # The OpenAPI document is larger than a direct response's default limit (4 KiB).
+        "max_direct_response_body_size_bytes": _MAX_DIRECT_RESPONSE_BYTES,
         "virtual_hosts": [
             {
                 "name": "chatmesh",
                 "domains": ["*"],
-                "routes": [*_chat_routes(settings, api), *private, *wrong_method, fallback],
+                "routes": [
+                    *_chat_routes(settings, api),
+                    *_openapi_route(openapi_path),
+                    *private,
+                    *wrong_method,
+                    fallback,
+                ],
             }
         ],
     }
@@ -666,7 +709,8 @@ def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None =
         },
         "http2_protocol_options": {"max_concurrent_streams": 1024},
         "local_reply_config": _local_reply_config(settings),
-        "route_config": _route_config(settings, api),
+        # The OpenAPI document is written next to the descriptor set by `make protos`.
+        "route_config": _route_config(settings, api, descriptor_path.parent / "openapi.json"),
         "http_filters": _http_filters(settings, api, descriptor_path),
     }
     clusters = _clusters(settings, api)

@@ -30,6 +30,7 @@ from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.auth import JwtKeys, issue_token
 from chatmesh.gateway import EnvoyProcess, GatewaySettings, render_envoy_config, run_envoy, validate_config
+from chatmesh.gateway.api import default_descriptor_path
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.keygen import write_rs256_key_pair
@@ -259,6 +260,15 @@ async def test_rest_conversation_create_continue_list_page_and_delete(http: http
     gone = await http.get(f"/chat/{chat_id}/messages", headers=bearer(ada))
     assert gone.status_code == 404 and gone.json()["code"] == "NOT_FOUND"
     assert (await http.get("/chats", headers=bearer(ada))).json().get("chats", []) == []
+
+
+async def test_the_openapi_document_is_served_without_a_token(http: httpx.AsyncClient) -> None:
+    reply = await http.get("/openapi.json")
+    assert reply.status_code == 200, reply.text
+    assert reply.headers["content-type"] == "application/json"
+    document = reply.json()
+    assert document == json.loads((default_descriptor_path().parent / "openapi.json").read_text())
+    assert {"/chat", "/chats", "/chat/{chat_id}/completion"} <= set(document["paths"])
 
 
 async def test_grpc_clients_call_the_same_port(channel: grpc.aio.Channel) -> None:

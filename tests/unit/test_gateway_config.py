@@ -60,8 +60,10 @@ def settings(**overrides: Any) -> GatewaySettings:
 def rendered(config_settings: GatewaySettings, descriptor: Path | None = None) -> dict[str, Any]:
     """The config as JSON data, with the machine-specific descriptor path replaced by a placeholder."""
     path = (descriptor or default_descriptor_path()).resolve()
-    text = json.dumps(build_envoy_config(config_settings, path)).replace(
-        json.dumps(str(path))[1:-1], DESCRIPTOR_PLACEHOLDER
+    text = (
+        json.dumps(build_envoy_config(config_settings, path))
+        .replace(json.dumps(str(path))[1:-1], DESCRIPTOR_PLACEHOLDER)
+        .replace(json.dumps(str(path.parent))[1:-1], DESCRIPTOR_PLACEHOLDER + "-dir")
     )
     return json.loads(text)  # type: ignore[no-any-return]
 

@@ -1,0 +1,237 @@
+"""The REST API as an OpenAPI 3.1 document, generated from the descriptor set Envoy transcodes with.
+
+Paths and verbs come from the `google.api.http` rules; request and reply bodies from the messages, as the
+transcoder renders them (`preserve_proto_field_names`: the proto field names; enums by name; 64-bit
+integers as strings, as proto3 JSON has them). A streaming reply is `text/event-stream`, one
+`data: <message JSON>` event per message. Errors are the gateway's `{"code", "message", "details"}` body,
+`code` the gRPC status name. `tools/protos.py` writes it to `data/openapi.json` (checked for drift
+like the stubs); the gateway serves it at `/openapi.json`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from google.protobuf import descriptor_pb2
+
+from chatmesh.gateway.api import CHAT_SERVICE, ServiceApi, http_rule
+
+FieldProto = descriptor_pb2.FieldDescriptorProto
+
+_SCALARS: dict[int, dict[str, Any]] = {
+    FieldProto.TYPE_DOUBLE: {"type": "number", "format": "double"},
+    FieldProto.TYPE_FLOAT: {"type": "number", "format": "float"},
+    FieldProto.TYPE_INT32: {"type": "integer", "format": "int32"},
+    FieldProto.TYPE_SINT32: {"type": "integer", "format": "int32"},
+    FieldProto.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
+    FieldProto.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0},
+    FieldProto.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0},
+    # proto3 JSON writes 64-bit integers as strings (and reads either).
+    FieldProto.TYPE_INT64: {"type": "string", "format": "int64"},
+    FieldProto.TYPE_SINT64: {"type": "string", "format": "int64"},
+    FieldProto.TYPE_SFIXED64: {"type": "string", "format": "int64"},
+    FieldProto.TYPE_UINT64: {"type": "string", "format": "uint64"},
+    FieldProto.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    FieldProto.TYPE_BOOL: {"type": "boolean"},
+    FieldProto.TYPE_STRING: {"type": "string"},
+    FieldProto.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
+}
+
+_WELL_KNOWN: dict[str, dict[str, Any]] = {
+    ".google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
+    ".google.protobuf.Duration": {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?s$"},
+    ".google.protobuf.Empty": {"type": "object", "additionalProperties": False},
+    ".google.protobuf.Struct": {"type": "object"},
+    ".google.protobuf.Value": {},
+    ".google.protobuf.Any": {"type": "object", "properties": {"@type": {"type": "string"}}},
+}
+
+ERROR_SCHEMA = {
+    "type": "object",
+    "description": "A failed call: the gRPC status by name, its message, and its google.rpc details"
+    " (BadRequest names the field, RetryInfo the delay).",
+    "properties": {
+        "code": {"type": "string", "examples": ["INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"]},
+        "message": {"type": "string"},
+        "details": {"type": "array", "items": {"type": "object"}},
+    },
+    "required": ["code", "message"],
+}
+
+_ERRORS = {
+    "400": "invalid argument (the field is named in the details)",
+    "401": "missing or invalid bearer token",
+    "404": "not found (another user's chat is not found either)",
+    "429": "rate-limited or the engine is full: retry after the `retry-after-ms` header",
+    "503": "a dependency is unavailable: retry",
+}
+
+
+class _Messages:
+    """Message and enum descriptors by full name (`.chatmesh.chat.v1.Chat`)."""
+
+    def __init__(self, files: descriptor_pb2.FileDescriptorSet) -> None:
+        self.messages: dict[str, descriptor_pb2.DescriptorProto] = {}
+        self.enums: dict[str, descriptor_pb2.EnumDescriptorProto] = {}
+        for file in files.file:
+            prefix = f".{file.package}" if file.package else ""
+            for enum in file.enum_type:
+                self.enums[f"{prefix}.{enum.name}"] = enum
+            for message in file.message_type:
+                self._add(prefix, message)
+
+    def _add(self, prefix: str, message: descriptor_pb2.DescriptorProto) -> None:
+        name = f"{prefix}.{message.name}"
+        self.messages[name] = message
+        for enum in message.enum_type:
+            self.enums[f"{name}.{enum.name}"] = enum
+        for nested in message.nested_type:
+            self._add(name, nested)
+
+
+def _component(full_name: str) -> str:
+    return full_name.lstrip(".")
+
+
+class _Schemas:
+    """Builds `components.schemas` on demand, one entry per message or enum reached."""
+
+    def __init__(self, messages: _Messages) -> None:
+        self._messages = messages
+        self.components: dict[str, Any] = {}
+
+    def ref(self, full_name: str) -> dict[str, Any]:
+        if full_name in _WELL_KNOWN:
+            return dict(_WELL_KNOWN[full_name])
+        name = _component(full_name)
+        if name not in self.components:
+            self.components[name] = {}  # placeholder: recursion ends here
+            if full_name in self._messages.enums:
+                enum = self._messages.enums[full_name]
+                self.components[name] = {"type": "string", "enum": [value.name for value in enum.value]}
+            else:
+                self.components[name] = self.message(full_name)
+        return {"$ref": f"#/components/schemas/{name}"}
+
+    def message(self, full_name: str, without: frozenset[str] = frozenset()) -> dict[str, Any]:
+        message = self._messages.messages[full_name]
+        properties = {f.name: self.field(f) for f in message.field if f.name not in without}
+        return {"type": "object", "properties": properties, "additionalProperties": False}
+
+    def field(self, field: descriptor_pb2.FieldDescriptorProto) -> dict[str, Any]:
+        if field.type == FieldProto.TYPE_MESSAGE:
+            entry = self._messages.messages.get(field.type_name)
+            if entry is not None and entry.options.map_entry:
+                value = next(f for f in entry.field if f.name == "value")
+                return {"type": "object", "additionalProperties": self.field(value)}
+            single = self.ref(field.type_name)
+        elif field.type == FieldProto.TYPE_ENUM:
+            single = self.ref(field.type_name)
+        else:
+            single = dict(_SCALARS[field.type])
+        if field.label == FieldProto.LABEL_REPEATED:
+            return {"type": "array", "items": single}
+        return single
+
+
+def openapi_document(files: descriptor_pb2.FileDescriptorSet, service: str = CHAT_SERVICE) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `service`'s REST bindings."""
+    api = ServiceApi.parse(files, service)
+    messages = _Messages(files)
+    schemas = _Schemas(messages)
+    methods = {f".{file.package}.{s.name}": s for file in files.file for s in file.service}[
+        f".{service}"
+    ].method
+    paths: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        rule = http_rule(method.options)
+        info = next(m for m in api.methods if m.name == method.name)
+        for binding in info.bindings:
+            body = rule.body if binding == info.bindings[0] else ""
+            operation = _operation(method, binding.template, binding.verb, body, schemas, messages)
+            paths.setdefault(_openapi_path(binding.template), {})[binding.verb.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "chatmesh REST API",
+            "version": "v1",
+            "description": "The chat API over HTTP/JSON, transcoded by the gateway to chatmesh.chat.v1."
+            "ChatService (gRPC callers use the same port). Every call needs `Authorization: Bearer <JWT>`.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": {**dict(sorted(schemas.components.items())), "Error": ERROR_SCHEMA},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
+        },
+        "security": [{"bearer": []}],
+    }
+
+
+_VARIABLE = re.compile(r"\{([^}=]+)(=[^}]*)?\}")
+
+
+def _openapi_path(template: str) -> str:
+    return _VARIABLE.sub(lambda match: "{" + match.group(1) + "}", template)
+
+
+def _operation(
+    method: descriptor_pb2.MethodDescriptorProto,
+    template: str,
+    verb: str,
+    body: str,
+    schemas: _Schemas,
+    messages: _Messages,
+) -> dict[str, Any]:
+    request = messages.messages[method.input_type]
+    fields = {f.name: f for f in request.field}
+    path_fields = [match.group(1) for match in _VARIABLE.finditer(template)]
+    parameters: list[dict[str, Any]] = [
+        {"name": name, "in": "path", "required": True, "schema": schemas.field(fields[name])}
+        for name in path_fields
+    ]
+    operation: dict[str, Any] = {
+        "operationId": method.name,
+        "summary": f"{method.name} ({CHAT_SERVICE}/{method.name} over gRPC)",
+    }
+    if body == "*":
+        operation["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": schemas.message(method.input_type, frozenset(path_fields))}
+            },
+        }
+    elif body:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schemas.field(fields[body])}},
+        }
+    else:
+        for field in request.field:
+            if field.name in path_fields or field.type == FieldProto.TYPE_MESSAGE:
+                continue
+            parameters.append(
+                {"name": field.name, "in": "query", "required": False, "schema": schemas.field(field)}
+            )
+    if parameters:
+        operation["parameters"] = parameters
+    reply = schemas.ref(method.output_type)
+    if method.server_streaming:
+        content = {
+            "text/event-stream": {
+                "schema": {"type": "string"},
+                # OpenAPI 3.2's `itemSchema`, as an extension in 3.1: the schema of each event's data.
+                "x-item-schema": reply,
+                "x-event-format": "one `data: <JSON of the message>` event per message, in order",
+            }
+        }
+        description = "a stream of events (server-sent events), one per message"
+    else:
+        content = {"application/json": {"schema": reply}}
+        description = "OK"
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    operation["responses"] = {
+        "200": {"description": description, "content": content},
+        **{code: {"description": text, "content": error} for code, text in _ERRORS.items()},
+    }
+    return operation
