@@ -196,7 +196,8 @@ def _operation(
     }
     if body == "*":
         operation["requestBody"] = {
-            "required": True,
+            # Every field has a default, and the transcoder reads a missing body as an empty message.
+            "required": False,
             "content": {
                 "application/json": {"schema": schemas.message(method.input_type, frozenset(path_fields))}
             },
@@ -217,14 +218,17 @@ def _operation(
         operation["parameters"] = parameters
     reply = schemas.ref(method.output_type)
     if method.server_streaming:
-        content = {
-            "text/event-stream": {
-                "schema": {"type": "string"},
-                # OpenAPI 3.2's `itemSchema`, as an extension in 3.1: the schema of each event's data.
-                "x-item-schema": reply,
-                "x-event-format": "one `data: <JSON of the message>` event per message, in order",
-            }
+        # Each server-sent event (what OpenAPI 3.2 calls the `itemSchema` of a sequential media type):
+        # its `data` is the JSON of one message.
+        event = {
+            "type": "object",
+            "properties": {
+                "event": {"type": "string"},
+                "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": reply},
+            },
+            "required": ["data"],
         }
+        content = {"text/event-stream": {"schema": event}}
         description = "a stream of events (server-sent events), one per message"
     else:
         content = {"application/json": {"schema": reply}}
