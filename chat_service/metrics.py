@@ -4,13 +4,12 @@ and database statement latency."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmesh.common.metrics import FAST_BUCKETS_S
+from chatmesh.common.statements import statement_operation, watch_statements
 
 COMPLETION_OUTCOMES = ("stop", "length", "cancelled", "failed")
 CACHE_RESULTS = ("hit", "miss", "error")
@@ -62,26 +61,19 @@ class ChatMetrics:
         self._strategies.labels(strategy).inc()
 
     def watch_database(self, engine: AsyncEngine) -> None:
-        """Time every statement `engine` executes (SQLAlchemy's cursor events, on the driver's side)."""
+        """Time every statement `engine` executes (SQLAlchemy's cursor events, on the driver's side);
+        a statement that raised is not timed."""
 
-        def before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-            conn.info.setdefault("chatmesh_started", []).append(time.perf_counter())
+        def start(statement: str) -> tuple[str, float]:
+            verb = statement_operation(statement).lower()
+            return (verb if verb in _STATEMENT_KINDS else "other"), time.perf_counter()
 
-        def after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-            started = conn.info["chatmesh_started"].pop()
-            verb = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else "other"
-            kind = verb if verb in _STATEMENT_KINDS else "other"
-            self._statements.labels(kind).observe(time.perf_counter() - started)
+        def end(started: tuple[str, float], error: BaseException | None) -> None:
+            if error is None:
+                kind, at = started
+                self._statements.labels(kind).observe(time.perf_counter() - at)
 
-        def failed(context: Any) -> None:
-            # No `after` for a statement that raised: drop its start time.
-            connection = context.connection
-            if connection is not None and connection.info.get("chatmesh_started"):
-                connection.info["chatmesh_started"].pop()
-
-        event.listen(engine.sync_engine, "before_cursor_execute", before)
-        event.listen(engine.sync_engine, "after_cursor_execute", after)
-        event.listen(engine.sync_engine, "handle_error", failed)
+        watch_statements(engine, start, end)
 
 
 class NoMetrics(ChatMetrics):

@@ -43,11 +43,6 @@ class DependencyHealth:
         self._timeout_s = timeout_s
         self._failing: dict[str, str] = {}
 
-    @property
-    def failing(self) -> dict[str, str]:
-        """The dependencies that failed their last check, with why."""
-        return dict(self._failing)
-
     async def check_once(self) -> dict[str, str]:
         """Run every check once (concurrently), update the reported status; returns the failures."""
         names = list(self._checks)

@@ -31,10 +31,10 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
 from opentelemetry.trace import NonRecordingSpan, Span, SpanContext, SpanKind, Status, StatusCode, Tracer
-from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from chatmesh.common.handlers import Context, WrappedHandlers, wrap_handler
+from chatmesh.common.statements import statement_operation, watch_statements
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,6 @@ class Tracing:
     def __init__(self, provider: TracerProvider | None) -> None:
         self._provider = provider
 
-    @property
-    def enabled(self) -> bool:
-        return self._provider is not None
-
     def server_interceptors(self) -> list[grpc.aio.ServerInterceptor]:
         """A server span per call, continuing the caller's trace (none when off)."""
         if self._provider is None:
@@ -86,17 +82,14 @@ class Tracing:
         if self._provider is None:
             return
         tracer = self._provider.get_tracer("chatmesh.sql")
-        sync_engine = engine.sync_engine
-        system = sync_engine.dialect.name
-        database = sync_engine.url.database or ""
-        key = "chatmesh_spans"
+        system = engine.sync_engine.dialect.name
+        database = engine.sync_engine.url.database or ""
 
-        def before(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        def start(statement: str) -> Span | None:
             if _UNTRACED.get():
-                conn.info.setdefault(key, []).append(None)
-                return
-            operation = statement.lstrip().split(None, 1)[0].upper() if statement.strip() else "SQL"
-            span = tracer.start_span(
+                return None
+            operation = statement_operation(statement)
+            return tracer.start_span(
                 f"{operation} {database}".strip(),
                 kind=SpanKind.CLIENT,
                 attributes={
@@ -106,23 +99,15 @@ class Tracing:
                     "db.statement": statement,
                 },
             )
-            conn.info.setdefault(key, []).append(span)
 
-        def after(conn: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-            span = conn.info[key].pop()
-            if span is not None:
-                span.end()
+        def end(span: Span | None, error: BaseException | None) -> None:
+            if span is None:
+                return
+            if error is not None:
+                span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+            span.end()
 
-        def failed(context: Any) -> None:
-            spans = context.connection.info.get(key) if context.connection is not None else None
-            span = spans.pop() if spans else None
-            if span is not None:
-                span.set_status(Status(StatusCode.ERROR, type(context.original_exception).__name__))
-                span.end()
-
-        event.listen(sync_engine, "before_cursor_execute", before)
-        event.listen(sync_engine, "after_cursor_execute", after)
-        event.listen(sync_engine, "handle_error", failed)
+        watch_statements(engine, start, end)
 
 
 # Statuses that are the server's failure (OpenTelemetry's gRPC conventions); the rest are the caller's.
@@ -206,23 +191,26 @@ class _ClientTracing:
         self._tracer = tracer
         self._ending: set[asyncio.Future[None]] = set()
 
-    @staticmethod
-    def _unsampled(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-        """`details` with a trace context marked not sampled: the server records nothing either."""
-        generator = RandomIdGenerator()
-        context = SpanContext(generator.generate_trace_id(), generator.generate_span_id(), is_remote=False)
-        carrier: dict[str, str] = {}
-        propagate.inject(carrier, context=trace.set_span_in_context(NonRecordingSpan(context)))
-        metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
-        return details._replace(metadata=metadata)  # type: ignore[attr-defined,no-any-return]
-
-    def _start(self, details: grpc.aio.ClientCallDetails) -> tuple[Span, grpc.aio.ClientCallDetails]:
-        method = details.method.decode() if isinstance(details.method, bytes) else details.method
-        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=_method_attributes(method))
+    def _with_context(self, details: grpc.aio.ClientCallDetails, span: Span) -> grpc.aio.ClientCallDetails:
+        """`details` with `span`'s trace context added to the call's metadata."""
         carrier: dict[str, str] = {}
         propagate.inject(carrier, context=trace.set_span_in_context(span))
         metadata = grpc.aio.Metadata(*(details.metadata or ()), *carrier.items())
-        return span, details._replace(metadata=metadata)  # type: ignore[attr-defined,no-any-return]
+        return details._replace(metadata=metadata)  # type: ignore[attr-defined,no-any-return]
+
+    async def _intercept(self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any) -> Any:
+        if _UNTRACED.get():
+            # A trace context marked not sampled: the server records nothing either.
+            generator = RandomIdGenerator()
+            unsampled = SpanContext(
+                generator.generate_trace_id(), generator.generate_span_id(), is_remote=False
+            )
+            return await continuation(self._with_context(details, NonRecordingSpan(unsampled)), request)
+        method = details.method.decode() if isinstance(details.method, bytes) else details.method
+        span = self._tracer.start_span(method, kind=SpanKind.CLIENT, attributes=_method_attributes(method))
+        call = await continuation(self._with_context(details, span), request)
+        self._end_when_done(call, span)
+        return call
 
     def _end_when_done(self, call: Any, span: Span) -> None:
         def done(finished: Any) -> None:
@@ -243,22 +231,12 @@ async def _end_with_status(call: Any, span: Span) -> None:
 
 class _UnaryUnaryTracing(_ClientTracing, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        if _UNTRACED.get():
-            return await continuation(self._unsampled(client_call_details), request)
-        span, details = self._start(client_call_details)
-        call = await continuation(details, request)
-        self._end_when_done(call, span)
-        return call
+        return await self._intercept(continuation, client_call_details, request)
 
 
 class _UnaryStreamTracing(_ClientTracing, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
-        if _UNTRACED.get():
-            return await continuation(self._unsampled(client_call_details), request)
-        span, details = self._start(client_call_details)
-        call = await continuation(details, request)
-        self._end_when_done(call, span)
-        return call
+        return await self._intercept(continuation, client_call_details, request)
 
 
 @asynccontextmanager

@@ -74,6 +74,22 @@ class NoEngine:
         raise AssertionError(f"the engine was called ({name}) for a cached answer")
 
 
+def recording_conversations(
+    store: SqlConversationStore, events: list[str], cache: AnsweringCache
+) -> Conversations:
+    """Conversations over the real store (noting its writes in `events`), `cache`, and no engine."""
+    recording: Any = RecordingStore(store, events)
+    engine: Any = NoEngine()
+    return Conversations(
+        recording,
+        engine,
+        HistoryBuilder(recording, engine, ENGINE, SummaryPolicy()),
+        ENGINE,
+        HistoryStrategy.FULL,
+        cache,
+    )
+
+
 @pytest.fixture
 async def store(tmp_path: Path) -> AsyncIterator[SqlConversationStore]:
     async with open_sql_store(f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", migrate=True) as store:
@@ -83,16 +99,7 @@ async def store(tmp_path: Path) -> AsyncIterator[SqlConversationStore]:
 async def test_a_first_message_is_looked_up_while_its_chat_is_stored(store: SqlConversationStore) -> None:
     events: list[str] = []
     cache = AnsweringCache(events)
-    engine: Any = NoEngine()
-    recording: Any = RecordingStore(store, events)
-    conversations = Conversations(
-        recording,
-        engine,
-        HistoryBuilder(recording, engine, ENGINE, SummaryPolicy()),
-        ENGINE,
-        HistoryStrategy.FULL,
-        cache,
-    )
+    conversations = recording_conversations(store, events, cache)
     sampling = SamplingOptions()
 
     first = [
@@ -134,16 +141,7 @@ async def test_a_first_message_is_looked_up_while_its_chat_is_stored(store: SqlC
 async def test_skipping_the_cache_looks_nothing_up(store: SqlConversationStore) -> None:
     events: list[str] = []
     cache = AnsweringCache(events)
-    recording: Any = RecordingStore(store, events)
-    engine: Any = NoEngine()
-    conversations = Conversations(
-        recording,
-        engine,
-        HistoryBuilder(recording, engine, ENGINE, SummaryPolicy()),
-        ENGINE,
-        HistoryStrategy.FULL,
-        cache,
-    )
+    conversations = recording_conversations(store, events, cache)
     stream = conversations.create_chat("bob", "", "", None, "Hi?", SamplingOptions(), None, use_cache=False)
     # Not cached, so it goes to the engine, which this test has none of.
     with pytest.raises(ChatmeshError, match="failed unexpectedly"):
