@@ -13,6 +13,7 @@ import grpc
 
 from chat_service.domain import FinishReason
 from chatmesh.common.errors import ChatmeshError, ResourceExhausted, Unavailable, rpc_errors
+from chatmesh.common.tracing import NO_CALL_TRACING, ClientCalls
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 
@@ -107,6 +108,12 @@ class InferenceClient(Protocol):
         ...
 
 
+_SERVICE_PATH = f"/{pb.DESCRIPTOR.services_by_name['InferenceService'].full_name}"
+_GET_MODEL_INFO = f"{_SERVICE_PATH}/GetModelInfo"
+_COUNT_TOKENS = f"{_SERVICE_PATH}/CountTokens"
+_GENERATE = f"{_SERVICE_PATH}/Generate"
+
+
 def _to_pb(messages: Sequence[PromptMessage]) -> list[pb.Message]:
     return [pb.Message(role=_ROLES[m.role], content=m.content) for m in messages]
 
@@ -127,7 +134,8 @@ class GrpcInferenceClient:
     """`InferenceClient` over gRPC; failures surface as domain errors (`Unavailable`, ...).
 
     Each call has its own deadline in seconds: `model_info_timeout_s` for GetModelInfo,
-    `count_timeout_s` for CountTokens and `generate_timeout_s` for a whole Generate stream.
+    `count_timeout_s` for CountTokens and `generate_timeout_s` for a whole Generate stream. `calls`
+    traces them (`Tracing.client_calls()`; none by default).
     """
 
     def __init__(
@@ -137,15 +145,19 @@ class GrpcInferenceClient:
         model_info_timeout_s: float = 10.0,
         count_timeout_s: float = 30.0,
         generate_timeout_s: float = 600.0,
+        calls: ClientCalls = NO_CALL_TRACING,
     ) -> None:
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        self._calls = calls
         self._model_info_timeout_s = model_info_timeout_s
         self._count_timeout_s = count_timeout_s
         self._generate_timeout_s = generate_timeout_s
 
     async def model_info(self) -> EngineInfo:
-        with rpc_errors("inference service"):
-            info = await self._stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self._model_info_timeout_s)
+        with rpc_errors("inference service"), self._calls.call(_GET_MODEL_INFO) as metadata:
+            info = await self._stub.GetModelInfo(
+                pb.GetModelInfoRequest(), timeout=self._model_info_timeout_s, metadata=metadata
+            )
         return EngineInfo(info.model, info.context_length, info.default_max_tokens)
 
     async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
@@ -163,9 +175,11 @@ class GrpcInferenceClient:
         return counts
 
     async def _count(self, messages: Sequence[PromptMessage]) -> pb.CountTokensResponse:
-        with rpc_errors("inference service"):
+        with rpc_errors("inference service"), self._calls.call(_COUNT_TOKENS) as metadata:
             reply: pb.CountTokensResponse = await self._stub.CountTokens(
-                pb.CountTokensRequest(messages=_to_pb(messages)), timeout=self._count_timeout_s
+                pb.CountTokensRequest(messages=_to_pb(messages)),
+                timeout=self._count_timeout_s,
+                metadata=metadata,
             )
         return reply
 
@@ -183,12 +197,13 @@ class GrpcInferenceClient:
             top_p=sampling.top_p,
             seed=sampling.seed,
         )
-        call = self._stub.Generate(
-            pb.GenerateRequest(messages=_to_pb(messages), sampling=params, request_id=request_id),
-            timeout=self._generate_timeout_s,
-        )
-        try:
-            with rpc_errors("inference service"):
+        with rpc_errors("inference service"), self._calls.call(_GENERATE) as metadata:
+            call = self._stub.Generate(
+                pb.GenerateRequest(messages=_to_pb(messages), sampling=params, request_id=request_id),
+                timeout=self._generate_timeout_s,
+                metadata=metadata,
+            )
+            try:
                 async for event in call:
                     if event.HasField("delta"):
                         yield event.delta.text
@@ -199,9 +214,9 @@ class GrpcInferenceClient:
                             usage.prompt_tokens,
                             usage.completion_tokens,
                         )
-        finally:
-            # Closing this iterator early (our client went away) must stop the engine too.
-            call.cancel()
+            finally:
+                # Closing this iterator early (our client went away) must stop the engine too.
+                call.cancel()
 
 
 class AffinityInferenceClient:

@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -40,7 +38,7 @@ from chatmesh.common.server import (
     create_server,
     serve_until_signal,
 )
-from chatmesh.common.tracing import Tracing, open_tracing
+from chatmesh.common.tracing import ClientCalls, Tracing, open_tracing
 from chatmesh.vectors.client import GrpcVectorClient
 
 log = logging.getLogger(__name__)
@@ -67,7 +65,7 @@ async def wait_for_engine(client: InferenceClient, timeout_s: float, address: st
 async def connect_inference(
     settings: ChatSettings,
     channels: contextlib.AsyncExitStack,
-    interceptors: Sequence[Any],
+    calls: ClientCalls,
     own_connections: bool = False,
 ) -> InferenceClient:
     """A client of the inference service: over one channel per replica in `inference_address` (the
@@ -77,11 +75,10 @@ async def connect_inference(
     options = [*CHANNEL_OPTIONS, *((("grpc.use_local_subchannel_pool", 1),) if own_connections else ())]
     replicas: list[tuple[str, InferenceClient]] = []
     for address in settings.inference_addresses:
-        channel = await channels.enter_async_context(
-            grpc.aio.insecure_channel(address, options=options, interceptors=list(interceptors))
-        )
+        channel = await channels.enter_async_context(grpc.aio.insecure_channel(address, options=options))
         client = GrpcInferenceClient(
             channel,
+            calls=calls,
             model_info_timeout_s=settings.inference_model_info_timeout_s,
             count_timeout_s=settings.inference_count_timeout_s,
             generate_timeout_s=settings.inference_generate_timeout_s,
@@ -102,12 +99,11 @@ async def open_cache(
         log.info("semantic cache off (set CHATMESH_CHAT_CACHE_ADDRESS to the embedding service)")
         return NoCache()
     channel = await channels.enter_async_context(
-        grpc.aio.insecure_channel(
-            settings.cache_address, options=CHANNEL_OPTIONS, interceptors=tracing.client_interceptors()
-        )
+        grpc.aio.insecure_channel(settings.cache_address, options=CHANNEL_OPTIONS)
     )
     vectors = GrpcVectorClient(
         channel,
+        calls=tracing.client_calls(),
         search_timeout_s=settings.cache_lookup_timeout_s,
         write_timeout_s=settings.cache_write_timeout_s,
     )
@@ -156,12 +152,12 @@ async def serve(settings: ChatSettings) -> None:
     ):
         metrics.watch_database(store.engine)
         tracing.instrument_database(store.engine)
-        inference = await connect_inference(settings, channels, tracing.client_interceptors())
+        inference = await connect_inference(settings, channels, tracing.client_calls())
         # The dependency checks call the engine every few seconds, also while it is down, which keeps
         # their connection backing off between reconnection attempts; on connections of their own, the
         # completions' are not held back by that when the engine returns.
         inference_for_checks = await connect_inference(
-            settings, channels, tracing.client_interceptors(), own_connections=True
+            settings, channels, tracing.client_calls(), own_connections=True
         )
         engine = await wait_for_engine(inference, settings.dependency_timeout_s, settings.inference_address)
         log.info(

@@ -27,6 +27,7 @@ from typing import Protocol
 import grpc
 
 from chatmesh.common.errors import rpc_errors
+from chatmesh.common.tracing import NO_CALL_TRACING, ClientCalls
 from chatmesh.vectors.v1 import vectors_pb2 as pb
 from chatmesh.vectors.v1 import vectors_pb2_grpc
 from chatmesh.vectors.values import (
@@ -40,6 +41,10 @@ from chatmesh.vectors.values import (
 )
 
 _SERVICE = "vector service"
+_SERVICE_PATH = f"/{pb.DESCRIPTOR.services_by_name['VectorService'].full_name}"
+_SEARCH = f"{_SERVICE_PATH}/Search"
+_UPSERT = f"{_SERVICE_PATH}/Upsert"
+_DELETE = f"{_SERVICE_PATH}/Delete"
 
 Where = Mapping[str, Match]
 """A filter: `{"user_id": "alice", "expires_at": Range(gt=now)}`, every condition must hold."""
@@ -94,12 +99,19 @@ class GrpcVectorClient:
 
     Deadlines: `search_timeout_s` for a search (a cache lookup sits in front of every completion, so it
     is short), `write_timeout_s` for upserts and deletes; each call may pass its own `timeout_s`.
+    `calls` traces them (`Tracing.client_calls()`; none by default).
     """
 
     def __init__(
-        self, channel: grpc.aio.Channel, *, search_timeout_s: float = 2.0, write_timeout_s: float = 10.0
+        self,
+        channel: grpc.aio.Channel,
+        *,
+        search_timeout_s: float = 2.0,
+        write_timeout_s: float = 10.0,
+        calls: ClientCalls = NO_CALL_TRACING,
     ) -> None:
         self._stub = vectors_pb2_grpc.VectorServiceStub(channel)
+        self._calls = calls
         self._search_timeout_s = search_timeout_s
         self._write_timeout_s = write_timeout_s
 
@@ -120,9 +132,9 @@ class GrpcVectorClient:
             limit=limit,
             score_threshold=score_threshold,
         )
-        with rpc_errors(_SERVICE):
+        with rpc_errors(_SERVICE), self._calls.call(_SEARCH) as metadata:
             reply: pb.SearchResponse = await self._stub.Search(
-                request, timeout=timeout_s or self._search_timeout_s
+                request, metadata=metadata, timeout=timeout_s or self._search_timeout_s
             )
         return [
             Hit(match.id, match.score, payload_from_pb(match.payload, f"matches[{i}].payload"))
@@ -139,16 +151,16 @@ class GrpcVectorClient:
                 for point in points
             ],
         )
-        with rpc_errors(_SERVICE):
+        with rpc_errors(_SERVICE), self._calls.call(_UPSERT) as metadata:
             reply: pb.UpsertResponse = await self._stub.Upsert(
-                request, timeout=timeout_s or self._write_timeout_s
+                request, metadata=metadata, timeout=timeout_s or self._write_timeout_s
             )
         return reply.upserted
 
     async def delete(self, collection: str, where: Where, *, timeout_s: float | None = None) -> int:
         request = pb.DeleteRequest(collection=collection, filter=filter_to_pb(conditions(where)))
-        with rpc_errors(_SERVICE):
+        with rpc_errors(_SERVICE), self._calls.call(_DELETE) as metadata:
             reply: pb.DeleteResponse = await self._stub.Delete(
-                request, timeout=timeout_s or self._write_timeout_s
+                request, metadata=metadata, timeout=timeout_s or self._write_timeout_s
             )
         return reply.deleted
