@@ -42,12 +42,12 @@ class Delta:
 
 @dataclass(frozen=True, slots=True)
 class Finished:
-    """Last event: the stored assistant message."""
+    """Last event: the stored assistant message (None for a stateless completion, which stores nothing)."""
 
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
-    assistant_message_id: uuid.UUID
+    assistant_message_id: uuid.UUID | None
     cached: bool = False
 
 
@@ -298,6 +298,79 @@ class Conversations:
         async with aclosing(running.follow()) as events:
             async for event in events:
                 yield event
+
+    def answer(
+        self,
+        user_id: str,
+        messages: Sequence[PromptMessage],
+        sampling: SamplingOptions,
+        request_id: str,
+        use_cache: bool = True,
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """A reply to `messages`, the caller's whole conversation (the last message the user's), stored
+        nowhere: the stateless completion of the OpenAI-compatible API. Same engine and admission as a
+        chat's completion, and the same per-user semantic cache, keyed by the same context (system
+        prompt and earlier turns). Streams `Delta`s, then one `Finished` (no message id); a failure is
+        raised, also after text has streamed."""
+        return self._counted(self._answer_messages(user_id, messages, sampling, request_id, use_cache))
+
+    async def _answer_messages(
+        self,
+        user_id: str,
+        messages: Sequence[PromptMessage],
+        sampling: SamplingOptions,
+        request_id: str,
+        use_cache: bool,
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        turns = [m for m in messages if m.role != "system"]
+        question = (
+            Question(
+                user_id=user_id,
+                chat_id=None,
+                system_prompt="\n\n".join(m.content for m in messages if m.role == "system"),
+                earlier_turns=[(m.role, m.content) for m in turns[:-1]],
+                text=turns[-1].content,
+            )
+            if use_cache and turns
+            else None
+        )
+        span = trace.get_current_span()
+        span.set_attribute("gen_ai.request.model", self._engine.model)
+        if question is not None:
+            cached = await self._cache.lookup(question)
+            span.set_attribute("chatmesh.cache.hit", cached is not None)
+            if cached is not None:
+                if cached.text:
+                    yield Delta(cached.text)
+                yield Finished(FinishReason.STOP, 0, 0, None, cached=True)
+                return
+        sampling = SamplingOptions(
+            sampling.max_tokens or self._engine.default_max_tokens,
+            sampling.temperature,
+            sampling.top_p,
+            sampling.seed,
+        )
+        pieces: list[str] = []
+        finished: Generated | None = None
+        async with aclosing(self._inference.generate(messages, sampling, request_id)) as stream:
+            async for event in stream:
+                if isinstance(event, Generated):
+                    finished = event
+                else:
+                    pieces.append(event)
+                    yield Delta(event)
+        if finished is None:
+            raise Unavailable("the inference service ended the stream without finishing; retry")
+        span.set_attributes(
+            {
+                "gen_ai.usage.input_tokens": finished.prompt_tokens,
+                "gen_ai.usage.output_tokens": finished.completion_tokens,
+                "gen_ai.response.finish_reasons": [finished.finish_reason.value],
+            }
+        )
+        if question is not None and finished.finish_reason == FinishReason.STOP:
+            self._in_background(self._cache.store(question, "".join(pieces), finished.completion_tokens))
+        yield Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, None)
 
     def _run(
         self, message_id: uuid.UUID, events: Callable[[], AsyncGenerator[CompletionEvent, None]]

@@ -23,6 +23,7 @@ from chat_service.inference import (
 from chat_service.jobs.queue import JetStreamConfig, NatsJobQueue
 from chat_service.jobs.service import Jobs, JobWorker
 from chat_service.metrics import ChatMetrics
+from chat_service.openai_api import OpenAIServicer
 from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
 from chat_service.storage.sql import open_sql_store
@@ -39,11 +40,13 @@ from chatmesh.common.server import (
     serve_until_signal,
 )
 from chatmesh.common.tracing import ClientCalls, Tracing, open_tracing
+from chatmesh.openai.v1 import openai_pb2, openai_pb2_grpc
 from chatmesh.vectors.client import GrpcVectorClient
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+OPENAI_SERVICE_NAME = openai_pb2.DESCRIPTOR.services_by_name["OpenAIService"].full_name
 
 
 async def wait_for_engine(client: InferenceClient, timeout_s: float, address: str) -> EngineInfo:
@@ -212,7 +215,8 @@ async def serve(settings: ChatSettings) -> None:
             log.info("asynchronous jobs off (set CHATMESH_CHAT_JOBS_NATS_URL to a NATS JetStream server)")
         server = create_server([JwtAuthInterceptor(keys)], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
-        health = add_health_and_reflection(server, [SERVICE_NAME])
+        openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(conversations), server)
+        health = add_health_and_reflection(server, [SERVICE_NAME, OPENAI_SERVICE_NAME])
         server.add_insecure_port(settings.address)
         purging = (
             asyncio.create_task(purge_periodically(cache, settings.cache_purge_interval_s))
@@ -223,14 +227,16 @@ async def serve(settings: ChatSettings) -> None:
             worker.start()
         dependencies = DependencyHealth(
             health,
-            [SERVICE_NAME],
+            [SERVICE_NAME, OPENAI_SERVICE_NAME],
             {"database": store.ping, "inference": inference_for_checks.model_info},
             interval_s=settings.health_check_interval_s,
             timeout_s=settings.health_check_timeout_s,
         )
         monitoring = asyncio.create_task(dependencies.watch())
         try:
-            await serve_until_signal(server, health, [SERVICE_NAME], settings.shutdown_grace_s)
+            await serve_until_signal(
+                server, health, [SERVICE_NAME, OPENAI_SERVICE_NAME], settings.shutdown_grace_s
+            )
         finally:
             monitoring.cancel()
             if worker is not None:

@@ -96,7 +96,7 @@ def event_to_pb(event: CompletionEvent) -> pb.CompletionEvent:
         return pb.CompletionEvent(
             finish_reason=_FINISH_PB[event.finish_reason],
             usage=pb.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-            assistant_message_id=str(event.assistant_message_id),
+            assistant_message_id=str(event.assistant_message_id) if event.assistant_message_id else "",
             cached=event.cached,
         )
     assert isinstance(event, Failed)

@@ -27,7 +27,7 @@ from grpc_tools import protoc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from chatmesh.gateway.api import CHAT_SERVICE
+from chatmesh.gateway.api import PUBLIC_SERVICES
 from chatmesh.gateway.openapi import openapi_document
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,9 +70,8 @@ def generate(out: Path, proto_root: Path = PROTO_ROOT) -> list[Path]:
     )
     # The REST API's OpenAPI document, from that descriptor set (served by the gateway).
     files = descriptor_pb2.FileDescriptorSet.FromString((out / DESCRIPTOR_SET).read_bytes())
-    if any(
-        f"{file.package}.{service.name}" == CHAT_SERVICE for file in files.file for service in file.service
-    ):
+    declared = {f"{file.package}.{service.name}" for file in files.file for service in file.service}
+    if declared >= set(PUBLIC_SERVICES):
         document = json.dumps(openapi_document(files), indent=2, ensure_ascii=False) + "\n"
         (out / OPENAPI_DOCUMENT).write_text(document, encoding="utf-8")
     # Packages for the generated modules: chatmesh/<service>/v1/__init__.py.

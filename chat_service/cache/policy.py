@@ -51,7 +51,8 @@ class Question:
 
     user_id: str
     chat_id: uuid.UUID | None
-    """None for the first question of a chat that is being created (looked up before it is stored)."""
+    """None for the first question of a chat that is being created (looked up before it is stored), and
+    for a stateless completion (no chat at all)."""
     system_prompt: str
     earlier_turns: Sequence[tuple[str, str]]
     """(role, content) of every message before the question, oldest first."""
@@ -219,14 +220,13 @@ class SemanticCache:
         return found
 
     def entry(self, question: Question, answer: str, token_count: int) -> NewPoint:
-        """The cache entry that keeps `answer` to `question` (a question of a stored chat)."""
-        if question.chat_id is None:
-            raise ValueError("an answer is stored for a question of a stored chat; this one has no chat id")
+        """The cache entry that keeps `answer` to `question`. An answer of the stateless (OpenAI-compatible)
+        API belongs to no chat (`chat_id` ""): it leaves with its TTL or the user's ClearCache."""
         now = time.time()
         payload: dict[str, PayloadValue] = {
             **self._key(question),
             "owner": question.user_id,
-            "chat_id": str(question.chat_id),
+            "chat_id": str(question.chat_id) if question.chat_id else "",
             "question": question.text,
             "answer": answer,
             "token_count": token_count,

@@ -196,3 +196,16 @@ def rpc_errors(service: str) -> Iterator[None]:
         yield
     except grpc.aio.AioRpcError as exc:
         raise error_from_rpc(exc, service) from exc
+
+
+OPENAI_ERROR_TYPES: dict[grpc.StatusCode, str] = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_request_error",
+    grpc.StatusCode.NOT_FOUND: "invalid_request_error",
+    grpc.StatusCode.OUT_OF_RANGE: "invalid_request_error",
+    grpc.StatusCode.FAILED_PRECONDITION: "invalid_request_error",
+    grpc.StatusCode.UNAUTHENTICATED: "authentication_error",
+    grpc.StatusCode.PERMISSION_DENIED: "permission_error",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "rate_limit_error",
+}
+"""The `type` of an OpenAI-compatible error body by gRPC status (the gateway renders statuses with it,
+the OpenAI servicer its mid-stream error events); any other status is a `server_error`."""

@@ -1,7 +1,7 @@
 """The public API as the gateway sees it, read from the descriptor set Envoy transcodes with.
 
-Everything the config needs to know about ChatService (its gRPC paths, which methods stream, the REST
-paths and verbs of the `google.api.http` rules) comes from `data/chatmesh.pb`, the same file the
+Everything the config needs to know about the public services (their gRPC paths, which methods stream,
+the REST paths and verbs of the `google.api.http` rules) comes from `data/chatmesh.pb`, the same file the
 `grpc_json_transcoder` loads, so the routes can never disagree with the transcoder or the protos.
 """
 
@@ -17,7 +17,13 @@ from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
 CHAT_SERVICE = "chatmesh.chat.v1.ChatService"
-"""The only service the gateway exposes."""
+"""The chat API: chats, their history, completions."""
+
+OPENAI_SERVICE = "chatmesh.openai.v1.OpenAIService"
+"""The OpenAI-compatible API (`/v1/...`), served by the chat service beside ChatService."""
+
+PUBLIC_SERVICES = (CHAT_SERVICE, OPENAI_SERVICE)
+"""The services the gateway exposes, all served by the chat replicas."""
 
 DESCRIPTOR_RESOURCE = "data/chatmesh.pb"
 """The descriptor set inside this package (written by `tools/protos.py`, shipped as package data)."""
@@ -48,8 +54,9 @@ class RestBinding:
 
 @dataclass(frozen=True, slots=True)
 class Method:
-    """One RPC of the service."""
+    """One RPC of a service."""
 
+    service: str  # e.g. "chatmesh.chat.v1.ChatService"
     name: str  # e.g. "Complete"
     grpc_path: str  # e.g. "/chatmesh.chat.v1.ChatService/Complete"
     streaming: bool  # the request or the reply streams
@@ -71,36 +78,43 @@ class RestPath:
 
 @dataclass(frozen=True, slots=True)
 class ServiceApi:
-    """A gRPC service and its REST face, as declared in a descriptor set."""
+    """gRPC services and their REST face, as declared in a descriptor set."""
 
-    service: str
+    services: tuple[str, ...]
     methods: tuple[Method, ...]
 
     @classmethod
-    def load(cls, descriptor_path: Path, service: str = CHAT_SERVICE) -> ServiceApi:
-        """Read `service` from the FileDescriptorSet at `descriptor_path` (`ValueError` if absent)."""
+    def load(cls, descriptor_path: Path, services: tuple[str, ...] = PUBLIC_SERVICES) -> ServiceApi:
+        """Read `services` from the FileDescriptorSet at `descriptor_path` (`ValueError` if one is absent)."""
         try:
             data = descriptor_path.read_bytes()
         except FileNotFoundError:
             raise FileNotFoundError(
                 f"descriptor set {descriptor_path} is missing; run `make protos`"
             ) from None
-        return cls.parse(descriptor_pb2.FileDescriptorSet.FromString(data), service)
+        return cls.parse(descriptor_pb2.FileDescriptorSet.FromString(data), services)
 
     @classmethod
-    def parse(cls, files: descriptor_pb2.FileDescriptorSet, service: str = CHAT_SERVICE) -> ServiceApi:
-        """`service` from a parsed FileDescriptorSet."""
-        for file in files.file:
-            for candidate in file.service:
-                full_name = f"{file.package}.{candidate.name}" if file.package else candidate.name
-                if full_name == service:
-                    return cls(service, tuple(_method(full_name, m) for m in candidate.method))
-        raise ValueError(f"service {service} is not in the descriptor set; run `make protos`")
+    def parse(
+        cls, files: descriptor_pb2.FileDescriptorSet, services: tuple[str, ...] = PUBLIC_SERVICES
+    ) -> ServiceApi:
+        """`services` from a parsed FileDescriptorSet, their methods in declaration order."""
+        found = {
+            f"{file.package}.{candidate.name}" if file.package else candidate.name: candidate
+            for file in files.file
+            for candidate in file.service
+        }
+        methods: list[Method] = []
+        for service in services:
+            if service not in found:
+                raise ValueError(f"service {service} is not in the descriptor set; run `make protos`")
+            methods += [_method(service, m) for m in found[service].method]
+        return cls(tuple(services), tuple(methods))
 
     @property
-    def grpc_prefix(self) -> str:
-        """`/<package>.<Service>/`: the path prefix of every gRPC call of the service."""
-        return f"/{self.service}/"
+    def grpc_prefixes(self) -> tuple[str, ...]:
+        """`/<package>.<Service>/` of each service: the path prefix of every gRPC call of it."""
+        return tuple(f"/{service}/" for service in self.services)
 
     @property
     def streaming_methods(self) -> tuple[Method, ...]:
@@ -128,6 +142,7 @@ class ServiceApi:
 
 def _method(service: str, method: descriptor_pb2.MethodDescriptorProto) -> Method:
     return Method(
+        service=service,
         name=method.name,
         grpc_path=f"/{service}/{method.name}",
         streaming=method.server_streaming or method.client_streaming,

@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chatmesh.common.auth import JwtKeys
-from chatmesh.gateway.api import Method, ServiceApi, default_descriptor_path
+from chatmesh.common.errors import OPENAI_ERROR_TYPES
+from chatmesh.gateway.api import CHAT_SERVICE, Method, ServiceApi, default_descriptor_path
 from chatmesh.gateway.settings import GatewaySettings, split_host_port
 
 USER_HEADER = "x-chatmesh-user"
@@ -241,9 +242,15 @@ def _rest_error_code_names_lua() -> str:
     whose HTTP status is always 200, pass straight through without their body being buffered.
 
     One success changes status: a job submission over REST (`POST /chat/{chat_id}/jobs`) answers 202
-    Accepted, as asynchronous work does; the transcoder itself can only say 200."""
+    Accepted, as asynchronous work does; the transcoder itself can only say 200.
+
+    Errors of the OpenAI-compatible API (`/v1/...`), the gateway's own included (401, 429, a body the
+    transcoder cannot read), take OpenAI's shape instead: `{"error": {"message", "type", "param",
+    "code"}}`, `param` the field a BadRequest detail names, `code` the status name in lower case."""
     names = ", ".join(f'[{code.value[0]}] = "{code.name}"' for code in grpc.StatusCode)
+    types = ", ".join(f'{code.name} = "{kind}"' for code, kind in OPENAI_ERROR_TYPES.items())
     return f"""local NAMES = {{{names}}}
+local OPENAI_TYPES = {{{types}}}
 local PREFIX = '{{"code":'
 
 function envoy_on_request(handle)
@@ -252,12 +259,46 @@ function envoy_on_request(handle)
   if headers:get(":method") == "POST" and string.match(path, "^/chat/[^/?]+/jobs/?$") then
     handle:streamInfo():dynamicMetadata():set("chatmesh", "accepted", "1")
   end
+  if string.sub(path, 1, 4) == "/v1/" then
+    handle:streamInfo():dynamicMetadata():set("chatmesh", "openai", "1")
+  end
+end
+
+-- The JSON string literal starting at `first` (its opening quote), escapes kept, or nil.
+local function json_string(text, first)
+  local i = first + 1
+  while i <= #text do
+    local byte = string.byte(text, i)
+    if byte == 92 then
+      i = i + 2
+    elseif byte == 34 then
+      return string.sub(text, first, i)
+    else
+      i = i + 1
+    end
+  end
+  return nil
+end
+
+-- A REST error body ({{"code": 3 or "NAME", "message": ...}}) in OpenAI's shape, or nil.
+local function openai_error(text)
+  local digits = string.match(text, "^" .. PREFIX .. "(%d+)")
+  local name = (digits and NAMES[tonumber(digits)]) or string.match(text, "^" .. PREFIX .. '"([A-Z_]+)"')
+  if not name then
+    return nil
+  end
+  local at = string.find(text, '"message":"', 1, true)
+  local message = at and json_string(text, at + 10) or '""'
+  local field = string.match(text, '"field":"([%w_%.%[%]]*)"')
+  local param = field and ('"' .. field .. '"') or "null"
+  return '{{"error":{{"message":' .. message .. ',"type":"' .. (OPENAI_TYPES[name] or "server_error")
+    .. '","param":' .. param .. ',"code":"' .. string.lower(name) .. '"}}}}'
 end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
+  local marks = handle:streamInfo():dynamicMetadata():get("chatmesh")
   if headers:get(":status") == "200" then
-    local marks = handle:streamInfo():dynamicMetadata():get("chatmesh")
     if marks ~= nil and marks["accepted"] ~= nil then
       headers:replace(":status", "202")
     end
@@ -271,6 +312,13 @@ function envoy_on_response(handle)
     return
   end
   local text = body:getBytes(0, body:length())
+  if marks ~= nil and marks["openai"] ~= nil then
+    local rewritten = openai_error(text)
+    if rewritten then
+      body:setBytes(rewritten)
+    end
+    return
+  end
   local digits = string.match(text, "^" .. PREFIX .. "(%d+)")
   local name = digits and NAMES[tonumber(digits)]
   if name then
@@ -502,7 +550,7 @@ def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: P
             "typed_config": _typed(
                 "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder",
                 proto_descriptor=str(descriptor_path),
-                services=[api.service],
+                services=list(api.services),
                 print_options={
                     "preserve_proto_field_names": True,
                     "always_print_primitive_fields": False,
@@ -526,7 +574,10 @@ def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: P
             "typed_config": _typed(
                 "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
                 providers={"chatmesh": provider},
-                rules=[{"match": {"prefix": api.grpc_prefix}, "requires": {"provider_name": "chatmesh"}}],
+                rules=[
+                    {"match": {"prefix": prefix}, "requires": {"provider_name": "chatmesh"}}
+                    for prefix in api.grpc_prefixes
+                ],
             ),
         },
     ]
@@ -590,7 +641,8 @@ def _chat_cluster(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
                 "unhealthy_threshold": settings.unhealthy_threshold,
                 "healthy_threshold": settings.healthy_threshold,
                 # A replica reports NOT_SERVING for this service while it drains on SIGTERM.
-                "grpc_health_check": {"service_name": api.service},
+                # One process serves every public service: its ChatService status stands for all.
+                "grpc_health_check": {"service_name": CHAT_SERVICE},
             }
         ],
         "outlier_detection": {

@@ -6,6 +6,10 @@ integers as strings, as proto3 JSON has them). A streaming reply is `text/event-
 `data: <message JSON>` event per message. Errors are the gateway's `{"code", "message", "details"}` body,
 `code` the gRPC status name. `tools/protos.py` writes it to `data/openapi.json` (checked for drift
 like the stubs); the gateway serves it at `/openapi.json`.
+
+The OpenAI-compatible methods reply with `google.api.HttpBody` (bytes the servicer writes, exactly as
+OpenAI's API has them), which no descriptor describes: their bodies and OpenAI's error object are the
+JSON schemas below, checked against what the servicer writes by the tests.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 
-from chatmesh.gateway.api import CHAT_SERVICE, ServiceApi, http_rule
+from chatmesh.gateway.api import OPENAI_SERVICE, PUBLIC_SERVICES, ServiceApi, http_rule
 
 FieldProto = descriptor_pb2.FieldDescriptorProto
 
@@ -58,6 +62,134 @@ ERROR_SCHEMA = {
     },
     "required": ["code", "message"],
 }
+
+_NULLABLE_STRING = {"type": ["string", "null"]}
+_USAGE = {
+    "type": "object",
+    "properties": {
+        "prompt_tokens": {"type": "integer"},
+        "completion_tokens": {"type": "integer"},
+        "total_tokens": {"type": "integer"},
+    },
+    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
+}
+_FINISH_REASON = {"type": ["string", "null"], "enum": ["stop", "length", None]}
+OPENAI_SCHEMAS: dict[str, dict[str, Any]] = {
+    "openai.ChatCompletion": {
+        "type": "object",
+        "description": "OpenAI's `chat.completion` object.",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "message": {
+                            "type": "object",
+                            "properties": {
+                                "role": {"const": "assistant"},
+                                "content": _NULLABLE_STRING,
+                                "refusal": _NULLABLE_STRING,
+                            },
+                            "required": ["role", "content"],
+                        },
+                        "logprobs": {"type": "null"},
+                        "finish_reason": _FINISH_REASON,
+                    },
+                    "required": ["index", "message", "finish_reason"],
+                },
+            },
+            "usage": _USAGE,
+            "system_fingerprint": _NULLABLE_STRING,
+        },
+        "required": ["id", "object", "created", "model", "choices", "usage"],
+    },
+    "openai.ChatCompletionChunk": {
+        "type": "object",
+        "description": "OpenAI's `chat.completion.chunk` object: one server-sent event of a streamed reply.",
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion.chunk"},
+            "created": {"type": "integer"},
+            "model": {"type": "string"},
+            "choices": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "index": {"type": "integer"},
+                        "delta": {
+                            "type": "object",
+                            "properties": {"role": {"const": "assistant"}, "content": _NULLABLE_STRING},
+                        },
+                        "logprobs": {"type": "null"},
+                        "finish_reason": _FINISH_REASON,
+                    },
+                    "required": ["index", "delta", "finish_reason"],
+                },
+            },
+            "usage": {"oneOf": [_USAGE, {"type": "null"}]},
+            "system_fingerprint": _NULLABLE_STRING,
+        },
+        "required": ["id", "object", "created", "model", "choices"],
+    },
+    "openai.Error": {
+        "type": "object",
+        "description": "OpenAI's error body; `code` is the gRPC status name in lower case.",
+        "properties": {
+            "error": {
+                "type": "object",
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string", "examples": ["invalid_request_error", "rate_limit_error"]},
+                    "param": _NULLABLE_STRING,
+                    "code": _NULLABLE_STRING,
+                },
+                "required": ["message", "type"],
+            }
+        },
+        "required": ["error"],
+    },
+}
+
+_HTTP_BODY = ".google.api.HttpBody"
+_HTTP_BODY_REPLIES: dict[tuple[str, str], dict[str, Any]] = {
+    (OPENAI_SERVICE, "CreateChatCompletion"): {
+        "application/json": {"schema": {"$ref": "#/components/schemas/openai.ChatCompletion"}},
+        "text/event-stream": {
+            "schema": {
+                "type": "object",
+                "description": 'With `"stream": true`: one event per chunk, then `data: [DONE]`; an'
+                " error after the stream started is an event holding an OpenAI error object.",
+                "properties": {
+                    "data": {
+                        "type": "string",
+                        "contentMediaType": "application/json",
+                        "contentSchema": {
+                            "oneOf": [
+                                {"$ref": "#/components/schemas/openai.ChatCompletionChunk"},
+                                {"$ref": "#/components/schemas/openai.Error"},
+                                {"const": "[DONE]"},
+                            ]
+                        },
+                    }
+                },
+                "required": ["data"],
+            }
+        },
+    }
+}
+
+_STRUCT_BODIES = {
+    (OPENAI_SERVICE, "CreateChatCompletion"): ".chatmesh.openai.v1.CreateChatCompletionRequest",
+}
+"""Methods whose body travels as a google.protobuf.Struct, read into the message named here by the
+service (which rejects the fields that message lacks): the body's schema is that message's."""
 
 _ERRORS = {
     "400": "invalid argument (the field is named in the details)",
@@ -135,33 +267,37 @@ class _Schemas:
         return single
 
 
-def openapi_document(files: descriptor_pb2.FileDescriptorSet, service: str = CHAT_SERVICE) -> dict[str, Any]:
-    """The OpenAPI 3.1 document of `service`'s REST bindings."""
-    api = ServiceApi.parse(files, service)
+def openapi_document(
+    files: descriptor_pb2.FileDescriptorSet, services: tuple[str, ...] = PUBLIC_SERVICES
+) -> dict[str, Any]:
+    """The OpenAPI 3.1 document of `services`' REST bindings."""
+    api = ServiceApi.parse(files, services)
     messages = _Messages(files)
     schemas = _Schemas(messages)
-    methods = {f".{file.package}.{s.name}": s for file in files.file for s in file.service}[
-        f".{service}"
-    ].method
+    descriptors = {f"{file.package}.{s.name}": s for file in files.file for s in file.service}
     paths: dict[str, dict[str, Any]] = {}
-    for method in methods:
-        rule = http_rule(method.options)
-        info = next(m for m in api.methods if m.name == method.name)
-        for binding in info.bindings:
-            body = rule.body if binding == info.bindings[0] else ""
-            operation = _operation(method, binding.template, binding.verb, body, schemas, messages)
-            paths.setdefault(_openapi_path(binding.template), {})[binding.verb.lower()] = operation
+    for service in services:
+        for method in descriptors[service].method:
+            rule = http_rule(method.options)
+            info = next(m for m in api.methods if m.service == service and m.name == method.name)
+            for binding in info.bindings:
+                body = rule.body if binding == info.bindings[0] else ""
+                operation = _operation(
+                    service, method, binding.template, binding.verb, body, schemas, messages
+                )
+                paths.setdefault(_openapi_path(binding.template), {})[binding.verb.lower()] = operation
     return {
         "openapi": "3.1.0",
         "info": {
             "title": "chatmesh REST API",
             "version": "v1",
             "description": "The chat API over HTTP/JSON, transcoded by the gateway to chatmesh.chat.v1."
-            "ChatService (gRPC callers use the same port). Every call needs `Authorization: Bearer <JWT>`.",
+            "ChatService, and the OpenAI-compatible API under /v1 (chatmesh.openai.v1.OpenAIService); gRPC"
+            " callers use the same port. Every call needs `Authorization: Bearer <JWT>`.",
         },
         "paths": paths,
         "components": {
-            "schemas": {**dict(sorted(schemas.components.items())), "Error": ERROR_SCHEMA},
+            "schemas": {**dict(sorted(schemas.components.items())), "Error": ERROR_SCHEMA, **OPENAI_SCHEMAS},
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}},
         },
         "security": [{"bearer": []}],
@@ -176,6 +312,7 @@ def _openapi_path(template: str) -> str:
 
 
 def _operation(
+    service: str,
     method: descriptor_pb2.MethodDescriptorProto,
     template: str,
     verb: str,
@@ -192,9 +329,15 @@ def _operation(
     ]
     operation: dict[str, Any] = {
         "operationId": method.name,
-        "summary": f"{method.name} ({CHAT_SERVICE}/{method.name} over gRPC)",
+        "summary": f"{method.name} ({service}/{method.name} over gRPC)",
     }
-    if body == "*":
+    struct_body = _STRUCT_BODIES.get((service, method.name))
+    if struct_body is not None:
+        operation["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": schemas.message(struct_body)}},
+        }
+    elif body == "*":
         operation["requestBody"] = {
             # Every field has a default, and the transcoder reads a missing body as an empty message.
             "required": False,
@@ -216,6 +359,14 @@ def _operation(
             )
     if parameters:
         operation["parameters"] = parameters
+    error_schema = "openai.Error" if service == OPENAI_SERVICE else "Error"
+    error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{error_schema}"}}}
+    if method.output_type == _HTTP_BODY:
+        operation["responses"] = {
+            "200": {"description": "OK", "content": _HTTP_BODY_REPLIES[(service, method.name)]},
+            **{code: {"description": text, "content": error} for code, text in _ERRORS.items()},
+        }
+        return operation
     reply = schemas.ref(method.output_type)
     if method.server_streaming:
         # Each server-sent event (what OpenAPI 3.2 calls the `itemSchema` of a sequential media type):
@@ -233,7 +384,6 @@ def _operation(
     else:
         content = {"application/json": {"schema": reply}}
         description = "OK"
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     operation["responses"] = {
         "200": {"description": description, "content": content},
         **{code: {"description": text, "content": error} for code, text in _ERRORS.items()},

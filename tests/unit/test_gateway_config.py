@@ -115,8 +115,13 @@ def _descriptor_set(tmp_path: Path) -> Path:
     rule.custom.kind = "WATCH"
     rule.custom.path = "/things/{thing_id}:watch"
     method("Upload", client_streaming=True)  # gRPC only
+    # The gateway exposes an OpenAIService too; here it has no methods.
+    openai = descriptor_pb2.FileDescriptorProto(
+        name="openai.proto", package="chatmesh.openai.v1", syntax="proto3"
+    )
+    openai.service.add(name="OpenAIService")
     path = tmp_path / "other.pb"
-    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file]).SerializeToString())
+    path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file, openai]).SerializeToString())
     return path
 
 
@@ -157,8 +162,13 @@ def test_routes_405s_and_streaming_come_from_the_descriptor_set(tmp_path: Path) 
 
 def test_the_real_api_is_read_from_the_packaged_descriptor_set() -> None:
     api = ServiceApi.load(default_descriptor_path())
-    assert api.service == "chatmesh.chat.v1.ChatService"
-    assert [m.name for m in api.streaming_methods] == ["CreateChat", "Complete", "WatchJob"]
+    assert api.services == ("chatmesh.chat.v1.ChatService", "chatmesh.openai.v1.OpenAIService")
+    assert [m.name for m in api.streaming_methods] == [
+        "CreateChat",
+        "Complete",
+        "WatchJob",
+        "CreateChatCompletion",
+    ]
     assert {(p.template, p.verbs) for p in api.rest_paths()} == {
         ("/chat", ("POST",)),
         ("/chat/{chat_id}/completion", ("POST",)),
@@ -169,6 +179,8 @@ def test_the_real_api_is_read_from_the_packaged_descriptor_set() -> None:
         ("/chat/{chat_id}/jobs", ("POST",)),
         ("/jobs/{job_id}", ("GET",)),
         ("/jobs/{job_id}/events", ("GET",)),
+        ("/v1/chat/completions", ("POST",)),
+        ("/v1/models", ("GET",)),
     }
 
 
@@ -176,7 +188,7 @@ def test_a_missing_service_or_descriptor_set_says_what_to_run(tmp_path: Path) ->
     with pytest.raises(FileNotFoundError, match="make protos"):
         ServiceApi.load(tmp_path / "nope.pb")
     with pytest.raises(ValueError, match=r"chatmesh\.chat\.v1\.Nope .*make protos"):
-        ServiceApi.load(default_descriptor_path(), "chatmesh.chat.v1.Nope")
+        ServiceApi.load(default_descriptor_path(), ("chatmesh.chat.v1.Nope",))
 
 
 @pytest.mark.parametrize(

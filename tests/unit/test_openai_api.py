@@ -1,0 +1,138 @@
+"""The OpenAI servicer's edges that the real mesh cannot be made to show on demand: a failure after the
+stream started, a refusal before it, and every body it writes checked against the published schemas."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import Any
+
+import jsonschema
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from chat_service.conversations import CompletionEvent, Delta, Finished
+from chat_service.domain import FinishReason
+from chat_service.inference import EngineInfo, PromptMessage, SamplingOptions
+from chat_service.openai_api import OpenAIServicer, read_request
+from chatmesh.common import auth
+from chatmesh.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from chatmesh.gateway.openapi import OPENAI_SCHEMAS
+
+ENGINE = EngineInfo("tiny", 2048, 64)
+
+
+class FakeConversations:
+    """`Conversations.answer` replaying `events`, raising `error` after them if given."""
+
+    def __init__(self, events: list[CompletionEvent], error: Exception | None = None) -> None:
+        self.engine = ENGINE
+        self._events = events
+        self._error = error
+        self.asked: list[tuple[str, list[PromptMessage], SamplingOptions]] = []
+
+    async def answer(
+        self, user_id: str, messages: list[PromptMessage], sampling: SamplingOptions, request_id: str
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        self.asked.append((user_id, messages, sampling))
+        for event in self._events:
+            yield event
+        if self._error is not None:
+            raise self._error
+
+
+def body(**fields: Any) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    json_format.ParseDict(
+        {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], **fields}, message
+    )
+    return message
+
+
+async def bodies(conversations: FakeConversations, request: struct_pb2.Struct) -> list[bytes]:
+    token = auth._current_user.set("alice")
+    try:
+        servicer = OpenAIServicer(conversations, created=1)  # type: ignore[arg-type]
+        stream: AsyncIterator[Any] = servicer.CreateChatCompletion(request, None)
+        return [item.data async for item in stream]
+    finally:
+        auth._current_user.reset(token)
+
+
+def validate(instance: Any, name: str) -> None:
+    # The schemas refer to each other as #/components/schemas/<name>, as in the OpenAPI document.
+    document = {"components": {"schemas": OPENAI_SCHEMAS}, **OPENAI_SCHEMAS[name]}
+    jsonschema.validate(instance, document)
+
+
+REPLY: list[CompletionEvent] = [Delta("Par"), Delta("is"), Finished(FinishReason.STOP, 7, 2, None)]
+
+
+async def test_a_whole_reply_is_one_chat_completion_object() -> None:
+    conversations = FakeConversations(REPLY)
+    [data] = await bodies(conversations, body(max_completion_tokens=5, temperature=0.5, seed=3))
+    reply = json.loads(data)
+    validate(reply, "openai.ChatCompletion")
+    assert reply["choices"][0]["message"]["content"] == "Paris"
+    assert reply["usage"] == {"prompt_tokens": 7, "completion_tokens": 2, "total_tokens": 9}
+    assert conversations.asked == [("alice", [PromptMessage("user", "hi")], SamplingOptions(5, 0.5, None, 3))]
+
+
+async def test_streamed_chunks_match_the_schema_and_end_in_done() -> None:
+    events = await bodies(FakeConversations(REPLY), body(stream=True, stream_options={"include_usage": True}))
+    assert all(e.startswith(b"data: ") and e.endswith(b"\n\n") for e in events)
+    assert events[-1] == b"data: [DONE]\n\n"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    for chunk in chunks:
+        validate(chunk, "openai.ChatCompletionChunk")
+    assert [c["choices"][0]["delta"] for c in chunks[:-1]] == [
+        {"role": "assistant", "content": ""},
+        {"content": "Par"},
+        {"content": "is"},
+        {},
+    ]
+    assert chunks[-1]["usage"]["total_tokens"] == 9
+
+
+async def test_a_failure_after_the_stream_started_is_an_error_event_without_done() -> None:
+    conversations = FakeConversations([Delta("Par")], Unavailable("the engine went away"))
+    events = await bodies(conversations, body(stream=True))
+    last = json.loads(events[-1][6:])
+    validate(last, "openai.Error")
+    assert last["error"]["code"] == "unavailable"
+    assert last["error"]["type"] == "server_error"
+    assert b"[DONE]" not in b"".join(events)
+
+
+async def test_a_refusal_before_the_first_token_is_the_calls_status() -> None:
+    conversations = FakeConversations([], ResourceExhausted("the engine is full", 0.5))
+    with pytest.raises(ResourceExhausted):
+        await bodies(conversations, body(stream=True))
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"tools": []}, "tools"),
+        ({"functions": [{"name": "f"}]}, "functions"),
+        ({"max_tokens": "many"}, "body"),
+        ({"messages": [{"role": "user", "content": "hi", "audio": {}}]}, "audio"),
+    ],
+)
+def test_fields_the_request_lacks_or_mistypes_are_named(fields: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        read_request(body(**fields))
+    assert raised.value.field == field
+
+
+def test_content_parts_are_joined_and_numbers_read_as_integers() -> None:
+    request = read_request(
+        body(
+            messages=[
+                {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}
+            ],
+            max_tokens=8,
+        )
+    )
+    assert request.max_tokens == 8
+    assert request.messages[0].content.list_value.values[1].struct_value.fields["text"].string_value == "b"
