@@ -6,6 +6,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 BUF := .tools/node_modules/.bin/buf
 PROMTOOL := .tools/prometheus/usr/bin/promtool
+# The web page's tests drive Debian's Chromium through playwright (its own browser downloads are not
+# reachable from these machines).
+CHROMIUM := /usr/bin/chromium
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 # llama-cpp-python compiles from source (about 8 minutes on 2 cores; pip caches the wheel afterwards).
@@ -45,8 +48,12 @@ $(PROMTOOL):
 	rm -f .tools/prometheus_*.deb
 	@$(PROMTOOL) --version | head -1
 
+$(CHROMIUM):
+	@echo ">> installing Debian's chromium for the web page's browser tests"
+	apt-get install -y --no-install-recommends chromium || { echo "could not install chromium: run 'sudo apt-get install chromium' (or set CHATMESH_CHROMIUM to a Chromium binary)"; exit 1; }
+
 install: $(VENV)/.runtime-installed
-install-test: $(VENV)/.test-installed $(BUF) $(PROMTOOL)
+install-test: $(VENV)/.test-installed $(BUF) $(PROMTOOL) $(CHROMIUM)
 
 ## The whole mesh on this machine, embedded defaults, Ctrl-C to stop.
 run: install

@@ -13,6 +13,8 @@ from prometheus_client import CollectorRegistry
 from chat_service.cache.policy import CachePolicy, NoCache, ResponseCache, SemanticCache
 from chat_service.cache.verification import VerificationRule, preload_word_frequencies
 from chat_service.conversations import Conversations
+from chat_service.dev_sign_in import SERVICE_NAME as DEV_SIGN_IN_SERVICE
+from chat_service.dev_sign_in import DevSignInServicer
 from chat_service.history import HistoryBuilder, SummaryPolicy
 from chat_service.inference import (
     AffinityInferenceClient,
@@ -28,7 +30,7 @@ from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
 from chat_service.storage.sql import open_sql_store
 from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
-from chatmesh.common.auth import JwtAuthInterceptor
+from chatmesh.common.auth import PUBLIC_SERVICES, JwtAuthInterceptor
 from chatmesh.common.errors import Unavailable
 from chatmesh.common.health import DependencyHealth
 from chatmesh.common.logs import configure_logging
@@ -40,6 +42,7 @@ from chatmesh.common.server import (
     serve_until_signal,
 )
 from chatmesh.common.tracing import ClientCalls, Tracing, open_tracing
+from chatmesh.dev.v1 import dev_pb2_grpc
 from chatmesh.openai.v1 import openai_pb2, openai_pb2_grpc
 from chatmesh.vectors.client import GrpcVectorClient
 
@@ -213,9 +216,13 @@ async def serve(settings: ChatSettings) -> None:
             )
         else:
             log.info("asynchronous jobs off (set CHATMESH_CHAT_JOBS_NATS_URL to a NATS JetStream server)")
-        server = create_server([JwtAuthInterceptor(keys)], tracing.server_interceptors())
+        open_services = PUBLIC_SERVICES | ({DEV_SIGN_IN_SERVICE} if settings.dev_sign_in else set())
+        server = create_server([JwtAuthInterceptor(keys, open_services)], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
         openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(conversations), server)
+        if settings.dev_sign_in:
+            dev_pb2_grpc.add_DevSignInServiceServicer_to_server(DevSignInServicer(keys), server)
+            log.warning("dev sign-in on: POST /dev/sign-in hands out a token for any user name")
         health = add_health_and_reflection(server, [SERVICE_NAME, OPENAI_SERVICE_NAME])
         server.add_insecure_port(settings.address)
         purging = (

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from chat_service.domain import HistoryStrategy
-from chatmesh.common.auth import JwtKeys, load_or_create_secret
+from chatmesh.common.auth import DEV_SECRET_FILE, JwtKeys, load_or_create_secret
 from chatmesh.common.settings import ServiceSettings
 
 
@@ -115,12 +115,34 @@ class ChatSettings(ServiceSettings):
 
     # Identity: HS256 with a shared secret (inline or in a file) or RS256 with a public key file.
     jwt_secret: str | None = None
-    jwt_secret_file: Path | None = Field(
-        Path(".run/jwt-secret"), description="created on first use if missing"
-    )
+    jwt_secret_file: Path | None = Field(DEV_SECRET_FILE, description="created on first use if missing")
     jwt_public_key_file: Path | None = None
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
+    dev_sign_in: bool = Field(
+        False,
+        description="serve POST /dev/sign-in (a token for any user name, for the web page of `make run`);"
+        " only with the mesh's own dev secret, never with a configured key",
+    )
+
+    def uses_dev_secret(self) -> bool:
+        """Whether tokens are checked with the mesh's own dev secret (no key configured)."""
+        return (
+            self.jwt_public_key_file is None
+            and not self.jwt_secret
+            and self.jwt_secret_file == DEV_SECRET_FILE
+        )
+
+    @model_validator(mode="after")
+    def _dev_sign_in_only_with_the_dev_secret(self) -> ChatSettings:
+        if self.dev_sign_in and not self.uses_dev_secret():
+            raise ValueError(
+                "CHATMESH_CHAT_DEV_SIGN_IN=true hands out tokens without a password, so it runs only with the"
+                f" mesh's own dev secret ({DEV_SECRET_FILE}, the default); with a configured key (JWT_SECRET,"
+                " another JWT_SECRET_FILE or JWT_PUBLIC_KEY_FILE) users sign in at your identity provider:"
+                " unset CHATMESH_CHAT_DEV_SIGN_IN"
+            )
+        return self
 
     def jwt_keys(self) -> JwtKeys:
         """The verification keys these settings describe (RS256 public key wins over a secret)."""

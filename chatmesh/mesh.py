@@ -92,7 +92,10 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
     Only addresses are set here; everything else (database URL, JWT key, backend) comes from the
     services' own settings, so `CHATMESH_CHAT_DATABASE_URL=postgresql+asyncpg://...` and friends work.
     """
+    from chat_service.settings import ChatSettings
+
     common = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    dev_sign_in = ChatSettings().uses_dev_secret()
     inference = f"{settings.host}:{settings.inference_port}"
     embedding = f"{settings.host}:{settings.embedding_port}"
     inference_metrics = f"{settings.host}:{settings.metrics_port + 1}"
@@ -143,6 +146,8 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                     "CHATMESH_CHAT_JOBS_NATS_URL": settings.jobs_nats_url,
                     "CHATMESH_CHAT_LOG_FORMAT": settings.log_format,
                     "CHATMESH_CHAT_METRICS_ADDRESS": metrics,
+                    # The web page's sign-in without a password, only while no key is configured.
+                    "CHATMESH_CHAT_DEV_SIGN_IN": str(dev_sign_in).lower(),
                 },
                 metrics_address=metrics,
             )
@@ -367,6 +372,7 @@ async def _gateway(
         jwt_secret_file=chat.jwt_secret_file,
         jwt_issuer=chat.jwt_issuer,
         jwt_audience=chat.jwt_audience,
+        dev_sign_in=chat.uses_dev_secret(),
     )
     # Refuse at the edge what the one engine cannot hold (its slots and queue), fast, rather than after a
     # replica and the engine have spent work on it (docs/jobs.md, "Overload"); the gateway's own setting,
@@ -393,7 +399,15 @@ def _print_welcome(services: Sequence[RunningService], gateway: EnvoyProcess | N
     token = issue_token(keys, "dev") if keys.sign_key is not None else None
     print("\nchatmesh is up:")
     if gateway is not None:
-        print(f"  {'gateway':<10} {gateway.base_url}  (REST and gRPC; admin http://{gateway.admin_address})")
+        sign_in = (
+            "sign in with any user name"
+            if keys.sign_key is not None and ChatSettings().uses_dev_secret()
+            else "sign in with a token from your identity provider"
+        )
+        print(f"  {'web page':<10} {gateway.base_url}/  ({sign_in})")
+        print(
+            f"  {'gateway':<10} {gateway.base_url}  (REST, OpenAI-compatible /v1 and gRPC; admin http://{gateway.admin_address})"
+        )
     for service in services:
         metrics = (
             f"  metrics http://{service.spec.metrics_address}/metrics" if service.spec.metrics_address else ""

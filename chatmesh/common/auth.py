@@ -124,6 +124,11 @@ def generate_secret() -> str:
     return secrets.token_urlsafe(48)
 
 
+DEV_SECRET_FILE = Path(".run/jwt-secret")
+"""The mesh's own HS256 secret (`make run`), created on first use: the default of every service, and the
+only key with which the dev sign-in runs."""
+
+
 def load_or_create_secret(path: Path) -> str:
     """Read the dev secret at `path`, creating it (mode 600) on first use."""
     if not path.exists():
@@ -134,11 +139,12 @@ def load_or_create_secret(path: Path) -> str:
 
 
 class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Verifies the bearer token of every call of every kind (except health and reflection) and exposes
-    the user through `current_user()` for the duration of the call."""
+    """Verifies the bearer token of every call of every kind (except those of `open_services`: health and
+    reflection by default) and exposes the user through `current_user()` for the duration of the call."""
 
-    def __init__(self, keys: JwtKeys) -> None:
+    def __init__(self, keys: JwtKeys, open_services: frozenset[str] = PUBLIC_SERVICES) -> None:
         self._keys = keys
+        self._open_services = open_services
         self._wrapped = WrappedHandlers()
 
     async def intercept_service(
@@ -148,7 +154,7 @@ class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         service = handler_call_details.method.lstrip("/").partition("/")[0]
-        if handler is None or service in PUBLIC_SERVICES:
+        if handler is None or service in self._open_services:
             return handler
         return self._wrapped.get(
             handler_call_details.method, handler, lambda: wrap_handler(handler, self._authenticated)

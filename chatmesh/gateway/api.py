@@ -25,6 +25,10 @@ OPENAI_SERVICE = "chatmesh.openai.v1.OpenAIService"
 PUBLIC_SERVICES = (CHAT_SERVICE, OPENAI_SERVICE)
 """The services the gateway exposes, all served by the chat replicas."""
 
+DEV_SIGN_IN_SERVICE = "chatmesh.dev.v1.DevSignInService"
+"""Tokens without a password for `make run`'s web page: exposed (without a token) only when the gateway's
+`dev_sign_in` setting says so, and never described in the OpenAPI document."""
+
 DESCRIPTOR_RESOURCE = "data/chatmesh.pb"
 """The descriptor set inside this package (written by `tools/protos.py`, shipped as package data)."""
 

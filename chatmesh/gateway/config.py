@@ -33,7 +33,14 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chatmesh.common.auth import JwtKeys
 from chatmesh.common.errors import OPENAI_ERROR_TYPES
-from chatmesh.gateway.api import CHAT_SERVICE, Method, ServiceApi, default_descriptor_path
+from chatmesh.gateway.api import (
+    CHAT_SERVICE,
+    DEV_SIGN_IN_SERVICE,
+    PUBLIC_SERVICES,
+    Method,
+    ServiceApi,
+    default_descriptor_path,
+)
 from chatmesh.gateway.settings import GatewaySettings, split_host_port
 
 USER_HEADER = "x-chatmesh-user"
@@ -456,6 +463,44 @@ def _openapi_route(openapi_path: Path) -> list[dict[str, Any]]:
     ]
 
 
+WEB_DIRECTORY = Path(__file__).resolve().parent / "web"
+"""The chat web page: static files, served by Envoy itself (no server of their own)."""
+
+_WEB_FILES = {
+    "/": ("index.html", "text/html; charset=utf-8"),
+    "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/markdown.js": ("markdown.js", "text/javascript; charset=utf-8"),
+    "/app.css": ("app.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
+}
+
+WEB_SECURITY_HEADERS = {
+    # Model output is untrusted: no inline script or style, no plug-ins, nothing from elsewhere. The page
+    # builds the DOM from text and never parses a reply as HTML; this is the second line.
+    "content-security-policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self';"
+    " connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-cache",
+}
+
+
+def _web_routes() -> list[dict[str, Any]]:
+    """The web page's files at `/`, `/app.js`, ... (no token needed: the page signs in itself)."""
+    return [
+        {
+            "name": f"web {path}",
+            "match": {"path": path},
+            "direct_response": {"status": 200, "body": {"filename": str(WEB_DIRECTORY / name)}},
+            "response_headers_to_add": [
+                {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+                for key, value in {"content-type": content_type, **WEB_SECURITY_HEADERS}.items()
+            ],
+        }
+        for path, (name, content_type) in _WEB_FILES.items()
+    ]
+
+
 def _route_config(settings: GatewaySettings, api: ServiceApi, openapi_path: Path) -> dict[str, Any]:
     not_found = f"no such endpoint; the API is {api.endpoint_summary()}"
     # Health and reflection stay private: Envoy health-checks the replicas directly, and a public
@@ -504,6 +549,7 @@ def _route_config(settings: GatewaySettings, api: ServiceApi, openapi_path: Path
                 "routes": [
                     *_chat_routes(settings, api),
                     *_openapi_route(openapi_path),
+                    *(_web_routes() if settings.web_page else []),
                     *private,
                     *wrong_method,
                     fallback,
@@ -577,6 +623,8 @@ def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: P
                 rules=[
                     {"match": {"prefix": prefix}, "requires": {"provider_name": "chatmesh"}}
                     for prefix in api.grpc_prefixes
+                    # Signing in is how a token is had.
+                    if prefix != f"/{DEV_SIGN_IN_SERVICE}/"
                 ],
             ),
         },
@@ -745,7 +793,8 @@ def descriptor_path_for(settings: GatewaySettings, descriptor_path: Path | None 
 def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None = None) -> dict[str, Any]:
     """The Envoy bootstrap for `settings` as a dictionary (see `render_envoy_config`)."""
     descriptor_path = descriptor_path_for(settings, descriptor_path)
-    api = ServiceApi.load(descriptor_path)
+    services = PUBLIC_SERVICES + ((DEV_SIGN_IN_SERVICE,) if settings.dev_sign_in else ())
+    api = ServiceApi.load(descriptor_path, services)
     hcm: dict[str, Any] = {
         "stat_prefix": "public",
         # HTTP/1.1 for REST clients and HTTP/2 (prior knowledge, as gRPC clients speak it) on one port.

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from chatmesh.common.auth import JwtKeys, load_or_create_secret
+from chatmesh.common.auth import DEV_SECRET_FILE, JwtKeys, load_or_create_secret
 
 
 class GatewaySettings(BaseSettings):
@@ -33,7 +33,7 @@ class GatewaySettings(BaseSettings):
     jwt_public_key_file: Path | None = Field(None, description="RS256: PEM public key (chatmesh keygen)")
     jwt_secret: str | None = None
     jwt_secret_file: Path | None = Field(
-        Path(".run/jwt-secret"), description="created on first use if missing, like the chat service"
+        DEV_SECRET_FILE, description="created on first use if missing, like the chat service"
     )
     jwt_issuer: str | None = None
     jwt_audience: str | None = None
@@ -44,6 +44,14 @@ class GatewaySettings(BaseSettings):
     rate_limit_per_s: int = Field(20, ge=0, description="sustained requests per second per user")
     rate_limit_burst: int = Field(40, ge=1, description="requests a user may make at once")
     rate_limit_max_users: int = Field(10_000, ge=1, description="users with a live bucket (LRU beyond)")
+
+    # The web page at / (static files of chatmesh/gateway/web), and the dev sign-in it uses under `make run`.
+    web_page: bool = Field(True, description="serve the chat web page at /")
+    dev_sign_in: bool = Field(
+        False,
+        description="route POST /dev/sign-in (tokens without a password) to the chat replicas; `make run`"
+        " only, with chat replicas that serve it (CHATMESH_CHAT_DEV_SIGN_IN)",
+    )
 
     # Timeouts. A completion streams for as long as the model generates, so it has no short overall
     # deadline; a stream that goes quiet (a stuck replica) is cut after stream_idle_timeout_s instead.

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Awaitable, Callable
 
 
@@ -29,3 +31,12 @@ async def until(condition: Callable[[], bool], passes: int = 1000) -> None:
             return
         await asyncio.sleep(0)  # one pass of the event loop
     raise AssertionError("the condition never held")
+
+
+def eventually_sync(check: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
+    """`eventually` for synchronous tests (a browser driven by playwright's sync API)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"after {timeout_s:.0f} s: {what}")
+        threading.Event().wait(0.05)

@@ -26,6 +26,7 @@ from google.protobuf import descriptor_pb2
 from chatmesh.common.auth import JwtKeys, issue_token, verify_token
 from chatmesh.gateway import GatewaySettings, ServiceApi, build_envoy_config, default_descriptor_path, jwks
 from chatmesh.gateway.api import template_regex
+from chatmesh.gateway.config import WEB_DIRECTORY
 from chatmesh.keygen import write_hs256_secret, write_rs256_key_pair
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "gateway_envoy.json"
@@ -64,6 +65,7 @@ def rendered(config_settings: GatewaySettings, descriptor: Path | None = None) -
         json.dumps(build_envoy_config(config_settings, path))
         .replace(json.dumps(str(path))[1:-1], DESCRIPTOR_PLACEHOLDER)
         .replace(json.dumps(str(path.parent))[1:-1], DESCRIPTOR_PLACEHOLDER + "-dir")
+        .replace(json.dumps(str(WEB_DIRECTORY))[1:-1], "<web-page-dir>")
     )
     return json.loads(text)  # type: ignore[no-any-return]
 
@@ -266,3 +268,36 @@ def test_settings_read_replicas_from_a_comma_separated_variable(monkeypatch: pyt
     monkeypatch.setenv("CHATMESH_GATEWAY_CHAT_ADDRESSES", "no-port")
     with pytest.raises(ValueError, match="host:port"):
         GatewaySettings()
+
+
+def _route_names(config: dict[str, Any]) -> set[str]:
+    return {str(route.get("name")) for route in routes(config)}
+
+
+def test_the_web_page_is_served_with_a_policy_against_inline_scripts() -> None:
+    config = rendered(settings())
+    page = {route["name"]: route for route in routes(config) if str(route.get("name")).startswith("web ")}
+    assert set(page) == {"web /", "web /app.js", "web /markdown.js", "web /app.css", "web /favicon.svg"}
+    for route in page.values():
+        filename = route["direct_response"]["body"]["filename"]
+        assert (WEB_DIRECTORY / Path(filename).name).is_file(), filename
+        headers = {h["header"]["key"]: h["header"]["value"] for h in route["response_headers_to_add"]}
+        assert "script-src 'self'" in headers["content-security-policy"]
+        assert "unsafe-inline" not in headers["content-security-policy"]
+        assert headers["x-content-type-options"] == "nosniff"
+    assert "web /" not in _route_names(rendered(settings(web_page=False)))
+
+
+def test_the_dev_sign_in_exists_only_when_asked_for_and_needs_no_token() -> None:
+    dev_path = "/chatmesh.dev.v1.DevSignInService/SignIn"
+    default = rendered(settings())
+    assert dev_path not in _route_names(default)
+    dev = rendered(settings(dev_sign_in=True))
+    assert dev_path in _route_names(dev)
+    filters = dev["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    by_name = {f["name"]: f["typed_config"] for f in filters["http_filters"]}
+    assert (
+        "chatmesh.dev.v1.DevSignInService" in by_name["envoy.filters.http.grpc_json_transcoder"]["services"]
+    )
+    required = [rule["match"]["prefix"] for rule in by_name["envoy.filters.http.jwt_authn"]["rules"]]
+    assert required == ["/chatmesh.chat.v1.ChatService/", "/chatmesh.openai.v1.OpenAIService/"]

@@ -43,3 +43,21 @@ def test_bad_common_settings_are_rejected(monkeypatch: pytest.MonkeyPatch, name:
     monkeypatch.setenv(f"CHATMESH_CHAT_{name}", value)
     with pytest.raises(pydantic.ValidationError, match=name.lower()):
         ChatSettings()
+
+
+def test_the_dev_sign_in_runs_only_with_the_dev_secret(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "CHATMESH_CHAT_JWT_SECRET",
+        "CHATMESH_CHAT_JWT_SECRET_FILE",
+        "CHATMESH_CHAT_JWT_PUBLIC_KEY_FILE",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CHATMESH_CHAT_DEV_SIGN_IN", "true")
+    assert ChatSettings().uses_dev_secret()
+    monkeypatch.setenv("CHATMESH_CHAT_JWT_SECRET", "a-configured-secret")
+    with pytest.raises(pydantic.ValidationError, match="unset CHATMESH_CHAT_DEV_SIGN_IN"):
+        ChatSettings()
+    monkeypatch.delenv("CHATMESH_CHAT_JWT_SECRET")
+    monkeypatch.setenv("CHATMESH_CHAT_JWT_SECRET_FILE", "/etc/chatmesh/jwt-secret")
+    with pytest.raises(pydantic.ValidationError, match="identity provider"):
+        ChatSettings()

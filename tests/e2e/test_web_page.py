@@ -1,0 +1,312 @@
+"""The chat web page in a real browser (Debian's Chromium, driven by playwright) against the real mesh:
+Envoy serving the page and the API, a chat replica with the dev sign-in, the session's engine.
+
+Set CHATMESH_UPDATE_SCREENSHOT=1 to write docs/screenshot.png from the conversation test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Dialog, Locator, Page, expect, sync_playwright
+
+from chat_service.domain import FinishReason, HistoryStrategy
+from chat_service.storage.sql import open_sql_store
+from chatmesh.common.auth import DEV_SECRET_FILE
+from chatmesh.gateway import EnvoyProcess, run_envoy
+from tests.e2e.test_gateway import gateway_settings
+from tests.support.databases import fresh_postgres_database
+from tests.support.processes import free_port, run_service
+from tests.support.services import COUNTING_SYSTEM_PROMPT, MODEL_STARTUP_TIMEOUT_S, chat_env, inference_env
+from tests.support.waiting import eventually_sync
+
+pytestmark = pytest.mark.e2e
+
+CHROMIUM = os.environ.get("CHATMESH_CHROMIUM", "/usr/bin/chromium")
+SCREENSHOT = Path(__file__).resolve().parents[2] / "docs" / "screenshot.png"
+XSS = "Look: <img src=x onerror=alert(1)> and [click me](javascript:alert(2)) <script>alert(3)</script>"
+
+
+@dataclass
+class Site:
+    envoy: EnvoyProcess
+    database_url: str
+
+    @property
+    def url(self) -> str:
+        return self.envoy.base_url + "/"
+
+
+@pytest.fixture(scope="module")
+async def site(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Site]:
+    # An engine of its own: replies as long as under `make run` (the shared one stops at 24 tokens, too
+    # soon to press Stop in the middle of one).
+    engine = f"127.0.0.1:{free_port()}"
+    engine_env = inference_env(engine, CHATMESH_INFERENCE_CONTEXT_LENGTH="2048")
+    address = f"127.0.0.1:{free_port()}"
+    async with fresh_postgres_database() as url:
+        env = chat_env(address, url, engine, CHATMESH_CHAT_DEV_SIGN_IN="true")
+        # The dev sign-in runs only with the mesh's own dev secret, as under `make run`.
+        del env["CHATMESH_CHAT_JWT_SECRET"]
+        with (
+            run_service("inference_service", engine_env, engine, MODEL_STARTUP_TIMEOUT_S),
+            run_service("chat_service", env, address, timeout=60),
+        ):
+            settings = gateway_settings(
+                [address],
+                jwt_secret=None,
+                jwt_secret_file=DEV_SECRET_FILE,
+                dev_sign_in=True,
+                # A test's page loads, lists and completions stay well within the burst; a spent bucket
+                # refills slowly enough for the page to meet the 429.
+                rate_limit_per_s=2,
+                rate_limit_burst=20,
+            )
+            async with run_envoy(settings, tmp_path_factory.mktemp("envoy")) as envoy:
+                yield Site(envoy, url)
+
+
+@pytest.fixture(scope="module")
+def browser(site: Site) -> Iterator[Browser]:
+    # After `site`: playwright's sync API keeps an event loop of its own running in this thread, in
+    # which the async fixture could not be set up.
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make install-test` installs Debian's chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1200, "height": 800})
+    page = context.new_page()
+    dialogs: list[str] = []
+
+    def on_dialog(dialog: Dialog) -> None:
+        # Only the page's own confirm (delete) and prompt (rename, answered by its test) are expected;
+        # an alert is a failure.
+        dialogs.append(f"{dialog.type}: {dialog.message}")
+        if dialog.type == "alert":
+            dialog.dismiss()
+        elif dialog.type == "confirm":
+            dialog.accept()
+
+    page.on("dialog", on_dialog)
+    yield page
+    assert not [d for d in dialogs if d.startswith("alert")], dialogs
+    context.close()
+
+
+def sign_in(page: Page, site: Site, user: str) -> None:
+    page.goto(site.url)
+    page.fill("#user-name", user)
+    page.click("#sign-in-form button[type=submit]")
+    expect(page.locator("#who")).to_have_text(user)
+
+
+def last_reply(page: Page) -> Locator:
+    return page.locator("#messages .message.assistant").last
+
+
+def send(page: Page, text: str) -> None:
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+RECORD_GROWTH = """() => {
+  window.__growth = [];
+  const messages = document.getElementById("messages");
+  new MutationObserver(() => {
+    const reply = messages.querySelector(".message.assistant:last-of-type");
+    if (reply) window.__growth.push([reply.dataset.state, reply.querySelector(".body").textContent.length]);
+  }).observe(messages, { subtree: true, childList: true, characterData: true, attributes: true });
+}"""
+
+
+def test_the_page_is_served_with_a_policy_that_forbids_inline_scripts(site: Site) -> None:
+    reply = httpx.get(site.url)
+    assert reply.status_code == 200
+    assert reply.headers["content-type"].startswith("text/html")
+    policy = reply.headers["content-security-policy"]
+    assert "script-src 'self'" in policy and "unsafe-inline" not in policy
+    assert "<script>" not in reply.text and " on" not in reply.text.split("<body>")[1].split("=")[0]
+    script = httpx.get(site.envoy.base_url + "/app.js")
+    assert script.status_code == 200 and script.headers["content-type"].startswith("text/javascript")
+    # The sign-in endpoint needs no token; the API does.
+    assert httpx.post(site.envoy.base_url + "/dev/sign-in", json={"user": "x y"}).status_code == 400
+    assert httpx.get(site.envoy.base_url + "/chats").status_code == 401
+
+
+def test_a_conversation_streams_stops_and_survives_a_reload(page: Page, site: Site) -> None:
+    user = f"web-{uuid.uuid4().hex[:6]}"
+    sign_in(page, site, user)
+    page.evaluate(RECORD_GROWTH)
+    send(page, "What is the capital of France?")
+    reply = last_reply(page)
+    expect(reply).to_have_attribute("data-state", "done", timeout=60_000)
+    growth = page.evaluate("window.__growth")
+    streaming = sorted({length for state, length in growth if state == "streaming" and length > 0})
+    assert len(streaming) >= 2, (
+        f"the reply grew in several steps while streaming: {growth} {page.inner_html('#messages')}"
+    )
+    first_answer = reply.locator(".body").inner_text()
+    assert first_answer.strip()
+    expect(page.locator("#chat-list li")).to_have_count(1)
+    expect(page.locator("#chat-title")).to_have_text("What is the capital of France?")
+
+    # A long reply, stopped half-way: the partial answer stays, marked stopped.
+    page.click("#new-chat")
+    page.click("#toggle-settings")
+    page.fill("#system-prompt", COUNTING_SYSTEM_PROMPT)
+    page.click("#settings button[type=submit]")
+    send(page, "Count to 300.")
+    reply = last_reply(page)
+    page.wait_for_function(
+        "() => { const b = document.querySelector('#messages .message.assistant:last-of-type .body');"
+        " return b && b.textContent.length > 20; }",
+        timeout=60_000,
+    )
+    page.click("#stop")
+    expect(reply).to_have_attribute("data-state", "stopped")
+    partial = reply.locator(".body").inner_text()
+    assert len(partial) > 20
+    expect(page.locator("#chat-list li")).to_have_count(2)
+    stopped_chat = page.locator("#chat-list li").first.get_attribute("data-chat-id")
+    token = page.evaluate("localStorage.getItem('chatmesh.token')")
+
+    def reply_stored() -> bool:
+        messages = httpx.get(
+            f"{site.envoy.base_url}/chat/{stopped_chat}/messages",
+            headers={"authorization": f"Bearer {token}"},
+        ).json()["messages"]
+        return len(messages) == 2 and messages[1].get("finish_reason") == "FINISH_REASON_CANCELLED"
+
+    eventually_sync(reply_stored, "the server stores the stopped reply")
+
+    # After a reload the history is there: the newest chat first, its stopped reply kept by the server.
+    page.reload()
+    titles = page.locator("#chat-list li .open")
+    expect(titles).to_have_count(2)
+    expect(titles.first).to_have_text("Count to 300.")
+    titles.first.click()
+    reply = last_reply(page)
+    expect(reply).to_have_attribute("data-state", "stopped")
+    assert reply.locator(".body").inner_text().startswith(partial[:20])
+    # And the other chat holds its own conversation.
+    titles.nth(1).click()
+    expect(page.locator("#messages .message.user")).to_have_text(["What is the capital of France?"])
+    expect(last_reply(page).locator(".body")).to_have_text(first_answer)
+
+    if os.environ.get("CHATMESH_UPDATE_SCREENSHOT"):
+        send(page, "Write a Python function that adds two numbers, in a code block.")
+        expect(last_reply(page)).to_have_attribute("data-state", "done", timeout=60_000)
+        page.screenshot(path=str(SCREENSHOT))
+
+
+def test_rename_and_delete_a_chat(page: Page, site: Site) -> None:
+    sign_in(page, site, f"web-{uuid.uuid4().hex[:6]}")
+    for question in ("Name a colour.", "Name a fruit."):
+        page.click("#new-chat")
+        send(page, question)
+        expect(last_reply(page)).to_have_attribute("data-state", "done", timeout=60_000)
+    chats = page.locator("#chat-list li")
+    expect(chats).to_have_count(2)
+    page.once("dialog", lambda dialog: dialog.accept("Fruit talk"))
+    page.click("#rename-chat")
+    expect(page.locator("#chat-title")).to_have_text("Fruit talk")
+    expect(chats.first.locator(".open")).to_have_text("Fruit talk")
+    chats.first.hover()
+    chats.first.locator(".delete").click()  # confirmed by the page fixture's dialog handler
+    expect(chats).to_have_count(1)
+    expect(page.locator("#chat-title")).to_have_text("New chat")
+    page.reload()
+    expect(page.locator("#chat-list li .open")).to_have_text(["Name a colour."])
+
+
+async def _store_tricky_chat(database_url: str, user: str) -> None:
+    async with open_sql_store(database_url, migrate=False) as store:
+        chat, _ = await store.create_chat(user, "Tricky reply", "", HistoryStrategy.FULL)
+        question, _ = await store.add_user_message(user, chat.id, "Say something tricky.", 5, None)
+        await store.add_assistant_message(user, chat.id, question.id, XSS, 20, FinishReason.STOP)
+
+
+def test_markup_in_a_reply_is_shown_as_text_and_runs_nothing(page: Page, site: Site) -> None:
+    user = f"web-{uuid.uuid4().hex[:6]}"
+    # A reply as the model could write it, stored in the real database (the model cannot be made to).
+    # In a thread of its own: playwright's sync API keeps an event loop running in this one.
+    with concurrent.futures.ThreadPoolExecutor(1) as thread:
+        thread.submit(asyncio.run, _store_tricky_chat(site.database_url, user)).result()
+    sign_in(page, site, user)
+    page.click("#chat-list li .open")
+    body = last_reply(page).locator(".body")
+    expect(body).to_contain_text("<img src=x onerror=alert(1)>")
+    expect(body).to_contain_text("<script>alert(3)</script>")
+    assert body.locator("img, script").count() == 0
+    assert page.locator("a[href^='javascript']").count() == 0
+    expect(body).to_contain_text("[click me](javascript:alert(2))")
+
+
+def test_errors_show_in_place_with_a_retry(page: Page, site: Site) -> None:
+    user = f"web-{uuid.uuid4().hex[:6]}"
+    sign_in(page, site, user)
+    token = page.evaluate("localStorage.getItem('chatmesh.token')")
+    # Spend the user's whole rate-limit bucket of chat creation (each method has its own), so that the
+    # page's next one is refused with 429.
+    with httpx.Client(base_url=site.envoy.base_url, headers={"authorization": f"Bearer {token}"}) as http:
+        while http.post("/chat", json={}).status_code != 429:
+            pass
+        send(page, "Name a planet.")
+        failure = last_reply(page).locator(".failure")
+        expect(failure).to_contain_text("Too busy")
+
+    def retried_until_answered() -> bool:
+        # Retry as a user would, until the bucket has refilled (2 tokens a second) and the reply comes.
+        reply = last_reply(page)
+        state = reply.get_attribute("data-state")
+        if state == "error":
+            reply.locator(".failure button").click()
+        return state == "done"
+
+    eventually_sync(retried_until_answered, "a retry goes through once the bucket refills", timeout_s=60)
+    expect(page.locator("#messages .message.user")).to_have_count(1)
+
+
+def test_a_phone_width_screen_keeps_the_chats_behind_a_button(browser: Browser, site: Site) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 844}, is_mobile=True)
+    page = context.new_page()
+    try:
+        sign_in(page, site, f"web-{uuid.uuid4().hex[:6]}")
+        expect(page.locator("#sidebar")).not_to_be_in_viewport()
+        page.click("#toggle-sidebar")
+        expect(page.locator("#new-chat")).to_be_in_viewport()
+        page.click("#new-chat")
+        expect(page.locator("#sidebar")).not_to_be_in_viewport()
+        expect(page.locator("#prompt")).to_be_in_viewport()
+    finally:
+        context.close()
+
+
+def test_shift_enter_makes_a_new_line_and_enter_sends(page: Page, site: Site) -> None:
+    sign_in(page, site, f"web-{uuid.uuid4().hex[:6]}")
+    page.fill("#prompt", "first line")
+    page.press("#prompt", "Shift+Enter")
+    page.type("#prompt", "second line")
+    expect(page.locator("#messages .message")).to_have_count(0)
+    page.press("#prompt", "Enter")
+    expect(page.locator("#messages .message.user")).to_have_text(["first line\nsecond line"])
+    expect(last_reply(page)).to_have_attribute("data-state", "done", timeout=60_000)
+
+
+def test_chromium_is_the_one_make_installs() -> None:
+    assert shutil.which("chromium") or Path(CHROMIUM).exists()
