@@ -96,6 +96,7 @@ bench: install-test
 	$(PY) benchmarks/cache_quality.py --sample 2000
 	$(PY) benchmarks/cache_speed.py
 	$(PY) benchmarks/telemetry_overhead.py
+	$(PY) benchmarks/openai_api.py
 	$(PY) benchmarks/chat_overhead.py
 	$(PY) benchmarks/concurrent_streams.py
 	$(PY) benchmarks/engine_concurrency.py

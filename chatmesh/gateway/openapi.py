@@ -324,7 +324,15 @@ def _operation(
     fields = {f.name: f for f in request.field}
     path_fields = [match.group(1) for match in _VARIABLE.finditer(template)]
     parameters: list[dict[str, Any]] = [
-        {"name": name, "in": "path", "required": True, "schema": schemas.field(fields[name])}
+        {
+            "name": name,
+            "in": "path",
+            "required": True,
+            # Resource ids (chat_id, job_id) are UUIDs; anything else is a 400 naming the parameter.
+            "schema": {"type": "string", "format": "uuid"}
+            if name.endswith("_id")
+            else schemas.field(fields[name]),
+        }
         for name in path_fields
     ]
     operation: dict[str, Any] = {
