@@ -490,7 +490,10 @@ def _web_routes() -> list[dict[str, Any]]:
     return [
         {
             "name": f"web {path}",
-            "match": {"path": path},
+            "match": {
+                "path": path,
+                "headers": [{"name": ":method", "string_match": {"safe_regex": {"regex": "^(GET|HEAD)$"}}}],
+            },
             "direct_response": {"status": 200, "body": {"filename": str(WEB_DIRECTORY / name)}},
             "response_headers_to_add": [
                 {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}

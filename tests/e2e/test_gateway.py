@@ -418,10 +418,13 @@ async def test_unknown_paths_are_404_and_wrong_methods_405(
     http: httpx.AsyncClient, channel: grpc.aio.Channel
 ) -> None:
     auth = bearer(new_user())
-    for path in ("/", "/nope", "/chats/extra/parts", "/chat/x/y/z"):
+    for path in ("/nope", "/index.html", "/chats/extra/parts", "/chat/x/y/z"):
         reply = await http.get(path, headers=auth)
         assert reply.status_code == 404, path
         assert reply.json()["code"] == "NOT_FOUND"
+    # `/` is the web page, for GET and HEAD only.
+    assert (await http.get("/")).status_code == 200
+    assert (await http.post("/", headers=auth)).status_code == 404
     for method, path, allowed in (
         ("PUT", "/chats", "GET"),
         ("GET", "/chat", "POST"),
