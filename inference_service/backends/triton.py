@@ -242,10 +242,30 @@ class TritonBackend:
         return inputs
 
     def _text_outputs(self, result: Any) -> list[bytes] | None:
-        array = result.as_numpy(self._tensors.text_output)
-        if array is None:
-            return None  # an empty (final-flag only) response: no token
-        return [item if isinstance(item, bytes) else str(item).encode() for item in array.flatten()]
+        """The `text_output` elements of a response, or None for an empty (final-flag only) response.
+
+        Read from the response's raw bytes (each element a 4-byte little-endian length, then the bytes)
+        rather than through `as_numpy`, whose object-array round trip cost about a fifth of the relay's
+        time per token at GPU speed."""
+        response = result.get_response()
+        for index, output in enumerate(response.outputs):
+            if output.name != self._tensors.text_output:
+                continue
+            if index < len(response.raw_output_contents):
+                return _bytes_elements(response.raw_output_contents[index])
+            return list(output.contents.bytes_contents)
+        return None
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    """The elements of a serialized BYTES tensor (Triton's wire format: length-prefixed, little-endian)."""
+    elements = []
+    offset = 0
+    while offset + 4 <= len(raw):
+        length = int.from_bytes(raw[offset : offset + 4], "little")
+        elements.append(raw[offset + 4 : offset + 4 + length])
+        offset += 4 + length
+    return elements
 
 
 @contextmanager

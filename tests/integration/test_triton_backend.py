@@ -291,3 +291,23 @@ async def test_generate_is_unavailable_once_triton_goes_away() -> None:
     details = err.value.details() or ""
     assert f"Triton at {server.grpc_address} failed during generation" in details
     assert "CHATMESH_INFERENCE_TRITON_URL" in details
+
+
+async def test_the_fixed_token_engine_streams_its_words_through_the_service() -> None:
+    """The fast stand-in model (`--engine fixed`, for the relay benchmark): same tensors, every token the
+    next word of its fixed text, relayed word by word and cut at a stop sequence like any engine's."""
+    from tests.support.triton_llama_model import FIXED_WORDS
+
+    with running_triton("--engine=fixed") as server:
+        address = f"127.0.0.1:{free_port()}"
+        with run_service("inference_service", service_env(server.grpc_address, address), address, 60):
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = inference_stub(channel)
+                whole = await generate(stub, PARIS, max_tokens=40, temperature=0)
+                assert whole.text == "".join(FIXED_WORDS * 2)[1:][: len(whole.text)]
+                assert whole.text.split() == [w.strip() for w in (FIXED_WORDS * 2)[:40]]
+                assert len(whole.deltas) >= 30, "one delta per token as they come"
+                assert whole.finished.finish_reason == pb.FINISH_REASON_LENGTH
+                cut = await generate(stub, PARIS, max_tokens=40, temperature=0, stop=[" lazy"])
+                assert cut.text == "the quick brown fox jumps over the"
+                assert cut.finished.finish_reason == pb.FINISH_REASON_STOP

@@ -9,9 +9,12 @@ tensor names of TensorRT-LLM's `ensemble` / `tensorrt_llm_bls` models:
     output   text_output BYTES [1,1]  one response per generated token when streaming
 
 Like TensorRT-LLM, the token that completes a stop word is still sent (so clients must cut it off), and
-the stream ends right after. Generation uses the bundled Gemma 3 270M GGUF with llama-cpp-python.
+the stream ends right after. Generation uses the bundled Gemma 3 270M GGUF with llama-cpp-python, or with
+`--engine fixed` a fixed token source: the words of a fixed text, one per response, as fast as Triton
+takes them or at `--tokens-per-s` per stream, so that the relay around a GPU-speed engine can be
+measured on a CPU (`benchmarks/triton_relay.py`).
 
-    python tests/support/triton_llama_model.py --grpc-port P --http-port H --metrics-port M
+    python tests/support/triton_llama_model.py --grpc-port P --http-port H --metrics-port M [--engine fixed]
 
 prints `READY` on stdout once the model is being served, and shuts Triton down cleanly on SIGTERM/SIGINT.
 pytriton relays Triton's own log to stdout in unbuffered chunks that can split lines (READY may land in
@@ -174,6 +177,46 @@ class TritonLlamaModel:
                 await asyncio.to_thread(pieces.close)
 
 
+FIXED_WORDS = tuple(
+    f" {word}"
+    for word in (
+        *("the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "seven"),
+        *("bright", "stars", "shine", "above", "a", "quiet", "harbour", "where", "old", "boats"),
+        *("rest", "and", "gulls", "circle", "slowly", "in", "the", "evening", "light"),
+    )
+)
+"""The fixed engine's output, cycled: one word (with its leading space) per token."""
+
+
+class FixedTokenModel:
+    """The fast stand-in engine: the same tensors as the llama.cpp one, but each token is the next word of
+    `FIXED_WORDS`, produced in no time (or paced at `tokens_per_s` per stream), so what a benchmark
+    measures is Triton and the path around it, as with a GPU engine."""
+
+    def __init__(self, tokens_per_s: float) -> None:
+        self._interval_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
+
+    async def infer(self, requests: Sequence[Any]) -> AsyncIterator[list[dict[str, npt.NDArray[Any]]]]:
+        """Stream `max_tokens` words (fewer if a stop word completes), one response each."""
+        (request,) = requests
+        params = GenerationRequest.from_tensors(request)
+        loop = asyncio.get_running_loop()
+        next_at = loop.time()
+        generated = ""
+        for index in range(params.max_tokens):
+            piece = FIXED_WORDS[index % len(FIXED_WORDS)]
+            if self._interval_s:
+                next_at += self._interval_s
+                await asyncio.sleep(max(0.0, next_at - loop.time()))
+            generated += piece
+            if params.stream:
+                yield [_text_output(piece)]
+            if any(word in generated for word in params.stop_words):
+                break
+        if not params.stream:
+            yield [_text_output(generated)]
+
+
 def _text_output(text: str) -> dict[str, npt.NDArray[Any]]:
     return {"text_output": np.array([[text.encode()]], dtype=np.object_)}
 
@@ -245,7 +288,11 @@ def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    model = TritonLlamaModel(LlamaPool(args.gguf or bundled_gguf_path(), args.instances))
+    model: TritonLlamaModel | FixedTokenModel = (
+        FixedTokenModel(args.tokens_per_s)
+        if args.engine == "fixed"
+        else TritonLlamaModel(LlamaPool(args.gguf or bundled_gguf_path(), args.instances))
+    )
     config = TritonConfig(
         grpc_address="127.0.0.1",
         grpc_port=args.grpc_port,
@@ -312,6 +359,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="write Triton's log here instead of stdout, where pytriton relays it in arbitrary chunks",
     )
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF model; default: the bundled Gemma")
+    parser.add_argument(
+        "--engine", choices=("llama", "fixed"), default="llama", help="llama.cpp, or the fixed token source"
+    )
+    parser.add_argument(
+        "--tokens-per-s",
+        type=float,
+        default=0.0,
+        help="fixed engine: pace per stream (0: as fast as it goes)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     serve(args)
