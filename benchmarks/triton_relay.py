@@ -101,8 +101,8 @@ async def raw_stream(client: Any, tokens: int) -> Stream:
 
 
 async def service_stream(stub: inference_pb2_grpc.InferenceServiceStub, tokens: int) -> Stream:
-    """One generation through the inference service. Tokens are counted as the engine made them (one word
-    of its fixed text each), not from the reply's usage, which the backend estimates by re-tokenizing."""
+    """One generation through the inference service. Tokens are counted as the raw side counts them (one
+    word of the fixed text each), from the text the client received."""
     request = pb.GenerateRequest(
         messages=[pb.Message(role=pb.ROLE_USER, content="Tell me a story.")],
         sampling=pb.SamplingParams(max_tokens=tokens, temperature=0),
@@ -165,6 +165,8 @@ async def main() -> None:
                 f"--http-port={free_port()}",
                 f"--metrics-port={free_port()}",
                 "--engine=fixed",
+                # Token counts in every response, as deploy/triton's ensemble reports TensorRT-LLM's.
+                "--report-lengths",
                 f"--tokens-per-s={args.tokens_per_s}",
                 f"--log-file={Path(workdir) / 'triton.log'}",
             ]

@@ -44,6 +44,13 @@ class InferenceMetrics:
         )
         for token_type in ("input", "output"):
             self._tokens.labels(model, token_type)
+        self._estimated = Counter(
+            "chatmesh_inference_estimated_usage_generations",
+            "Finished generations whose output token count the engine did not report and the service"
+            " estimated (a Triton model without an output_length output: its text re-tokenized).",
+            labels,
+            registry=registry,
+        ).labels(model)
         self._rejections = Counter(
             "chatmesh_inference_admission_rejections",
             "Generations refused with RESOURCE_EXHAUSTED, by reason (full: no slot and a full queue;"
@@ -76,8 +83,10 @@ class InferenceMetrics:
         first_token_s: float | None,
         prompt_tokens: int,
         completion_tokens: int | None,
+        usage_estimated: bool = False,
     ) -> None:
-        """Record one generation; `completion_tokens` None when it did not finish (cancelled, failed)."""
+        """Record one generation; `completion_tokens` None when it did not finish (cancelled, failed),
+        `usage_estimated` when the engine did not report it."""
         self._duration.labels(self._model, outcome).observe(seconds)
         if first_token_s is not None:
             self.time_to_first_token.observe(first_token_s)
@@ -85,5 +94,7 @@ class InferenceMetrics:
             return
         self._tokens.labels(self._model, "input").inc(prompt_tokens)
         self._tokens.labels(self._model, "output").inc(completion_tokens)
+        if usage_estimated:
+            self._estimated.inc()
         if first_token_s is not None and completion_tokens > 1:
             self.time_per_output_token.observe((seconds - first_token_s) / (completion_tokens - 1))

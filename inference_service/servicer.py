@@ -74,6 +74,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             first_token_s: float | None = None
             outcome = "cancelled"
             completion_tokens: int | None = None
+            usage_estimated = False
             try:
                 # aclosing: a client that goes away closes this generator at a yield; the engine must
                 # stop now, not when the backend generator is garbage-collected.
@@ -82,6 +83,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         if isinstance(event, Completion):
                             outcome = event.finish_reason.value
                             completion_tokens = event.completion_tokens
+                            usage_estimated = event.usage_estimated
                             yield pb.GenerateResponse(
                                 finished=pb.Finished(
                                     finish_reason=_FINISH_REASONS[event.finish_reason],
@@ -104,7 +106,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 if completion_tokens is not None:
                     span.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
                 self._metrics.generation_ended(
-                    outcome, seconds, first_token_s, prompt.token_count, completion_tokens
+                    outcome, seconds, first_token_s, prompt.token_count, completion_tokens, usage_estimated
                 )
                 log.info(
                     "generation ended",

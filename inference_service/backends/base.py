@@ -72,6 +72,8 @@ class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    usage_estimated: bool = False
+    """`completion_tokens` was not reported by the engine but estimated (see the Triton backend)."""
 
 
 class InferenceBackend(Protocol):

@@ -67,6 +67,9 @@ class TritonTensorNames:
     random_seed: str = "random_seed"
     stop_words: str = "stop_words"
     text_output: str = "text_output"
+    output_length: str = "output_length"
+    """Optional output: the tokens a streamed response carries (deploy/triton's ensemble routes it from
+    TensorRT-LLM's sequence_length). Without it, usage is estimated."""
 
 
 class StopSequenceFilter:
@@ -111,6 +114,17 @@ class StopSequenceFilter:
                     best = length
                     break
         return best
+
+
+class _EngineCount:
+    """The output tokens a generation's responses reported, if any did."""
+
+    def __init__(self) -> None:
+        self.tokens: int | None = None
+
+    def add(self, tokens: int | None) -> None:
+        if tokens is not None:
+            self.tokens = (self.tokens or 0) + tokens
 
 
 class TritonBackend:
@@ -159,7 +173,8 @@ class TritonBackend:
         stops = StopSequenceFilter(sampling.stop)
         trimmer = LeadingSpaceTrimmer()
         received: list[str] = []
-        async with aclosing(self._stream_text(prompt.text, sampling)) as responses:
+        counted = _EngineCount()
+        async with aclosing(self._stream_text(prompt.text, sampling, counted)) as responses:
             async for piece in responses:
                 received.append(piece)
                 if text := trimmer.feed(stops.feed(piece)):
@@ -170,23 +185,31 @@ class TritonBackend:
                     break
         if text := trimmer.feed(stops.flush()):
             yield TextDelta(text=text)
-        # Triton does not report token counts, so the engine's text is re-tokenized. Re-tokenizing can
-        # merge tokens the model produced separately (Gemma has a "\n\n" token, the model may emit "\n"
-        # twice); each streamed response is at least one token, so that count is a floor.
-        retokenized = len(await self._tokenizer_thread.encode("".join(received)))
-        completion_tokens = max(retokenized, len(received))
+        if counted.tokens is not None:
+            completion_tokens, estimated = counted.tokens, False
+        else:
+            # The model reports no token counts, so the engine's text is re-tokenized. Re-tokenizing can
+            # merge tokens the model produced separately (Gemma has a "\n\n" token, the model may emit
+            # "\n" twice); each streamed response is at least one token, so that count is a floor.
+            retokenized = len(await self._tokenizer_thread.encode("".join(received)))
+            completion_tokens, estimated = max(retokenized, len(received)), True
         finish = (
             FinishReason.LENGTH
             if not stops.stopped and completion_tokens >= sampling.max_tokens
             else FinishReason.STOP
         )
         yield Completion(
-            finish_reason=finish, prompt_tokens=len(prompt.token_ids), completion_tokens=completion_tokens
+            finish_reason=finish,
+            prompt_tokens=len(prompt.token_ids),
+            completion_tokens=completion_tokens,
+            usage_estimated=estimated,
         )
 
-    async def _stream_text(self, text: str, sampling: Sampling) -> AsyncGenerator[str, None]:
+    async def _stream_text(
+        self, text: str, sampling: Sampling, counted: _EngineCount
+    ) -> AsyncGenerator[str, None]:
         """Yield the text of each streamed response ("" for a token that ends mid-character), as the
-        engine produced it.
+        engine produced it; add the token counts the responses report to `counted`.
 
         Closing this generator early cancels the gRPC call (and with it the Triton request) before
         `aclose()` returns.
@@ -206,6 +229,7 @@ class TritonBackend:
                     if error is not None:
                         raise error
                     outputs = self._text_outputs(result)
+                    counted.add(self._output_int(result, self._tensors.output_length))
                     if outputs is not None:
                         yield "".join(decoder.decode(item) for item in outputs)
                     if _is_final(result):
@@ -235,6 +259,19 @@ class TritonBackend:
             raw = b"".join(_bytes_element(stop.encode()) for stop in sampling.stop)
             inputs.append(_scalar(names.stop_words, "BYTES", raw, [1, len(sampling.stop)]))
         return inputs
+
+    @staticmethod
+    def _output_int(result: Any, name: str) -> int | None:
+        """The one INT32 value of output `name`, or None if the response does not carry it."""
+        response = result.get_response()
+        for index, output in enumerate(response.outputs):
+            if output.name == name:
+                if index < len(response.raw_output_contents):
+                    raw = response.raw_output_contents[index]
+                    return _INT32.unpack_from(raw)[0] if len(raw) >= 4 else None
+                contents = output.contents.int_contents
+                return int(contents[0]) if contents else None
+        return None
 
     def _text_outputs(self, result: Any) -> list[bytes] | None:
         """The `text_output` elements of a response, or None for an empty (final-flag only) response.
@@ -315,6 +352,17 @@ async def open_triton_backend(
         path = await asyncio.to_thread(default_tokenizer_path, settings.triton_tokenizer, settings.gguf_path)
         tokenizer = await asyncio.to_thread(open_tokenizer, path)
         log.info("connected to Triton", extra={"url": url, "model": model, "tokenizer": str(path)})
+        with triton_errors(url, model, "reading the model's metadata"):
+            metadata = await client.get_model_metadata(model, client_timeout=STARTUP_CHECK_TIMEOUT_S)
+        if tensors.output_length not in {output.name for output in metadata.outputs}:
+            log.warning(
+                "the model has no '%s' output: completion token counts (usage) will be estimated by"
+                " re-tokenizing the generated text (counted in"
+                " chatmesh_inference_estimated_usage_generations); route TensorRT-LLM's sequence_length"
+                " to the model's outputs for exact counts",
+                tensors.output_length,
+                extra={"model": model},
+            )
         backend = TritonBackend(
             client,
             tokenizer,

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from chatmesh.inference.v1 import inference_pb2 as pb
@@ -311,3 +312,43 @@ async def test_the_fixed_token_engine_streams_its_words_through_the_service() ->
                 cut = await generate(stub, PARIS, max_tokens=40, temperature=0, stop=[" lazy"])
                 assert cut.text == "the quick brown fox jumps over the"
                 assert cut.finished.finish_reason == pb.FINISH_REASON_STOP
+
+
+async def test_token_counts_come_from_the_engine_when_it_reports_them() -> None:
+    """With an `output_length` output (as TensorRT-LLM reports), usage is the engine's count: one per
+    word of the fixed engine, where re-tokenizing the words would give more (" harbour" is two tokens)."""
+    from tests.support.triton_llama_model import FIXED_WORDS
+
+    with running_triton("--engine=fixed", "--report-lengths") as server:
+        address = f"127.0.0.1:{free_port()}"
+        with run_service(
+            "inference_service", service_env(server.grpc_address, address), address, 60
+        ) as service:
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = inference_stub(channel)
+                reply = await generate(stub, PARIS, max_tokens=len(FIXED_WORDS), temperature=0)
+                assert reply.finished.usage.completion_tokens == len(FIXED_WORDS)
+                assert reply.finished.finish_reason == pb.FINISH_REASON_LENGTH
+                cut = await generate(stub, PARIS, max_tokens=40, temperature=0, stop=[" lazy"])
+                assert cut.finished.usage.completion_tokens == 8, (
+                    "the words up to and including the stop word"
+                )
+            assert "will be estimated" not in service.output()
+
+
+async def test_without_engine_counts_usage_is_estimated_and_says_so() -> None:
+    with running_triton("--engine=fixed") as server:
+        address = f"127.0.0.1:{free_port()}"
+        metrics = f"127.0.0.1:{free_port()}"
+        env = {**service_env(server.grpc_address, address), "CHATMESH_INFERENCE_METRICS_ADDRESS": metrics}
+        with run_service("inference_service", env, address, 60) as service:
+            async with grpc.aio.insecure_channel(address) as channel:
+                reply = await generate(inference_stub(channel), PARIS, max_tokens=30, temperature=0)
+            assert reply.finished.usage.completion_tokens >= 30  # re-tokenized words: at least one each
+            async with httpx.AsyncClient() as http:
+                scraped = (await http.get(f"http://{metrics}/metrics")).text
+            counter = (
+                'chatmesh_inference_estimated_usage_generations_total{gen_ai_request_model="gemma-3-270m"}'
+            )
+            assert f"{counter} 1.0" in scraped
+            assert "will be estimated" in service.output()

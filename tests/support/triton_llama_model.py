@@ -193,8 +193,9 @@ class FixedTokenModel:
     `FIXED_WORDS`, produced in no time (or paced at `tokens_per_s` per stream), so what a benchmark
     measures is Triton and the path around it, as with a GPU engine."""
 
-    def __init__(self, tokens_per_s: float) -> None:
+    def __init__(self, tokens_per_s: float, report_lengths: bool = False) -> None:
         self._interval_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
+        self._report_lengths = report_lengths
 
     async def infer(self, requests: Sequence[Any]) -> AsyncIterator[list[dict[str, npt.NDArray[Any]]]]:
         """Stream `max_tokens` words (fewer if a stop word completes), one response each."""
@@ -210,11 +211,18 @@ class FixedTokenModel:
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
             generated += piece
             if params.stream:
-                yield [_text_output(piece)]
+                yield [self._response(piece, 1)]
             if any(word in generated for word in params.stop_words):
                 break
         if not params.stream:
-            yield [_text_output(generated)]
+            yield [self._response(generated, index + 1)]
+
+    def _response(self, text: str, tokens: int) -> dict[str, npt.NDArray[Any]]:
+        response = _text_output(text)
+        if self._report_lengths:
+            # As deploy/triton's ensemble reports it: the tokens of this response.
+            response["output_length"] = np.array([[tokens]], dtype=np.int32)
+        return response
 
 
 def _text_output(text: str) -> dict[str, npt.NDArray[Any]]:
@@ -289,7 +297,7 @@ def serve(args: argparse.Namespace) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
     model: TritonLlamaModel | FixedTokenModel = (
-        FixedTokenModel(args.tokens_per_s)
+        FixedTokenModel(args.tokens_per_s, args.report_lengths)
         if args.engine == "fixed"
         else TritonLlamaModel(LlamaPool(args.gguf or bundled_gguf_path(), args.instances))
     )
@@ -323,7 +331,14 @@ def serve(args: argparse.Namespace) -> None:
                 scalar("random_seed", np.uint64),
                 scalar("stop_words", bytes),
             ],
-            outputs=[Tensor(name="text_output", dtype=bytes, shape=(-1, -1))],
+            outputs=[
+                Tensor(name="text_output", dtype=bytes, shape=(-1, -1)),
+                *(
+                    [Tensor(name="output_length", dtype=np.int32, shape=(-1, -1))]
+                    if args.report_lengths
+                    else []
+                ),
+            ],
             config=ModelConfig(batching=False, decoupled=True),
             strict=False,
         )
@@ -367,6 +382,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         type=float,
         default=0.0,
         help="fixed engine: pace per stream (0: as fast as it goes)",
+    )
+    parser.add_argument(
+        "--report-lengths",
+        action="store_true",
+        help="fixed engine: an output_length output with each response's token count, as TensorRT-LLM's",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")

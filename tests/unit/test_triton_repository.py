@@ -35,9 +35,10 @@ def test_the_ensemble_takes_and_returns_what_the_triton_backend_uses() -> None:
     names = TritonTensorNames()
     inputs = {tensor.name for tensor in ensemble.input}
     outputs = {tensor.name for tensor in ensemble.output}
-    sent = {getattr(names, f.name) for f in fields(names)} - {names.text_output}
+    read = {names.text_output, names.output_length}
+    sent = {getattr(names, f.name) for f in fields(names)} - read
     assert sent <= inputs, f"sent but not accepted: {sorted(sent - inputs)}"
-    assert names.text_output in outputs
+    assert read <= outputs, "the text, and the token counts that make usage exact"
 
 
 def test_every_step_maps_tensors_its_model_has_from_tensors_that_exist_by_then() -> None:
