@@ -36,6 +36,7 @@ from tritonclient.utils import InferenceServerException
 
 from chatmesh.common.errors import Unavailable
 from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
+from inference_service.backends.coalesce import coalesced
 from inference_service.backends.text import LeadingSpaceTrimmer
 from inference_service.backends.tokenizers import (
     Tokenizer,
@@ -174,10 +175,11 @@ class TritonBackend:
         trimmer = LeadingSpaceTrimmer()
         received: list[str] = []
         counted = _EngineCount()
-        async with aclosing(self._stream_text(prompt.text, sampling, counted)) as responses:
-            async for piece in responses:
-                received.append(piece)
-                if text := trimmer.feed(stops.feed(piece)):
+        # Tokens that arrive while the previous one is being forwarded go out together (see coalesce.py).
+        async with aclosing(coalesced(self._stream_text(prompt.text, sampling, counted))) as responses:
+            async for pieces in responses:
+                received.extend(pieces)
+                if text := trimmer.feed(stops.feed("".join(pieces))):
                     yield TextDelta(text=text)
                 if stops.stopped:
                     # Leaving the loop closes `responses`, which cancels the Triton request: the model
