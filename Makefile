@@ -97,6 +97,8 @@ bench: install-test
 	$(PY) benchmarks/cache_speed.py
 	$(PY) benchmarks/telemetry_overhead.py
 	$(PY) benchmarks/openai_api.py
+	$(PY) benchmarks/triton_relay.py --tokens-per-s 1000
+	$(PY) benchmarks/answer_quality.py
 	$(PY) benchmarks/chat_overhead.py
 	$(PY) benchmarks/concurrent_streams.py
 	$(PY) benchmarks/engine_concurrency.py

@@ -26,7 +26,8 @@ class PromptTemplate:
     """How each role is written into the prompt, and what the model writes to end its turn.
 
     `generation_cue` is appended after the last message so the model answers as the assistant;
-    `stop` sequences mark the model starting the next user turn.
+    `stop` sequences mark the model starting the next user turn. `preamble` comes before the messages:
+    text that shows a base model what kind of answers to give (see `FEW_SHOT_PREAMBLE`).
     """
 
     name: str
@@ -35,10 +36,11 @@ class PromptTemplate:
     assistant: str
     generation_cue: str
     stop: tuple[str, ...]
+    preamble: str = ""
 
     def render(self, turns: Sequence[Turn]) -> str:
-        """The whole prompt text: every message with its role markup, then the generation cue."""
-        return "".join(self.render_messages(turns)) + self.generation_cue
+        """The whole prompt text: the preamble, every message with its role markup, then the cue."""
+        return self.preamble + "".join(self.render_messages(turns)) + self.generation_cue
 
     def render_messages(self, turns: Sequence[Turn]) -> list[str]:
         """Each message with its role markup, in order; the prompt is these joined plus the cue.
@@ -78,3 +80,17 @@ TEMPLATES: dict[str, PromptTemplate] = {
         stop=("<|im_end|>",),
     ),
 }
+
+
+FEW_SHOT_PREAMBLE = (
+    "The following is a conversation with a helpful assistant. The assistant answers each question"
+    " correctly, in one short sentence.\n\n"
+    "User: What is the capital of Italy?\n"
+    "Assistant: The capital of Italy is Rome.\n"
+    "User: What is 3 plus 4?\n"
+    "Assistant: 3 plus 4 is 7.\n\n"
+)
+"""An instruction and two worked examples in the transcript's own format: a base model with no chat
+tuning (the bundled Gemma 3 270M) then answers the question instead of continuing it with another."""
+
+PREAMBLES = {"none": "", "few-shot": FEW_SHOT_PREAMBLE}

@@ -88,7 +88,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                 finished=pb.Finished(
                                     finish_reason=_FINISH_REASONS[event.finish_reason],
                                     usage=pb.Usage(
-                                        prompt_tokens=event.prompt_tokens,
+                                        # The preamble is the template's, not the caller's text.
+                                        prompt_tokens=event.prompt_tokens - prompt.preamble_tokens,
                                         completion_tokens=event.completion_tokens,
                                     ),
                                 )

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from chatmesh.common.settings import ServiceSettings
@@ -29,6 +29,12 @@ class InferenceSettings(ServiceSettings):
     )
     model_name: str = Field("gemma-3-270m", description="name reported to clients (cache keys, display)")
     prompt_template: Literal["transcript", "gemma", "chatml"] = "transcript"
+    prompt_preamble: Literal["none", "few-shot"] = Field(
+        "few-shot",
+        description="text before every conversation: few-shot shows a base model (transcript template)"
+        " an instruction and two worked examples (2x the bare transcript's accuracy with the bundled model,"
+        " benchmarks/answer_quality.py); counted in the context window, not in reported usage",
+    )
 
     # Admission control: at most `max_concurrent` generations run; `max_queue` more may wait.
     max_concurrent: int | None = Field(
@@ -67,6 +73,32 @@ class InferenceSettings(ServiceSettings):
     triton_timeout_s: float = 600.0
 
     run_dir: Path = Field(Path(".run"), description="where llama-server's log goes")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_transcript_examples_for_chat_templates(cls, data: Any) -> Any:
+        # The few-shot default is written in the transcript's format; a chat template goes without.
+        if (
+            isinstance(data, dict)
+            and "prompt_preamble" not in data
+            and data.get("prompt_template")
+            not in (
+                None,
+                "transcript",
+            )
+        ):
+            return {**data, "prompt_preamble": "none"}
+        return data
+
+    @model_validator(mode="after")
+    def _preamble_fits_the_template(self) -> InferenceSettings:
+        if self.prompt_preamble != "none" and self.prompt_template != "transcript":
+            raise ValueError(
+                f"CHATMESH_INFERENCE_PROMPT_PREAMBLE={self.prompt_preamble} is written for the transcript"
+                f" template, not {self.prompt_template}: set it to none (a chat-tuned model needs no"
+                " examples)"
+            )
+        return self
 
     @property
     def concurrency(self) -> int:

@@ -8,12 +8,19 @@ with `tests.support.services` and `tests.support.processes.run_service`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from tests.support.processes import LoggedProcess, free_port, run_service
 from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env, standard_engine_env
+
+# Every engine a test starts (they inherit this environment) prompts with the bare transcript, not the
+# default few-shot preamble: the tests' token budgets (a 1,024-token context, prompts sized against it)
+# and their long counting replies were built for it, and they test mechanics, not answers. The
+# preamble's own tests set it explicitly (tests/integration/test_prompt_preamble.py).
+os.environ.setdefault("CHATMESH_INFERENCE_PROMPT_PREAMBLE", "none")
 
 
 @pytest.fixture(scope="session")

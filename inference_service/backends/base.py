@@ -29,13 +29,16 @@ class ModelInfo:
 class Prompt:
     """A conversation rendered by the backend's template and tokenized by its tokenizer.
 
-    `token_ids` is the special prefix (BOS), each message's tokens in order, then the generation cue's
-    tokens; `message_tokens` says how many of them each message has (the rest are template tokens).
+    `token_ids` is the special prefix (BOS), the template's preamble, each message's tokens in order,
+    then the generation cue's tokens; `message_tokens` says how many of them each message has (the rest
+    are template tokens). `preamble_tokens` of them are the preamble's, which the caller never wrote:
+    counted for the context window, left out of the usage reported to users.
     """
 
     text: str
     token_ids: Sequence[int]
     message_tokens: Sequence[int] = ()
+    preamble_tokens: int = 0
 
     @property
     def token_count(self) -> int:
@@ -43,7 +46,7 @@ class Prompt:
 
     @property
     def template_tokens(self) -> int:
-        """Tokens that belong to no message: the special prefix and the generation cue."""
+        """Tokens that belong to no message: the special prefix, the preamble and the generation cue."""
         return len(self.token_ids) - sum(self.message_tokens)
 
 

@@ -101,6 +101,8 @@ def _tokenize_pieces(
     prefix: Sequence[int],
 ) -> Prompt:
     token_ids = list(prefix)
+    preamble = list(encode(template.preamble)) if template.preamble else []
+    token_ids += preamble
     message_tokens = []
     for piece in pieces:
         ids = encode(piece)
@@ -108,7 +110,10 @@ def _tokenize_pieces(
         message_tokens.append(len(ids))
     token_ids += encode(template.generation_cue)
     return Prompt(
-        text="".join(pieces) + template.generation_cue, token_ids=token_ids, message_tokens=message_tokens
+        text=template.preamble + "".join(pieces) + template.generation_cue,
+        token_ids=token_ids,
+        message_tokens=message_tokens,
+        preamble_tokens=len(preamble),
     )
 
 

@@ -3,10 +3,13 @@ the prompt is exactly what `tokenize_prompt` gives without a cache."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
+import pytest
+
 from inference_service.backends.tokenizers import TokenizerThread, tokenize_prompt
-from inference_service.prompt import TEMPLATES, Role, Turn
+from inference_service.prompt import FEW_SHOT_PREAMBLE, TEMPLATES, Role, Turn
 
 
 class CountingTokenizer:
@@ -55,3 +58,46 @@ async def test_a_long_new_message_gives_the_same_prompt_as_without_a_cache() -> 
     finally:
         thread.close()
     assert prompt == tokenize_prompt(template, turns, CountingTokenizer())
+
+
+async def test_a_preamble_is_template_text_tokenized_once() -> None:
+    tokenizer = CountingTokenizer()
+    template = dataclasses.replace(TEMPLATES["transcript"], preamble=FEW_SHOT_PREAMBLE)
+    thread = TokenizerThread(tokenizer, template)
+    try:
+        first = await thread.prompt(HISTORY)
+        tokenizer.encoded.clear()
+        second = await thread.prompt([*HISTORY, Turn(Role.USER, "And of Italy?")])
+    finally:
+        thread.close()
+    assert FEW_SHOT_PREAMBLE not in tokenizer.encoded, "cached like the messages"
+    for prompt in (first, second):
+        assert prompt.text.startswith(FEW_SHOT_PREAMBLE)
+        assert prompt.preamble_tokens == len(FEW_SHOT_PREAMBLE)  # one id per character here
+        assert list(prompt.token_ids[1 : 1 + prompt.preamble_tokens]) == [ord(c) for c in FEW_SHOT_PREAMBLE]
+        # Counted where a caller fitting a context window looks: tokens that belong to no message.
+        cue = len(template.generation_cue)
+        assert prompt.template_tokens == 1 + prompt.preamble_tokens + cue
+    assert first == tokenize_prompt(template, HISTORY, CountingTokenizer())
+
+
+def test_the_few_shot_preamble_is_for_the_transcript_template_only() -> None:
+    import pydantic
+
+    from inference_service.settings import InferenceSettings
+
+    assert (
+        InferenceSettings(prompt_preamble="few-shot", prompt_template="transcript").prompt_preamble
+        == "few-shot"
+    )
+    with pytest.raises(pydantic.ValidationError, match="written for the transcript template"):
+        InferenceSettings(prompt_preamble="few-shot", prompt_template="gemma")
+
+
+def test_the_few_shot_preamble_is_the_default_for_the_transcript(monkeypatch: pytest.MonkeyPatch) -> None:
+    from inference_service.settings import InferenceSettings
+
+    monkeypatch.delenv("CHATMESH_INFERENCE_PROMPT_PREAMBLE", raising=False)
+    monkeypatch.delenv("CHATMESH_INFERENCE_PROMPT_TEMPLATE", raising=False)
+    assert InferenceSettings().prompt_preamble == "few-shot"
+    assert InferenceSettings(prompt_template="chatml").prompt_preamble == "none"
