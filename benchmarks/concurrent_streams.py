@@ -183,10 +183,11 @@ async def tokenization_stalls(history_turns: int) -> None:
 
     from inference_service.backends.llama_cpp import LlamaCppBackend, bundled_gguf_path
     from inference_service.backends.tokenizers import LlamaTokenizer, tokenize_prompt
-    from inference_service.prompt import TEMPLATES, Role, Turn
+    from inference_service.prompt import Role, Turn
+    from inference_service.settings import InferenceSettings
 
     vocab = Llama(model_path=str(bundled_gguf_path()), vocab_only=True, verbose=False)
-    template = TEMPLATES["transcript"]
+    template = InferenceSettings(address="127.0.0.1:1").template()
     turns = [Turn(Role.SYSTEM, SYSTEM_PROMPT)]
     for turn in range(history_turns):
         question, answer = counting_turn(turn)

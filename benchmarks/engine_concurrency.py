@@ -47,11 +47,15 @@ from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.backends.base import Prompt
 from inference_service.backends.llama_cpp import bundled_gguf_path
 from inference_service.backends.llama_server import LlamaServerBackend, open_llama_server_backend
-from inference_service.prompt import TEMPLATES, Role, Turn
+from inference_service.prompt import Role, Turn
+from inference_service.settings import InferenceSettings
 from tests.support.processes import free_port, run_service
 
 CONTEXT = 1024
 EXAMPLE = ", ".join(str(i) for i in range(1, 41))
+
+DEFAULT_TEMPLATE = InferenceSettings(address="127.0.0.1:1").template()
+"""The prompt template of an inference service with default settings (its preamble included)."""
 
 
 def question(index: int) -> list[Turn]:
@@ -106,7 +110,8 @@ def llama_server_alone(slots: int, run_dir: Path) -> AbstractAsyncContextManager
         context_length=CONTEXT,
         threads=None,
         batch_threads=None,
-        template=TEMPLATES["transcript"],
+        # The prompt the inference service sends by default (preamble included), so both sides match.
+        template=DEFAULT_TEMPLATE,
         model_name="gemma-3-270m",
         log_dir=run_dir / "alone",
     )
@@ -127,7 +132,7 @@ async def completion_stream(
         "prompt": list(prompt.token_ids),
         "n_predict": max_tokens,
         "temperature": 0.0,
-        "stop": list(TEMPLATES["transcript"].stop),
+        "stop": list(DEFAULT_TEMPLATE.stop),
         "stream": True,
         "cache_prompt": True,
     }

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.backends.llama_cpp import bundled_gguf_path
-from inference_service.prompt import TEMPLATES, Role, Turn
+from inference_service.prompt import Role, Turn
+from inference_service.settings import InferenceSettings
 from tests.support.processes import free_port, run_service
 
 EXAMPLE = ", ".join(str(i) for i in range(1, 101))
@@ -107,7 +108,8 @@ async def main() -> None:
 
     from llama_cpp import Llama
 
-    template = TEMPLATES["transcript"]
+    # The prompt the relay's default settings send (preamble included), so both sides match.
+    template = InferenceSettings(address="127.0.0.1:1").template()
     threads = args.threads
     print(
         f"loading the model in-process ({threads} generation / {args.batch_threads} prompt threads,"

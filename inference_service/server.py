@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import sys
 from collections.abc import AsyncIterator
@@ -19,7 +18,6 @@ from chatmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from inference_service.admission import AdmissionController
 from inference_service.backends.base import InferenceBackend
 from inference_service.metrics import InferenceMetrics
-from inference_service.prompt import PREAMBLES, TEMPLATES
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
 
@@ -31,9 +29,7 @@ SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].ful
 @asynccontextmanager
 async def open_backend(settings: InferenceSettings) -> AsyncIterator[InferenceBackend]:
     """Open the backend chosen in settings; imports are local so each engine's deps stay optional."""
-    template = dataclasses.replace(
-        TEMPLATES[settings.prompt_template], preamble=PREAMBLES[settings.prompt_preamble]
-    )
+    template = settings.template()
     if settings.backend == "triton":
         from inference_service.backends.triton import open_triton_backend
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,6 +10,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from chatmesh.common.settings import ServiceSettings
+from inference_service.prompt import PREAMBLES, TEMPLATES, PromptTemplate
 
 
 class InferenceSettings(ServiceSettings):
@@ -99,6 +101,10 @@ class InferenceSettings(ServiceSettings):
                 " examples)"
             )
         return self
+
+    def template(self) -> PromptTemplate:
+        """The prompt template these settings describe, preamble included (what the engine is sent)."""
+        return dataclasses.replace(TEMPLATES[self.prompt_template], preamble=PREAMBLES[self.prompt_preamble])
 
     @property
     def concurrency(self) -> int:
