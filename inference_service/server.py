@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -17,6 +18,7 @@ from chatmesh.common.tracing import open_tracing
 from chatmesh.inference.v1 import inference_pb2, inference_pb2_grpc
 from inference_service.admission import AdmissionController
 from inference_service.backends.base import InferenceBackend
+from inference_service.chat_template import resolve_template
 from inference_service.metrics import InferenceMetrics
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
@@ -26,10 +28,21 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
+def _model_gguf(settings: InferenceSettings) -> Path | None:
+    """The GGUF whose chat template "auto" looks for: the model's (or for Triton, its tokenizer's)."""
+    from inference_service.backends.llama_cpp import bundled_gguf_path
+
+    if settings.backend == "triton":
+        return settings.triton_tokenizer or settings.gguf_path or bundled_gguf_path()
+    return settings.gguf_path or bundled_gguf_path()
+
+
 @asynccontextmanager
 async def open_backend(settings: InferenceSettings) -> AsyncIterator[InferenceBackend]:
     """Open the backend chosen in settings; imports are local so each engine's deps stay optional."""
-    template = settings.template()
+    template = await asyncio.to_thread(
+        resolve_template, settings.prompt_template, settings.template(), _model_gguf(settings)
+    )
     if settings.backend == "triton":
         from inference_service.backends.triton import open_triton_backend
 

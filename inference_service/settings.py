@@ -30,7 +30,11 @@ class InferenceSettings(ServiceSettings):
         " TensorRT-LLM on a Triton server (GPU)",
     )
     model_name: str = Field("gemma-3-270m", description="name reported to clients (cache keys, display)")
-    prompt_template: Literal["transcript", "gemma", "chatml"] = "transcript"
+    prompt_template: Literal["auto", "transcript", "gemma", "chatml"] = Field(
+        "auto",
+        description="auto: the GGUF's own chat template (tokenizer.chat_template) when it carries one,"
+        " else the transcript; or one of the built-in templates",
+    )
     prompt_preamble: Literal["none", "few-shot"] = Field(
         "few-shot",
         description="text before every conversation: few-shot shows a base model (transcript template)"
@@ -94,7 +98,7 @@ class InferenceSettings(ServiceSettings):
 
     @model_validator(mode="after")
     def _preamble_fits_the_template(self) -> InferenceSettings:
-        if self.prompt_preamble != "none" and self.prompt_template != "transcript":
+        if self.prompt_preamble != "none" and self.prompt_template not in ("auto", "transcript"):
             raise ValueError(
                 f"CHATMESH_INFERENCE_PROMPT_PREAMBLE={self.prompt_preamble} is written for the transcript"
                 f" template, not {self.prompt_template}: set it to none (a chat-tuned model needs no"
@@ -103,8 +107,10 @@ class InferenceSettings(ServiceSettings):
         return self
 
     def template(self) -> PromptTemplate:
-        """The prompt template these settings describe, preamble included (what the engine is sent)."""
-        return dataclasses.replace(TEMPLATES[self.prompt_template], preamble=PREAMBLES[self.prompt_preamble])
+        """The built-in prompt template these settings describe, preamble included (for "auto": the
+        transcript, which is what a model without a chat template of its own is sent)."""
+        name = "transcript" if self.prompt_template == "auto" else self.prompt_template
+        return dataclasses.replace(TEMPLATES[name], preamble=PREAMBLES[self.prompt_preamble])
 
     @property
     def concurrency(self) -> int:

@@ -1,0 +1,157 @@
+"""A GGUF's own chat template (`tokenizer.chat_template`, Jinja), turned into a `PromptTemplate`.
+
+Instruction-tuned models carry the template they were trained with. llama.cpp renders it with a Jinja
+engine; here it is rendered in Jinja's sandbox (no attribute access to Python internals, no I/O) on probe
+conversations, and the per-role formats are read off the output: what a user message becomes, what an
+assistant message adds after it, the cue that asks for the assistant's reply. That keeps the service's
+contract (each message tokenized on its own, so one CountTokens call prices any sub-list of the messages).
+A template whose output is not the concatenation of per-message pieces for a plain user / assistant /
+user conversation is refused (the caller falls back to a built-in template and says so). A system message
+that the template folds into the first user turn (Gemma's) is written as a turn of its own, as the
+built-in `gemma` template does. The stop sequences are the assistant turn's closing marker and EOS.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from inference_service.prompt import PromptTemplate
+
+log = logging.getLogger(__name__)
+
+_SENTINEL = "\ue000chatmesh\ue000"
+"""Stands in for a message's text in the probes (private-use characters no template produces)."""
+
+
+class ChatTemplateError(ValueError):
+    """The GGUF's chat template cannot be used; the message says why."""
+
+
+def _escape(text: str) -> str:
+    return text.replace("{", "{{").replace("}", "}}")
+
+
+def template_from_jinja(source: str, bos_token: str, eos_token: str, name: str = "gguf") -> PromptTemplate:
+    """The `PromptTemplate` that renders conversations as the Jinja chat template `source` does.
+
+    `bos_token` is left out of the formats (the tokenizer adds BOS itself). Raises `ChatTemplateError`
+    when the template fails to render or cannot be split into per-message pieces."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> Any:
+        raise TemplateError(message)
+
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    environment.globals["raise_exception"] = raise_exception
+    try:
+        compiled = environment.from_string(source)
+    except TemplateError as exc:
+        raise ChatTemplateError(f"the chat template does not parse: {exc}") from exc
+
+    def render(messages: list[dict[str, str]], cue: bool = False) -> str:
+        try:
+            text = compiled.render(
+                messages=messages, add_generation_prompt=cue, bos_token=bos_token, eos_token=eos_token
+            )
+        except TemplateError as exc:
+            raise ChatTemplateError(f"the chat template fails on a plain conversation: {exc}") from exc
+        return text.removeprefix(bos_token) if bos_token else text
+
+    def user(text: str) -> dict[str, str]:
+        return {"role": "user", "content": text}
+
+    def assistant(text: str) -> dict[str, str]:
+        return {"role": "assistant", "content": text}
+
+    user_turn = render([user(_SENTINEL)])
+    asked = render([user("Q")])
+    answered = render([user("Q"), assistant(_SENTINEL)])
+    cue = render([user("Q")], cue=True)
+    if _SENTINEL not in user_turn or not answered.startswith(asked) or not cue.startswith(asked):
+        raise ChatTemplateError("the chat template does not render message by message")
+    assistant_turn = answered[len(asked) :]
+    if _SENTINEL not in assistant_turn:
+        raise ChatTemplateError("the chat template does not render message by message")
+    user_format = _escape(user_turn).replace(_escape(_SENTINEL), "{content}")
+    assistant_format = _escape(assistant_turn).replace(_escape(_SENTINEL), "{content}")
+    system_format = _system_format(render, user_format) or user_format
+    closing = assistant_turn.split(_SENTINEL, 1)[1].strip()
+    stop = tuple(dict.fromkeys(marker for marker in (closing, eos_token) if marker))
+    template = PromptTemplate(
+        name=name,
+        system=system_format,
+        user=user_format,
+        assistant=assistant_format,
+        generation_cue=cue[len(asked) :],
+        stop=stop,
+    )
+    # The check that matters: a whole conversation comes out as the template itself renders it.
+    conversation = [user("What is 2 plus 2?"), assistant("4"), user("And 3 plus 3?")]
+    from inference_service.prompt import Role, Turn
+
+    turns = [Turn(Role(m["role"]), m["content"]) for m in conversation]
+    if template.render(turns) != render(conversation, cue=True):
+        raise ChatTemplateError("the chat template's output is not the sum of its messages")
+    return template
+
+
+def _system_format(render: Any, user_format: str) -> str | None:
+    """The system message's own format, when the template writes it as a piece before the first user
+    turn; None when it folds it into that turn (the caller then writes it as a user turn)."""
+    with_system = render([{"role": "system", "content": _SENTINEL}, {"role": "user", "content": "Q"}])
+    user_part = user_format.format(content="Q")
+    if not with_system.endswith(user_part):
+        return None
+    piece = with_system[: -len(user_part)]
+    if _SENTINEL not in piece:
+        return None
+    return _escape(piece).replace(_escape(_SENTINEL), "{content}")
+
+
+def gguf_chat_template(path: Path) -> tuple[str, str, str] | None:
+    """(`tokenizer.chat_template`, BOS text, EOS text) of the GGUF at `path`, or None if it has no
+    template. Blocking (reads the vocabulary): call it from a worker thread in async code."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
+    metadata = vocab.metadata
+    source = metadata.get("tokenizer.chat_template")
+    if not source:
+        return None
+
+    def token_text(key: str) -> str:
+        token = metadata.get(key)
+        return vocab.detokenize([int(token)], special=True).decode(errors="replace") if token else ""
+
+    return source, token_text("tokenizer.ggml.bos_token_id"), token_text("tokenizer.ggml.eos_token_id")
+
+
+def resolve_template(choice: str, fallback: PromptTemplate, gguf: Path | None) -> PromptTemplate:
+    """The template `choice` names, or for "auto" the GGUF's own chat template when it carries a usable
+    one, else `fallback` (the transcript with its preamble). Blocking: see `gguf_chat_template`."""
+    if choice != "auto" or gguf is None or gguf.suffix != ".gguf":
+        return fallback
+    found = gguf_chat_template(gguf)
+    if found is None:
+        log.info(
+            "the model carries no chat template: prompting with the transcript", extra={"gguf": str(gguf)}
+        )
+        return fallback
+    source, bos, eos = found
+    try:
+        template = template_from_jinja(source, bos, eos, name="gguf")
+    except ChatTemplateError as exc:
+        log.warning(
+            "the model's chat template cannot be used (%s): prompting with the transcript; set"
+            " CHATMESH_INFERENCE_PROMPT_TEMPLATE to gemma or chatml if the model is one of those",
+            exc,
+            extra={"gguf": str(gguf)},
+        )
+        return fallback
+    log.info(
+        "prompting with the model's own chat template", extra={"gguf": str(gguf), "stop": list(template.stop)}
+    )
+    return template

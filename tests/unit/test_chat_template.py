@@ -1,0 +1,76 @@
+"""A GGUF's own Jinja chat template turned into the service's per-message prompt template."""
+
+from __future__ import annotations
+
+import pytest
+
+from inference_service.chat_template import ChatTemplateError, template_from_jinja
+from inference_service.prompt import TEMPLATES, Role, Turn
+
+CHATML = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}"
+)
+# Gemma's instruction-tuned template (as in its GGUFs): the system message folded into the first user turn.
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set first_user_prefix = messages[0]['content']"
+    " + '\\n\\n' %}{% set loop_messages = messages[1:] %}{% else %}{% set first_user_prefix = '' %}{% set"
+    " loop_messages = messages %}{% endif %}{% for message in loop_messages %}{% if (message['role'] =="
+    " 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate"
+    " user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role"
+    " = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\\n' +"
+    " (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor"
+    " %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
+)
+TURNS = [
+    Turn(Role.SYSTEM, "Be brief."),
+    Turn(Role.USER, "What is the capital of France?"),
+    Turn(Role.ASSISTANT, "Paris."),
+    Turn(Role.USER, "And of {Italy}?"),
+]
+
+
+def test_chatml_comes_out_as_the_built_in_chatml() -> None:
+    derived = template_from_jinja(CHATML, bos_token="", eos_token="<|endoftext|>")
+    assert derived.render(TURNS) == TEMPLATES["chatml"].render(TURNS)
+    assert derived.stop == ("<|im_end|>", "<|endoftext|>")
+
+
+def test_gemma_writes_the_system_message_as_a_turn_of_its_own_and_stops_at_end_of_turn() -> None:
+    derived = template_from_jinja(GEMMA, bos_token="<bos>", eos_token="<eos>")
+    assert derived.render(TURNS[1:]) == TEMPLATES["gemma"].render(TURNS[1:])
+    assert derived.render(TURNS).startswith("<start_of_turn>user\nBe brief.<end_of_turn>\n")
+    assert not derived.render(TURNS).startswith("<bos>"), "the tokenizer adds BOS itself"
+    assert derived.stop == ("<end_of_turn>", "<eos>")
+    assert derived.generation_cue == "<start_of_turn>model\n"
+
+
+@pytest.mark.parametrize(
+    ("source", "problem"),
+    [
+        ("{% for m in messages %}{{ m['content'] ", "does not parse"),
+        ("{{ raise_exception('no') }}", "fails on a plain conversation"),
+        # Depends on the whole conversation at once: not the sum of its messages.
+        (
+            "{{ messages | length }}{% for m in messages %}{{ m['content'] }}{% endfor %}",
+            "message by message",
+        ),
+        # Jinja's sandbox: no way to Python's internals from a model file.
+        ("{{ ''.__class__.__mro__ }}", "unsafe"),
+    ],
+)
+def test_templates_that_cannot_be_used_are_refused_with_the_reason(source: str, problem: str) -> None:
+    with pytest.raises(ChatTemplateError, match=problem):
+        template_from_jinja(source, bos_token="", eos_token="")
+
+
+def test_auto_reads_the_model_file_and_keeps_the_transcript_for_a_model_without_a_template() -> None:
+    from inference_service.backends.llama_cpp import bundled_gguf_path
+    from inference_service.chat_template import gguf_chat_template, resolve_template
+
+    fallback = TEMPLATES["transcript"]
+    bundled = bundled_gguf_path()
+    assert gguf_chat_template(bundled) is None, "the bundled base model carries no chat template"
+    assert resolve_template("auto", fallback, bundled) is fallback
+    assert resolve_template("chatml", fallback, bundled) is fallback  # an explicit choice is not looked up
