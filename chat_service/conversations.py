@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -344,15 +345,10 @@ class Conversations:
                     yield Delta(cached.text)
                 yield Finished(FinishReason.STOP, 0, 0, None, cached=True)
                 return
-        sampling = SamplingOptions(
-            sampling.max_tokens or self._engine.default_max_tokens,
-            sampling.temperature,
-            sampling.top_p,
-            sampling.seed,
-        )
         pieces: list[str] = []
         finished: Generated | None = None
-        async with aclosing(self._inference.generate(messages, sampling, request_id)) as stream:
+        stream = self._inference.generate(messages, self._with_length(sampling), request_id)
+        async with aclosing(stream):
             async for event in stream:
                 if isinstance(event, Generated):
                     finished = event
@@ -361,6 +357,19 @@ class Conversations:
                     yield Delta(event)
         if finished is None:
             raise Unavailable("the inference service ended the stream without finishing; retry")
+        answer = Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, None)
+        self._answered(span, question, "".join(pieces), answer)
+        yield answer
+
+    def _with_length(self, sampling: SamplingOptions) -> SamplingOptions:
+        """`sampling` with the engine's default reply length where the caller set none."""
+        return dataclasses.replace(
+            sampling, max_tokens=sampling.max_tokens or self._engine.default_max_tokens
+        )
+
+    def _answered(self, span: trace.Span, question: Question | None, text: str, finished: Finished) -> None:
+        """Record a generated answer on the call's span, and keep it in the cache when it is a finished
+        one (`stop`: never a `length`, cancelled or failed answer)."""
         span.set_attributes(
             {
                 "gen_ai.usage.input_tokens": finished.prompt_tokens,
@@ -369,8 +378,7 @@ class Conversations:
             }
         )
         if question is not None and finished.finish_reason == FinishReason.STOP:
-            self._in_background(self._cache.store(question, "".join(pieces), finished.completion_tokens))
-        yield Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, None)
+            self._in_background(self._cache.store(question, text, finished.completion_tokens))
 
     def _run(
         self, message_id: uuid.UUID, events: Callable[[], AsyncGenerator[CompletionEvent, None]]
@@ -489,17 +497,7 @@ class Conversations:
                 if isinstance(event, Delta):
                     pieces.append(event.text)
                 elif isinstance(event, Finished):
-                    span.set_attributes(
-                        {
-                            "gen_ai.usage.input_tokens": event.prompt_tokens,
-                            "gen_ai.usage.output_tokens": event.completion_tokens,
-                            "gen_ai.response.finish_reasons": [event.finish_reason.value],
-                        }
-                    )
-                    if question is not None and event.finish_reason == FinishReason.STOP:
-                        self._in_background(
-                            self._cache.store(question, "".join(pieces), event.completion_tokens)
-                        )
+                    self._answered(span, question, "".join(pieces), event)
                 yield event
 
     async def _serve_cached(
@@ -550,8 +548,7 @@ class Conversations:
         tokenizer on the way to the first token; after, it is done long before the reply ends, and it is
         recorded with the reply, so no transaction waits on the engine. `received` is when the request
         arrived, for the time-to-first-token log."""
-        max_tokens = sampling.max_tokens or self._engine.default_max_tokens
-        sampling = SamplingOptions(max_tokens, sampling.temperature, sampling.top_p, sampling.seed)
+        sampling = self._with_length(sampling)
         request_id = str(user_message.id)
         pieces: list[str] = []
         finished: Generated | None = None

@@ -1,8 +1,9 @@
 """gRPC servicer of chatmesh.openai.v1.OpenAIService: the OpenAI Chat Completions API over `Conversations`.
 
-The gateway transcodes `POST /v1/chat/completions` and `GET /v1/models` to these methods. Requests arrive
-as typed messages (the transcoder rejects fields the proto does not declare, so an OpenAI feature chatmesh
-lacks is a 400, never silently ignored); completions leave as `google.api.HttpBody` holding exactly the
+The gateway transcodes `POST /v1/chat/completions` and `GET /v1/models` to these methods. A completion
+request arrives as a Struct and is read into `CreateChatCompletionRequest` here, rejecting the fields it
+does not declare (the transcoder would drop them silently), so an OpenAI feature chatmesh lacks is a 400,
+never ignored; completions leave as `google.api.HttpBody` holding exactly the
 bytes OpenAI sends: a `chat.completion` JSON object, or `chat.completion.chunk` server-sent events ending
 in `data: [DONE]`. Errors before the first byte are the call's status (the gateway renders OpenAI's
 `{"error": {...}}` body); an error after the stream started is an `error` event, as OpenAI sends it.
@@ -105,21 +106,20 @@ def completion_call(request: pb.CreateChatCompletionRequest, engine: EngineInfo)
         )
     messages = _messages(request)
     _reject_unsupported(request)
-    max_tokens = _max_tokens(request, engine.context_length)
-    temperature = request.temperature if request.HasField("temperature") else None
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise InvalidArgument("temperature", f"must be between 0 and 2, got {temperature}")
-    top_p = request.top_p if request.HasField("top_p") else None
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
+    max_tokens_field, max_tokens = _max_tokens(request)
     seed = request.seed if request.HasField("seed") else None
     if seed is not None and seed < 0:
         raise InvalidArgument("seed", f"must not be negative, got {seed}")
+    sampling = check.sampling_options(
+        max_tokens,
+        request.temperature if request.HasField("temperature") else None,
+        request.top_p if request.HasField("top_p") else None,
+        seed,
+        engine.context_length,
+        max_tokens_field,
+    )
     return CompletionCall(
-        messages,
-        SamplingOptions(max_tokens, temperature, top_p, seed),
-        stream=request.stream,
-        include_usage=request.stream_options.include_usage,
+        messages, sampling, stream=request.stream, include_usage=request.stream_options.include_usage
     )
 
 
@@ -162,7 +162,8 @@ def _reject_unsupported(request: pb.CreateChatCompletionRequest) -> None:
         raise InvalidArgument("stream_options", "is only allowed when stream is true")
 
 
-def _max_tokens(request: pb.CreateChatCompletionRequest, context_length: int) -> int | None:
+def _max_tokens(request: pb.CreateChatCompletionRequest) -> tuple[str, int | None]:
+    """(the field that set it, the reply's token limit): `max_completion_tokens` or its older name."""
     given = {
         name: getattr(request, name)
         for name in ("max_completion_tokens", "max_tokens")
@@ -171,10 +172,8 @@ def _max_tokens(request: pb.CreateChatCompletionRequest, context_length: int) ->
     if len(set(given.values())) > 1:
         raise InvalidArgument("max_tokens", "differs from max_completion_tokens; send one of them")
     for name, value in given.items():
-        if not 1 <= value <= context_length:
-            raise InvalidArgument(name, f"must be between 1 and {context_length}, got {value}")
-        return int(value)
-    return None
+        return name, int(value)
+    return "max_tokens", None
 
 
 def _usage(finished: Finished) -> dict[str, int]:

@@ -73,16 +73,31 @@ def request_id(value: str) -> str | None:
 def sampling(
     request: pb.CreateChatRequest | pb.CompleteRequest | pb.SubmitCompletionRequest, context_length: int
 ) -> SamplingOptions:
-    max_tokens = request.max_tokens if request.HasField("max_tokens") else None
+    return sampling_options(
+        request.max_tokens if request.HasField("max_tokens") else None,
+        request.temperature if request.HasField("temperature") else None,
+        request.top_p if request.HasField("top_p") else None,
+        request.seed if request.HasField("seed") else None,
+        context_length,
+    )
+
+
+def sampling_options(
+    max_tokens: int | None,
+    temperature: float | None,
+    top_p: float | None,
+    seed: int | None,
+    context_length: int,
+    max_tokens_field: str = "max_tokens",
+) -> SamplingOptions:
+    """Checked sampling values (None: the engine's default); `max_tokens_field` names it in errors."""
     if max_tokens is not None and not 1 <= max_tokens <= context_length:
-        raise InvalidArgument("max_tokens", f"must be between 1 and {context_length}, got {max_tokens}")
-    temperature = request.temperature if request.HasField("temperature") else None
+        raise InvalidArgument(max_tokens_field, f"must be between 1 and {context_length}, got {max_tokens}")
     if temperature is not None and not 0 <= temperature <= 2:
         raise InvalidArgument("temperature", f"must be between 0 and 2, got {temperature}")
-    top_p = request.top_p if request.HasField("top_p") else None
     if top_p is not None and not 0 < top_p <= 1:
         raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
-    return SamplingOptions(max_tokens, temperature, top_p, request.seed if request.HasField("seed") else None)
+    return SamplingOptions(max_tokens, temperature, top_p, seed)
 
 
 def page_size(value: int, default: int, limit: int) -> int:

@@ -17,7 +17,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from inference_service.prompt import PromptTemplate
+from inference_service.prompt import PromptTemplate, Role, Turn
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +90,6 @@ def template_from_jinja(source: str, bos_token: str, eos_token: str, name: str =
     )
     # The check that matters: a whole conversation comes out as the template itself renders it.
     conversation = [user("What is 2 plus 2?"), assistant("4"), user("And 3 plus 3?")]
-    from inference_service.prompt import Role, Turn
-
     turns = [Turn(Role(m["role"]), m["content"]) for m in conversation]
     if template.render(turns) != render(conversation, cue=True):
         raise ChatTemplateError("the chat template's output is not the sum of its messages")

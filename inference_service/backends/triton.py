@@ -230,11 +230,12 @@ class TritonBackend:
                 async for result, error in stream:
                     if error is not None:
                         raise error
-                    outputs = self._text_outputs(result)
-                    counted.add(self._output_int(result, self._tensors.output_length))
+                    response = result.get_response()
+                    outputs = self._text_outputs(response)
+                    counted.add(self._output_length(response))
                     if outputs is not None:
                         yield "".join(decoder.decode(item) for item in outputs)
-                    if _is_final(result):
+                    if _is_final(response):
                         break
         finally:
             if stream is not None:
@@ -262,33 +263,37 @@ class TritonBackend:
             inputs.append(_scalar(names.stop_words, "BYTES", raw, [1, len(sampling.stop)]))
         return inputs
 
-    @staticmethod
-    def _output_int(result: Any, name: str) -> int | None:
-        """The one INT32 value of output `name`, or None if the response does not carry it."""
-        response = result.get_response()
-        for index, output in enumerate(response.outputs):
-            if output.name == name:
-                if index < len(response.raw_output_contents):
-                    raw = response.raw_output_contents[index]
-                    return _INT32.unpack_from(raw)[0] if len(raw) >= 4 else None
-                contents = output.contents.int_contents
-                return int(contents[0]) if contents else None
-        return None
-
-    def _text_outputs(self, result: Any) -> list[bytes] | None:
+    def _text_outputs(self, response: Any) -> list[bytes] | None:
         """The `text_output` elements of a response, or None for an empty (final-flag only) response.
 
         Read from the response's raw bytes (each element a 4-byte little-endian length, then the bytes)
         rather than through `as_numpy`, whose object-array round trip cost about a fifth of the relay's
         time per token at GPU speed."""
-        response = result.get_response()
-        for index, output in enumerate(response.outputs):
-            if output.name != self._tensors.text_output:
-                continue
-            if index < len(response.raw_output_contents):
-                return _bytes_elements(response.raw_output_contents[index])
-            return list(output.contents.bytes_contents)
-        return None
+        found = _output(response, self._tensors.text_output)
+        if found is None:
+            return None
+        output, raw = found
+        return _bytes_elements(raw) if raw is not None else list(output.contents.bytes_contents)
+
+    def _output_length(self, response: Any) -> int | None:
+        """The tokens a response says it carries (its `output_length`), or None if it does not say."""
+        found = _output(response, self._tensors.output_length)
+        if found is None:
+            return None
+        output, raw = found
+        if raw is not None:
+            return _INT32.unpack_from(raw)[0] if len(raw) >= 4 else None
+        contents = output.contents.int_contents
+        return int(contents[0]) if contents else None
+
+
+def _output(response: Any, name: str) -> tuple[Any, bytes | None] | None:
+    """Output `name` of a ModelInferResponse and its raw bytes (None when sent as typed contents)."""
+    for index, output in enumerate(response.outputs):
+        if output.name == name:
+            raw = response.raw_output_contents[index] if index < len(response.raw_output_contents) else None
+            return output, raw
+    return None
 
 
 def _bytes_elements(raw: bytes) -> list[bytes]:
@@ -412,6 +417,6 @@ def _scalar(name: str, datatype: str, raw: bytes, shape: list[int] | None = None
     return tensor
 
 
-def _is_final(result: Any) -> bool:
-    parameters = result.get_response().parameters
+def _is_final(response: Any) -> bool:
+    parameters = response.parameters
     return _FINAL_RESPONSE_PARAMETER in parameters and bool(parameters[_FINAL_RESPONSE_PARAMETER].bool_param)
