@@ -23,6 +23,49 @@ GEMMA = (
     " (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}{% endfor"
     " %}{% if add_generation_prompt %}{{'<start_of_turn>model\\n'}}{% endif %}"
 )
+# Gemma 3's template as its instruction-tuned GGUFs carry it: whitespace control, and content that may be
+# a string or a list of parts.
+GEMMA3 = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
 TURNS = [
     Turn(Role.SYSTEM, "Be brief."),
     Turn(Role.USER, "What is the capital of France?"),
@@ -44,6 +87,12 @@ def test_gemma_writes_the_system_message_as_a_turn_of_its_own_and_stops_at_end_o
     assert not derived.render(TURNS).startswith("<bos>"), "the tokenizer adds BOS itself"
     assert derived.stop == ("<end_of_turn>", "<eos>")
     assert derived.generation_cue == "<start_of_turn>model\n"
+
+
+def test_gemma_3s_own_template_with_content_parts_gives_the_built_in_gemma() -> None:
+    derived = template_from_jinja(GEMMA3, bos_token="<bos>", eos_token="<eos>")
+    assert derived.render(TURNS[1:]) == TEMPLATES["gemma"].render(TURNS[1:])
+    assert derived.stop == ("<end_of_turn>", "<eos>")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,130 @@
+"""A model that brings its own chat template: a real GGUF (tests/support/tiny_chat_gguf.py) with a ChatML
+`tokenizer.chat_template`, served by a real inference service on each llama.cpp backend with the default
+settings (PROMPT_TEMPLATE=auto). The prompt is the template's rendering, token for token, and the reply
+ends at the template's closing marker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from chatmesh.inference.v1 import inference_pb2 as pb
+from chatmesh.inference.v1 import inference_pb2_grpc
+from inference_service.backends.tokenizers import LlamaTokenizer
+from inference_service.chat_template import gguf_chat_template
+from tests.support.processes import free_port, run_service
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S, inference_env
+from tests.support.tiny_chat_gguf import CHATML_TEMPLATE, REPLY, write_tiny_chat_gguf
+
+pytestmark = pytest.mark.integration
+
+CONVERSATION = [
+    pb.Message(role=pb.ROLE_SYSTEM, content="Be brief."),
+    pb.Message(role=pb.ROLE_USER, content="What is the capital of France?"),
+    pb.Message(role=pb.ROLE_ASSISTANT, content="Paris."),
+    pb.Message(role=pb.ROLE_USER, content="And of Italy?"),
+]
+ROLES = {pb.ROLE_SYSTEM: "system", pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
+
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_tiny_chat_gguf(tmp_path_factory.mktemp("gguf") / "tiny-chat.gguf")
+
+
+def test_the_template_and_its_special_tokens_are_read_from_the_file(tiny_gguf: Path) -> None:
+    assert gguf_chat_template(tiny_gguf) == (CHATML_TEMPLATE, "<s>", "<|im_end|>")
+
+
+@pytest.fixture(scope="module", params=["llama_server", "llama_cpp"])
+def served(request: pytest.FixtureRequest, tiny_gguf: Path) -> Iterator[tuple[str, Path]]:
+    address = f"127.0.0.1:{free_port()}"
+    # Only the model is chosen; the template and preamble settings are the defaults (the test session
+    # pins the bare transcript's preamble for the bundled model's engines; that must not matter here).
+    env = inference_env(
+        address,
+        CHATMESH_INFERENCE_BACKEND=request.param,
+        CHATMESH_INFERENCE_GGUF_PATH=str(tiny_gguf),
+        CHATMESH_INFERENCE_PROMPT_TEMPLATE="auto",
+        CHATMESH_INFERENCE_PROMPT_PREAMBLE="few-shot",
+        CHATMESH_INFERENCE_CONTEXT_LENGTH="512",
+    )
+    with run_service("inference_service", env, address, MODEL_STARTUP_TIMEOUT_S) as process:
+        assert "prompting with the model's own chat template" in process.output()
+        yield address, tiny_gguf
+
+
+@pytest.fixture
+async def stub(served: tuple[str, Path]) -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
+    async with grpc.aio.insecure_channel(served[0]) as channel:
+        yield inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+
+
+async def test_the_prompt_is_the_templates_rendering(
+    stub: inference_pb2_grpc.InferenceServiceStub, served: tuple[str, Path]
+) -> None:
+    rendered = (
+        ImmutableSandboxedEnvironment()
+        .from_string(CHATML_TEMPLATE)
+        .render(
+            messages=[{"role": ROLES[m.role], "content": m.content} for m in CONVERSATION],
+            add_generation_prompt=True,
+        )
+    )
+    tokenizer = LlamaTokenizer.vocab_only(served[1])
+    expected = len(tokenizer.prefix) + len(tokenizer.encode(rendered))
+
+    counted = await stub.CountTokens(pb.CountTokensRequest(messages=CONVERSATION))
+
+    assert counted.prompt_tokens == expected
+    # Only BOS and the cue: no few-shot preamble before a template the model was trained with.
+    assert counted.template_tokens == len(tokenizer.prefix) + len(tokenizer.encode("<|im_start|>assistant\n"))
+
+
+async def test_the_reply_follows_the_cue_and_ends_at_the_closing_marker(
+    stub: inference_pb2_grpc.InferenceServiceStub,
+) -> None:
+    request = pb.GenerateRequest(
+        messages=CONVERSATION, sampling=pb.SamplingParams(max_tokens=16, temperature=0)
+    )
+    deltas = []
+    finished = None
+    async for event in stub.Generate(request):
+        if event.HasField("delta"):
+            deltas.append(event.delta.text)
+        else:
+            finished = event.finished
+
+    # Only ChatML's cue is followed by the reply (the transcript's would get an empty one), and it ends at
+    # <|im_end|> well before max_tokens, with no marker in the text.
+    assert "".join(deltas) == REPLY
+    assert finished is not None
+    assert finished.finish_reason == pb.FINISH_REASON_STOP
+    # "Hello", " world" and <|im_end|>: the closing token is generated too, and counted as llama.cpp does.
+    assert finished.usage.completion_tokens == 3
+
+
+async def test_a_template_forced_in_the_settings_wins_over_the_models(tiny_gguf: Path) -> None:
+    address = f"127.0.0.1:{free_port()}"
+    env = inference_env(
+        address,
+        CHATMESH_INFERENCE_GGUF_PATH=str(tiny_gguf),
+        CHATMESH_INFERENCE_PROMPT_TEMPLATE="transcript",
+        CHATMESH_INFERENCE_CONTEXT_LENGTH="512",
+    )
+    with run_service("inference_service", env, address, MODEL_STARTUP_TIMEOUT_S) as process:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
+            request = pb.GenerateRequest(
+                messages=CONVERSATION, sampling=pb.SamplingParams(max_tokens=16, temperature=0)
+            )
+            events = [event async for event in stub.Generate(request)]
+        assert "prompting with the model's own chat template" not in process.output()
+
+    # The transcript's cue ("Assistant:") is not what this model answers after: it ends at once.
+    assert [event.WhichOneof("event") for event in events] == ["finished"]
+    assert events[-1].finished.finish_reason == pb.FINISH_REASON_STOP
