@@ -115,16 +115,21 @@ def gguf_chat_template(path: Path) -> tuple[str, str, str] | None:
     from llama_cpp import Llama
 
     vocab = Llama(model_path=str(path), vocab_only=True, verbose=False)
-    metadata = vocab.metadata
-    source = metadata.get("tokenizer.chat_template")
-    if not source:
-        return None
+    try:
+        metadata = vocab.metadata
+        source = metadata.get("tokenizer.chat_template")
+        if not source:
+            return None
 
-    def token_text(key: str) -> str:
-        token = metadata.get(key)
-        return vocab.detokenize([int(token)], special=True).decode(errors="replace") if token else ""
+        def token_text(key: str) -> str:
+            token = metadata.get(key)
+            return vocab.detokenize([int(token)], special=True).decode(errors="replace") if token else ""
 
-    return source, token_text("tokenizer.ggml.bos_token_id"), token_text("tokenizer.ggml.eos_token_id")
+        return source, token_text("tokenizer.ggml.bos_token_id"), token_text("tokenizer.ggml.eos_token_id")
+    finally:
+        # Freed now, not whenever the garbage collector finds the instance: that happened under load
+        # and held the event loop for tens of milliseconds (a 262k-token vocabulary).
+        vocab.close()
 
 
 def resolve_template(choice: str, fallback: PromptTemplate, gguf: Path | None) -> PromptTemplate:

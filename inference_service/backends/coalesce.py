@@ -22,39 +22,53 @@ async def coalesced(source: AsyncIterator[_T]) -> AsyncGenerator[list[_T], None]
     """The items of `source` in order, in batches: each batch holds everything that arrived since the
     consumer took the previous one (at least one item). An error of `source` is raised after the items
     before it. Closing this generator cancels the reading of `source` (and so `source` itself)."""
-    queue: asyncio.Queue[object] = asyncio.Queue()
-
-    async def pump() -> None:
-        try:
-            async for item in source:
-                queue.put_nowait(item)
-        except Exception as exc:  # handed over to the consumer, in order
-            queue.put_nowait(_Failure(exc))
-        finally:
-            queue.put_nowait(_END)
-
-    reader = asyncio.ensure_future(pump())
+    # The first item is read here, not through the reader task: it goes out without waiting a turn of
+    # the event loop for the task to hand it over. Reading ahead starts as it goes out.
+    items = aiter(source)
+    reader: asyncio.Future[None] | None = None
     try:
+        try:
+            first = await anext(items)
+        except StopAsyncIteration:
+            return
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        async def pump() -> None:
+            try:
+                async for item in items:
+                    queue.put_nowait(item)
+            except Exception as exc:  # handed over to the consumer, in order
+                queue.put_nowait(_Failure(exc))
+            finally:
+                queue.put_nowait(_END)
+
+        reader = asyncio.ensure_future(pump())
+        yield [first]
         while True:
             batch = [await queue.get()]
             while not queue.empty():
                 batch.append(queue.get_nowait())
-            items: list[_T] = []
+            taken: list[_T] = []
             for entry in batch:
                 if entry is _END:
-                    if items:
-                        yield items
+                    if taken:
+                        yield taken
                     return
                 if isinstance(entry, _Failure):
-                    if items:
-                        yield items
+                    if taken:
+                        yield taken
                     raise entry.error
-                items.append(entry)  # type: ignore[arg-type]
-            yield items
+                taken.append(entry)  # type: ignore[arg-type]
+            yield taken
     finally:
-        reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        # Cancelling a reader that never ran leaves the source suspended where it is: close it too (a
+        # no-op once it has finished).
+        if isinstance(items, AsyncGenerator):
+            await items.aclose()
 
 
 class _Failure:

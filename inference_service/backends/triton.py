@@ -1,15 +1,19 @@
 """Triton backend: a TensorRT-LLM model (`ensemble` or `tensorrt_llm_bls`) on a Triton Inference Server.
 
-Generation streams over Triton's gRPC `ModelStreamInfer` with `tritonclient.grpc.aio`. The model must be
-decoupled (TensorRT-LLM's streaming setup): one request, one response per generated token carrying the
-new text in `text_output`.
+Generation streams over Triton's gRPC `ModelStreamInfer`, called through the stub generated from
+Triton's protos (shipped in `tritonclient.grpc`) on a grpc.aio channel. The model must be decoupled
+(TensorRT-LLM's streaming setup): one request, one response per generated token carrying the new text in
+`text_output`. The stub rather than `tritonclient.grpc.aio`'s `stream_infer`: at GPU speed the relay's
+work per token shows, and `stream_infer` feeds the call from an async iterator (a task of its own per
+generation), rebuilds the request from a dict of `InferInput`s and wraps every response in an
+`InferResult`; here the request message is built once from the tensors' wire bytes and each response is
+read straight off the message.
 
-How the end of a generation is detected: the asyncio client cannot ask for empty final responses
-(`stream_infer` drops `enable_empty_final_response`, and `triton_*` request parameters are rejected as
-reserved), so a model that flags completion with an empty response (as the Python backend does) would
-send nothing at the end. Instead each generation has its own stream whose request side is closed right
-after the one request; Triton ends such a stream once that request is complete. A response carrying
-`triton_final_response=true` (TensorRT-LLM sets it on the last token) ends the generation as well.
+How the end of a generation is detected: each generation has its own stream whose request side is closed
+right after the one request; Triton ends such a stream once that request is complete (a model that flags
+completion with an empty final response, as the Python backend does, needs no request parameter for
+this). A response carrying `triton_final_response=true` (TensorRT-LLM sets it on the last token) ends the
+generation as well.
 
 Triton tokenizes inside the model, but prompt counts (context window, usage, CountTokens) are needed
 here, so the same vocabulary is loaded locally (see `tokenizers.py`) and used off the event loop. The
@@ -31,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import tritonclient.grpc.aio as triton_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from chatmesh.common.errors import Unavailable
@@ -133,7 +137,7 @@ class TritonBackend:
 
     def __init__(
         self,
-        client: Any,
+        stub: service_pb2_grpc.GRPCInferenceServiceStub,
         tokenizer: Tokenizer,
         template: PromptTemplate,
         *,
@@ -143,7 +147,7 @@ class TritonBackend:
         timeout_s: float,
         tensors: TritonTensorNames = TritonTensorNames(),
     ) -> None:
-        self._client = client
+        self._stub = stub
         self._tokenizer = tokenizer
         self._template = template
         self._url = url
@@ -165,7 +169,7 @@ class TritonBackend:
         return await self._tokenizer_thread.prompt(turns)
 
     def close(self) -> None:
-        """Stop the tokenizer thread (the Triton client belongs to whoever opened this backend)."""
+        """Stop the tokenizer thread (the channel to Triton belongs to whoever opened this backend)."""
         self._tokenizer_thread.close()
 
     async def generate(
@@ -216,21 +220,20 @@ class TritonBackend:
         Closing this generator early cancels the gRPC call (and with it the Triton request) before
         `aclose()` returns.
         """
-        request = {
-            "model_name": self._model,
-            "inputs": self._inputs(text, sampling),
-            "request_id": uuid.uuid4().hex,
-        }
+        request = self._request(text, sampling)
         # A token can end inside a multi-byte character; decode across responses.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stream: Any = None
+        call = self._stub.ModelStreamInfer(timeout=self._timeout_s)
         try:
             with triton_errors(self._url, self._model, "generation"):
-                stream = self._client.stream_infer(_single(request), stream_timeout=self._timeout_s)
-                async for result, error in stream:
-                    if error is not None:
-                        raise error
-                    response = result.get_response()
+                await call.write(request)
+                # Ending the request side after the one request is what makes Triton end the stream once
+                # the request is complete (see the module docstring).
+                await call.done_writing()
+                while (message := await call.read()) is not grpc.aio.EOF:
+                    if message.error_message:
+                        raise InferenceServerException(msg=message.error_message)
+                    response = message.infer_response
                     outputs = self._text_outputs(response)
                     counted.add(self._output_length(response))
                     if outputs is not None:
@@ -238,30 +241,36 @@ class TritonBackend:
                     if _is_final(response):
                         break
         finally:
-            if stream is not None:
-                # A no-op once the call has ended; otherwise Triton sees the cancellation right away.
-                stream.cancel()
+            # A no-op once the call has ended; otherwise Triton sees the cancellation right away.
+            call.cancel()
 
-    def _inputs(self, text: str, sampling: Sampling) -> list[Any]:
+    def _request(self, text: str, sampling: Sampling) -> service_pb2.ModelInferRequest:
+        """The inference request for `text`, each input tensor [1, 1] (stop words [1, n]) from its wire
+        bytes: what tritonclient's `InferInput.set_data_from_numpy` would send, without a numpy array per
+        input (seven numpy round trips were a visible share of the relay's time before the first token)."""
         names = self._tensors
         greedy = sampling.temperature == 0.0
-        inputs = [
-            _scalar(names.text_input, "BYTES", _bytes_element(text.encode())),
-            _scalar(names.max_tokens, "INT32", _INT32.pack(sampling.max_tokens)),
-            _scalar(names.stream, "BOOL", b"\x01"),
-            # TensorRT-LLM has no "temperature 0": it divides by the temperature (older releases return
-            # garbage). Greedy decoding is top_k=1, where the temperature does not matter.
-            _scalar(names.temperature, "FP32", _FP32.pack(1.0 if greedy else sampling.temperature)),
-            _scalar(names.top_p, "FP32", _FP32.pack(sampling.top_p)),
-        ]
+        request = service_pb2.ModelInferRequest(model_name=self._model, id=uuid.uuid4().hex)
+
+        def add(name: str, datatype: str, raw: bytes, shape: tuple[int, int] = (1, 1)) -> None:
+            request.inputs.add(name=name, datatype=datatype, shape=shape)
+            request.raw_input_contents.append(raw)
+
+        add(names.text_input, "BYTES", _bytes_element(text.encode()))
+        add(names.max_tokens, "INT32", _INT32.pack(sampling.max_tokens))
+        add(names.stream, "BOOL", b"\x01")
+        # TensorRT-LLM has no "temperature 0": it divides by the temperature (older releases return
+        # garbage). Greedy decoding is top_k=1, where the temperature does not matter.
+        add(names.temperature, "FP32", _FP32.pack(1.0 if greedy else sampling.temperature))
+        add(names.top_p, "FP32", _FP32.pack(sampling.top_p))
         if greedy:
-            inputs.append(_scalar(names.top_k, "INT32", _INT32.pack(1)))
+            add(names.top_k, "INT32", _INT32.pack(1))
         if sampling.seed is not None:
-            inputs.append(_scalar(names.random_seed, "UINT64", _UINT64.pack(sampling.seed)))
+            add(names.random_seed, "UINT64", _UINT64.pack(sampling.seed))
         if sampling.stop:
             raw = b"".join(_bytes_element(stop.encode()) for stop in sampling.stop)
-            inputs.append(_scalar(names.stop_words, "BYTES", raw, [1, len(sampling.stop)]))
-        return inputs
+            add(names.stop_words, "BYTES", raw, (1, len(sampling.stop)))
+        return request
 
     def _text_outputs(self, response: Any) -> list[bytes] | None:
         """The `text_output` elements of a response, or None for an empty (final-flag only) response.
@@ -331,11 +340,14 @@ def triton_errors(url: str, model: str, action: str) -> Iterator[None]:
         raise Unavailable(f"Triton at {url} failed during {action} ({cause}); {fix}") from exc
 
 
-async def check_ready(client: Any, url: str, model: str) -> None:
+async def check_ready(stub: service_pb2_grpc.GRPCInferenceServiceStub, url: str, model: str) -> None:
     """Fail with `Unavailable` unless the server at `url` is live and `model` is ready."""
     with triton_errors(url, model, "the startup health check"):
-        live = await client.is_server_live(client_timeout=STARTUP_CHECK_TIMEOUT_S)
-        ready = live and await client.is_model_ready(model, client_timeout=STARTUP_CHECK_TIMEOUT_S)
+        timeout = STARTUP_CHECK_TIMEOUT_S
+        live = (await stub.ServerLive(service_pb2.ServerLiveRequest(), timeout=timeout)).live
+        ready = (
+            live and (await stub.ModelReady(service_pb2.ModelReadyRequest(name=model), timeout=timeout)).ready
+        )
     if not live:
         raise Unavailable(f"Triton at {url} is not live; check the tritonserver log")
     if not ready:
@@ -351,16 +363,20 @@ async def open_triton_backend(
     template: PromptTemplate,
     tensors: TritonTensorNames = TritonTensorNames(),
 ) -> AsyncIterator[TritonBackend]:
-    """Connect to Triton, check that the model is ready, load the tokenizer; close the client on exit."""
+    """Connect to Triton, check that the model is ready, load the tokenizer; close the channel on exit."""
     url, model = settings.triton_url, settings.triton_model
-    client = triton_grpc.InferenceServerClient(url)
-    try:
-        await check_ready(client, url, model)
+    # Unlimited message sizes, as tritonclient sets them: a long prompt must not hit gRPC's 4 MB default.
+    options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    async with grpc.aio.insecure_channel(url, options=options) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        await check_ready(stub, url, model)
         path = await asyncio.to_thread(default_tokenizer_path, settings.triton_tokenizer, settings.gguf_path)
         tokenizer = await asyncio.to_thread(open_tokenizer, path)
         log.info("connected to Triton", extra={"url": url, "model": model, "tokenizer": str(path)})
         with triton_errors(url, model, "reading the model's metadata"):
-            metadata = await client.get_model_metadata(model, client_timeout=STARTUP_CHECK_TIMEOUT_S)
+            metadata = await stub.ModelMetadata(
+                service_pb2.ModelMetadataRequest(name=model), timeout=STARTUP_CHECK_TIMEOUT_S
+            )
         if tensors.output_length not in {output.name for output in metadata.outputs}:
             log.warning(
                 "the model has no '%s' output: completion token counts (usage) will be estimated by"
@@ -371,7 +387,7 @@ async def open_triton_backend(
                 extra={"model": model},
             )
         backend = TritonBackend(
-            client,
+            stub,
             tokenizer,
             template,
             url=url,
@@ -386,14 +402,6 @@ async def open_triton_backend(
             yield backend
         finally:
             backend.close()
-    finally:
-        await client.close()
-
-
-async def _single(request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-    # Ending the request side after the one request is what makes Triton end the stream once the
-    # request is complete (see the module docstring).
-    yield request
 
 
 _INT32 = struct.Struct("<i")
@@ -404,17 +412,6 @@ _UINT64 = struct.Struct("<Q")
 def _bytes_element(data: bytes) -> bytes:
     """One element of a BYTES tensor in Triton's wire format."""
     return len(data).to_bytes(4, "little") + data
-
-
-def _scalar(name: str, datatype: str, raw: bytes, shape: list[int] | None = None) -> Any:
-    """An input tensor (shape [1, 1] unless given) from its wire bytes.
-
-    What `InferInput.set_data_from_numpy` would store, built without a numpy array per input: with a
-    token every millisecond or two, the seven numpy round trips of a request were a visible share of the
-    relay's time before the first token."""
-    tensor = triton_grpc.InferInput(name, shape or [1, 1], datatype)
-    tensor._raw_content = raw  # the attribute set_data_from_numpy fills (tritonclient 2.x)
-    return tensor
 
 
 def _is_final(response: Any) -> bool:

@@ -13,8 +13,9 @@ def test_bytes_tensor_elements_are_read_from_the_wire_format() -> None:
     assert _bytes_elements(b"") == []
 
 
-def test_inputs_carry_the_bytes_numpy_would_have_given() -> None:
-    # The backend builds its input tensors without numpy; tritonclient's own path must agree.
+def test_the_request_carries_the_inputs_tritonclient_would_have_sent() -> None:
+    # The backend builds its request from the tensors' wire bytes; tritonclient's own numpy path (what
+    # `stream_infer` would send) must agree, tensor by tensor.
     import numpy as np
     import tritonclient.grpc.aio as triton_grpc
 
@@ -23,8 +24,13 @@ def test_inputs_carry_the_bytes_numpy_would_have_given() -> None:
 
     backend = TritonBackend.__new__(TritonBackend)
     backend._tensors = TritonTensorNames()
+    backend._model = "ensemble"
     sampling = Sampling(max_tokens=7, temperature=0.0, top_p=0.9, seed=2**40 + 3, stop=("\nUser:", "é"))
-    built = {tensor.name(): tensor for tensor in backend._inputs("Hello, world", sampling)}
+    request = backend._request("Hello, world", sampling)
+    built = {
+        tensor.name: (tensor, raw)
+        for tensor, raw in zip(request.inputs, request.raw_input_contents, strict=True)
+    }
     expected = {
         "text_input": (np.array([[b"Hello, world"]], dtype=np.object_), "BYTES"),
         "max_tokens": (np.array([[7]], dtype=np.int32), "INT32"),
@@ -35,10 +41,11 @@ def test_inputs_carry_the_bytes_numpy_would_have_given() -> None:
         "random_seed": (np.array([[2**40 + 3]], dtype=np.uint64), "UINT64"),
         "stop_words": (np.array([[b"\nUser:", "é".encode()]], dtype=np.object_), "BYTES"),
     }
+    assert request.model_name == "ensemble" and request.id
     assert set(built) == set(expected)
     for name, (array, datatype) in expected.items():
         reference = triton_grpc.InferInput(name, list(array.shape), datatype)
         reference.set_data_from_numpy(array)
-        assert built[name]._get_content() == reference._get_content(), name
-        assert list(built[name].shape()) == list(reference.shape()), name
-        assert built[name].datatype() == datatype, name
+        tensor, raw = built[name]
+        assert raw == reference._get_content(), name
+        assert tensor == reference._get_tensor(), name
