@@ -9,7 +9,9 @@ service runs its `triton` backend against it. Rounds alternate between
 - service: `InferenceService.Generate` over gRPC (the backend, the relay, the servicer),
 
 with the same request (`max_tokens`, greedy), at 1 and 16 concurrent streams. Per stream: time to the
-first token of text and tokens/s from it to the last; per round: aggregate tokens/s.
+first token of text and tokens/s from it to the last; per round: aggregate tokens/s. And the relay's own
+cost, which carries over to other machines: the inference service's CPU time (user + system, from
+/proc) over its rounds per token relayed, and so how many tokens/s one core of this CPU can relay.
 
 Targets (issue 13): >= 0.98 of raw tokens/s per stream (at >= 500 tokens/s per stream), TTFT <= +1 ms at
 p50, >= 0.98 of raw aggregate tokens/s at 16 streams.
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import tempfile
@@ -125,6 +128,12 @@ async def run_round(make: Any, concurrency: int) -> Round:
     return Round(list(streams), time.perf_counter() - started)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def summary(name: str, rounds: list[Round]) -> dict[str, float]:
     streams = [s for r in rounds for s in r.streams]
     ttft = sorted(s.ttft_s * 1000 for s in streams)
@@ -183,7 +192,7 @@ async def main() -> None:
                 # Admission must not be what limits 16 streams.
                 "CHATMESH_INFERENCE_MAX_CONCURRENT": "32",
             }
-            with run_service("inference_service", env, address, timeout=120):
+            with run_service("inference_service", env, address, timeout=120) as service_process:
                 client = triton_grpc.InferenceServerClient(url)
                 async with grpc.aio.insecure_channel(address) as channel:
                     stub = inference_pb2_grpc.InferenceServiceStub(channel)
@@ -198,10 +207,14 @@ async def main() -> None:
                         for make in sides.values():  # warm-up
                             await run_round(make, concurrency)
                         rounds: dict[str, list[Round]] = {"raw": [], "service": []}
+                        relay_cpu_s = 0.0
                         for index in range(args.rounds):
                             order = ("raw", "service") if index % 2 == 0 else ("service", "raw")
                             for side in order:
+                                cpu_before = cpu_seconds(service_process.pid)
                                 rounds[side].append(await run_round(sides[side], concurrency))
+                                if side == "service":
+                                    relay_cpu_s += cpu_seconds(service_process.pid) - cpu_before
                         raw = summary("raw", rounds["raw"])
                         service = summary("service", rounds["service"])
                         per_stream = service["tokens_per_s_p50"] / raw["tokens_per_s_p50"]
@@ -210,6 +223,13 @@ async def main() -> None:
                             f" aggregate {service['aggregate'] / raw['aggregate']:.3f};"
                             f" TTFT p50 {service['ttft_p50_ms'] - raw['ttft_p50_ms']:+.2f} ms"
                             "  (targets >= 0.98, >= 0.98 at 16 streams, <= +1 ms)",
+                            flush=True,
+                        )
+                        relayed = sum(s.tokens for r in rounds["service"] for s in r.streams)
+                        per_token_us = relay_cpu_s / relayed * 1e6
+                        print(
+                            f"  relay CPU: {per_token_us:.0f} us per token ({relayed} tokens relayed):"
+                            f" one core of this CPU relays up to {1e6 / per_token_us:,.0f} tokens/s",
                             flush=True,
                         )
                 await client.close()
