@@ -3,10 +3,12 @@
 Three processes, as in the Triton relay benchmark: a source server streaming small messages, a relay
 server that forwards each message of its upstream call as it arrives (no logic at all), and this client.
 Measured: time to the first message straight from the source and through the relay (alternating calls),
-and the relay's CPU time per forwarded message at a paced rate and unpaced. `benchmarks/triton_relay.py`
+back to back and with an idle gap before each call (as a service sees requests arriving now and then:
+waking an idle process's threads is part of the hop), and the relay's CPU time per forwarded message at
+a paced rate and unpaced. `benchmarks/triton_relay.py`
 reports the inference service's figures next to which these are the floor.
 
-    .venv/bin/python benchmarks/grpc_relay_floor.py [--calls 300] [--messages 2000] [--rate 500]
+    .venv/bin/python benchmarks/grpc_relay_floor.py [--calls 300] [--gap-ms 10] [--messages 2000] [--rate 500]
 """
 
 from __future__ import annotations
@@ -90,6 +92,9 @@ async def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--calls", type=int, default=300, help="first-message calls per side")
+    parser.add_argument(
+        "--gap-ms", type=float, default=10.0, help="idle time before each call (second series)"
+    )
     parser.add_argument("--messages", type=int, default=2000, help="messages per streamed call")
     parser.add_argument("--rate", type=float, default=500.0, help="paced messages/s (also run unpaced)")
     args = parser.parse_args()
@@ -112,16 +117,21 @@ async def main() -> None:
             for _ in range(50):  # warm-up: connections, code paths
                 await first_message_ms(direct)
                 await first_message_ms(relayed)
-            pairs = [
-                (await first_message_ms(direct), await first_message_ms(relayed)) for _ in range(args.calls)
-            ]
-            added = statistics.median(b - a for a, b in pairs)
-            print(
-                f"first message: direct p50 {statistics.median(a for a, _ in pairs):.2f} ms, through the"
-                f" relay p50 {statistics.median(b for _, b in pairs):.2f} ms; paired median added"
-                f" {added:+.2f} ms ({args.calls} calls each)",
-                flush=True,
-            )
+            for gap_s in (0.0, args.gap_ms / 1000):
+                pairs = []
+                for _ in range(args.calls):
+                    await asyncio.sleep(gap_s)
+                    direct_ms = await first_message_ms(direct)
+                    await asyncio.sleep(gap_s)
+                    pairs.append((direct_ms, await first_message_ms(relayed)))
+                added = statistics.median(b - a for a, b in pairs)
+                when = f"after {gap_s * 1000:.0f} ms idle" if gap_s else "back to back"
+                print(
+                    f"first message, {when}: direct p50 {statistics.median(a for a, _ in pairs):.2f} ms,"
+                    f" through the relay p50 {statistics.median(b for _, b in pairs):.2f} ms; paired median"
+                    f" added {added:+.2f} ms ({args.calls} calls each)",
+                    flush=True,
+                )
             for rate in (args.rate, 0.0):
                 request = pb.GenerateRequest(sampling=pb.SamplingParams(max_tokens=args.messages, top_p=rate))
                 before = cpu_seconds(relay_pid)
