@@ -421,8 +421,10 @@ class Conversations:
         earlier here has stored its reply by then, and none can start here meanwhile."""
         while (reply := await self._store.find_reply(chat.user_id, user_message.id)) is None:
             if await self._store.claim_completion(chat.user_id, user_message.id, self._lease):
+                # Generated here, so counted here; a reply waited for or replayed is the completion of
+                # whichever attempt generated it, and counted there.
                 async with aclosing(
-                    self._generate(chat, user_message, sampling, None, time.perf_counter())
+                    self._counted(self._generate(chat, user_message, sampling, None, time.perf_counter()))
                 ) as events:
                     async for event in events:
                         yield event

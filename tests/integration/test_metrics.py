@@ -9,12 +9,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import grpc
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from tests.support.chat import ChatClient
+from tests.support.metrics import scrape, total, value
 from tests.support.processes import free_port, run_service
 from tests.support.services import (
     MODEL_STARTUP_TIMEOUT_S,
@@ -32,31 +31,6 @@ PARAPHRASE = "What's the capital of France?"
 """The base model answers QUESTION with a short sentence that ends on its own (`stop`)."""
 
 SERVICES = ("chat", "inference", "embedding")
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def scrape(address: str) -> Samples:
-    """Every sample `address` serves at /metrics, by (name, labels)."""
-    response = httpx.get(f"http://{address}/metrics", timeout=10)
-    response.raise_for_status()
-    assert response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    """The sample `name` with exactly `labels`, 0 if it is not there (yet)."""
-    return samples.get((name, frozenset(labels.items())), 0.0)
-
-
-def total(samples: Samples, name: str, **labels: str) -> float:
-    """The sum of the samples `name` whose labels include `labels`."""
-    wanted = set(labels.items())
-    return sum(v for (n, found), v in samples.items() if n == name and wanted <= found)
 
 
 @dataclass
