@@ -16,7 +16,12 @@ cost, which carries over to other machines: the inference service's CPU time (us
 Targets (issue 13): >= 0.98 of raw tokens/s per stream (at >= 500 tokens/s per stream), TTFT <= +1 ms at
 p50, >= 0.98 of raw aggregate tokens/s at 16 streams.
 
+`--engine decoder` serves the torch decoder stand-in instead (a tiny random-weight decoder that computes
+every token, on the GPU when CUDA is present): the relay around an engine that needs its device for
+each token rather than one that produces words in no time.
+
     .venv/bin/python benchmarks/triton_relay.py [--rounds 6] [--tokens 256] [--tokens-per-s 0]
+        [--engine fixed|decoder]
 """
 
 from __future__ import annotations
@@ -161,11 +166,12 @@ async def main() -> None:
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--tokens-per-s", type=float, default=0.0, help="engine pace per stream (0: max)")
     parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--engine", choices=("fixed", "decoder"), default="fixed")
     args = parser.parse_args()
 
     grpc_port = free_port()
     with tempfile.TemporaryDirectory(prefix="triton-relay-") as workdir:
-        print("starting Triton with the fixed token source...", flush=True)
+        print(f"starting Triton with the {args.engine} engine...", flush=True)
         triton = start_process(
             [
                 sys.executable,
@@ -173,7 +179,7 @@ async def main() -> None:
                 f"--grpc-port={grpc_port}",
                 f"--http-port={free_port()}",
                 f"--metrics-port={free_port()}",
-                "--engine=fixed",
+                f"--engine={args.engine}",
                 # Token counts in every response, as deploy/triton's ensemble reports TensorRT-LLM's.
                 "--report-lengths",
                 f"--tokens-per-s={args.tokens_per_s}",

@@ -314,6 +314,35 @@ async def test_the_fixed_token_engine_streams_its_words_through_the_service() ->
                 assert cut.finished.finish_reason == pb.FINISH_REASON_STOP
 
 
+async def test_the_torch_decoder_engine_computes_every_token_and_streams_it() -> None:
+    """The decoder stand-in (`--engine decoder`: a random-weight torch decoder, on the GPU where there is
+    one): greedy replies repeat, sampled ones follow the seed, each token one word of its vocabulary,
+    with the engine's own token counts, cut at a stop sequence like any engine's."""
+    from tests.support.triton_llama_model import FIXED_WORDS
+
+    with running_triton("--engine=decoder", "--report-lengths") as server:
+        address = f"127.0.0.1:{free_port()}"
+        with run_service("inference_service", service_env(server.grpc_address, address), address, 60):
+            async with grpc.aio.insecure_channel(address) as channel:
+                stub = inference_stub(channel)
+                greedy = await generate(stub, PARIS, max_tokens=30, temperature=0)
+                assert greedy.text == (await generate(stub, PARIS, max_tokens=30, temperature=0)).text
+                words = greedy.text.split()
+                assert len(words) == 30 and set(words) <= {w.strip() for w in FIXED_WORDS}
+                assert len(greedy.deltas) >= 20, "one delta per token as they come"
+                assert greedy.finished.usage.completion_tokens == 30
+                assert greedy.finished.finish_reason == pb.FINISH_REASON_LENGTH
+                sampled = [
+                    await generate(stub, PARIS, max_tokens=30, temperature=1.0, seed=s) for s in (1, 1, 2)
+                ]
+                assert sampled[0].text == sampled[1].text != sampled[2].text
+                # A word that is not the first (which the engine sees with its leading space at once).
+                stop = " " + next(word for word in words[1:] if word != words[0])
+                cut = await generate(stub, PARIS, max_tokens=30, temperature=0, stop=[stop])
+                assert cut.text == greedy.text[: greedy.text.index(stop)]
+                assert cut.finished.finish_reason == pb.FINISH_REASON_STOP
+
+
 async def test_token_counts_come_from_the_engine_when_it_reports_them() -> None:
     """With an `output_length` output (as TensorRT-LLM reports), usage is the engine's count: one per
     word of the fixed engine, where re-tokenizing the words would give more (" harbour" is two tokens)."""

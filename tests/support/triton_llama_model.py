@@ -12,7 +12,9 @@ Like TensorRT-LLM, the token that completes a stop word is still sent (so client
 the stream ends right after. Generation uses the bundled Gemma 3 270M GGUF with llama-cpp-python, or with
 `--engine fixed` a fixed token source: the words of a fixed text, one per response, as fast as Triton
 takes them or at `--tokens-per-s` per stream, so that the relay around a GPU-speed engine can be
-measured on a CPU (`benchmarks/triton_relay.py`).
+measured on a CPU (`benchmarks/triton_relay.py`); or with `--engine decoder` a tiny random-weight torch
+decoder over a vocabulary of words, on the GPU when CUDA is present (else the CPU): real autoregressive
+compute per token, greedy or sampled, as fast as the device runs it.
 
     python tests/support/triton_llama_model.py --grpc-port P --http-port H --metrics-port M [--engine fixed]
 
@@ -225,6 +227,80 @@ class FixedTokenModel:
         return response
 
 
+class DecoderModel:
+    """A tiny random-weight decoder in torch (token embedding, a 2-layer GRU, an output projection) whose
+    vocabulary is the words of `FIXED_WORDS`: each token is one word, so the relay benchmark counts tokens
+    the same way as with the fixed engine. It runs on the GPU when CUDA is present, else on the CPU, one
+    step per token with its recurrent state as the cache: a stand-in for a GPU engine that really
+    computes every token. Greedy (`top_k` 1 or temperature 0) or sampled with the request's temperature and
+    seed."""
+
+    WIDTH = 256
+
+    def __init__(self, report_lengths: bool = False, device: str | None = None) -> None:
+        import torch
+
+        self._torch = torch
+        self._report_lengths = report_lengths
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self._vocabulary = tuple(dict.fromkeys(FIXED_WORDS))
+        generator = torch.Generator().manual_seed(0)
+        size = len(self._vocabulary)
+        with torch.device(self.device):
+            self._embedding = torch.nn.Embedding(size, self.WIDTH)
+            self._cell = torch.nn.GRU(self.WIDTH, self.WIDTH, num_layers=2, batch_first=True)
+            self._head = torch.nn.Linear(self.WIDTH, size)
+        for parameter in (*self._embedding.parameters(), *self._cell.parameters(), *self._head.parameters()):
+            with torch.no_grad():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+        # Steps of different streams must not interleave on one device queue from many threads.
+        self._lock = threading.Lock()
+
+    def _steps(self, params: GenerationRequest) -> Generator[str, None, None]:
+        torch = self._torch
+        greedy = params.top_k == 1 or params.temperature <= 0
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(params.seed if params.seed is not None else 0)
+        # The prompt's bytes pick the first token, so different prompts start differently.
+        token = torch.tensor([[sum(params.prompt.encode()) % len(self._vocabulary)]], device=self.device)
+        state = None
+        for _ in range(params.max_tokens):
+            with self._lock, torch.inference_mode():
+                hidden, state = self._cell(self._embedding(token), state)
+                logits = self._head(hidden[:, -1])
+                if greedy:
+                    token = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    probabilities = torch.softmax(logits / params.temperature, dim=-1)
+                    token = torch.multinomial(probabilities, 1, generator=generator)
+                index = int(token.item())
+            yield self._vocabulary[index]
+
+    async def infer(self, requests: Sequence[Any]) -> AsyncIterator[list[dict[str, npt.NDArray[Any]]]]:
+        """Stream `max_tokens` words (fewer if a stop word completes), one response each; each step runs
+        in a worker thread so that concurrent streams take turns on the device."""
+        (request,) = requests
+        params = GenerationRequest.from_tensors(request)
+        steps = self._steps(params)
+        generated = ""
+        count = 0
+        while (piece := await asyncio.to_thread(next, steps, None)) is not None:
+            generated += piece
+            count += 1
+            if params.stream:
+                yield [self._response(piece, 1)]
+            if any(word in generated for word in params.stop_words):
+                break
+        if not params.stream:
+            yield [self._response(generated, count)]
+
+    def _response(self, text: str, tokens: int) -> dict[str, npt.NDArray[Any]]:
+        response = _text_output(text)
+        if self._report_lengths:
+            response["output_length"] = np.array([[tokens]], dtype=np.int32)
+        return response
+
+
 def _text_output(text: str) -> dict[str, npt.NDArray[Any]]:
     return {"text_output": np.array([[text.encode()]], dtype=np.object_)}
 
@@ -296,11 +372,14 @@ def serve(args: argparse.Namespace) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
-    model: TritonLlamaModel | FixedTokenModel = (
-        FixedTokenModel(args.tokens_per_s, args.report_lengths)
-        if args.engine == "fixed"
-        else TritonLlamaModel(LlamaPool(args.gguf or bundled_gguf_path(), args.instances))
-    )
+    model: TritonLlamaModel | FixedTokenModel | DecoderModel
+    if args.engine == "fixed":
+        model = FixedTokenModel(args.tokens_per_s, args.report_lengths)
+    elif args.engine == "decoder":
+        model = DecoderModel(args.report_lengths)
+        log.warning("decoder engine on %s", model.device)
+    else:
+        model = TritonLlamaModel(LlamaPool(args.gguf or bundled_gguf_path(), args.instances))
     config = TritonConfig(
         grpc_address="127.0.0.1",
         grpc_port=args.grpc_port,
@@ -375,7 +454,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--gguf", type=Path, default=None, help="GGUF model; default: the bundled Gemma")
     parser.add_argument(
-        "--engine", choices=("llama", "fixed"), default="llama", help="llama.cpp, or the fixed token source"
+        "--engine",
+        choices=("llama", "fixed", "decoder"),
+        default="llama",
+        help="llama.cpp, the fixed token source, or a tiny torch decoder (GPU when CUDA is present)",
     )
     parser.add_argument(
         "--tokens-per-s",
@@ -386,7 +468,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--report-lengths",
         action="store_true",
-        help="fixed engine: an output_length output with each response's token count, as TensorRT-LLM's",
+        help="fixed and decoder engines: an output_length output with each response's token count, as"
+        " TensorRT-LLM's",
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
