@@ -78,6 +78,9 @@ def template_from_jinja(source: str, bos_token: str, eos_token: str, name: str =
     user_format = _escape(user_turn).replace(_escape(_SENTINEL), "{content}")
     assistant_format = _escape(assistant_turn).replace(_escape(_SENTINEL), "{content}")
     system_format = _system_format(render, user_format) or user_format
+    # Whether the template strips each message's surrounding whitespace (Gemma's does: `| trim`).
+    padded = render([user(f" \n{_SENTINEL}\n ")])
+    trim_content = padded == user_turn
     closing = assistant_turn.split(_SENTINEL, 1)[1].strip()
     stop = tuple(dict.fromkeys(marker for marker in (closing, eos_token) if marker))
     template = PromptTemplate(
@@ -87,9 +90,10 @@ def template_from_jinja(source: str, bos_token: str, eos_token: str, name: str =
         assistant=assistant_format,
         generation_cue=cue[len(asked) :],
         stop=stop,
+        trim_content=trim_content,
     )
     # The check that matters: a whole conversation comes out as the template itself renders it.
-    conversation = [user("What is 2 plus 2?"), assistant("4"), user("And 3 plus 3?")]
+    conversation = [user("What is 2 plus 2?"), assistant("4"), user("And 3 plus 3?\n")]
     turns = [Turn(Role(m["role"]), m["content"]) for m in conversation]
     if template.render(turns) != render(conversation, cue=True):
         raise ChatTemplateError("the chat template's output is not the sum of its messages")

@@ -27,7 +27,8 @@ class PromptTemplate:
 
     `generation_cue` is appended after the last message so the model answers as the assistant;
     `stop` sequences mark the model starting the next user turn. `preamble` comes before the messages:
-    text that shows a base model what kind of answers to give (see `FEW_SHOT_PREAMBLE`).
+    text that shows a base model what kind of answers to give (see `FEW_SHOT_PREAMBLE`). `trim_content`:
+    each message's text loses its surrounding whitespace, as Gemma's own template writes it.
     """
 
     name: str
@@ -37,6 +38,7 @@ class PromptTemplate:
     generation_cue: str
     stop: tuple[str, ...]
     preamble: str = ""
+    trim_content: bool = False
 
     def render(self, turns: Sequence[Turn]) -> str:
         """The whole prompt text: the preamble, every message with its role markup, then the cue."""
@@ -48,6 +50,8 @@ class PromptTemplate:
         Backends tokenize these pieces one by one (see `backends.tokenizers.tokenize_prompt`).
         """
         formats = {Role.SYSTEM: self.system, Role.USER: self.user, Role.ASSISTANT: self.assistant}
+        if self.trim_content:
+            return [formats[turn.role].format(content=turn.content.strip()) for turn in turns]
         return [formats[turn.role].format(content=turn.content) for turn in turns]
 
 
@@ -70,6 +74,7 @@ TEMPLATES: dict[str, PromptTemplate] = {
         assistant="<start_of_turn>model\n{content}<end_of_turn>\n",
         generation_cue="<start_of_turn>model\n",
         stop=("<end_of_turn>",),
+        trim_content=True,
     ),
     "chatml": PromptTemplate(
         name="chatml",

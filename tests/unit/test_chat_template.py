@@ -95,6 +95,25 @@ def test_gemma_3s_own_template_with_content_parts_gives_the_built_in_gemma() -> 
     assert derived.stop == ("<end_of_turn>", "<eos>")
 
 
+@pytest.mark.parametrize(("source", "trims"), [(CHATML, False), (GEMMA, True), (GEMMA3, True)])
+def test_whitespace_around_a_message_is_kept_or_trimmed_as_the_template_does(
+    source: str, trims: bool
+) -> None:
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    derived = template_from_jinja(source, bos_token="<bos>", eos_token="<eos>")
+    turns = [Turn(Role.USER, "  Hi there \n"), Turn(Role.ASSISTANT, "\nHello. "), Turn(Role.USER, " Bye")]
+    messages = [{"role": turn.role.value, "content": turn.content} for turn in turns]
+    expected = (
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        .from_string(source)
+        .render(messages=messages, add_generation_prompt=True, bos_token="<bos>", eos_token="<eos>")
+        .removeprefix("<bos>")
+    )
+    assert derived.trim_content is trims
+    assert derived.render(turns) == expected
+
+
 @pytest.mark.parametrize(
     ("source", "problem"),
     [
