@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
@@ -27,7 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.processes import LoggedProcess, free_port, start_process, stop_process, wait_until_serving
+from tests.support.processes import (
+    LoggedProcess,
+    cpu_seconds,
+    free_port,
+    start_process,
+    stop_process,
+    wait_until_serving,
+)
 
 SERVICE = "chatmesh.inference.v1.InferenceService"
 SCRIPT = str(Path(__file__).resolve())
@@ -72,12 +78,6 @@ async def serve(address: str, servicer: inference_pb2_grpc.InferenceServiceServi
     server.add_insecure_port(address)
     await server.start()
     await server.wait_for_termination()
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def first_message_ms(stub: inference_pb2_grpc.InferenceServiceStub) -> float:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import tempfile
@@ -47,7 +46,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.processes import free_port, run_service, start_process, stop_process, wait_for_line
+from tests.support.processes import (
+    cpu_seconds,
+    free_port,
+    run_service,
+    start_process,
+    stop_process,
+    wait_for_line,
+)
 
 MODEL_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "support" / "triton_llama_model.py"
 PROMPT = "User: Tell me a story.\nAssistant:"
@@ -131,12 +137,6 @@ async def run_round(make: Any, concurrency: int) -> Round:
     started = time.perf_counter()
     streams = await asyncio.gather(*(make() for _ in range(concurrency)))
     return Round(list(streams), time.perf_counter() - started)
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of process `pid` so far (Linux /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def summary(name: str, rounds: list[Round]) -> dict[str, float]:

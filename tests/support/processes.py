@@ -137,6 +137,13 @@ def command_line(pid: int) -> str:
         return ""
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time process `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # After the command name: state is field 0, utime 11, stime 12 (in clock ticks).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_group_members(pgid: int) -> list[int]:
     """Pids of live (non-zombie) processes in process group `pgid`."""
     return [pid for pid, fields in _live_processes() if int(fields[2]) == pgid]

@@ -213,18 +213,11 @@ class FixedTokenModel:
                 await asyncio.sleep(max(0.0, next_at - loop.time()))
             generated += piece
             if params.stream:
-                yield [self._response(piece, 1)]
+                yield [_token_response(self._report_lengths, piece, 1)]
             if any(word in generated for word in params.stop_words):
                 break
         if not params.stream:
-            yield [self._response(generated, index + 1)]
-
-    def _response(self, text: str, tokens: int) -> dict[str, npt.NDArray[Any]]:
-        response = _text_output(text)
-        if self._report_lengths:
-            # As deploy/triton's ensemble reports it: the tokens of this response.
-            response["output_length"] = np.array([[tokens]], dtype=np.int32)
-        return response
+            yield [_token_response(self._report_lengths, generated, index + 1)]
 
 
 class DecoderModel:
@@ -288,17 +281,20 @@ class DecoderModel:
             generated += piece
             count += 1
             if params.stream:
-                yield [self._response(piece, 1)]
+                yield [_token_response(self._report_lengths, piece, 1)]
             if any(word in generated for word in params.stop_words):
                 break
         if not params.stream:
-            yield [self._response(generated, count)]
+            yield [_token_response(self._report_lengths, generated, count)]
 
-    def _response(self, text: str, tokens: int) -> dict[str, npt.NDArray[Any]]:
-        response = _text_output(text)
-        if self._report_lengths:
-            response["output_length"] = np.array([[tokens]], dtype=np.int32)
-        return response
+
+def _token_response(report_lengths: bool, text: str, tokens: int) -> dict[str, npt.NDArray[Any]]:
+    """A streamed response of the stand-in engines: `text`, and with `report_lengths` its token count as
+    deploy/triton's ensemble reports TensorRT-LLM's (`output_length`)."""
+    response = _text_output(text)
+    if report_lengths:
+        response["output_length"] = np.array([[tokens]], dtype=np.int32)
+    return response
 
 
 def _text_output(text: str) -> dict[str, npt.NDArray[Any]]:
