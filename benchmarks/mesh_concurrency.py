@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine_concurrency import (
     CONTEXT,
     HEADER,
+    Stream,
     completion_stream,
     in_slots,
     llama_server_alone,
@@ -44,9 +45,42 @@ from chatmesh.gateway import GatewaySettings, run_envoy
 from inference_service.prompt import Role, Turn
 from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
-from tests.support.processes import free_port, run_service
+from tests.support.processes import command_line, cpu_seconds, find_processes, free_port, run_service
 
 SYSTEM_PROMPT = "User: Count from 1 to 40.\nAssistant: " + ", ".join(str(i) for i in range(1, 41))
+
+
+def processes_by_role(alone_port: int) -> dict[str, list[int]]:
+    """Pids of every process in the run, by the part it plays (the mesh's llama-server is the one that
+    is not `alone_port`'s; PostgreSQL counts all its backends, this benchmark's being the busy ones)."""
+    roles: dict[str, list[int]] = defaultdict(list)
+    for pid in find_processes(""):
+        line = command_line(pid)
+        if "llama-server" in line:
+            roles["engine alone" if f"--port {alone_port}" in line else "mesh engine"].append(pid)
+        elif "-m inference_service" in line:
+            roles["inference service"].append(pid)
+        elif "-m chat_service" in line:
+            roles["chat replicas"].append(pid)
+        elif "envoy" in line and "--disable-hot-restart" in line:
+            roles["envoy"].append(pid)
+        elif line.startswith("postgres"):
+            roles["postgresql"].append(pid)
+    return roles
+
+
+def cpu_of(roles: dict[str, list[int]]) -> dict[str, float]:
+    """CPU seconds used so far by each role's processes, and by this benchmark (the client)."""
+    used = {role: sum(_cpu_or_zero(pid) for pid in pids) for role, pids in roles.items()}
+    used["benchmark client"] = time.process_time()
+    return used
+
+
+def _cpu_or_zero(pid: int) -> float:
+    try:
+        return cpu_seconds(pid)
+    except OSError:
+        return 0.0  # exited (a PostgreSQL backend of a closed connection)
 
 
 def question(index: int) -> str:
@@ -160,13 +194,42 @@ async def main() -> None:
                             print(
                                 HEADER.replace("llama-server", "engine alone").replace("service", "mesh   ")
                             )
-                            for streams in levels:
-                                rows: dict[str, list[tuple[float, list[float], int]]] = {"a": [], "m": []}
-                                sides = [("a", direct), ("m", through_mesh)]
-                                for round_index in range(args.rounds):
-                                    for name, side in sides if round_index % 2 == 0 else sides[::-1]:
-                                        rows[name].append(await one_round(streams, side))
-                                print(row(streams, rows["a"], rows["m"]), flush=True)
+                            roles = processes_by_role(int(alone.base_url.rstrip("/").rpartition(":")[2]))
+                            cpu = await sweep(levels, args.rounds, direct, through_mesh, roles)
+                            print_cpu(cpu, args.rounds * args.max_tokens)
+
+
+async def sweep(
+    levels: list[int], rounds: int, direct: Stream, through_mesh: Stream, roles: dict[str, list[int]]
+) -> dict[int, dict[str, defaultdict[str, float]]]:
+    """Print a row per concurrency (the sides alternating `rounds` times); return the CPU seconds each
+    role used while each side ran, by concurrency and side."""
+    cpu: dict[int, dict[str, defaultdict[str, float]]] = {}
+    for streams in levels:
+        rows: dict[str, list[tuple[float, list[float], int]]] = {"a": [], "m": []}
+        cpu[streams] = {"a": defaultdict(float), "m": defaultdict(float)}
+        sides = [("a", direct), ("m", through_mesh)]
+        for round_index in range(rounds):
+            for name, side in sides if round_index % 2 == 0 else sides[::-1]:
+                before = cpu_of(roles)
+                rows[name].append(await one_round(streams, side))
+                for role, used in cpu_of(roles).items():
+                    cpu[streams][name][role] += used - before.get(role, 0.0)
+        print(row(streams, rows["a"], rows["m"]), flush=True)
+    return cpu
+
+
+def print_cpu(cpu: dict[int, dict[str, defaultdict[str, float]]], tokens_per_stream: int) -> None:
+    """CPU milliseconds per generated token of each process, while each side ran (where the mesh's 2
+    cores go: every millisecond the services around the engine use is one the engine waits for)."""
+    roles = sorted({role for sides in cpu.values() for side in sides.values() for role in side})
+    print("\nCPU ms per generated token while each side ran (a: engine alone, m: mesh)")
+    print("streams side | " + " ".join(f"{role:>17}" for role in roles))
+    for streams, sides in cpu.items():
+        tokens = streams * tokens_per_stream
+        for name, used in sides.items():
+            cells = " ".join(f"{1000 * used.get(role, 0.0) / tokens:17.2f}" for role in roles)
+            print(f"{streams:7} {name:>4} | {cells}", flush=True)
 
 
 if __name__ == "__main__":
