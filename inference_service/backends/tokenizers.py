@@ -196,6 +196,11 @@ class TokenizerThread:
             return _tokenize_pieces(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, _tokenize_pieces, *args)
 
+    async def shared_start(self) -> tuple[int, ...]:
+        """The token ids every prompt starts with: the tokenizer's prefix, then the template's preamble."""
+        preamble = await self.encode(self._template.preamble) if self._template.preamble else []
+        return (*self._tokenizer.prefix, *preamble)
+
     async def encode(self, text: str) -> list[int]:
         """The token ids of `text` on its own."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._tokenizer.encode, text)
