@@ -39,12 +39,12 @@ def test_a_new_chat_whose_prompt_is_mostly_the_shared_preamble_leaves_other_chat
     # their second turns every chat re-read its whole prompt (prefix_reuse.py: turn 2 at 6x turn 1).
     chooser = SlotChooser(4)
     preamble = list(range(100, 169))
-    homes = []
+    homes: list[int | None] = []
     for chat in range(4):
         slot = chooser.acquire([*preamble, *(1000 * chat + i for i in range(10))])
         chooser.release(slot)
         homes.append(slot)
-    assert sorted(homes) == [0, 1, 2, 3], "each new chat gets a slot of its own"
+    assert set(homes) == {0, 1, 2, 3}, "each new chat gets a slot of its own"
     for chat in range(4):
         slot = chooser.acquire([*preamble, *(1000 * chat + i for i in range(40))])
         chooser.release(slot)
