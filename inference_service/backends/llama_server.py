@@ -88,11 +88,15 @@ class SlotChooser:
     """
 
     def __init__(self, slots: int) -> None:
-        self.count = slots
         self._cached: list[tuple[int, ...]] = [() for _ in range(slots)]
         self._busy = [False] * slots
         self._last_used = [0] * slots
         self._uses = 0
+
+    @property
+    def count(self) -> int:
+        """How many slots there are."""
+        return len(self._cached)
 
     def acquire(self, prompt: Sequence[int]) -> int | None:
         """Take a slot for `prompt`; None when all are busy (llama-server then queues it itself)."""

@@ -197,9 +197,10 @@ class TokenizerThread:
         return await asyncio.get_running_loop().run_in_executor(self._executor, _tokenize_pieces, *args)
 
     async def shared_start(self) -> tuple[int, ...]:
-        """The token ids every prompt starts with: the tokenizer's prefix, then the template's preamble."""
-        preamble = await self.encode(self._template.preamble) if self._template.preamble else []
-        return (*self._tokenizer.prefix, *preamble)
+        """The token ids every prompt starts with: the tokenizer's prefix, then the template's preamble
+        (taken from an empty conversation's prompt, so they are exactly what every prompt carries)."""
+        empty = await self.prompt([])
+        return tuple(empty.token_ids[: len(self._tokenizer.prefix) + empty.preamble_tokens])
 
     async def encode(self, text: str) -> list[int]:
         """The token ids of `text` on its own."""
