@@ -4,14 +4,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
+from inference_service.backends.llama_cpp import bundled_gguf_path
+from inference_service.backends.llama_server import open_llama_server_backend
+from inference_service.prompt import FEW_SHOT_PREAMBLE, Role, Turn
+from inference_service.settings import InferenceSettings
 from tests.support.processes import (
     LoggedProcess,
     find_processes,
@@ -163,3 +169,35 @@ async def test_the_engine_dies_with_the_service_even_on_sigkill(tmp_path: Path) 
         service.kill()
         await eventually(lambda: not find_processes(f"--port {started['port']} "), "llama-server outlived it")
     assert engine not in find_processes("llama-server")
+
+
+async def test_every_slot_starts_with_the_shared_prompt_start_cached(tmp_path: Path) -> None:
+    """A new chat's first prompt, whichever slot it gets, reads only its own messages: llama-server
+    reuses the preamble that `warm_slots` cached there at start-up."""
+    # The tests' services run without a preamble (tests/conftest.py); the default one is what is shared.
+    template = dataclasses.replace(
+        InferenceSettings(address="127.0.0.1:1").template(), preamble=FEW_SHOT_PREAMBLE
+    )
+    async with open_llama_server_backend(
+        bundled_gguf_path(),
+        parallel=2,
+        context_length=512,
+        threads=None,
+        batch_threads=None,
+        template=template,
+        model_name="gemma-3-270m",
+        log_dir=tmp_path,
+    ) as backend:
+        prompt = await backend.prepare([Turn(Role.USER, "What is the capital of France?")])
+        start = prompt.preamble_tokens + 1  # the BOS token, then the preamble
+        async with httpx.AsyncClient(base_url=backend.base_url, trust_env=False, timeout=60) as http:
+            for slot in (0, 1):
+                body = {
+                    "prompt": list(prompt.token_ids),
+                    "n_predict": 1,
+                    "id_slot": slot,
+                    "cache_prompt": True,
+                }
+                timings = (await http.post("/completion", json=body)).json()["timings"]
+                assert timings["cache_n"] == start, f"slot {slot} should hold the shared start"
+                assert timings["prompt_n"] == len(prompt.token_ids) - start
