@@ -27,6 +27,11 @@ line per operating point, for three rules on the reporting half:
 
 `--fit` fits the rule's logistic weights on the tuning halves only (numpy, L2-regularised Newton steps) and
 prints them as Python to paste into verification.py, with the tuning-half curve of the refitted model.
+
+`--twins` prints, instead of the curves, the shipped rule's hits and misses grouped by each query's *twin
+score*: the cosine between the pair's own origin and the closest stored entry that is not right for the
+query. A high twin score means the file holds, under another label, a near paraphrase of the right entry,
+so a query between the two has no right answer that its text could reveal (docs/cache-verification.md).
 """
 
 from __future__ import annotations
@@ -64,6 +69,12 @@ Matrix = npt.NDArray[np.float32]
 MOCK_WEIGHT = 20.0
 """Weight of a mock lookup against a Quora one in `--fit` (500 mock lookups against 10,000 per half)."""
 
+TWIN_NEIGHBOURS = 20
+"""Nearest entries looked at per origin for its twin (a twin not among them scores 0: far enough)."""
+
+TWIN_BINS = (0.95, 0.9, 0.85, 0.8, 0.0)
+"""Lower bounds of the `--twins` bins of twin scores."""
+
 VERIFIED_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.91, 0.92, 0.93, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99)
 """Operating points of the verified rule on the curve (the shipped default is added)."""
 
@@ -81,6 +92,9 @@ class Lookup:
     questions another pair of the file labels as duplicates of the query."""
     entries: list[int]
     """Entry id of each candidate."""
+    twin_score: float
+    """Cosine between the pair's own origin and the stored entry closest to it that is *not* right for
+    the query: how near a paraphrase of the right entry the file also holds under another label."""
 
 
 @dataclass(frozen=True)
@@ -102,6 +116,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fit", action="store_true", help="refit the rule's weights on the tuning halves")
     parser.add_argument(
         "--half", choices=["report", "tune"], default="report", help="which half the curves are measured on"
+    )
+    parser.add_argument(
+        "--twins",
+        action="store_true",
+        help="instead of the curves: the default rule's hits and misses by how close a twin the file holds",
     )
     return parser.parse_args(argv)
 
@@ -170,6 +189,8 @@ def load_bench(name: str, args: argparse.Namespace) -> Bench:
     queries = [p["similar"] for p in pairs]
     vectors = embed(entries + queries, args.cache_dir, args.threads)
     ids, scores = top_k(vectors[len(entries) :], vectors[: len(entries)], args.k)
+    # Each entry's nearest other entries (the first is itself), for `Lookup.twin_score`.
+    near_ids, near_scores = top_k(vectors[: len(entries)], vectors[: len(entries)], TWIN_NEIGHBOURS)
     # Duplicates by the file's own labels, both directions; texts that differ only in case, accents,
     # spacing or punctuation are the same question.
     duplicates: dict[str, set[str]] = {}
@@ -193,6 +214,14 @@ def load_bench(name: str, args: argparse.Namespace) -> Bench:
                 truth=truth,
                 acceptable=frozenset(acceptable),
                 entries=[int(j) for j in ids[q]],
+                twin_score=next(
+                    (
+                        float(score)
+                        for entry, score in zip(near_ids[truth], near_scores[truth], strict=True)
+                        if entry not in acceptable
+                    ),
+                    0.0,
+                ),
             )
         )
     half = len(lookups) // 2
@@ -279,6 +308,17 @@ def curves(bench: Bench, lookups: Sequence[Lookup]) -> Iterator[dict[str, object
         yield record
 
 
+def twins(bench: Bench, lookups: Sequence[Lookup]) -> Iterator[dict[str, object]]:
+    """The default rule's outcome by twin score: whether the file also holds, under another label, an
+    entry nearly as close to the right one as a paraphrase is (`Lookup.twin_score`)."""
+    decide = verified_rule(DEFAULT_THRESHOLD)
+    upper = 1.01
+    for lower in TWIN_BINS:
+        selected = [lookup for lookup in lookups if lower <= lookup.twin_score < upper]
+        yield {"data": bench.name, "twin_score": [lower, min(upper, 1.0)], **measure(selected, decide)}
+        upper = lower
+
+
 def fit_logistic(
     x: npt.NDArray[np.float64],
     y: npt.NDArray[np.float64],
@@ -349,7 +389,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         fit(benches)
     for bench in benches:
         lookups = bench.report if args.half == "report" else bench.tune
-        for record in curves(bench, lookups):
+        for record in (twins if args.twins else curves)(bench, lookups):
             print(json.dumps({"half": args.half, **record}), flush=True)
 
 
