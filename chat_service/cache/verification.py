@@ -96,10 +96,15 @@ _NEGATIONS: Final = frozenset(_NEGATION_TEXT.split())
 # "... or not?" and "why not?" ask the same question as the positive form.
 _NEUTRALISING: Final = frozenset({"or", "why"})
 # Negative words that are no "not" but say the same thing: "No alternative is mentioned" is "the document
-# doesn't mention any alternative", "in the absence of metadata" is "if there is no metadata". A negation
-# on one side is only vetoed when the other side has none of these.
+# doesn't mention any alternative", "in the absence of metadata" is "if there is no metadata", "optional"
+# is "not mandatory", "it is uncertain" is "it is not clear", "to avoid creating copies" is "to not create
+# copies". A negation on one side is only vetoed when the other side has none of these. Words that mostly
+# appear in positive questions ("different", "independent") are left out: they would let real conflicts
+# through.
 _POLARITY_TEXT: Final = (
-    "no none nothing nobody nowhere neither nor without absence absent lack lacks lacking unlike unable"
+    "no none nothing nobody nowhere neither nor without absence absent lack lacks lacking unlike unable "
+    "uncertain unclear unknown optional avoid avoids avoiding prevent prevents preventing except excluding "
+    "unavailable impossible missing"
 )
 _POLARITY: Final = frozenset(_POLARITY_TEXT.split())
 # Code identifiers: `quoted`, call() forms, snake_case, camelCase and CamelCase with an inner capital.

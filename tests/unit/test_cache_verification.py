@@ -200,6 +200,20 @@ def test_a_negation_said_with_another_negative_word_is_no_conflict() -> None:
     query = "The builder makes a label column in the absence of metadata."
     candidate = "If the dataset doesn't have metadata, the builder makes a label column."
     assert not candidate_evidence(query, [Candidate(0.95, candidate)])[0].vetoed
+    # Negative in meaning, not in form: both from the GPTCache mock pairs.
+    query = "The `with_details` parameter is not mandatory and is set to `False` by default."
+    candidate = "The `with_details` parameter is optional and defaults to `False`."
+    assert not candidate_evidence(query, [Candidate(0.93, candidate)])[0].vetoed
+    query = "It is uncertain what one may encounter after exploring the quickstart options."
+    candidate = "It is not clear what you can expect to find after going through the quickstart options."
+    assert not candidate_evidence(query, [Candidate(0.93, candidate)])[0].vetoed
+
+
+def test_a_negative_word_on_the_negated_side_only_is_still_a_conflict() -> None:
+    # Made-up score: "optional" on the side that also says "not" leaves the other side plainly positive.
+    query = "Is the `with_details` parameter not optional?"
+    candidate = "Is the `with_details` parameter required?"
+    assert candidate_evidence(query, [Candidate(0.9, candidate)])[0].vetoed
 
 
 def test_a_stored_copy_of_the_candidate_is_no_rival() -> None:
