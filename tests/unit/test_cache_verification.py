@@ -192,21 +192,31 @@ def test_not_only_is_not_a_negation() -> None:
     assert not evidence[0].vetoed
 
 
-def test_a_negation_said_with_another_negative_word_is_no_conflict() -> None:
-    # Made-up scores: only the veto is checked.
-    query = "No alternative to the upload page is mentioned in the document."
-    candidate = "The document doesn't mention any alternative to the upload page."
-    assert not candidate_evidence(query, [Candidate(0.99, candidate)])[0].vetoed
-    query = "The builder makes a label column in the absence of metadata."
-    candidate = "If the dataset doesn't have metadata, the builder makes a label column."
+@pytest.mark.parametrize(
+    ("query", "candidate"),
+    [
+        (
+            "No alternative to the upload page is mentioned in the document.",
+            "The document doesn't mention any alternative to the upload page.",
+        ),
+        (
+            "The builder makes a label column in the absence of metadata.",
+            "If the dataset doesn't have metadata, the builder makes a label column.",
+        ),
+        # Negative in meaning, not in form: both from the GPTCache mock pairs.
+        (
+            "The `with_details` parameter is not mandatory and is set to `False` by default.",
+            "The `with_details` parameter is optional and defaults to `False`.",
+        ),
+        (
+            "It is uncertain what one may encounter after exploring the quickstart options.",
+            "It is not clear what you can expect to find after going through the quickstart options.",
+        ),
+    ],
+)
+def test_a_negation_said_with_another_negative_word_is_no_conflict(query: str, candidate: str) -> None:
+    # Made-up score: only the veto is checked.
     assert not candidate_evidence(query, [Candidate(0.95, candidate)])[0].vetoed
-    # Negative in meaning, not in form: both from the GPTCache mock pairs.
-    query = "The `with_details` parameter is not mandatory and is set to `False` by default."
-    candidate = "The `with_details` parameter is optional and defaults to `False`."
-    assert not candidate_evidence(query, [Candidate(0.93, candidate)])[0].vetoed
-    query = "It is uncertain what one may encounter after exploring the quickstart options."
-    candidate = "It is not clear what you can expect to find after going through the quickstart options."
-    assert not candidate_evidence(query, [Candidate(0.93, candidate)])[0].vetoed
 
 
 def test_a_negative_word_on_the_negated_side_only_is_still_a_conflict() -> None:
