@@ -92,9 +92,10 @@ class Lookup:
     questions another pair of the file labels as duplicates of the query."""
     entries: list[int]
     """Entry id of each candidate."""
-    twin_score: float
+    twin_score: float | None
     """Cosine between the pair's own origin and the stored entry closest to it that is *not* right for
-    the query: how near a paraphrase of the right entry the file also holds under another label."""
+    the query: how near a paraphrase of the right entry the file also holds under another label. Only
+    computed for `--twins` (None otherwise): it costs a search of every entry against all the others."""
 
 
 @dataclass(frozen=True)
@@ -190,7 +191,7 @@ def load_bench(name: str, args: argparse.Namespace) -> Bench:
     vectors = embed(entries + queries, args.cache_dir, args.threads)
     ids, scores = top_k(vectors[len(entries) :], vectors[: len(entries)], args.k)
     # Each entry's nearest other entries (the first is itself), for `Lookup.twin_score`.
-    near_ids, near_scores = top_k(vectors[: len(entries)], vectors[: len(entries)], TWIN_NEIGHBOURS)
+    near = top_k(vectors[: len(entries)], vectors[: len(entries)], TWIN_NEIGHBOURS) if args.twins else None
     # Duplicates by the file's own labels, both directions; texts that differ only in case, accents,
     # spacing or punctuation are the same question.
     duplicates: dict[str, set[str]] = {}
@@ -214,10 +215,12 @@ def load_bench(name: str, args: argparse.Namespace) -> Bench:
                 truth=truth,
                 acceptable=frozenset(acceptable),
                 entries=[int(j) for j in ids[q]],
-                twin_score=next(
+                twin_score=None
+                if near is None
+                else next(
                     (
                         float(score)
-                        for entry, score in zip(near_ids[truth], near_scores[truth], strict=True)
+                        for entry, score in zip(near[0][truth], near[1][truth], strict=True)
                         if entry not in acceptable
                     ),
                     0.0,
@@ -314,7 +317,11 @@ def twins(bench: Bench, lookups: Sequence[Lookup]) -> Iterator[dict[str, object]
     decide = verified_rule(DEFAULT_THRESHOLD)
     upper = 1.01
     for lower in TWIN_BINS:
-        selected = [lookup for lookup in lookups if lower <= lookup.twin_score < upper]
+        selected = [
+            lookup
+            for lookup in lookups
+            if lookup.twin_score is not None and lower <= lookup.twin_score < upper
+        ]
         yield {"data": bench.name, "twin_score": [lower, min(upper, 1.0)], **measure(selected, decide)}
         upper = lower
 
