@@ -12,8 +12,10 @@ read straight off the message.
 How the end of a generation is detected: each generation has its own stream whose request side is closed
 right after the one request; Triton ends such a stream once that request is complete (a model that flags
 completion with an empty final response, as the Python backend does, needs no request parameter for
-this). A response carrying `triton_final_response=true` (TensorRT-LLM sets it on the last token) ends the
-generation as well.
+this). The stream is read to that end even past a response flagged `triton_final_response` (TensorRT-LLM
+flags its last token so), and past a stop sequence the model was told about and ends on itself: a stream
+is cancelled only when the caller goes away or the model runs on past a stop sequence (`_cancel_past_stop`),
+never while its request is completing, which crashed Triton before 2.54 (docs/triton-crash.md).
 
 Triton tokenizes inside the model, but prompt counts (context window, usage, CountTokens) are needed
 here, so the same vocabulary is loaded locally (see `tokenizers.py`) and used off the event loop. The
@@ -55,8 +57,6 @@ log = logging.getLogger(__name__)
 
 STARTUP_CHECK_TIMEOUT_S = 10.0
 """How long the liveness and readiness checks at startup may take."""
-
-_FINAL_RESPONSE_PARAMETER = "triton_final_response"
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,12 +182,19 @@ class TritonBackend:
         # Tokens that arrive while the previous one is being forwarded go out together (see coalesce.py).
         async with aclosing(coalesced(self._stream_text(prompt.text, sampling, counted))) as responses:
             async for pieces in responses:
+                past_stop = pieces if stops.stopped else []
+                if not stops.stopped:
+                    text = ""
+                    for index, piece in enumerate(pieces):
+                        text += stops.feed(piece)
+                        if stops.stopped:
+                            past_stop = pieces[index + 1 :]
+                            break
+                    if text := trimmer.feed(text):
+                        yield TextDelta(text=text)
                 received.extend(pieces)
-                if text := trimmer.feed(stops.feed("".join(pieces))):
-                    yield TextDelta(text=text)
-                if stops.stopped:
-                    # Leaving the loop closes `responses`, which cancels the Triton request: the model
-                    # may not know our stop sequence and would otherwise run on to max_tokens.
+                if past_stop and _cancel_past_stop(counted, len(received), sampling):
+                    # Leaving the loop closes `responses`, which cancels the Triton request.
                     break
         if text := trimmer.feed(stops.flush()):
             yield TextDelta(text=text)
@@ -224,12 +231,15 @@ class TritonBackend:
         # A token can end inside a multi-byte character; decode across responses.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         call = self._stub.ModelStreamInfer(timeout=self._timeout_s)
+        ended = False
         try:
             with triton_errors(self._url, self._model, "generation"):
                 await call.write(request)
                 # Ending the request side after the one request is what makes Triton end the stream once
                 # the request is complete (see the module docstring).
                 await call.done_writing()
+                # Read to the end even after a response flagged final: Triton ends the stream right
+                # after it, and cancelling a request that is completing is what crashes Triton < 2.54.
                 while (message := await call.read()) is not grpc.aio.EOF:
                     if message.error_message:
                         raise InferenceServerException(msg=message.error_message)
@@ -238,11 +248,12 @@ class TritonBackend:
                     counted.add(length)
                     if outputs is not None:
                         yield "".join(decoder.decode(item) for item in outputs)
-                    if _is_final(response):
-                        break
+                ended = True
         finally:
-            # A no-op once the call has ended; otherwise Triton sees the cancellation right away.
-            call.cancel()
+            if not ended:
+                # Closed early (the client went away, or the model ran past a stop sequence): Triton
+                # sees the cancellation right away and stops the request.
+                call.cancel()
 
     def _request(self, text: str, sampling: Sampling) -> service_pb2.ModelInferRequest:
         """The inference request for `text`, each input tensor [1, 1] (stop words [1, n]) from its wire
@@ -405,6 +416,14 @@ def _bytes_element(data: bytes) -> bytes:
     return len(data).to_bytes(4, "little") + data
 
 
-def _is_final(response: Any) -> bool:
-    parameters = response.parameters
-    return _FINAL_RESPONSE_PARAMETER in parameters and bool(parameters[_FINAL_RESPONSE_PARAMETER].bool_param)
+def _cancel_past_stop(counted: _EngineCount, responses: int, sampling: Sampling) -> bool:
+    """Whether to cancel a request whose model sent more after our stop sequence.
+
+    The model is given our stop sequences and ends on the token that completes one (as TensorRT-LLM
+    does), so the stream is read on after a stop rather than cancelled: cancelling a request at the moment
+    it completes is the race that crashes Triton < 2.54 (server#7840; see docs/triton-crash.md). Only a
+    model that went on past the stop (TensorRT-LLM matches stop words as tokens, which can miss text the
+    relay matches) has its request cancelled, unless what it sent was its last token anyway.
+    """
+    generated = counted.tokens if counted.tokens is not None else responses
+    return generated < sampling.max_tokens
