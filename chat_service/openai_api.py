@@ -11,6 +11,7 @@ in `data: [DONE]`. Errors before the first byte are the call's status (the gatew
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import time
@@ -75,10 +76,46 @@ def _text(value: struct_pb2.Value, field: str) -> str:
 
 _UNKNOWN_FIELD = re.compile(r'has no field named "([^"]+)"')
 
+DEFAULT_MAX_BODY_BYTES = 1024 * 1024
+"""The largest body (as the Struct it arrives in) read into a request by default."""
 
-def read_request(body: struct_pb2.Struct) -> pb.CreateChatCompletionRequest:
-    """The request `body` holds; a field the message lacks (an OpenAI feature chatmesh does not have)
-    or a value of the wrong type is an `InvalidArgument` naming it."""
+INLINE_CONVERSION_BYTES = 4 * 1024
+"""Bodies up to this size are converted on the event loop (a typical question: well under a
+millisecond); larger ones on a worker thread. The conversion is pure Python: about 2 KiB a millisecond
+for a body of many small values (a long conversation), so a body at the limit would hold the loop for
+a second."""
+
+
+def _checked_size(body: struct_pb2.Struct, max_bytes: int) -> int:
+    # ByteSize is computed in C by the protobuf runtime: cheap next to the pure-Python conversion, which
+    # is what an oversized body would otherwise cost.
+    size = body.ByteSize()
+    if size > max_bytes:
+        raise InvalidArgument("body", f"is {size} bytes; this server reads at most {max_bytes}")
+    return size
+
+
+def read_request(
+    body: struct_pb2.Struct, max_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> pb.CreateChatCompletionRequest:
+    """The request `body` holds; a body over `max_bytes` (checked before anything is converted), a
+    field the message lacks (an OpenAI feature chatmesh does not have) or a value of the wrong type is
+    an `InvalidArgument` naming it."""
+    _checked_size(body, max_bytes)
+    return _convert(body)
+
+
+async def read_request_off_loop(
+    body: struct_pb2.Struct, max_bytes: int = DEFAULT_MAX_BODY_BYTES
+) -> pb.CreateChatCompletionRequest:
+    """`read_request` for a coroutine: a body over `INLINE_CONVERSION_BYTES` is converted on a worker
+    thread, so that one large request does not hold up every other call the event loop serves."""
+    if _checked_size(body, max_bytes) <= INLINE_CONVERSION_BYTES:
+        return _convert(body)
+    return await asyncio.to_thread(_convert, body)
+
+
+def _convert(body: struct_pb2.Struct) -> pb.CreateChatCompletionRequest:
     request = pb.CreateChatCompletionRequest()
     try:
         json_format.ParseDict(json_format.MessageToDict(body), request)
@@ -202,9 +239,15 @@ def error_object(error: ChatmeshError) -> dict[str, Any]:
 class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     """Maps OpenAIService RPCs onto `Conversations`; identity comes from the auth interceptor."""
 
-    def __init__(self, conversations: Conversations, created: int | None = None) -> None:
+    def __init__(
+        self,
+        conversations: Conversations,
+        created: int | None = None,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    ) -> None:
         self._conversations = conversations
         self._created = int(time.time()) if created is None else created
+        self._max_body_bytes = max_body_bytes
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         current_user()
@@ -218,7 +261,7 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
     ) -> AsyncIterator[HttpBody]:
         user = current_user()
         engine = self._conversations.engine
-        call = completion_call(read_request(request), engine)
+        call = completion_call(await read_request_off_loop(request, self._max_body_bytes), engine)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         base = {"id": completion_id, "created": created, "model": engine.model}

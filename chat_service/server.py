@@ -219,7 +219,9 @@ async def serve(settings: ChatSettings) -> None:
         open_services = PUBLIC_SERVICES | ({DEV_SIGN_IN_SERVICE} if settings.dev_sign_in else set())
         server = create_server([JwtAuthInterceptor(keys, open_services)], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
-        openai_pb2_grpc.add_OpenAIServiceServicer_to_server(OpenAIServicer(conversations), server)
+        openai_pb2_grpc.add_OpenAIServiceServicer_to_server(
+            OpenAIServicer(conversations, max_body_bytes=settings.openai_max_body_bytes), server
+        )
         if settings.dev_sign_in:
             dev_pb2_grpc.add_DevSignInServiceServicer_to_server(DevSignInServicer(keys), server)
             log.warning("dev sign-in on: POST /dev/sign-in hands out a token for any user name")

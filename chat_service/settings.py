@@ -59,6 +59,15 @@ class ChatSettings(ServiceSettings):
         600.0, gt=0, description="deadline of a whole Generate stream, from the request to its last token"
     )
     default_history_strategy: HistoryStrategy = HistoryStrategy.WINDOW
+    openai_max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="largest /v1/chat/completions body (as the protobuf Struct it arrives in) the OpenAI"
+        " API reads, checked before the body is converted (pure Python, on a worker thread when large);"
+        " larger is a 400. The gateway bounds the Struct it makes to its CHATMESH_GATEWAY_MAX_REQUEST_BYTES"
+        " (the same 1 MiB by default) and answers first; this holds for callers that reach a replica"
+        " directly",
+    )
     replica_id: str | None = Field(
         None, max_length=64, description="this replica's name in completion leases; default: a random one"
     )

@@ -83,6 +83,15 @@ class GatewaySettings(BaseSettings):
         1.0, gt=0, description="retry hint of a completion refused at the edge"
     )
 
+    max_request_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="largest request body Envoy takes, for every protocol (REST, OpenAI, native gRPC);"
+        " a larger one is refused at the edge before any replica reads it: 413 with a JSON error body over"
+        " HTTP, RESOURCE_EXHAUSTED over gRPC. The default holds the longest message the API takes"
+        " (32,000 characters, up to 4 bytes each) several times over",
+    )
+
     concurrency: int | None = Field(None, ge=1, description="Envoy worker threads; default one per core")
     log_level: Literal["trace", "debug", "info", "warning", "error", "critical", "off"] = "warning"
     access_log: bool = Field(False, description="log every request to stdout")

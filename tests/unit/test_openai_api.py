@@ -4,6 +4,7 @@ stream started, a refusal before it, and every body it writes checked against th
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -11,6 +12,7 @@ import jsonschema
 import pytest
 from google.protobuf import json_format, struct_pb2
 
+from chat_service import openai_api
 from chat_service.conversations import CompletionEvent, Delta, Finished
 from chat_service.domain import FinishReason
 from chat_service.inference import EngineInfo, PromptMessage, SamplingOptions
@@ -136,3 +138,54 @@ def test_content_parts_are_joined_and_numbers_read_as_integers() -> None:
     )
     assert request.max_tokens == 8
     assert request.messages[0].content.list_value.values[1].struct_value.fields["text"].string_value == "b"
+
+
+def test_a_body_over_the_limit_is_refused_before_any_of_it_is_converted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def converted(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the body was converted before its size was checked")
+
+    monkeypatch.setattr(json_format, "MessageToDict", converted)
+    large = body(messages=[{"role": "user", "content": "x" * 5000}])
+    with pytest.raises(InvalidArgument) as raised:
+        read_request(large, max_bytes=4096)
+    assert raised.value.field == "body"
+    assert f"is {large.ByteSize()} bytes" in raised.value.problem and "at most 4096" in raised.value.problem
+
+
+async def test_a_body_over_the_limit_is_refused_by_the_servicer_before_any_of_it_is_converted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(openai_api, "_convert", lambda body: pytest.fail("converted"))
+    token = auth._current_user.set("alice")
+    try:
+        servicer = OpenAIServicer(FakeConversations(REPLY), created=1, max_body_bytes=4096)  # type: ignore[arg-type]
+        with pytest.raises(InvalidArgument) as raised:
+            async for _ in servicer.CreateChatCompletion(body(user="x" * 5000), None):
+                pass
+    finally:
+        auth._current_user.reset(token)
+    assert raised.value.field == "body"
+
+
+async def test_a_large_body_is_converted_off_the_event_loop_and_a_small_one_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    threads: list[int] = []
+    convert = openai_api._convert
+
+    def recorded(body: struct_pb2.Struct) -> Any:
+        threads.append(threading.get_ident())
+        return convert(body)
+
+    monkeypatch.setattr(openai_api, "_convert", recorded)
+    small = body()
+    large = body(messages=[{"role": "user", "content": "x"}] * 500)
+    assert small.ByteSize() <= openai_api.INLINE_CONVERSION_BYTES < large.ByteSize()
+    for request in (small, large):
+        [data] = await bodies(FakeConversations(REPLY), request)
+        assert json.loads(data)["object"] == "chat.completion"
+    loop_thread = threading.get_ident()
+    assert threads[0] == loop_thread
+    assert threads[1] != loop_thread
