@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 
 from chat_service.domain import ChatCursor, HistoryStrategy
 from chat_service.inference import SamplingOptions
@@ -18,6 +19,13 @@ MAX_SYSTEM_PROMPT_CHARS = 8_000
 MAX_REQUEST_ID_CHARS = 128
 DEFAULT_CHATS_PAGE, MAX_CHATS_PAGE = 20, 100
 DEFAULT_MESSAGES_PAGE, MAX_MESSAGES_PAGE = 50, 200
+MAX_SEED = 2**64 - 1
+"""Seeds are `uint64` in the contract; the store keeps the whole range (see `storage.models.Uint64`)."""
+MAX_SEQ = 2**63 - 1
+"""Message positions are BIGINT (INTEGER on SQLite): a page token past it cannot come from this API."""
+MAX_PAGE_TOKEN_CHARS = 256
+"""Far more than any token this API writes (under 100 characters)."""
+_SEQ_DIGITS = re.compile(r"[0-9]{1,19}")
 
 STRATEGIES = {
     pb.HISTORY_STRATEGY_FULL: HistoryStrategy.FULL,
@@ -36,14 +44,18 @@ def chat_id(value: str) -> uuid.UUID:
 def content(value: str, field: str = "content") -> str:
     if not value.strip():
         raise InvalidArgument(field, "must not be empty")
-    if len(value) > MAX_CONTENT_CHARS:
-        raise InvalidArgument(field, f"must be at most {MAX_CONTENT_CHARS} characters, got {len(value)}")
-    return value
+    return bounded_text(value, field, MAX_CONTENT_CHARS)
 
 
 def bounded_text(value: str, field: str, limit: int) -> str:
+    """`value` if it fits in `limit` characters and holds no NUL character.
+
+    PostgreSQL text cannot hold NUL (SQLite can): refused here, before anything is written, so both
+    databases answer the same INVALID_ARGUMENT rather than one storing it and the other failing."""
     if len(value) > limit:
         raise InvalidArgument(field, f"must be at most {limit} characters, got {len(value)}")
+    if (nul := value.find("\x00")) >= 0:
+        raise InvalidArgument(field, f"must not contain the NUL character (U+0000); found at index {nul}")
     return value
 
 
@@ -97,6 +109,8 @@ def sampling_options(
         raise InvalidArgument("temperature", f"must be between 0 and 2, got {temperature}")
     if top_p is not None and not 0 < top_p <= 1:
         raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise InvalidArgument("seed", f"must be between 0 and {MAX_SEED}, got {seed}")
     return SamplingOptions(max_tokens, temperature, top_p, seed)
 
 
@@ -111,6 +125,8 @@ def _encode(text: str) -> str:
 
 
 def _decode(token: str) -> str:
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise InvalidArgument("page_token", "is not a token returned by this API")
     try:
         return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
@@ -122,6 +138,9 @@ def chat_cursor_token(cursor: ChatCursor) -> str:
 
 
 def chat_cursor(token: str) -> ChatCursor | None:
+    """The ListChats position `token` holds (None for the first page); anything a ListChats page did not
+    hand out is INVALID_ARGUMENT on page_token, never an error further down (a naive time, which the store
+    cannot compare with its UTC times, included)."""
     if not token:
         return None
     kind, _, rest = _decode(token).partition("|")
@@ -129,8 +148,12 @@ def chat_cursor(token: str) -> ChatCursor | None:
     try:
         if kind != "c":
             raise ValueError(kind)
-        return ChatCursor(datetime.fromisoformat(when), uuid.UUID(chat))
-    except ValueError:
+        last_activity_at = datetime.fromisoformat(when)
+        if last_activity_at.utcoffset() is None:
+            raise ValueError(when)
+        # Here, not in the store: an offset can carry a time just inside year 1 or 9999 out of range.
+        return ChatCursor(last_activity_at.astimezone(UTC), uuid.UUID(chat))
+    except (ValueError, OverflowError):
         raise InvalidArgument("page_token", "is not a token returned by ListChats") from None
 
 
@@ -139,9 +162,11 @@ def message_cursor_token(seq: int) -> str:
 
 
 def message_cursor(token: str) -> int | None:
+    """The GetMessages position `token` holds (None for the first page): ASCII digits up to BIGINT's
+    largest value (`str.isdigit` and `int` also take other scripts' digits, '²' among them)."""
     if not token:
         return None
     kind, _, seq = _decode(token).partition("|")
-    if kind != "m" or not seq.isdigit():
+    if kind != "m" or not _SEQ_DIGITS.fullmatch(seq) or int(seq) > MAX_SEQ:
         raise InvalidArgument("page_token", "is not a token returned by GetMessages")
     return int(seq)

@@ -71,6 +71,33 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.astimezone(UTC)
 
 
+class Uint64(TypeDecorator[int]):
+    """An unsigned 64-bit integer (a sampling seed) in a signed BIGINT column, on every backend.
+
+    PostgreSQL's BIGINT and SQLite's INTEGER are signed 64-bit, and refuse 2^63 and above. Stored in two's
+    complement: values below 2^63 as themselves (so rows written before this type read back unchanged),
+    values from 2^63 as value - 2^64 (negative), mapped back on the way out. Order and arithmetic in SQL
+    are not those of the unsigned values: only store and read such columns, never compare them in SQL.
+    """
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
+        """The signed value stored for `value` (0 <= value < 2^64)."""
+        if value is None:
+            return None
+        if not 0 <= value < 2**64:
+            raise ValueError(f"{value} is not an unsigned 64-bit integer")
+        return value - 2**64 if value >= 2**63 else value
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> int | None:
+        """The unsigned value that the stored `value` stands for."""
+        if value is None:
+            return None
+        return value + 2**64 if value < 0 else value
+
+
 class Base(DeclarativeBase):
     """Declarative base holding the store's metadata."""
 
@@ -155,7 +182,8 @@ class JobRow(Base):
     max_tokens: Mapped[int | None] = mapped_column(Integer)
     temperature: Mapped[float | None] = mapped_column(Float)
     top_p: Mapped[float | None] = mapped_column(Float)
-    seed: Mapped[int | None] = mapped_column(BigInteger)
+    # The full uint64 range of the contract's seed, in a BIGINT (see Uint64; no schema change).
+    seed: Mapped[int | None] = mapped_column(Uint64)
     use_cache: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
@@ -645,6 +646,19 @@ async def test_a_job_is_created_once_per_message_and_read_only_by_its_owner(
     assert (failed.state, failed.attempts, failed.error) == (JobState.FAILED, 3, "the engine kept failing")
     assert failed.updated_at >= job.updated_at
     assert await store.load_job(job.id) == failed
+
+
+@pytest.mark.parametrize("seed", [0, 2**63 - 1, 2**63, 2**64 - 1])
+async def test_a_job_keeps_any_uint64_seed(
+    store: SqlConversationStore, new_user: Callable[[], str], seed: int
+) -> None:
+    """The contract's seed is uint64; both databases' integers are signed 64-bit."""
+    user = new_user()
+    chat_id = await new_chat(store, user)
+    message, _ = await store.add_user_message(user, chat_id, "seeded", NOT_COUNTED, None)
+    job, _ = await store.create_job(dataclasses.replace(job_request(user, chat_id, message), seed=seed))
+    assert (await store.get_job(user, job.id)).request.seed == seed
+    assert (await store.load_job(job.id)) == job
 
 
 async def test_jobs_die_with_their_chat(store: SqlConversationStore, new_user: Callable[[], str]) -> None:
