@@ -36,8 +36,10 @@ async def _generate(address: str, prompt: str, max_tokens: int) -> int:
 
 
 def _token(user: str, ttl_s: float, private_key: str | None) -> str:
+    """A token for `user`, signed with the key the chat service verifies with. The HS256 secret file is
+    read, never created: a new secret would sign a token that no running mesh accepts."""
     from chat_service.settings import ChatSettings
-    from chatmesh.common.auth import JwtKeys, issue_token
+    from chatmesh.common.auth import JwtKeys, issue_token, read_secret
 
     settings = ChatSettings()
     if private_key:
@@ -45,6 +47,9 @@ def _token(user: str, ttl_s: float, private_key: str | None) -> str:
         keys = JwtKeys.rs256(
             public, Path(private_key).read_text(), settings.jwt_issuer, settings.jwt_audience
         )
+    elif settings.jwt_public_key_file is None and not settings.jwt_secret and settings.jwt_secret_file:
+        secret = read_secret(settings.jwt_secret_file, "CHATMESH_CHAT_JWT_SECRET_FILE")
+        keys = JwtKeys.hs256(secret, settings.jwt_issuer, settings.jwt_audience)
     else:
         keys = settings.jwt_keys()
     return issue_token(keys, user, ttl_s)
@@ -110,7 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "chat":
         from chatmesh.terminal import run_terminal
 
-        token = args.token or _token(args.user, 3600, None)
+        try:
+            token = args.token or _token(args.user, 3600, None)
+        except (OSError, ValueError, jwt.PyJWTError) as exc:
+            print(f"chatmesh chat: {exc}, or pass --token", file=sys.stderr)
+            return 1
         return asyncio.run(
             run_terminal(args.address, token, args.chat_id, args.message, args.list, args.delete)
         )
@@ -119,7 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             print(_token(args.user, args.ttl_hours * 3600, args.private_key))
         except (OSError, ValueError, jwt.PyJWTError) as exc:
-            hint = "" if args.private_key else "; with RS256 keys pass --private-key FILE (chatmesh keygen)"
+            hint = (
+                ""
+                if args.private_key or isinstance(exc, FileNotFoundError)
+                else "; with RS256 keys pass --private-key FILE (chatmesh keygen)"
+            )
             print(f"chatmesh token: {exc}{hint}", file=sys.stderr)
             return 1
         return 0

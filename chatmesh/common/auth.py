@@ -138,6 +138,20 @@ def load_or_create_secret(path: Path) -> str:
     return path.read_text().strip()
 
 
+def read_secret(path: Path, setting: str) -> str:
+    """The HS256 secret already at `path`, never one made up here: a secret created by whoever asks for a
+    token (a command run outside the mesh's directory) signs tokens that no running mesh accepts.
+    `FileNotFoundError` naming `setting`, the setting that points at the mesh's secret, when it is missing."""
+    try:
+        return path.read_text().strip()
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"no JWT secret at {path.absolute()} (none was created): the mesh writes its secret under the"
+            f" directory it runs in (`make run`, `chatmesh run`); run this command there, or set {setting}"
+            " to the mesh's secret file"
+        ) from None
+
+
 class JwtAuthInterceptor(grpc.aio.ServerInterceptor):
     """Verifies the bearer token of every call of every kind (except those of `open_services`: health and
     reflection by default) and exposes the user through `current_user()` for the duration of the call."""
