@@ -27,6 +27,9 @@ pytriton (0.7.0, Triton 2.51) quirks handled here:
   LD_LIBRARY_PATH before Triton starts (pytriton copies os.environ when it spawns tritonserver);
 - cancelled Triton requests are not reported to the Python side, so a generation whose client went away
   runs to its end (several llama.cpp instances keep that from blocking the next request);
+- Triton 2.51 crashes (SIGSEGV) when a client cancels a stream just as its request sends the final flag
+  (fixed upstream in 2.54): clients of this server must not cancel a stream that is ending anyway, see
+  docs/triton-crash.md;
 - after a client cancelled a stream, unloading the model at shutdown often hangs until Triton's exit
   timeout (5 s here) and Triton then leaves its model copy in /tmp, which this script removes.
 """
