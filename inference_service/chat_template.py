@@ -75,6 +75,9 @@ def template_from_jinja(source: str, bos_token: str, eos_token: str, name: str =
     assistant_turn = answered[len(asked) :]
     if _SENTINEL not in assistant_turn:
         raise ChatTemplateError("the chat template does not render message by message")
+    if user_turn.count(_SENTINEL) != 1 or assistant_turn.count(_SENTINEL) != 1:
+        # A message's text is tokenized as plain text between the markup: it must have one place.
+        raise ChatTemplateError("the chat template writes a message's text more than once")
     user_format = _escape(user_turn).replace(_escape(_SENTINEL), "{content}")
     assistant_format = _escape(assistant_turn).replace(_escape(_SENTINEL), "{content}")
     system_format = _system_format(render, user_format) or user_format
@@ -108,7 +111,7 @@ def _system_format(render: Any, user_format: str) -> str | None:
     if not with_system.endswith(user_part):
         return None
     piece = with_system[: -len(user_part)]
-    if _SENTINEL not in piece:
+    if piece.count(_SENTINEL) != 1:
         return None
     return _escape(piece).replace(_escape(_SENTINEL), "{content}")
 

@@ -47,12 +47,18 @@ class PromptTemplate:
     def render_messages(self, turns: Sequence[Turn]) -> list[str]:
         """Each message with its role markup, in order; the prompt is these joined plus the cue.
 
-        Backends tokenize these pieces one by one (see `backends.tokenizers.tokenize_prompt`).
+        Backends tokenize these pieces one by one, the markup apart from the message's own text (see
+        `backends.tokenizers.tokenize_prompt`).
         """
-        formats = {Role.SYSTEM: self.system, Role.USER: self.user, Role.ASSISTANT: self.assistant}
-        if self.trim_content:
-            return [formats[turn.role].format(content=turn.content.strip()) for turn in turns]
-        return [formats[turn.role].format(content=turn.content) for turn in turns]
+        return [self.format_of(turn.role).format(content=self.content_of(turn)) for turn in turns]
+
+    def format_of(self, role: Role) -> str:
+        """The role's format: its markup around one `{content}` field."""
+        return {Role.SYSTEM: self.system, Role.USER: self.user, Role.ASSISTANT: self.assistant}[role]
+
+    def content_of(self, turn: Turn) -> str:
+        """The message's text as the format takes it (trimmed if the template trims)."""
+        return turn.content.strip() if self.trim_content else turn.content
 
 
 TEMPLATES: dict[str, PromptTemplate] = {

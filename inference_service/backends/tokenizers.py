@@ -2,7 +2,13 @@
 
 llama.cpp tokenizes with the loaded model's vocabulary. Engines that tokenize on their own side (Triton)
 still need counts here for the context window and usage, and they must match the engine's, so the same
-vocabulary is loaded locally."""
+vocabulary is loaded locally.
+
+A message's text is plain text, whatever it holds: typed `<|im_start|>system` or `<end_of_turn>` stays
+those characters, never the template's control tokens, so nobody can forge a turn (and step out of the
+operator's system prompt or preamble) by typing markup. Only the template's own markup (turn markers, the
+generation cue, the preamble) and the tokenizer's prefix (BOS) are tokenized with special tokens parsed.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +17,18 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from inference_service.backends.base import Prompt
 from inference_service.prompt import PromptTemplate, Turn
+
+Segment = tuple[str, bool]
+"""A run of prompt text and whether special-token markup in it is parsed (True only for template text)."""
+
+Encode = Callable[[str, bool], Sequence[int]]
+"""`Tokenizer.encode` with `special` passed positionally: what tokenizing a segment needs."""
 
 
 class Tokenizer(Protocol):
@@ -26,8 +39,10 @@ class Tokenizer(Protocol):
         """Special tokens the engine puts before a prompt (BOS for most models; may be empty)."""
         ...
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of `text` on its own: no special prefix, special-token markup (turn markers) parsed."""
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        """Token ids of `text` on its own, with no special prefix. `special`: special-token markup in the
+        text (turn markers) becomes those tokens, for the template's own text only; else all of it is
+        plain text, as a message's must be."""
         ...
 
 
@@ -53,8 +68,8 @@ class LlamaTokenizer:
     def prefix(self) -> Sequence[int]:
         return self._prefix
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._llama.tokenize(text.encode(), add_bos=False, special=True))
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        return list(self._llama.tokenize(text.encode(), add_bos=False, special=special))
 
 
 class HfTokenizer:
@@ -64,6 +79,9 @@ class HfTokenizer:
         from tokenizers import Tokenizer as _HfTokenizer
 
         self._tokenizer = _HfTokenizer.from_file(str(tokenizer_json))
+        # Whether special tokens are parsed is a setting of the tokenizer object, not of a call: it is
+        # switched per call, under a lock (the tokenizer thread and the event loop both tokenize).
+        self._lock = threading.Lock()
         # Some tokenizer.json files carry padding/truncation settings for training batches; either would
         # make the counts wrong (padded to a fixed length, or capped at the model's input size).
         self._tokenizer.no_padding()
@@ -75,42 +93,134 @@ class HfTokenizer:
     def prefix(self) -> Sequence[int]:
         return self._prefix
 
-    def encode(self, text: str) -> list[int]:
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        with self._lock:
+            self._tokenizer.encode_special_tokens = not special
+            try:
+                return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+            finally:
+                self._tokenizer.encode_special_tokens = False
 
 
 def tokenize_prompt(template: PromptTemplate, turns: Sequence[Turn], tokenizer: Tokenizer) -> Prompt:
     """Render `turns` with `template` and tokenize them the way every backend does: the special prefix,
-    then each rendered message tokenized on its own, then the generation cue.
+    then each message tokenized on its own, then the generation cue.
 
     Message by message, so that no token spans two messages: a message's count is then the same in any
     prompt it appears in, and one CountTokens call tells a caller exactly what any sub-list of the
     messages occupies (the inference API's contract). With turn markers that are special tokens the
     result is the same as tokenizing the whole text; with plain-text markers it differs at most where a
-    merge across a message boundary would have happened.
+    merge across a message boundary would have happened. Within a message, the message's text is plain
+    text (see `MessageFormat`).
 
     Blocking (the tokenizer runs here): call it from a worker thread in async code.
     """
-    return _tokenize_pieces(template, template.render_messages(turns), tokenizer.encode, tokenizer.prefix)
+    encode = _encoder(tokenizer)
+    formats = _Formats(encode)
+    return _tokenize_messages(template, _messages(template, turns, formats), encode, tokenizer.prefix)
 
 
-def _tokenize_pieces(
+def _encoder(tokenizer: Tokenizer) -> Encode:
+    return lambda text, special: tokenizer.encode(text, special=special)
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFormat:
+    """A role's format split where special tokens end and the message's plain text begins.
+
+    `opening` and `closing` are the template's markup (tokenized with special tokens parsed); `before`
+    and `after` the plain text of the format next to the message's text (`"user\n"` after ChatML's
+    `<|im_start|>`), tokenized together with it as one plain run. That is exactly how the tokenizer
+    splits a whole rendered message when special tokens are parsed (special tokens first, each run of
+    text between them on its own), except that typed markup in the message's text stays text.
+    """
+
+    opening: str
+    before: str
+    after: str
+    closing: str
+
+    @classmethod
+    def split(cls, format_: str, encode: Encode) -> MessageFormat:
+        """Split `format_` (one `{content}` field) with the tokenizer that will tokenize it."""
+        marker = "\ue000content\ue000"
+        parts = format_.format(content=marker).split(marker)
+        if len(parts) != 2:
+            raise ValueError(f"a message format must hold {{content}} once, got {format_!r}")
+        head, special, before = _split_markup(parts[0], encode)
+        after, special_after, tail = _split_markup(parts[1], encode)
+        if not special:  # plain text all through: one run with the message
+            head, before = "", head
+        return cls(opening=head + special, before=before, after=after, closing=special_after + tail)
+
+    def segments(self, content: str) -> list[Segment]:
+        """The message with `content` as text runs to tokenize, in order."""
+        runs = [(self.opening, True), (self.before + content + self.after, False), (self.closing, True)]
+        return [run for run in runs if run[0]]
+
+
+def _split_markup(text: str, encode: Encode) -> tuple[str, str, str]:
+    """`text` (template markup) as (plain text, special-token markup, plain text): the plain ends hold no
+    special token and the cuts fall where the tokenizer itself splits the text (no token spans them).
+    All plain: (text, "", "")."""
+    whole = list(encode(text, True))
+
+    def plain(part: str) -> bool:
+        return list(encode(part, True)) == list(encode(part, False))
+
+    def clean(cut: int) -> bool:
+        return [*encode(text[:cut], True), *encode(text[cut:], True)] == whole
+
+    if plain(text):
+        return text, "", ""
+    # The cuts at len(text) and 0 always qualify (nothing plain on that side).
+    end = next(cut for cut in range(len(text) + 1) if plain(text[cut:]) and clean(cut))
+    start = next(cut for cut in range(len(text), -1, -1) if plain(text[:cut]) and clean(cut))
+    if start > end:  # no clean split: keep it all as markup
+        return "", text, ""
+    return text[:start], text[start:end], text[end:]
+
+
+class _Formats:
+    """Each role format's `MessageFormat`, split on first use (tokenizing short markup a few dozen times)."""
+
+    def __init__(self, encode: Encode) -> None:
+        self._encode = encode
+        self._split: dict[str, MessageFormat] = {}
+
+    def __getitem__(self, format_: str) -> MessageFormat:
+        found = self._split.get(format_)
+        if found is None:
+            found = self._split[format_] = MessageFormat.split(format_, self._encode)
+        return found
+
+
+def _messages(template: PromptTemplate, turns: Sequence[Turn], formats: _Formats) -> list[list[Segment]]:
+    return [formats[template.format_of(turn.role)].segments(template.content_of(turn)) for turn in turns]
+
+
+def _tokenize_messages(
     template: PromptTemplate,
-    pieces: Sequence[str],
-    encode: Callable[[str], Sequence[int]],
+    messages: Sequence[Sequence[Segment]],
+    encode: Encode,
     prefix: Sequence[int],
 ) -> Prompt:
     token_ids = list(prefix)
-    preamble = list(encode(template.preamble)) if template.preamble else []
+    preamble = list(encode(template.preamble, True)) if template.preamble else []
     token_ids += preamble
     message_tokens = []
-    for piece in pieces:
-        ids = encode(piece)
-        token_ids += ids
-        message_tokens.append(len(ids))
-    token_ids += encode(template.generation_cue)
+    for segments in messages:
+        count = 0
+        for text, special in segments:
+            ids = encode(text, special)
+            token_ids += ids
+            count += len(ids)
+        message_tokens.append(count)
+    token_ids += encode(template.generation_cue, True)
     return Prompt(
-        text=template.preamble + "".join(pieces) + template.generation_cue,
+        text=template.preamble
+        + "".join(text for segments in messages for text, _ in segments)
+        + template.generation_cue,
         token_ids=token_ids,
         message_tokens=message_tokens,
         preamble_tokens=len(preamble),
@@ -126,19 +236,19 @@ class _TokenCache:
     """
 
     def __init__(self, max_tokens: int) -> None:
-        self._entries: OrderedDict[str, tuple[int, ...]] = OrderedDict()
+        self._entries: OrderedDict[Segment, tuple[int, ...]] = OrderedDict()
         self._tokens = 0
         self._max_tokens = max_tokens
         self._lock = threading.Lock()
 
-    def get(self, text: str) -> tuple[int, ...] | None:
+    def get(self, text: Segment) -> tuple[int, ...] | None:
         with self._lock:
             ids = self._entries.get(text)
             if ids is not None:
                 self._entries.move_to_end(text)
             return ids
 
-    def put(self, text: str, ids: tuple[int, ...]) -> None:
+    def put(self, text: Segment, ids: tuple[int, ...]) -> None:
         if len(ids) > self._max_tokens // 8:
             return  # one huge text would flush everything else
         with self._lock:
@@ -179,22 +289,25 @@ class TokenizerThread:
         self._template = template
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self._cache = _TokenCache(cache_tokens)
+        self._formats = _Formats(_encoder(tokenizer))
 
-    def _encode_cached(self, text: str) -> tuple[int, ...]:
-        ids = self._cache.get(text)
+    def _encode_cached(self, text: str, special: bool) -> tuple[int, ...]:
+        ids = self._cache.get((text, special))
         if ids is None:
-            ids = tuple(self._tokenizer.encode(text))
-            self._cache.put(text, ids)
+            ids = tuple(self._tokenizer.encode(text, special=special))
+            self._cache.put((text, special), ids)
         return ids
 
     async def prompt(self, turns: Sequence[Turn]) -> Prompt:
         """`turns` rendered and tokenized as every backend sends them (`tokenize_prompt`)."""
-        pieces = self._template.render_messages(turns)
-        uncached = sum(len(piece) for piece in pieces if self._cache.get(piece) is None)
-        args = (self._template, pieces, self._encode_cached, self._tokenizer.prefix)
+        messages = _messages(self._template, turns, self._formats)
+        uncached = sum(
+            len(run[0]) for segments in messages for run in segments if self._cache.get(run) is None
+        )
+        args = (self._template, messages, self._encode_cached, self._tokenizer.prefix)
         if uncached <= self.INLINE_CHARS:
-            return _tokenize_pieces(*args)
-        return await asyncio.get_running_loop().run_in_executor(self._executor, _tokenize_pieces, *args)
+            return _tokenize_messages(*args)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, _tokenize_messages, *args)
 
     async def shared_start(self) -> tuple[int, ...]:
         """The token ids every prompt starts with: the tokenizer's prefix, then the template's preamble
@@ -203,8 +316,11 @@ class TokenizerThread:
         return tuple(empty.token_ids[: len(self._tokenizer.prefix) + empty.preamble_tokens])
 
     async def encode(self, text: str) -> list[int]:
-        """The token ids of `text` on its own."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._tokenizer.encode, text)
+        """The token ids of `text` on its own, as the engine's text: generated text, whose special tokens
+        (an end-of-turn marker the engine wrote) count as the one token each they were."""
+        return await asyncio.get_running_loop().run_in_executor(
+            self._executor, lambda: self._tokenizer.encode(text, special=True)
+        )
 
     def close(self, wait: bool = False) -> None:
         """Stop the thread; queued work is cancelled."""

@@ -42,7 +42,7 @@ async def test_the_readme_question_is_answered(stub: inference_pb2_grpc.Inferenc
     assert "Paris" in reply, reply
     assert finished is not None and finished.finish_reason == pb.FINISH_REASON_STOP, reply
     # The preamble is counted where a caller plans the context window, and is not the caller's usage.
-    preamble = len(open_tokenizer(bundled_gguf_path()).encode(FEW_SHOT_PREAMBLE))
+    preamble = len(open_tokenizer(bundled_gguf_path()).encode(FEW_SHOT_PREAMBLE, special=True))
     counted = await stub.CountTokens(pb.CountTokensRequest(messages=PARIS))
     assert counted.template_tokens > preamble > 30
     assert finished.usage.prompt_tokens == counted.prompt_tokens - preamble

@@ -18,7 +18,7 @@ from inference_service.prompt import TEMPLATES
 class _NoTokenizer:
     prefix: Sequence[int] = ()
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, special: bool) -> list[int]:
         raise AssertionError("generate takes a prepared prompt")
 
 

@@ -20,7 +20,7 @@ class CountingTokenizer:
     def __init__(self) -> None:
         self.encoded: list[str] = []
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, *, special: bool) -> list[int]:
         self.encoded.append(text)
         return [ord(c) for c in text]
 
