@@ -22,8 +22,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chatmesh.common.loopback import is_loopback_host
+from chatmesh.common.private_files import keep_files_private, open_private, private_directory
 from chatmesh.common.subprocesses import terminate, wait_or_kill
 from chatmesh.gateway import EnvoyProcess, GatewaySettings, run_envoy
+
+RUN_DIR = Path(".run")
+"""The mesh's working directory (relative to where it runs): secrets, database, logs; mode 0700."""
 
 
 class MeshSettings(BaseSettings):
@@ -31,11 +36,25 @@ class MeshSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CHATMESH_MESH_", frozen=True)
 
-    host: str = "127.0.0.1"
+    host: str = Field(
+        "127.0.0.1",
+        description="address every service listens on; loopback unless set (another one exposes the"
+        " services to the network, which the dev sign-in refuses)",
+    )
     chat_port: int = Field(50051, description="first chat replica; replica n listens on chat_port + 10 * n")
     chat_replicas: int = Field(2, ge=1)
     gateway: bool = Field(True, description="put Envoy in front of the chat replicas")
+    gateway_host: str = Field(
+        "127.0.0.1",
+        description="address Envoy listens on; loopback unless set (0.0.0.0: every interface, for a team"
+        " on the network, which needs dev_sign_in off or a configured JWT key)",
+    )
     gateway_port: int = 8080
+    dev_sign_in: bool = Field(
+        True,
+        description="the web page's sign-in with any user name and no password, while the chat service"
+        " uses the mesh's own dev secret; on loopback only",
+    )
     gateway_admin_port: int = 9901
     inference_port: int = 50052
     embedding_port: int = 50053
@@ -67,6 +86,36 @@ class MeshSettings(BaseSettings):
     log_format: str = "text"
 
 
+def dev_sign_in_on(settings: MeshSettings) -> bool:
+    """Whether the mesh offers the password-less dev sign-in: asked for, and the chat service checks
+    tokens with the mesh's own dev secret (a configured key means an identity provider signs users in)."""
+    from chat_service.settings import ChatSettings
+
+    return settings.dev_sign_in and ChatSettings().uses_dev_secret()
+
+
+def check_exposure(settings: MeshSettings) -> None:
+    """`ValueError` naming the settings and the fix when the mesh would offer the dev sign-in (a token
+    for any user name, no password) to other machines: any address but loopback needs it off."""
+    exposed = [
+        f"{name}={host}"
+        for name, host in (
+            ("CHATMESH_MESH_GATEWAY_HOST", settings.gateway_host if settings.gateway else "127.0.0.1"),
+            ("CHATMESH_MESH_HOST", settings.host),
+        )
+        if not is_loopback_host(host)
+    ]
+    if exposed and dev_sign_in_on(settings):
+        raise ValueError(
+            f"{' and '.join(exposed)} would let anyone on the network sign in as any user: the dev sign-in"
+            " hands out tokens without a password, so it runs on loopback only. Either listen on this"
+            " machine (unset those settings) or turn the dev sign-in off with CHATMESH_MESH_DEV_SIGN_IN=false"
+            " (then give each user a token with `chatmesh token USER`), or configure a JWT key"
+            " (CHATMESH_CHAT_JWT_SECRET_FILE or CHATMESH_CHAT_JWT_PUBLIC_KEY_FILE) so that your identity"
+            " provider signs users in"
+        )
+
+
 @dataclass
 class ServiceSpec:
     """How to start one service process and how to tell it is ready."""
@@ -92,10 +141,8 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
     Only addresses are set here; everything else (database URL, JWT key, backend) comes from the
     services' own settings, so `CHATMESH_CHAT_DATABASE_URL=postgresql+asyncpg://...` and friends work.
     """
-    from chat_service.settings import ChatSettings
-
     common = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    dev_sign_in = ChatSettings().uses_dev_secret()
+    dev_sign_in = dev_sign_in_on(settings)
     inference = f"{settings.host}:{settings.inference_port}"
     embedding = f"{settings.host}:{settings.embedding_port}"
     inference_metrics = f"{settings.host}:{settings.metrics_port + 1}"
@@ -146,7 +193,8 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
                     "CHATMESH_CHAT_JOBS_NATS_URL": settings.jobs_nats_url,
                     "CHATMESH_CHAT_LOG_FORMAT": settings.log_format,
                     "CHATMESH_CHAT_METRICS_ADDRESS": metrics,
-                    # The web page's sign-in without a password, only while no key is configured.
+                    # The web page's sign-in without a password: only while no key is configured, for
+                    # callers on this machine.
                     "CHATMESH_CHAT_DEV_SIGN_IN": str(dev_sign_in).lower(),
                 },
                 metrics_address=metrics,
@@ -268,6 +316,15 @@ async def supervise(service: RunningService, settings: MeshSettings) -> None:
 
 async def run(settings: MeshSettings) -> int:
     """Run the mesh until Ctrl-C / SIGTERM (also during start-up) or until a process dies."""
+    try:
+        check_exposure(settings)
+    except ValueError as exc:
+        print(f"chatmesh: {exc}", file=sys.stderr)
+        return 1
+    # The JWT secret, Envoy's config with it, the database, the vector index, the job streams, logs:
+    # everything the mesh and its services (children inherit the umask) write is the owner's alone.
+    keep_files_private()
+    await asyncio.to_thread(private_directory, RUN_DIR)
     print("chatmesh: starting the mesh", flush=True)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
@@ -281,7 +338,7 @@ async def run(settings: MeshSettings) -> int:
             running_mesh(plan(settings), settings.startup_timeout_s) as services,
             _gateway(settings, services) as gateway,
         ):
-            _print_welcome(services, gateway)
+            _print_welcome(services, gateway, dev_sign_in_on(settings))
             # The services heal (each is restarted by its supervisor); the gateway and NATS hold no
             # state worth a restart loop, and their exit takes the mesh down.
             watched: dict[asyncio.Task[object], str] = {
@@ -315,11 +372,11 @@ async def _nats(settings: MeshSettings) -> AsyncIterator[asyncio.subprocess.Proc
         return
     from chatmesh.common.nats_server import nats_server_args
 
-    store = Path(".run") / "nats"
-    await asyncio.to_thread(store.mkdir, parents=True, exist_ok=True)
-    log_path = Path(".run") / "nats.log"
+    store = RUN_DIR / "nats"
+    await asyncio.to_thread(private_directory, store)
+    log_path = RUN_DIR / "nats.log"
     print(f"  {'nats':<10} starting nats-server (JetStream) on :{settings.nats_port}...", flush=True)
-    with log_path.open("ab") as log_file:
+    with open_private(log_path, "ab") as log_file:
         process = await asyncio.create_subprocess_exec(
             *nats_server_args(settings.nats_port, store.resolve(), settings.host),
             stdout=log_file,
@@ -363,6 +420,7 @@ async def _gateway(
 
     engine = InferenceSettings()
     gateway_settings = GatewaySettings(
+        listen_host=settings.gateway_host,
         listen_port=settings.gateway_port,
         admin_port=settings.gateway_admin_port,
         chat_addresses=[s.spec.address for s in services if s.spec.module == "chat_service"],
@@ -372,7 +430,7 @@ async def _gateway(
         jwt_secret_file=chat.jwt_secret_file,
         jwt_issuer=chat.jwt_issuer,
         jwt_audience=chat.jwt_audience,
-        dev_sign_in=chat.uses_dev_secret(),
+        dev_sign_in=dev_sign_in_on(settings),
     )
     # Refuse at the edge what the one engine cannot hold (its slots and queue), fast, rather than after a
     # replica and the engine have spent work on it (docs/jobs.md, "Overload"); the gateway's own setting,
@@ -381,15 +439,18 @@ async def _gateway(
         gateway_settings = gateway_settings.model_copy(
             update={"max_active_completions": engine.concurrency + engine.max_queue}
         )
-    workdir = Path(".run")
-    await asyncio.to_thread(workdir.mkdir, exist_ok=True)
-    print(f"  {'gateway':<10} starting Envoy on :{settings.gateway_port}...", flush=True)
+    workdir = await asyncio.to_thread(private_directory, RUN_DIR)
+    print(
+        f"  {'gateway':<10} starting Envoy on {settings.gateway_host}:{settings.gateway_port}...", flush=True
+    )
     async with run_envoy(gateway_settings, workdir) as envoy:
         print(f"  {'gateway':<10} ready on {envoy.base_url} (log: {envoy.log_path})", flush=True)
         yield envoy
 
 
-def _print_welcome(services: Sequence[RunningService], gateway: EnvoyProcess | None) -> None:
+def _print_welcome(
+    services: Sequence[RunningService], gateway: EnvoyProcess | None, dev_sign_in: bool
+) -> None:
     from chat_service.settings import ChatSettings
     from chatmesh.common.auth import issue_token
 
@@ -400,13 +461,21 @@ def _print_welcome(services: Sequence[RunningService], gateway: EnvoyProcess | N
     print("\nchatmesh is up:")
     if gateway is not None:
         sign_in = (
-            "sign in with any user name"
-            if keys.sign_key is not None and ChatSettings().uses_dev_secret()
-            else "sign in with a token from your identity provider"
+            "sign in with any user name, from this machine"
+            if keys.sign_key is not None and dev_sign_in
+            else "sign in with a token (`chatmesh token USER`, or from your identity provider)"
         )
         print(f"  {'web page':<10} {gateway.base_url}/  ({sign_in})")
+        # Where it really listens: every interface is a different promise from this machine alone.
+        reach = (
+            "this machine only (loopback)"
+            if gateway.loopback_only
+            else "every machine that can reach this one"
+        )
+        print(f"  {'':<10} listening on {gateway.bind_address}: reachable from {reach}")
         print(
-            f"  {'gateway':<10} {gateway.base_url}  (REST, OpenAI-compatible /v1 and gRPC; admin http://{gateway.admin_address})"
+            f"  {'gateway':<10} {gateway.base_url}  (REST, OpenAI-compatible /v1 and gRPC; admin"
+            f" http://{gateway.admin_address}, loopback only)"
         )
     for service in services:
         metrics = (

@@ -11,8 +11,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import asyncio
 
+from chatmesh.common.private_files import keep_files_private
 from embedding_service.server import serve
 from embedding_service.settings import EmbeddingSettings
 
 if __name__ == "__main__":
+    # The local vector index holds users' questions and answers: files for the owner alone.
+    keep_files_private()
     asyncio.run(serve(EmbeddingSettings()))

@@ -61,6 +61,12 @@ class Unauthenticated(ChatmeshError):
     status_code = grpc.StatusCode.UNAUTHENTICATED
 
 
+class PermissionDenied(ChatmeshError):
+    """The caller is known (or need not be) but may not do this, from where it is or as who it is."""
+
+    status_code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class ResourceExhausted(ChatmeshError):
     """The service is at capacity; the caller should retry after `retry_after_s` seconds."""
 

@@ -12,6 +12,7 @@ import asyncio
 import sys
 from pathlib import Path
 
+from chatmesh.common.private_files import keep_files_private
 from chatmesh.gateway.config import render_envoy_config
 from chatmesh.gateway.process import serve
 from chatmesh.gateway.settings import GatewaySettings
@@ -41,6 +42,7 @@ def main(argv: list[str] | None = None) -> int:
             path, output = validate_settings(settings, args.workdir)
             print(output.strip() or f"{path}: OK")
             return 0
+        keep_files_private()  # Envoy's config holds the JWT secret; its log, callers' addresses
         asyncio.run(serve(settings, args.workdir))
     except (ValueError, RuntimeError, OSError) as exc:
         print(f"chatmesh.gateway: {exc}", file=sys.stderr)

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from chatmesh.common.auth import JwtKeys
 from chatmesh.common.errors import OPENAI_ERROR_TYPES
+from chatmesh.common.loopback import PEER_ADDRESS_HEADER
 from chatmesh.gateway.api import (
     CHAT_SERVICE,
     DEV_SIGN_IN_SERVICE,
@@ -131,6 +132,36 @@ COMPLETIONS_CLUSTER = "chat_completions"
 
 _OVERFLOW_MESSAGE = "too many completions are in progress; retry after the time in retry-after-ms"
 
+DEV_SIGN_IN_REFUSED_MESSAGE = (
+    "the dev sign-in (a token for any user name, no password) answers callers on the gateway's own machine"
+    " only; sign in with a token from the mesh's operator or identity provider"
+)
+
+LOOPBACK_PREFIXES = (("127.0.0.0", 8), ("::1", 128), ("::ffff:127.0.0.0", 104))
+"""The peers the dev sign-in answers: this machine, by the connection's own address (never a header)."""
+
+
+def _loopback_only() -> dict[str, Any]:
+    """Per-route RBAC that lets only loopback peers through. `direct_remote_ip` is the address of the TCP
+    connection itself, which no client can choose, unlike X-Forwarded-For or x-envoy-external-address."""
+    return _typed(
+        "envoy.extensions.filters.http.rbac.v3.RBACPerRoute",
+        rbac={
+            "rules": {
+                "action": "ALLOW",
+                "policies": {
+                    "loopback-peers": {
+                        "permissions": [{"any": True}],
+                        "principals": [
+                            {"direct_remote_ip": {"address_prefix": prefix, "prefix_len": length}}
+                            for prefix, length in LOOPBACK_PREFIXES
+                        ],
+                    }
+                },
+            }
+        },
+    )
+
 
 def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
     # REST requests only: a gRPC client's local replies must stay gRPC (grpc-status/grpc-message), not
@@ -174,10 +205,44 @@ def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
             "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
         },
     ]
-    mappers: list[dict[str, Any]] = [
+    # The dev sign-in refused by its route's RBAC policy (a caller not on this machine): say why.
+    dev_sign_in_refused = {
+        "and_filter": {
+            "filters": [
+                {
+                    "status_code_filter": {
+                        "comparison": {"op": "EQ", "value": {"default_value": 403, "runtime_key": "lr_403"}}
+                    }
+                },
+                {
+                    "header_filter": {
+                        "header": {
+                            "name": ":path",
+                            "string_match": {"prefix": f"/{DEV_SIGN_IN_SERVICE}/"},
+                        }
+                    }
+                },
+            ]
+        }
+    }
+    mappers: list[dict[str, Any]] = []
+    if settings.dev_sign_in:
+        mappers += [
+            {
+                "filter": {"and_filter": {"filters": [rest, dev_sign_in_refused]}},
+                "body": {"inline_string": DEV_SIGN_IN_REFUSED_MESSAGE},
+                "body_format_override": json_body(grpc.StatusCode.PERMISSION_DENIED),
+            },
+            {"filter": dev_sign_in_refused, "body": {"inline_string": DEV_SIGN_IN_REFUSED_MESSAGE}},
+        ]
+    mappers += [
         {
             # A successful direct response (the OpenAPI document) is not an error: its body as it is.
-            "filter": _status_is(200),
+            "filter": {
+                "status_code_filter": {
+                    "comparison": {"op": "EQ", "value": {"default_value": 200, "runtime_key": "lr_200"}}
+                }
+            },
             "body_format_override": {
                 "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                 "content_type": "application/json",
@@ -210,54 +275,29 @@ def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
             ],
         },
     ]
-    # A body over max_request_bytes (the buffer filter or the transcoder): the same words for every
-    # protocol, and RESOURCE_EXHAUSTED for gRPC clients, as gRPC itself says for an oversized message
-    # (413 alone would read as UNKNOWN).
-    too_large = _status_is(413)
-    too_large_message = {
-        "inline_string": f"the request is too large: this gateway takes at most {settings.max_request_bytes}"
-        " bytes of request body"
-    }
-    mappers.append(
-        {
-            "filter": {"and_filter": {"filters": [rest, too_large]}},
-            "body": too_large_message,
-            "body_format_override": json_body(grpc.StatusCode.RESOURCE_EXHAUSTED),
-        }
-    )
     mappers += [
         {
-            "filter": {"and_filter": {"filters": [rest, _status_is(status)]}},
+            "filter": {
+                "and_filter": {
+                    "filters": [
+                        rest,
+                        {
+                            "status_code_filter": {
+                                "comparison": {
+                                    "op": "EQ",
+                                    "value": {"default_value": status, "runtime_key": f"lr_{status}"},
+                                }
+                            }
+                        },
+                    ]
+                }
+            },
             "body_format_override": json_body(code),
         }
         for status, code in LOCAL_REPLY_CODES.items()
     ]
     mappers.append({"filter": rest, "body_format_override": json_body(UNKNOWN_CODE)})
-    mappers.append(
-        {
-            "filter": too_large,
-            "body": too_large_message,
-            "headers_to_add": [
-                {
-                    "header": {
-                        "key": "grpc-status",
-                        "value": str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]),
-                    },
-                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
-                }
-            ],
-        }
-    )
     return {"mappers": mappers}
-
-
-def _status_is(status: int) -> dict[str, Any]:
-    """An access-log filter matching a reply of HTTP `status`."""
-    return {
-        "status_code_filter": {
-            "comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"lr_{status}"}}
-        }
-    }
 
 
 def _rest_error_code_names_lua() -> str:
@@ -273,9 +313,8 @@ def _rest_error_code_names_lua() -> str:
     Accepted, as asynchronous work does; the transcoder itself can only say 200.
 
     Errors of the OpenAI-compatible API (`/v1/...`), the gateway's own included (401, 429, a body the
-    transcoder cannot read, 413), take OpenAI's shape instead: `{"error": {"message", "type", "param",
-    "code"}}`, `param` the field a BadRequest detail names, `code` the status name in lower case; a 413
-    is an `invalid_request_error`, as OpenAI calls a request too large."""
+    transcoder cannot read), take OpenAI's shape instead: `{"error": {"message", "type", "param",
+    "code"}}`, `param` the field a BadRequest detail names, `code` the status name in lower case."""
     names = ", ".join(f'[{code.value[0]}] = "{code.name}"' for code in grpc.StatusCode)
     types = ", ".join(f'{code.name} = "{kind}"' for code, kind in OPENAI_ERROR_TYPES.items())
     return f"""local NAMES = {{{names}}}
@@ -309,8 +348,8 @@ local function json_string(text, first)
   return nil
 end
 
--- A REST error body ({{"code": 3 or "NAME", "message": ...}}) of HTTP `status` in OpenAI's shape, or nil.
-local function openai_error(text, status)
+-- A REST error body ({{"code": 3 or "NAME", "message": ...}}) in OpenAI's shape, or nil.
+local function openai_error(text)
   local digits = string.match(text, "^" .. PREFIX .. "(%d+)")
   local name = (digits and NAMES[tonumber(digits)]) or string.match(text, "^" .. PREFIX .. '"([A-Z_]+)"')
   if not name then
@@ -320,18 +359,14 @@ local function openai_error(text, status)
   local message = at and json_string(text, at + 10) or '""'
   local field = string.match(text, '"field":"([%w_%.%[%]]*)"')
   local param = field and ('"' .. field .. '"') or "null"
-  -- A body over the size limit is the request's fault, not a rate limit (RESOURCE_EXHAUSTED otherwise).
-  local kind = (status == "413" and "invalid_request_error") or OPENAI_TYPES[name] or "server_error"
-  return '{{"error":{{"message":' .. message .. ',"type":"' .. kind
+  return '{{"error":{{"message":' .. message .. ',"type":"' .. (OPENAI_TYPES[name] or "server_error")
     .. '","param":' .. param .. ',"code":"' .. string.lower(name) .. '"}}}}'
 end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
   local marks = handle:streamInfo():dynamicMetadata():get("chatmesh")
-  -- Read before the body: the headers cannot be read once the script has waited for it.
-  local status = headers:get(":status")
-  if status == "200" then
+  if headers:get(":status") == "200" then
     if marks ~= nil and marks["accepted"] ~= nil then
       headers:replace(":status", "202")
     end
@@ -346,7 +381,7 @@ function envoy_on_response(handle)
   end
   local text = body:getBytes(0, body:length())
   if marks ~= nil and marks["openai"] ~= nil then
-    local rewritten = openai_error(text, status)
+    local rewritten = openai_error(text)
     if rewritten then
       body:setBytes(rewritten)
     end
@@ -459,8 +494,22 @@ def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, A
                 **(streaming_action if method.streaming else unary_action),
             },
         }
-        if per_route:
-            entry["typed_per_filter_config"] = per_route
+        filter_config = dict(per_route)
+        if method.service == DEV_SIGN_IN_SERVICE:
+            # Tokens without a password: for this machine only, whatever interface Envoy listens on; the
+            # replica checks the peer's address again (chat_service/dev_sign_in.py).
+            filter_config["envoy.filters.http.rbac"] = _loopback_only()
+            entry["request_headers_to_add"] = [
+                {
+                    "header": {
+                        "key": PEER_ADDRESS_HEADER,
+                        "value": "%DOWNSTREAM_DIRECT_REMOTE_ADDRESS_WITHOUT_PORT%",
+                    },
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ]
+        if filter_config:
+            entry["typed_per_filter_config"] = filter_config
         return entry
 
     return [route(method) for method in api.methods]
@@ -618,19 +667,7 @@ def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: P
             ),
         },
         {
-            # The request size limit, for every protocol: the body as the client sent it (JSON, or gRPC
-            # frames, which no other filter bounds) is held here whole, and one byte over the limit is
-            # refused (413; RESOURCE_EXHAUSTED for gRPC, see _local_reply_config) before the token is
-            # even checked, so no replica ever reads it. Every call sends its one request message at
-            # once (no method streams requests), so holding it costs no latency worth counting.
-            "name": "envoy.filters.http.buffer",
-            "typed_config": _typed(
-                "envoy.extensions.filters.http.buffer.v3.Buffer",
-                max_request_bytes=settings.max_request_bytes,
-            ),
-        },
-        {
-            # The first filter to change a request, so that everything after it (JWT rules, rate limit,
+            # The first filter to touch a request, so that everything after it (JWT rules, rate limit,
             # routes) sees one path space: REST requests rewritten to /<package>.<Service>/<Method>;
             # gRPC passes through.
             "name": "envoy.filters.http.grpc_json_transcoder",
@@ -653,7 +690,7 @@ def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: P
                     "reject_binding_body_field_collisions": True,
                 },
                 case_insensitive_enum_parsing=True,
-                max_request_body_size=settings.max_request_bytes,
+                max_request_body_size=1024 * 1024,
             ),
         },
         {
@@ -670,6 +707,14 @@ def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: P
             ),
         },
     ]
+    if settings.dev_sign_in:
+        filters.append(
+            {
+                # No rules here: only the dev sign-in's routes carry a policy (_loopback_only).
+                "name": "envoy.filters.http.rbac",
+                "typed_config": _typed("envoy.extensions.filters.http.rbac.v3.RBAC"),
+            }
+        )
     if settings.rate_limit_per_s > 0:
         filters.append(
             {
@@ -826,6 +871,96 @@ def _traces_cluster(endpoint: str, settings: GatewaySettings) -> dict[str, Any]:
     }
 
 
+ADMIN_CLUSTER = "envoy_admin"
+METRICS_PATHS = ("/stats/prometheus", "/ready")
+"""What the metrics listener serves of the admin interface: the Prometheus metrics, and readiness for
+probes. Nothing else of the admin (/config_dump, /quitquitquit, /logging, ...) is reachable there."""
+
+
+def _metrics_listener(settings: GatewaySettings, port: int) -> dict[str, Any]:
+    """A listener serving GET /stats/prometheus and /ready, each proxied to the loopback admin interface."""
+    get_only = [{"name": ":method", "string_match": {"safe_regex": {"regex": "^(GET|HEAD)$"}}}]
+    routes: list[dict[str, Any]] = [
+        {
+            "name": f"metrics {path}",
+            # An exact path after normalisation (below): no `..`, `%2F` or `//` detour reaches another.
+            "match": {"path": path, "headers": get_only},
+            "route": {"cluster": ADMIN_CLUSTER, "timeout": "10s"},
+        }
+        for path in METRICS_PATHS
+    ]
+    routes.append(
+        {
+            "name": "metrics not-found",
+            "match": {"prefix": "/"},
+            "direct_response": {
+                "status": 404,
+                "body": {"inline_string": f"only GET {' and '.join(METRICS_PATHS)} here\n"},
+            },
+        }
+    )
+    hcm = {
+        "stat_prefix": "metrics",
+        "codec_type": "AUTO",
+        "normalize_path": True,
+        "merge_slashes": True,
+        "path_with_escaped_slashes_action": "REJECT_REQUEST",
+        "request_headers_timeout": "10s",
+        "route_config": {
+            "name": "metrics",
+            "virtual_hosts": [{"name": "metrics", "domains": ["*"], "routes": routes}],
+        },
+        "http_filters": [
+            {
+                "name": "envoy.filters.http.router",
+                "typed_config": _typed("envoy.extensions.filters.http.router.v3.Router"),
+            }
+        ],
+    }
+    return {
+        "name": "metrics",
+        "address": {"socket_address": {"address": settings.metrics_host, "port_value": port}},
+        "filter_chains": [
+            {
+                "filters": [
+                    {
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": _typed(
+                            "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            **hcm,
+                        ),
+                    }
+                ]
+            }
+        ],
+    }
+
+
+def _admin_cluster(settings: GatewaySettings) -> dict[str, Any]:
+    host = "127.0.0.1" if settings.admin_host == "localhost" else settings.admin_host
+    return {
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC",
+        "connect_timeout": _seconds(settings.connect_timeout_s),
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [
+                {
+                    "lb_endpoints": [
+                        {
+                            "endpoint": {
+                                "address": {
+                                    "socket_address": {"address": host, "port_value": settings.admin_port}
+                                }
+                            }
+                        }
+                    ]
+                }
+            ],
+        },
+    }
+
+
 def descriptor_path_for(settings: GatewaySettings, descriptor_path: Path | None = None) -> Path:
     """The descriptor set to transcode with: the argument, else the setting, else the packaged one."""
     return (descriptor_path or settings.descriptor_path or default_descriptor_path()).resolve()
@@ -866,6 +1001,10 @@ def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None =
                 "typed_config": _typed("envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"),
             }
         ]
+    listeners: list[dict[str, Any]] = []
+    if settings.metrics_port is not None:
+        listeners.append(_metrics_listener(settings, settings.metrics_port))
+        clusters.append(_admin_cluster(settings))
     return {
         "admin": {
             "address": {"socket_address": {"address": settings.admin_host, "port_value": settings.admin_port}}
@@ -894,7 +1033,8 @@ def build_envoy_config(settings: GatewaySettings, descriptor_path: Path | None =
                             ]
                         }
                     ],
-                }
+                },
+                *listeners,
             ],
             "clusters": clusters,
         },

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatmesh.common.loopback import is_loopback_host
+from chatmesh.common.private_files import open_private, private_directory, write_private
 from chatmesh.common.subprocesses import terminate
 from chatmesh.gateway.config import render_envoy_config
 from chatmesh.gateway.settings import GatewaySettings, split_host_port
@@ -39,11 +41,19 @@ class EnvoyProcess:
     log_path: Path
     listen_address: str
     admin_address: str
+    bind_address: str = ""
+    """host:port the public listener is bound to, as configured (`0.0.0.0:8080` for every interface)."""
+    metrics_address: str | None = None
 
     @property
     def base_url(self) -> str:
         """`http://host:port` of the public listener."""
         return f"http://{self.listen_address}"
+
+    @property
+    def loopback_only(self) -> bool:
+        """Whether the public listener is reachable from this machine alone."""
+        return is_loopback_host(self.bind_address.rpartition(":")[0])
 
     def log_tail(self, max_chars: int = 4000) -> str:
         """The end of Envoy's log, for error messages."""
@@ -98,8 +108,9 @@ async def _wait_ready(envoy: EnvoyProcess, timeout_s: float) -> None:
 
 
 def _write_config(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    # The config holds the JWT secret (HS256): the owner's alone, like the log beside it.
+    private_directory(path.parent)
+    write_private(path, text)
 
 
 @contextlib.asynccontextmanager
@@ -129,7 +140,7 @@ async def run_envoy(
     ]
     if settings.concurrency is not None:
         args += ["--concurrency", str(settings.concurrency)]
-    with log_path.open("wb") as log:
+    with open_private(log_path) as log:
         process = await asyncio.create_subprocess_exec(
             *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
         )
@@ -139,6 +150,10 @@ async def run_envoy(
         log_path=log_path,
         listen_address=f"{_connectable_host(settings.listen_host)}:{settings.listen_port}",
         admin_address=f"{_connectable_host(settings.admin_host)}:{settings.admin_port}",
+        bind_address=f"{settings.listen_host}:{settings.listen_port}",
+        metrics_address=None
+        if settings.metrics_port is None
+        else f"{_connectable_host(settings.metrics_host)}:{settings.metrics_port}",
     )
     try:
         await _wait_ready(envoy, ready_timeout_s)
@@ -154,7 +169,13 @@ async def serve(settings: GatewaySettings, workdir: Path) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with run_envoy(settings, workdir) as envoy:
-        print(f"gateway ready on {envoy.base_url} (admin {envoy.admin_address}); log: {envoy.log_path}")
+        metrics = (
+            f", metrics http://{envoy.metrics_address}/stats/prometheus" if envoy.metrics_address else ""
+        )
+        print(
+            f"gateway ready, listening on {envoy.bind_address} ({envoy.base_url}); admin"
+            f" {envoy.admin_address} (loopback){metrics}; log: {envoy.log_path}"
+        )
         exited = asyncio.ensure_future(envoy.process.wait())
         waiting = asyncio.ensure_future(stop.wait())
         await asyncio.wait([exited, waiting], return_when=asyncio.FIRST_COMPLETED)

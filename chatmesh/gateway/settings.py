@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from chatmesh.common.auth import DEV_SECRET_FILE, JwtKeys, load_or_create_secret
+from chatmesh.common.loopback import is_loopback_host
 
 
 class GatewaySettings(BaseSettings):
@@ -17,11 +18,25 @@ class GatewaySettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="CHATMESH_GATEWAY_", frozen=True)
 
-    # Public listener (REST and gRPC) and the admin interface, which must stay private: it can stop Envoy.
-    listen_host: str = Field("0.0.0.0", description="address of the public listener")
+    # Public listener (REST and gRPC): this machine only unless told otherwise. The admin interface stays
+    # on loopback whatever is set: it can stop Envoy (/quitquitquit) and shows the JWT secret
+    # (/config_dump); scrapers and probes get the metrics listener instead.
+    listen_host: str = Field(
+        "127.0.0.1",
+        description="address of the public listener; loopback unless set (0.0.0.0: every interface, which"
+        " the dev sign-in refuses)",
+    )
     listen_port: int = Field(8080, ge=1, le=65535)
-    admin_host: str = "127.0.0.1"
+    admin_host: str = Field("127.0.0.1", description="Envoy's admin interface; loopback only")
     admin_port: int = Field(9901, ge=1, le=65535)
+    metrics_host: str = Field("127.0.0.1", description="address of the metrics listener")
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="a listener that serves only GET /stats/prometheus (Envoy's metrics) and /ready, for"
+        " scrapers and probes that cannot reach the loopback admin interface; unset: none",
+    )
 
     chat_addresses: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["127.0.0.1:50051"],
@@ -49,8 +64,9 @@ class GatewaySettings(BaseSettings):
     web_page: bool = Field(True, description="serve the chat web page at /")
     dev_sign_in: bool = Field(
         False,
-        description="route POST /dev/sign-in (tokens without a password) to the chat replicas; `make run`"
-        " only, with chat replicas that serve it (CHATMESH_CHAT_DEV_SIGN_IN)",
+        description="route POST /dev/sign-in (tokens without a password) to the chat replicas, for callers"
+        " on this machine (loopback) only; `make run` only, with chat replicas that serve it"
+        " (CHATMESH_CHAT_DEV_SIGN_IN); refused with a listen_host other than loopback",
     )
 
     # Timeouts. A completion streams for as long as the model generates, so it has no short overall
@@ -104,6 +120,31 @@ class GatewaySettings(BaseSettings):
     descriptor_path: Path | None = Field(
         None, description="the API's descriptor set; default: the one shipped in this package"
     )
+
+    @field_validator("admin_host")
+    @classmethod
+    def _admin_stays_on_loopback(cls, value: str) -> str:
+        if not is_loopback_host(value):
+            raise ValueError(
+                f"CHATMESH_GATEWAY_ADMIN_HOST={value} would offer Envoy's admin interface (it stops Envoy and"
+                " dumps its config, the JWT secret included) to the network; it stays on loopback: unset it,"
+                " and serve metrics and /ready to scrapers and probes with CHATMESH_GATEWAY_METRICS_HOST and"
+                " CHATMESH_GATEWAY_METRICS_PORT"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _dev_sign_in_only_on_loopback(self) -> GatewaySettings:
+        if self.dev_sign_in and not is_loopback_host(self.listen_host):
+            raise ValueError(
+                "CHATMESH_GATEWAY_DEV_SIGN_IN=true hands out a token for any user name without a password,"
+                f" so it is served on loopback only, and CHATMESH_GATEWAY_LISTEN_HOST={self.listen_host}"
+                " offers the gateway to the network. Either keep the listener on this machine (unset"
+                " CHATMESH_GATEWAY_LISTEN_HOST, or 127.0.0.1) or turn the dev sign-in off (unset"
+                " CHATMESH_GATEWAY_DEV_SIGN_IN) and sign users in with tokens from your identity provider"
+                " (or `chatmesh token USER`)"
+            )
+        return self
 
     @field_validator("chat_addresses", mode="before")
     @classmethod
