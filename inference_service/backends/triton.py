@@ -184,6 +184,8 @@ class TritonBackend:
             async for pieces in responses:
                 past_stop = pieces if stops.stopped else []
                 if not stops.stopped:
+                    # Piece by piece, to see whether anything came after the token that completed a
+                    # stop sequence (the model ran past it) or the model ended there.
                     text = ""
                     for index, piece in enumerate(pieces):
                         text += stops.feed(piece)
