@@ -222,20 +222,28 @@ class QdrantIndex:
             return 0
         selected = _qdrant_filter(where)
 
-        async def count_then_delete() -> int:
+        async def count_then_delete() -> tuple[int, list[str]]:
             # Qdrant does not say how many points a delete removed, so count them first. In local mode
             # all of it runs as one call on the index's thread, so nothing can come in between.
             deleted = 0
-            for name in await self._targets(collection, where):
+            targets = await self._targets(collection, where)
+            for name in targets:
                 counted = await self._client.count(name, count_filter=selected, exact=True)
                 if counted.count:
                     await self._client.delete(
                         name, points_selector=models.FilterSelector(filter=selected), wait=True
                     )
                 deleted += counted.count
-            return deleted
+            return deleted, targets
 
-        return await self._call("delete", "filter", count_then_delete())
+        deleted, visited = await self._call("delete", "filter", count_then_delete())
+        # Which partitions a delete scanned is what it cost in local mode (each is read point by point,
+        # on the index's one thread): one without its tenant's exact condition visits them all.
+        log.debug(
+            "vector points deleted",
+            extra={"collection": collection, "deleted": deleted, "partitions": visited},
+        )
+        return deleted
 
     async def close(self) -> None:
         try:

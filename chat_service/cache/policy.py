@@ -14,6 +14,9 @@ the embedded text:
   question (no turns before it) can hit across the user's chats with the same system prompt.
 - `expires_at`: entries older than the TTL never match, and a periodic purge deletes them.
 
+The owner's deletes (a deleted chat, ClearCache) name the scope exactly too, so the vector index
+visits only the caller's entries (see `_delete_owned`).
+
 Verification. The vector service returns the best few entries of that scope; `VerificationRule` decides
 whether the best one truly asks the same thing (see docs/cache-verification.md).
 
@@ -241,15 +244,28 @@ class SemanticCache:
         except Exception as exc:
             self._failed("store", exc, question)
 
+    async def _delete_owned(self, user_id: str, where: Where) -> int:
+        """Delete the entries `user_id` stored that pass `where`, in each scope they can be in: the user's
+        own and the global one. Every delete names its scope exactly: the vector index keeps each scope
+        apart (in local mode a partition of its own, searched on one thread), and a delete without it
+        would visit every user's entries. The global scope is cleared whatever the setting, so entries
+        stored while it was on go too."""
+        deleted = 0
+        for scope in (user_id, GLOBAL_SCOPE):
+            deleted += await self._vectors.delete(
+                self._policy.collection, {"scope": scope, "owner": user_id, **where}
+            )
+        return deleted
+
     async def forget_chat(self, user_id: str, chat_id: uuid.UUID) -> None:
         try:
-            await self._vectors.delete(self._policy.collection, {"owner": user_id, "chat_id": str(chat_id)})
+            await self._delete_owned(user_id, {"chat_id": str(chat_id)})
         except Exception as exc:
             self._failed("delete of a chat's entries", exc)
 
     async def clear(self, user_id: str) -> int:
         """Unlike the other writes, a failed clear is the caller's error: they asked for it."""
-        return await self._vectors.delete(self._policy.collection, {"owner": user_id})
+        return await self._delete_owned(user_id, {})
 
     async def purge_expired(self) -> int:
         """Delete every expired entry (lookups already ignore them; this reclaims the space)."""

@@ -20,6 +20,7 @@ import pytest
 
 from chat_service.cache.policy import GLOBAL_SCOPE
 from chatmesh.chat.v1 import chat_pb2 as pb
+from embedding_service.qdrant_index import partition_name
 from tests.support.chat import ChatClient
 from tests.support.processes import LoggedProcess, free_port, log_entries, run_service
 from tests.support.recording_proxy import RecordingInferenceProxy, run_recording_proxy
@@ -212,6 +213,39 @@ async def test_clear_cache_deletes_only_the_callers_entries(
     assert await stack.entries({"owner": bob.user}) == 1, "bob's entries are untouched"
     again = await alice.create(PARAPHRASE, max_tokens=48, temperature=0)
     assert again.last is not None and not again.last.cached
+
+
+def deletes_in(embedding: LoggedProcess, collection: str) -> list[list[str]]:
+    """The index partitions each delete in `collection` visited, oldest first (the vector service logs
+    each delete at DEBUG, which the tests' embedding service writes)."""
+    return [
+        entry["partitions"]
+        for entry in log_entries(embedding)
+        if entry.get("msg") == "vector points deleted" and entry.get("collection") == collection
+    ]
+
+
+async def test_an_owners_deletes_visit_only_that_owners_partition(
+    stack: CacheStack, channel: grpc.aio.Channel, embedding_service: tuple[str, LoggedProcess]
+) -> None:
+    """DeleteChat and ClearCache delete by the tenant key too: in local mode each tenant has a partition
+    of its own, and a delete without its tenant scans every user's, one at a time on the index's thread."""
+    alice, bob = ChatClient(channel), ChatClient(channel)
+    first = await alice.create(QUESTION, max_tokens=48, temperature=0)
+    await bob.create(QUESTION, max_tokens=48, temperature=0)
+    await stored(stack, {"owner": alice.user}, 1)
+    await stored(stack, {"owner": bob.user}, 1)
+    alices = partition_name(stack.collection, alice.user)
+
+    await alice.sdk.delete_chat(first.chat_id)
+    assert deletes_in(embedding_service[1], stack.collection) == [[alices], []]
+
+    await alice.create("Say hello.", max_tokens=48, temperature=0)
+    await stored(stack, {"owner": alice.user}, 1)
+    assert await alice.sdk.clear_cache() == 1
+    # Alice's partition, then the global scope's (none here: nobody stored in it).
+    assert deletes_in(embedding_service[1], stack.collection)[2:] == [[alices], []]
+    assert await stack.entries({"owner": bob.user}) == 1, "bob's entries are untouched"
 
 
 async def test_expired_entries_miss_and_are_purged(
