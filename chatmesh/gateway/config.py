@@ -238,11 +238,7 @@ def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
     mappers += [
         {
             # A successful direct response (the OpenAPI document) is not an error: its body as it is.
-            "filter": {
-                "status_code_filter": {
-                    "comparison": {"op": "EQ", "value": {"default_value": 200, "runtime_key": "lr_200"}}
-                }
-            },
+            "filter": _status_is(200),
             "body_format_override": {
                 "text_format_source": {"inline_string": "%LOCAL_REPLY_BODY%"},
                 "content_type": "application/json",
@@ -275,29 +271,54 @@ def _local_reply_config(settings: GatewaySettings) -> dict[str, Any]:
             ],
         },
     ]
+    # A body over max_request_bytes (the buffer filter or the transcoder): the same words for every
+    # protocol, and RESOURCE_EXHAUSTED for gRPC clients, as gRPC itself says for an oversized message
+    # (413 alone would read as UNKNOWN).
+    too_large = _status_is(413)
+    too_large_message = {
+        "inline_string": f"the request is too large: this gateway takes at most {settings.max_request_bytes}"
+        " bytes of request body"
+    }
+    mappers.append(
+        {
+            "filter": {"and_filter": {"filters": [rest, too_large]}},
+            "body": too_large_message,
+            "body_format_override": json_body(grpc.StatusCode.RESOURCE_EXHAUSTED),
+        }
+    )
     mappers += [
         {
-            "filter": {
-                "and_filter": {
-                    "filters": [
-                        rest,
-                        {
-                            "status_code_filter": {
-                                "comparison": {
-                                    "op": "EQ",
-                                    "value": {"default_value": status, "runtime_key": f"lr_{status}"},
-                                }
-                            }
-                        },
-                    ]
-                }
-            },
+            "filter": {"and_filter": {"filters": [rest, _status_is(status)]}},
             "body_format_override": json_body(code),
         }
         for status, code in LOCAL_REPLY_CODES.items()
     ]
     mappers.append({"filter": rest, "body_format_override": json_body(UNKNOWN_CODE)})
+    mappers.append(
+        {
+            "filter": too_large,
+            "body": too_large_message,
+            "headers_to_add": [
+                {
+                    "header": {
+                        "key": "grpc-status",
+                        "value": str(grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]),
+                    },
+                    "append_action": "OVERWRITE_IF_EXISTS_OR_ADD",
+                }
+            ],
+        }
+    )
     return {"mappers": mappers}
+
+
+def _status_is(status: int) -> dict[str, Any]:
+    """An access-log filter matching a reply of HTTP `status`."""
+    return {
+        "status_code_filter": {
+            "comparison": {"op": "EQ", "value": {"default_value": status, "runtime_key": f"lr_{status}"}}
+        }
+    }
 
 
 def _rest_error_code_names_lua() -> str:
@@ -313,8 +334,9 @@ def _rest_error_code_names_lua() -> str:
     Accepted, as asynchronous work does; the transcoder itself can only say 200.
 
     Errors of the OpenAI-compatible API (`/v1/...`), the gateway's own included (401, 429, a body the
-    transcoder cannot read), take OpenAI's shape instead: `{"error": {"message", "type", "param",
-    "code"}}`, `param` the field a BadRequest detail names, `code` the status name in lower case."""
+    transcoder cannot read, 413), take OpenAI's shape instead: `{"error": {"message", "type", "param",
+    "code"}}`, `param` the field a BadRequest detail names, `code` the status name in lower case; a 413
+    is an `invalid_request_error`, as OpenAI calls a request too large."""
     names = ", ".join(f'[{code.value[0]}] = "{code.name}"' for code in grpc.StatusCode)
     types = ", ".join(f'{code.name} = "{kind}"' for code, kind in OPENAI_ERROR_TYPES.items())
     return f"""local NAMES = {{{names}}}
@@ -348,8 +370,8 @@ local function json_string(text, first)
   return nil
 end
 
--- A REST error body ({{"code": 3 or "NAME", "message": ...}}) in OpenAI's shape, or nil.
-local function openai_error(text)
+-- A REST error body ({{"code": 3 or "NAME", "message": ...}}) of HTTP `status` in OpenAI's shape, or nil.
+local function openai_error(text, status)
   local digits = string.match(text, "^" .. PREFIX .. "(%d+)")
   local name = (digits and NAMES[tonumber(digits)]) or string.match(text, "^" .. PREFIX .. '"([A-Z_]+)"')
   if not name then
@@ -359,14 +381,18 @@ local function openai_error(text)
   local message = at and json_string(text, at + 10) or '""'
   local field = string.match(text, '"field":"([%w_%.%[%]]*)"')
   local param = field and ('"' .. field .. '"') or "null"
-  return '{{"error":{{"message":' .. message .. ',"type":"' .. (OPENAI_TYPES[name] or "server_error")
+  -- A body over the size limit is the request's fault, not a rate limit (RESOURCE_EXHAUSTED otherwise).
+  local kind = (status == "413" and "invalid_request_error") or OPENAI_TYPES[name] or "server_error"
+  return '{{"error":{{"message":' .. message .. ',"type":"' .. kind
     .. '","param":' .. param .. ',"code":"' .. string.lower(name) .. '"}}}}'
 end
 
 function envoy_on_response(handle)
   local headers = handle:headers()
   local marks = handle:streamInfo():dynamicMetadata():get("chatmesh")
-  if headers:get(":status") == "200" then
+  -- Read before the body: the headers cannot be read once the script has waited for it.
+  local status = headers:get(":status")
+  if status == "200" then
     if marks ~= nil and marks["accepted"] ~= nil then
       headers:replace(":status", "202")
     end
@@ -381,7 +407,7 @@ function envoy_on_response(handle)
   end
   local text = body:getBytes(0, body:length())
   if marks ~= nil and marks["openai"] ~= nil then
-    local rewritten = openai_error(text)
+    local rewritten = openai_error(text, status)
     if rewritten then
       body:setBytes(rewritten)
     end
@@ -667,7 +693,19 @@ def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: P
             ),
         },
         {
-            # The first filter to touch a request, so that everything after it (JWT rules, rate limit,
+            # The request size limit, for every protocol: the body as the client sent it (JSON, or gRPC
+            # frames, which no other filter bounds) is held here whole, and one byte over the limit is
+            # refused (413; RESOURCE_EXHAUSTED for gRPC, see _local_reply_config) before the token is
+            # even checked, so no replica ever reads it. Every call sends its one request message at
+            # once (no method streams requests), so holding it costs no latency worth counting.
+            "name": "envoy.filters.http.buffer",
+            "typed_config": _typed(
+                "envoy.extensions.filters.http.buffer.v3.Buffer",
+                max_request_bytes=settings.max_request_bytes,
+            ),
+        },
+        {
+            # The first filter to change a request, so that everything after it (JWT rules, rate limit,
             # routes) sees one path space: REST requests rewritten to /<package>.<Service>/<Method>;
             # gRPC passes through.
             "name": "envoy.filters.http.grpc_json_transcoder",
@@ -690,7 +728,7 @@ def _http_filters(settings: GatewaySettings, api: ServiceApi, descriptor_path: P
                     "reject_binding_body_field_collisions": True,
                 },
                 case_insensitive_enum_parsing=True,
-                max_request_body_size=1024 * 1024,
+                max_request_body_size=settings.max_request_bytes,
             ),
         },
         {
