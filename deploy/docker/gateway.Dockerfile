@@ -20,10 +20,13 @@ RUN pip install --upgrade pip==26.0.1 \
 FROM python:3.11-slim-bookworm
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin chatmesh
 COPY --from=build /opt/chatmesh /opt/chatmesh
+# The API on every interface of the container; Envoy's admin interface stays on loopback (it stops Envoy
+# and dumps its config): Prometheus and the probes get /stats/prometheus and /ready on the metrics port.
 ENV PATH=/opt/chatmesh/bin:$PATH \
     CHATMESH_GATEWAY_LISTEN_HOST=0.0.0.0 \
-    CHATMESH_GATEWAY_ADMIN_HOST=0.0.0.0
+    CHATMESH_GATEWAY_METRICS_HOST=0.0.0.0 \
+    CHATMESH_GATEWAY_METRICS_PORT=9104
 USER 10001
 WORKDIR /home/chatmesh
-EXPOSE 8080 9901
+EXPOSE 8080 9104
 ENTRYPOINT ["python", "-m", "chatmesh.gateway"]

@@ -6,6 +6,7 @@ schemas of the Kubernetes version we target and follow the rules the deployment 
 from __future__ import annotations
 
 import copy
+import os
 import re
 import shutil
 import subprocess
@@ -16,12 +17,17 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from chatmesh.gateway import GatewaySettings, build_envoy_config
+
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"
 K8S = ROOT / "deploy" / "k8s"
 KUBERNETES_VERSION = "1.33.0"
 SERVICES = {"chat": 50051, "inference": 50052, "embedding": 50053}
 METRICS = {"chat": 9101, "inference": 9102, "embedding": 9103}
+GATEWAY_PORT = 8080
+GATEWAY_METRICS = 9104
+JWT_CLAIM_SETTINGS = ("JWT_ISSUER", "JWT_AUDIENCE")
 
 Doc = dict[str, Any]
 
@@ -248,4 +254,100 @@ def test_compose_runs_the_whole_mesh_on_one_gpu_host_from_files_that_exist() -> 
     # Prometheus scrapes every service's metrics port under its compose name.
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
-    assert {"chat-1:9101", "chat-2:9101", "inference:9102", "embedding:9103", "gateway:9901"} == targets
+    assert {
+        "chat-1:9101",
+        "chat-2:9101",
+        "inference:9102",
+        "embedding:9103",
+        f"gateway:{GATEWAY_METRICS}",
+    } == targets
+    # Only the API is published; the metrics port is for Prometheus on the compose network.
+    assert services["gateway"]["ports"] == [f"{GATEWAY_PORT}:{GATEWAY_PORT}"]
+
+
+# --- the gateway's exposure and the tokens it accepts ----------------------------------------------------
+
+
+def dockerfile_env(path: Path) -> dict[str, str]:
+    """The ENV settings of a Dockerfile's final stage (`ENV A=1 \\ B=2` form)."""
+    final = re.split(r"^FROM ", path.read_text(), flags=re.MULTILINE)[-1]
+    env: dict[str, str] = {}
+    for block in re.findall(r"^ENV ((?:.*\\\n)*.*)$", final, flags=re.MULTILINE):
+        for pair in block.replace("\\\n", " ").split():
+            name, _, value = pair.partition("=")
+            env[name] = value
+    return env
+
+
+def test_the_gateway_image_serves_metrics_on_their_own_port_and_keeps_the_admin_on_loopback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = (DOCKER / "gateway.Dockerfile").read_text()
+    env = {
+        k: v for k, v in dockerfile_env(DOCKER / "gateway.Dockerfile").items() if k.startswith("CHATMESH_")
+    }
+    assert "CHATMESH_GATEWAY_ADMIN_HOST" not in env
+    assert re.findall(r"^EXPOSE (.+)$", text, flags=re.MULTILINE) == [f"{GATEWAY_PORT} {GATEWAY_METRICS}"]
+    # The config the image renders from its settings: admin on loopback, a metrics listener beside the API.
+    for name in [n for n in os.environ if n.startswith("CHATMESH_GATEWAY_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config = build_envoy_config(GatewaySettings(jwt_secret="s" * 40, jwt_secret_file=None))
+    assert config["admin"]["address"]["socket_address"]["address"] == "127.0.0.1"
+    listeners = {
+        listener["name"]: listener["address"]["socket_address"]
+        for listener in config["static_resources"]["listeners"]
+    }
+    assert listeners == {
+        "public": {"address": "0.0.0.0", "port_value": GATEWAY_PORT},
+        "metrics": {"address": "0.0.0.0", "port_value": GATEWAY_METRICS},
+    }
+
+
+def test_kubernetes_probes_and_scrapes_the_gateway_on_its_metrics_port_not_the_admin() -> None:
+    docs = render(OVERLAYS[0])
+    gateway = by_kind(docs, "Deployment")["gateway"]["spec"]["template"]
+    container = gateway["spec"]["containers"][0]
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {
+        "http": GATEWAY_PORT,
+        "metrics": GATEWAY_METRICS,
+    }
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/ready", "port": "metrics"}
+    assert gateway["metadata"]["annotations"]["prometheus.io/port"] == str(GATEWAY_METRICS)
+    services = by_kind(docs, "Service")["gateway"]["spec"]["ports"]
+    assert [p["targetPort"] for p in services] == ["http"]
+    monitored = {
+        port["port"]
+        for policy in docs
+        if policy["kind"] == "NetworkPolicy" and policy["metadata"]["name"] == "metrics-from-monitoring"
+        for rule in policy["spec"]["ingress"]
+        for port in rule["ports"]
+    }
+    assert GATEWAY_METRICS in monitored and 9901 not in monitored
+
+
+def test_kubernetes_checks_the_issuer_and_audience_of_tokens_in_envoy_and_the_chat_service() -> None:
+    docs = render(OVERLAYS[0])
+    config = by_kind(docs, "ConfigMap")["chatmesh-config"]["data"]
+    for claim in JWT_CLAIM_SETTINGS:
+        chat, gateway = config.get(f"CHATMESH_CHAT_{claim}"), config.get(f"CHATMESH_GATEWAY_{claim}")
+        assert chat and chat == gateway, f"{claim}: chat {chat!r}, gateway {gateway!r}"
+    # Both workloads read the config map (the chat replicas verify every token again).
+    for name in ("chat", "gateway"):
+        container = by_kind(docs, "Deployment")[name]["spec"]["template"]["spec"]["containers"][0]
+        assert {"configMapRef": {"name": "chatmesh-config"}} in container["envFrom"], name
+
+
+def test_compose_checks_the_issuer_and_audience_of_tokens_in_envoy_and_every_chat_replica() -> None:
+    services = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())["services"]
+    for claim in JWT_CLAIM_SETTINGS:
+        values = {
+            name: services[name]["environment"].get(f"CHATMESH_{kind}_{claim}")
+            for name, kind in (("gateway", "GATEWAY"), ("chat-1", "CHAT"), ("chat-2", "CHAT"))
+        }
+        assert len(set(values.values())) == 1 and all(values.values()), values
+    # The issuer has no default: compose refuses to start until the operator names theirs.
+    issuer = services["gateway"]["environment"]["CHATMESH_GATEWAY_JWT_ISSUER"]
+    assert re.fullmatch(r"\$\{CHATMESH_JWT_ISSUER:\?.+\}", issuer), issuer
