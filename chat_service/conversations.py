@@ -18,6 +18,7 @@ from chat_service.cache.policy import CachedAnswer, NoCache, Question, ResponseC
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
+from chat_service.limits import CompletionDurations, CompletionLimit
 from chat_service.metrics import ChatMetrics, NoMetrics
 from chat_service.storage.base import NOT_COUNTED, ConversationStore, Lease
 from chatmesh.common.errors import ChatmeshError, NotFound, Unavailable
@@ -184,6 +185,7 @@ class Conversations:
         lease_s: float = 15.0,
         poll_interval_s: float = 0.2,
         metrics: ChatMetrics | None = None,
+        max_completions_per_user: int = 0,
     ) -> None:
         self._metrics = metrics or NoMetrics()
         self._store = store
@@ -196,6 +198,9 @@ class Conversations:
         # generates a reply holds it (renewed every third of `lease_s`), so a retry that lands elsewhere
         # waits for that reply rather than generating a second one, and takes over once it lapses.
         self._lease = Lease(replica_id or f"replica-{uuid.uuid4().hex[:12]}", lease_s)
+        # Each completion stream (chat or stateless) holds one of its user's slots, counted in the store
+        # across replicas, from before anything is written until it ends.
+        self._limit = CompletionLimit(store, self._lease, max_completions_per_user)
         self._poll_interval_s = poll_interval_s
         # Completions running in this process, by user message id, so a retry can join one.
         self._in_flight: dict[uuid.UUID, _Running] = {}
@@ -212,6 +217,11 @@ class Conversations:
     def engine(self) -> EngineInfo:
         return self._engine
 
+    @property
+    def completion_durations(self) -> CompletionDurations:
+        """How long completions took here lately (for the retry hints of per-user limits)."""
+        return self._limit.durations
+
     async def create_chat(
         self,
         user_id: str,
@@ -223,7 +233,9 @@ class Conversations:
         request_id: str | None,
         use_cache: bool = True,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """Create a chat; with a first message, stream its reply like `complete`.
+        """Create a chat; with a first message, stream its reply like `complete` (and, like it, only
+        within the user's limit of concurrent completions: beyond it, `ResourceExhausted` before anything
+        is stored).
 
         A first message's cache lookup depends on nothing stored (no turns come before it), so it runs
         while the chat and the message are written rather than after."""
@@ -233,6 +245,25 @@ class Conversations:
             )
             yield Started(chat.id, None, chat)
             return
+        slot = self._limit.slot(user_id, f"create\n{request_id}" if request_id else None)
+        creating = self._create_and_complete(
+            user_id, title, system_prompt, strategy, first_message, sampling, request_id, use_cache
+        )
+        async with slot, aclosing(creating) as events:
+            async for event in events:
+                yield event
+
+    async def _create_and_complete(
+        self,
+        user_id: str,
+        title: str,
+        system_prompt: str,
+        strategy: HistoryStrategy | None,
+        first_message: str,
+        sampling: SamplingOptions,
+        request_id: str | None,
+        use_cache: bool,
+    ) -> AsyncGenerator[CompletionEvent, None]:
         early_lookup = (
             asyncio.ensure_future(
                 self._cache.lookup(Question(user_id, None, system_prompt, (), first_message))
@@ -248,7 +279,7 @@ class Conversations:
             _discard(early_lookup)
             raise
         async with aclosing(
-            self.complete(user_id, chat.id, first_message, sampling, request_id, use_cache, early_lookup)
+            self._complete(user_id, chat.id, first_message, sampling, request_id, use_cache, early_lookup)
         ) as events:
             async for event in events:
                 yield (
@@ -265,19 +296,38 @@ class Conversations:
         sampling: SamplingOptions,
         request_id: str | None,
         use_cache: bool = True,
-        early_lookup: asyncio.Future[CachedAnswer | None] | None = None,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """Store the user message, stream the reply, store the reply (with the message's token count).
 
+        The stream holds one of the user's concurrent completions from its start to its end, in every
+        replica: beyond the limit, `ResourceExhausted` (with a retry hint) before anything is stored.
+
         The reply comes from the semantic cache when it holds a verified answer to the same question in
-        the same context (`use_cache=False`: neither look up nor store). `early_lookup`: that lookup,
-        already started for `content` as the first message of the chat (used only if it is).
+        the same context (`use_cache=False`: neither look up nor store).
 
         A retry (same `request_id`) joins the completion if it is still running here, returns the stored
         reply if there is one (a cancelled one included, with `FinishReason.CANCELLED`), and generates
         it otherwise. Either way the stream ends with exactly one `Finished`, or one `Failed` followed by
         its error raised.
         """
+        slot = self._limit.slot(user_id, f"complete\n{chat_id}\n{request_id}" if request_id else None)
+        completing = self._complete(user_id, chat_id, content, sampling, request_id, use_cache)
+        async with slot, aclosing(completing) as events:
+            async for event in events:
+                yield event
+
+    async def _complete(
+        self,
+        user_id: str,
+        chat_id: uuid.UUID,
+        content: str,
+        sampling: SamplingOptions,
+        request_id: str | None,
+        use_cache: bool = True,
+        early_lookup: asyncio.Future[CachedAnswer | None] | None = None,
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """`complete` without its slot (the caller holds it). `early_lookup`: the cache lookup, already
+        started for `content` as the first message of the chat (used only if it is)."""
         received = time.perf_counter()
         try:
             turn = await self._store.start_turn(user_id, chat_id, content, request_id, lease=self._lease)
@@ -312,8 +362,19 @@ class Conversations:
         nowhere: the stateless completion of the OpenAI-compatible API. Same engine and admission as a
         chat's completion, and the same per-user semantic cache, keyed by the same context (system
         prompt and earlier turns). Streams `Delta`s, then one `Finished` (no message id); a failure is
-        raised, also after text has streamed."""
-        return self._counted(self._answer_messages(user_id, messages, sampling, request_id, use_cache))
+        raised, also after text has streamed. Counts against the user's concurrent completions like a
+        chat's."""
+        return self._within_limit(
+            user_id, self._counted(self._answer_messages(user_id, messages, sampling, request_id, use_cache))
+        )
+
+    async def _within_limit(
+        self, user_id: str, events: AsyncGenerator[CompletionEvent, None]
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """`events`, holding one of the user's completion slots from the first to the last."""
+        async with self._limit.slot(user_id), aclosing(events):
+            async for event in events:
+                yield event
 
     async def _answer_messages(
         self,

@@ -185,6 +185,7 @@ async def serve(settings: ChatSettings) -> None:
             replica_id=settings.replica_id,
             lease_s=settings.completion_lease_s,
             metrics=metrics,
+            max_completions_per_user=settings.max_concurrent_completions_per_user,
         )
         jobs: Jobs | None = None
         worker: JobWorker | None = None
@@ -201,7 +202,7 @@ async def serve(settings: ChatSettings) -> None:
                     )
                 )
             )
-            jobs = Jobs(store, queue, conversations)
+            jobs = Jobs(store, queue, conversations, max_active_per_user=settings.max_active_jobs_per_user)
             if settings.jobs_workers:
                 worker = JobWorker(
                     store,

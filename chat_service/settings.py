@@ -78,6 +78,20 @@ class ChatSettings(ServiceSettings):
         " generating it itself",
     )
 
+    # Per-user limits, counted in the database across every replica; beyond one, a 429 with a retry hint.
+    max_concurrent_completions_per_user: int = Field(
+        2,
+        ge=0,
+        description="completion streams (chat and /v1/chat/completions) one user may run at once; 0: no"
+        " limit. The default leaves 6 of the engine's 8 slots to others while one user floods",
+    )
+    max_active_jobs_per_user: int = Field(
+        20,
+        ge=0,
+        description="jobs one user may have queued or running at once; 0: no limit. The default is 2% of"
+        " the default jobs capacity (1000), so one user cannot fill the queue",
+    )
+
     # Semantic cache (the vector service runs in the embedding service's process).
     cache_address: str | None = Field(
         None,

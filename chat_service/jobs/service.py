@@ -27,7 +27,8 @@ from chat_service.conversations import (
 from chat_service.domain import Job, JobRequest, JobState, Message
 from chat_service.inference import SamplingOptions
 from chat_service.jobs.queue import Delivery, JobQueue
-from chat_service.storage.base import JobStore
+from chat_service.limits import too_many_jobs
+from chat_service.storage.base import JobStore, LimitReached
 from chatmesh.common.errors import ChatmeshError, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -45,9 +46,16 @@ class Jobs:
     """The job use cases for authenticated users; every method takes the caller's user id first."""
 
     def __init__(
-        self, store: JobStore, queue: JobQueue, conversations: Conversations, poll_interval_s: float = 0.25
+        self,
+        store: JobStore,
+        queue: JobQueue,
+        conversations: Conversations,
+        poll_interval_s: float = 0.25,
+        *,
+        max_active_per_user: int = 0,
     ) -> None:
         self._store = store
+        self._max_active_per_user = max_active_per_user
         self._queue = queue
         self._conversations = conversations
         self._poll_interval_s = poll_interval_s
@@ -63,20 +71,27 @@ class Jobs:
     ) -> JobView:
         """Store the question and queue its job. A full queue (ResourceExhausted) or an unreachable one
         (Unavailable) stores nothing: the question and the job are taken back before the error is raised.
-        A retry (same `request_id`) returns the first submission's job."""
-        message, _ = await self._conversations.store_question(user_id, chat_id, content, request_id)
-        job, _ = await self._store.create_job(
-            JobRequest(
-                user_id=user_id,
-                chat_id=chat_id,
-                user_message_id=message.id,
-                max_tokens=sampling.max_tokens,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                seed=sampling.seed,
-                use_cache=use_cache,
-            )
+        So does a user at their limit of unfinished jobs (ResourceExhausted naming it). A retry (same
+        `request_id`) returns the first submission's job."""
+        message, stored = await self._conversations.store_question(user_id, chat_id, content, request_id)
+        request = JobRequest(
+            user_id=user_id,
+            chat_id=chat_id,
+            user_message_id=message.id,
+            max_tokens=sampling.max_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+            use_cache=use_cache,
         )
+        try:
+            job, _ = await self._store.create_job(request, self._max_active_per_user)
+        except LimitReached as reached:
+            if stored:
+                await self._store.discard_question(user_id, message.id)
+            raise too_many_jobs(
+                reached, self._max_active_per_user, self._conversations.completion_durations
+            ) from None
         if job.state == JobState.QUEUED and job.attempts == 0:
             # Also on a retry: the first attempt may have stopped before queueing it (the queue drops
             # a second copy of an id it holds).

@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Protocol
 
 from chat_service.domain import (
@@ -33,6 +34,17 @@ class Lease:
 
     holder: str
     seconds: float
+
+
+class LimitReached(Exception):
+    """A per-user limit refused one more: `active` is what the user holds already (the limit), and
+    `oldest_started` when the oldest of those began (None if unknown). Not a domain error: the use case
+    that set the limit raises the `ResourceExhausted` that names it."""
+
+    def __init__(self, active: int, oldest_started: datetime | None) -> None:
+        super().__init__(f"{active} active")
+        self.active = active
+        self.oldest_started = oldest_started
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +126,22 @@ class ConversationStore(Protocol):
         at once; a lease someone else holds is left alone."""
         ...
 
+    async def take_generation_slot(self, user_id: str, slot_id: uuid.UUID, lease: Lease, limit: int) -> bool:
+        """Record that `lease.holder` starts a completion stream for the user (slot `slot_id`, held until
+        `lease.seconds` from now unless renewed), unless the user holds `limit` live slots already, in
+        any replica: then `LimitReached` and nothing is recorded. Counting and taking are one step: two
+        replicas racing for the user's last slot cannot both get it. False (and nothing recorded) if the
+        user holds `slot_id` already: a retry of the same request shares its slot."""
+        ...
+
+    async def renew_generation_slot(self, slot_id: uuid.UUID, lease: Lease) -> None:
+        """Extend the slot's lease to `lease.seconds` from now."""
+        ...
+
+    async def release_generation_slot(self, slot_id: uuid.UUID) -> None:
+        """Free the slot (its stream ended)."""
+        ...
+
     async def add_assistant_message(
         self,
         user_id: str,
@@ -172,9 +200,16 @@ class ConversationStore(Protocol):
 class JobStore(Protocol):
     """Durable asynchronous completions (the queue holds only their ids)."""
 
-    async def create_job(self, request: JobRequest) -> tuple[Job, bool]:
+    async def create_job(self, request: JobRequest, max_active: int = 0) -> tuple[Job, bool]:
         """Commit a queued job for `request.user_message_id`. Idempotent on that message: a retry returns
-        the job created first and False. `NotFound` if the user has no such message."""
+        the job created first and False. `NotFound` if the user has no such message. With `max_active`
+        (0: no limit), `LimitReached` when the user has that many jobs queued or running already (a
+        retry of one of them is not refused); counting and creating are one step across replicas."""
+        ...
+
+    async def discard_question(self, user_id: str, message_id: uuid.UUID) -> None:
+        """Delete the user's message if nothing answers it yet (no reply, no job): a submission that was
+        refused leaves nothing behind."""
         ...
 
     async def get_job(self, user_id: str, job_id: uuid.UUID) -> Job:

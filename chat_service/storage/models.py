@@ -170,7 +170,11 @@ class JobRow(Base):
     the message whose `reply_to` is `user_message_id` (one at most), so a job cannot answer twice."""
 
     __tablename__ = "jobs"
-    __table_args__ = (UniqueConstraint("user_message_id", name="uq_jobs_user_message_id"),)
+    __table_args__ = (
+        UniqueConstraint("user_message_id", name="uq_jobs_user_message_id"),
+        # Added in migration 0005: a submission counts the user's unfinished jobs against their limit.
+        Index("ix_jobs_user_state", "user_id", "state"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
     user_id: Mapped[str] = mapped_column(String(255))
@@ -187,3 +191,19 @@ class JobRow(Base):
     use_cache: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class GenerationSlotRow(Base):
+    """A completion stream one user has running on some replica (migration 0005): what the per-user limit
+    on concurrent completions counts, across every replica sharing the database. `holder` (the replica)
+    renews `lease_until` while the stream runs and deletes the row when it ends; the row of a replica
+    that died stops counting once its lease lapses."""
+
+    __tablename__ = "generation_slots"
+    __table_args__ = (Index("ix_generation_slots_user_lease", "user_id", "lease_until"),)
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    holder: Mapped[str] = mapped_column(String(64))
+    acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    lease_until: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -21,7 +21,21 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy import Select, Table, Update, case, delete, event, insert, literal, or_, select, text, tuple_
+from sqlalchemy import (
+    Select,
+    Table,
+    Update,
+    case,
+    delete,
+    event,
+    func,
+    insert,
+    literal,
+    or_,
+    select,
+    text,
+    tuple_,
+)
 from sqlalchemy import update as sql_update
 from sqlalchemy.engine import URL, Dialect, Row, make_url
 from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
@@ -33,6 +47,7 @@ from sqlalchemy.ext.asyncio import (
     async_sessionmaker,
     create_async_engine,
 )
+from sqlalchemy.orm import aliased
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from chat_service.domain import (
@@ -47,9 +62,16 @@ from chat_service.domain import (
     Message,
     Role,
 )
-from chat_service.storage.base import NOT_COUNTED, ConversationStore, JobStore, Lease, TurnStart
+from chat_service.storage.base import (
+    NOT_COUNTED,
+    ConversationStore,
+    JobStore,
+    Lease,
+    LimitReached,
+    TurnStart,
+)
 from chat_service.storage.migrate import upgrade_to_head
-from chat_service.storage.models import ChatRow, JobRow, MessageRow
+from chat_service.storage.models import ChatRow, GenerationSlotRow, JobRow, MessageRow
 from chatmesh.common.errors import NotFound, Unavailable
 
 TITLE_MAX_CHARS = 80
@@ -57,6 +79,11 @@ _ELLIPSIS = "…"
 # A racing delete can remove the row we collided with before we read it back, and inserting again is then
 # right; a collision that persists across attempts is a bug, not a race.
 _IDEMPOTENT_ATTEMPTS = 3
+# First keys of the PostgreSQL advisory locks that serialize one user's limit checks (the second key is a
+# hash of the user id): one namespace per limit, so a user's completions and jobs do not wait on each other.
+_SLOTS_LOCK = 0x434D0001
+_JOBS_LOCK = 0x434D0002
+_UNFINISHED_JOB_STATES = (JobState.QUEUED.value, JobState.RUNNING.value)
 
 
 def title_from_content(content: str) -> str:
@@ -615,6 +642,66 @@ class SqlConversationStore(ConversationStore, JobStore):
                 .execution_options(synchronize_session=False)
             )
 
+    async def _lock_user(self, connection: AsyncConnection | AsyncSession, key: int, user_id: str) -> None:
+        """Serialize the user's count-then-take steps until the transaction ends. PostgreSQL: a transaction
+        advisory lock on (key, hash of the user), since under READ COMMITTED two transactions would each
+        count without the other's uncommitted row. SQLite needs none: the caller writes before it counts,
+        and the first write takes the database's single write lock until commit."""
+        if self._engine.dialect.name == "postgresql":
+            await connection.execute(
+                text("SELECT pg_advisory_xact_lock(:key, hashtext(:user_id))"),
+                {"key": key, "user_id": user_id},
+            )
+
+    async def take_generation_slot(self, user_id: str, slot_id: uuid.UUID, lease: Lease, limit: int) -> bool:
+        slots = cast(Table, GenerationSlotRow.__table__)
+        now = _now()
+        async with self._engine.begin() as connection:
+            await self._lock_user(connection, _SLOTS_LOCK, user_id)
+            # Slots of replicas that died: their lease lapsed, they count no more; the user's own clean-up.
+            await connection.execute(
+                delete(slots).where(slots.c.user_id == user_id, slots.c.lease_until < now)
+            )
+            held = await connection.scalar(
+                select(slots.c.id).where(slots.c.id == slot_id, slots.c.user_id == user_id)
+            )
+            if held is not None:
+                return False
+            await connection.execute(
+                insert(slots).values(
+                    id=slot_id,
+                    user_id=user_id,
+                    holder=lease.holder,
+                    acquired_at=now,
+                    lease_until=now + timedelta(seconds=lease.seconds),
+                )
+            )
+            others, oldest = (
+                await connection.execute(
+                    select(func.count(), func.min(slots.c.acquired_at)).where(
+                        slots.c.user_id == user_id, slots.c.id != slot_id
+                    )
+                )
+            ).one()
+            if others >= limit:
+                # Raised inside the transaction: the slot just inserted is rolled back.
+                raise LimitReached(others, oldest)
+        return True
+
+    async def renew_generation_slot(self, slot_id: uuid.UUID, lease: Lease) -> None:
+        slots = cast(Table, GenerationSlotRow.__table__)
+        async with self._engine.begin() as connection:
+            await connection.execute(
+                sql_update(slots)
+                .where(slots.c.id == slot_id)
+                .values(lease_until=_now() + timedelta(seconds=lease.seconds))
+            )
+
+    async def release_generation_slot(self, slot_id: uuid.UUID) -> None:
+        slots = cast(Table, GenerationSlotRow.__table__)
+        async with self._engine.begin() as connection:
+            await connection.execute(delete(slots).where(slots.c.id == slot_id))
+
     async def chat_of_message(self, user_id: str, message_id: uuid.UUID) -> uuid.UUID:
         async with self._reader.connect() as connection:
             chat_id = await connection.scalar(
@@ -685,8 +772,9 @@ class SqlConversationStore(ConversationStore, JobStore):
 
     # -- jobs ------------------------------------------------------------------------------------------
 
-    async def create_job(self, request: JobRequest) -> tuple[Job, bool]:
-        """Commit a queued job for the user's message `request.user_message_id` (one job per message)."""
+    async def create_job(self, request: JobRequest, max_active: int = 0) -> tuple[Job, bool]:
+        """Commit a queued job for the user's message `request.user_message_id` (one job per message);
+        with `max_active`, only while the user has fewer unfinished jobs (`LimitReached`)."""
         for _ in range(_IDEMPOTENT_ATTEMPTS):
             now = _now()
             row = JobRow(
@@ -717,7 +805,14 @@ class SqlConversationStore(ConversationStore, JobStore):
                     )
                     if message is None:
                         raise _message_not_found(request.user_message_id)
+                    if max_active:
+                        await self._lock_user(session, _JOBS_LOCK, request.user_id)
                     session.add(row)
+                    if max_active:
+                        # Inserted before counting: a retry collides here and gets its job back, never
+                        # refused; on SQLite the insert takes the write lock the count needs.
+                        await session.flush()
+                        await self._check_active_jobs(session, request.user_id, row.id, max_active)
                 return _to_job(row), True
             except IntegrityError:
                 pass
@@ -753,6 +848,36 @@ class SqlConversationStore(ConversationStore, JobStore):
                 .where(JobRow.id == job_id)
                 .values(state=state.value, attempts=attempts, error=error, updated_at=_now())
                 .execution_options(synchronize_session=False)
+            )
+
+    @staticmethod
+    async def _check_active_jobs(
+        session: AsyncSession, user_id: str, job_id: uuid.UUID, max_active: int
+    ) -> None:
+        """`LimitReached` if the user has `max_active` unfinished jobs besides `job_id`."""
+        others, oldest = (
+            await session.execute(
+                select(func.count(), func.min(JobRow.created_at)).where(
+                    JobRow.user_id == user_id,
+                    JobRow.state.in_(_UNFINISHED_JOB_STATES),
+                    JobRow.id != job_id,
+                )
+            )
+        ).one()
+        if others >= max_active:
+            raise LimitReached(others, oldest)
+
+    async def discard_question(self, user_id: str, message_id: uuid.UUID) -> None:
+        replies = aliased(MessageRow)  # not the row being deleted: a subquery would correlate to it
+        async with self._sessions.begin() as session:
+            await session.execute(
+                delete(MessageRow).where(
+                    MessageRow.id == message_id,
+                    MessageRow.user_id == user_id,
+                    MessageRow.role == Role.USER.value,
+                    ~select(replies.id).where(replies.reply_to == message_id).exists(),
+                    ~select(JobRow.id).where(JobRow.user_message_id == message_id).exists(),
+                )
             )
 
     async def discard_job(self, job: Job) -> None:

@@ -762,6 +762,33 @@ def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(
     assert "OK" in gateway("--validate", "--workdir", str(tmp_path / "work"))
 
 
+async def test_a_user_beyond_their_concurrent_completions_gets_429_with_a_retry_hint(
+    http: httpx.AsyncClient,
+) -> None:
+    """The per-user limit (the default, 2 completions at once, counted across both replicas) through the
+    gateway: the third is a 429 naming the limit and its setting, with a retry hint, and another user is
+    still served meanwhile."""
+    user = new_user()
+    body = {"system_prompt": COUNTING_SYSTEM_PROMPT, "content": "Count to 300.", "max_tokens": 600}
+    async with (
+        http.stream("POST", "/chat", json=body, headers=bearer(user)) as one,
+        http.stream("POST", "/chat", json=body, headers=bearer(user)) as two,
+    ):
+        for running in (one, two):
+            assert running.status_code == 200
+            events = sse_events(running)
+            while "delta" not in (await anext(events)).data:
+                pass
+        refused = await http.post("/chat", json={"content": "Hi", "max_tokens": 4}, headers=bearer(user))
+        assert refused.status_code == 429, refused.text
+        error = refused.json()
+        assert error["code"] == "RESOURCE_EXHAUSTED", error
+        assert "CHATMESH_CHAT_MAX_CONCURRENT_COMPLETIONS_PER_USER" in error["message"], error
+        assert int(refused.headers["retry-after-ms"]) > 0, refused.headers
+        other = await post_stream(http, "/chat", new_user(), {"content": "Hi", "max_tokens": 4})
+        check_completion_shape(other)
+
+
 async def test_completions_beyond_the_gateways_cap_are_refused_at_the_edge(
     mesh: Mesh, tmp_path: Path
 ) -> None:
