@@ -61,6 +61,15 @@ class Sampling:
     seed: int | None
 
 
+def llama_cpp_seed(seed: int) -> int:
+    """`seed` (the contract's uint64) as llama.cpp's 32-bit seed, still reproducible.
+
+    llama.cpp keeps the low 32 bits of a seed and reads 0xFFFFFFFF as "choose a random seed", so 2^32 - 1
+    and 2^64 - 1 sampled differently on every call. Seeds below 2^32 - 1 pass as they are; the others are
+    folded onto them (modulo 2^32 - 1)."""
+    return seed % 0xFFFFFFFF
+
+
 @dataclass(frozen=True, slots=True)
 class TextDelta:
     """More generated text."""

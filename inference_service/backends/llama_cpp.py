@@ -17,7 +17,15 @@ import numpy as np
 import numpy.typing as npt
 from llama_cpp import Llama, StoppingCriteriaList
 
-from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
+from inference_service.backends.base import (
+    Completion,
+    FinishReason,
+    ModelInfo,
+    Prompt,
+    Sampling,
+    TextDelta,
+    llama_cpp_seed,
+)
 from inference_service.backends.text import LeadingSpaceTrimmer
 from inference_service.backends.tokenizers import LlamaTokenizer, TokenizerThread
 from inference_service.prompt import PromptTemplate, Turn
@@ -129,8 +137,9 @@ def _generate_blocking(
         generated = len(input_ids) - prompt_len + 1
         return cancel.is_set()
 
-    if sampling.seed is not None:
-        llm.set_seed(sampling.seed)
+    seed = llama_cpp_seed(sampling.seed) if sampling.seed is not None else None
+    if seed is not None:
+        llm.set_seed(seed)
     trimmer = LeadingSpaceTrimmer()
     finish = FinishReason.STOP
     stream: Any = llm.create_completion(
@@ -139,7 +148,7 @@ def _generate_blocking(
         temperature=sampling.temperature,
         top_p=sampling.top_p,
         stop=list(sampling.stop),
-        seed=sampling.seed,
+        seed=seed,
         stream=True,
         stopping_criteria=StoppingCriteriaList([should_stop]),
     )

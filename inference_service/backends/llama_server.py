@@ -31,7 +31,15 @@ from typing import Any
 import httpx
 
 from chatmesh.common.errors import Unavailable
-from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
+from inference_service.backends.base import (
+    Completion,
+    FinishReason,
+    ModelInfo,
+    Prompt,
+    Sampling,
+    TextDelta,
+    llama_cpp_seed,
+)
 from inference_service.backends.text import LeadingSpaceTrimmer
 from inference_service.backends.tokenizers import LlamaTokenizer, Tokenizer, TokenizerThread
 from inference_service.prompt import PromptTemplate, Turn
@@ -223,7 +231,7 @@ class LlamaServerBackend:
             "cache_prompt": True,
         }
         if sampling.seed is not None:
-            body["seed"] = sampling.seed
+            body["seed"] = llama_cpp_seed(sampling.seed)
         trimmer = LeadingSpaceTrimmer()
         final: dict[str, Any] | None = None
         slot = self._slots.acquire(prompt.token_ids)
