@@ -338,5 +338,64 @@ def test_shift_enter_makes_a_new_line_and_enter_sends(page: Page, site: Site) ->
     expect(last_reply(page)).to_have_attribute("data-state", "done", timeout=60_000)
 
 
+def dev_token(site: Site, user: str) -> str:
+    reply = httpx.post(site.envoy.base_url + "/dev/sign-in", json={"user": user})
+    assert reply.status_code == 200, reply.text
+    return str(reply.json()["token"])
+
+
+def test_a_link_with_another_users_token_asks_before_switching_users(page: Page, site: Site) -> None:
+    alice, mallory = (f"web-{uuid.uuid4().hex[:6]}" for _ in range(2))
+    sign_in(page, site, alice)
+    expect(page.locator(".signed-in-as")).to_have_text(f"Signed in as {alice}")
+    alices_token = page.evaluate("localStorage.getItem('chatmesh.token')")
+    # A link someone else made, with a token of theirs (login CSRF): opened in the signed-in tab.
+    page.goto(f"{site.url}#token={dev_token(site, mallory)}")
+    dialog = page.locator("#switch-user")
+    expect(dialog).to_be_visible()
+    expect(dialog).to_contain_text(f"sign you in as {mallory}")
+    expect(dialog).to_contain_text(f"You are signed in as {alice}")
+    expect(page.locator("#switch-cancel")).to_have_text(f"Stay signed in as {alice}")
+    expect(page.locator("#switch-accept")).to_have_text(f"Sign in as {mallory}")
+    # Nothing is switched while the question is open, and the token left the address bar.
+    assert page.evaluate("localStorage.getItem('chatmesh.token')") == alices_token
+    assert "token=" not in page.url
+    page.click("#switch-cancel")
+    expect(dialog).to_be_hidden()
+    expect(page.locator("#who")).to_have_text(alice)
+    assert page.evaluate("localStorage.getItem('chatmesh.token')") == alices_token
+    # After a reload too: still alice.
+    page.reload()
+    expect(page.locator("#who")).to_have_text(alice)
+
+    # A link followed on purpose: the user says yes, and the page says who is signed in now.
+    page.goto(f"{site.url}#token={dev_token(site, mallory)}")
+    page.click("#switch-accept")
+    expect(page.locator("#who")).to_have_text(mallory)
+    expect(page.locator(".signed-in-as")).to_have_text(f"Signed in as {mallory}")
+    assert page.evaluate("localStorage.getItem('chatmesh.user')") == mallory
+
+
+def test_a_link_with_a_token_asks_before_signing_in_someone_who_was_not(browser: Browser, site: Site) -> None:
+    context = browser.new_context()
+    page = context.new_page()
+    try:
+        bob = f"web-{uuid.uuid4().hex[:6]}"
+        page.goto(f"{site.url}#token={dev_token(site, bob)}")
+        expect(page.locator("#switch-user")).to_contain_text(f"sign you in as {bob}")
+        expect(page.locator("#switch-current-line")).to_be_hidden()
+        assert page.evaluate("localStorage.getItem('chatmesh.token')") is None
+        page.click("#switch-cancel")
+        expect(page.locator("#sign-in")).to_be_visible()
+        assert page.evaluate("localStorage.getItem('chatmesh.token')") is None
+        # A fresh token of the user already signed in is taken without a question.
+        sign_in(page, site, bob)
+        page.goto(f"{site.url}#token={dev_token(site, bob)}")
+        expect(page.locator("#switch-user")).to_be_hidden()
+        expect(page.locator("#who")).to_have_text(bob)
+    finally:
+        context.close()
+
+
 def test_chromium_is_the_one_make_installs() -> None:
     assert shutil.which("chromium") or Path(CHROMIUM).exists()

@@ -467,20 +467,66 @@ async function* serverSentEvents(body) {
   }
 }
 
+// ---- a token from a link --------------------------------------------------------------------------------
+
+// A link ending in #token=... signs in as whoever the token names, so anyone can send one: the user is
+// asked before it replaces who is signed in (or signs in someone who was not), naming both users.
+function takeTokenFromLink() {
+  const fromLink = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (!fromLink) return false;
+  // An identity provider (or a proxy in front) may hand the token over in the fragment, which never
+  // reaches a server; it is taken out of the address bar at once.
+  history.replaceState(null, "", location.pathname);
+  const offered = userOf(fromLink);
+  const current = state.token ? localStorage.getItem(USER_KEY) || userOf(state.token) : "";
+  if (!offered) return false; // not a token: ignored
+  if (offered === current) {
+    signedIn(fromLink, offered); // the same user, with a fresh token
+    return true;
+  }
+  askToSwitch(fromLink, offered, current);
+  return true;
+}
+
+function askToSwitch(token, offered, current) {
+  $("switch-new").textContent = offered;
+  $("switch-new-again").textContent = offered;
+  $("switch-accept-name").textContent = offered;
+  $("switch-current").textContent = current;
+  $("switch-current-line").hidden = !current;
+  $("switch-nobody-line").hidden = Boolean(current);
+  $("switch-cancel").textContent = current ? `Stay signed in as ${current}` : "Cancel";
+  $("switch-title").textContent = current ? "Switch user?" : "Sign in from a link?";
+  const before = { app: $("app").hidden, signIn: $("sign-in").hidden };
+  $("app").hidden = true;
+  $("sign-in").hidden = true;
+  $("switch-user").hidden = false;
+  const close = () => {
+    $("switch-user").hidden = true;
+    $("switch-accept").onclick = null;
+    $("switch-cancel").onclick = null;
+  };
+  $("switch-accept").onclick = () => {
+    close();
+    signedIn(token, offered);
+  };
+  $("switch-cancel").onclick = () => {
+    close();
+    $("app").hidden = before.app;
+    $("sign-in").hidden = before.signIn;
+  };
+  $("switch-cancel").focus();
+}
+
+window.addEventListener("hashchange", takeTokenFromLink);
+
 // ---- start --------------------------------------------------------------------------------------------
 
 function start() {
-  const fromLink = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (fromLink) {
-    // An identity provider (or a proxy in front) may hand the token over in the fragment, which never
-    // reaches a server; it is taken out of the address bar at once.
-    history.replaceState(null, "", location.pathname);
-    signedIn(fromLink, userOf(fromLink));
-    return;
-  }
   const token = localStorage.getItem(TOKEN_KEY);
   if (token) signedIn(token, localStorage.getItem(USER_KEY) || userOf(token));
   else signOut();
+  takeTokenFromLink();
 }
 
 start();
