@@ -15,9 +15,11 @@ from typing import Any
 
 import grpc
 import pytest
+from google.protobuf import struct_pb2
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
+from chatmesh.openai.v1 import openai_pb2, openai_pb2_grpc
 from tests.support.chat import auth, drain
 from tests.support.databases import fresh_postgres_database
 from tests.support.nats import NatsServer, run_nats
@@ -67,6 +69,12 @@ async def chat_address(
 async def stub(chat_address: str) -> AsyncIterator[chat_pb2_grpc.ChatServiceStub]:
     async with grpc.aio.insecure_channel(chat_address) as channel:
         yield chat_pb2_grpc.ChatServiceStub(channel)
+
+
+@pytest.fixture
+async def openai(chat_address: str) -> AsyncIterator[openai_pb2_grpc.OpenAIServiceStub]:
+    async with grpc.aio.insecure_channel(chat_address) as channel:
+        yield openai_pb2_grpc.OpenAIServiceStub(channel)
 
 
 @pytest.fixture
@@ -180,6 +188,19 @@ async def test_nul_in_a_chat_s_messages_and_settings_is_invalid_argument_and_sto
     assert await messages(stub, user, chat_id) == []
     (chat,) = (await stub.ListChats(pb.ListChatsRequest(), metadata=user)).chats
     assert (chat.title, chat.system_prompt) == ("", "")
+
+
+@pytest.mark.parametrize("index", [0, 1])
+async def test_nul_in_an_openai_message_is_invalid_argument(
+    openai: openai_pb2_grpc.OpenAIServiceStub, user: tuple[tuple[str, str], ...], index: int
+) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    messages[index]["content"] = NUL
+    body = struct_pb2.Struct()
+    body.update({"model": "", "messages": messages})
+    models = await openai.ListModels(openai_pb2.ListModelsRequest(), metadata=user)
+    body["model"] = models.data[0].id
+    await refused(openai.CreateChatCompletion(body, metadata=user), f"messages[{index}].content")
 
 
 async def test_a_refused_job_leaves_no_message(
