@@ -13,7 +13,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
-from hypothesis import example, given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from chat_service import validation as check
@@ -61,10 +61,16 @@ tokens = st.one_of(
 )
 
 
+# No per-example deadline: the parsers take microseconds, and a machine busy with other tests must not
+# turn a slow example into a failure.
+fuzz = settings(deadline=None)
+
+
 def assert_page_token_error(error: InvalidArgument) -> None:
     assert error.field == "page_token", error
 
 
+@fuzz
 @given(tokens)
 @example(b64("c|2024-05-01T12:00:00|00000000-0000-0000-0000-000000000001"))  # naive time
 @example(b64("c|0001-01-01T00:00:00+05:00|00000000-0000-0000-0000-000000000001"))  # before year 1 in UTC
@@ -82,6 +88,7 @@ def test_chat_cursor_is_a_usable_cursor_or_invalid_argument(token: str) -> None:
     assert isinstance(cursor.chat_id, uuid.UUID)
 
 
+@fuzz
 @given(tokens)
 @example(b64("m|²"))  # str.isdigit says yes, int() says no
 @example(b64(f"m|{2**63}"))  # past BIGINT
@@ -98,6 +105,7 @@ def test_message_cursor_is_a_usable_cursor_or_invalid_argument(token: str) -> No
     assert 0 <= seq <= 2**63 - 1
 
 
+@fuzz
 @given(st.datetimes(timezones=offsets.filter(lambda tz: tz is not None)), st.uuids())
 def test_every_chat_token_the_api_writes_reads_back(when: datetime, chat_id: uuid.UUID) -> None:
     try:
@@ -108,6 +116,7 @@ def test_every_chat_token_the_api_writes_reads_back(when: datetime, chat_id: uui
     assert check.chat_cursor(token) == ChatCursor(utc, chat_id)
 
 
+@fuzz
 @given(st.integers(min_value=0, max_value=2**63 - 1))
 def test_every_message_token_the_api_writes_reads_back(seq: int) -> None:
     assert check.message_cursor(check.message_cursor_token(seq)) == seq
