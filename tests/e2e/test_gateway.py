@@ -26,6 +26,8 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chat_service.storage.base import Lease
+from chat_service.storage.sql import open_sql_store
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.auth import JwtKeys, issue_token
@@ -763,30 +765,28 @@ def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(
 
 
 async def test_a_user_beyond_their_concurrent_completions_gets_429_with_a_retry_hint(
-    http: httpx.AsyncClient,
+    mesh: Mesh, http: httpx.AsyncClient
 ) -> None:
-    """The per-user limit (the default, 2 completions at once, counted across both replicas) through the
-    gateway: the third is a 429 naming the limit and its setting, with a retry hint, and another user is
-    still served meanwhile."""
+    """The per-user limit (the default: 2 completions at once, counted in the database across replicas)
+    through the gateway: a user holding 2 gets a 429 naming the limit and its setting, with a retry hint,
+    while another user is served; once one of the 2 ends, the user is served again."""
     user = new_user()
-    body = {"system_prompt": COUNTING_SYSTEM_PROMPT, "content": "Count to 300.", "max_tokens": 600}
-    async with (
-        http.stream("POST", "/chat", json=body, headers=bearer(user)) as one,
-        http.stream("POST", "/chat", json=body, headers=bearer(user)) as two,
-    ):
-        for running in (one, two):
-            assert running.status_code == 200
-            events = sse_events(running)
-            while "delta" not in (await anext(events)).data:
-                pass
-        refused = await http.post("/chat", json={"content": "Hi", "max_tokens": 4}, headers=bearer(user))
+    body = {"content": "Hi", "max_tokens": 4}
+    # The user's 2 completions, running on some replica: their leased rows in the shared database (real
+    # streams would end on their own before a loaded machine got to the third request).
+    async with open_sql_store(mesh.database_url, migrate=False) as store:
+        held = [uuid.uuid4(), uuid.uuid4()]
+        for slot in held:
+            assert await store.take_generation_slot(user, slot, Lease("replica-elsewhere", 600), 2)
+        refused = await http.post("/chat", json=body, headers=bearer(user))
         assert refused.status_code == 429, refused.text
         error = refused.json()
         assert error["code"] == "RESOURCE_EXHAUSTED", error
         assert "CHATMESH_CHAT_MAX_CONCURRENT_COMPLETIONS_PER_USER" in error["message"], error
         assert int(refused.headers["retry-after-ms"]) > 0, refused.headers
-        other = await post_stream(http, "/chat", new_user(), {"content": "Hi", "max_tokens": 4})
-        check_completion_shape(other)
+        check_completion_shape(await post_stream(http, "/chat", new_user(), body))
+        await store.release_generation_slot(held[0])
+        check_completion_shape(await post_stream(http, "/chat", user, body))
 
 
 async def test_completions_beyond_the_gateways_cap_are_refused_at_the_edge(
