@@ -6,6 +6,7 @@ import asyncio
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -124,6 +125,52 @@ def scrape_every_metrics_endpoint(text: str, metrics: int, admin_port: int) -> N
         assert re.search(rf'^{name}{{[^}}]*envoy_cluster_name="chat"', envoy.text, re.MULTILINE), name
 
 
+def assert_private(run_dir: Path) -> None:
+    """Everything under `run_dir` (the JWT secret, Envoy's config with it, the database and its -wal/-shm,
+    the vector index, NATS's streams, the logs) is its owner's alone: files 0600, directories 0700."""
+    expected = {
+        "jwt-secret",
+        "envoy.json",
+        "envoy.log",
+        "chatmesh.db",
+        "nats",
+        "nats.log",
+        "qdrant",
+    }
+    assert expected <= {path.name for path in run_dir.iterdir()}, sorted(p.name for p in run_dir.iterdir())
+    assert any(path.name.startswith("llama-server") for path in run_dir.iterdir())
+    opened = [run_dir, *run_dir.rglob("*")]
+    assert any(path.name == "chatmesh.db-wal" for path in opened), "SQLite in WAL mode: its -wal file too"
+    loose = [
+        f"{path.relative_to(run_dir.parent)} {stat.filemode(path.stat().st_mode)}"
+        for path in opened
+        if not path.is_symlink() and path.stat().st_mode & 0o077
+    ]
+    assert not loose, f"readable by others: {loose}"
+
+
+def test_mesh_refuses_the_dev_sign_in_on_the_network_before_starting_anything(tmp_path: Path) -> None:
+    env = {**os.environ, "CHATMESH_MESH_GATEWAY_HOST": "0.0.0.0"}
+    for name in [n for n in env if n.startswith("CHATMESH_CHAT_JWT")]:
+        del env[name]
+    done = subprocess.run(
+        [sys.executable, "-m", "chatmesh", "run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert (
+        "CHATMESH_MESH_GATEWAY_HOST=0.0.0.0" in done.stderr
+        and "CHATMESH_MESH_DEV_SIGN_IN=false" in done.stderr
+    )
+    assert "starting the mesh" not in done.stdout
+    assert not (tmp_path / ".run").exists()
+
+
 def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     ports = {name: free_port() for name in ("chat", "inference", "embedding", "gateway", "admin", "nats")}
     metrics = free_port_block([0, 1, 2, 10])  # chat-1, inference, embedding, chat-2
@@ -139,6 +186,7 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         "CHATMESH_MESH_METRICS_PORT": str(metrics),
     }
     # Its own working directory: the embedded defaults (.run/chatmesh.db, .run/jwt-secret) land there.
+    # A shell's usual umask (022): what the mesh writes must be private by its own doing.
     mesh = subprocess.Popen(
         [sys.executable, "-m", "chatmesh", "run"],
         cwd=tmp_path,
@@ -147,10 +195,13 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        umask=0o022,
     )
     try:
         text = read_until(mesh, "Press Ctrl-C")
         assert "ready on" in text and "A dev token for user 'dev'" in text
+        # The welcome says where Envoy really listens: this machine only, by default.
+        assert f"listening on 127.0.0.1:{ports['gateway']}: reachable from this machine only" in text
 
         # The chat service works with a token from the dev key that the mesh created (through the SDK's
         # blocking client, as a script would use it).
@@ -181,6 +232,7 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert said.removeprefix("[chat ").removesuffix("]") in listed
         assert httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", timeout=10).status_code == 401
         assert (tmp_path / ".run" / "chatmesh.db").exists(), "the embedded SQLite default is used"
+        assert_private(tmp_path / ".run")
 
         mesh.send_signal(signal.SIGINT)
         rest, _ = mesh.communicate(timeout=30)
