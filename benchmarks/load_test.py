@@ -296,6 +296,10 @@ async def with_mesh(args: argparse.Namespace, body: Callable[[EnvoyProcess, str]
                         "CHATMESH_CHAT_MIGRATE_ON_START": str(number == 0).lower(),
                         "CHATMESH_CHAT_JOBS_NATS_URL": nats.url,
                         "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
+                        # One benchmark user stands for many: this measures the engine's and the queue's
+                        # admission, which the per-user limits would hide.
+                        "CHATMESH_CHAT_MAX_CONCURRENT_COMPLETIONS_PER_USER": "0",
+                        "CHATMESH_CHAT_MAX_ACTIVE_JOBS_PER_USER": "0",
                     }
                     stack.enter_context(run_service("chat_service", env, address, timeout=120))
                 settings = GatewaySettings(

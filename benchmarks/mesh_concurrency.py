@@ -120,6 +120,8 @@ async def main() -> None:
                     "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
                     "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
                     "CHATMESH_CHAT_MIGRATE_ON_START": "true" if migrate else "false",
+                    # One benchmark user stands for many: the per-user limit would refuse its streams.
+                    "CHATMESH_CHAT_MAX_CONCURRENT_COMPLETIONS_PER_USER": "0",
                 }
 
             print(f"starting the mesh ({args.slots} engine slots) and llama-server alone...", flush=True)

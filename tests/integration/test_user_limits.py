@@ -207,7 +207,7 @@ async def test_a_user_at_the_limit_is_refused_on_every_replica_while_others_stre
                 # Alice's two completions, one on each replica, both streaming.
                 long_one = await streaming(alice_one, counting(chat_id))
                 other_chat = (await alice_two.create(system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
-                shorter = await streaming(alice_two, counting(other_chat, max_tokens=120))
+                shorter = await streaming(alice_two, counting(other_chat, max_tokens=200))
 
                 for client in (alice_one, alice_two):
                     error = await refusal(
