@@ -4,6 +4,7 @@ not on the network, and the config (with the JWT secret) and log are the owner's
 
 A peer "on the network" is this machine's own non-loopback address: a connection to it carries that
 address as its source, as one from another machine would, so no second machine or namespace is needed.
+The clients ignore proxy settings of the environment: the address they connect from is the point.
 """
 
 from __future__ import annotations
@@ -104,7 +105,7 @@ async def exposed(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Exp
 async def test_the_dev_sign_in_answers_this_machine_and_refuses_a_peer_on_the_network(
     exposed: Exposed,
 ) -> None:
-    async with httpx.AsyncClient(timeout=10) as http:
+    async with httpx.AsyncClient(timeout=10, trust_env=False) as http:
         local = await http.post(f"http://127.0.0.1:{exposed.listen_port}/dev/sign-in", json={"user": "alice"})
         assert local.status_code == 200, local.text
         assert verify_token(JwtKeys.hs256(TEST_SECRET), local.json()["token"]) == "alice"
@@ -148,7 +149,7 @@ async def test_the_metrics_listener_serves_metrics_and_readiness_and_nothing_els
     exposed: Exposed,
 ) -> None:
     base = f"http://{exposed.network}:{exposed.metrics_port}"
-    async with httpx.AsyncClient(base_url=base, timeout=10) as http:
+    async with httpx.AsyncClient(base_url=base, timeout=10, trust_env=False) as http:
         metrics = await http.get("/stats/prometheus")
         assert metrics.status_code == 200
         assert "envoy_cluster_upstream_rq_total" in metrics.text
@@ -178,7 +179,7 @@ async def test_the_metrics_listener_serves_metrics_and_readiness_and_nothing_els
 
 
 async def test_the_admin_interface_is_not_on_the_network(exposed: Exposed) -> None:
-    async with httpx.AsyncClient(timeout=5) as http:
+    async with httpx.AsyncClient(timeout=5, trust_env=False) as http:
         assert (await http.get(f"http://127.0.0.1:{exposed.admin_port}/ready")).status_code == 200
         with pytest.raises(httpx.ConnectError):
             await http.get(f"http://{exposed.network}:{exposed.admin_port}/ready")
