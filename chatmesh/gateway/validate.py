@@ -6,6 +6,7 @@ import importlib
 import subprocess
 from pathlib import Path
 
+from chatmesh.common.private_files import private_directory, write_private
 from chatmesh.gateway.config import render_envoy_config
 from chatmesh.gateway.settings import GatewaySettings
 
@@ -46,7 +47,7 @@ def validate_config(path: Path, binary: Path | None = None) -> str:
 def validate_settings(settings: GatewaySettings, workdir: Path) -> tuple[Path, str]:
     """Render the config for `settings` into `workdir/envoy.json` and validate it with Envoy:
     (the config's path, Envoy's output). `ValueError` if Envoy rejects it."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / "envoy.json"
-    path.write_text(render_envoy_config(settings))
+    # The config holds the JWT secret (HS256): the owner's alone.
+    path = private_directory(workdir) / "envoy.json"
+    write_private(path, render_envoy_config(settings))
     return path, validate_config(path, envoy_binary(settings))

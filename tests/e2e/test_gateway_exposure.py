@@ -16,6 +16,7 @@ import socket
 import stat
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 import httpx
@@ -27,7 +28,7 @@ from chatmesh.common.auth import JwtKeys, verify_token
 from chatmesh.common.loopback import PEER_ADDRESS_HEADER
 from chatmesh.common.server import add_health_and_reflection, create_server, set_serving
 from chatmesh.dev.v1 import dev_pb2, dev_pb2_grpc
-from chatmesh.gateway import CHAT_SERVICE, EnvoyProcess, run_envoy
+from chatmesh.gateway import CHAT_SERVICE, EnvoyProcess, run_envoy, validate_settings
 from tests.e2e.test_gateway import gateway_settings
 from tests.support.chat import TEST_SECRET
 from tests.support.processes import free_port
@@ -197,3 +198,11 @@ def test_the_config_with_the_secret_and_the_log_are_the_owners_alone(exposed: Ex
         (envoy.config_path.parent, 0o700),
     ):
         assert stat.S_IMODE(path.stat().st_mode) == mode, f"{path}: {oct(path.stat().st_mode)}"
+
+
+def test_a_validated_config_is_the_owners_alone_too(tmp_path: Path) -> None:
+    settings = gateway_settings(["127.0.0.1:50051"])
+    with umask(0o022):
+        path, _ = validate_settings(settings, tmp_path / "work")
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
