@@ -487,10 +487,10 @@ def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, A
     # byte of the answer, and the retry carries the same x-request-id, which the chat service takes as
     # the request id, so the other replica continues the stored question instead of storing it twice.
     # A reset or timeout later may mean a replica is already generating; Envoy never retries once
-    # response headers have been forwarded anyway. No overall timeout but completion_timeout_s: a reply
-    # streams for as long as the model generates (stream_idle_timeout_s cuts a stream gone quiet).
+    # response headers have been forwarded anyway. No overall limit but completion_timeout_s (in route()
+    # below): a reply streams for as long as the model generates (stream_idle_timeout_s cuts a stream gone
+    # quiet).
     streaming_action = {
-        "timeout": _seconds(settings.completion_timeout_s),
         "retry_policy": _retry_policy(
             "connect-failure,refused-stream,reset-before-request,resource-exhausted", settings, None
         ),
@@ -499,7 +499,6 @@ def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, A
     # replica. (A retried delete that had in fact succeeded answers NOT_FOUND, which the chat now is.)
     attempts = settings.max_retries + 1
     unary_action = {
-        "timeout": _seconds(settings.unary_timeout_s),
         "retry_policy": _retry_policy(
             "connect-failure,refused-stream,reset,unavailable",
             settings,
@@ -508,6 +507,7 @@ def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, A
     }
 
     def route(method: Method) -> dict[str, Any]:
+        limit = _seconds(settings.completion_timeout_s if method.streaming else settings.unary_timeout_s)
         entry: dict[str, Any] = {
             "name": method.grpc_path,
             "match": {"path": method.grpc_path, "grpc": {}},
@@ -515,8 +515,12 @@ def _chat_routes(settings: GatewaySettings, api: ServiceApi) -> list[dict[str, A
                 "cluster": COMPLETIONS_CLUSTER
                 if method.streaming and settings.max_active_completions
                 else "chat",
-                # A gRPC client's own deadline (grpc-timeout) applies as is.
-                "max_stream_duration": {"grpc_timeout_header_max": "0s"},
+                # The whole call's limit (0: none), as the stream's duration rather than the route's
+                # `timeout`: Envoy ignores `timeout` on a route with a max_stream_duration, which is what
+                # lets a gRPC client's own shorter deadline (grpc-timeout) apply, and a call past it
+                # ends DEADLINE_EXCEEDED (REST: 504) where a route timeout says UNAVAILABLE, which
+                # invites a retry.
+                "max_stream_duration": {"max_stream_duration": limit, "grpc_timeout_header_max": limit},
                 **(streaming_action if method.streaming else unary_action),
             },
         }

@@ -137,7 +137,13 @@ def test_routes_405s_and_streaming_come_from_the_descriptor_set(tmp_path: Path) 
     for name, streaming in (("Fetch", False), ("Replace", False), ("Watch", True), ("Upload", True)):
         route = by_name[prefix + name]
         assert route["match"] == {"path": prefix + name, "grpc": {}}
-        assert route["route"]["timeout"] == ("3600.000s" if streaming else "30.000s"), name
+        limit = "3600.000s" if streaming else "30.000s"
+        # As the stream's duration: Envoy ignores a route `timeout` beside it.
+        assert "timeout" not in route["route"], name
+        assert route["route"]["max_stream_duration"] == {
+            "max_stream_duration": limit,
+            "grpc_timeout_header_max": limit,
+        }, name
         retry_on = route["route"]["retry_policy"]["retry_on"]
         assert ("unavailable" not in retry_on) == streaming, name
         assert "envoy.filters.http.local_ratelimit" in route["typed_per_filter_config"], name
