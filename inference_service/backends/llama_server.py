@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -143,6 +144,23 @@ class SlotChooser:
         self._cached[slot] = tuple(prompt)
 
 
+_SSE_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The lines of a server-sent event stream, split where SSE ends a line (CR, LF, CRLF) and nowhere
+    else. httpx's `aiter_lines` also splits at NEL, U+2028, U+2029 and \\x1c-\\x1e, which JSON leaves
+    unescaped inside a string: a reply holding one (the model echoing such a character) broke its event
+    in two, and the stream failed with INTERNAL."""
+    pending = ""
+    async for text in chunks:
+        *lines, pending = _SSE_LINE_END.split(pending + text)
+        for line in lines:
+            yield line
+    if pending:
+        yield pending
+
+
 class LlamaServerBackend:
     """Streams generations from a `llama-server` child process over its HTTP API."""
 
@@ -245,7 +263,7 @@ class LlamaServerBackend:
                 if response.status_code != 200:
                     detail = (await response.aread()).decode(errors="replace")[:500]
                     raise Unavailable(f"llama-server answered {response.status_code}: {detail}")
-                async for line in response.aiter_lines():
+                async for line in sse_lines(response.aiter_text()):
                     if not line.startswith("data: "):
                         continue
                     event = json.loads(line[len("data: ") :])

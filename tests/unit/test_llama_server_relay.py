@@ -73,3 +73,41 @@ async def test_a_connection_dropped_before_any_response_is_retried_once(
             backend.close()
     assert connections == ["dropped", "answered"]
     assert events == [TextDelta("Paris"), TextDelta("."), Completion(FinishReason.STOP, 3, 2)]
+
+
+async def test_characters_other_splitters_read_as_line_ends_stay_inside_the_text() -> None:
+    # llama-server writes JSON as UTF-8, leaving NEL, U+2028 and the separators \x1c-\x1e unescaped: a
+    # line splitter that breaks there (httpx's aiter_lines) cut the event in two, and Generate failed.
+    text = "a\x85b\u2028c\x1ed\u2029e\x1cf"
+    body = b"".join(
+        b"data: " + json.dumps(event, ensure_ascii=False).encode() + b"\r\n\r\n"
+        for event in ({"content": text}, {"content": ".", "stop": True, "tokens_predicted": 2})
+    )
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        headers = await reader.readuntil(b"\r\n\r\n")
+        length = int(
+            next(h for h in headers.split(b"\r\n") if h.lower().startswith(b"content-length")).split(b":")[1]
+        )
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server, httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http:
+        backend = LlamaServerBackend(
+            http, _NoTokenizer(), TEMPLATES["transcript"], ModelInfo("m", 512, "llama_server"), slots=1
+        )
+        try:
+            prompt = Prompt(text="User: Hi\nAssistant:", token_ids=[1, 2, 3], message_tokens=[2])
+            sampling = Sampling(max_tokens=8, temperature=0.0, top_p=1.0, stop=(), seed=None)
+            events = [event async for event in backend.generate(prompt, sampling)]
+        finally:
+            backend.close()
+    assert events == [TextDelta(text), TextDelta("."), Completion(FinishReason.STOP, 3, 2)]
