@@ -22,12 +22,13 @@ from chat_service.inference import (
     GrpcInferenceClient,
     InferenceClient,
 )
-from chat_service.jobs.queue import JetStreamConfig, NatsJobQueue
-from chat_service.jobs.service import Jobs, JobWorker
+from chat_service.jobs.queue import JetStreamConfig, NatsJobQueue, redacted_url
+from chat_service.jobs.service import Jobs, JobSweeper, JobWorker
 from chat_service.metrics import ChatMetrics
 from chat_service.openai_api import OpenAIServicer
 from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
+from chat_service.storage.base import Lease
 from chat_service.storage.sql import open_sql_store
 from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from chatmesh.common.auth import PUBLIC_SERVICES, JwtAuthInterceptor
@@ -208,12 +209,19 @@ async def serve(settings: ChatSettings) -> None:
                     store,
                     queue,
                     conversations,
+                    lease=Lease(settings.replica_id, settings.completion_lease_s),
                     concurrency=settings.jobs_workers,
                     heartbeat_s=settings.jobs_ack_wait_s / 3,
+                    sweeper=JobSweeper(
+                        store,
+                        queue,
+                        interval_s=settings.jobs_sweep_interval_s,
+                        grace_s=settings.jobs_requeue_after_s,
+                    ),
                 )
             log.info(
                 "asynchronous jobs on",
-                extra={"nats": settings.jobs_nats_url, "workers": settings.jobs_workers},
+                extra={"nats": redacted_url(settings.jobs_nats_url), "workers": settings.jobs_workers},
             )
         else:
             log.info("asynchronous jobs off (set CHATMESH_CHAT_JOBS_NATS_URL to a NATS JetStream server)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Literal
 
@@ -68,8 +69,11 @@ class ChatSettings(ServiceSettings):
         " (the same 1 MiB by default) and answers first; this holds for callers that reach a replica"
         " directly",
     )
-    replica_id: str | None = Field(
-        None, max_length=64, description="this replica's name in completion leases; default: a random one"
+    replica_id: str = Field(
+        default_factory=lambda: f"replica-{uuid.uuid4().hex[:12]}",
+        max_length=64,
+        description="this replica's name in completion leases (of completions and jobs); default: a random"
+        " one",
     )
     completion_lease_s: float = Field(
         15.0,
@@ -129,6 +133,18 @@ class ChatSettings(ServiceSettings):
     )
     jobs_workers: int = Field(
         1, ge=0, description="jobs this replica runs at once (0: it only accepts jobs, others run them)"
+    )
+    jobs_sweep_interval_s: float = Field(
+        10.0,
+        gt=0,
+        description="how often a replica with workers looks for jobs that were stored but never queued"
+        " (their replica stopped in between) and queues them",
+    )
+    jobs_requeue_after_s: float = Field(
+        30.0,
+        gt=0,
+        description="how old a job never queued must be before a sweep queues it (well beyond how long a"
+        " submission takes to queue its job)",
     )
 
     # Summary strategy.

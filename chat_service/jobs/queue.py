@@ -113,6 +113,24 @@ class JetStreamConfig:
     """Suggested to a client whose submission found the queue full."""
 
 
+def redacted_url(url: str) -> str:
+    """`url` (one NATS URL, or several comma-separated) fit for a log or an error message: the
+    credentials any of them carries are replaced by `***` (`nats://user:pass@host` and
+    `nats://token@host` both become `nats://***@host`), the rest kept so the server can be told apart."""
+    return ",".join(_redacted_server(server) for server in url.split(","))
+
+
+def _redacted_server(server: str) -> str:
+    scheme, separator, rest = server.partition("://")
+    if not separator:
+        scheme, rest = "", server
+    authority, slash, path = rest.partition("/")
+    if "@" not in authority:
+        return server
+    host = authority.rpartition("@")[2]
+    return f"{scheme}{separator}***@{host}{slash}{path}"
+
+
 async def _log_connection_error(exc: Exception) -> None:
     log.warning("NATS connection error", extra={"error": repr(exc)})
 
@@ -183,8 +201,8 @@ class NatsJobQueue:
                 )
         except (OSError, nats.errors.Error, TimeoutError) as exc:
             raise Unavailable(
-                f"cannot reach NATS at {config.url} ({exc}); start nats-server with JetStream (-js) or"
-                " set CHATMESH_CHAT_JOBS_NATS_URL"
+                f"cannot reach NATS at {redacted_url(config.url)} ({exc}); start nats-server with JetStream"
+                " (-js) or set CHATMESH_CHAT_JOBS_NATS_URL"
             ) from exc
         js = client.jetstream()
         stream = StreamConfig(

@@ -5,6 +5,7 @@ queued jobs. A job is a row (`JobStore`) answering one stored user message; the 
 Exactly once in the history rests on the store: a message has one reply at most, and a redelivered job
 first looks for it. The worker runs a job through `Conversations`, so a job's completion is the same as a
 synchronous one (history strategy, cache, engine) and a retry or a watcher in this process joins it.
+`JobSweeper` queues the jobs a replica stored but stopped before queueing.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import uuid
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 from chat_service.conversations import (
     CompletionEvent,
@@ -28,7 +31,7 @@ from chat_service.domain import Job, JobRequest, JobState, Message
 from chat_service.inference import SamplingOptions
 from chat_service.jobs.queue import Delivery, JobQueue
 from chat_service.limits import too_many_jobs
-from chat_service.storage.base import JobStore, LimitReached
+from chat_service.storage.base import ConversationStore, JobStore, Lease, LimitReached
 from chatmesh.common.errors import ChatmeshError, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -100,6 +103,13 @@ class Jobs:
             except ChatmeshError:
                 await self._store.discard_job(job)
                 raise
+            try:
+                await self._store.mark_job_published(job.id)
+            except Exception as exc:  # the job is queued; at worst the sweeper publishes it once more
+                log.warning(
+                    "recording that a job was queued failed",
+                    extra={"job_id": str(job.id), "error": repr(exc)},
+                )
         return await self.get(user_id, job.id)
 
     async def get(self, user_id: str, job_id: uuid.UUID) -> JobView:
@@ -135,6 +145,11 @@ class Jobs:
             await asyncio.sleep(self._poll_interval_s)
 
 
+class WorkerStore(ConversationStore, JobStore, Protocol):
+    """What a worker needs of the store: the jobs, and the completion leases that let one replica at a
+    time generate a reply."""
+
+
 class JobWorker:
     """Runs queued jobs, `concurrency` at a time, until `stop`.
 
@@ -143,19 +158,32 @@ class JobWorker:
     it is marked running and answered. A failure that another attempt may not meet (engine busy or
     down, database down) is retried after a backoff, up to the attempts allowed; any other is final.
     While it runs, the worker tells the queue it is alive, so a long generation is not redelivered.
+
+    A job can still be delivered again while its first worker generates (that worker is slow, or its
+    heartbeats were lost): before answering, a worker takes the completion lease that synchronous
+    retries use (`lease`, the replica's own, so the generation it starts renews it), and while another
+    replica holds it, waits for that replica's reply (or for its lease to lapse) instead of generating
+    a second one.
     """
 
     def __init__(
         self,
-        store: JobStore,
+        store: WorkerStore,
         queue: JobQueue,
         conversations: Conversations,
         *,
+        lease: Lease,
         concurrency: int = 1,
         heartbeat_s: float = 5.0,
         retry_delay_s: float = 1.0,
+        poll_interval_s: float = 0.25,
+        sweeper: JobSweeper | None = None,
     ) -> None:
         self._store = store
+        self._lease = lease
+        self._poll_interval_s = poll_interval_s
+        self._sweeper = sweeper
+        self._sweeping: asyncio.Task[None] | None = None
         self._queue = queue
         self._conversations = conversations
         self._concurrency = concurrency
@@ -166,15 +194,19 @@ class JobWorker:
         self._stopping = asyncio.Event()
 
     def start(self) -> None:
-        """Start taking jobs."""
+        """Start taking jobs (and sweeping for jobs never queued, with a sweeper)."""
         self._consumers = [
             asyncio.create_task(self._consume(), name=f"job-consumer-{i}") for i in range(self._concurrency)
         ]
+        if self._sweeper is not None:
+            self._sweeping = asyncio.create_task(self._sweeper.run(), name="job-sweeper")
 
     async def stop(self, grace_s: float) -> None:
         """Take no more jobs, give the running ones `grace_s` to finish, then cancel them (their jobs are
         delivered again to another worker)."""
         self._stopping.set()
+        if self._sweeping is not None:
+            self._sweeping.cancel()
         if self._running:
             await asyncio.wait(self._running, timeout=grace_s)
         for task in [*self._consumers, *self._running]:
@@ -235,6 +267,7 @@ class JobWorker:
         sampling = SamplingOptions(request.max_tokens, request.temperature, request.top_p, request.seed)
         beating = asyncio.create_task(self._heartbeat(delivery))
         try:
+            await self._take_completion(request.user_id, request.user_message_id)
             await self._conversations.answer_stored(
                 request.user_id, request.user_message_id, sampling, request.use_cache
             )
@@ -242,9 +275,11 @@ class JobWorker:
             await delivery.ack()  # the chat was deleted, and the job with it
             return
         except (Unavailable, ResourceExhausted) as exc:
+            await self._let_go(request.user_message_id)
             await self._retry_or_fail(job, delivery, exc.message)
             return
         except ChatmeshError as exc:
+            await self._let_go(request.user_message_id)
             await self._fail(job, delivery, exc.message)
             return
         finally:
@@ -252,6 +287,28 @@ class JobWorker:
         await self._store.update_job(job.id, JobState.SUCCEEDED, delivery.attempt)
         await delivery.ack()
         log.info("job done", extra={"job_id": str(job.id), "attempt": delivery.attempt})
+
+    async def _take_completion(self, user_id: str, message_id: uuid.UUID) -> None:
+        """Return once this replica holds the lease on generating the reply, or the reply is stored;
+        while another replica holds the lease (it is generating), wait."""
+        waited = False
+        while await self._store.find_reply(user_id, message_id) is None:
+            if await self._store.claim_completion(user_id, message_id, self._lease):
+                return
+            if not waited:
+                log.info(
+                    "another replica is generating this job's reply; waiting for it",
+                    extra={"message_id": str(message_id)},
+                )
+                waited = True
+            await asyncio.sleep(self._poll_interval_s)
+
+    async def _let_go(self, message_id: uuid.UUID) -> None:
+        """Free the lease after a failed attempt, so the next may start at once on any replica."""
+        try:
+            await self._store.release_completion(message_id, self._lease.holder)
+        except ChatmeshError as exc:
+            log.warning("releasing a job's completion lease failed", extra={"error": exc.message})
 
     async def _retry_or_fail(self, job: Job, delivery: Delivery, reason: str) -> None:
         if delivery.attempt >= self._queue.max_attempts:
@@ -275,3 +332,54 @@ class JobWorker:
             await asyncio.sleep(self._heartbeat_s)
             with contextlib.suppress(Exception):
                 await delivery.still_working()
+
+
+class JobSweeper:
+    """Queues the jobs that were stored but never queued.
+
+    A submission stores its job, then publishes the job's id; a replica that stops in between (a crash,
+    a deploy) leaves a job QUEUED that no worker will ever see. Every `interval_s`, the jobs older than
+    `grace_s` that the queue never took are published. Every replica that runs jobs sweeps (its
+    `JobWorker` runs the sweeper): the queue drops a second copy of an id, so replicas racing for one
+    job queue it once. `grace_s` is well beyond
+    how long a submission takes to publish, so a sweep does not publish for a submission still under way.
+    """
+
+    def __init__(
+        self, store: JobStore, queue: JobQueue, *, interval_s: float, grace_s: float, batch: int = 100
+    ) -> None:
+        self._store = store
+        self._queue = queue
+        self._interval_s = interval_s
+        self._grace_s = grace_s
+        self._batch = batch
+
+    async def sweep(self) -> int:
+        """Publish the jobs left unqueued (up to a batch); returns how many were."""
+        created_before = datetime.now(UTC) - timedelta(seconds=self._grace_s)
+        published = 0
+        for job in await self._store.unpublished_jobs(created_before, self._batch):
+            try:
+                await self._queue.submit(str(job.id))
+            except ResourceExhausted:
+                log.warning("the job queue is full; jobs never queued wait for the next sweep")
+                break
+            await self._store.mark_job_published(job.id)
+            published += 1
+            log.warning(
+                "a job its replica never queued is queued now",
+                extra={"job_id": str(job.id), "created_at": job.created_at.isoformat()},
+            )
+        return published
+
+    async def run(self) -> None:
+        """Sweep every `interval_s` until cancelled; a sweep that fails (database or queue down) is
+        logged, and the next one tries again."""
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                await self.sweep()
+            except ChatmeshError as exc:
+                log.warning("sweeping for jobs never queued failed", extra={"error": exc.message})
+            except Exception:
+                log.exception("sweeping for jobs never queued failed")

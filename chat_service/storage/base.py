@@ -226,6 +226,15 @@ class JobStore(Protocol):
         """Record a job's progress (a job deleted meanwhile is left deleted)."""
         ...
 
+    async def mark_job_published(self, job_id: uuid.UUID) -> None:
+        """Record that the queue took the job's id (once; later calls change nothing)."""
+        ...
+
+    async def unpublished_jobs(self, created_before: datetime, limit: int) -> Sequence[Job]:
+        """Up to `limit` queued jobs, oldest first, created before `created_before`, that the queue
+        never took (their replica stopped between storing and queueing them) and no worker has seen."""
+        ...
+
     async def discard_job(self, job: Job) -> None:
         """Delete a job that could not be queued, and its user message while it has no reply, so the
         refused submission leaves nothing behind."""

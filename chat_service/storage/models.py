@@ -191,6 +191,9 @@ class JobRow(Base):
     use_cache: Mapped[bool] = mapped_column(Boolean)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Added in migration 0006: when the queue took the job's id; NULL while it has not (its replica
+    # stopped between storing and queueing it), which is how the sweeper finds it (ix_jobs_unpublished).
+    published_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
 
 
 class GenerationSlotRow(Base):
@@ -207,3 +210,13 @@ class GenerationSlotRow(Base):
     holder: Mapped[str] = mapped_column(String(64))
     acquired_at: Mapped[datetime] = mapped_column(UtcDateTime)
     lease_until: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+# Only the jobs not queued yet (a handful at most, whatever the table's size) are in it: the sweeper's
+# periodic look for them reads nothing else.
+Index(
+    "ix_jobs_unpublished",
+    JobRow.created_at,
+    postgresql_where=JobRow.published_at.is_(None),
+    sqlite_where=JobRow.published_at.is_(None),
+)

@@ -842,13 +842,45 @@ class SqlConversationStore(ConversationStore, JobStore):
     async def update_job(
         self, job_id: uuid.UUID, state: JobState, attempts: int, error: str | None = None
     ) -> None:
+        now = _now()
         async with self._sessions.begin() as session:
             await session.execute(
                 sql_update(JobRow)
                 .where(JobRow.id == job_id)
-                .values(state=state.value, attempts=attempts, error=error, updated_at=_now())
+                .values(
+                    state=state.value,
+                    attempts=attempts,
+                    error=error,
+                    updated_at=now,
+                    # A job a worker reports on was delivered, so queued: never one for the sweeper.
+                    published_at=case((JobRow.published_at.is_(None), now), else_=JobRow.published_at),
+                )
                 .execution_options(synchronize_session=False)
             )
+
+    async def mark_job_published(self, job_id: uuid.UUID) -> None:
+        async with self._sessions.begin() as session:
+            await session.execute(
+                sql_update(JobRow)
+                .where(JobRow.id == job_id, JobRow.published_at.is_(None))
+                .values(published_at=_now())
+                .execution_options(synchronize_session=False)
+            )
+
+    async def unpublished_jobs(self, created_before: datetime, limit: int) -> Sequence[Job]:
+        async with self._sessions.begin() as session:
+            rows = await session.scalars(
+                select(JobRow)
+                .where(
+                    JobRow.published_at.is_(None),
+                    JobRow.created_at < created_before,
+                    JobRow.state == JobState.QUEUED.value,
+                    JobRow.attempts == 0,
+                )
+                .order_by(JobRow.created_at)
+                .limit(limit)
+            )
+            return [_to_job(row) for row in rows]
 
     @staticmethod
     async def _check_active_jobs(

@@ -482,7 +482,7 @@ async def test_migrations_are_idempotent_and_match_the_models(store: SqlConversa
 
     async with store.engine.connect() as connection:
         revision, differences = await connection.run_sync(inspect)
-    assert revision == head == "0005"
+    assert revision == head == "0006"
     # The hand-written revision creates exactly what the models declare.
     assert differences == []
 
