@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
@@ -33,27 +34,37 @@ MAX_RETRY_AFTER_S = 60.0
 
 
 class CompletionDurations:
-    """How long completions held their slot here lately: an exponentially weighted mean, the basis of
-    the retry hint (when one of the user's completions is expected to end)."""
+    """How long completions held their slot here lately, the basis of the retry hint (when one of the
+    user's running completions is expected to end): an exponentially weighted mean per user (the users
+    seen most recently, up to `max_users`), and one over everyone's for a user not seen yet. Per user,
+    because one user's long completions say little about another's short ones: a user who floods with
+    long ones is told to come back when one of theirs is due, not every half second."""
 
-    def __init__(self, initial_s: float = 5.0, weight: float = 0.2) -> None:
+    def __init__(self, initial_s: float = 5.0, weight: float = 0.2, max_users: int = 10_000) -> None:
         self._mean_s = initial_s
         self._weight = weight
+        self._by_user: OrderedDict[str, float] = OrderedDict()
+        self._max_users = max_users
 
-    @property
-    def mean_s(self) -> float:
-        """The current estimate of a completion's duration, in seconds."""
+    def mean_s(self, user_id: str | None = None) -> float:
+        """The estimate of a completion's duration, in seconds: the user's if known, else everyone's."""
+        if user_id is not None and (mean := self._by_user.get(user_id)) is not None:
+            return mean
         return self._mean_s
 
-    def add(self, seconds: float) -> None:
-        """Fold one completion's duration into the estimate."""
+    def add(self, user_id: str, seconds: float) -> None:
+        """Fold one of the user's completion's duration into the estimates."""
         self._mean_s += self._weight * (seconds - self._mean_s)
+        mean = self._by_user.pop(user_id, None)
+        self._by_user[user_id] = seconds if mean is None else mean + self._weight * (seconds - mean)
+        if len(self._by_user) > self._max_users:
+            self._by_user.popitem(last=False)
 
-    def retry_after_s(self, oldest_started: datetime | None) -> float:
-        """Seconds until the oldest of a user's running completions (started at `oldest_started`) is
+    def retry_after_s(self, user_id: str, oldest_started: datetime | None) -> float:
+        """Seconds until the oldest of the user's running completions (started at `oldest_started`) is
         expected to end, within [MIN_RETRY_AFTER_S, MAX_RETRY_AFTER_S]."""
         age_s = (datetime.now(UTC) - oldest_started).total_seconds() if oldest_started else 0.0
-        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, self._mean_s - age_s))
+        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, self.mean_s(user_id) - age_s))
 
 
 class CompletionLimit:
@@ -86,7 +97,7 @@ class CompletionLimit:
         try:
             owned = await self._store.take_generation_slot(user_id, slot_id, self._lease, self.per_user)
         except LimitReached as reached:
-            retry_after_s = self.durations.retry_after_s(reached.oldest_started)
+            retry_after_s = self.durations.retry_after_s(user_id, reached.oldest_started)
             raise ResourceExhausted(
                 f"too many completions at once: you have {reached.active} running and the limit is"
                 f" {self.per_user} per user ({COMPLETIONS_SETTING}); retry in {retry_after_s:.1f} s,"
@@ -102,7 +113,7 @@ class CompletionLimit:
             yield
         finally:
             renewing.cancel()
-            self.durations.add(time.monotonic() - started)
+            self.durations.add(user_id, time.monotonic() - started)
             # Shielded: a stream cancelled because its client left still gives its slot back now (and
             # were this replica to stop first, the lease would lapse).
             await asyncio.shield(self._release(slot_id))
@@ -123,9 +134,11 @@ class CompletionLimit:
             log.warning("releasing a completion slot failed", extra={"error": exc.message})
 
 
-def too_many_jobs(reached: LimitReached, per_user: int, durations: CompletionDurations) -> ResourceExhausted:
+def too_many_jobs(
+    user_id: str, reached: LimitReached, per_user: int, durations: CompletionDurations
+) -> ResourceExhausted:
     """The refusal of a job beyond the user's limit; retry when the oldest of theirs may have ended."""
-    retry_after_s = durations.retry_after_s(reached.oldest_started)
+    retry_after_s = durations.retry_after_s(user_id, reached.oldest_started)
     return ResourceExhausted(
         f"too many jobs: you have {reached.active} queued or running and the limit is {per_user} per user"
         f" ({JOBS_SETTING}); retry in {retry_after_s:.1f} s, when one of them may have finished",

@@ -93,7 +93,7 @@ class Jobs:
             if stored:
                 await self._store.discard_question(user_id, message.id)
             raise too_many_jobs(
-                reached, self._max_active_per_user, self._conversations.completion_durations
+                user_id, reached, self._max_active_per_user, self._conversations.completion_durations
             ) from None
         if job.state == JobState.QUEUED and job.attempts == 0:
             # Also on a retry: the first attempt may have stopped before queueing it (the queue drops
