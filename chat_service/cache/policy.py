@@ -48,6 +48,16 @@ GLOBAL_SCOPE = "*"
 Scope = Literal["user", "global"]
 
 
+def user_scope(user_id: str) -> str:
+    """The scope value of `user_id`'s own entries, never equal to the global scope's.
+
+    A token's subject may be any text, `*` included; that user's entries must not mix with the global
+    scope's. The escape starts with a control character, which no subject contains (`verify_token` refuses
+    them), so no other user's scope can equal it either.
+    """
+    return f"\x1f{user_id}" if user_id == GLOBAL_SCOPE else user_id
+
+
 @dataclass(frozen=True, slots=True)
 class Question:
     """A question as the cache sees it: who asks, in which chat, after what, of which model."""
@@ -153,7 +163,7 @@ class SemanticCache:
     def _scope(self, question: Question) -> str:
         if self._policy.scope == "global" and not question.system_prompt:
             return GLOBAL_SCOPE
-        return question.user_id
+        return user_scope(question.user_id)
 
     def _key(self, question: Question) -> dict[str, str]:
         """The exact-match part of an entry's key: the payload values a lookup filters on."""
@@ -251,7 +261,7 @@ class SemanticCache:
         would visit every user's entries. The global scope is cleared whatever the setting, so entries
         stored while it was on go too."""
         deleted = 0
-        for scope in (user_id, GLOBAL_SCOPE):
+        for scope in (user_scope(user_id), GLOBAL_SCOPE):
             deleted += await self._vectors.delete(
                 self._policy.collection, {"scope": scope, "owner": user_id, **where}
             )

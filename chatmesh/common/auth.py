@@ -90,6 +90,10 @@ def verify_token(keys: JwtKeys, token: str) -> str:
     subject = claims["sub"]
     if not isinstance(subject, str) or not subject or len(subject) > 255:
         raise Unauthenticated("the bearer token's `sub` must be a user id of 1 to 255 characters")
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in subject):
+        # A user id is stored and logged as text: NUL is refused by PostgreSQL, and control characters
+        # would forge log lines. No identity provider issues them.
+        raise Unauthenticated("the bearer token's `sub` must not contain control characters")
     return subject
 
 

@@ -33,8 +33,10 @@ def expiring_in(seconds: float) -> int:
         ({}, 60, "sub"),
         ({"sub": "alice"}, None, "exp"),
         ({"sub": ""}, 60, "sub"),
+        ({"sub": "al\u0000ice"}, 60, "control characters"),
+        ({"sub": "alice\nINFO forged log line"}, 60, "control characters"),
     ],
-    ids=["expired", "no-sub", "no-exp", "empty-sub"],
+    ids=["expired", "no-sub", "no-exp", "empty-sub", "nul-in-sub", "newline-in-sub"],
 )
 def test_bad_claims_are_unauthenticated(claims: dict[str, object], exp_in_s: int | None, reason: str) -> None:
     if exp_in_s is not None:

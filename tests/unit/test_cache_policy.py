@@ -109,6 +109,19 @@ async def test_a_global_scope_shares_only_chats_without_a_system_prompt() -> Non
     assert scopes == sorted([GLOBAL_SCOPE, "alice"])
 
 
+async def test_a_user_named_like_the_global_scope_shares_nothing_with_it() -> None:
+    """A token's `sub` may be `*`, the global scope's name: that user's entries stay theirs, and what the
+    global scope holds is never served to them under the per-user default."""
+    vectors = MemoryVectors()
+    await cache(vectors, scope="global").store(question(user="bob"), "Paris.", 3)
+    per_user = cache(vectors)
+    assert await per_user.lookup(question(user=GLOBAL_SCOPE)) is None, "served the global scope's entry"
+    await per_user.store(question(user=GLOBAL_SCOPE, text="Say hello."), "Hello.", 2)
+    assert await cache(vectors, scope="global").lookup(question(user="bob", text="Say hello.")) is None
+    await per_user.clear(GLOBAL_SCOPE)
+    assert [p.payload["owner"] for p in vectors.points.values()] == ["bob"], "the global entry survives"
+
+
 async def test_expired_entries_are_filtered_at_lookup_and_purged() -> None:
     vectors = MemoryVectors()
     store = cache(vectors, ttl_s=-1.0)  # already expired when stored
