@@ -60,11 +60,16 @@ class CompletionDurations:
         if len(self._by_user) > self._max_users:
             self._by_user.popitem(last=False)
 
-    def retry_after_s(self, user_id: str, oldest_started: datetime | None) -> float:
-        """Seconds until the oldest of the user's running completions (started at `oldest_started`) is
-        expected to end, within [MIN_RETRY_AFTER_S, MAX_RETRY_AFTER_S]."""
+    def retry_after_s(self, user_id: str, oldest_started: datetime | None, active: int = 1) -> float:
+        """Seconds until one of the user's `active` running completions (the oldest started at
+        `oldest_started`) is expected to end, within [MIN_RETRY_AFTER_S, MAX_RETRY_AFTER_S]: not before
+        the oldest is due, and once it is overdue, at the rate the user's completions end (one every
+        mean / `active` seconds), so that a user with many requests waiting does not retry them all
+        every half second."""
+        mean_s = self.mean_s(user_id)
         age_s = (datetime.now(UTC) - oldest_started).total_seconds() if oldest_started else 0.0
-        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, self.mean_s(user_id) - age_s))
+        expected_s = max(mean_s - age_s, mean_s / max(1, active))
+        return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, expected_s))
 
 
 class CompletionLimit:
@@ -97,7 +102,7 @@ class CompletionLimit:
         try:
             owned = await self._store.take_generation_slot(user_id, slot_id, self._lease, self.per_user)
         except LimitReached as reached:
-            retry_after_s = self.durations.retry_after_s(user_id, reached.oldest_started)
+            retry_after_s = self.durations.retry_after_s(user_id, reached.oldest_started, reached.active)
             raise ResourceExhausted(
                 f"too many completions at once: you have {reached.active} running and the limit is"
                 f" {self.per_user} per user ({COMPLETIONS_SETTING}); retry in {retry_after_s:.1f} s,"
@@ -138,7 +143,7 @@ def too_many_jobs(
     user_id: str, reached: LimitReached, per_user: int, durations: CompletionDurations
 ) -> ResourceExhausted:
     """The refusal of a job beyond the user's limit; retry when the oldest of theirs may have ended."""
-    retry_after_s = durations.retry_after_s(user_id, reached.oldest_started)
+    retry_after_s = durations.retry_after_s(user_id, reached.oldest_started, reached.active)
     return ResourceExhausted(
         f"too many jobs: you have {reached.active} queued or running and the limit is {per_user} per user"
         f" ({JOBS_SETTING}); retry in {retry_after_s:.1f} s, when one of them may have finished",

@@ -23,8 +23,11 @@ def test_a_user_with_long_completions_is_told_to_wait_longer_than_one_with_short
 def test_the_hint_counts_from_when_the_oldest_started_within_bounds() -> None:
     durations = CompletionDurations(initial_s=10.0)
     now = datetime.now(UTC)
-    assert 5.5 < durations.retry_after_s("user", now - timedelta(seconds=4)) < 6.5
-    assert durations.retry_after_s("user", now - timedelta(seconds=60)) == MIN_RETRY_AFTER_S, "overdue"
+    assert 5.5 < durations.retry_after_s("user", now - timedelta(seconds=4), active=2) < 6.5, "oldest due"
+    # Overdue: one of the 2 ends every 10 / 2 seconds on average.
+    assert 4.9 < durations.retry_after_s("user", now - timedelta(seconds=60), active=2) < 5.1
+    durations.add("quick", 0.1)
+    assert durations.retry_after_s("quick", now, active=2) == MIN_RETRY_AFTER_S
     durations.add("slow", 1000.0)
     assert durations.retry_after_s("slow", now) == MAX_RETRY_AFTER_S
 
