@@ -23,20 +23,38 @@ from chatmesh.gateway.api import OPENAI_SERVICE, PUBLIC_SERVICES, ServiceApi, ht
 
 FieldProto = descriptor_pb2.FieldDescriptorProto
 
+_INT32 = {"type": "integer", "format": "int32", "minimum": -(2**31), "maximum": 2**31 - 1}
+_UINT32 = {"type": "integer", "format": "int64", "minimum": 0, "maximum": 2**32 - 1}
+# proto3 JSON writes 64-bit integers as strings, and reads either a string or a number.
+_INT64 = {
+    "type": ["string", "integer"],
+    "format": "int64",
+    "pattern": "^-?[0-9]+$",
+    "maxLength": 20,
+    "minimum": -(2**63),
+    "maximum": 2**63 - 1,
+}
+_UINT64 = {
+    "type": ["string", "integer"],
+    "format": "uint64",
+    "pattern": "^[0-9]+$",
+    "maxLength": 20,
+    "minimum": 0,
+    "maximum": 2**64 - 1,
+}
 _SCALARS: dict[int, dict[str, Any]] = {
     FieldProto.TYPE_DOUBLE: {"type": "number", "format": "double"},
     FieldProto.TYPE_FLOAT: {"type": "number", "format": "float"},
-    FieldProto.TYPE_INT32: {"type": "integer", "format": "int32"},
-    FieldProto.TYPE_SINT32: {"type": "integer", "format": "int32"},
-    FieldProto.TYPE_SFIXED32: {"type": "integer", "format": "int32"},
-    FieldProto.TYPE_UINT32: {"type": "integer", "format": "int64", "minimum": 0},
-    FieldProto.TYPE_FIXED32: {"type": "integer", "format": "int64", "minimum": 0},
-    # proto3 JSON writes 64-bit integers as strings (and reads either).
-    FieldProto.TYPE_INT64: {"type": "string", "format": "int64"},
-    FieldProto.TYPE_SINT64: {"type": "string", "format": "int64"},
-    FieldProto.TYPE_SFIXED64: {"type": "string", "format": "int64"},
-    FieldProto.TYPE_UINT64: {"type": "string", "format": "uint64"},
-    FieldProto.TYPE_FIXED64: {"type": "string", "format": "uint64"},
+    FieldProto.TYPE_INT32: _INT32,
+    FieldProto.TYPE_SINT32: _INT32,
+    FieldProto.TYPE_SFIXED32: _INT32,
+    FieldProto.TYPE_UINT32: _UINT32,
+    FieldProto.TYPE_FIXED32: _UINT32,
+    FieldProto.TYPE_INT64: _INT64,
+    FieldProto.TYPE_SINT64: _INT64,
+    FieldProto.TYPE_SFIXED64: _INT64,
+    FieldProto.TYPE_UINT64: _UINT64,
+    FieldProto.TYPE_FIXED64: _UINT64,
     FieldProto.TYPE_BOOL: {"type": "boolean"},
     FieldProto.TYPE_STRING: {"type": "string"},
     FieldProto.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
@@ -167,16 +185,12 @@ _HTTP_BODY_REPLIES: dict[tuple[str, str], dict[str, Any]] = {
                 "description": 'With `"stream": true`: one event per chunk, then `data: [DONE]`; an'
                 " error after the stream started is an event holding an OpenAI error object.",
                 "properties": {
+                    # `[DONE]` is not JSON, so the data is no JSON media type: a reader that parsed every
+                    # event as one (the fuzzing does) would fail on the last.
                     "data": {
                         "type": "string",
-                        "contentMediaType": "application/json",
-                        "contentSchema": {
-                            "oneOf": [
-                                {"$ref": "#/components/schemas/openai.ChatCompletionChunk"},
-                                {"$ref": "#/components/schemas/openai.Error"},
-                                {"const": "[DONE]"},
-                            ]
-                        },
+                        "description": "the JSON of an `openai.ChatCompletionChunk` (or, after a failure, of"
+                        " an `openai.Error`); `[DONE]` last",
                     }
                 },
                 "required": ["data"],
@@ -195,9 +209,135 @@ _ERRORS = {
     "400": "invalid argument (the field is named in the details)",
     "401": "missing or invalid bearer token",
     "404": "not found (another user's chat is not found either)",
+    "413": "the request body is larger than the gateway takes (`CHATMESH_GATEWAY_MAX_REQUEST_BYTES`)",
     "429": "rate-limited or the engine is full: retry after the `retry-after-ms` header",
     "503": "a dependency is unavailable: retry",
 }
+
+
+# The limits the chat service enforces (chat_service/validation.py, chat_service/openai_api.py), written
+# into the request schemas so that clients, and the fuzzing that reads this document, know them; a
+# unit test holds these numbers to the service's own. A request outside them is a 400 naming the field.
+MAX_CONTENT_CHARS = 32_000
+MAX_TITLE_CHARS = 200
+MAX_SYSTEM_PROMPT_CHARS = 8_000
+MAX_REQUEST_ID_CHARS = 128
+MAX_CHATS_PAGE = 100
+MAX_MESSAGES_PAGE = 200
+_NOT_BLANK = r"\S"
+"""Holds a character other than white space (patterns are not anchored)."""
+_SAMPLING: dict[str, dict[str, Any]] = {
+    # The upper bound of max_tokens is the served model's context length, which the document cannot know.
+    "max_tokens": {"minimum": 1},
+    "temperature": {"minimum": 0, "maximum": 2},
+    "top_p": {"exclusiveMinimum": 0, "maximum": 1},
+}
+_COMPLETION_FIELDS: dict[str, dict[str, Any]] = {
+    "content": {"minLength": 1, "maxLength": MAX_CONTENT_CHARS, "pattern": _NOT_BLANK},
+    "request_id": {"maxLength": MAX_REQUEST_ID_CHARS},
+    **_SAMPLING,
+}
+_CHAT_FIELDS: dict[str, dict[str, Any]] = {
+    "title": {"maxLength": MAX_TITLE_CHARS},
+    "system_prompt": {"maxLength": MAX_SYSTEM_PROMPT_CHARS},
+}
+_TEXT_PART = {
+    "type": "object",
+    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
+    "required": ["type"],
+}
+FIELD_CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
+    ".chatmesh.chat.v1.CreateChatRequest": {
+        **_CHAT_FIELDS,
+        # Optional: empty starts a chat without a question.
+        "content": {"maxLength": MAX_CONTENT_CHARS, "pattern": f"^$|{_NOT_BLANK}"},
+        "request_id": {"maxLength": MAX_REQUEST_ID_CHARS},
+        **_SAMPLING,
+    },
+    ".chatmesh.chat.v1.CompleteRequest": _COMPLETION_FIELDS,
+    ".chatmesh.chat.v1.SubmitCompletionRequest": _COMPLETION_FIELDS,
+    ".chatmesh.chat.v1.UpdateChatRequest": _CHAT_FIELDS,
+    ".chatmesh.chat.v1.ListChatsRequest": {"page_size": {"minimum": 0, "maximum": MAX_CHATS_PAGE}},
+    ".chatmesh.chat.v1.GetMessagesRequest": {"page_size": {"minimum": 0, "maximum": MAX_MESSAGES_PAGE}},
+    ".chatmesh.openai.v1.CreateChatCompletionRequest": {
+        "model": {"minLength": 1},
+        "messages": {"minItems": 1},
+        **_SAMPLING,
+        "max_completion_tokens": {"minimum": 1},
+        "seed": {"minimum": 0, "pattern": "^[0-9]+$"},
+        # What chatmesh cannot honour is accepted only with its neutral value.
+        "n": {"const": 1},
+        "stop": {"type": "null"},
+        "presence_penalty": {"const": 0},
+        "frequency_penalty": {"const": 0},
+        "logprobs": {"const": False},
+    },
+    ".chatmesh.openai.v1.ChatMessage": {
+        "role": {"enum": ["system", "developer", "user", "assistant"]},
+        "content": {
+            "oneOf": [
+                {"type": "string", "maxLength": MAX_CONTENT_CHARS},
+                {"type": "array", "items": _TEXT_PART},
+            ]
+        },
+    },
+}
+"""Per request message (full name), per field: JSON Schema keywords added to the field's schema."""
+
+_CHAT_ID_TAKERS = ("Complete", "GetMessages", "UpdateChat", "DeleteChat", "SubmitCompletion")
+_JOB_ID_TAKERS = ("GetJob", "WatchJob")
+_STREAMED_CHAT_ID = '$response.body#/0/data#regex:"chat_id":"([^"]+)"'
+"""The chat a completion stream belongs to: the `chat_id` in the `data` of its first event. Standard
+runtime expressions cannot reach into an event's JSON; the `#regex:` suffix (one capturing group) is
+how Schemathesis, which drives the fuzzing, extracts it, and a tool that does not know it sees a string."""
+
+
+def _chat_links(expression: str) -> dict[str, dict[str, Any]]:
+    return {name: {"operationId": name, "parameters": {"chat_id": expression}} for name in _CHAT_ID_TAKERS}
+
+
+LINKS: dict[str, dict[str, dict[str, Any]]] = {
+    "CreateChat": _chat_links(_STREAMED_CHAT_ID),
+    "Complete": _chat_links(_STREAMED_CHAT_ID),
+    "ListChats": {
+        **_chat_links("$response.body#/chats/0/chat_id"),
+        "NextPage": {
+            "operationId": "ListChats",
+            "parameters": {"page_token": "$response.body#/next_page_token"},
+        },
+    },
+    "GetMessages": {
+        "NextPage": {
+            "operationId": "GetMessages",
+            "parameters": {
+                "chat_id": "$request.path.chat_id",
+                "page_token": "$response.body#/next_page_token",
+            },
+        },
+    },
+    "UpdateChat": _chat_links("$response.body#/chat/chat_id"),
+    "SubmitCompletion": {
+        **_chat_links("$response.body#/chat_id"),
+        **{
+            name: {"operationId": name, "parameters": {"job_id": "$response.body#/job_id"}}
+            for name in _JOB_ID_TAKERS
+        },
+    },
+    "GetJob": {"WatchJob": {"operationId": "WatchJob", "parameters": {"job_id": "$response.body#/job_id"}}},
+}
+"""OpenAPI links of each operation's success reply, by operationId: where the ids a reply holds (a new
+chat, a job, the next page) can be used next."""
+
+ACCEPTED = {"SubmitCompletion"}
+"""Operations whose REST success is 202 Accepted (asynchronous work; the gateway's Lua sets it)."""
+
+REQUIRED_FIELDS: dict[str, list[str]] = {
+    ".chatmesh.chat.v1.CompleteRequest": ["content"],
+    ".chatmesh.chat.v1.SubmitCompletionRequest": ["content"],
+    ".chatmesh.openai.v1.CreateChatCompletionRequest": ["model", "messages"],
+    ".chatmesh.openai.v1.ChatMessage": ["role", "content"],
+}
+"""Fields a request must set (proto3 has no `required`; the service refuses the request without them)."""
 
 
 class _Messages:
@@ -248,15 +388,26 @@ class _Schemas:
 
     def message(self, full_name: str, without: frozenset[str] = frozenset()) -> dict[str, Any]:
         message = self._messages.messages[full_name]
-        properties = {f.name: self.field(f) for f in message.field if f.name not in without}
-        return {"type": "object", "properties": properties, "additionalProperties": False}
+        properties = {f.name: self.field(f, full_name) for f in message.field if f.name not in without}
+        schema: dict[str, Any] = {"type": "object", "properties": properties, "additionalProperties": False}
+        if full_name in REQUIRED_FIELDS:
+            schema["required"] = REQUIRED_FIELDS[full_name]
+        return schema
 
-    def field(self, field: descriptor_pb2.FieldDescriptorProto) -> dict[str, Any]:
+    def field(self, field: descriptor_pb2.FieldDescriptorProto, message: str = "") -> dict[str, Any]:
+        """The schema of `field` of `message` (a full name), with the limits the service enforces."""
+        schema = self._field(field)
+        constraints = FIELD_CONSTRAINTS.get(message, {}).get(field.name, {})
+        if "oneOf" in constraints or "type" in constraints:
+            schema = {}  # the constraint says the whole shape (a Value the service reads one way)
+        return {**schema, **constraints}
+
+    def _field(self, field: descriptor_pb2.FieldDescriptorProto) -> dict[str, Any]:
         if field.type == FieldProto.TYPE_MESSAGE:
             entry = self._messages.messages.get(field.type_name)
             if entry is not None and entry.options.map_entry:
                 value = next(f for f in entry.field if f.name == "value")
-                return {"type": "object", "additionalProperties": self.field(value)}
+                return {"type": "object", "additionalProperties": self._field(value)}
             single = self.ref(field.type_name)
         elif field.type == FieldProto.TYPE_ENUM:
             single = self.ref(field.type_name)
@@ -331,7 +482,7 @@ def _operation(
             # Resource ids (chat_id, job_id) are UUIDs; anything else is a 400 naming the parameter.
             "schema": {"type": "string", "format": "uuid"}
             if name.endswith("_id")
-            else schemas.field(fields[name]),
+            else schemas.field(fields[name], method.input_type),
         }
         for name in path_fields
     ]
@@ -347,8 +498,9 @@ def _operation(
         }
     elif body == "*":
         operation["requestBody"] = {
-            # Every field has a default, and the transcoder reads a missing body as an empty message.
-            "required": False,
+            # The transcoder reads a missing body as an empty message, which is a request when no
+            # field is required.
+            "required": method.input_type in REQUIRED_FIELDS,
             "content": {
                 "application/json": {"schema": schemas.message(method.input_type, frozenset(path_fields))}
             },
@@ -356,14 +508,19 @@ def _operation(
     elif body:
         operation["requestBody"] = {
             "required": True,
-            "content": {"application/json": {"schema": schemas.field(fields[body])}},
+            "content": {"application/json": {"schema": schemas.field(fields[body], method.input_type)}},
         }
     else:
         for field in request.field:
             if field.name in path_fields or field.type == FieldProto.TYPE_MESSAGE:
                 continue
             parameters.append(
-                {"name": field.name, "in": "query", "required": False, "schema": schemas.field(field)}
+                {
+                    "name": field.name,
+                    "in": "query",
+                    "required": False,
+                    "schema": schemas.field(field, method.input_type),
+                }
             )
     if parameters:
         operation["parameters"] = parameters
@@ -376,6 +533,7 @@ def _operation(
         }
         return operation
     reply = schemas.ref(method.output_type)
+    success = "202" if method.name in ACCEPTED else "200"
     if method.server_streaming:
         # Each server-sent event (what OpenAPI 3.2 calls the `itemSchema` of a sequential media type):
         # its `data` is the JSON of one message.
@@ -393,7 +551,11 @@ def _operation(
         content = {"application/json": {"schema": reply}}
         description = "OK"
     operation["responses"] = {
-        "200": {"description": description, "content": content},
+        success: {
+            "description": description,
+            "content": content,
+            **({"links": LINKS[method.name]} if method.name in LINKS else {}),
+        },
         **{code: {"description": text, "content": error} for code, text in _ERRORS.items()},
     }
     return operation

@@ -9,8 +9,11 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 from openapi_spec_validator import validate
 
+from chat_service import openai_api
+from chat_service import validation as service_rules
+from chatmesh.gateway import openapi
 from chatmesh.gateway.api import ServiceApi, default_descriptor_path
-from chatmesh.gateway.openapi import openapi_document
+from chatmesh.gateway.openapi import ACCEPTED, openapi_document
 
 DOCUMENT = default_descriptor_path().parent / "openapi.json"
 
@@ -43,7 +46,8 @@ def test_every_rest_binding_is_described_with_its_path_parameters_and_reply() ->
             assert operation["operationId"] == method.name
             declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
             assert declared == {part[1:-1] for part in binding.template.split("/") if part.startswith("{")}
-            content = operation["responses"]["200"]["content"]
+            success = "202" if method.name in ACCEPTED else "200"
+            content = operation["responses"][success]["content"]
             openai = method.service == "chatmesh.openai.v1.OpenAIService"
             if openai and method.streaming:  # JSON, or events with "stream": true
                 media = ["application/json", "text/event-stream"]
@@ -70,3 +74,42 @@ def _refs(node: Any) -> list[str]:
     if isinstance(node, list):
         return [ref for value in node for ref in _refs(value)]
     return []
+
+
+def test_the_limits_written_into_the_document_are_the_ones_the_service_enforces() -> None:
+    for name in ("MAX_CONTENT_CHARS", "MAX_TITLE_CHARS", "MAX_SYSTEM_PROMPT_CHARS", "MAX_REQUEST_ID_CHARS"):
+        assert getattr(openapi, name) == getattr(service_rules, name), name
+    assert openapi.MAX_CHATS_PAGE == service_rules.MAX_CHATS_PAGE
+    assert openapi.MAX_MESSAGES_PAGE == service_rules.MAX_MESSAGES_PAGE
+    assert set(openapi.FIELD_CONSTRAINTS[".chatmesh.openai.v1.ChatMessage"]["role"]["enum"]) == set(
+        openai_api._ROLES
+    )
+    paths = committed()["paths"]
+    complete = paths["/chat/{chat_id}/completion"]["post"]["requestBody"]
+    assert complete["required"] is True
+    content = complete["content"]["application/json"]["schema"]["properties"]["content"]
+    assert content["maxLength"] == service_rules.MAX_CONTENT_CHARS and content["minLength"] == 1
+    query = {p["name"]: p["schema"] for p in paths["/chats"]["get"]["parameters"]}
+    assert query["page_size"]["maximum"] == service_rules.MAX_CHATS_PAGE
+
+
+def test_links_lead_from_replies_to_operations_that_take_what_they_hold() -> None:
+    document = committed()
+    operations = {
+        operation["operationId"]: operation
+        for path in document["paths"].values()
+        for operation in path.values()
+    }
+    linked = set()
+    for name, operation in operations.items():
+        for status, reply in operation["responses"].items():
+            for link in reply.get("links", {}).values():
+                assert status in ("200", "202"), (name, status)
+                target = operations[link["operationId"]]
+                names = {p["name"] for p in target.get("parameters", [])}
+                assert set(link["parameters"]) <= names, (name, link)
+                linked |= {(name, link["operationId"])}
+    # A new chat leads to every call on a chat, and a job to its reads.
+    for taker in ("Complete", "GetMessages", "UpdateChat", "DeleteChat", "SubmitCompletion"):
+        assert ("CreateChat", taker) in linked
+    assert {("SubmitCompletion", "GetJob"), ("SubmitCompletion", "WatchJob")} <= linked
