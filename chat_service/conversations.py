@@ -249,8 +249,10 @@ class Conversations:
         creating = self._create_and_complete(
             user_id, title, system_prompt, strategy, first_message, sampling, request_id, use_cache
         )
-        async with slot, aclosing(creating) as events:
+        async with slot as held, aclosing(creating) as events:
             async for event in events:
+                if _is_terminal(event):
+                    await held.release()
                 yield event
 
     async def _create_and_complete(
@@ -312,8 +314,11 @@ class Conversations:
         """
         slot = self._limit.slot(user_id, f"complete\n{chat_id}\n{request_id}" if request_id else None)
         completing = self._complete(user_id, chat_id, content, sampling, request_id, use_cache)
-        async with slot, aclosing(completing) as events:
+        async with slot as held, aclosing(completing) as events:
             async for event in events:
+                if _is_terminal(event):
+                    # Before the client hears the end: it may ask again at once, on any replica.
+                    await held.release()
                 yield event
 
     async def _complete(
@@ -372,8 +377,10 @@ class Conversations:
         self, user_id: str, events: AsyncGenerator[CompletionEvent, None]
     ) -> AsyncGenerator[CompletionEvent, None]:
         """`events`, holding one of the user's completion slots from the first to the last."""
-        async with self._limit.slot(user_id), aclosing(events):
+        async with self._limit.slot(user_id) as held, aclosing(events):
             async for event in events:
+                if _is_terminal(event):
+                    await held.release()
                 yield event
 
     async def _answer_messages(

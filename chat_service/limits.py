@@ -11,7 +11,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime
 
 from chat_service.storage.base import ConversationStore, Lease, LimitReached
@@ -72,6 +72,21 @@ class CompletionDurations:
         return min(MAX_RETRY_AFTER_S, max(MIN_RETRY_AFTER_S, expected_s))
 
 
+class HeldSlot:
+    """One of a user's slots, held by a completion stream: `release` gives it back (once; later calls do
+    nothing), as soon as the stream's last event is known, so that a client that reads that event and
+    asks again at once finds the slot free."""
+
+    def __init__(self, release: Callable[[], Awaitable[None]] | None = None) -> None:
+        self._release = release
+
+    async def release(self) -> None:
+        """Give the slot back (no-op if it was, or if the stream shares another's slot)."""
+        release, self._release = self._release, None
+        if release is not None:
+            await release()
+
+
 class CompletionLimit:
     """At most `per_user` completion streams per user at once, across every replica on the database
     (0: no limit). A stream holds a slot in the store while it runs: a row leased to this replica and
@@ -85,14 +100,15 @@ class CompletionLimit:
         self.durations = CompletionDurations()
 
     @contextlib.asynccontextmanager
-    async def slot(self, user_id: str, request_key: str | None = None) -> AsyncIterator[None]:
-        """Hold one of the user's slots for the block; `ResourceExhausted` if they hold them all.
+    async def slot(self, user_id: str, request_key: str | None = None) -> AsyncIterator[HeldSlot]:
+        """Hold one of the user's slots for the block (or until its `release`); `ResourceExhausted` if
+        they hold them all.
 
         `request_key` names the request (its client request id, with what it is scoped to): a retry with
         the same key while the first attempt still streams, on any replica, shares that attempt's slot,
         as it shares its completion."""
         if not self.per_user:
-            yield
+            yield HeldSlot()
             return
         slot_id = (
             uuid.uuid5(_SLOT_NAMESPACE, f"{user_id}\n{request_key}")
@@ -110,18 +126,23 @@ class CompletionLimit:
                 retry_after_s,
             ) from None
         if not owned:
-            yield  # the first attempt holds the slot, renews it and gives it back
+            yield HeldSlot()  # the first attempt holds the slot, renews it and gives it back
             return
         started = time.monotonic()
         renewing = asyncio.create_task(self._renew(slot_id))
-        try:
-            yield
-        finally:
+
+        async def give_back() -> None:
             renewing.cancel()
             self.durations.add(user_id, time.monotonic() - started)
             # Shielded: a stream cancelled because its client left still gives its slot back now (and
             # were this replica to stop first, the lease would lapse).
             await asyncio.shield(self._release(slot_id))
+
+        held = HeldSlot(give_back)
+        try:
+            yield held
+        finally:
+            await held.release()
 
     async def _renew(self, slot_id: uuid.UUID) -> None:
         while True:

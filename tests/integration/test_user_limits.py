@@ -28,7 +28,7 @@ from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.errors import STATUS_DETAILS_METADATA_KEY
 from chatmesh.openai.v1 import openai_pb2, openai_pb2_grpc
-from tests.support.chat import ChatClient, auth
+from tests.support.chat import ChatClient, auth, drain
 from tests.support.databases import fresh_postgres_database
 from tests.support.nats import NatsServer, run_nats
 from tests.support.processes import free_port, run_service, start_process, stop_process, wait_until_serving
@@ -207,7 +207,7 @@ async def test_a_user_at_the_limit_is_refused_on_every_replica_while_others_stre
                 # Alice's two completions, one on each replica, both streaming.
                 long_one = await streaming(alice_one, counting(chat_id))
                 other_chat = (await alice_two.create(system_prompt=COUNTING_SYSTEM_PROMPT)).chat_id
-                shorter = await streaming(alice_two, counting(other_chat, max_tokens=200))
+                long_two = await streaming(alice_two, counting(other_chat))
 
                 for client in (alice_one, alice_two):
                     error = await refusal(
@@ -245,30 +245,32 @@ async def test_a_user_at_the_limit_is_refused_on_every_replica_while_others_stre
                 served = await bob.create("What is the capital of France?", max_tokens=8, temperature=0)
                 assert served.last is not None and served.last.finish_reason
 
-                # Alice's shorter completion ends on its own; she may start one again, on either replica.
-                while await shorter.read() is not grpc.aio.EOF:
-                    pass
-                again = await alice_one.complete(chat_id, "Count to 3.", max_tokens=8, temperature=0)
-                assert again.last is not None and again.last.finish_reason
-                # The refused questions were never stored: the history holds the answered ones only.
-                roles = [m.role for m in await alice_one.all_messages(chat_id)]
-                assert roles.count(pb.ROLE_USER) == 2, roles
+                # Her second one, cancelled, gives its slot back (once its replica has seen the cancel).
+                long_two.cancel()
+                short_chat = (await alice_two.create()).chat_id
 
-                # Her long one, cancelled, gives its slot back too (once the replica has seen the cancel).
-                long_one.cancel()
-                slots = [await streaming(alice_two, counting(other_chat, max_tokens=120))]
+                short = pb.CompleteRequest(chat_id=short_chat, content="Hi", max_tokens=4, temperature=0)
 
                 async def admitted() -> bool:
                     try:
-                        slots.append(await streaming(alice_one, counting(chat_id, max_tokens=120)))
+                        reply = await drain(alice_two.stub.Complete(short, metadata=alice_two.metadata))
                     except grpc.aio.AioRpcError as exc:
                         assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
                         return False
-                    return True
+                    return reply.last is not None and bool(reply.last.finish_reason)
 
                 await eventually(admitted, "alice admitted after her cancelled completion ended", 60)
-                for call in slots:
-                    call.cancel()
+                # That completion ended on its own and gave its slot back too: with the long one still
+                # running, each of these takes her second slot in turn, on either replica. (Through the
+                # SDK, which is done at the last event, before the call's status: the slot is given back
+                # before that event is sent.)
+                for client in (alice_one, alice_two, alice_one):
+                    again = await client.complete(short_chat, "Hi", max_tokens=4, temperature=0)
+                    assert again.last is not None and again.last.finish_reason
+                # The refused questions were never stored.
+                roles = [m.role for m in await alice_one.all_messages(chat_id)]
+                assert roles == [pb.ROLE_USER], roles
+                long_one.cancel()
 
 
 async def test_the_slot_of_a_replica_that_died_frees_when_its_lease_lapses(inference_address: str) -> None:
