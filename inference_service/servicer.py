@@ -97,7 +97,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                         else:
                             if first_token_s is None:
                                 first_token_s = time.perf_counter() - started
-                            yield pb.GenerateResponse(delta=pb.Delta(text=event.text))
+                            # A model can emit NUL (a byte-fallback token); PostgreSQL text cannot
+                            # store it, so the reply would stream and then fail to be saved.
+                            text = event.text.replace("\x00", "\ufffd")
+                            yield pb.GenerateResponse(delta=pb.Delta(text=text))
             except Exception:
                 outcome = "error"
                 raise
