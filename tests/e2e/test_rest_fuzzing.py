@@ -10,9 +10,9 @@ each part, not as random text that never decodes. Then sequences that follow the
 token to the next page), so the fuzzing reaches real chats and jobs instead of 404s.
 
 Everything runs derandomized (Hypothesis derives its seed from the test, no example database): the same
-requests every run, the linked ones with the ids the replies hand out; nothing is drawn by chance. Completions would run as long as the
-generated `max_tokens` says; a hook bounds it, and sets the OpenAI API's `model` to the one served,
-so the run stays short without narrowing what the document accepts.
+requests every run, the linked ones with the ids the replies hand out; nothing is drawn by chance.
+Completions would run as long as the generated `max_tokens` says; a hook bounds it, and sets the OpenAI
+API's `model` to the one served, so the run stays short without narrowing what the document accepts.
 """
 
 from __future__ import annotations
