@@ -245,14 +245,12 @@ class Conversations:
             )
             yield Started(chat.id, None, chat)
             return
-        slot = self._limit.slot(user_id, f"create\n{request_id}" if request_id else None)
         creating = self._create_and_complete(
             user_id, title, system_prompt, strategy, first_message, sampling, request_id, use_cache
         )
-        async with slot as held, aclosing(creating) as events:
+        key = f"create\n{request_id}" if request_id else None
+        async with aclosing(self._within_limit(user_id, creating, key)) as events:
             async for event in events:
-                if _is_terminal(event):
-                    await held.release()
                 yield event
 
     async def _create_and_complete(
@@ -312,13 +310,10 @@ class Conversations:
         it otherwise. Either way the stream ends with exactly one `Finished`, or one `Failed` followed by
         its error raised.
         """
-        slot = self._limit.slot(user_id, f"complete\n{chat_id}\n{request_id}" if request_id else None)
         completing = self._complete(user_id, chat_id, content, sampling, request_id, use_cache)
-        async with slot as held, aclosing(completing) as events:
+        key = f"complete\n{chat_id}\n{request_id}" if request_id else None
+        async with aclosing(self._within_limit(user_id, completing, key)) as events:
             async for event in events:
-                if _is_terminal(event):
-                    # Before the client hears the end: it may ask again at once, on any replica.
-                    await held.release()
                 yield event
 
     async def _complete(
@@ -374,12 +369,17 @@ class Conversations:
         )
 
     async def _within_limit(
-        self, user_id: str, events: AsyncGenerator[CompletionEvent, None]
+        self,
+        user_id: str,
+        events: AsyncGenerator[CompletionEvent, None],
+        request_key: str | None = None,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """`events`, holding one of the user's completion slots from the first to the last."""
-        async with self._limit.slot(user_id) as held, aclosing(events):
+        """`events`, holding one of the user's completion slots from the first to the last (shared by a
+        retry with the same `request_key`, see `CompletionLimit.slot`)."""
+        async with self._limit.slot(user_id, request_key) as held, aclosing(events):
             async for event in events:
                 if _is_terminal(event):
+                    # Before the client hears the end: it may ask again at once, on any replica.
                     await held.release()
                 yield event
 
