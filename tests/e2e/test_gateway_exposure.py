@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import os
 import socket
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from chatmesh.dev.v1 import dev_pb2, dev_pb2_grpc
 from chatmesh.gateway import CHAT_SERVICE, EnvoyProcess, run_envoy, validate_settings
 from tests.e2e.test_gateway import gateway_settings
 from tests.support.chat import TEST_SECRET
+from tests.support.files import umask
 from tests.support.processes import free_port
 
 pytestmark = pytest.mark.e2e
@@ -47,15 +47,6 @@ def network_address() -> str:
         if not str(sockaddr[0]).startswith("127."):
             return str(sockaddr[0])
     pytest.fail("this machine has no IPv4 address besides loopback to play a peer on the network from")
-
-
-@contextlib.contextmanager
-def umask(mask: int) -> Iterator[None]:
-    previous = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(previous)
 
 
 @dataclass

@@ -6,7 +6,6 @@ import asyncio
 import os
 import re
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from chatmesh.client import ChatClient
 from chatmesh.common.auth import JwtKeys, issue_token, load_or_create_secret
+from tests.support.files import loose_paths
 from tests.support.processes import free_port, free_port_block, process_group_members
 from tests.support.services import SERVING, chat_health
 from tests.support.waiting import eventually
@@ -141,11 +141,7 @@ def assert_private(run_dir: Path) -> None:
     assert any(path.name.startswith("llama-server") for path in run_dir.iterdir())
     opened = [run_dir, *run_dir.rglob("*")]
     assert any(path.name == "chatmesh.db-wal" for path in opened), "SQLite in WAL mode: its -wal file too"
-    loose = [
-        f"{path.relative_to(run_dir.parent)} {stat.filemode(path.stat().st_mode)}"
-        for path in opened
-        if not path.is_symlink() and path.stat().st_mode & 0o077
-    ]
+    loose = loose_paths(run_dir)
     assert not loose, f"readable by others: {loose}"
 
 

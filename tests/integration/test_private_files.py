@@ -5,36 +5,15 @@ inference service's llama-server log (which may hold prompts)."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.files import loose_paths, umask
 from tests.support.processes import free_port, run_service
 from tests.support.services import MODEL_STARTUP_TIMEOUT_S, chat_env, embedding_env, standard_engine_env
 
 pytestmark = pytest.mark.integration
-
-
-@contextlib.contextmanager
-def umask(mask: int) -> Iterator[None]:
-    previous = os.umask(mask)
-    try:
-        yield
-    finally:
-        os.umask(previous)
-
-
-def loose(root: Path) -> list[str]:
-    """Paths under `root` (itself included) that anyone but their owner may read or enter."""
-    return [
-        f"{path.relative_to(root.parent)} {stat.filemode(path.stat().st_mode)}"
-        for path in [root, *root.rglob("*")]
-        if not path.is_symlink() and path.stat().st_mode & 0o077
-    ]
 
 
 def test_each_service_writes_files_for_its_owner_alone(tmp_path: Path) -> None:
@@ -63,4 +42,4 @@ def test_each_service_writes_files_for_its_owner_alone(tmp_path: Path) -> None:
         assert (vectors / "meta.json").exists()
         assert {"chat.db", "chat.db-wal", "chat.db-shm"} <= {path.name for path in database.iterdir()}
         for root in (engine_run, vectors, database):
-            assert not loose(root), f"readable by others: {loose(root)}"
+            assert not loose_paths(root), f"readable by others: {loose_paths(root)}"
