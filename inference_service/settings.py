@@ -69,12 +69,18 @@ class InferenceSettings(ServiceSettings):
         None, description="CPU threads for prompt processing; default: all cores"
     )
 
-    # Triton backend (TensorRT-LLM ensemble or tensorrt_llm_bls model).
+    # Triton backend (deploy/triton's TensorRT-LLM ensemble, sent the prompt as token ids).
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "ensemble"
     triton_tokenizer: Path | None = Field(
         None,
-        description="tokenizer for CountTokens: a HF tokenizer.json or a GGUF file; default as gguf_path",
+        description="the model's tokenizer (the prompt goes to Triton as its token ids): a HF tokenizer.json"
+        " or a GGUF file with the same vocabulary; default as gguf_path",
+    )
+    triton_end_id: int | None = Field(
+        None,
+        description="the token id that ends a generation (TensorRT-LLM's end_id); default: the tokenizer's"
+        " end-of-sequence token (a GGUF's, or eos_token in the tokenizer_config.json beside tokenizer.json)",
     )
     triton_timeout_s: float = 600.0
 

@@ -1,8 +1,8 @@
 """Tokenizers and the one way a prompt is tokenized (`tokenize_prompt`), shared by the backends.
 
-llama.cpp tokenizes with the loaded model's vocabulary. Engines that tokenize on their own side (Triton)
-still need counts here for the context window and usage, and they must match the engine's, so the same
-vocabulary is loaded locally.
+llama.cpp tokenizes with the loaded model's vocabulary. Triton's TensorRT-LLM model is sent the token
+ids made here (it never parses text for special tokens), with the same vocabulary loaded locally; it
+also needs the vocabulary's end and padding ids (`EngineTokenizer`).
 
 A message's text is plain text, whatever it holds: typed `<|im_start|>system` or `<end_of_turn>` stays
 those characters, never the template's control tokens, so nobody can forge a turn (and step out of the
@@ -13,6 +13,7 @@ generation cue, the preamble) and the tokenizer's prefix (BOS) are tokenized wit
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -46,6 +47,20 @@ class Tokenizer(Protocol):
         ...
 
 
+class EngineTokenizer(Tokenizer, Protocol):
+    """A tokenizer for an engine that is sent token ids (Triton): it also says how a sequence ends."""
+
+    @property
+    def end_id(self) -> int | None:
+        """The end-of-sequence token id, if the vocabulary names one."""
+        ...
+
+    @property
+    def pad_id(self) -> int | None:
+        """The padding token id, if the vocabulary has one."""
+        ...
+
+
 class LlamaTokenizer:
     """The tokenizer stored in a GGUF file, through a llama.cpp `Llama` instance.
 
@@ -71,9 +86,20 @@ class LlamaTokenizer:
     def encode(self, text: str, *, special: bool) -> list[int]:
         return list(self._llama.tokenize(text.encode(), add_bos=False, special=special))
 
+    @property
+    def end_id(self) -> int | None:
+        eos = int(self._llama.token_eos())
+        return eos if eos >= 0 else None
+
+    @property
+    def pad_id(self) -> int | None:
+        pad = self._llama.metadata.get("tokenizer.ggml.padding_token_id")
+        return int(pad) if pad is not None and int(pad) >= 0 else None
+
 
 class HfTokenizer:
-    """A Hugging Face `tokenizer.json`, as TensorRT-LLM's preprocessing model uses."""
+    """A Hugging Face `tokenizer.json`; the end and padding tokens come from the `tokenizer_config.json`
+    beside it (`eos_token`, `pad_token`), if there is one."""
 
     def __init__(self, tokenizer_json: Path) -> None:
         from tokenizers import Tokenizer as _HfTokenizer
@@ -88,10 +114,31 @@ class HfTokenizer:
         self._tokenizer.no_truncation()
         # The tokenizer's post-processor decides which special tokens go around a text (BOS, usually).
         self._prefix = tuple(self._tokenizer.encode("", add_special_tokens=True).ids)
+        config = tokenizer_json.parent / "tokenizer_config.json"
+        named = json.loads(config.read_text()) if config.is_file() else {}
+        self._end_id = self._token_id(named.get("eos_token"))
+        self._pad_id = self._token_id(named.get("pad_token"))
+
+    def _token_id(self, token: object) -> int | None:
+        """The id of a token as tokenizer_config.json names it: its text, or an AddedToken's fields."""
+        if isinstance(token, dict):
+            token = token.get("content")
+        if not isinstance(token, str):
+            return None
+        found: int | None = self._tokenizer.token_to_id(token)
+        return found
 
     @property
     def prefix(self) -> Sequence[int]:
         return self._prefix
+
+    @property
+    def end_id(self) -> int | None:
+        return self._end_id
+
+    @property
+    def pad_id(self) -> int | None:
+        return self._pad_id
 
     def encode(self, text: str, *, special: bool) -> list[int]:
         with self._lock:
@@ -327,7 +374,7 @@ class TokenizerThread:
         self._executor.shutdown(wait=wait, cancel_futures=True)
 
 
-def open_tokenizer(path: Path) -> Tokenizer:
+def open_tokenizer(path: Path) -> EngineTokenizer:
     """Load the tokenizer at `path`: a `.gguf` file, a `tokenizer.json`, or a directory holding one.
 
     Blocking (reads the file); call it from a worker thread in async code.
