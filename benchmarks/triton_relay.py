@@ -5,7 +5,8 @@ token source (`tests/support/triton_llama_model.py --engine fixed`): each token 
 fixed text, produced in no time or paced per stream (`--tokens-per-s`), like a GPU engine. The inference
 service runs its `triton` backend against it. Rounds alternate between
 
-- raw: `tritonclient.grpc.aio` `stream_infer`, one stream per generation, as the backend sends it;
+- raw: `tritonclient.grpc.aio` `stream_infer`, one stream per generation, as the backend sends it (the
+  same prompt token ids, end and pad ids, tokenized here as the service does);
 - service: `InferenceService.Generate` over gRPC (the backend, the relay, the servicer),
 
 with the same request (`max_tokens`, greedy), at 1 and 16 concurrent streams. Per stream: time to the
@@ -56,7 +57,7 @@ from tests.support.processes import (
 )
 
 MODEL_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "support" / "triton_llama_model.py"
-PROMPT = "User: Tell me a story.\nAssistant:"
+PROMPT = "Tell me a story."
 
 
 @dataclass
@@ -86,11 +87,41 @@ def _tensor(name: str, data: Any, datatype: str) -> Any:
     return tensor
 
 
-async def raw_stream(client: Any, tokens: int) -> Stream:
+@dataclass(frozen=True)
+class RawPrompt:
+    """The token-id inputs the service sends for PROMPT: its ids, the end and pad ids."""
+
+    ids: list[int]
+    end_id: int
+    pad_id: int
+
+    @classmethod
+    def as_the_service_sends_it(cls) -> RawPrompt:
+        """PROMPT tokenized as the service (default settings, bundled model) tokenizes it."""
+        from inference_service.backends.llama_cpp import bundled_gguf_path
+        from inference_service.backends.tokenizers import open_tokenizer, tokenize_prompt
+        from inference_service.backends.triton import end_and_pad_ids
+        from inference_service.chat_template import resolve_template
+        from inference_service.prompt import Role, Turn
+        from inference_service.settings import InferenceSettings
+
+        settings = InferenceSettings(address="127.0.0.1:1")
+        gguf = bundled_gguf_path()
+        template = resolve_template(settings.prompt_template, settings.template(), gguf)
+        tokenizer = open_tokenizer(gguf)
+        prompt = tokenize_prompt(template, [Turn(Role.USER, PROMPT)], tokenizer)
+        end_id, pad_id = end_and_pad_ids(tokenizer, settings.triton_end_id, gguf)
+        return cls(list(prompt.token_ids), end_id, pad_id)
+
+
+async def raw_stream(client: Any, prompt: RawPrompt, tokens: int) -> Stream:
     """One generation straight from Triton, with the inputs the backend sends for a greedy request."""
     inputs = [
-        _tensor("text_input", np.array([[PROMPT.encode()]], dtype=np.object_), "BYTES"),
+        _tensor("input_ids", np.array([prompt.ids], dtype=np.int32), "INT32"),
+        _tensor("input_lengths", np.array([[len(prompt.ids)]], dtype=np.int32), "INT32"),
         _tensor("max_tokens", np.array([[tokens]], dtype=np.int32), "INT32"),
+        _tensor("end_id", np.array([[prompt.end_id]], dtype=np.int32), "INT32"),
+        _tensor("pad_id", np.array([[prompt.pad_id]], dtype=np.int32), "INT32"),
         _tensor("stream", np.array([[True]], dtype=np.bool_), "BOOL"),
         _tensor("temperature", np.array([[1.0]], dtype=np.float32), "FP32"),
         _tensor("top_p", np.array([[1.0]], dtype=np.float32), "FP32"),
@@ -118,7 +149,7 @@ async def service_stream(stub: inference_pb2_grpc.InferenceServiceStub, tokens: 
     """One generation through the inference service. Tokens are counted as the raw side counts them (one
     word of the fixed text each), from the text the client received."""
     request = pb.GenerateRequest(
-        messages=[pb.Message(role=pb.ROLE_USER, content="Tell me a story.")],
+        messages=[pb.Message(role=pb.ROLE_USER, content=PROMPT)],
         sampling=pb.SamplingParams(max_tokens=tokens, temperature=0),
     )
     started = time.perf_counter()
@@ -169,6 +200,7 @@ async def main() -> None:
     parser.add_argument("--engine", choices=("fixed", "decoder"), default="fixed")
     args = parser.parse_args()
 
+    raw_prompt = RawPrompt.as_the_service_sends_it()
     grpc_port = free_port()
     with tempfile.TemporaryDirectory(prefix="triton-relay-") as workdir:
         print(f"starting Triton with the {args.engine} engine...", flush=True)
@@ -203,7 +235,7 @@ async def main() -> None:
                 async with grpc.aio.insecure_channel(address) as channel:
                     stub = inference_pb2_grpc.InferenceServiceStub(channel)
                     sides = {
-                        "raw": lambda: raw_stream(client, args.tokens),
+                        "raw": lambda: raw_stream(client, raw_prompt, args.tokens),
                         "service": lambda: service_stream(stub, args.tokens),
                     }
                     for concurrency in (int(c) for c in args.concurrency.split(",")):

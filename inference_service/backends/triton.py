@@ -1,4 +1,4 @@
-"""Triton backend: a TensorRT-LLM model (`ensemble` or `tensorrt_llm_bls`) on a Triton Inference Server.
+"""Triton backend: a TensorRT-LLM model (deploy/triton's `ensemble`) on a Triton Inference Server.
 
 Generation streams over Triton's gRPC `ModelStreamInfer`, called through the stub generated from
 Triton's protos (shipped in `tritonclient.grpc`) on a grpc.aio channel. The model must be decoupled
@@ -17,11 +17,16 @@ flags its last token so), and past a stop sequence the model was told about and 
 is cancelled only when the caller goes away or the model runs on past a stop sequence (`_cancel_past_stop`),
 never while its request is completing, which crashed Triton before 2.54 (docs/triton-crash.md).
 
-Triton tokenizes inside the model, but prompt counts (context window, usage, CountTokens) are needed
-here, so the same vocabulary is loaded locally (see `tokenizers.py`) and used off the event loop. The
-counts are message by message, like the llama.cpp backend's (`tokenize_prompt`); Triton tokenizes the
-whole text, which can only differ where a merge across a message boundary is possible (never with
-special-token turn markers).
+The prompt goes to Triton as token ids (`input_ids`), never as text: the model's vocabulary is loaded
+here (see `tokenizers.py`) and the prompt is tokenized as every backend does it (`tokenize_prompt`),
+each message's text as plain text and only the template's markup with special tokens parsed. A text
+prompt would be tokenized by TensorRT-LLM's preprocessing model with the HF tokenizer, which parses
+special tokens anywhere in the text: a user who typed the template's turn markers (`<|im_end|>` then
+`<|im_start|>system`) would forge turns. The same ids give the counts (context window, usage,
+CountTokens), so they are exactly what the engine saw. Stop sequences go as TensorRT-LLM's
+`stop_words_list`, each tokenized with special tokens parsed (they come from the operator's template or
+the request, and only ever stop a generation: `<end_of_turn>` must be its one special id); the text is
+still cut at them here (`StopSequenceFilter`), where token-level matching could miss one.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ import asyncio
 import codecs
 import logging
 import struct
+import sys
 import uuid
+from array import array
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from contextlib import aclosing, asynccontextmanager, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -45,6 +53,7 @@ from inference_service.backends.base import Completion, FinishReason, ModelInfo,
 from inference_service.backends.coalesce import coalesced
 from inference_service.backends.text import LeadingSpaceTrimmer
 from inference_service.backends.tokenizers import (
+    EngineTokenizer,
     Tokenizer,
     TokenizerThread,
     default_tokenizer_path,
@@ -61,16 +70,23 @@ STARTUP_CHECK_TIMEOUT_S = 10.0
 
 @dataclass(frozen=True, slots=True)
 class TritonTensorNames:
-    """Input and output tensor names of the model; the defaults are TensorRT-LLM's."""
+    """Input and output tensor names of the model; the defaults are deploy/triton's ensemble's, which are
+    TensorRT-LLM's (its `tensorrt_llm` model's for the token ids)."""
 
-    text_input: str = "text_input"
+    input_ids: str = "input_ids"
+    """The prompt's token ids, INT32 [1, n]."""
+    input_lengths: str = "input_lengths"
     max_tokens: str = "max_tokens"
+    end_id: str = "end_id"
+    pad_id: str = "pad_id"
+    stop_words_list: str = "stop_words_list"
+    """INT32 [1, 2, n]: row 0 the ids of every stop word one after another, row 1 where each ends (the
+    cumulative lengths), padded with -1 to n (TensorRT-LLM's word-list format)."""
     stream: str = "stream"
     temperature: str = "temperature"
     top_p: str = "top_p"
     top_k: str = "top_k"
     random_seed: str = "random_seed"
-    stop_words: str = "stop_words"
     text_output: str = "text_output"
     output_length: str = "output_length"
     """Optional output: the tokens a streamed response carries (deploy/triton's ensemble routes it from
@@ -145,10 +161,15 @@ class TritonBackend:
         model: str,
         info: ModelInfo,
         timeout_s: float,
+        end_id: int,
+        pad_id: int,
         tensors: TritonTensorNames = TritonTensorNames(),
     ) -> None:
         self._stub = stub
         self._tokenizer = tokenizer
+        self._end_id = _INT32.pack(end_id)
+        self._pad_id = _INT32.pack(pad_id)
+        self._stop_words: dict[tuple[str, ...], tuple[bytes, int] | None] = {}
         self._template = template
         self._url = url
         self._model = model
@@ -180,7 +201,7 @@ class TritonBackend:
         received: list[str] = []
         counted = _EngineCount()
         # Tokens that arrive while the previous one is being forwarded go out together (see coalesce.py).
-        async with aclosing(coalesced(self._stream_text(prompt.text, sampling, counted))) as responses:
+        async with aclosing(coalesced(self._stream_text(prompt, sampling, counted))) as responses:
             async for pieces in responses:
                 past_stop = pieces if stops.stopped else []
                 if not stops.stopped:
@@ -221,7 +242,7 @@ class TritonBackend:
         )
 
     async def _stream_text(
-        self, text: str, sampling: Sampling, counted: _EngineCount
+        self, prompt: Prompt, sampling: Sampling, counted: _EngineCount
     ) -> AsyncGenerator[str, None]:
         """Yield the text of each streamed response ("" for a token that ends mid-character), as the
         engine produced it; add the token counts the responses report to `counted`.
@@ -229,7 +250,7 @@ class TritonBackend:
         Closing this generator early cancels the gRPC call (and with it the Triton request) before
         `aclose()` returns.
         """
-        request = self._request(text, sampling)
+        request = self._request(prompt, sampling)
         # A token can end inside a multi-byte character; decode across responses.
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         call = self._stub.ModelStreamInfer(timeout=self._timeout_s)
@@ -257,20 +278,24 @@ class TritonBackend:
                 # sees the cancellation right away and stops the request.
                 call.cancel()
 
-    def _request(self, text: str, sampling: Sampling) -> service_pb2.ModelInferRequest:
-        """The inference request for `text`, each input tensor [1, 1] (stop words [1, n]) from its wire
-        bytes: what tritonclient's `InferInput.set_data_from_numpy` would send, without a numpy array per
-        input (seven numpy round trips were a visible share of the relay's time before the first token)."""
+    def _request(self, prompt: Prompt, sampling: Sampling) -> service_pb2.ModelInferRequest:
+        """The inference request for `prompt`'s token ids, each input tensor [1, 1] (the ids [1, n], the
+        stop words [1, 2, n]) from its wire bytes: what tritonclient's `InferInput.set_data_from_numpy`
+        would send, without a numpy array per input (numpy round trips were a visible share of the relay's
+        time before the first token)."""
         names = self._tensors
         greedy = sampling.temperature == 0.0
         request = service_pb2.ModelInferRequest(model_name=self._model, id=uuid.uuid4().hex)
 
-        def add(name: str, datatype: str, raw: bytes, shape: tuple[int, int] = (1, 1)) -> None:
+        def add(name: str, datatype: str, raw: bytes, shape: tuple[int, ...] = (1, 1)) -> None:
             request.inputs.add(name=name, datatype=datatype, shape=shape)
             request.raw_input_contents.append(raw)
 
-        add(names.text_input, "BYTES", _bytes_element(text.encode()))
+        add(names.input_ids, "INT32", _int32_bytes(prompt.token_ids), (1, len(prompt.token_ids)))
+        add(names.input_lengths, "INT32", _INT32.pack(len(prompt.token_ids)))
         add(names.max_tokens, "INT32", _INT32.pack(sampling.max_tokens))
+        add(names.end_id, "INT32", self._end_id)
+        add(names.pad_id, "INT32", self._pad_id)
         add(names.stream, "BOOL", b"\x01")
         # TensorRT-LLM has no "temperature 0": it divides by the temperature (older releases return
         # garbage). Greedy decoding is top_k=1, where the temperature does not matter.
@@ -280,10 +305,33 @@ class TritonBackend:
             add(names.top_k, "INT32", _INT32.pack(1))
         if sampling.seed is not None:
             add(names.random_seed, "UINT64", _UINT64.pack(sampling.seed))
-        if sampling.stop:
-            raw = b"".join(_bytes_element(stop.encode()) for stop in sampling.stop)
-            add(names.stop_words, "BYTES", raw, (1, len(sampling.stop)))
+        if stop_words := self._stop_words_list(sampling.stop):
+            raw, length = stop_words
+            add(names.stop_words_list, "INT32", raw, (1, 2, length))
         return request
+
+    def _stop_words_list(self, stops: tuple[str, ...]) -> tuple[bytes, int] | None:
+        """`stops` in TensorRT-LLM's word-list format (see `TritonTensorNames.stop_words_list`): its wire
+        bytes and its length n; None if no stop has a token.
+
+        Each stop is tokenized with special tokens parsed, so that a template's `<end_of_turn>` is that one
+        token: stops come from the operator's template or the request, and they only ever end a
+        generation. Cached by the tuple of stops: every request carries the template's, so most requests
+        only look them up (a request's own stops are a few short strings, tokenized right here)."""
+        if stops in self._stop_words:
+            return self._stop_words[stops]
+        ids: array[int] = array("i")
+        ends: array[int] = array("i")
+        for stop in stops:
+            ids.extend(self._tokenizer.encode(stop, special=True) if stop else ())
+            if len(ids) > (ends[-1] if ends else 0):
+                ends.append(len(ids))
+        ends.extend([-1] * (len(ids) - len(ends)))
+        packed = (_int32_bytes(ids + ends), len(ids)) if ids else None
+        if len(self._stop_words) >= _STOP_WORDS_CACHED:
+            self._stop_words.clear()
+        self._stop_words[stops] = packed
+        return packed
 
     def _read_outputs(self, response: Any) -> tuple[list[bytes] | None, int | None]:
         """The `text_output` elements of a response (None for an empty, final-flag only response) and the
@@ -367,7 +415,8 @@ async def open_triton_backend(
     template: PromptTemplate,
     tensors: TritonTensorNames = TritonTensorNames(),
 ) -> AsyncIterator[TritonBackend]:
-    """Connect to Triton, check that the model is ready, load the tokenizer; close the channel on exit."""
+    """Connect to Triton, check that the model is ready, load the tokenizer and find its end id; close
+    the channel on exit."""
     url, model = settings.triton_url, settings.triton_model
     # Unlimited message sizes, as tritonclient sets them: a long prompt must not hit gRPC's 4 MB default.
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
@@ -376,7 +425,11 @@ async def open_triton_backend(
         await check_ready(stub, url, model)
         path = await asyncio.to_thread(default_tokenizer_path, settings.triton_tokenizer, settings.gguf_path)
         tokenizer = await asyncio.to_thread(open_tokenizer, path)
-        log.info("connected to Triton", extra={"url": url, "model": model, "tokenizer": str(path)})
+        end_id, pad_id = end_and_pad_ids(tokenizer, settings.triton_end_id, path)
+        log.info(
+            "connected to Triton",
+            extra={"url": url, "model": model, "tokenizer": str(path), "end_id": end_id, "pad_id": pad_id},
+        )
         with triton_errors(url, model, "reading the model's metadata"):
             metadata = await stub.ModelMetadata(
                 service_pb2.ModelMetadataRequest(name=model), timeout=STARTUP_CHECK_TIMEOUT_S
@@ -400,6 +453,8 @@ async def open_triton_backend(
                 model=settings.model_name, context_length=settings.context_length, backend="triton"
             ),
             timeout_s=settings.triton_timeout_s,
+            end_id=end_id,
+            pad_id=pad_id,
             tensors=tensors,
         )
         try:
@@ -408,14 +463,35 @@ async def open_triton_backend(
             backend.close()
 
 
+def end_and_pad_ids(tokenizer: EngineTokenizer, end_id: int | None, path: Path) -> tuple[int, int]:
+    """The end id TensorRT-LLM stops at (the setting, else the tokenizer's end-of-sequence token) and the
+    pad id (the tokenizer's pad token, else the end id). Fails without an end id: a generation that
+    cannot end on its own would run to max_tokens every time."""
+    end = end_id if end_id is not None else tokenizer.end_id
+    if end is None:
+        raise ValueError(
+            f"the tokenizer {path} names no end-of-sequence token; set CHATMESH_INFERENCE_TRITON_END_ID to"
+            " the model's end id (TensorRT-LLM's end_id), or put the model's tokenizer_config.json (with"
+            " eos_token) beside its tokenizer.json"
+        )
+    pad = tokenizer.pad_id
+    return end, pad if pad is not None else end
+
+
 _INT32 = struct.Struct("<i")
 _FP32 = struct.Struct("<f")
 _UINT64 = struct.Struct("<Q")
+_STOP_WORDS_CACHED = 256
+"""Distinct tuples of stop sequences whose word lists are kept (then the cache starts over)."""
 
 
-def _bytes_element(data: bytes) -> bytes:
-    """One element of a BYTES tensor in Triton's wire format."""
-    return len(data).to_bytes(4, "little") + data
+def _int32_bytes(values: Sequence[int]) -> bytes:
+    """`values` as an INT32 tensor's wire bytes (little-endian), through `array` rather than numpy."""
+    packed = values if isinstance(values, array) else array("i", values)
+    if sys.byteorder == "big":
+        packed = array("i", packed)
+        packed.byteswap()
+    return packed.tobytes()
 
 
 def _cancel_past_stop(counted: _EngineCount, responses: int, sampling: Sampling) -> bool:

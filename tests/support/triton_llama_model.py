@@ -1,20 +1,25 @@
 """A real Triton Inference Server on the CPU, serving a TensorRT-LLM-shaped model that runs llama.cpp.
 
 Test support: stands in for a GPU Triton + TensorRT-LLM deployment. The model is decoupled and speaks the
-tensor names of TensorRT-LLM's `ensemble` / `tensorrt_llm_bls` models:
+tensor names of deploy/triton's `ensemble` (TensorRT-LLM's, the prompt as token ids):
 
-    inputs   text_input BYTES [1,1]   max_tokens INT32 [1,1]   stream BOOL [1,1]
+    inputs   input_ids INT32 [1,N]   input_lengths INT32 [1,1]   max_tokens INT32 [1,1]
+             end_id INT32 [1,1]   pad_id INT32 [1,1]   stop_words_list INT32 [1,2,M]   stream BOOL [1,1]
              temperature FP32 [1,1]   top_p FP32 [1,1]   top_k INT32 [1,1]   random_seed UINT64 [1,1]
-             stop_words BYTES [1,N]                                      (all but text_input optional)
+                                                                         (all but input_ids optional)
     output   text_output BYTES [1,1]  one response per generated token when streaming
 
 Like TensorRT-LLM, the token that completes a stop word is still sent (so clients must cut it off), and
-the stream ends right after. Generation uses the bundled Gemma 3 270M GGUF with llama-cpp-python, or with
-`--engine fixed` a fixed token source: the words of a fixed text, one per response, as fast as Triton
-takes them or at `--tokens-per-s` per stream, so that the relay around a GPU-speed engine can be
-measured on a CPU (`benchmarks/triton_relay.py`); or with `--engine decoder` a tiny random-weight torch
-decoder over a vocabulary of words, on the GPU when CUDA is present (else the CPU): real autoregressive
-compute per token, greedy or sampled, as fast as the device runs it.
+the stream ends right after; the end_id token ends a generation and is not sent. The stop words (token
+ids in TensorRT-LLM's word-list format) are turned back into text with the model's vocabulary and matched
+in the generated text. `--record-inputs FILE` appends each request's token-id inputs to FILE as a JSON
+line, so that tests can check what the model was sent. Generation uses the bundled Gemma 3 270M GGUF with
+llama-cpp-python, from the token ids as sent (never detokenized and tokenized again, which would parse
+special tokens in the text), or with `--engine fixed` a fixed token source: the words of a fixed text,
+one per response, as fast as Triton takes them or at `--tokens-per-s` per stream, so that the relay
+around a GPU-speed engine can be measured on a CPU (`benchmarks/triton_relay.py`); or with `--engine
+decoder` a tiny random-weight torch decoder over a vocabulary of words, on the GPU when CUDA is present
+(else the CPU): real autoregressive compute per token, greedy or sampled, as fast as the device runs it.
 
     python tests/support/triton_llama_model.py --grpc-port P --http-port H --metrics-port M [--engine fixed]
 
@@ -39,15 +44,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import queue
+import random
 import shutil
 import signal
 import sys
 import sysconfig
 import threading
-from collections.abc import AsyncIterator, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,14 +69,16 @@ log = logging.getLogger("triton_llama_model")
 class GenerationRequest:
     """The inputs of one Triton request, decoded from their tensors."""
 
-    prompt: str
+    prompt_ids: tuple[int, ...]
     max_tokens: int
+    end_id: int | None
+    pad_id: int | None
     stream: bool
     temperature: float
     top_p: float
     top_k: int
     seed: int | None
-    stop_words: tuple[str, ...]
+    stop_word_ids: tuple[tuple[int, ...], ...]
 
     @classmethod
     def from_tensors(cls, inputs: Any) -> GenerationRequest:
@@ -78,14 +87,14 @@ class GenerationRequest:
         def scalar(name: str, default: Any) -> Any:
             return inputs[name].flatten()[0].item() if name in inputs else default
 
-        def text(value: bytes | str) -> str:
-            return value.decode() if isinstance(value, bytes) else str(value)
-
+        ids = [int(token) for token in inputs["input_ids"].flatten()]
         seed = scalar("random_seed", None)
-        stop_words = inputs["stop_words"].flatten() if "stop_words" in inputs else ()
+        end_id, pad_id = scalar("end_id", None), scalar("pad_id", None)
         return cls(
-            prompt=text(inputs["text_input"].flatten()[0]),
+            prompt_ids=tuple(ids[: int(scalar("input_lengths", len(ids)))]),
             max_tokens=int(scalar("max_tokens", 16)),
+            end_id=None if end_id is None else int(end_id),
+            pad_id=None if pad_id is None else int(pad_id),
             stream=bool(scalar("stream", False)),
             temperature=float(scalar("temperature", 1.0)),
             top_p=float(scalar("top_p", 1.0)),
@@ -93,58 +102,105 @@ class GenerationRequest:
             top_k=int(scalar("top_k", 0)),
             # llama.cpp seeds are 32-bit.
             seed=None if seed is None else int(seed) & 0xFFFFFFFF,
-            stop_words=tuple(word for word in (text(w) for w in stop_words) if word),
+            stop_word_ids=_word_list(inputs["stop_words_list"]) if "stop_words_list" in inputs else (),
         )
+
+    def record(self) -> dict[str, Any]:
+        """The token-id inputs, as `--record-inputs` writes them."""
+        return {
+            "input_ids": list(self.prompt_ids),
+            "end_id": self.end_id,
+            "pad_id": self.pad_id,
+            "stop_words": [list(word) for word in self.stop_word_ids],
+        }
+
+
+def _word_list(tensor: npt.NDArray[Any]) -> tuple[tuple[int, ...], ...]:
+    """The words of a TensorRT-LLM word list [1, 2, M]: row 0 their ids one after another, row 1 where
+    each ends, padded with -1."""
+    ids, ends = (row.tolist() for row in tensor.reshape(2, -1))
+    words = []
+    start = 0
+    for end in ends:
+        if end < 0:
+            break
+        words.append(tuple(int(token) for token in ids[start:end]))
+        start = end
+    return tuple(words)
+
+
+class StopWords:
+    """Turns a request's stop words (token ids) back into text with the model's vocabulary (special tokens
+    shown as their markup), to be matched in the generated text."""
+
+    def __init__(self, model_path: Path) -> None:
+        from llama_cpp import Llama
+
+        self._vocab = Llama(model_path=str(model_path), vocab_only=True, verbose=False)
+        self._texts: dict[tuple[tuple[int, ...], ...], tuple[str, ...]] = {}
+
+    def texts(self, request: GenerationRequest) -> tuple[str, ...]:
+        words = request.stop_word_ids
+        if words not in self._texts:
+            decoded = (
+                self._vocab.detokenize(list(word), special=True).decode(errors="replace") for word in words
+            )
+            self._texts[words] = tuple(text for text in decoded if text)
+        return self._texts[words]
 
 
 class LlamaPool:
     """Generates with a pool of llama.cpp instances, one per concurrent request (they are not thread-safe)."""
+
+    N_CTX = 4096
 
     def __init__(self, model_path: Path, instances: int) -> None:
         from llama_cpp import Llama
 
         threads = max(1, (os.cpu_count() or 1) // instances)
         self._free: queue.Queue[Any] = queue.Queue()
+        self.stop_words = StopWords(model_path)
         for _ in range(instances):
             self._free.put(
                 Llama(
                     model_path=str(model_path),
-                    n_ctx=4096,
+                    n_ctx=self.N_CTX,
                     n_threads=threads,
                     n_threads_batch=threads,
                     verbose=False,
                 )
             )
 
-    def generate(self, request: GenerationRequest) -> Generator[str, None, None]:
-        """Yield the text of each generated token; blocking, one llama.cpp instance held throughout."""
+    def generate(self, request: GenerationRequest) -> Generator[bytes, None, None]:
+        """Yield the bytes of each generated token (a token can end inside a character, as TensorRT-LLM's
+        can); blocking, one llama.cpp instance held throughout."""
+        stops = tuple(word.encode() for word in self.stop_words.texts(request))
+        prompt = list(request.prompt_ids)
+        if not 0 < len(prompt) < self.N_CTX:
+            raise ValueError(f"the prompt has {len(prompt)} tokens; this model takes 1 to {self.N_CTX - 1}")
+        max_tokens = min(request.max_tokens, self.N_CTX - len(prompt))
         llm = self._free.get()
         try:
+            end_id = request.end_id if request.end_id is not None else llm.token_eos()
             # Forget the previous prompt: reusing its cached prefix evaluates the new prompt in different
             # batches, which shifts the logits slightly, enough to break seeded reproducibility.
             llm.reset()
-            chunks = llm.create_completion(
-                request.prompt,
-                max_tokens=request.max_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                top_k=request.top_k,
-                seed=request.seed,
-                stream=True,
-            )
-            generated = ""
+            # As llama-cpp-python's create_completion seeds and samples (min_p etc. at its defaults), but
+            # from the ids as sent: a text prompt would be tokenized again with special tokens parsed.
+            llm.set_seed(request.seed if request.seed is not None else random.randrange(2**32))
+            tokens = llm.generate(prompt, top_k=request.top_k, top_p=request.top_p, temp=request.temperature)
+            generated = b""
             try:
-                for chunk in chunks:
-                    piece: str = chunk["choices"][0]["text"]
-                    if not piece:
-                        continue  # the closing chunk that only carries finish_reason
-                    generated += piece
-                    yield piece
+                for count, token in enumerate(tokens, start=1):
+                    if token == end_id:
+                        return  # TensorRT-LLM semantics: the end token ends the output, unsent
+                    yield llm.detokenize([token])
                     # TensorRT-LLM semantics: the stop word's own tokens are part of the output.
-                    if any(word in generated for word in request.stop_words):
+                    generated += llm.detokenize([token], special=True)
+                    if count >= max_tokens or any(word in generated for word in stops):
                         return
             finally:
-                chunks.close()
+                tokens.close()
         finally:
             self._free.put(llm)
 
@@ -161,14 +217,14 @@ class TritonLlamaModel:
         params = GenerationRequest.from_tensors(request)
         pieces = self._pool.generate(params)
         done = object()
-        collected = ""
+        collected = b""
         try:
             while True:
                 # llama.cpp blocks for a whole token; a worker thread keeps pytriton's event loop free.
                 piece = await asyncio.to_thread(next, pieces, done)
                 if piece is done:
                     break
-                assert isinstance(piece, str)
+                assert isinstance(piece, bytes)
                 if params.stream:
                     yield [_text_output(piece)]
                 else:
@@ -198,14 +254,16 @@ class FixedTokenModel:
     `FIXED_WORDS`, produced in no time (or paced at `tokens_per_s` per stream), so what a benchmark
     measures is Triton and the path around it, as with a GPU engine."""
 
-    def __init__(self, tokens_per_s: float, report_lengths: bool = False) -> None:
+    def __init__(self, tokens_per_s: float, stop_words: StopWords, report_lengths: bool = False) -> None:
         self._interval_s = 1.0 / tokens_per_s if tokens_per_s > 0 else 0.0
+        self._stop_words = stop_words
         self._report_lengths = report_lengths
 
     async def infer(self, requests: Sequence[Any]) -> AsyncIterator[list[dict[str, npt.NDArray[Any]]]]:
         """Stream `max_tokens` words (fewer if a stop word completes), one response each."""
         (request,) = requests
         params = GenerationRequest.from_tensors(request)
+        stops = self._stop_words.texts(params)
         loop = asyncio.get_running_loop()
         next_at = loop.time()
         generated = ""
@@ -217,7 +275,7 @@ class FixedTokenModel:
             generated += piece
             if params.stream:
                 yield [_token_response(self._report_lengths, piece, 1)]
-            if any(word in generated for word in params.stop_words):
+            if any(word in generated for word in stops):
                 break
         if not params.stream:
             yield [_token_response(self._report_lengths, generated, index + 1)]
@@ -233,10 +291,13 @@ class DecoderModel:
 
     WIDTH = 256
 
-    def __init__(self, report_lengths: bool = False, device: str | None = None) -> None:
+    def __init__(
+        self, stop_words: StopWords, report_lengths: bool = False, device: str | None = None
+    ) -> None:
         import torch
 
         self._torch = torch
+        self._stop_words = stop_words
         self._report_lengths = report_lengths
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._vocabulary = tuple(dict.fromkeys(FIXED_WORDS))
@@ -257,8 +318,8 @@ class DecoderModel:
         greedy = params.top_k == 1 or params.temperature <= 0
         generator = torch.Generator(device=self.device)
         generator.manual_seed(params.seed if params.seed is not None else 0)
-        # The prompt's bytes pick the first token, so different prompts start differently.
-        token = torch.tensor([[sum(params.prompt.encode()) % len(self._vocabulary)]], device=self.device)
+        # The prompt's ids pick the first token, so different prompts start differently.
+        token = torch.tensor([[sum(params.prompt_ids) % len(self._vocabulary)]], device=self.device)
         state = None
         for _ in range(params.max_tokens):
             with self._lock, torch.inference_mode():
@@ -277,6 +338,7 @@ class DecoderModel:
         in a worker thread so that concurrent streams take turns on the device."""
         (request,) = requests
         params = GenerationRequest.from_tensors(request)
+        stops = self._stop_words.texts(params)
         steps = self._steps(params)
         generated = ""
         count = 0
@@ -285,7 +347,7 @@ class DecoderModel:
             count += 1
             if params.stream:
                 yield [_token_response(self._report_lengths, piece, 1)]
-            if any(word in generated for word in params.stop_words):
+            if any(word in generated for word in stops):
                 break
         if not params.stream:
             yield [_token_response(self._report_lengths, generated, count)]
@@ -300,8 +362,27 @@ def _token_response(report_lengths: bool, text: str, tokens: int) -> dict[str, n
     return response
 
 
-def _text_output(text: str) -> dict[str, npt.NDArray[Any]]:
-    return {"text_output": np.array([[text.encode()]], dtype=np.object_)}
+def _text_output(text: str | bytes) -> dict[str, npt.NDArray[Any]]:
+    data = text.encode() if isinstance(text, str) else text
+    return {"text_output": np.array([[data]], dtype=np.object_)}
+
+
+InferFunc = Callable[[Sequence[Any]], AsyncIterator[list[dict[str, npt.NDArray[Any]]]]]
+
+
+def recording(infer: InferFunc, path: Path) -> InferFunc:
+    """`infer`, appending each request's token-id inputs to `path` (one JSON line, written before the
+    first response) for tests to check what the model was sent."""
+
+    async def infer_and_record(requests: Sequence[Any]) -> AsyncIterator[list[dict[str, npt.NDArray[Any]]]]:
+        for request in requests:
+            line = json.dumps(GenerationRequest.from_tensors(request).record())
+            with path.open("a") as records:
+                records.write(line + "\n")
+        async for responses in infer(requests):
+            yield responses
+
+    return infer_and_record
 
 
 def _say(line: str) -> None:
@@ -372,13 +453,17 @@ def serve(args: argparse.Namespace) -> None:
         signal.signal(sig, lambda *_: stop.set())
 
     model: TritonLlamaModel | FixedTokenModel | DecoderModel
+    gguf = args.gguf or bundled_gguf_path()
     if args.engine == "fixed":
-        model = FixedTokenModel(args.tokens_per_s, args.report_lengths)
+        model = FixedTokenModel(args.tokens_per_s, StopWords(gguf), args.report_lengths)
     elif args.engine == "decoder":
-        model = DecoderModel(args.report_lengths)
+        model = DecoderModel(StopWords(gguf), args.report_lengths)
         log.warning("decoder engine on %s", model.device)
     else:
-        model = TritonLlamaModel(LlamaPool(args.gguf or bundled_gguf_path(), args.instances))
+        model = TritonLlamaModel(LlamaPool(gguf, args.instances))
+    infer: InferFunc = model.infer
+    if args.record_inputs is not None:
+        infer = recording(infer, args.record_inputs)
     config = TritonConfig(
         grpc_address="127.0.0.1",
         grpc_port=args.grpc_port,
@@ -398,16 +483,19 @@ def serve(args: argparse.Namespace) -> None:
     with Triton(config=config) as triton:
         triton.bind(
             model_name=args.model_name,
-            infer_func=model.infer,
+            infer_func=infer,
             inputs=[
-                Tensor(name="text_input", dtype=bytes, shape=(-1, -1)),
+                Tensor(name="input_ids", dtype=np.int32, shape=(-1, -1)),
+                scalar("input_lengths", np.int32),
                 scalar("max_tokens", np.int32),
+                scalar("end_id", np.int32),
+                scalar("pad_id", np.int32),
+                Tensor(name="stop_words_list", dtype=np.int32, shape=(-1, -1, -1), optional=True),
                 scalar("stream", np.bool_),
                 scalar("temperature", np.float32),
                 scalar("top_p", np.float32),
                 scalar("top_k", np.int32),
                 scalar("random_seed", np.uint64),
-                scalar("stop_words", bytes),
             ],
             outputs=[
                 Tensor(name="text_output", dtype=bytes, shape=(-1, -1)),
@@ -451,7 +539,18 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=None,
         help="write Triton's log here instead of stdout, where pytriton relays it in arbitrary chunks",
     )
-    parser.add_argument("--gguf", type=Path, default=None, help="GGUF model; default: the bundled Gemma")
+    parser.add_argument(
+        "--gguf",
+        type=Path,
+        default=None,
+        help="GGUF model (and the vocabulary stop words are read with); default: the bundled Gemma",
+    )
+    parser.add_argument(
+        "--record-inputs",
+        type=Path,
+        default=None,
+        help="append each request's token-id inputs to this file, one JSON line per request",
+    )
     parser.add_argument(
         "--engine",
         choices=("llama", "fixed", "decoder"),

@@ -11,14 +11,16 @@ order of reads and the cancel.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from contextlib import aclosing
 from typing import Any
 
 import grpc
 from tritonclient.grpc import service_pb2
 
-from inference_service.backends.base import Completion, FinishReason, Prompt, Sampling, TextDelta
-from inference_service.backends.triton import TritonBackend, TritonTensorNames
+from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
+from inference_service.backends.triton import TritonBackend
+from inference_service.prompt import TEMPLATES
 from tests.support.waiting import until
 
 
@@ -78,13 +80,28 @@ class FakeStub:
         return self.call
 
 
+class CharTokenizer:
+    """One id per character: enough to build the request's stop words (the responses count tokens)."""
+
+    prefix: Sequence[int] = ()
+
+    def encode(self, text: str, *, special: bool) -> list[int]:
+        return [ord(c) for c in text]
+
+
 def backend(call: FakeStreamCall) -> TritonBackend:
-    """A TritonBackend reading `call`, without a channel or a tokenizer (the responses count tokens)."""
-    triton = TritonBackend.__new__(TritonBackend)
-    triton._stub = FakeStub(call)  # type: ignore[assignment]
-    triton._url, triton._model, triton._timeout_s = "127.0.0.1:1", "ensemble", 30.0
-    triton._tensors = TritonTensorNames()
-    return triton
+    """A TritonBackend reading `call`, without a channel."""
+    return TritonBackend(
+        FakeStub(call),  # type: ignore[arg-type]
+        CharTokenizer(),
+        TEMPLATES["transcript"],
+        url="127.0.0.1:1",
+        model="ensemble",
+        info=ModelInfo("m", 4096, "triton"),
+        timeout_s=30.0,
+        end_id=1,
+        pad_id=0,
+    )
 
 
 PROMPT = Prompt(text="User: hi\nAssistant:", token_ids=(1, 2, 3), message_tokens=(3,))
