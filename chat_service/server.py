@@ -28,8 +28,8 @@ from chat_service.metrics import ChatMetrics
 from chat_service.openai_api import OpenAIServicer
 from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
-from chat_service.storage.base import Lease
-from chat_service.storage.sql import open_sql_store
+from chat_service.storage.base import ConversationStore, JobStore, Lease
+from chat_service.storage.sql import SqlConversationStore, SqlJobStore, open_sql_database
 from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from chatmesh.common.auth import PUBLIC_SERVICES, JwtAuthInterceptor
 from chatmesh.common.errors import Unavailable
@@ -142,6 +142,55 @@ async def purge_periodically(cache: SemanticCache, interval_s: float) -> None:
             log.info("purged expired cache entries", extra={"entries": purged})
 
 
+async def open_jobs(
+    settings: ChatSettings,
+    job_store: JobStore,
+    store: ConversationStore,
+    conversations: Conversations,
+    channels: contextlib.AsyncExitStack,
+) -> tuple[Jobs | None, JobWorker | None]:
+    """The job use cases and (with workers) the worker, on the NATS JetStream queue the settings name
+    (closed with `channels`); none without one."""
+    if not settings.jobs_nats_url:
+        log.info("asynchronous jobs off (set CHATMESH_CHAT_JOBS_NATS_URL to a NATS JetStream server)")
+        return None, None
+    queue = await channels.enter_async_context(
+        await NatsJobQueue.connect(
+            JetStreamConfig(
+                url=settings.jobs_nats_url,
+                stream=settings.jobs_stream,
+                subject=f"chatmesh.jobs.{settings.jobs_stream.lower()}",
+                capacity=settings.jobs_capacity,
+                max_attempts=settings.jobs_max_attempts,
+                ack_wait_s=settings.jobs_ack_wait_s,
+            )
+        )
+    )
+    jobs = Jobs(job_store, queue, conversations, max_active_per_user=settings.max_active_jobs_per_user)
+    worker: JobWorker | None = None
+    if settings.jobs_workers:
+        worker = JobWorker(
+            job_store,
+            queue,
+            conversations,
+            completions=store,
+            lease=Lease(settings.replica_id, settings.completion_lease_s),
+            concurrency=settings.jobs_workers,
+            heartbeat_s=settings.jobs_ack_wait_s / 3,
+            sweeper=JobSweeper(
+                job_store,
+                queue,
+                interval_s=settings.jobs_sweep_interval_s,
+                grace_s=settings.jobs_requeue_after_s,
+            ),
+        )
+    log.info(
+        "asynchronous jobs on",
+        extra={"nats": redacted_url(settings.jobs_nats_url), "workers": settings.jobs_workers},
+    )
+    return jobs, worker
+
+
 async def serve(settings: ChatSettings) -> None:
     """Run the chat service until SIGTERM/SIGINT."""
     configure_logging("chat", settings.log_level, settings.log_format)
@@ -153,12 +202,13 @@ async def serve(settings: ChatSettings) -> None:
     metrics = ChatMetrics(registry)
     async with (
         open_tracing("chat", settings.otlp_endpoint) as tracing,
-        open_sql_store(settings.database_url, migrate=settings.migrate_on_start) as store,
+        open_sql_database(settings.database_url, migrate=settings.migrate_on_start) as database,
         contextlib.AsyncExitStack() as channels,
         serve_metrics(registry, settings.metrics_address),
     ):
-        metrics.watch_database(store.engine)
-        tracing.instrument_database(store.engine)
+        metrics.watch_database(database.engine)
+        tracing.instrument_database(database.engine)
+        store = SqlConversationStore(database)
         inference = await connect_inference(settings, channels, tracing.client_calls())
         # The dependency checks call the engine every few seconds, also while it is down, which keeps
         # their connection backing off between reconnection attempts; on connections of their own, the
@@ -188,43 +238,7 @@ async def serve(settings: ChatSettings) -> None:
             metrics=metrics,
             max_completions_per_user=settings.max_concurrent_completions_per_user,
         )
-        jobs: Jobs | None = None
-        worker: JobWorker | None = None
-        if settings.jobs_nats_url:
-            queue = await channels.enter_async_context(
-                await NatsJobQueue.connect(
-                    JetStreamConfig(
-                        url=settings.jobs_nats_url,
-                        stream=settings.jobs_stream,
-                        subject=f"chatmesh.jobs.{settings.jobs_stream.lower()}",
-                        capacity=settings.jobs_capacity,
-                        max_attempts=settings.jobs_max_attempts,
-                        ack_wait_s=settings.jobs_ack_wait_s,
-                    )
-                )
-            )
-            jobs = Jobs(store, queue, conversations, max_active_per_user=settings.max_active_jobs_per_user)
-            if settings.jobs_workers:
-                worker = JobWorker(
-                    store,
-                    queue,
-                    conversations,
-                    lease=Lease(settings.replica_id, settings.completion_lease_s),
-                    concurrency=settings.jobs_workers,
-                    heartbeat_s=settings.jobs_ack_wait_s / 3,
-                    sweeper=JobSweeper(
-                        store,
-                        queue,
-                        interval_s=settings.jobs_sweep_interval_s,
-                        grace_s=settings.jobs_requeue_after_s,
-                    ),
-                )
-            log.info(
-                "asynchronous jobs on",
-                extra={"nats": redacted_url(settings.jobs_nats_url), "workers": settings.jobs_workers},
-            )
-        else:
-            log.info("asynchronous jobs off (set CHATMESH_CHAT_JOBS_NATS_URL to a NATS JetStream server)")
+        jobs, worker = await open_jobs(settings, SqlJobStore(database), store, conversations, channels)
         open_services = PUBLIC_SERVICES | ({DEV_SIGN_IN_SERVICE} if settings.dev_sign_in else set())
         server = create_server([JwtAuthInterceptor(keys, open_services)], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
@@ -246,7 +260,7 @@ async def serve(settings: ChatSettings) -> None:
         dependencies = DependencyHealth(
             health,
             [SERVICE_NAME, OPENAI_SERVICE_NAME],
-            {"database": store.ping, "inference": inference_for_checks.model_info},
+            {"database": database.ping, "inference": inference_for_checks.model_info},
             interval_s=settings.health_check_interval_s,
             timeout_s=settings.health_check_timeout_s,
         )

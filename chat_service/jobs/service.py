@@ -18,7 +18,6 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Protocol
 
 from chat_service.conversations import (
     CompletionEvent,
@@ -145,11 +144,6 @@ class Jobs:
             await asyncio.sleep(self._poll_interval_s)
 
 
-class WorkerStore(ConversationStore, JobStore, Protocol):
-    """What a worker needs of the store: the jobs, and the completion leases that let one replica at a
-    time generate a reply."""
-
-
 class JobWorker:
     """Runs queued jobs, `concurrency` at a time, until `stop`.
 
@@ -168,10 +162,11 @@ class JobWorker:
 
     def __init__(
         self,
-        store: WorkerStore,
+        store: JobStore,
         queue: JobQueue,
         conversations: Conversations,
         *,
+        completions: ConversationStore,
         lease: Lease,
         concurrency: int = 1,
         heartbeat_s: float = 5.0,
@@ -180,6 +175,7 @@ class JobWorker:
         sweeper: JobSweeper | None = None,
     ) -> None:
         self._store = store
+        self._completions = completions
         self._lease = lease
         self._poll_interval_s = poll_interval_s
         self._sweeper = sweeper
@@ -292,8 +288,8 @@ class JobWorker:
         """Return once this replica holds the lease on generating the reply, or the reply is stored;
         while another replica holds the lease (it is generating), wait."""
         waited = False
-        while await self._store.find_reply(user_id, message_id) is None:
-            if await self._store.claim_completion(user_id, message_id, self._lease):
+        while await self._completions.find_reply(user_id, message_id) is None:
+            if await self._completions.claim_completion(user_id, message_id, self._lease):
                 return
             if not waited:
                 log.info(
@@ -306,7 +302,7 @@ class JobWorker:
     async def _let_go(self, message_id: uuid.UUID) -> None:
         """Free the lease after a failed attempt, so the next may start at once on any replica."""
         try:
-            await self._store.release_completion(message_id, self._lease.holder)
+            await self._completions.release_completion(message_id, self._lease.holder)
         except ChatmeshError as exc:
             log.warning("releasing a job's completion lease failed", extra={"error": exc.message})
 

@@ -1,1 +1,2 @@
-"""Conversation storage: the `ConversationStore` interface and its SQLAlchemy implementation."""
+"""Storage of the chat service: the `ConversationStore` and `JobStore` interfaces (`base`) and their
+SQLAlchemy implementations on one database (`sql`)."""

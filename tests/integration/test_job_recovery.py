@@ -15,7 +15,7 @@ import pytest
 from chat_service.domain import HistoryStrategy, JobRequest
 from chat_service.jobs.queue import JetStreamConfig, NatsJobQueue
 from chat_service.storage.base import NOT_COUNTED
-from chat_service.storage.sql import open_sql_store
+from chat_service.storage.sql import SqlJobStore, open_sql_store
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.client import Delta
 from chatmesh.common.errors import Unavailable
@@ -87,7 +87,7 @@ async def test_a_job_its_replica_never_queued_is_queued_by_a_sweep_and_answered_
                     question, _ = await store.add_user_message(
                         user, chat.id, "What is the capital of France?", NOT_COUNTED, None
                     )
-                    job, _ = await store.create_job(
+                    job, _ = await SqlJobStore(store.database).create_job(
                         JobRequest(user, chat.id, question.id, 8, 0.0, None, None, use_cache=False)
                     )
                 async with grpc.aio.insecure_channel(address) as channel:

@@ -40,7 +40,13 @@ from chat_service.domain import (
 from chat_service.storage.base import NOT_COUNTED, Lease
 from chat_service.storage.migrate import alembic_config, upgrade_to_head
 from chat_service.storage.models import Base, ChatRow, MessageRow
-from chat_service.storage.sql import TITLE_MAX_CHARS, SqlConversationStore, open_sql_store, title_from_content
+from chat_service.storage.sql import (
+    TITLE_MAX_CHARS,
+    SqlConversationStore,
+    SqlJobStore,
+    open_sql_store,
+    title_from_content,
+)
 from chatmesh.common.errors import NotFound
 from tests.support.databases import fresh_postgres_database
 
@@ -63,6 +69,12 @@ async def store(
         open_sql_store(url, migrate=True) as pg_store,
     ):
         yield pg_store
+
+
+@pytest.fixture
+def jobs(store: SqlConversationStore) -> SqlJobStore:
+    """The job store on the same database."""
+    return SqlJobStore(store.database)
 
 
 @pytest.fixture
@@ -622,64 +634,66 @@ def job_request(user: str, chat_id: uuid.UUID, message: Message) -> JobRequest:
 
 
 async def test_a_job_is_created_once_per_message_and_read_only_by_its_owner(
-    store: SqlConversationStore, new_user: Callable[[], str]
+    store: SqlConversationStore, jobs: SqlJobStore, new_user: Callable[[], str]
 ) -> None:
     user, other = new_user(), new_user()
     chat_id = await new_chat(store, user)
     message, _ = await store.add_user_message(user, chat_id, "later, please", NOT_COUNTED, "req-1")
-    job, created = await store.create_job(job_request(user, chat_id, message))
-    again, created_again = await store.create_job(job_request(user, chat_id, message))
+    job, created = await jobs.create_job(job_request(user, chat_id, message))
+    again, created_again = await jobs.create_job(job_request(user, chat_id, message))
     assert (created, created_again) == (True, False)
     assert again == job
     assert (job.state, job.attempts, job.error) == (JobState.QUEUED, 0, None)
     assert job.request == job_request(user, chat_id, message)
 
-    assert await store.get_job(user, job.id) == job
+    assert await jobs.get_job(user, job.id) == job
     with pytest.raises(NotFound):
-        await store.get_job(other, job.id)
+        await jobs.get_job(other, job.id)
     with pytest.raises(NotFound):
         # Nobody can queue a job on another user's message.
-        await store.create_job(job_request(other, chat_id, message))
+        await jobs.create_job(job_request(other, chat_id, message))
 
-    await store.update_job(job.id, JobState.FAILED, 3, "the engine kept failing")
-    failed = await store.get_job(user, job.id)
+    await jobs.update_job(job.id, JobState.FAILED, 3, "the engine kept failing")
+    failed = await jobs.get_job(user, job.id)
     assert (failed.state, failed.attempts, failed.error) == (JobState.FAILED, 3, "the engine kept failing")
     assert failed.updated_at >= job.updated_at
-    assert await store.load_job(job.id) == failed
+    assert await jobs.load_job(job.id) == failed
 
 
 @pytest.mark.parametrize("seed", [0, 2**63 - 1, 2**63, 2**64 - 1])
 async def test_a_job_keeps_any_uint64_seed(
-    store: SqlConversationStore, new_user: Callable[[], str], seed: int
+    store: SqlConversationStore, jobs: SqlJobStore, new_user: Callable[[], str], seed: int
 ) -> None:
     """The contract's seed is uint64; both databases' integers are signed 64-bit."""
     user = new_user()
     chat_id = await new_chat(store, user)
     message, _ = await store.add_user_message(user, chat_id, "seeded", NOT_COUNTED, None)
-    job, _ = await store.create_job(dataclasses.replace(job_request(user, chat_id, message), seed=seed))
-    assert (await store.get_job(user, job.id)).request.seed == seed
-    assert (await store.load_job(job.id)) == job
+    job, _ = await jobs.create_job(dataclasses.replace(job_request(user, chat_id, message), seed=seed))
+    assert (await jobs.get_job(user, job.id)).request.seed == seed
+    assert (await jobs.load_job(job.id)) == job
 
 
-async def test_jobs_die_with_their_chat(store: SqlConversationStore, new_user: Callable[[], str]) -> None:
+async def test_jobs_die_with_their_chat(
+    store: SqlConversationStore, jobs: SqlJobStore, new_user: Callable[[], str]
+) -> None:
     user = new_user()
     chat_id = await new_chat(store, user)
     message, _ = await store.add_user_message(user, chat_id, "later, please", NOT_COUNTED, None)
-    job, _ = await store.create_job(job_request(user, chat_id, message))
+    job, _ = await jobs.create_job(job_request(user, chat_id, message))
     await store.delete_chat(user, chat_id)
-    assert await store.load_job(job.id) is None
+    assert await jobs.load_job(job.id) is None
 
 
 async def test_a_discarded_job_leaves_no_unanswered_message(
-    store: SqlConversationStore, new_user: Callable[[], str]
+    store: SqlConversationStore, jobs: SqlJobStore, new_user: Callable[[], str]
 ) -> None:
     user = new_user()
     chat_id = await new_chat(store, user)
     kept = await add_turns(store, user, chat_id, 1)
     message, _ = await store.add_user_message(user, chat_id, "refused", NOT_COUNTED, "req-2")
-    job, _ = await store.create_job(job_request(user, chat_id, message))
-    await store.discard_job(job)
-    assert await store.load_job(job.id) is None
+    job, _ = await jobs.create_job(job_request(user, chat_id, message))
+    await jobs.discard_job(job)
+    assert await jobs.load_job(job.id) is None
     assert [m.id for m in await store.history(user, chat_id)] == [m.id for m in kept]
     # The same request can be submitted again from scratch.
     again, created = await store.add_user_message(user, chat_id, "refused", NOT_COUNTED, "req-2")

@@ -23,7 +23,7 @@ from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-unty
 
 from chat_service.domain import HistoryStrategy, JobRequest, JobState
 from chat_service.storage.base import Lease, LimitReached
-from chat_service.storage.sql import SqlConversationStore, open_sql_store
+from chat_service.storage.sql import SqlConversationStore, SqlJobStore, open_sql_store
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.errors import STATUS_DETAILS_METADATA_KEY
@@ -115,6 +115,7 @@ async def test_a_retry_shares_the_slot_of_its_first_attempt(
 async def test_jobs_beyond_the_limit_are_refused_but_a_retry_is_not(
     store: SqlConversationStore, new_user: Callable[[], str]
 ) -> None:
+    jobs = SqlJobStore(store.database)
     alice, bob = new_user(), new_user()
     chat, _ = await store.create_chat(alice, "", "", HistoryStrategy.FULL)
 
@@ -122,7 +123,7 @@ async def test_jobs_beyond_the_limit_are_refused_but_a_retry_is_not(
         message, _ = await store.add_user_message(user, chat_id, "question", 1, None)
         request = JobRequest(user, chat_id, message.id, None, None, None, None, True)
         try:
-            await store.create_job(request, max_active=2)
+            await jobs.create_job(request, max_active=2)
         except LimitReached as reached:
             assert reached.active == 2
             return message.id, request, False
@@ -131,18 +132,18 @@ async def test_jobs_beyond_the_limit_are_refused_but_a_retry_is_not(
     results = await asyncio.gather(*(submit(alice, chat.id) for _ in range(6)))
     accepted = [request for _, request, ok in results if ok]
     assert len(accepted) == 2, "exactly the limit, however the submissions interleave"
-    job, created = await store.create_job(accepted[0], max_active=2)
+    job, created = await jobs.create_job(accepted[0], max_active=2)
     assert not created, "a retry of an accepted job gets it back, not a refusal"
     bobs_chat, _ = await store.create_chat(bob, "", "", HistoryStrategy.FULL)
     assert (await submit(bob, bobs_chat.id))[2]
 
     refused = next(message_id for message_id, _, ok in results if not ok)
-    await store.discard_question(alice, refused)
+    await jobs.discard_question(alice, refused)
     assert await store.chat_of_message(alice, accepted[0].user_message_id) == chat.id, "a job's stays"
     with pytest.raises(Exception, match="not found"):
         await store.chat_of_message(alice, refused)
 
-    await store.update_job(job.id, JobState.SUCCEEDED, 1)
+    await jobs.update_job(job.id, JobState.SUCCEEDED, 1)
     assert (await submit(alice, chat.id))[2], "a finished job no longer counts"
 
 
