@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 # llama-cpp-python compiles from source (about 8 minutes on 2 cores; pip caches the wheel afterwards).
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
-SRC := chatmesh chat_service inference_service embedding_service tests benchmarks tools
+SRC := chatmesh envoy/gateway chat_service inference_service embedding_service tests benchmarks tools
 
 .PHONY: install install-test run test test-fast lint format protos protos-check buf-lint bench clean
 
@@ -87,7 +87,7 @@ buf-lint: install-test
 	$(PY) tools/protos.py --buf-image build/buf-image.binpb
 	$(BUF) lint build/buf-image.binpb --config protos/buf.yaml --path chatmesh
 
-## Every benchmark behind the figures in docs/benchmarks.md (needs PostgreSQL; gateway.py needs wrk, h2load).
+## Every benchmark behind the figures in docs/benchmarks.md (needs PostgreSQL; gateway_overhead.py needs wrk, h2load).
 bench: install-test
 	$(PY) benchmarks/llama_build.py
 	$(PY) benchmarks/inference_relay.py
@@ -105,7 +105,7 @@ bench: install-test
 	$(PY) benchmarks/prefix_reuse.py
 	$(PY) benchmarks/mesh_concurrency.py
 	$(PY) benchmarks/storage_queries.py
-	$(PY) benchmarks/gateway.py
+	$(PY) benchmarks/gateway_overhead.py
 	$(PY) benchmarks/load_test.py
 
 clean:

@@ -41,7 +41,7 @@ from engine_concurrency import (
     row,
 )  # a sibling script: this folder is on the path
 
-from chatmesh.gateway import GatewaySettings, run_envoy
+from gateway import GatewaySettings, run_envoy
 from inference_service.prompt import Role, Turn
 from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database

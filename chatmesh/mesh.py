@@ -25,7 +25,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from chatmesh.common.loopback import is_loopback_host
 from chatmesh.common.private_files import keep_files_private, open_private, private_directory
 from chatmesh.common.subprocesses import terminate, wait_or_kill
-from chatmesh.gateway import EnvoyProcess, GatewaySettings, run_envoy
+from gateway import EnvoyProcess, GatewaySettings, run_envoy
 
 RUN_DIR = Path(".run")
 """The mesh's working directory (relative to where it runs): secrets, database, logs; mode 0700."""

@@ -1,5 +1,5 @@
 """Generate (or check) the Python stubs, Envoy's descriptor set and the REST API's OpenAPI document
-(`chatmesh/gateway/data/openapi.json`) from `protos/`.
+(`envoy/gateway/data/openapi.json`) from `protos/`.
 
     python tools/protos.py            # regenerate into the repository (deleting stubs of removed protos)
     python tools/protos.py --check    # fail when the committed output differs from a fresh generation,
@@ -26,15 +26,17 @@ from google.protobuf import descriptor_pb2
 from grpc_tools import protoc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# The gateway package (import name `gateway`) lives in envoy/.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "envoy"))
 
-from chatmesh.gateway.api import PUBLIC_SERVICES
-from chatmesh.gateway.openapi import openapi_document
+from gateway.api import PUBLIC_SERVICES
+from gateway.openapi import openapi_document
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 # Envoy's descriptor set is package data of the gateway, so that an installed chatmesh runs it.
-DESCRIPTOR_SET = Path("chatmesh") / "gateway" / "data" / "chatmesh.pb"
-OPENAPI_DOCUMENT = Path("chatmesh") / "gateway" / "data" / "openapi.json"
+DESCRIPTOR_SET = Path("envoy") / "gateway" / "data" / "chatmesh.pb"
+OPENAPI_DOCUMENT = Path("envoy") / "gateway" / "data" / "openapi.json"
 GENERATED_PACKAGE = Path("chatmesh")
 """Where the Python stubs go; any `*_pb2*.py[i]` under it that a fresh generation lacks is stale."""
 GENERATED_PATTERNS = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")

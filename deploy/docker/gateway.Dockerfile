@@ -8,6 +8,8 @@ RUN python -m venv /opt/chatmesh
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY chatmesh chatmesh
+# The gateway package (import name `gateway`): config rendering, descriptor set, web page.
+COPY envoy envoy
 COPY chat_service chat_service
 COPY inference_service inference_service
 COPY embedding_service embedding_service
@@ -29,4 +31,4 @@ ENV PATH=/opt/chatmesh/bin:$PATH \
 USER 10001
 WORKDIR /home/chatmesh
 EXPOSE 8080 9104
-ENTRYPOINT ["python", "-m", "chatmesh.gateway"]
+ENTRYPOINT ["python", "-m", "gateway"]

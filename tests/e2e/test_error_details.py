@@ -19,7 +19,7 @@ import pytest
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.errors import InvalidArgument, error_from_rpc
-from chatmesh.gateway import GatewaySettings, run_envoy
+from gateway import GatewaySettings, run_envoy
 from tests.support.chat import TEST_SECRET, auth, token_for
 from tests.support.processes import free_port, run_service
 

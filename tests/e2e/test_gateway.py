@@ -31,11 +31,11 @@ from chat_service.storage.sql import open_sql_store
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.auth import JwtKeys, issue_token
-from chatmesh.gateway import EnvoyProcess, GatewaySettings, render_envoy_config, run_envoy, validate_config
-from chatmesh.gateway.api import default_descriptor_path
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.keygen import write_rs256_key_pair
+from gateway import EnvoyProcess, GatewaySettings, render_envoy_config, run_envoy, validate_config
+from gateway.api import default_descriptor_path
 from tests.support.chat import TEST_SECRET, ChatClient, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
@@ -728,7 +728,7 @@ def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(
     source, target, elsewhere = tmp_path / "source", tmp_path / "site", tmp_path / "cwd"
     root = Path(__file__).resolve().parents[2]
     ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", "build")
-    for name in ("chatmesh", "chat_service", "inference_service", "embedding_service"):
+    for name in ("chatmesh", "envoy", "chat_service", "inference_service", "embedding_service"):
         shutil.copytree(root / name, source / name, ignore=ignore)
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(root / name, source / name)
@@ -749,7 +749,7 @@ def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(
 
     def gateway(*args: str) -> str:
         return subprocess.run(
-            [sys.executable, "-m", "chatmesh.gateway", *args],
+            [sys.executable, "-m", "gateway", *args],
             cwd=elsewhere,
             env=env,
             capture_output=True,
@@ -758,7 +758,7 @@ def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(
             timeout=120,
         ).stdout
 
-    packaged = target / "chatmesh" / "gateway" / "data" / "chatmesh.pb"
+    packaged = target / "gateway" / "data" / "chatmesh.pb"
     assert packaged.is_file(), "the descriptor set is package data"
     assert str(packaged) in gateway("--print"), "the installed gateway transcodes with its own copy"
     assert "OK" in gateway("--validate", "--workdir", str(tmp_path / "work"))

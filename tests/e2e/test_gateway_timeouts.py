@@ -15,7 +15,7 @@ import pytest
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
-from chatmesh.gateway import EnvoyProcess, GatewaySettings, run_envoy
+from gateway import EnvoyProcess, GatewaySettings, run_envoy
 from tests.support.chat import TEST_SECRET, auth, token_for
 from tests.support.processes import LoggedProcess, free_port, run_service
 from tests.support.services import chat_env

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatmesh.gateway import run_envoy
+from gateway import run_envoy
 from tests.e2e.test_gateway import bearer, gateway_settings, host_stats, new_user
 from tests.support.databases import PrivatePostgres, fresh_postgres_database, private_postgres
 from tests.support.processes import free_port, run_service

@@ -19,7 +19,7 @@ import pytest
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
-from chatmesh.gateway import EnvoyProcess, run_envoy
+from gateway import EnvoyProcess, run_envoy
 from tests.e2e.test_gateway import bearer, gateway_settings, post_stream, upstream_requests
 from tests.support.chat import auth
 from tests.support.databases import fresh_postgres_database

@@ -32,7 +32,7 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 
-from chatmesh.gateway import EnvoyProcess, run_envoy
+from gateway import EnvoyProcess, run_envoy
 from tests.e2e.test_gateway import gateway_settings
 from tests.support.chat import token_for
 from tests.support.databases import fresh_postgres_database

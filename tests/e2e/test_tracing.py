@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from chatmesh.gateway import run_envoy
+from gateway import run_envoy
 from tests.e2e.test_gateway import bearer, gateway_settings, new_user
 from tests.support.otlp import ReceivedSpan, run_trace_receiver
 from tests.support.processes import free_port, log_entries, run_service

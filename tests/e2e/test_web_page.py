@@ -24,7 +24,7 @@ from chat_service.domain import FinishReason, HistoryStrategy
 from chat_service.storage.base import Lease
 from chat_service.storage.sql import open_sql_store
 from chatmesh.common.auth import DEV_SECRET_FILE
-from chatmesh.gateway import EnvoyProcess, run_envoy
+from gateway import EnvoyProcess, run_envoy
 from tests.e2e.test_gateway import gateway_settings
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service

@@ -17,7 +17,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from chatmesh.gateway import GatewaySettings, build_envoy_config
+from gateway import GatewaySettings, build_envoy_config
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKER = ROOT / "deploy" / "docker"

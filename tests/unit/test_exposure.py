@@ -10,9 +10,9 @@ import pytest
 
 from chat_service.dev_sign_in import is_local_caller, peer_host
 from chatmesh.common.loopback import PEER_ADDRESS_HEADER, is_loopback_host
-from chatmesh.gateway import GatewaySettings, build_envoy_config
-from chatmesh.gateway.config import ADMIN_CLUSTER, LOOPBACK_PREFIXES
 from chatmesh.mesh import MeshSettings, check_exposure, plan
+from gateway import GatewaySettings, build_envoy_config
+from gateway.config import ADMIN_CLUSTER, LOOPBACK_PREFIXES
 
 SECRET = "s" * 40
 

@@ -24,10 +24,10 @@ from google.api import annotations_pb2
 from google.protobuf import descriptor_pb2
 
 from chatmesh.common.auth import JwtKeys, issue_token, verify_token
-from chatmesh.gateway import GatewaySettings, ServiceApi, build_envoy_config, default_descriptor_path, jwks
-from chatmesh.gateway.api import template_regex
-from chatmesh.gateway.config import WEB_DIRECTORY
 from chatmesh.keygen import write_hs256_secret, write_rs256_key_pair
+from gateway import GatewaySettings, ServiceApi, build_envoy_config, default_descriptor_path, jwks
+from gateway.api import template_regex
+from gateway.config import WEB_DIRECTORY
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "gateway_envoy.json"
 UPDATE_GOLDEN = os.environ.get("CHATMESH_UPDATE_GOLDEN") == "1"

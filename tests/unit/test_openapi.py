@@ -1,4 +1,4 @@
-"""The OpenAPI document of the REST API (chatmesh/gateway/data/openapi.json, written by `make protos`
+"""The OpenAPI document of the REST API (envoy/gateway/data/openapi.json, written by `make protos`
 from the descriptor set): a valid OpenAPI 3.1 document that describes every REST binding of the service."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from openapi_spec_validator import validate
 
 from chat_service import openai_api
 from chat_service import validation as service_rules
-from chatmesh.gateway import openapi
-from chatmesh.gateway.api import ServiceApi, default_descriptor_path
-from chatmesh.gateway.openapi import ACCEPTED, openapi_document
+from gateway import openapi
+from gateway.api import ServiceApi, default_descriptor_path
+from gateway.openapi import ACCEPTED, openapi_document
 
 DOCUMENT = default_descriptor_path().parent / "openapi.json"
 

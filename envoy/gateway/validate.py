@@ -7,8 +7,8 @@ import subprocess
 from pathlib import Path
 
 from chatmesh.common.private_files import private_directory, write_private
-from chatmesh.gateway.config import render_envoy_config
-from chatmesh.gateway.settings import GatewaySettings
+from gateway.config import render_envoy_config
+from gateway.settings import GatewaySettings
 
 
 def envoy_binary(settings: GatewaySettings | None = None) -> Path:

@@ -11,7 +11,7 @@
 4. Baseline: the same call as gRPC straight at the replicas with `h2load` (no Envoy), to show which part
    of the machine sets the ceiling.
 
-    .venv/bin/python benchmarks/gateway.py [--iterations 1000] [--stream-runs 5] [--load-seconds 12]
+    .venv/bin/python benchmarks/gateway_overhead.py [--iterations 1000] [--stream-runs 5] [--load-seconds 12]
 
 It creates a throw-away PostgreSQL database on 127.0.0.1:5432, starts the inference service, the chat
 replicas and Envoy on free ports, and needs `wrk` and `h2load` on PATH for parts 3 and 4
@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.client import NO_RETRY, AsyncChatClient, Delta, Finished
-from chatmesh.gateway import EnvoyProcess, GatewaySettings, run_envoy
+from gateway import EnvoyProcess, GatewaySettings, run_envoy
 from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service

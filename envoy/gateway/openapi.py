@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 
-from chatmesh.gateway.api import OPENAI_SERVICE, PUBLIC_SERVICES, ServiceApi, http_rule
+from gateway.api import OPENAI_SERVICE, PUBLIC_SERVICES, ServiceApi, http_rule
 
 FieldProto = descriptor_pb2.FieldDescriptorProto
 

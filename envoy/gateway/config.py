@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from chatmesh.common.auth import JwtKeys
 from chatmesh.common.errors import OPENAI_ERROR_TYPES
 from chatmesh.common.loopback import PEER_ADDRESS_HEADER
-from chatmesh.gateway.api import (
+from gateway.api import (
     CHAT_SERVICE,
     DEV_SIGN_IN_SERVICE,
     PUBLIC_SERVICES,
@@ -42,7 +42,7 @@ from chatmesh.gateway.api import (
     ServiceApi,
     default_descriptor_path,
 )
-from chatmesh.gateway.settings import GatewaySettings, split_host_port
+from gateway.settings import GatewaySettings, split_host_port
 
 USER_HEADER = "x-chatmesh-user"
 """Request header carrying the verified token subject, for the per-user rate limit. jwt_authn strips any

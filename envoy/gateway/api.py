@@ -36,10 +36,10 @@ _VERBS = ("get", "put", "post", "delete", "patch")
 
 
 def default_descriptor_path() -> Path:
-    """The descriptor set shipped in this package (`chatmesh/gateway/data/chatmesh.pb`).
+    """The descriptor set shipped in this package (`envoy/gateway/data/chatmesh.pb` in the source tree).
 
     A real file on disk in a source tree and in any pip install (Envoy reads it by path)."""
-    resource = importlib.resources.files(__package__ or "chatmesh.gateway").joinpath(DESCRIPTOR_RESOURCE)
+    resource = importlib.resources.files(__package__ or "gateway").joinpath(DESCRIPTOR_RESOURCE)
     return Path(str(resource))
 
 

@@ -8,14 +8,14 @@ The parts, each in its own module:
 - `config`: the Envoy bootstrap rendered from both;
 - `validate`: the Envoy binary and `envoy --mode validate`;
 - `process`: running Envoy (`run_envoy`) and reading its admin interface;
-- `cli`: `python -m chatmesh.gateway [--print | --validate]`.
+- `cli`: `python -m gateway [--print | --validate]`.
 """
 
-from chatmesh.gateway.api import CHAT_SERVICE, ServiceApi, default_descriptor_path
-from chatmesh.gateway.config import USER_HEADER, build_envoy_config, jwks, render_envoy_config
-from chatmesh.gateway.process import EnvoyProcess, run_envoy
-from chatmesh.gateway.settings import GatewaySettings
-from chatmesh.gateway.validate import envoy_binary, validate_config, validate_settings
+from gateway.api import CHAT_SERVICE, ServiceApi, default_descriptor_path
+from gateway.config import USER_HEADER, build_envoy_config, jwks, render_envoy_config
+from gateway.process import EnvoyProcess, run_envoy
+from gateway.settings import GatewaySettings
+from gateway.validate import envoy_binary, validate_config, validate_settings
 
 __all__ = [
     "CHAT_SERVICE",

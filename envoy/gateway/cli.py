@@ -1,8 +1,8 @@
-"""`python -m chatmesh.gateway`: run, print or validate the gateway for `CHATMESH_GATEWAY_*` settings.
+"""`python -m gateway`: run, print or validate the gateway for `CHATMESH_GATEWAY_*` settings.
 
-python -m chatmesh.gateway                 # run Envoy with CHATMESH_GATEWAY_* settings
-python -m chatmesh.gateway --print         # print the rendered config
-python -m chatmesh.gateway --validate      # render, then `envoy --mode validate`
+python -m gateway              # run Envoy with CHATMESH_GATEWAY_* settings
+python -m gateway --print      # print the rendered config
+python -m gateway --validate   # render, then `envoy --mode validate`
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import sys
 from pathlib import Path
 
 from chatmesh.common.private_files import keep_files_private
-from chatmesh.gateway.config import render_envoy_config
-from chatmesh.gateway.process import serve
-from chatmesh.gateway.settings import GatewaySettings
-from chatmesh.gateway.validate import validate_settings
+from gateway.config import render_envoy_config
+from gateway.process import serve
+from gateway.settings import GatewaySettings
+from gateway.validate import validate_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `python -m chatmesh.gateway`; returns the exit code."""
+    """Entry point of `python -m gateway`; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m chatmesh.gateway",
+        prog="python -m gateway",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -45,6 +45,6 @@ def main(argv: list[str] | None = None) -> int:
         keep_files_private()  # Envoy's config holds the JWT secret; its log, callers' addresses
         asyncio.run(serve(settings, args.workdir))
     except (ValueError, RuntimeError, OSError) as exc:
-        print(f"chatmesh.gateway: {exc}", file=sys.stderr)
+        print(f"gateway: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -60,7 +60,7 @@ class GatewaySettings(BaseSettings):
     rate_limit_burst: int = Field(40, ge=1, description="requests a user may make at once")
     rate_limit_max_users: int = Field(10_000, ge=1, description="users with a live bucket (LRU beyond)")
 
-    # The web page at / (static files of chatmesh/gateway/web), and the dev sign-in it uses under `make run`.
+    # The web page at / (static files of envoy/gateway/web), and the dev sign-in it uses under `make run`.
     web_page: bool = Field(True, description="serve the chat web page at /")
     dev_sign_in: bool = Field(
         False,

@@ -16,9 +16,9 @@ from pathlib import Path
 from chatmesh.common.loopback import is_loopback_host
 from chatmesh.common.private_files import open_private, private_directory, write_private
 from chatmesh.common.subprocesses import terminate
-from chatmesh.gateway.config import render_envoy_config
-from chatmesh.gateway.settings import GatewaySettings, split_host_port
-from chatmesh.gateway.validate import envoy_binary
+from gateway.config import render_envoy_config
+from gateway.settings import GatewaySettings, split_host_port
+from gateway.validate import envoy_binary
 
 # The admin interface is local: never send its requests through an HTTP proxy from the environment.
 _ADMIN_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
