@@ -251,6 +251,14 @@ def test_compose_runs_the_whole_mesh_on_one_gpu_host_from_files_that_exist() -> 
     assert gateway == [f"chat-1:{SERVICES['chat']}", f"chat-2:{SERVICES['chat']}"]
     triton = services["inference"]["environment"]["CHATMESH_INFERENCE_TRITON_URL"]
     assert triton.split(":")[0] in services
+    # The service tokenizes prompts with the tokenizer Triton's postprocessing decodes with.
+    tokenizer = services["inference"]["environment"]["CHATMESH_INFERENCE_TRITON_TOKENIZER"]
+    (mount,) = (v for v in services["inference"]["volumes"] if v.split(":")[1] == tokenizer)
+    (models,) = (v for v in services["triton"]["volumes"] if v.split(":")[1] == "/models")
+    postprocessing = (ROOT / "deploy" / "triton" / "postprocessing" / "config.pbtxt").read_text()
+    tokenizer_dir = re.search(r'"tokenizer_dir" value: \{ string_value: "([^"]+)"', postprocessing)
+    assert tokenizer_dir is not None
+    assert mount.split(":")[0] == models.split(":")[0] + tokenizer_dir[1].removeprefix("/models")
     # Prometheus scrapes every service's metrics port under its compose name.
     scrape = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     targets = {t for job in scrape["scrape_configs"] for c in job["static_configs"] for t in c["targets"]}
