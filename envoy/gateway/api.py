@@ -29,6 +29,10 @@ DEV_SIGN_IN_SERVICE = "chatmesh.dev.v1.DevSignInService"
 """Tokens without a password for `make run`'s web page: exposed (without a token) only when the gateway's
 `dev_sign_in` setting says so, and never described in the OpenAPI document."""
 
+ACCEPTED = frozenset({"SubmitCompletion"})
+"""Methods (by name) whose REST success is 202 Accepted, as asynchronous work answers: the gateway's Lua
+sets the status (the transcoder can only say 200), and the OpenAPI document says so."""
+
 DESCRIPTOR_RESOURCE = "data/chatmesh.pb"
 """The descriptor set inside this package (written by `tools/protos.py`, shipped as package data)."""
 
@@ -139,6 +143,20 @@ class ServiceApi:
         for method in self.methods:
             yield from method.bindings
 
+    def accepted_bindings(self) -> tuple[RestBinding, ...]:
+        """The REST bindings of the `ACCEPTED` methods (answered 202 over REST)."""
+        return tuple(b for m in self.methods if m.name in ACCEPTED for b in m.bindings)
+
+    def rest_roots(self, service: str) -> tuple[str, ...]:
+        """`/v1/`: the first segment of each REST path of `service`, as a path prefix, each once."""
+        roots = (
+            f"/{b.template.lstrip('/').split('/')[0]}/"
+            for m in self.methods
+            if m.service == service
+            for b in m.bindings
+        )
+        return tuple(dict.fromkeys(roots))
+
     def endpoint_summary(self) -> str:
         """`POST /chat, POST /chat/{chat_id}/completion, ...`: the REST API in one line."""
         return ", ".join(f"{b.verb} {b.template}" for b in self.bindings())
@@ -184,17 +202,25 @@ def template_regex(template: str) -> str:
     `*` and `{var}` / `{var=*}` match one segment, `**` and `{var=**}` any number; a `:verb` suffix is
     literal. Like the transcoder, a trailing slash is accepted.
     """
+    segments, verb = template_segments(template)
+    body = "/" + "/".join(_wildcard(segment) for segment in segments)
+    suffix = re.escape(":" + verb) if verb else ""
+    return f"^{body}{suffix}/?$"
+
+
+def template_segments(template: str) -> tuple[list[str], str]:
+    """A `google.api.http` path template as its segments and its `:verb` (or ""): each variable replaced
+    by its pattern's segments, so that a segment is `*` (any one segment), `**` (any number) or a literal.
+    """
     path, verb = _split_verb(template)
-    parts: list[str] = []
+    segments: list[str] = []
     for segment in _segments(path):
         if segment.startswith("{") and segment.endswith("}"):
             _, _, sub = segment[1:-1].partition("=")
-            parts.extend(_wildcard(s) for s in (sub or "*").split("/"))
+            segments.extend((sub or "*").split("/"))
         else:
-            parts.append(_wildcard(segment))
-    body = "/" + "/".join(parts)
-    suffix = re.escape(":" + verb) if verb else ""
-    return f"^{body}{suffix}/?$"
+            segments.append(segment)
+    return segments, verb
 
 
 def _wildcard(segment: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 
 from google.protobuf import descriptor_pb2
 
-from gateway.api import OPENAI_SERVICE, PUBLIC_SERVICES, ServiceApi, http_rule
+from gateway.api import ACCEPTED, OPENAI_SERVICE, PUBLIC_SERVICES, ServiceApi, http_rule
 
 FieldProto = descriptor_pb2.FieldDescriptorProto
 
@@ -327,9 +327,6 @@ LINKS: dict[str, dict[str, dict[str, Any]]] = {
 }
 """OpenAPI links of each operation's success reply, by operationId: where the ids a reply holds (a new
 chat, a job, the next page) can be used next."""
-
-ACCEPTED = {"SubmitCompletion"}
-"""Operations whose REST success is 202 Accepted (asynchronous work; the gateway's Lua sets it)."""
 
 REQUIRED_FIELDS: dict[str, list[str]] = {
     ".chatmesh.chat.v1.CompleteRequest": ["content"],

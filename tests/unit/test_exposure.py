@@ -12,7 +12,8 @@ from chat_service.dev_sign_in import is_local_caller, peer_host
 from chatmesh.common.loopback import PEER_ADDRESS_HEADER, is_loopback_host
 from chatmesh.mesh import MeshSettings, check_exposure, plan
 from gateway import GatewaySettings, build_envoy_config
-from gateway.config import ADMIN_CLUSTER, LOOPBACK_PREFIXES
+from gateway.filters import LOOPBACK_PREFIXES
+from gateway.metrics import ADMIN_CLUSTER
 
 SECRET = "s" * 40
 

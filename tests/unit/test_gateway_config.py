@@ -26,8 +26,9 @@ from google.protobuf import descriptor_pb2
 from chatmesh.common.auth import JwtKeys, issue_token, verify_token
 from chatmesh.keygen import write_hs256_secret, write_rs256_key_pair
 from gateway import GatewaySettings, ServiceApi, build_envoy_config, default_descriptor_path, jwks
-from gateway.api import template_regex
-from gateway.config import WEB_DIRECTORY
+from gateway.api import OPENAI_SERVICE, Method, RestBinding, template_regex
+from gateway.rest_errors import lua_pattern, lua_tables
+from gateway.routes import WEB_DIRECTORY
 
 GOLDEN = Path(__file__).resolve().parent.parent / "golden" / "gateway_envoy.json"
 UPDATE_GOLDEN = os.environ.get("CHATMESH_UPDATE_GOLDEN") == "1"
@@ -215,6 +216,43 @@ def test_path_templates_become_anchored_regexes(template: str, matches: list[str
     regex = re.compile(template_regex(template))
     assert all(regex.match(path) for path in matches), (template, regex.pattern)
     assert not any(regex.match(path) for path in misses), (template, regex.pattern)
+
+
+@pytest.mark.parametrize(
+    ("template", "pattern"),
+    [
+        ("/chat/{chat_id}/jobs", "^/chat/[^/?]+/jobs/?$"),
+        ("/v1/{name=shelves/*}/books", "^/v1/shelves/[^/?]+/books/?$"),
+        ("/files/{path=**}", "^/files/[^?]*/?$"),
+        ("/things/{id}:watch", "^/things/[^/?]+:watch/?$"),
+        ("/a.b-c/*", "^/a%.b%-c/[^/?]+/?$"),
+    ],
+)
+def test_path_templates_become_anchored_lua_patterns(template: str, pattern: str) -> None:
+    # Lua patterns see the request's own path, query string included: a variable stops at `?` too.
+    assert lua_pattern(template) == pattern
+
+
+def test_the_lua_filter_takes_the_job_and_openai_paths_from_the_api() -> None:
+    real = lua_tables(ServiceApi.load(default_descriptor_path()))
+    assert '  {"POST", "^/chat/[^/?]+/jobs/?$"},\n' in real, real
+    assert 'local OPENAI_ROOTS = {\n  "/v1/",\n}' in real, real
+    chat = "chatmesh.chat.v1.ChatService"
+    other = ServiceApi(
+        (chat, OPENAI_SERVICE),
+        (
+            Method(
+                chat, "SubmitCompletion", f"/{chat}/SubmitCompletion", False, (RestBinding("PUT", "/q/{id}"),)
+            ),
+            Method(chat, "GetJob", f"/{chat}/GetJob", False, (RestBinding("GET", "/q/{id}"),)),
+            Method(
+                OPENAI_SERVICE, "M", f"/{OPENAI_SERVICE}/M", False, (RestBinding("GET", "/compat/models"),)
+            ),
+        ),
+    )
+    tables = lua_tables(other)
+    assert 'local ACCEPTED = {\n  {"PUT", "^/q/[^/?]+/?$"},\n}' in tables, tables
+    assert 'local OPENAI_ROOTS = {\n  "/compat/",\n}' in tables, tables
 
 
 def _b64url_int(text: str) -> int:

@@ -12,8 +12,8 @@ from openapi_spec_validator import validate
 from chat_service import openai_api
 from chat_service import validation as service_rules
 from gateway import openapi
-from gateway.api import ServiceApi, default_descriptor_path
-from gateway.openapi import ACCEPTED, openapi_document
+from gateway.api import ACCEPTED, ServiceApi, default_descriptor_path
+from gateway.openapi import openapi_document
 
 DOCUMENT = default_descriptor_path().parent / "openapi.json"
 
