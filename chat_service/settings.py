@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from chat_service.domain import HistoryStrategy
-from chatmesh.common.auth import DEV_SECRET_FILE, JwtKeys, load_or_create_secret
+from chatmesh.common.auth import DEV_SECRET_FILE
+from chatmesh.common.auth_settings import JwtSettings
 from chatmesh.common.settings import ServiceSettings
 
 
-class ChatSettings(ServiceSettings):
+class ChatSettings(ServiceSettings, JwtSettings):
     """Everything the chat service can be configured with."""
 
     model_config = SettingsConfigDict(env_prefix="CHATMESH_CHAT_")
@@ -152,25 +152,13 @@ class ChatSettings(ServiceSettings):
     summary_min_messages_to_fold: int = Field(2, ge=1)
     summary_max_tokens: int = Field(160, ge=16)
 
-    # Identity: HS256 with a shared secret (inline or in a file) or RS256 with a public key file.
-    jwt_secret: str | None = None
-    jwt_secret_file: Path | None = Field(DEV_SECRET_FILE, description="created on first use if missing")
-    jwt_public_key_file: Path | None = None
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
+    # Identity: the JWT_* settings of `JwtSettings`, which the gateway shares. The dev sign-in is the chat
+    # service's own: it signs tokens, which needs the secret the mesh made itself.
     dev_sign_in: bool = Field(
         False,
         description="serve POST /dev/sign-in (a token for any user name, for the web page of `make run`);"
         " only with the mesh's own dev secret, never with a configured key",
     )
-
-    def uses_dev_secret(self) -> bool:
-        """Whether tokens are checked with the mesh's own dev secret (no key configured)."""
-        return (
-            self.jwt_public_key_file is None
-            and not self.jwt_secret
-            and self.jwt_secret_file == DEV_SECRET_FILE
-        )
 
     @model_validator(mode="after")
     def _dev_sign_in_only_with_the_dev_secret(self) -> ChatSettings:
@@ -182,19 +170,3 @@ class ChatSettings(ServiceSettings):
                 " unset CHATMESH_CHAT_DEV_SIGN_IN"
             )
         return self
-
-    def jwt_keys(self) -> JwtKeys:
-        """The verification keys these settings describe (RS256 public key wins over a secret)."""
-        if self.jwt_public_key_file is not None:
-            return JwtKeys.rs256(
-                self.jwt_public_key_file.read_text(), None, self.jwt_issuer, self.jwt_audience
-            )
-        if self.jwt_secret:
-            return JwtKeys.hs256(self.jwt_secret, self.jwt_issuer, self.jwt_audience)
-        if self.jwt_secret_file is not None:
-            return JwtKeys.hs256(
-                load_or_create_secret(self.jwt_secret_file), self.jwt_issuer, self.jwt_audience
-            )
-        raise ValueError(
-            "no JWT key configured: set CHATMESH_CHAT_JWT_SECRET, _JWT_SECRET_FILE or _JWT_PUBLIC_KEY_FILE"
-        )

@@ -424,13 +424,9 @@ async def _gateway(
         listen_port=settings.gateway_port,
         admin_port=settings.gateway_admin_port,
         chat_addresses=[s.spec.address for s in services if s.spec.module == "chat_service"],
-        # The same key material, by the same rules: RS256 public key first, else the HS256 secret.
-        jwt_public_key_file=chat.jwt_public_key_file,
-        jwt_secret=chat.jwt_secret,
-        jwt_secret_file=chat.jwt_secret_file,
-        jwt_issuer=chat.jwt_issuer,
-        jwt_audience=chat.jwt_audience,
         dev_sign_in=dev_sign_in_on(settings),
+        # The same key material, by the same rules and with the same clock skew (`JwtSettings`).
+        **chat.jwt_settings(),
     )
     # Refuse at the edge what the one engine cannot hold (its slots and queue), fast, rather than after a
     # replica and the engine have spent work on it (docs/jobs.md, "Overload"); the gateway's own setting,

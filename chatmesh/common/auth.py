@@ -33,6 +33,12 @@ PUBLIC_SERVICES = frozenset(
 )
 
 
+JWT_LEEWAY_S = 30
+"""Seconds a token's `exp`, `nbf` and `iat` may be off (clocks drift): the default of every part's
+`JWT_CLOCK_SKEW_S` (`chatmesh.common.auth_settings.JwtSettings`), so the chat service's check and Envoy's
+at the edge accept the same tokens."""
+
+
 @dataclass(frozen=True, slots=True)
 class JwtKeys:
     """Key material and rules for tokens. Exactly one of `secret` / `public_key` verifies."""
@@ -42,15 +48,21 @@ class JwtKeys:
     sign_key: str | None = None
     issuer: str | None = None
     audience: str | None = None
-    leeway_s: float = 30.0
+    leeway_s: float = JWT_LEEWAY_S
 
     @classmethod
-    def hs256(cls, secret: str, issuer: str | None = None, audience: str | None = None) -> JwtKeys:
+    def hs256(
+        cls,
+        secret: str,
+        issuer: str | None = None,
+        audience: str | None = None,
+        leeway_s: float = JWT_LEEWAY_S,
+    ) -> JwtKeys:
         if len(secret) < 32:
             raise ValueError(
                 "the JWT secret must be at least 32 characters; generate one with `chatmesh keygen`"
             )
-        return cls("HS256", secret, secret, issuer, audience)
+        return cls("HS256", secret, secret, issuer, audience, leeway_s)
 
     @classmethod
     def rs256(
@@ -59,8 +71,9 @@ class JwtKeys:
         private_key_pem: str | None = None,
         issuer: str | None = None,
         audience: str | None = None,
+        leeway_s: float = JWT_LEEWAY_S,
     ) -> JwtKeys:
-        return cls("RS256", public_key_pem, private_key_pem, issuer, audience)
+        return cls("RS256", public_key_pem, private_key_pem, issuer, audience, leeway_s)
 
 
 def current_user() -> str:

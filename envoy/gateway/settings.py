@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
-from chatmesh.common.auth import DEV_SECRET_FILE, JwtKeys, load_or_create_secret
+from chatmesh.common.auth_settings import JwtSettings
 from chatmesh.common.loopback import is_loopback_host
 
 
-class GatewaySettings(BaseSettings):
+class GatewaySettings(JwtSettings):
     """Everything the gateway can be configured with, from `CHATMESH_GATEWAY_*` environment variables."""
 
     model_config = SettingsConfigDict(env_prefix="CHATMESH_GATEWAY_", frozen=True)
@@ -43,16 +43,8 @@ class GatewaySettings(BaseSettings):
         description="host:port of each chat replica; comma-separated in the environment",
     )
 
-    # Identity, as the chat service has it: an RS256 public key (from `chatmesh keygen`) wins; else the
-    # shared HS256 secret, inline or in the file both read.
-    jwt_public_key_file: Path | None = Field(None, description="RS256: PEM public key (chatmesh keygen)")
-    jwt_secret: str | None = None
-    jwt_secret_file: Path | None = Field(
-        DEV_SECRET_FILE, description="created on first use if missing, like the chat service"
-    )
-    jwt_issuer: str | None = None
-    jwt_audience: str | None = None
-    jwt_clock_skew_s: int = Field(30, ge=0, description="matches the chat service's leeway")
+    # Identity: the JWT_* settings of `JwtSettings`, as the chat service has them (`chatmesh run` hands its
+    # values over). The cache is the gateway's own: Envoy remembers verified tokens, the service does not.
     jwt_cache_size: int = Field(10_000, ge=1, description="verified tokens Envoy remembers")
 
     # Per-user token bucket; 0 requests per second turns the limit off.
@@ -163,24 +155,6 @@ class GatewaySettings(BaseSettings):
         for address in value:
             split_host_port(address)
         return value
-
-    def jwt_keys(self) -> JwtKeys:
-        """The verification keys these settings describe, checked by the same rules as the chat
-        service's (`chatmesh.common.auth.JwtKeys`): RS256 public key first, else the HS256 secret
-        (inline wins over the file, which is created on first use)."""
-        if self.jwt_public_key_file is not None:
-            return JwtKeys.rs256(
-                self.jwt_public_key_file.read_text(), None, self.jwt_issuer, self.jwt_audience
-            )
-        if self.jwt_secret:
-            secret = self.jwt_secret
-        elif self.jwt_secret_file is not None:
-            secret = load_or_create_secret(self.jwt_secret_file)
-        else:
-            raise ValueError(
-                "no JWT key: set CHATMESH_GATEWAY_JWT_PUBLIC_KEY_FILE, _JWT_SECRET or _JWT_SECRET_FILE"
-            )
-        return JwtKeys.hs256(secret, self.jwt_issuer, self.jwt_audience)
 
 
 def split_host_port(address: str) -> tuple[str, int]:
