@@ -20,10 +20,6 @@ class ChatSettings(ServiceSettings, JwtSettings):
     model_config = SettingsConfigDict(env_prefix="CHATMESH_CHAT_")
 
     address: str = "127.0.0.1:50051"
-    metrics_address: str | None = Field(
-        None,
-        description="host:port to serve Prometheus metrics on at /metrics (e.g. 0.0.0.0:9101); unset: off",
-    )
     database_url: str = Field(
         "sqlite+aiosqlite:///.run/chatmesh.db",
         description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db",

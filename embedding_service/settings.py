@@ -17,10 +17,6 @@ class EmbeddingSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CHATMESH_EMBEDDING_", protected_namespaces=())
 
     address: str = "127.0.0.1:50053"
-    metrics_address: str | None = Field(
-        None,
-        description="host:port to serve Prometheus metrics on at /metrics (e.g. 0.0.0.0:9103); unset: off",
-    )
     model_path: Path | None = Field(
         default=None,
         description="sentence-transformers model directory; default: the bundled all-MiniLM-L6-v2",

@@ -19,10 +19,6 @@ class InferenceSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="CHATMESH_INFERENCE_")
 
     address: str = "127.0.0.1:50052"
-    metrics_address: str | None = Field(
-        None,
-        description="host:port to serve Prometheus metrics on at /metrics (e.g. 0.0.0.0:9102); unset: off",
-    )
     backend: Literal["llama_cpp", "llama_server", "triton"] = Field(
         "llama_server",
         description="llama_server: llama.cpp's own server, many streams batched together (the default);"

@@ -1,4 +1,5 @@
-"""What every service's settings have in common: where it listens, how it logs, how long it drains.
+"""What every service's settings have in common: where it listens, how it logs, how long it drains, where
+it serves its metrics.
 
 Each service subclasses `ServiceSettings` with its own `env_prefix` (so `CHATMESH_CHAT_ADDRESS`,
 `CHATMESH_INFERENCE_LOG_LEVEL`, ...) and its own default `address`.
@@ -10,6 +11,8 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from chatmesh.common.metrics import split_address
 
 LogLevel = Literal["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"]
 
@@ -30,6 +33,19 @@ class ServiceSettings(BaseSettings):
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="on SIGTERM, how long in-flight calls may finish before they are cancelled"
     )
+    metrics_address: str | None = Field(
+        None,
+        description="host:port to serve Prometheus metrics on at /metrics (e.g. 0.0.0.0:9101; port 0: any"
+        " free one); unset: off",
+    )
+
+    @field_validator("metrics_address")
+    @classmethod
+    def _metrics_address_is_host_port(cls, value: str | None) -> str | None:
+        # Checked here, at start, by the same rule `serve_metrics` reads it with.
+        if value is not None:
+            split_address(value)
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -11,7 +11,10 @@ from chat_service.settings import ChatSettings
 from chatmesh.common.auth import DEV_SECRET_FILE, JWT_LEEWAY_S, issue_token, verify_token
 from chatmesh.common.auth_settings import JwtSettings
 from chatmesh.common.errors import Unauthenticated
+from chatmesh.common.settings import ServiceSettings
+from embedding_service.settings import EmbeddingSettings
 from gateway import GatewaySettings, build_envoy_config
+from inference_service.settings import InferenceSettings
 
 SECRET = "s" * 40
 
@@ -73,3 +76,20 @@ def test_a_negative_clock_skew_is_refused(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setenv("CHATMESH_GATEWAY_JWT_CLOCK_SKEW_S", "-1")
     with pytest.raises(pydantic.ValidationError, match="jwt_clock_skew_s"):
         GatewaySettings()
+
+
+@pytest.mark.parametrize(
+    ("settings_type", "prefix"),
+    [(ChatSettings, "CHAT"), (InferenceSettings, "INFERENCE"), (EmbeddingSettings, "EMBEDDING")],
+)
+def test_every_service_reads_its_metrics_address_from_the_one_definition(
+    monkeypatch: pytest.MonkeyPatch, settings_type: type[ServiceSettings], prefix: str
+) -> None:
+    assert "metrics_address" not in vars(settings_type).get("__annotations__", {})
+    monkeypatch.delenv(f"CHATMESH_{prefix}_METRICS_ADDRESS", raising=False)
+    assert settings_type().metrics_address is None
+    monkeypatch.setenv(f"CHATMESH_{prefix}_METRICS_ADDRESS", "[::1]:9100")
+    assert settings_type().metrics_address == "[::1]:9100"
+    monkeypatch.setenv(f"CHATMESH_{prefix}_METRICS_ADDRESS", "9100")
+    with pytest.raises(pydantic.ValidationError, match="metrics_address"):
+        settings_type()
