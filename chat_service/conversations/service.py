@@ -7,14 +7,24 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
+from collections.abc import AsyncGenerator, Coroutine, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
 from typing import Any
 
 from opentelemetry import trace
 
 from chat_service.cache.policy import CachedAnswer, NoCache, Question, ResponseCache
+from chat_service.conversations.events import (
+    CompletionEvent,
+    Delta,
+    Failed,
+    Finished,
+    Started,
+    is_terminal,
+    stored_reply_events,
+    with_outcome_metric,
+)
+from chat_service.conversations.in_flight import InFlight
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
@@ -23,44 +33,18 @@ from chat_service.metrics import ChatMetrics, NoMetrics
 from chat_service.storage.base import NOT_COUNTED, ConversationStore, Lease
 from chatmesh.common.errors import ChatmeshError, NotFound, Unavailable
 
+# The events are part of this module's interface: callers import them from here (or the package).
+__all__ = [
+    "CompletionEvent",
+    "Conversations",
+    "Delta",
+    "Failed",
+    "Finished",
+    "Started",
+    "stored_reply_events",
+]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class Started:
-    """First event: the stored user message (and, for CreateChat, the new chat)."""
-
-    chat_id: uuid.UUID
-    user_message_id: uuid.UUID | None
-    chat: Chat | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Delta:
-    """More reply text."""
-
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class Finished:
-    """Last event: the stored assistant message (None for a stateless completion, which stores nothing)."""
-
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int
-    assistant_message_id: uuid.UUID | None
-    cached: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class Failed:
-    """Last event of a stream that broke after it started; the error itself is raised right after."""
-
-    error: ChatmeshError
-
-
-CompletionEvent = Started | Delta | Finished | Failed
 
 
 async def _prepend(
@@ -69,104 +53,6 @@ async def _prepend(
     yield first
     async for event in rest:
         yield event
-
-
-def stored_reply_events(
-    chat_id: uuid.UUID, user_message_id: uuid.UUID, reply: Message
-) -> tuple[CompletionEvent, ...]:
-    """A reply already stored, as the events of a completion: a retry's or a watcher's replay."""
-    text = (Delta(reply.content),) if reply.content else ()
-    finished = Finished(
-        reply.finish_reason or FinishReason.STOP, reply.prompt_tokens or 0, reply.token_count, reply.id
-    )
-    return (Started(chat_id, user_message_id), *text, finished)
-
-
-def _is_terminal(event: CompletionEvent) -> bool:
-    return isinstance(event, Finished | Failed)
-
-
-class _Running:
-    """One completion running in this process, followed by every request for it: the one that started it
-    and the retries (same request id) that joined it.
-
-    A task of its own drives the completion, so it does not belong to any one caller: it runs while
-    anyone follows it. Each follower sees every event from the first, and exactly one terminal event:
-    `Finished`, or `Failed` followed by its error raised (the error then becomes the call's status). A
-    failure before the stream started has no event, only the raised error.
-
-    When the last follower leaves (cancelled, or its client went away), the completion is *abandoned*:
-    the task is cancelled, which stores the reply so far marked cancelled and stops the engine, and the
-    follower waits for that before its call ends. A retry arriving meanwhile must not follow it (nobody
-    would see a terminal event): it waits until the task is done and then finds the stored reply.
-    """
-
-    def __init__(self, events: AsyncGenerator[CompletionEvent, None]) -> None:
-        self._events: list[CompletionEvent] = []
-        self._changed = asyncio.Event()
-        self._followers = 0
-        self._error: BaseException | None = None
-        self.abandoned = False
-        self._task = asyncio.create_task(self._run(events))
-
-    def when_done(self, callback: Callable[[], None]) -> None:
-        """Call `callback` once the task is done (also if it was cancelled before it ever ran)."""
-        self._task.add_done_callback(lambda _: callback())
-
-    async def _run(self, source: AsyncGenerator[CompletionEvent, None]) -> None:
-        try:
-            async with aclosing(source) as events:
-                async for event in events:
-                    self._events.append(event)
-                    self._changed.set()
-                    self._changed = asyncio.Event()
-        except asyncio.CancelledError:
-            raise  # abandoned: the source stored what there was
-        except Exception as exc:
-            # Every follower raises it (after the `Failed` event carrying it, if the stream started).
-            self._error = exc
-            if self._followers == 0:
-                log.warning("a completion nobody follows failed", exc_info=exc)
-        finally:
-            self._changed.set()
-
-    async def finished(self) -> None:
-        """Wait until the task is done, without raising its outcome and without cancelling it."""
-        await asyncio.wait({self._task})
-
-    async def follow(self) -> AsyncGenerator[CompletionEvent, None]:
-        """Every event from the first, until the terminal one; then raise the error of a failure."""
-        assert not self.abandoned, "an abandoned completion has no terminal event for a new follower"
-        self._followers += 1
-        seen = 0
-        try:
-            while True:
-                changed = self._changed
-                while seen < len(self._events):
-                    event = self._events[seen]
-                    seen += 1
-                    yield event
-                    if isinstance(event, Failed):
-                        raise event.error
-                    if isinstance(event, Finished):
-                        return
-                if self._task.done():
-                    break
-                await changed.wait()
-        finally:
-            self._followers -= 1
-            ended = self._task.done() or any(_is_terminal(e) for e in self._events[-1:])
-            if self._followers == 0 and not ended:
-                self.abandoned = True
-                self._task.cancel()
-                # The stored partial reply is part of this call: a client that reads the chat after its
-                # cancel took effect finds it.
-                await self.finished()
-        # The task ended without a terminal event: it failed before the stream started, or the whole
-        # process is shutting down and cancelled it.
-        if self._error is not None:
-            raise self._error
-        raise Unavailable("the completion was interrupted; retry with the same request_id")
 
 
 class Conversations:
@@ -203,7 +89,7 @@ class Conversations:
         self._limit = CompletionLimit(store, self._lease, max_completions_per_user)
         self._poll_interval_s = poll_interval_s
         # Completions running in this process, by user message id, so a retry can join one.
-        self._in_flight: dict[uuid.UUID, _Running] = {}
+        self._in_flight = InFlight()
         # Cache writes that run after their answer was sent; kept so they are not collected mid-way
         # and can be waited for at shutdown.
         self._background: set[asyncio.Task[None]] = set()
@@ -335,9 +221,9 @@ class Conversations:
             _discard(early_lookup)
             raise
         if turn.created:
-            running = self._run(
+            running = self._in_flight.run(
                 turn.message.id,
-                lambda: self._counted(
+                lambda: self._with_outcome_metric(
                     self._answer(
                         turn.chat, turn.message, sampling, turn.history, received, use_cache, early_lookup
                     )
@@ -345,7 +231,9 @@ class Conversations:
             )
         else:
             _discard(early_lookup)
-            running = await self._join(turn.chat, turn.message, sampling)
+            running = await self._in_flight.join(
+                turn.message.id, lambda: self._resume(turn.chat, turn.message, sampling)
+            )
         async with aclosing(running.follow()) as events:
             async for event in events:
                 yield event
@@ -365,7 +253,10 @@ class Conversations:
         raised, also after text has streamed. Counts against the user's concurrent completions like a
         chat's."""
         return self._within_limit(
-            user_id, self._counted(self._answer_messages(user_id, messages, sampling, request_id, use_cache))
+            user_id,
+            self._with_outcome_metric(
+                self._answer_messages(user_id, messages, sampling, request_id, use_cache)
+            ),
         )
 
     async def _within_limit(
@@ -378,7 +269,7 @@ class Conversations:
         retry with the same `request_key`, see `CompletionLimit.slot`)."""
         async with self._limit.slot(user_id, request_key) as held, aclosing(events):
             async for event in events:
-                if _is_terminal(event):
+                if is_terminal(event):
                     # Before the client hears the end: it may ask again at once, on any replica.
                     await held.release()
                 yield event
@@ -448,36 +339,6 @@ class Conversations:
         if question is not None and finished.finish_reason == FinishReason.STOP:
             self._in_background(self._cache.store(question, text, finished.completion_tokens))
 
-    def _run(
-        self, message_id: uuid.UUID, events: Callable[[], AsyncGenerator[CompletionEvent, None]]
-    ) -> _Running:
-        """The completion of `message_id` running here, started from `events` if there is none yet.
-
-        Synchronous, so that checking and registering cannot interleave with another request's.
-        """
-        running = self._in_flight.get(message_id)
-        if running is not None and not running.abandoned:
-            return running
-        # (An abandoned one is still winding down; its successor replaces it in the registry.)
-        started = _Running(events())
-        self._in_flight[message_id] = started
-        started.when_done(lambda: self._forget(message_id, started))
-        return started
-
-    def _forget(self, message_id: uuid.UUID, running: _Running) -> None:
-        if self._in_flight.get(message_id) is running:
-            del self._in_flight[message_id]
-
-    async def _join(self, chat: Chat, user_message: Message, sampling: SamplingOptions) -> _Running:
-        """The running completion for a retried message, or a new one that replays or regenerates it."""
-        while (running := self._in_flight.get(user_message.id)) is not None and running.abandoned:
-            # Its last caller left and it is storing the partial reply: wait for that reply.
-            await running.finished()
-            self._forget(user_message.id, running)  # now, rather than when its done-callback runs
-        if running is not None:
-            return running
-        return self._run(user_message.id, lambda: self._resume(chat, user_message, sampling))
-
     async def _resume(
         self, chat: Chat, user_message: Message, sampling: SamplingOptions
     ) -> AsyncGenerator[CompletionEvent, None]:
@@ -492,7 +353,9 @@ class Conversations:
                 # Generated here, so counted here; a reply waited for or replayed is the completion of
                 # whichever attempt generated it, and counted there.
                 async with aclosing(
-                    self._counted(self._generate(chat, user_message, sampling, None, time.perf_counter()))
+                    self._with_outcome_metric(
+                        self._generate(chat, user_message, sampling, None, time.perf_counter())
+                    )
                 ) as events:
                     async for event in events:
                         yield event
@@ -502,24 +365,10 @@ class Conversations:
         for event in stored_reply_events(chat.id, user_message.id, reply):
             yield event
 
-    async def _counted(
+    def _with_outcome_metric(
         self, events: AsyncGenerator[CompletionEvent, None]
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """`events` of one completion, counted by how it ended once it has."""
-        outcome, cached = "cancelled", False
-        try:
-            async with aclosing(events):
-                async for event in events:
-                    if isinstance(event, Finished):
-                        outcome, cached = event.finish_reason.value, event.cached
-                    elif isinstance(event, Failed):
-                        outcome = "failed"
-                    yield event
-        except Exception:
-            outcome = "failed"
-            raise
-        finally:
-            self._metrics.completion_ended(outcome, cached)
+        return with_outcome_metric(events, self._metrics)
 
     async def _answer(
         self,
@@ -831,10 +680,10 @@ class Conversations:
         `NotFound` once the chat is gone."""
         if (reply := await self._store.find_reply(user_id, user_message_id)) is not None:
             return reply
-        running = self._in_flight.get(user_message_id)
-        if running is None or running.abandoned:
+        running = self._in_flight.following(user_message_id)
+        if running is None:
             message, chat, history = await self._stored_turn(user_id, user_message_id)
-            running = self._run(
+            running = self._in_flight.run(
                 message.id,
                 lambda: self._answer(chat, message, sampling, history, time.perf_counter(), use_cache),
             )
@@ -850,10 +699,8 @@ class Conversations:
         """The events of the completion of a stored message if it is running in this process (from its
         first event), else None. A watcher that leaves early does not abandon it: the job's worker
         follows it too, to its end."""
-        running = self._in_flight.get(user_message_id)
-        if running is None or running.abandoned:
-            return None
-        return running.follow()
+        running = self._in_flight.following(user_message_id)
+        return running.follow() if running is not None else None
 
     async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
         """The stored reply to the user's message, if any."""
