@@ -181,8 +181,9 @@ async def tokenization_stalls(history_turns: int) -> None:
     """Event-loop stall while a `history_turns`-turn history is tokenized: on the loop vs `prepare`."""
     from llama_cpp import Llama
 
-    from inference_service.backends.llama_cpp import LlamaCppBackend, bundled_gguf_path
+    from inference_service.backends.llama_cpp import LlamaCppBackend
     from inference_service.backends.tokenizers import LlamaTokenizer, tokenize_prompt
+    from inference_service.model_files import bundled_gguf_path
     from inference_service.prompt import Role, Turn
     from inference_service.settings import InferenceSettings
 

@@ -45,8 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.backends.base import Prompt
-from inference_service.backends.llama_cpp import bundled_gguf_path
 from inference_service.backends.llama_server import LlamaServerBackend, open_llama_server_backend
+from inference_service.model_files import bundled_gguf_path
 from inference_service.prompt import Role, Turn
 from inference_service.settings import InferenceSettings
 from tests.support.processes import free_port, run_service

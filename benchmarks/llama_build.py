@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import llama_cpp
 
-from inference_service.backends.llama_cpp import bundled_gguf_path
+from inference_service.model_files import bundled_gguf_path
 
 PROMPT = "User: Write a long story about a lighthouse keeper and a storm.\nAssistant:"
 

@@ -98,10 +98,10 @@ class RawPrompt:
     @classmethod
     def as_the_service_sends_it(cls) -> RawPrompt:
         """PROMPT tokenized as the service (default settings, bundled model) tokenizes it."""
-        from inference_service.backends.llama_cpp import bundled_gguf_path
         from inference_service.backends.tokenizers import open_tokenizer, tokenize_prompt
         from inference_service.backends.triton import end_and_pad_ids
         from inference_service.chat_template import resolve_template
+        from inference_service.model_files import bundled_gguf_path
         from inference_service.prompt import Role, Turn
         from inference_service.settings import InferenceSettings
 

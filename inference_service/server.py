@@ -20,6 +20,7 @@ from inference_service.admission import AdmissionController
 from inference_service.backends.base import InferenceBackend
 from inference_service.chat_template import resolve_template
 from inference_service.metrics import InferenceMetrics
+from inference_service.model_files import resolve_gguf, resolve_tokenizer
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
 
@@ -28,13 +29,11 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name
 
 
-def _model_gguf(settings: InferenceSettings) -> Path | None:
+def _model_gguf(settings: InferenceSettings) -> Path:
     """The GGUF whose chat template "auto" looks for: the model's (or for Triton, its tokenizer's)."""
-    from inference_service.backends.llama_cpp import bundled_gguf_path
-
     if settings.backend == "triton":
-        return settings.triton_tokenizer or settings.gguf_path or bundled_gguf_path()
-    return settings.gguf_path or bundled_gguf_path()
+        return resolve_tokenizer(settings.triton_tokenizer, settings.gguf_path)
+    return resolve_gguf(settings.gguf_path)
 
 
 @asynccontextmanager
@@ -49,13 +48,10 @@ async def open_backend(settings: InferenceSettings) -> AsyncIterator[InferenceBa
         async with open_triton_backend(settings, template) as triton_backend:
             yield triton_backend
         return
+    gguf_path = await asyncio.to_thread(resolve_gguf, settings.gguf_path)
     if settings.backend == "llama_server":
-        from inference_service.backends.llama_cpp import bundled_gguf_path
         from inference_service.backends.llama_server import open_llama_server_backend
 
-        gguf_path = settings.gguf_path
-        if gguf_path is None:
-            gguf_path = await asyncio.to_thread(bundled_gguf_path)
         async with open_llama_server_backend(
             gguf_path,
             parallel=settings.concurrency,
@@ -71,7 +67,7 @@ async def open_backend(settings: InferenceSettings) -> AsyncIterator[InferenceBa
     from inference_service.backends.llama_cpp import open_llama_cpp_backend
 
     async with open_llama_cpp_backend(
-        settings.gguf_path,
+        gguf_path,
         instances=settings.concurrency,
         context_length=settings.context_length,
         threads=settings.threads,

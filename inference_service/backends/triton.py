@@ -54,9 +54,9 @@ from inference_service.backends.tokenizers import (
     EngineTokenizer,
     Tokenizer,
     TokenizerThread,
-    default_tokenizer_path,
     open_tokenizer,
 )
+from inference_service.model_files import resolve_tokenizer
 from inference_service.prompt import PromptTemplate, Turn
 from inference_service.settings import InferenceSettings
 
@@ -421,7 +421,7 @@ async def open_triton_backend(
     async with grpc.aio.insecure_channel(url, options=options) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         await check_ready(stub, url, model)
-        path = await asyncio.to_thread(default_tokenizer_path, settings.triton_tokenizer, settings.gguf_path)
+        path = await asyncio.to_thread(resolve_tokenizer, settings.triton_tokenizer, settings.gguf_path)
         tokenizer = await asyncio.to_thread(open_tokenizer, path)
         end_id, pad_id = end_and_pad_ids(tokenizer, settings.triton_end_id, path)
         log.info(

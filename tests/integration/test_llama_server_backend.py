@@ -14,8 +14,8 @@ import pytest
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from inference_service.backends.llama_cpp import bundled_gguf_path
 from inference_service.backends.llama_server import open_llama_server_backend
+from inference_service.model_files import bundled_gguf_path
 from inference_service.prompt import FEW_SHOT_PREAMBLE, Role, Turn
 from inference_service.settings import InferenceSettings
 from tests.support.processes import (

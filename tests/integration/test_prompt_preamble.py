@@ -10,8 +10,8 @@ import pytest
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from inference_service.backends.llama_cpp import bundled_gguf_path
 from inference_service.backends.tokenizers import open_tokenizer
+from inference_service.model_files import bundled_gguf_path
 from inference_service.prompt import FEW_SHOT_PREAMBLE
 from tests.support.processes import free_port, run_service
 from tests.support.services import MODEL_STARTUP_TIMEOUT_S, PARIS, inference_env

@@ -223,7 +223,8 @@ async def test_count_tokens_matches_the_llama_cpp_backend(
 ) -> None:
     from llama_cpp import Llama
 
-    from inference_service.backends.llama_cpp import LlamaCppBackend, bundled_gguf_path
+    from inference_service.backends.llama_cpp import LlamaCppBackend
+    from inference_service.model_files import bundled_gguf_path
     from inference_service.prompt import TEMPLATES
     from inference_service.validation import parse_turns
 
@@ -257,7 +258,7 @@ def vocab() -> Iterator[LlamaTokenizer]:
     """The bundled model's vocabulary: the service's tokenizer (and the test model's)."""
     from llama_cpp import Llama
 
-    from inference_service.backends.llama_cpp import bundled_gguf_path
+    from inference_service.model_files import bundled_gguf_path
 
     llama = Llama(model_path=str(bundled_gguf_path()), vocab_only=True, verbose=False)
     yield LlamaTokenizer(llama)
@@ -275,9 +276,9 @@ async def test_markup_typed_in_a_message_reaches_the_model_as_plain_text_ids(
     """Typing Gemma's turn markers cannot forge a turn: the model is sent the prompt's token ids, the
     message's text as plain text. (Sent as text, the engine's tokenizer would parse the markers into
     Gemma's control tokens.)"""
-    from inference_service.backends.llama_cpp import bundled_gguf_path
     from inference_service.backends.tokenizers import tokenize_prompt
     from inference_service.chat_template import resolve_template
+    from inference_service.model_files import bundled_gguf_path
     from inference_service.settings import InferenceSettings
     from inference_service.validation import parse_turns
 

@@ -446,7 +446,7 @@ def serve(args: argparse.Namespace) -> None:
     from pytriton.model_config import ModelConfig, Tensor
     from pytriton.triton import Triton, TritonConfig
 
-    from inference_service.backends.llama_cpp import bundled_gguf_path
+    from inference_service.model_files import bundled_gguf_path
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -134,8 +134,8 @@ def test_templates_that_cannot_be_used_are_refused_with_the_reason(source: str, 
 
 
 def test_auto_reads_the_model_file_and_keeps_the_transcript_for_a_model_without_a_template() -> None:
-    from inference_service.backends.llama_cpp import bundled_gguf_path
     from inference_service.chat_template import gguf_chat_template, resolve_template
+    from inference_service.model_files import bundled_gguf_path
 
     fallback = TEMPLATES["transcript"]
     bundled = bundled_gguf_path()
