@@ -28,7 +28,7 @@ from chat_service.metrics import ChatMetrics
 from chat_service.openai_api import OpenAIServicer
 from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
-from chat_service.storage.base import ConversationStore, JobStore, Lease
+from chat_service.storage.base import JobStore
 from chat_service.storage.sql import SqlConversationStore, SqlJobStore, open_sql_database
 from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from chatmesh.common.auth import PUBLIC_SERVICES, JwtAuthInterceptor
@@ -145,7 +145,6 @@ async def purge_periodically(cache: SemanticCache, interval_s: float) -> None:
 async def open_jobs(
     settings: ChatSettings,
     job_store: JobStore,
-    store: ConversationStore,
     conversations: Conversations,
     channels: contextlib.AsyncExitStack,
 ) -> tuple[Jobs | None, JobWorker | None]:
@@ -173,8 +172,7 @@ async def open_jobs(
             job_store,
             queue,
             conversations,
-            completions=store,
-            lease=Lease(settings.replica_id, settings.completion_lease_s),
+            leases=conversations.leases,
             concurrency=settings.jobs_workers,
             heartbeat_s=settings.jobs_ack_wait_s / 3,
             sweeper=JobSweeper(
@@ -238,7 +236,7 @@ async def serve(settings: ChatSettings) -> None:
             metrics=metrics,
             max_completions_per_user=settings.max_concurrent_completions_per_user,
         )
-        jobs, worker = await open_jobs(settings, SqlJobStore(database), store, conversations, channels)
+        jobs, worker = await open_jobs(settings, SqlJobStore(database), conversations, channels)
         open_services = PUBLIC_SERVICES | ({DEV_SIGN_IN_SERVICE} if settings.dev_sign_in else set())
         server = create_server([JwtAuthInterceptor(keys, open_services)], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)

@@ -4,7 +4,8 @@
 do one job:
 
 - events.py: the events of a completion stream (`Started`, `Delta`, `Finished`, `Failed`);
-- in_flight.py: completions running in this process, which a retry or a watcher joins.
+- in_flight.py: completions running in this process, which a retry or a watcher joins;
+- leases.py: cross-replica leases on generating a reply (also taken by the job worker).
 """
 
 from chat_service.conversations.events import (

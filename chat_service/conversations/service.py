@@ -25,13 +25,14 @@ from chat_service.conversations.events import (
     with_outcome_metric,
 )
 from chat_service.conversations.in_flight import InFlight
+from chat_service.conversations.leases import CompletionLeases
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
 from chat_service.limits import CompletionDurations, CompletionLimit
 from chat_service.metrics import ChatMetrics, NoMetrics
 from chat_service.storage.base import NOT_COUNTED, ConversationStore, Lease
-from chatmesh.common.errors import ChatmeshError, NotFound, Unavailable
+from chatmesh.common.errors import ChatmeshError, Unavailable
 
 # The events are part of this module's interface: callers import them from here (or the package).
 __all__ = [
@@ -83,11 +84,12 @@ class Conversations:
         # Completions running in *other* replicas are known by their lease in the store: the replica that
         # generates a reply holds it (renewed every third of `lease_s`), so a retry that lands elsewhere
         # waits for that reply rather than generating a second one, and takes over once it lapses.
-        self._lease = Lease(replica_id or f"replica-{uuid.uuid4().hex[:12]}", lease_s)
+        self.leases = CompletionLeases(
+            store, Lease(replica_id or f"replica-{uuid.uuid4().hex[:12]}", lease_s), poll_interval_s
+        )
         # Each completion stream (chat or stateless) holds one of its user's slots, counted in the store
         # across replicas, from before anything is written until it ends.
-        self._limit = CompletionLimit(store, self._lease, max_completions_per_user)
-        self._poll_interval_s = poll_interval_s
+        self._limit = CompletionLimit(store, self.leases.lease, max_completions_per_user)
         # Completions running in this process, by user message id, so a retry can join one.
         self._in_flight = InFlight()
         # Cache writes that run after their answer was sent; kept so they are not collected mid-way
@@ -216,7 +218,9 @@ class Conversations:
         started for `content` as the first message of the chat (used only if it is)."""
         received = time.perf_counter()
         try:
-            turn = await self._store.start_turn(user_id, chat_id, content, request_id, lease=self._lease)
+            turn = await self._store.start_turn(
+                user_id, chat_id, content, request_id, lease=self.leases.lease
+            )
         except BaseException:
             _discard(early_lookup)
             raise
@@ -348,22 +352,19 @@ class Conversations:
 
         Registered as running before the reply is looked up, so a completion of this message that ended
         earlier here has stored its reply by then, and none can start here meanwhile."""
-        while (reply := await self._store.find_reply(chat.user_id, user_message.id)) is None:
-            if await self._store.claim_completion(chat.user_id, user_message.id, self._lease):
-                # Generated here, so counted here; a reply waited for or replayed is the completion of
-                # whichever attempt generated it, and counted there.
-                async with aclosing(
-                    self._with_outcome_metric(
-                        self._generate(chat, user_message, sampling, None, time.perf_counter())
-                    )
-                ) as events:
-                    async for event in events:
-                        yield event
-                return
-            # Another replica holds the lease: its reply lands in the store (or the lease lapses).
-            await asyncio.sleep(self._poll_interval_s)
-        for event in stored_reply_events(chat.id, user_message.id, reply):
-            yield event
+        # While another replica holds the lease, its reply lands in the store (or the lease lapses).
+        reply = await self.leases.reply_or_take(chat.user_id, user_message.id)
+        if reply is not None:
+            for event in stored_reply_events(chat.id, user_message.id, reply):
+                yield event
+            return
+        # Generated here, so counted here; a reply waited for or replayed is the completion of whichever
+        # attempt generated it, and counted there.
+        async with aclosing(
+            self._with_outcome_metric(self._generate(chat, user_message, sampling, None, time.perf_counter()))
+        ) as events:
+            async for event in events:
+                yield event
 
     def _with_outcome_metric(
         self, events: AsyncGenerator[CompletionEvent, None]
@@ -473,7 +474,7 @@ class Conversations:
         finished: Generated | None = None
         started = received
         opening = asyncio.ensure_future(self._open_stream(chat, user_message, history, sampling, request_id))
-        keeping = asyncio.ensure_future(self._keep_lease(chat.user_id, user_message.id))
+        keeping = asyncio.ensure_future(self.leases.keep(chat.user_id, user_message.id))
         counting: asyncio.Future[int] | None = None
         first_token_s: float | None = None
         announced = False
@@ -515,9 +516,8 @@ class Conversations:
             # The user message stays; no half-written reply is stored. The stream already started, so
             # the error travels as an event before the status (HTTP clients see only the event), and
             # both say the same.
-            await self._keep_count(user_message, counting)
             # Before the error reaches the client: its retry, on any replica, may start at once.
-            await self._release_lease(user_message.id)
+            await self.leases.end_unanswered(user_message, _counted(counting))
             error = exc if not isinstance(exc, Unavailable) else Unavailable(f"generation failed: {exc}")
             if announced:
                 yield Failed(error)
@@ -528,9 +528,8 @@ class Conversations:
             # A bug or an unexpected failure (e.g. of the database driver): still exactly one terminal
             # event for every follower, and the details in the log rather than in the reply.
             log.exception("completion failed", extra={"chat_id": str(chat.id)})
-            await self._keep_count(user_message, counting)
             # Before the error reaches the client: its retry, on any replica, may start at once.
-            await self._release_lease(user_message.id)
+            await self.leases.end_unanswered(user_message, _counted(counting))
             internal = ChatmeshError("the completion failed unexpectedly; see the chat service log")
             if announced:
                 yield Failed(internal)
@@ -540,26 +539,6 @@ class Conversations:
             keeping.cancel()
         _log_stored(chat, finished, started, first_token_s, engine_ttft_s)
         yield Finished(finished.finish_reason, finished.prompt_tokens, finished.completion_tokens, reply.id)
-
-    async def _keep_lease(self, user_id: str, message_id: uuid.UUID) -> None:
-        """Renew this replica's lease on the completion while it runs (cancelled when it ends)."""
-        while True:
-            await asyncio.sleep(self._lease.seconds / 3)
-            try:
-                if not await self._store.claim_completion(user_id, message_id, self._lease):
-                    log.warning(
-                        "another replica took over a running completion",
-                        extra={"message_id": str(message_id)},
-                    )
-            except ChatmeshError as exc:
-                log.warning("renewing a completion lease failed", extra={"error": exc.message})
-
-    async def _release_lease(self, message_id: uuid.UUID) -> None:
-        """Free the completion for a retry anywhere (it ended without a reply)."""
-        try:
-            await self._store.release_completion(message_id, self._lease.holder)
-        except ChatmeshError as exc:
-            log.warning("releasing a completion lease failed", extra={"error": exc.message})
 
     async def _open_stream(
         self,
@@ -632,18 +611,6 @@ class Conversations:
             self._inference.count_tokens([PromptMessage("user", user_message.content)])
         )
 
-    async def _keep_count(self, user_message: Message, counting: asyncio.Future[int] | None) -> None:
-        """Record the user message's token count when its turn ends without a reply."""
-        count = _counted(counting)
-        if count is None:
-            return
-        try:
-            await self._store.record_token_count(user_message.user_id, user_message.id, count)
-        except Exception:
-            # The turn's own failure is what the caller must hear about; a missing count only makes
-            # the window strategy ask the engine once more.
-            log.warning("could not record a message's token count", exc_info=True)
-
     async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
         return await self._store.list_chats(user_id, limit, after)
 
@@ -682,10 +649,12 @@ class Conversations:
             return reply
         running = self._in_flight.following(user_message_id)
         if running is None:
-            message, chat, history = await self._stored_turn(user_id, user_message_id)
+            turn = await self._store.stored_turn(user_id, user_message_id)
             running = self._in_flight.run(
-                message.id,
-                lambda: self._answer(chat, message, sampling, history, time.perf_counter(), use_cache),
+                turn.message.id,
+                lambda: self._answer(
+                    turn.chat, turn.message, sampling, turn.history, time.perf_counter(), use_cache
+                ),
             )
         async with aclosing(running.follow()) as events:
             async for _ in events:
@@ -705,18 +674,6 @@ class Conversations:
     async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
         """The stored reply to the user's message, if any."""
         return await self._store.find_reply(user_id, user_message_id)
-
-    async def _stored_turn(
-        self, user_id: str, user_message_id: uuid.UUID
-    ) -> tuple[Message, Chat, list[Message]]:
-        """A stored user message, its chat, and the chat's history through it."""
-        chat_id = await self._store.chat_of_message(user_id, user_message_id)
-        chat = await self._store.get_chat(user_id, chat_id)
-        history = list(await self._store.history(user_id, chat_id))
-        for position, message in enumerate(history):
-            if message.id == user_message_id:
-                return message, chat, history[: position + 1]
-        raise NotFound(f"message {user_message_id} not found")
 
 
 def _log_stored(

@@ -26,11 +26,12 @@ from chat_service.conversations import (
     Started,
     stored_reply_events,
 )
+from chat_service.conversations.leases import CompletionLeases
 from chat_service.domain import Job, JobRequest, JobState, Message
 from chat_service.inference import SamplingOptions
 from chat_service.jobs.queue import Delivery, JobQueue
 from chat_service.limits import too_many_jobs
-from chat_service.storage.base import ConversationStore, JobStore, Lease, LimitReached
+from chat_service.storage.base import JobStore, LimitReached
 from chatmesh.common.errors import ChatmeshError, NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -155,7 +156,7 @@ class JobWorker:
 
     A job can still be delivered again while its first worker generates (that worker is slow, or its
     heartbeats were lost): before answering, a worker takes the completion lease that synchronous
-    retries use (`lease`, the replica's own, so the generation it starts renews it), and while another
+    retries use (`leases`, the replica's own, so the generation it starts renews it), and while another
     replica holds it, waits for that replica's reply (or for its lease to lapse) instead of generating
     a second one.
     """
@@ -166,8 +167,7 @@ class JobWorker:
         queue: JobQueue,
         conversations: Conversations,
         *,
-        completions: ConversationStore,
-        lease: Lease,
+        leases: CompletionLeases,
         concurrency: int = 1,
         heartbeat_s: float = 5.0,
         retry_delay_s: float = 1.0,
@@ -175,8 +175,7 @@ class JobWorker:
         sweeper: JobSweeper | None = None,
     ) -> None:
         self._store = store
-        self._completions = completions
-        self._lease = lease
+        self._leases = leases
         self._poll_interval_s = poll_interval_s
         self._sweeper = sweeper
         self._sweeping: asyncio.Task[None] | None = None
@@ -287,24 +286,16 @@ class JobWorker:
     async def _take_completion(self, user_id: str, message_id: uuid.UUID) -> None:
         """Return once this replica holds the lease on generating the reply, or the reply is stored;
         while another replica holds the lease (it is generating), wait."""
-        waited = False
-        while await self._completions.find_reply(user_id, message_id) is None:
-            if await self._completions.claim_completion(user_id, message_id, self._lease):
-                return
-            if not waited:
-                log.info(
-                    "another replica is generating this job's reply; waiting for it",
-                    extra={"message_id": str(message_id)},
-                )
-                waited = True
-            await asyncio.sleep(self._poll_interval_s)
+        await self._leases.reply_or_take(
+            user_id,
+            message_id,
+            poll_interval_s=self._poll_interval_s,
+            waiting="another replica is generating this job's reply; waiting for it",
+        )
 
     async def _let_go(self, message_id: uuid.UUID) -> None:
         """Free the lease after a failed attempt, so the next may start at once on any replica."""
-        try:
-            await self._completions.release_completion(message_id, self._lease.holder)
-        except ChatmeshError as exc:
-            log.warning("releasing a job's completion lease failed", extra={"error": exc.message})
+        await self._leases.release(message_id)
 
     async def _retry_or_fail(self, job: Job, delivery: Delivery, reason: str) -> None:
         if delivery.attempt >= self._queue.max_attempts:

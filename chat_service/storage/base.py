@@ -58,6 +58,24 @@ class TurnStart:
     history: Sequence[Message]
 
 
+@dataclass(frozen=True, slots=True)
+class ReplyClaim:
+    """What `claim_reply` found: the stored reply if there is one; else whether the caller holds the lease
+    on generating it now (False: another holder's lease still runs)."""
+
+    reply: Message | None
+    claimed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StoredTurn:
+    """A stored user message, its chat, and the chat's history through that message, oldest first."""
+
+    chat: Chat
+    message: Message
+    history: Sequence[Message]
+
+
 class ConversationStore(Protocol):
     """Durable chats and messages."""
 
@@ -126,6 +144,19 @@ class ConversationStore(Protocol):
         at once; a lease someone else holds is left alone."""
         ...
 
+    async def claim_reply(self, user_id: str, message_id: uuid.UUID, lease: Lease) -> ReplyClaim:
+        """`find_reply`, and when there is no reply yet, `claim_completion`, in one transaction: what a
+        retry or a job's worker asks before it generates a reply, and again while it waits for another
+        replica's. `NotFound` as for `claim_completion`."""
+        ...
+
+    async def end_turn_unanswered(
+        self, user_id: str, message_id: uuid.UUID, holder: str, token_count: int | None
+    ) -> None:
+        """A turn that ended without a reply: `record_token_count` (when `token_count` is given) and
+        `release_completion` for `holder`, in one statement. A message that is gone is left gone."""
+        ...
+
     async def take_generation_slot(self, user_id: str, slot_id: uuid.UUID, lease: Lease, limit: int) -> bool:
         """Record that `lease.holder` starts a completion stream for the user (slot `slot_id`, held until
         `lease.seconds` from now unless renewed), unless the user holds `limit` live slots already, in
@@ -172,6 +203,11 @@ class ConversationStore(Protocol):
 
     async def chat_of_message(self, user_id: str, message_id: uuid.UUID) -> uuid.UUID:
         """The chat of the user's message `message_id`; `NotFound` if the user has no such message."""
+        ...
+
+    async def stored_turn(self, user_id: str, message_id: uuid.UUID) -> StoredTurn:
+        """The user's stored message `message_id`, its chat and the chat's history through it, read
+        together (what answering a stored question needs); `NotFound` if the user has no such message."""
         ...
 
     async def history(

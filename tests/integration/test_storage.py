@@ -37,7 +37,7 @@ from chat_service.domain import (
     Message,
     Role,
 )
-from chat_service.storage.base import NOT_COUNTED, Lease
+from chat_service.storage.base import NOT_COUNTED, Lease, ReplyClaim
 from chat_service.storage.migrate import alembic_config, upgrade_to_head
 from chat_service.storage.models import Base, ChatRow, MessageRow
 from chat_service.storage.sql import (
@@ -716,3 +716,38 @@ async def test_completion_leases(store: SqlConversationStore, new_user: Callable
     assert await store.claim_completion(user, message, Lease("replica-c", 60))
     with pytest.raises(NotFound):
         await store.claim_completion(new_user(), message, Lease("replica-d", 60))
+
+
+async def test_the_coarse_calls_of_a_retry_a_failed_turn_and_a_stored_question(
+    store: SqlConversationStore, new_user: Callable[[], str]
+) -> None:
+    """`claim_reply`, `end_turn_unanswered` and `stored_turn` do in one call what the finer calls did."""
+    user, other = new_user(), new_user()
+    chat_id = await new_chat(store, user)
+    earlier = await add_turns(store, user, chat_id, 1)
+    turn = await store.start_turn(user, chat_id, "Hi", "req-coarse", lease=Lease("replica-a", 60))
+    message = turn.message.id
+    assert await store.claim_reply(user, message, Lease("replica-b", 60)) == ReplyClaim(None, False)
+    assert await store.claim_reply(user, message, Lease("replica-a", 60)) == ReplyClaim(None, True)
+    with pytest.raises(NotFound):
+        await store.claim_reply(other, message, Lease("replica-a", 60))
+
+    # A failed turn: its count is recorded and a's lease is given up; b's would be left alone.
+    await store.end_turn_unanswered(user, message, "replica-b", None)
+    assert not await store.claim_completion(user, message, Lease("replica-b", 60)), "still a's"
+    await store.end_turn_unanswered(user, message, "replica-a", 9)
+    assert (await store.history(user, chat_id))[-1].token_count == 9
+    await store.end_turn_unanswered(other, message, "replica-a", 11)  # not the other user's to touch
+    assert (await store.history(user, chat_id))[-1].token_count == 9
+    assert await store.claim_reply(user, message, Lease("replica-b", 60)) == ReplyClaim(None, True)
+
+    stored = await store.stored_turn(user, message)
+    assert stored.chat == await store.get_chat(user, chat_id)
+    assert stored.message == (await store.history(user, chat_id))[-1]
+    assert [m.id for m in stored.history] == [*(m.id for m in earlier), message]
+    with pytest.raises(NotFound):
+        await store.stored_turn(other, message)
+
+    reply, _ = await store.add_assistant_message(user, chat_id, message, "Hello", 1, FinishReason.STOP)
+    assert await store.claim_reply(user, message, Lease("replica-c", 60)) == ReplyClaim(reply, False)
+    assert [m.id for m in (await store.stored_turn(user, message)).history][-1] == message

@@ -17,13 +17,20 @@ from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Select, delete, or_, select, tuple_
+from sqlalchemy import Select, case, delete, or_, select, tuple_
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message, Role
-from chat_service.storage.base import NOT_COUNTED, ConversationStore, Lease, TurnStart
+from chat_service.storage.base import (
+    NOT_COUNTED,
+    ConversationStore,
+    Lease,
+    ReplyClaim,
+    StoredTurn,
+    TurnStart,
+)
 from chat_service.storage.models import ChatRow, MessageRow
 from chat_service.storage.sql.database import SqlDatabase
 from chat_service.storage.sql.rows import (
@@ -32,6 +39,7 @@ from chat_service.storage.sql.rows import (
     chat_not_found,
     message_not_found,
     own_chat,
+    read_history,
     to_chat,
     to_message,
     touch_chat,
@@ -274,40 +282,20 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
     async def find_reply(self, user_id: str, user_message_id: uuid.UUID) -> Message | None:
         """The user's stored reply to `user_message_id`, if any."""
         async with self._db.sessions.begin() as session:
-            row = await session.scalar(
-                select(MessageRow).where(
-                    MessageRow.reply_to == user_message_id, MessageRow.user_id == user_id
-                )
-            )
+            row = await session.scalar(_reply_to(user_id, user_message_id))
         return to_message(row) if row is not None else None
 
     async def claim_completion(self, user_id: str, message_id: uuid.UUID, lease: Lease) -> bool:
-        now = utc_now()
         async with self._db.sessions.begin() as session:
-            claimed = await session.scalar(
-                sql_update(MessageRow)
-                .where(
-                    MessageRow.id == message_id,
-                    MessageRow.user_id == user_id,
-                    MessageRow.role == Role.USER.value,
-                    or_(
-                        MessageRow.running_on.is_(None),
-                        MessageRow.running_on == lease.holder,
-                        MessageRow.lease_until < now,
-                    ),
-                )
-                .values(running_on=lease.holder, lease_until=now + timedelta(seconds=lease.seconds))
-                .returning(MessageRow.seq)
-                .execution_options(synchronize_session=False)
-            )
-            if claimed is not None:
-                return True
-            exists = await session.scalar(
-                select(MessageRow.seq).where(MessageRow.id == message_id, MessageRow.user_id == user_id)
-            )
-        if exists is None:
-            raise message_not_found(message_id)
-        return False
+            return await _claim(session, user_id, message_id, lease)
+
+    async def claim_reply(self, user_id: str, message_id: uuid.UUID, lease: Lease) -> ReplyClaim:
+        """The stored reply, else the lease: one transaction where a retry took two."""
+        async with self._db.sessions.begin() as session:
+            reply = await session.scalar(_reply_to(user_id, message_id))
+            if reply is not None:
+                return ReplyClaim(to_message(reply), False)
+            return ReplyClaim(None, await _claim(session, user_id, message_id, lease))
 
     async def release_completion(self, message_id: uuid.UUID, holder: str) -> None:
         async with self._db.sessions.begin() as session:
@@ -315,6 +303,25 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
                 sql_update(MessageRow)
                 .where(MessageRow.id == message_id, MessageRow.running_on == holder)
                 .values(running_on=None, lease_until=None)
+                .execution_options(synchronize_session=False)
+            )
+
+    async def end_turn_unanswered(
+        self, user_id: str, message_id: uuid.UUID, holder: str, token_count: int | None
+    ) -> None:
+        """One UPDATE where a failed turn took two (`record_token_count`, `release_completion`)."""
+        held = MessageRow.running_on == holder
+        values: dict[str, Any] = {
+            "running_on": case((held, None), else_=MessageRow.running_on),
+            "lease_until": case((held, None), else_=MessageRow.lease_until),
+        }
+        if token_count is not None:
+            values["token_count"] = token_count
+        async with self._db.sessions.begin() as session:
+            await session.execute(
+                sql_update(MessageRow)
+                .where(MessageRow.id == message_id, MessageRow.user_id == user_id)
+                .values(**values)
                 .execution_options(synchronize_session=False)
             )
 
@@ -326,6 +333,29 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
         if chat_id is None:
             raise message_not_found(message_id)
         return chat_id  # type: ignore[no-any-return]
+
+    async def stored_turn(self, user_id: str, message_id: uuid.UUID) -> StoredTurn:
+        """One connection where answering a stored question took three calls (`chat_of_message`,
+        `get_chat`, `history`); each statement in autocommit, as those calls were."""
+        async with self._db.reader.connect() as connection:
+            chat = (
+                await connection.execute(
+                    select(ChatRow)
+                    .join(MessageRow, MessageRow.chat_id == ChatRow.id)
+                    .where(
+                        MessageRow.id == message_id,
+                        MessageRow.user_id == user_id,
+                        ChatRow.user_id == user_id,
+                    )
+                )
+            ).first()
+            if chat is None:
+                raise message_not_found(message_id)
+            history = await read_history(connection, chat.id)
+        for position, message in enumerate(history):
+            if message.id == message_id:
+                return StoredTurn(to_chat(chat), message, history[: position + 1])  # type: ignore[arg-type]
+        raise message_not_found(message_id)
 
     async def _require_chat(self, session: AsyncSession, user_id: str, chat_id: uuid.UUID) -> None:
         if await session.scalar(own_chat(user_id, chat_id)) is None:
@@ -385,3 +415,36 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
             )
         if updated is None:
             raise message_not_found(message_id)
+
+
+def _reply_to(user_id: str, user_message_id: uuid.UUID) -> Select[MessageRow]:
+    return select(MessageRow).where(MessageRow.reply_to == user_message_id, MessageRow.user_id == user_id)
+
+
+async def _claim(session: AsyncSession, user_id: str, message_id: uuid.UUID, lease: Lease) -> bool:
+    """`claim_completion` inside the caller's transaction."""
+    now = utc_now()
+    claimed = await session.scalar(
+        sql_update(MessageRow)
+        .where(
+            MessageRow.id == message_id,
+            MessageRow.user_id == user_id,
+            MessageRow.role == Role.USER.value,
+            or_(
+                MessageRow.running_on.is_(None),
+                MessageRow.running_on == lease.holder,
+                MessageRow.lease_until < now,
+            ),
+        )
+        .values(running_on=lease.holder, lease_until=now + timedelta(seconds=lease.seconds))
+        .returning(MessageRow.seq)
+        .execution_options(synchronize_session=False)
+    )
+    if claimed is not None:
+        return True
+    exists = await session.scalar(
+        select(MessageRow.seq).where(MessageRow.id == message_id, MessageRow.user_id == user_id)
+    )
+    if exists is None:
+        raise message_not_found(message_id)
+    return False
