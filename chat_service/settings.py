@@ -5,37 +5,22 @@ from __future__ import annotations
 import uuid
 from typing import Literal
 
-from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
+from pydantic import Field
 
 from chat_service.domain import HistoryStrategy
-from chatmesh.common.auth import DEV_SECRET_FILE
-from chatmesh.common.auth_settings import JwtSettings
-from chatmesh.common.settings import ServiceSettings
+from chatmesh.common.service_settings import ChatServiceSettings
 
 
-class ChatSettings(ServiceSettings, JwtSettings):
-    """Everything the chat service can be configured with."""
+class ChatSettings(ChatServiceSettings):
+    """Everything the chat service can be configured with: the settings `chatmesh run` sets or reads
+    (address, the other services' addresses, JWT, dev sign-in: `ChatServiceSettings`, in the shared
+    runtime), and these."""
 
-    model_config = SettingsConfigDict(env_prefix="CHATMESH_CHAT_")
-
-    address: str = "127.0.0.1:50051"
     database_url: str = Field(
         "sqlite+aiosqlite:///.run/chatmesh.db",
         description="SQLAlchemy async URL: sqlite+aiosqlite:///file.db or postgresql+asyncpg://user@host/db",
     )
     migrate_on_start: bool = Field(True, description="run Alembic migrations to head at start-up")
-    inference_address: str = Field(
-        "127.0.0.1:50052",
-        description="host:port of the inference service; several replicas comma-separated (a chat's"
-        " generations then stick to one replica, for its cached prompt prefix, and fail over to the next)",
-    )
-
-    @property
-    def inference_addresses(self) -> list[str]:
-        """Every inference replica named in `inference_address`."""
-        return [address.strip() for address in self.inference_address.split(",") if address.strip()]
-
     dependency_timeout_s: float = Field(
         120.0, description="how long to wait for the inference service at start"
     )
@@ -92,12 +77,7 @@ class ChatSettings(ServiceSettings, JwtSettings):
         " the default jobs capacity (1000), so one user cannot fill the queue",
     )
 
-    # Semantic cache (the vector service runs in the embedding service's process).
-    cache_address: str | None = Field(
-        None,
-        description="host:port of the vector service (the embedding service); unset switches the"
-        " semantic cache off",
-    )
+    # Semantic cache (the vector service runs in the embedding service's process); on with cache_address.
     cache_scope: Literal["user", "global"] = Field(
         "user",
         description="`user`: answers are only ever served to the user they were generated for; `global`:"
@@ -113,12 +93,7 @@ class ChatSettings(ServiceSettings, JwtSettings):
     )
     cache_collection: str = Field("chat_answers", min_length=1)
 
-    # Asynchronous completions (SubmitCompletion) on NATS JetStream.
-    jobs_nats_url: str | None = Field(
-        None,
-        description="NATS server with JetStream for asynchronous jobs, e.g. nats://127.0.0.1:4222; unset"
-        " switches jobs off (SubmitCompletion answers FAILED_PRECONDITION)",
-    )
+    # Asynchronous completions (SubmitCompletion) on NATS JetStream; on with jobs_nats_url.
     jobs_stream: str = Field("CHATMESH_JOBS", min_length=1, description="JetStream stream of the job queue")
     jobs_capacity: int = Field(
         1000, ge=1, description="jobs queued or running at most; a submission beyond it gets 429"
@@ -147,22 +122,3 @@ class ChatSettings(ServiceSettings, JwtSettings):
     summary_keep_recent_messages: int = Field(4, ge=0)
     summary_min_messages_to_fold: int = Field(2, ge=1)
     summary_max_tokens: int = Field(160, ge=16)
-
-    # Identity: the JWT_* settings of `JwtSettings`, which the gateway shares. The dev sign-in is the chat
-    # service's own: it signs tokens, which needs the secret the mesh made itself.
-    dev_sign_in: bool = Field(
-        False,
-        description="serve POST /dev/sign-in (a token for any user name, for the web page of `make run`);"
-        " only with the mesh's own dev secret, never with a configured key",
-    )
-
-    @model_validator(mode="after")
-    def _dev_sign_in_only_with_the_dev_secret(self) -> ChatSettings:
-        if self.dev_sign_in and not self.uses_dev_secret():
-            raise ValueError(
-                "CHATMESH_CHAT_DEV_SIGN_IN=true hands out tokens without a password, so it runs only with the"
-                f" mesh's own dev secret ({DEV_SECRET_FILE}, the default); with a configured key (JWT_SECRET,"
-                " another JWT_SECRET_FILE or JWT_PUBLIC_KEY_FILE) users sign in at your identity provider:"
-                " unset CHATMESH_CHAT_DEV_SIGN_IN"
-            )
-        return self

@@ -38,18 +38,23 @@ async def _generate(address: str, prompt: str, max_tokens: int) -> int:
 def _token(user: str, ttl_s: float, private_key: str | None) -> str:
     """A token for `user`, signed with the key the chat service verifies with. The HS256 secret file is
     read, never created: a new secret would sign a token that no running mesh accepts."""
-    from chat_service.settings import ChatSettings
     from chatmesh.common.auth import JwtKeys, issue_token, read_secret
+    from chatmesh.common.service_settings import ChatServiceSettings
+    from chatmesh.common.settings import env_name
 
-    settings = ChatSettings()
+    settings = ChatServiceSettings()
     if private_key:
         public = settings.jwt_public_key_file.read_text() if settings.jwt_public_key_file else ""
         keys = JwtKeys.rs256(
-            public, Path(private_key).read_text(), settings.jwt_issuer, settings.jwt_audience
+            public,
+            Path(private_key).read_text(),
+            settings.jwt_issuer,
+            settings.jwt_audience,
+            settings.jwt_clock_skew_s,
         )
     elif settings.jwt_public_key_file is None and not settings.jwt_secret and settings.jwt_secret_file:
-        secret = read_secret(settings.jwt_secret_file, "CHATMESH_CHAT_JWT_SECRET_FILE")
-        keys = JwtKeys.hs256(secret, settings.jwt_issuer, settings.jwt_audience)
+        secret = read_secret(settings.jwt_secret_file, env_name(ChatServiceSettings, "jwt_secret_file"))
+        keys = JwtKeys.hs256(secret, settings.jwt_issuer, settings.jwt_audience, settings.jwt_clock_skew_s)
     else:
         keys = settings.jwt_keys()
     return issue_token(keys, user, ttl_s)

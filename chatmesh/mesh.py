@@ -24,6 +24,12 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from chatmesh.common.loopback import is_loopback_host
 from chatmesh.common.private_files import keep_files_private, open_private, private_directory
+from chatmesh.common.service_settings import (
+    ChatServiceSettings,
+    EmbeddingServiceSettings,
+    InferenceServiceSettings,
+)
+from chatmesh.common.settings import env_for, env_name
 from chatmesh.common.subprocesses import terminate, wait_or_kill
 from gateway import EnvoyProcess, GatewaySettings, run_envoy
 
@@ -89,19 +95,17 @@ class MeshSettings(BaseSettings):
 def dev_sign_in_on(settings: MeshSettings) -> bool:
     """Whether the mesh offers the password-less dev sign-in: asked for, and the chat service checks
     tokens with the mesh's own dev secret (a configured key means an identity provider signs users in)."""
-    from chat_service.settings import ChatSettings
-
-    return settings.dev_sign_in and ChatSettings().uses_dev_secret()
+    return settings.dev_sign_in and ChatServiceSettings().uses_dev_secret()
 
 
 def check_exposure(settings: MeshSettings) -> None:
     """`ValueError` naming the settings and the fix when the mesh would offer the dev sign-in (a token
     for any user name, no password) to other machines: any address but loopback needs it off."""
     exposed = [
-        f"{name}={host}"
+        f"{env_name(MeshSettings, name)}={host}"
         for name, host in (
-            ("CHATMESH_MESH_GATEWAY_HOST", settings.gateway_host if settings.gateway else "127.0.0.1"),
-            ("CHATMESH_MESH_HOST", settings.host),
+            ("gateway_host", settings.gateway_host if settings.gateway else "127.0.0.1"),
+            ("host", settings.host),
         )
         if not is_loopback_host(host)
     ]
@@ -109,10 +113,11 @@ def check_exposure(settings: MeshSettings) -> None:
         raise ValueError(
             f"{' and '.join(exposed)} would let anyone on the network sign in as any user: the dev sign-in"
             " hands out tokens without a password, so it runs on loopback only. Either listen on this"
-            " machine (unset those settings) or turn the dev sign-in off with CHATMESH_MESH_DEV_SIGN_IN=false"
-            " (then give each user a token with `chatmesh token USER`), or configure a JWT key"
-            " (CHATMESH_CHAT_JWT_SECRET_FILE or CHATMESH_CHAT_JWT_PUBLIC_KEY_FILE) so that your identity"
-            " provider signs users in"
+            f" machine (unset those settings) or turn the dev sign-in off with"
+            f" {env_name(MeshSettings, 'dev_sign_in')}=false (then give each user a token with `chatmesh"
+            f" token USER`), or configure a JWT key ({env_name(ChatServiceSettings, 'jwt_secret_file')} or"
+            f" {env_name(ChatServiceSettings, 'jwt_public_key_file')}) so that your identity provider signs"
+            " users in"
         )
 
 
@@ -140,6 +145,8 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
 
     Only addresses are set here; everything else (database URL, JWT key, backend) comes from the
     services' own settings, so `CHATMESH_CHAT_DATABASE_URL=postgresql+asyncpg://...` and friends work.
+    Each environment is rendered from the service's typed settings (`chatmesh.common.service_settings`),
+    which name the variables and check the values.
     """
     common = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     dev_sign_in = dev_sign_in_on(settings)
@@ -154,9 +161,12 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
             inference,
             {
                 **common,
-                "CHATMESH_INFERENCE_ADDRESS": inference,
-                "CHATMESH_INFERENCE_LOG_FORMAT": settings.log_format,
-                "CHATMESH_INFERENCE_METRICS_ADDRESS": inference_metrics,
+                **env_for(
+                    InferenceServiceSettings,
+                    address=inference,
+                    log_format=settings.log_format,
+                    metrics_address=inference_metrics,
+                ),
             },
             loads_model=True,
             metrics_address=inference_metrics,
@@ -167,9 +177,12 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
             embedding,
             {
                 **common,
-                "CHATMESH_EMBEDDING_ADDRESS": embedding,
-                "CHATMESH_EMBEDDING_LOG_FORMAT": settings.log_format,
-                "CHATMESH_EMBEDDING_METRICS_ADDRESS": embedding_metrics,
+                **env_for(
+                    EmbeddingServiceSettings,
+                    address=embedding,
+                    log_format=settings.log_format,
+                    metrics_address=embedding_metrics,
+                ),
             },
             loads_model=True,
             metrics_address=embedding_metrics,
@@ -178,25 +191,26 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
     for replica in range(settings.chat_replicas):
         address = f"{settings.host}:{settings.chat_port + 10 * replica}"
         metrics = f"{settings.host}:{settings.metrics_port + 10 * replica}"
+        chat_env = env_for(
+            ChatServiceSettings,
+            address=address,
+            inference_address=inference,
+            # The semantic cache, on the embedding service's vector index (embedded Qdrant).
+            cache_address=embedding,
+            # Asynchronous jobs, on the mesh's NATS; every replica also runs them.
+            jobs_nats_url=settings.jobs_nats_url,
+            log_format=settings.log_format,
+            metrics_address=metrics,
+            # The web page's sign-in without a password: only while no key is configured, for callers on
+            # this machine.
+            dev_sign_in=dev_sign_in,
+        )
         specs.append(
             ServiceSpec(
                 f"chat-{replica + 1}",
                 "chat_service",
                 address,
-                {
-                    **common,
-                    "CHATMESH_CHAT_ADDRESS": address,
-                    "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-                    # The semantic cache, on the embedding service's vector index (embedded Qdrant).
-                    "CHATMESH_CHAT_CACHE_ADDRESS": embedding,
-                    # Asynchronous jobs, on the mesh's NATS; every replica also runs them.
-                    "CHATMESH_CHAT_JOBS_NATS_URL": settings.jobs_nats_url,
-                    "CHATMESH_CHAT_LOG_FORMAT": settings.log_format,
-                    "CHATMESH_CHAT_METRICS_ADDRESS": metrics,
-                    # The web page's sign-in without a password: only while no key is configured, for
-                    # callers on this machine.
-                    "CHATMESH_CHAT_DEV_SIGN_IN": str(dev_sign_in).lower(),
-                },
+                {**common, **chat_env},
                 metrics_address=metrics,
             )
         )
@@ -389,8 +403,8 @@ async def _nats(settings: MeshSettings) -> AsyncIterator[asyncio.subprocess.Proc
             if process.returncode is not None:
                 raise RuntimeError(
                     f"nats-server exited with code {process.returncode} while starting (port"
-                    f" {settings.nats_port} taken? see {log_path}); set CHATMESH_MESH_NATS_PORT or"
-                    " CHATMESH_MESH_NATS_URL"
+                    f" {settings.nats_port} taken? see {log_path}); set {env_name(MeshSettings, 'nats_port')}"
+                    f" or {env_name(MeshSettings, 'nats_url')}"
                 )
             with contextlib.suppress(OSError):
                 _, writer = await asyncio.open_connection(settings.host, settings.nats_port)
@@ -413,12 +427,8 @@ async def _gateway(
     if not settings.gateway:
         yield None
         return
-    from chat_service.settings import ChatSettings
-
-    chat = ChatSettings()
-    from inference_service.settings import InferenceSettings
-
-    engine = InferenceSettings()
+    chat = ChatServiceSettings()
+    engine = InferenceServiceSettings()
     gateway_settings = GatewaySettings(
         listen_host=settings.gateway_host,
         listen_port=settings.gateway_port,
@@ -430,8 +440,8 @@ async def _gateway(
     )
     # Refuse at the edge what the one engine cannot hold (its slots and queue), fast, rather than after a
     # replica and the engine have spent work on it (docs/jobs.md, "Overload"); the gateway's own setting,
-    # when given, wins.
-    if "CHATMESH_GATEWAY_MAX_ACTIVE_COMPLETIONS" not in os.environ:
+    # when given (read from its environment), wins.
+    if "max_active_completions" not in gateway_settings.model_fields_set:
         gateway_settings = gateway_settings.model_copy(
             update={"max_active_completions": engine.concurrency + engine.max_queue}
         )
@@ -447,11 +457,10 @@ async def _gateway(
 def _print_welcome(
     services: Sequence[RunningService], gateway: EnvoyProcess | None, dev_sign_in: bool
 ) -> None:
-    from chat_service.settings import ChatSettings
     from chatmesh.common.auth import issue_token
 
     by_name = {s.spec.name: s.spec.address for s in services}
-    keys = ChatSettings().jwt_keys()
+    keys = ChatServiceSettings().jwt_keys()
     # With RS256 only the holder of the private key can sign (`chatmesh token dev --private-key FILE`).
     token = issue_token(keys, "dev") if keys.sign_key is not None else None
     print("\nchatmesh is up:")

@@ -8,15 +8,15 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from chatmesh.common.settings import ServiceSettings
+from chatmesh.common.service_settings import EmbeddingServiceSettings
 
 
-class EmbeddingSettings(ServiceSettings):
-    """Everything the embedding service can be configured with."""
+class EmbeddingSettings(EmbeddingServiceSettings):
+    """Everything the embedding service can be configured with: the settings `chatmesh run` sets
+    (`EmbeddingServiceSettings`, in the shared runtime), and these."""
 
-    model_config = SettingsConfigDict(env_prefix="CHATMESH_EMBEDDING_", protected_namespaces=())
+    model_config = SettingsConfigDict(protected_namespaces=())
 
-    address: str = "127.0.0.1:50053"
     model_path: Path | None = Field(
         default=None,
         description="sentence-transformers model directory; default: the bundled all-MiniLM-L6-v2",

@@ -7,24 +7,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
-from pydantic_settings import SettingsConfigDict
 
-from chatmesh.common.settings import ServiceSettings
+from chatmesh.common.service_settings import InferenceServiceSettings
 from inference_service.prompt import PREAMBLES, TEMPLATES, PromptTemplate
 
 
-class InferenceSettings(ServiceSettings):
-    """Everything the inference service can be configured with."""
+class InferenceSettings(InferenceServiceSettings):
+    """Everything the inference service can be configured with: the settings `chatmesh run` sets or reads
+    (address, backend and admission: `InferenceServiceSettings`, in the shared runtime), and these."""
 
-    model_config = SettingsConfigDict(env_prefix="CHATMESH_INFERENCE_")
-
-    address: str = "127.0.0.1:50052"
-    backend: Literal["llama_cpp", "llama_server", "triton"] = Field(
-        "llama_server",
-        description="llama_server: llama.cpp's own server, many streams batched together (the default);"
-        " llama_cpp: llama-cpp-python in process, one model instance per concurrent generation; triton:"
-        " TensorRT-LLM on a Triton server (GPU)",
-    )
     model_name: str = Field("gemma-3-270m", description="name reported to clients (cache keys, display)")
     prompt_template: Literal["auto", "transcript", "gemma", "chatml"] = Field(
         "auto",
@@ -38,14 +29,7 @@ class InferenceSettings(ServiceSettings):
         " benchmarks/answer_quality.py); counted in the context window, not in reported usage",
     )
 
-    # Admission control: at most `max_concurrent` generations run; `max_queue` more may wait.
-    max_concurrent: int | None = Field(
-        None,
-        ge=1,
-        description="generations at once; default 1 for llama_cpp (one model instance each), 8 for"
-        " llama_server (its slots, batched together), 8 for triton",
-    )
-    max_queue: int = Field(8, ge=0)
+    # Admission control (with max_concurrent and max_queue): how long a request waits for a slot.
     queue_timeout_s: float = Field(30.0, gt=0, description="longest a request waits for a slot")
 
     default_max_tokens: int = Field(256, ge=1)
@@ -113,12 +97,5 @@ class InferenceSettings(ServiceSettings):
         transcript, which is what a model without a chat template of its own is sent)."""
         name = "transcript" if self.prompt_template == "auto" else self.prompt_template
         return dataclasses.replace(TEMPLATES[name], preamble=PREAMBLES[self.prompt_preamble])
-
-    @property
-    def concurrency(self) -> int:
-        """`max_concurrent`, or the backend's default."""
-        if self.max_concurrent is not None:
-            return self.max_concurrent
-        return 1 if self.backend == "llama_cpp" else 8
 
     gil_switch_interval_ms: float = Field(0.5, gt=0, description="Python's GIL switch interval (default 5)")

@@ -2,11 +2,14 @@
 it serves its metrics.
 
 Each service subclasses `ServiceSettings` with its own `env_prefix` (so `CHATMESH_CHAT_ADDRESS`,
-`CHATMESH_INFERENCE_LOG_LEVEL`, ...) and its own default `address`.
+`CHATMESH_INFERENCE_LOG_LEVEL`, ...) and its own default `address`. `env_name` and `env_for` turn settings
+back into the variables that set them, for whoever starts a service (`chatmesh run`), so that no variable
+name is written by hand twice.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -52,3 +55,29 @@ class ServiceSettings(BaseSettings):
     def _upper_case_level(cls, value: object) -> object:
         # `info` and `INFO` both work, as they do for Python's logging.
         return value.upper() if isinstance(value, str) else value
+
+
+def env_name(settings_type: type[BaseSettings], field: str) -> str:
+    """The environment variable `settings_type` reads `field` from: the field's alias, else the class's
+    `env_prefix` and the field's name (upper case, as the project writes them). `KeyError` for a field the
+    class does not have."""
+    alias = settings_type.model_fields[field].validation_alias
+    if isinstance(alias, str):
+        return alias
+    name = f"{settings_type.model_config.get('env_prefix', '')}{field}"
+    return name if settings_type.model_config.get("case_sensitive") else name.upper()
+
+
+def env_for(settings_type: type[BaseSettings], /, **values: object) -> dict[str, str]:
+    """The environment variables that give a process reading `settings_type` these `values` (by field
+    name), checked first by the class's own fields and validators: strings as they are, anything else as
+    JSON, which is how pydantic-settings reads it back (`true`, `8`, `["a", "b"]`)."""
+    settings = settings_type.model_validate(values)
+    rendered = settings.model_dump(mode="json", include=set(values))
+    env: dict[str, str] = {}
+    for field in values:
+        value = rendered[field]
+        if value is None:
+            raise ValueError(f"{env_name(settings_type, field)} cannot be set to None; leave it out instead")
+        env[env_name(settings_type, field)] = value if isinstance(value, str) else json.dumps(value)
+    return env

@@ -11,7 +11,9 @@ from chat_service.settings import ChatSettings
 from chatmesh.common.auth import DEV_SECRET_FILE, JWT_LEEWAY_S, issue_token, verify_token
 from chatmesh.common.auth_settings import JwtSettings
 from chatmesh.common.errors import Unauthenticated
-from chatmesh.common.settings import ServiceSettings
+from chatmesh.common.service_settings import ChatServiceSettings, InferenceServiceSettings
+from chatmesh.common.settings import ServiceSettings, env_for, env_name
+from chatmesh.mesh import MeshSettings, plan
 from embedding_service.settings import EmbeddingSettings
 from gateway import GatewaySettings, build_envoy_config
 from inference_service.settings import InferenceSettings
@@ -93,3 +95,61 @@ def test_every_service_reads_its_metrics_address_from_the_one_definition(
     monkeypatch.setenv(f"CHATMESH_{prefix}_METRICS_ADDRESS", "9100")
     with pytest.raises(pydantic.ValidationError, match="metrics_address"):
         settings_type()
+
+
+def test_env_names_come_from_each_class_s_prefix() -> None:
+    assert env_name(ChatServiceSettings, "jwt_secret_file") == "CHATMESH_CHAT_JWT_SECRET_FILE"
+    assert env_name(InferenceServiceSettings, "metrics_address") == "CHATMESH_INFERENCE_METRICS_ADDRESS"
+    assert env_name(GatewaySettings, "jwt_clock_skew_s") == "CHATMESH_GATEWAY_JWT_CLOCK_SKEW_S"
+    assert env_name(MeshSettings, "dev_sign_in") == "CHATMESH_MESH_DEV_SIGN_IN"
+    with pytest.raises(KeyError):
+        env_name(ChatServiceSettings, "no_such_setting")
+
+
+def test_env_for_renders_checked_values_as_settings_read_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_jwt_environment(monkeypatch)
+    env = env_for(ChatServiceSettings, address="127.0.0.1:1", dev_sign_in=True, jwt_clock_skew_s=7)
+    assert env == {
+        "CHATMESH_CHAT_ADDRESS": "127.0.0.1:1",
+        "CHATMESH_CHAT_DEV_SIGN_IN": "true",
+        "CHATMESH_CHAT_JWT_CLOCK_SKEW_S": "7",
+    }
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    read = ChatSettings()
+    assert (read.address, read.dev_sign_in, read.jwt_clock_skew_s) == ("127.0.0.1:1", True, 7)
+    with pytest.raises(pydantic.ValidationError, match="metrics_address"):
+        env_for(ChatServiceSettings, metrics_address="nowhere")
+    with pytest.raises(pydantic.ValidationError, match="no_such_setting"):
+        env_for(ChatServiceSettings, no_such_setting="1")
+    with pytest.raises(ValueError, match="CHATMESH_CHAT_CACHE_ADDRESS"):
+        env_for(ChatServiceSettings, cache_address=None)
+
+
+def test_the_mesh_s_plan_is_read_back_by_each_service_s_own_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    _without_jwt_environment(monkeypatch)
+    mesh = MeshSettings(chat_replicas=2, nats_url="nats://127.0.0.1:4222")
+    service_settings: dict[str, type[ServiceSettings]] = {
+        "chat_service": ChatSettings,
+        "inference_service": InferenceSettings,
+        "embedding_service": EmbeddingSettings,
+    }
+    by_name = {}
+    for spec in plan(mesh):
+        with monkeypatch.context() as env:
+            for name, value in spec.env.items():
+                env.setenv(name, value)
+            by_name[spec.name] = settings = service_settings[spec.module]()
+        assert (settings.address, settings.metrics_address, settings.log_format) == (
+            spec.address,
+            spec.metrics_address,
+            mesh.log_format,
+        )
+    chat = by_name["chat-2"]
+    assert isinstance(chat, ChatSettings)
+    assert (chat.inference_address, chat.cache_address, chat.jobs_nats_url, chat.dev_sign_in) == (
+        by_name["inference"].address,
+        by_name["embedding"].address,
+        "nats://127.0.0.1:4222",
+        True,
+    )
