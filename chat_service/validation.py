@@ -11,6 +11,7 @@ from datetime import UTC, datetime
 from chat_service.domain import ChatCursor, HistoryStrategy
 from chat_service.inference import SamplingOptions
 from chatmesh.chat.v1 import chat_pb2 as pb
+from chatmesh.common import sampling as ranges
 from chatmesh.common.errors import InvalidArgument
 
 MAX_CONTENT_CHARS = 32_000
@@ -19,8 +20,6 @@ MAX_SYSTEM_PROMPT_CHARS = 8_000
 MAX_REQUEST_ID_CHARS = 128
 DEFAULT_CHATS_PAGE, MAX_CHATS_PAGE = 20, 100
 DEFAULT_MESSAGES_PAGE, MAX_MESSAGES_PAGE = 50, 200
-MAX_SEED = 2**64 - 1
-"""Seeds are `uint64` in the contract; the store keeps the whole range (see `storage.models.Uint64`)."""
 MAX_SEQ = 2**63 - 1
 """Message positions are BIGINT (INTEGER on SQLite): a page token past it cannot come from this API."""
 MAX_PAGE_TOKEN_CHARS = 256
@@ -103,15 +102,12 @@ def sampling_options(
     max_tokens_field: str = "max_tokens",
 ) -> SamplingOptions:
     """Checked sampling values (None: the engine's default); `max_tokens_field` names it in errors."""
-    if max_tokens is not None and not 1 <= max_tokens <= context_length:
-        raise InvalidArgument(max_tokens_field, f"must be between 1 and {context_length}, got {max_tokens}")
-    if temperature is not None and not 0 <= temperature <= 2:
-        raise InvalidArgument("temperature", f"must be between 0 and 2, got {temperature}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise InvalidArgument("top_p", f"must be in (0, 1], got {top_p}")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise InvalidArgument("seed", f"must be between 0 and {MAX_SEED}, got {seed}")
-    return SamplingOptions(max_tokens, temperature, top_p, seed)
+    return SamplingOptions(
+        None if max_tokens is None else ranges.check_max_tokens(max_tokens, context_length, max_tokens_field),
+        None if temperature is None else ranges.check_temperature(temperature),
+        None if top_p is None else ranges.check_top_p(top_p),
+        None if seed is None else ranges.check_seed(seed),
+    )
 
 
 def page_size(value: int, default: int, limit: int) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from chatmesh.common import sampling as ranges
 from chatmesh.common.errors import InvalidArgument
 from chatmesh.inference.v1 import inference_pb2 as pb
 from inference_service.backends.base import ModelInfo, Prompt, Sampling
@@ -52,9 +53,7 @@ def parse_sampling(
         )
     room = context - prompt.token_count
     if params.HasField("max_tokens"):
-        max_tokens = params.max_tokens
-        if not 1 <= max_tokens <= context:
-            raise InvalidArgument("sampling.max_tokens", f"must be between 1 and {context}, got {max_tokens}")
+        max_tokens = ranges.check_max_tokens(params.max_tokens, context, "sampling.max_tokens")
         if max_tokens > room:
             raise InvalidArgument(
                 "sampling.max_tokens",
@@ -65,22 +64,14 @@ def parse_sampling(
         max_tokens = min(default_max_tokens, room)
 
     temperature = params.temperature if params.HasField("temperature") else 0.7
-    if not 0.0 <= temperature <= 2.0:
-        raise InvalidArgument("sampling.temperature", f"must be between 0 and 2, got {temperature}")
     top_p = params.top_p if params.HasField("top_p") else 0.95
-    if not 0.0 < top_p <= 1.0:
-        raise InvalidArgument("sampling.top_p", f"must be in (0, 1], got {top_p}")
-    if len(params.stop) > max_stop_sequences:
-        raise InvalidArgument(
-            "sampling.stop", f"at most {max_stop_sequences} stop sequences, got {len(params.stop)}"
-        )
-    for index, stop in enumerate(params.stop):
-        if not stop or len(stop) > max_stop_chars:
-            raise InvalidArgument(f"sampling.stop[{index}]", f"must be 1 to {max_stop_chars} characters")
     return Sampling(
         max_tokens=max_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        stop=(*template_stop, *params.stop),
+        temperature=ranges.check_temperature(temperature, "sampling.temperature"),
+        top_p=ranges.check_top_p(top_p, "sampling.top_p"),
+        stop=(
+            *template_stop,
+            *ranges.check_stop(params.stop, max_stop_sequences, max_stop_chars, "sampling.stop"),
+        ),
         seed=params.seed if params.HasField("seed") else None,
     )
