@@ -190,7 +190,11 @@ async def open_jobs(
 
 
 async def serve(settings: ChatSettings) -> None:
-    """Run the chat service until SIGTERM/SIGINT."""
+    """Run the chat service until SIGTERM/SIGINT.
+
+    Long on purpose (about 85 lines): it is the composition root, read top to bottom as the order in
+    which the backends are opened, wired and, in reverse, closed; the parts with choices of their own
+    are the functions above."""
     configure_logging("chat", settings.log_level, settings.log_format)
     keys = settings.jwt_keys()
     log.info(

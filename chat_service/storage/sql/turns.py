@@ -87,20 +87,29 @@ async def insert_user_message(
         except IntegrityError:
             if request_id is None:
                 raise
-        async with db.sessions.begin() as session:
-            existing = await session.scalar(
-                select(MessageRow).where(
-                    MessageRow.chat_id == chat_id,
-                    MessageRow.request_id == request_id,
-                    MessageRow.user_id == user_id,
-                )
-            )
-            chat_row = await session.scalar(
-                select(ChatRow).where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
-            )
-        if existing is not None and chat_row is not None:
-            return TurnStart(to_chat(chat_row), to_message(existing), False, [])
+        if (stored := await _stored_copy(db, user_id, chat_id, request_id)) is not None:
+            return stored
     raise RuntimeError(f"add_user_message kept colliding on request id {request_id!r}")
+
+
+async def _stored_copy(
+    db: SqlDatabase, user_id: str, chat_id: uuid.UUID, request_id: str
+) -> TurnStart | None:
+    """The turn a first attempt with `request_id` stored (None if a racing delete removed it since)."""
+    async with db.sessions.begin() as session:
+        existing = await session.scalar(
+            select(MessageRow).where(
+                MessageRow.chat_id == chat_id,
+                MessageRow.request_id == request_id,
+                MessageRow.user_id == user_id,
+            )
+        )
+        chat_row = await session.scalar(
+            select(ChatRow).where(ChatRow.id == chat_id, ChatRow.user_id == user_id)
+        )
+    if existing is None or chat_row is None:
+        return None
+    return TurnStart(to_chat(chat_row), to_message(existing), False, [])
 
 
 async def _insert_turn_transaction(
