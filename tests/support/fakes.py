@@ -1,0 +1,180 @@
+"""In-memory stand-ins for what the chat service's conversation logic talks to, for unit tests:
+
+- `MemoryDatabase`, `MemoryConversationStore`, `MemoryJobStore` (from tests/support/memory_store.py):
+  the `ConversationStore` and `JobStore` contracts in dicts; several stores (replicas) may share one
+  database, whose `log` notes every write.
+- `MemoryVectors`: the `VectorClient` the semantic cache's policy searches, with exact-text "embeddings"
+  (a point matches a search with score 1.0 when its text is the query).
+- `FakeEngine`: the `InferenceClient`, streaming a scripted reply piece by piece; it can fail, or hold a
+  stream open until the test lets it go (`hold_after`, `release`).
+
+They are fakes for unit tests only: the real stores, index and engines are tested in tests/integration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+
+from chat_service.domain import FinishReason
+from chat_service.inference import (
+    EngineInfo,
+    Generated,
+    InferenceClient,
+    PromptMessage,
+    SamplingOptions,
+    TokenCounts,
+)
+from chatmesh.common.errors import ChatmeshError
+from chatmesh.vectors.client import Hit, NewPoint, VectorClient, Where
+from chatmesh.vectors.values import Range
+from tests.support.memory_store import MemoryConversationStore, MemoryDatabase, MemoryJobStore
+
+__all__ = [
+    "FakeEngine",
+    "GenerateCall",
+    "MemoryConversationStore",
+    "MemoryDatabase",
+    "MemoryJobStore",
+    "MemoryVectors",
+]
+
+
+class MemoryVectors(VectorClient):
+    """`VectorClient` in a dict. Exact-text "embedding": a point matches a search with score 1.0 when
+    its text is the query; filters are applied as the vector service applies them."""
+
+    def __init__(self) -> None:
+        self.points: dict[str, NewPoint] = {}
+        self.searches: list[Where] = []
+        self.stored = asyncio.Event()
+        """Set once a point has been stored (cache writes run after their answer was sent)."""
+
+    @staticmethod
+    def _passes(point: NewPoint, where: Where) -> bool:
+        for key, match in where.items():
+            value = point.payload.get(key)
+            if isinstance(match, Range):
+                if not isinstance(value, int | float) or isinstance(value, bool):
+                    return False
+                if match.gt is not None and not value > match.gt:
+                    return False
+                if match.lte is not None and not value <= match.lte:
+                    return False
+            elif value != match:
+                return False
+        return True
+
+    async def search(
+        self,
+        collection: str,
+        text: str,
+        *,
+        where: Where | None = None,
+        limit: int = 5,
+        score_threshold: float | None = None,
+    ) -> list[Hit]:
+        self.searches.append(where or {})
+        return [
+            Hit(str(point.id), 1.0, dict(point.payload))
+            for point in self.points.values()
+            if point.text == text and self._passes(point, where or {})
+        ][:limit]
+
+    async def upsert(self, collection: str, points: Sequence[NewPoint]) -> int:
+        for point in points:
+            self.points[str(point.id)] = point
+        self.stored.set()
+        return len(points)
+
+    async def delete(self, collection: str, where: Where) -> int:
+        doomed = [key for key, point in self.points.items() if self._passes(point, where)]
+        for key in doomed:
+            del self.points[key]
+        return len(doomed)
+
+
+@dataclass(frozen=True)
+class GenerateCall:
+    """One `generate` call the engine received."""
+
+    messages: tuple[PromptMessage, ...]
+    sampling: SamplingOptions
+    request_id: str
+
+
+class FakeEngine(InferenceClient):
+    """An engine that answers every prompt with `reply`, one piece per event, then `Generated`.
+
+    - `fail` (with `fail_after` pieces sent first): the stream raises it there; before the first piece,
+      the call fails before the stream starts.
+    - `hold_after`: after that many pieces, the stream waits for `release` (`holding` is set while a
+      stream waits there), so a test can act while a generation runs.
+    - `calls` lists what it was asked; `closed` the request ids of streams closed before their end
+      (a cancelled generation), `finished` those that ran to the end.
+    """
+
+    def __init__(
+        self, reply: Sequence[str] = ("Hello", ",", " world", "."), info: EngineInfo | None = None
+    ) -> None:
+        self.info = info or EngineInfo("fake-model", 4096, 32)
+        self.reply = list(reply)
+        self.fail: ChatmeshError | None = None
+        self.fail_after = 0
+        self.hold_after: int | None = None
+        self.release = asyncio.Event()
+        self.holding = asyncio.Event()
+        self.calls: list[GenerateCall] = []
+        self.counted: list[tuple[PromptMessage, ...]] = []
+        self.closed: list[str] = []
+        self.finished: list[str] = []
+
+    async def model_info(self) -> EngineInfo:
+        return self.info
+
+    @staticmethod
+    def _tokens(message: PromptMessage) -> int:
+        return 3 + len(message.content.split())
+
+    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
+        self.counted.append(tuple(messages))
+        return 1 + sum(map(self._tokens, messages))
+
+    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
+        each = tuple(map(self._tokens, messages))
+        return TokenCounts(1 + sum(each), each, 1)
+
+    async def generate(
+        self,
+        messages: Sequence[PromptMessage],
+        sampling: SamplingOptions,
+        request_id: str,
+        *,
+        affinity: str | None = None,
+    ) -> AsyncGenerator[str | Generated, None]:
+        self.calls.append(GenerateCall(tuple(messages), sampling, request_id))
+        sent = 0
+        try:
+            for piece in self.reply:
+                # Each piece in a pass of the event loop of its own, as it would come off the network.
+                await asyncio.sleep(0)
+                if self.fail is not None and sent == self.fail_after:
+                    raise self.fail
+                if self.hold_after is not None and sent == self.hold_after:
+                    self.holding.set()
+                    await self.release.wait()
+                yield piece
+                sent += 1
+            if self.fail is not None and sent == self.fail_after:
+                raise self.fail
+            prompt_tokens = await self.count_tokens(messages)
+            self.counted.pop()
+            yield Generated(FinishReason.STOP, prompt_tokens, sent)
+        except GeneratorExit:
+            self.closed.append(request_id)
+            raise
+        except asyncio.CancelledError:
+            self.closed.append(request_id)
+            raise
+        self.finished.append(request_id)
