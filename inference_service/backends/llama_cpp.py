@@ -26,16 +26,17 @@ from inference_service.backends.base import (
     TextDelta,
     llama_cpp_seed,
 )
+from inference_service.backends.templated import TemplatedBackend
 from inference_service.backends.text import LeadingSpaceTrimmer
-from inference_service.backends.tokenizers import LlamaTokenizer, TokenizerThread
-from inference_service.prompt import PromptTemplate, Turn
+from inference_service.backends.tokenizers import LlamaTokenizer
+from inference_service.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
 _DONE = object()
 
 
-class LlamaCppBackend:
+class LlamaCppBackend(TemplatedBackend):
     """Runs generations on a pool of `llama_cpp.Llama` instances, one per concurrent generation.
 
     A `Llama` object is not thread-safe, so each concurrent generation gets its own instance (they share
@@ -51,25 +52,13 @@ class LlamaCppBackend:
         template: PromptTemplate,
         model_name: str,
     ) -> None:
-        self._template = template
+        info = ModelInfo(model=model_name, context_length=instances[0].n_ctx(), backend="llama_cpp")
         # Tokenizing reads only the vocabulary, which is safe beside a generation on the same instance.
-        self._tokenizer = TokenizerThread(LlamaTokenizer(instances[0]), template, "llama-tokenize")
+        super().__init__(info, template, LlamaTokenizer(instances[0]), "llama-tokenize")
         self._pool: asyncio.Queue[Llama] = asyncio.Queue()
         for llm in instances:
             self._pool.put_nowait(llm)
         self._executor = ThreadPoolExecutor(max_workers=len(instances), thread_name_prefix="llama")
-        self._info = ModelInfo(model=model_name, context_length=instances[0].n_ctx(), backend="llama_cpp")
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def default_stop(self) -> tuple[str, ...]:
-        return self._template.stop
-
-    async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        return await self._tokenizer.prompt(turns)
 
     async def generate(
         self, prompt: Prompt, sampling: Sampling
@@ -108,7 +97,7 @@ class LlamaCppBackend:
                 await asyncio.shield(work)
 
     async def aclose(self) -> None:
-        self._tokenizer.close(wait=True)
+        self._tokenizer_thread.close(wait=True)
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 

@@ -41,9 +41,10 @@ from inference_service.backends.base import (
     TextDelta,
     llama_cpp_seed,
 )
+from inference_service.backends.templated import TemplatedBackend
 from inference_service.backends.text import LeadingSpaceTrimmer
-from inference_service.backends.tokenizers import LlamaTokenizer, Tokenizer, TokenizerThread
-from inference_service.prompt import PromptTemplate, Turn
+from inference_service.backends.tokenizers import LlamaTokenizer, Tokenizer
+from inference_service.prompt import PromptTemplate
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +162,7 @@ async def sse_lines(chunks: AsyncIterator[str]) -> AsyncIterator[str]:
         yield pending
 
 
-class LlamaServerBackend:
+class LlamaServerBackend(TemplatedBackend):
     """Streams generations from a `llama-server` child process over its HTTP API."""
 
     def __init__(
@@ -172,31 +173,18 @@ class LlamaServerBackend:
         info: ModelInfo,
         slots: int,
     ) -> None:
+        super().__init__(info, template, tokenizer)
         self._http = http
         self._slots = SlotChooser(slots)
         self.base_url = str(http.base_url)
         """Where the llama-server listens (for benchmarks that compare against it alone)."""
-        self._tokenizer = TokenizerThread(tokenizer, template)
-        self._template = template
-        self._info = info
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def default_stop(self) -> tuple[str, ...]:
-        return self._template.stop
-
-    async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        return await self._tokenizer.prompt(turns)
 
     async def warm_slots(self) -> None:
         """Have every slot cache the start all prompts share (the preamble), so that a new chat's first
         prompt, whichever empty slot it gets, reads only its own messages: with the few-shot preamble
         that is 69 of a first prompt's 79 tokens (~0.3 s of prefill on a slow 2-core machine). The slots
         start together, in one batch."""
-        start = await self._tokenizer.shared_start()
+        start = await self._tokenizer_thread.shared_start()
         if len(start) < 2:
             return  # nothing worth caching
 
@@ -214,7 +202,7 @@ class LlamaServerBackend:
         await asyncio.gather(*(warm(slot) for slot in range(self._slots.count)))
 
     def close(self) -> None:
-        self._tokenizer.close()
+        self._tokenizer_thread.close()
 
     async def _open_stream(self, stack: contextlib.AsyncExitStack, body: dict[str, Any]) -> httpx.Response:
         """POST a completion; its response (headers read) stays open until `stack` closes.

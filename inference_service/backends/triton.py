@@ -49,15 +49,15 @@ from tritonclient.utils import InferenceServerException
 from chatmesh.common.errors import Unavailable
 from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
 from inference_service.backends.coalesce import coalesced
+from inference_service.backends.templated import TemplatedBackend
 from inference_service.backends.text import LeadingSpaceTrimmer
 from inference_service.backends.tokenizers import (
     EngineTokenizer,
     Tokenizer,
-    TokenizerThread,
     open_tokenizer,
 )
 from inference_service.model_files import resolve_tokenizer
-from inference_service.prompt import PromptTemplate, Turn
+from inference_service.prompt import PromptTemplate
 from inference_service.settings import InferenceSettings
 
 log = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ class _EngineCount:
             self.tokens = (self.tokens or 0) + tokens
 
 
-class TritonBackend:
+class TritonBackend(TemplatedBackend):
     """Streams generations from a decoupled TensorRT-LLM-style model on Triton."""
 
     def __init__(
@@ -163,29 +163,16 @@ class TritonBackend:
         pad_id: int,
         tensors: TritonTensorNames = TritonTensorNames(),
     ) -> None:
+        super().__init__(info, template, tokenizer)
         self._stub = stub
         self._tokenizer = tokenizer
         self._end_id = _INT32.pack(end_id)
         self._pad_id = _INT32.pack(pad_id)
         self._stop_words: dict[tuple[str, ...], tuple[bytes, int] | None] = {}
-        self._template = template
         self._url = url
         self._model = model
-        self._info = info
         self._timeout_s = timeout_s
         self._tensors = tensors
-        self._tokenizer_thread = TokenizerThread(tokenizer, template)
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
-    @property
-    def default_stop(self) -> tuple[str, ...]:
-        return self._template.stop
-
-    async def prepare(self, turns: Sequence[Turn]) -> Prompt:
-        return await self._tokenizer_thread.prompt(turns)
 
     def close(self) -> None:
         """Stop the tokenizer thread (the channel to Triton belongs to whoever opened this backend)."""
