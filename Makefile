@@ -75,7 +75,8 @@ format: install-test
 	$(PY) -m ruff check --fix $(SRC)
 	$(PY) -m ruff format $(SRC)
 
-## Regenerate Python stubs and Envoy's descriptor set from protos/.
+## Regenerate the Python stubs, Envoy's descriptor set and the OpenAPI document from protos/, and the
+## gateway's config for the default settings (envoy/envoy.yaml).
 protos: install-test
 	$(PY) tools/protos.py
 

@@ -8,6 +8,7 @@ engine), so no test depends on the order the tests run in.
 
 from __future__ import annotations
 
+import base64
 import itertools
 import json
 import os
@@ -720,6 +721,20 @@ def test_rendered_config_passes_envoy_validate(tmp_path: Path) -> None:
     path.write_text(re.sub(r'"stream_idle_timeout"', '"stream_idle_timout"', path.read_text()))
     with pytest.raises(ValueError, match="stream_idle_timout"):
         validate_config(path)
+
+
+def test_the_committed_envoy_yaml_with_its_placeholders_filled_in_passes_envoy_validate(
+    tmp_path: Path,
+) -> None:
+    # envoy/envoy.yaml, the default settings' config for Envoy users to read (drift-checked by the unit
+    # tests and `make lint`), is a config Envoy takes once the per-machine values are put in.
+    text = (Path(__file__).resolve().parents[2] / "envoy" / "envoy.yaml").read_text()
+    secret = base64.urlsafe_b64encode(TEST_SECRET.encode()).rstrip(b"=").decode()
+    package = default_descriptor_path().parent.parent
+    path = tmp_path / "envoy.yaml"
+    path.write_text(text.replace("<gateway>", str(package)).replace("<JWT secret, base64url>", secret))
+    assert "<gateway>" not in path.read_text() and "<JWT secret" not in path.read_text()
+    assert "OK" in validate_config(path)
 
 
 def test_a_non_editable_install_runs_the_gateway_on_its_packaged_descriptor_set(tmp_path: Path) -> None:

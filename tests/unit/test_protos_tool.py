@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
 from google.protobuf import descriptor_pb2
+
+from gateway.api import default_descriptor_path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -85,3 +89,22 @@ def test_the_descriptor_set_carries_the_error_detail_types(
     names = {file.name for file in descriptors.file}
     assert {"chatmesh/foo/v1/foo.proto", "google/rpc/error_details.proto"} <= names
     assert not (root / "google").exists(), "no stubs are generated for the extra descriptor files"
+
+
+def test_envoy_yaml_is_the_config_of_the_default_settings(
+    protos_tool: ModuleType, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """envoy/envoy.yaml, the config an Envoy user reads, is what the gateway renders for the defaults
+    now (`make protos` rewrites it, `make lint` checks it too), whatever the environment says."""
+    monkeypatch.setenv("CHATMESH_GATEWAY_LISTEN_PORT", "1234")
+    monkeypatch.chdir(tmp_path)  # the default secret file is relative: none may be created
+    committed = (REPO / protos_tool.ENVOY_YAML).read_text()
+    assert protos_tool.envoy_yaml(default_descriptor_path()) == committed, (
+        "envoy/envoy.yaml is out of date: run `make protos` and commit it"
+    )
+    assert os.environ["CHATMESH_GATEWAY_LISTEN_PORT"] == "1234" and not any(tmp_path.iterdir())
+    config = yaml.safe_load(committed)
+    (listener,) = config["static_resources"]["listeners"]
+    assert listener["address"]["socket_address"] == {"address": "127.0.0.1", "port_value": 8080}
+    assert "<JWT secret, base64url>" in committed and "<gateway>/data/chatmesh.pb" in committed
+    assert str(REPO) not in committed, "no path of this machine"
