@@ -8,7 +8,8 @@ The parts, each in its own module:
 - `config`: the Envoy bootstrap rendered from both, composed of one module per concern: `routes`,
   `filters` (with `jwks` and `rest_errors`, whose Lua program is `rest_errors.lua`), `local_replies`,
   `clusters`, `tracing`, `metrics`; `envoy_json` holds the small shapes they share;
-- `openapi`: the REST API's OpenAPI document (`data/openapi.json`, written by `make protos`);
+- `openapi`: the REST API's OpenAPI document (`data/openapi.json`, written by `make protos`), with what
+  the descriptor set cannot say in `openapi_schemas`;
 - `validate`: the Envoy binary and `envoy --mode validate`;
 - `process`: running Envoy (`run_envoy`) and reading its admin interface;
 - `cli`: `python -m gateway [--print | --validate]`.

@@ -20,6 +20,16 @@ from typing import Any
 from google.protobuf import descriptor_pb2
 
 from gateway.api import ACCEPTED, OPENAI_SERVICE, PUBLIC_SERVICES, ServiceApi, http_rule
+from gateway.openapi_schemas import (
+    ERROR_REPLIES,
+    ERROR_SCHEMA,
+    FIELD_CONSTRAINTS,
+    HTTP_BODY_REPLIES,
+    LINKS,
+    OPENAI_SCHEMAS,
+    REQUIRED_FIELDS,
+    STRUCT_BODIES,
+)
 
 FieldProto = descriptor_pb2.FieldDescriptorProto
 
@@ -60,6 +70,8 @@ _SCALARS: dict[int, dict[str, Any]] = {
     FieldProto.TYPE_BYTES: {"type": "string", "contentEncoding": "base64"},
 }
 
+_HTTP_BODY = ".google.api.HttpBody"
+
 _WELL_KNOWN: dict[str, dict[str, Any]] = {
     ".google.protobuf.Timestamp": {"type": "string", "format": "date-time"},
     ".google.protobuf.Duration": {"type": "string", "pattern": r"^-?[0-9]+(\.[0-9]+)?s$"},
@@ -68,273 +80,6 @@ _WELL_KNOWN: dict[str, dict[str, Any]] = {
     ".google.protobuf.Value": {},
     ".google.protobuf.Any": {"type": "object", "properties": {"@type": {"type": "string"}}},
 }
-
-ERROR_SCHEMA = {
-    "type": "object",
-    "description": "A failed call: the gRPC status by name, its message, and its google.rpc details"
-    " (BadRequest names the field, RetryInfo the delay).",
-    "properties": {
-        "code": {"type": "string", "examples": ["INVALID_ARGUMENT", "NOT_FOUND", "RESOURCE_EXHAUSTED"]},
-        "message": {"type": "string"},
-        "details": {"type": "array", "items": {"type": "object"}},
-    },
-    "required": ["code", "message"],
-}
-
-_NULLABLE_STRING = {"type": ["string", "null"]}
-_USAGE = {
-    "type": "object",
-    "properties": {
-        "prompt_tokens": {"type": "integer"},
-        "completion_tokens": {"type": "integer"},
-        "total_tokens": {"type": "integer"},
-    },
-    "required": ["prompt_tokens", "completion_tokens", "total_tokens"],
-}
-_FINISH_REASON = {"type": ["string", "null"], "enum": ["stop", "length", None]}
-OPENAI_SCHEMAS: dict[str, dict[str, Any]] = {
-    "openai.ChatCompletion": {
-        "type": "object",
-        "description": "OpenAI's `chat.completion` object.",
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "message": {
-                            "type": "object",
-                            "properties": {
-                                "role": {"const": "assistant"},
-                                "content": _NULLABLE_STRING,
-                                "refusal": _NULLABLE_STRING,
-                            },
-                            "required": ["role", "content"],
-                        },
-                        "logprobs": {"type": "null"},
-                        "finish_reason": _FINISH_REASON,
-                    },
-                    "required": ["index", "message", "finish_reason"],
-                },
-            },
-            "usage": _USAGE,
-            "system_fingerprint": _NULLABLE_STRING,
-        },
-        "required": ["id", "object", "created", "model", "choices", "usage"],
-    },
-    "openai.ChatCompletionChunk": {
-        "type": "object",
-        "description": "OpenAI's `chat.completion.chunk` object: one server-sent event of a streamed reply.",
-        "properties": {
-            "id": {"type": "string"},
-            "object": {"const": "chat.completion.chunk"},
-            "created": {"type": "integer"},
-            "model": {"type": "string"},
-            "choices": {
-                "type": "array",
-                "items": {
-                    "type": "object",
-                    "properties": {
-                        "index": {"type": "integer"},
-                        "delta": {
-                            "type": "object",
-                            "properties": {"role": {"const": "assistant"}, "content": _NULLABLE_STRING},
-                        },
-                        "logprobs": {"type": "null"},
-                        "finish_reason": _FINISH_REASON,
-                    },
-                    "required": ["index", "delta", "finish_reason"],
-                },
-            },
-            "usage": {"oneOf": [_USAGE, {"type": "null"}]},
-            "system_fingerprint": _NULLABLE_STRING,
-        },
-        "required": ["id", "object", "created", "model", "choices"],
-    },
-    "openai.Error": {
-        "type": "object",
-        "description": "OpenAI's error body; `code` is the gRPC status name in lower case.",
-        "properties": {
-            "error": {
-                "type": "object",
-                "properties": {
-                    "message": {"type": "string"},
-                    "type": {"type": "string", "examples": ["invalid_request_error", "rate_limit_error"]},
-                    "param": _NULLABLE_STRING,
-                    "code": _NULLABLE_STRING,
-                },
-                "required": ["message", "type"],
-            }
-        },
-        "required": ["error"],
-    },
-}
-
-_HTTP_BODY = ".google.api.HttpBody"
-_HTTP_BODY_REPLIES: dict[tuple[str, str], dict[str, Any]] = {
-    (OPENAI_SERVICE, "CreateChatCompletion"): {
-        "application/json": {"schema": {"$ref": "#/components/schemas/openai.ChatCompletion"}},
-        "text/event-stream": {
-            "schema": {
-                "type": "object",
-                "description": 'With `"stream": true`: one event per chunk, then `data: [DONE]`; an'
-                " error after the stream started is an event holding an OpenAI error object.",
-                "properties": {
-                    # `[DONE]` is not JSON, so the data is no JSON media type: a reader that parsed every
-                    # event as one (the fuzzing does) would fail on the last.
-                    "data": {
-                        "type": "string",
-                        "description": "the JSON of an `openai.ChatCompletionChunk` (or, after a failure, of"
-                        " an `openai.Error`); `[DONE]` last",
-                    }
-                },
-                "required": ["data"],
-            }
-        },
-    }
-}
-
-_STRUCT_BODIES = {
-    (OPENAI_SERVICE, "CreateChatCompletion"): ".chatmesh.openai.v1.CreateChatCompletionRequest",
-}
-"""Methods whose body travels as a google.protobuf.Struct, read into the message named here by the
-service (which rejects the fields that message lacks): the body's schema is that message's."""
-
-_ERRORS = {
-    "400": "invalid argument (the field is named in the details)",
-    "401": "missing or invalid bearer token",
-    "404": "not found (another user's chat is not found either)",
-    "413": "the request body is larger than the gateway takes (`CHATMESH_GATEWAY_MAX_REQUEST_BYTES`)",
-    "429": "rate-limited or the engine is full: retry after the `retry-after-ms` header",
-    "503": "a dependency is unavailable: retry",
-}
-
-
-# The limits the chat service enforces (chat_service/validation.py, chat_service/openai_api.py), written
-# into the request schemas so that clients, and the fuzzing that reads this document, know them; a
-# unit test holds these numbers to the service's own. A request outside them is a 400 naming the field.
-MAX_CONTENT_CHARS = 32_000
-MAX_TITLE_CHARS = 200
-MAX_SYSTEM_PROMPT_CHARS = 8_000
-MAX_REQUEST_ID_CHARS = 128
-MAX_CHATS_PAGE = 100
-MAX_MESSAGES_PAGE = 200
-_NOT_BLANK = r"\S"
-"""Holds a character other than white space (patterns are not anchored)."""
-_SAMPLING: dict[str, dict[str, Any]] = {
-    # The upper bound of max_tokens is the served model's context length, which the document cannot know.
-    "max_tokens": {"minimum": 1},
-    "temperature": {"minimum": 0, "maximum": 2},
-    "top_p": {"exclusiveMinimum": 0, "maximum": 1},
-}
-_COMPLETION_FIELDS: dict[str, dict[str, Any]] = {
-    "content": {"minLength": 1, "maxLength": MAX_CONTENT_CHARS, "pattern": _NOT_BLANK},
-    "request_id": {"maxLength": MAX_REQUEST_ID_CHARS},
-    **_SAMPLING,
-}
-_CHAT_FIELDS: dict[str, dict[str, Any]] = {
-    "title": {"maxLength": MAX_TITLE_CHARS},
-    "system_prompt": {"maxLength": MAX_SYSTEM_PROMPT_CHARS},
-}
-_TEXT_PART = {
-    "type": "object",
-    "properties": {"type": {"const": "text"}, "text": {"type": "string"}},
-    "required": ["type"],
-}
-FIELD_CONSTRAINTS: dict[str, dict[str, dict[str, Any]]] = {
-    ".chatmesh.chat.v1.CreateChatRequest": {
-        **_CHAT_FIELDS,
-        # Optional: empty starts a chat without a question.
-        "content": {"maxLength": MAX_CONTENT_CHARS, "pattern": f"^$|{_NOT_BLANK}"},
-        "request_id": {"maxLength": MAX_REQUEST_ID_CHARS},
-        **_SAMPLING,
-    },
-    ".chatmesh.chat.v1.CompleteRequest": _COMPLETION_FIELDS,
-    ".chatmesh.chat.v1.SubmitCompletionRequest": _COMPLETION_FIELDS,
-    ".chatmesh.chat.v1.UpdateChatRequest": _CHAT_FIELDS,
-    ".chatmesh.chat.v1.ListChatsRequest": {"page_size": {"minimum": 0, "maximum": MAX_CHATS_PAGE}},
-    ".chatmesh.chat.v1.GetMessagesRequest": {"page_size": {"minimum": 0, "maximum": MAX_MESSAGES_PAGE}},
-    ".chatmesh.openai.v1.CreateChatCompletionRequest": {
-        "model": {"minLength": 1},
-        "messages": {"minItems": 1},
-        **_SAMPLING,
-        "max_completion_tokens": {"minimum": 1},
-        "seed": {"minimum": 0, "pattern": "^[0-9]+$"},
-        # What chatmesh cannot honour is accepted only with its neutral value.
-        "n": {"const": 1},
-        "stop": {"type": "null"},
-        "presence_penalty": {"const": 0},
-        "frequency_penalty": {"const": 0},
-        "logprobs": {"const": False},
-    },
-    ".chatmesh.openai.v1.ChatMessage": {
-        "role": {"enum": ["system", "developer", "user", "assistant"]},
-        "content": {
-            "oneOf": [
-                {"type": "string", "maxLength": MAX_CONTENT_CHARS},
-                {"type": "array", "items": _TEXT_PART},
-            ]
-        },
-    },
-}
-"""Per request message (full name), per field: JSON Schema keywords added to the field's schema."""
-
-_CHAT_ID_TAKERS = ("Complete", "GetMessages", "UpdateChat", "DeleteChat", "SubmitCompletion")
-_JOB_ID_TAKERS = ("GetJob", "WatchJob")
-_STREAMED_CHAT_ID = '$response.body#/0/data#regex:"chat_id":"([^"]+)"'
-"""The chat a completion stream belongs to: the `chat_id` in the `data` of its first event. Standard
-runtime expressions cannot reach into an event's JSON; the `#regex:` suffix (one capturing group) is
-how Schemathesis, which drives the fuzzing, extracts it, and a tool that does not know it sees a string."""
-
-
-def _chat_links(expression: str) -> dict[str, dict[str, Any]]:
-    return {name: {"operationId": name, "parameters": {"chat_id": expression}} for name in _CHAT_ID_TAKERS}
-
-
-LINKS: dict[str, dict[str, dict[str, Any]]] = {
-    "CreateChat": _chat_links(_STREAMED_CHAT_ID),
-    "Complete": _chat_links(_STREAMED_CHAT_ID),
-    "ListChats": {
-        **_chat_links("$response.body#/chats/0/chat_id"),
-        "NextPage": {
-            "operationId": "ListChats",
-            "parameters": {"page_token": "$response.body#/next_page_token"},
-        },
-    },
-    "GetMessages": {
-        "NextPage": {
-            "operationId": "GetMessages",
-            "parameters": {
-                "chat_id": "$request.path.chat_id",
-                "page_token": "$response.body#/next_page_token",
-            },
-        },
-    },
-    "UpdateChat": _chat_links("$response.body#/chat/chat_id"),
-    "SubmitCompletion": {
-        **_chat_links("$response.body#/chat_id"),
-        **{
-            name: {"operationId": name, "parameters": {"job_id": "$response.body#/job_id"}}
-            for name in _JOB_ID_TAKERS
-        },
-    },
-    "GetJob": {"WatchJob": {"operationId": "WatchJob", "parameters": {"job_id": "$response.body#/job_id"}}},
-}
-"""OpenAPI links of each operation's success reply, by operationId: where the ids a reply holds (a new
-chat, a job, the next page) can be used next."""
-
-REQUIRED_FIELDS: dict[str, list[str]] = {
-    ".chatmesh.chat.v1.CompleteRequest": ["content"],
-    ".chatmesh.chat.v1.SubmitCompletionRequest": ["content"],
-    ".chatmesh.openai.v1.CreateChatCompletionRequest": ["model", "messages"],
-    ".chatmesh.openai.v1.ChatMessage": ["role", "content"],
-}
-"""Fields a request must set (proto3 has no `required`; the service refuses the request without them)."""
 
 
 class _Messages:
@@ -468,6 +213,30 @@ def _operation(
     schemas: _Schemas,
     messages: _Messages,
 ) -> dict[str, Any]:
+    operation: dict[str, Any] = {
+        "operationId": method.name,
+        "summary": f"{method.name} ({service}/{method.name} over gRPC)",
+    }
+    parameters, request_body = _request(service, method, template, body, schemas, messages)
+    if request_body is not None:
+        operation["requestBody"] = request_body
+    if parameters:
+        operation["parameters"] = parameters
+    operation["responses"] = _responses(service, method, schemas)
+    return operation
+
+
+def _request(
+    service: str,
+    method: descriptor_pb2.MethodDescriptorProto,
+    template: str,
+    body: str,
+    schemas: _Schemas,
+    messages: _Messages,
+) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """The operation's parameters (path, then query) and its request body, as the transcoder binds the
+    request message: the path's variables, then the body (`*`: the rest of the message; a field name:
+    that field), else the message's other scalar fields from the query string."""
     request = messages.messages[method.input_type]
     fields = {f.name: f for f in request.field}
     path_fields = [match.group(1) for match in _VARIABLE.finditer(template)]
@@ -483,18 +252,14 @@ def _operation(
         }
         for name in path_fields
     ]
-    operation: dict[str, Any] = {
-        "operationId": method.name,
-        "summary": f"{method.name} ({service}/{method.name} over gRPC)",
-    }
-    struct_body = _STRUCT_BODIES.get((service, method.name))
+    struct_body = STRUCT_BODIES.get((service, method.name))
     if struct_body is not None:
-        operation["requestBody"] = {
+        return parameters, {
             "required": True,
             "content": {"application/json": {"schema": schemas.message(struct_body)}},
         }
-    elif body == "*":
-        operation["requestBody"] = {
+    if body == "*":
+        return parameters, {
             # The transcoder reads a missing body as an empty message, which is a request when no
             # field is required.
             "required": method.input_type in REQUIRED_FIELDS,
@@ -502,33 +267,33 @@ def _operation(
                 "application/json": {"schema": schemas.message(method.input_type, frozenset(path_fields))}
             },
         }
-    elif body:
-        operation["requestBody"] = {
+    if body:
+        return parameters, {
             "required": True,
             "content": {"application/json": {"schema": schemas.field(fields[body], method.input_type)}},
         }
-    else:
-        for field in request.field:
-            if field.name in path_fields or field.type == FieldProto.TYPE_MESSAGE:
-                continue
-            parameters.append(
-                {
-                    "name": field.name,
-                    "in": "query",
-                    "required": False,
-                    "schema": schemas.field(field, method.input_type),
-                }
-            )
-    if parameters:
-        operation["parameters"] = parameters
+    query = [
+        {
+            "name": field.name,
+            "in": "query",
+            "required": False,
+            "schema": schemas.field(field, method.input_type),
+        }
+        for field in request.field
+        if field.name not in path_fields and field.type != FieldProto.TYPE_MESSAGE
+    ]
+    return parameters + query, None
+
+
+def _responses(
+    service: str, method: descriptor_pb2.MethodDescriptorProto, schemas: _Schemas
+) -> dict[str, Any]:
+    """The success reply (202 for the `ACCEPTED` methods; events for a streaming one) and the errors."""
     error_schema = "openai.Error" if service == OPENAI_SERVICE else "Error"
     error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{error_schema}"}}}
+    errors = {code: {"description": text, "content": error} for code, text in ERROR_REPLIES.items()}
     if method.output_type == _HTTP_BODY:
-        operation["responses"] = {
-            "200": {"description": "OK", "content": _HTTP_BODY_REPLIES[(service, method.name)]},
-            **{code: {"description": text, "content": error} for code, text in _ERRORS.items()},
-        }
-        return operation
+        return {"200": {"description": "OK", "content": HTTP_BODY_REPLIES[(service, method.name)]}, **errors}
     reply = schemas.ref(method.output_type)
     success = "202" if method.name in ACCEPTED else "200"
     if method.server_streaming:
@@ -547,12 +312,11 @@ def _operation(
     else:
         content = {"application/json": {"schema": reply}}
         description = "OK"
-    operation["responses"] = {
+    return {
         success: {
             "description": description,
             "content": content,
             **({"links": LINKS[method.name]} if method.name in LINKS else {}),
         },
-        **{code: {"description": text, "content": error} for code, text in _ERRORS.items()},
+        **errors,
     }
-    return operation

@@ -19,7 +19,7 @@ from chat_service.inference import EngineInfo, PromptMessage, SamplingOptions
 from chat_service.openai_api import OpenAIServicer, read_request
 from chatmesh.common import auth
 from chatmesh.common.errors import InvalidArgument, ResourceExhausted, Unavailable
-from gateway.openapi import OPENAI_SCHEMAS
+from gateway.openapi_schemas import OPENAI_SCHEMAS
 
 ENGINE = EngineInfo("tiny", 2048, 64)
 

@@ -11,7 +11,7 @@ from openapi_spec_validator import validate
 
 from chat_service import openai_api
 from chat_service import validation as service_rules
-from gateway import openapi
+from gateway import openapi_schemas
 from gateway.api import ACCEPTED, ServiceApi, default_descriptor_path
 from gateway.openapi import openapi_document
 
@@ -78,10 +78,10 @@ def _refs(node: Any) -> list[str]:
 
 def test_the_limits_written_into_the_document_are_the_ones_the_service_enforces() -> None:
     for name in ("MAX_CONTENT_CHARS", "MAX_TITLE_CHARS", "MAX_SYSTEM_PROMPT_CHARS", "MAX_REQUEST_ID_CHARS"):
-        assert getattr(openapi, name) == getattr(service_rules, name), name
-    assert openapi.MAX_CHATS_PAGE == service_rules.MAX_CHATS_PAGE
-    assert openapi.MAX_MESSAGES_PAGE == service_rules.MAX_MESSAGES_PAGE
-    assert set(openapi.FIELD_CONSTRAINTS[".chatmesh.openai.v1.ChatMessage"]["role"]["enum"]) == set(
+        assert getattr(openapi_schemas, name) == getattr(service_rules, name), name
+    assert openapi_schemas.MAX_CHATS_PAGE == service_rules.MAX_CHATS_PAGE
+    assert openapi_schemas.MAX_MESSAGES_PAGE == service_rules.MAX_MESSAGES_PAGE
+    assert set(openapi_schemas.FIELD_CONSTRAINTS[".chatmesh.openai.v1.ChatMessage"]["role"]["enum"]) == set(
         openai_api._ROLES
     )
     paths = committed()["paths"]
