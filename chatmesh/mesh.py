@@ -22,15 +22,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from chatmesh.common.children import Child, ChildFailed, NotReady, accepting, child_process, start_child
 from chatmesh.common.loopback import is_loopback_host
-from chatmesh.common.private_files import keep_files_private, open_private, private_directory
+from chatmesh.common.private_files import keep_files_private, private_directory
 from chatmesh.common.service_settings import (
     ChatServiceSettings,
     EmbeddingServiceSettings,
     InferenceServiceSettings,
 )
 from chatmesh.common.settings import env_for, env_name
-from chatmesh.common.subprocesses import terminate, wait_or_kill
 from gateway import EnvoyProcess, GatewaySettings, run_envoy
 
 RUN_DIR = Path(".run")
@@ -136,8 +136,8 @@ class ServiceSpec:
 @dataclass
 class RunningService:
     spec: ServiceSpec
-    process: asyncio.subprocess.Process
-    log_task: asyncio.Task[None]
+    child: Child
+    """Its process; replaced by the supervisor's restarts."""
 
 
 def plan(settings: MeshSettings) -> list[ServiceSpec]:
@@ -217,57 +217,43 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
     return specs
 
 
-async def _relay_logs(name: str, stream: asyncio.StreamReader) -> None:
-    while line := await stream.readline():
-        sys.stderr.write(f"[{name}] {line.decode(errors='replace')}")
-
-
 async def _wait_healthy(service: RunningService, timeout_s: float) -> None:
-    """Poll gRPC health until SERVING, showing elapsed time; fail if the process dies first."""
-    started = time.monotonic()
-    async with grpc.aio.insecure_channel(service.spec.address) as channel:
+    """Wait until its gRPC health says SERVING and show how long that took; `ChildFailed` if the
+    process exits first or `timeout_s` passes."""
+    address = service.spec.address
+    async with grpc.aio.insecure_channel(address) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        while True:
-            if service.process.returncode is not None:
-                raise RuntimeError(
-                    f"{service.spec.name} exited with code {service.process.returncode} while starting;"
-                    " its log above says why"
-                )
-            elapsed = time.monotonic() - started
-            if elapsed > timeout_s:
-                raise RuntimeError(f"{service.spec.name} did not become healthy within {timeout_s:.0f}s")
-            with contextlib.suppress(grpc.aio.AioRpcError):
+
+        async def serving() -> bool:
+            try:
                 reply = await health.Check(health_pb2.HealthCheckRequest(), timeout=1)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    print(
-                        f"  {service.spec.name:<10} ready on {service.spec.address} ({elapsed:.1f}s)",
-                        flush=True,
-                    )
-                    return
-            await asyncio.sleep(0.25)
+            except grpc.aio.AioRpcError as exc:
+                raise NotReady(f"health check: {exc.code().name}") from None
+            return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+        waited = await service.child.wait_ready(
+            serving, f"gRPC health SERVING on {address}", timeout_s, interval_s=0.25
+        )
+    print(f"  {service.spec.name:<10} ready on {address} ({waited:.1f}s)", flush=True)
 
 
 async def _start(spec: ServiceSpec) -> RunningService:
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        spec.module,
+    child = await start_child(
+        spec.name,
+        [sys.executable, "-m", spec.module],
+        # Its log on the terminal, each line prefixed with its name; a group of its own, so that Ctrl-C
+        # reaches only us and we stop the services in order.
+        log_path=None,
         env={**os.environ, **spec.env},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
-        start_new_session=True,  # Ctrl-C reaches only us; we stop children in order.
     )
-    assert process.stderr is not None
-    return RunningService(spec, process, asyncio.create_task(_relay_logs(spec.name, process.stderr)))
+    return RunningService(spec, child)
 
 
 async def _stop(services: Sequence[RunningService], grace_s: float = 15.0) -> None:
     for service in reversed(services):
-        if service.process.returncode is None:
-            service.process.send_signal(signal.SIGTERM)
+        service.child.ask_to_stop()
     for service in reversed(services):
-        await wait_or_kill(service.process, grace_s)
-        await service.log_task
+        await service.child.stop(grace_s)
 
 
 @contextlib.asynccontextmanager
@@ -298,8 +284,7 @@ async def supervise(service: RunningService, settings: MeshSettings) -> None:
     fast_crashes = 0
     while True:
         started = time.monotonic()
-        code = await service.process.wait()
-        await service.log_task
+        code = await service.child.wait()
         ran_s = time.monotonic() - started
         fast_crashes = fast_crashes + 1 if ran_s < settings.stable_after_s else 1
         if fast_crashes >= settings.max_fast_crashes:
@@ -318,11 +303,10 @@ async def supervise(service: RunningService, settings: MeshSettings) -> None:
             flush=True,
         )
         await asyncio.sleep(delay)
-        restarted = await _start(service.spec)
-        service.process, service.log_task = restarted.process, restarted.log_task
+        service.child = (await _start(service.spec)).child
         try:
             await _wait_healthy(service, settings.startup_timeout_s)
-        except RuntimeError as exc:
+        except ChildFailed as exc:
             print(f"chatmesh: {exc}", file=sys.stderr, flush=True)
             continue  # it exited while starting: the next pass counts it as a fast crash
         print(f"chatmesh: {service.spec.name} is back", file=sys.stderr, flush=True)
@@ -379,7 +363,7 @@ async def run(settings: MeshSettings) -> int:
 
 
 @contextlib.asynccontextmanager
-async def _nats(settings: MeshSettings) -> AsyncIterator[asyncio.subprocess.Process | None]:
+async def _nats(settings: MeshSettings) -> AsyncIterator[Child | None]:
     """The bundled NATS server for the job queue, unless the settings name one to use."""
     if settings.nats_url:
         yield None
@@ -390,33 +374,22 @@ async def _nats(settings: MeshSettings) -> AsyncIterator[asyncio.subprocess.Proc
     await asyncio.to_thread(private_directory, store)
     log_path = RUN_DIR / "nats.log"
     print(f"  {'nats':<10} starting nats-server (JetStream) on :{settings.nats_port}...", flush=True)
-    with open_private(log_path, "ab") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            *nats_server_args(settings.nats_port, store.resolve(), settings.host),
-            stdout=log_file,
-            stderr=log_file,
-            start_new_session=True,
+    async with child_process(
+        "nats-server",
+        nats_server_args(settings.nats_port, store.resolve(), settings.host),
+        grace_s=10.0,
+        log_path=log_path,
+        append_log=True,
+    ) as nats:
+        await nats.wait_ready(
+            lambda: accepting(settings.host, settings.nats_port),
+            f"connections on {settings.host}:{settings.nats_port}",
+            30.0,
+            hint=f"port {settings.nats_port} taken? set {env_name(MeshSettings, 'nats_port')}"
+            f" or {env_name(MeshSettings, 'nats_url')}",
         )
-    try:
-        started = time.monotonic()
-        while True:
-            if process.returncode is not None:
-                raise RuntimeError(
-                    f"nats-server exited with code {process.returncode} while starting (port"
-                    f" {settings.nats_port} taken? see {log_path}); set {env_name(MeshSettings, 'nats_port')}"
-                    f" or {env_name(MeshSettings, 'nats_url')}"
-                )
-            with contextlib.suppress(OSError):
-                _, writer = await asyncio.open_connection(settings.host, settings.nats_port)
-                writer.close()
-                break
-            if time.monotonic() - started > 30:
-                raise RuntimeError(f"nats-server did not accept connections within 30 s; see {log_path}")
-            await asyncio.sleep(0.1)
         print(f"  {'nats':<10} ready on {settings.jobs_nats_url} (log: {log_path})", flush=True)
-        yield process
-    finally:
-        await terminate(process, 10.0)
+        yield nats
 
 
 @contextlib.asynccontextmanager
