@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -13,9 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatmesh.common.children import Child, NotReady, accepting, child_process
 from chatmesh.common.loopback import is_loopback_host
-from chatmesh.common.private_files import open_private, private_directory, write_private
-from chatmesh.common.subprocesses import terminate
+from chatmesh.common.private_files import private_directory, write_private
 from gateway.config import render_envoy_config
 from gateway.settings import GatewaySettings, split_host_port
 from gateway.validate import envoy_binary
@@ -36,14 +35,24 @@ def _admin_get(url: str, timeout_s: float) -> tuple[int, str]:
 class EnvoyProcess:
     """A running Envoy started by `run_envoy`."""
 
-    process: asyncio.subprocess.Process
+    child: Child
     config_path: Path
-    log_path: Path
     listen_address: str
     admin_address: str
     bind_address: str = ""
     """host:port the public listener is bound to, as configured (`0.0.0.0:8080` for every interface)."""
     metrics_address: str | None = None
+
+    @property
+    def process(self) -> asyncio.subprocess.Process:
+        """The Envoy process."""
+        return self.child.process
+
+    @property
+    def log_path(self) -> Path:
+        """Where Envoy logs (stdout and stderr)."""
+        assert self.child.log_path is not None
+        return self.child.log_path
 
     @property
     def base_url(self) -> str:
@@ -57,7 +66,7 @@ class EnvoyProcess:
 
     def log_tail(self, max_chars: int = 4000) -> str:
         """The end of Envoy's log, for error messages."""
-        return self.log_path.read_text(errors="replace")[-max_chars:]
+        return self.child.log_tail(max_chars)
 
     async def admin_get(self, path: str, timeout_s: float = 5.0) -> tuple[int, str]:
         """GET `path` (e.g. `/clusters`, `/stats?filter=...`) from the admin interface: (status, body).
@@ -84,27 +93,13 @@ def _connectable_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
 
 
-async def _wait_ready(envoy: EnvoyProcess, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    problem = "no answer yet"
-    while time.monotonic() < deadline:
-        if envoy.process.returncode is not None:
-            raise RuntimeError(
-                f"envoy exited with code {envoy.process.returncode} while starting:\n{envoy.log_tail()}"
-            )
-        try:
-            # LIVE once initialised, which includes the first health-check round of every replica.
-            status, body = await envoy.admin_get("/ready", timeout_s=1.0)
-            if status == 200 and body.strip() == "LIVE":
-                host, port = split_host_port(envoy.listen_address)
-                _, writer = await asyncio.open_connection(host, port)
-                writer.close()
-                return
-            problem = f"/ready: {status} {body.strip()}"
-        except (OSError, TimeoutError) as exc:
-            problem = repr(exc)
-        await asyncio.sleep(0.1)  # polling a process we do not control: there is nothing to await
-    raise RuntimeError(f"envoy not ready after {timeout_s:.0f} s ({problem}):\n{envoy.log_tail()}")
+async def _ready(envoy: EnvoyProcess) -> bool:
+    """Whether the admin interface reports LIVE (once initialised, which includes the first health-check
+    round of every replica) and the public listener accepts connections."""
+    status, body = await envoy.admin_get("/ready", timeout_s=1.0)
+    if status != 200 or body.strip() != "LIVE":
+        raise NotReady(f"/ready: {status} {body.strip()}")
+    return await accepting(*split_host_port(envoy.listen_address))
 
 
 def _write_config(path: Path, text: str) -> None:
@@ -124,7 +119,8 @@ async def run_envoy(
 
     Ready means the admin interface reports LIVE (Envoy has initialised, including the first health
     check of each replica) and the public listener accepts connections. On exit Envoy gets SIGTERM
-    (SIGKILL after 10 s). Raises `RuntimeError` with the log's tail if Envoy fails to start.
+    (SIGKILL after 10 s). Raises `ChildFailed` (a `RuntimeError`) with the log's tail if Envoy exits
+    while starting or is not ready within `ready_timeout_s`.
     """
     config_path = workdir / "envoy.json"
     log_path = workdir / "envoy.log"
@@ -140,26 +136,21 @@ async def run_envoy(
     ]
     if settings.concurrency is not None:
         args += ["--concurrency", str(settings.concurrency)]
-    with open_private(log_path) as log:
-        process = await asyncio.create_subprocess_exec(
-            *args, stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True
+    async with child_process("envoy", args, grace_s=10.0, log_path=log_path) as child:
+        envoy = EnvoyProcess(
+            child=child,
+            config_path=config_path,
+            listen_address=f"{_connectable_host(settings.listen_host)}:{settings.listen_port}",
+            admin_address=f"{_connectable_host(settings.admin_host)}:{settings.admin_port}",
+            bind_address=f"{settings.listen_host}:{settings.listen_port}",
+            metrics_address=None
+            if settings.metrics_port is None
+            else f"{_connectable_host(settings.metrics_host)}:{settings.metrics_port}",
         )
-    envoy = EnvoyProcess(
-        process=process,
-        config_path=config_path,
-        log_path=log_path,
-        listen_address=f"{_connectable_host(settings.listen_host)}:{settings.listen_port}",
-        admin_address=f"{_connectable_host(settings.admin_host)}:{settings.admin_port}",
-        bind_address=f"{settings.listen_host}:{settings.listen_port}",
-        metrics_address=None
-        if settings.metrics_port is None
-        else f"{_connectable_host(settings.metrics_host)}:{settings.metrics_port}",
-    )
-    try:
-        await _wait_ready(envoy, ready_timeout_s)
+        await child.wait_ready(
+            lambda: _ready(envoy), f"/ready LIVE and connections on {envoy.listen_address}", ready_timeout_s
+        )
         yield envoy
-    finally:
-        await terminate(process, 10.0)
 
 
 async def serve(settings: GatewaySettings, workdir: Path) -> None:
