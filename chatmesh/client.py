@@ -44,7 +44,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self, TypeAlias, TypedDict, TypeVar, Unpack
@@ -260,6 +260,50 @@ class CompletionDiverged(Unavailable):
         self.received = received
 
 
+# --- keyword arguments ---------------------------------------------------------------------------------
+
+
+class SamplingOptions(TypedDict, total=False):
+    """The sampling keywords of `stream`, `complete` and `submit_job`; one left out or None takes the
+    server's default."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    seed: int | None
+
+
+class CompletionOptions(SamplingOptions, total=False):
+    """Keyword arguments of `stream` and `complete` (see `AsyncChatClient.stream`)."""
+
+    chat_id: str | None
+    title: str
+    system_prompt: str
+    history_strategy: HistoryStrategy
+    request_id: str | None
+    timeout: float | None
+    skip_cache: bool
+
+
+class ChatOptions(TypedDict, total=False):
+    """Keyword arguments of `create_chat` (see `AsyncChatClient.create_chat`)."""
+
+    title: str
+    system_prompt: str
+    history_strategy: HistoryStrategy
+    request_id: str | None
+    timeout: float | None
+
+
+class UpdateOptions(TypedDict, total=False):
+    """Keyword arguments of `update_chat` (see `AsyncChatClient.update_chat`)."""
+
+    title: str | None
+    system_prompt: str | None
+    history_strategy: HistoryStrategy
+    timeout: float | None
+
+
 # --- the async client -----------------------------------------------------------------------------------
 
 
@@ -312,22 +356,7 @@ class AsyncChatClient:
 
     # --- completions -------------------------------------------------------------------------------
 
-    def stream(
-        self,
-        content: str,
-        *,
-        chat_id: str | None = None,
-        title: str = "",
-        system_prompt: str = "",
-        history_strategy: HistoryStrategy = pb.HISTORY_STRATEGY_UNSPECIFIED,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,
-        skip_cache: bool = False,
-    ) -> CompletionStream:
+    def stream(self, content: str, **options: Unpack[CompletionOptions]) -> CompletionStream:
         """Send `content` and stream the reply as typed events: `Started`, then `Delta`s, then `Finished`.
 
         Without `chat_id` a new chat is started (`title`, `system_prompt` and `history_strategy` apply
@@ -336,14 +365,21 @@ class AsyncChatClient:
         `request_id` makes the completion idempotent (default: a fresh UUID); retries reuse it.
         `timeout` bounds the whole stream (default: the client's `stream_timeout`; `math.inf`: none).
         `skip_cache=True`: the model answers even if the semantic cache holds an answer, and the answer
-        is not cached (`Finished.cached` says whether a reply came from the cache).
+        is not cached (`Finished.cached` says whether a reply came from the cache). Every keyword is
+        optional (`CompletionOptions`).
 
         Stopping early cancels the completion (see `CompletionStream`); the service keeps the partial
         reply, marked `FINISH_REASON_CANCELLED`. Failures raise (see the module docstring), also
         mid-stream.
         """
-        sampling = _sampling(max_tokens, temperature, top_p, seed)
-        request_id = request_id or str(uuid.uuid4())
+        _check_keywords("stream", options, CompletionOptions.__optional_keys__)
+        chat_id = options.get("chat_id")
+        title = options.get("title", "")
+        system_prompt = options.get("system_prompt", "")
+        history_strategy = options.get("history_strategy", pb.HISTORY_STRATEGY_UNSPECIFIED)
+        request_id = options.get("request_id") or str(uuid.uuid4())
+        skip_cache = options.get("skip_cache", False)
+        sampling = _sampling(options)
         request: pb.CreateChatRequest | pb.CompleteRequest
         if chat_id is None:
             request = pb.CreateChatRequest(
@@ -366,42 +402,12 @@ class AsyncChatClient:
                 chat_id=chat_id, content=content, request_id=request_id, skip_cache=skip_cache, **sampling
             )
             method = self._stub.Complete
-        return CompletionStream(
-            self._completion(method, request, self._deadline(timeout, self.stream_timeout)), request_id
-        )
+        deadline = self._deadline(options.get("timeout"), self.stream_timeout)
+        return CompletionStream(self._completion(method, request, deadline), request_id)
 
-    async def complete(
-        self,
-        content: str,
-        *,
-        chat_id: str | None = None,
-        title: str = "",
-        system_prompt: str = "",
-        history_strategy: HistoryStrategy = pb.HISTORY_STRATEGY_UNSPECIFIED,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        request_id: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-        skip_cache: bool = False,
-    ) -> Completion:
+    async def complete(self, content: str, **options: Unpack[CompletionOptions]) -> Completion:
         """Like `stream`, but wait for the whole reply and return it as one `Completion`."""
-        events = self.stream(
-            content,
-            chat_id=chat_id,
-            title=title,
-            system_prompt=system_prompt,
-            history_strategy=history_strategy,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            request_id=request_id,
-            timeout=timeout,
-            skip_cache=skip_cache,
-        )
-        return await events.collect()
+        return await self.stream(content, **options).collect()
 
     async def create_chat(
         self,
@@ -530,24 +536,22 @@ class AsyncChatClient:
         chat_id: str,
         content: str,
         *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
         request_id: str | None = None,
         skip_cache: bool = False,
         timeout: float | None = None,  # noqa: ASYNC109
+        **sampling: Unpack[SamplingOptions],
     ) -> pb.Job:
         """Queue the reply to `content` in chat `chat_id` as a job and return it at once (state QUEUED);
         a worker answers it later. `ResourceExhausted` when the queue is full (nothing is stored). The
-        `request_id` (default: a fresh UUID) makes retries of the submission return the same job."""
-        sampling = _sampling(max_tokens, temperature, top_p, seed)
+        `request_id` (default: a fresh UUID) makes retries of the submission return the same job.
+        Sampling keywords as for `stream` (`SamplingOptions`)."""
+        _check_keywords("submit_job", sampling, SamplingOptions.__optional_keys__)
         request = pb.SubmitCompletionRequest(
             chat_id=chat_id,
             content=content,
             request_id=request_id or str(uuid.uuid4()),
             skip_cache=skip_cache,
-            **sampling,
+            **_sampling(sampling),
         )
         job: pb.Job = await self._unary(self._stub.SubmitCompletion, request, timeout)
         return job
@@ -680,20 +684,18 @@ class _Resumption:
         return event if fresh == event.text else Delta(fresh, event.raw)
 
 
-def _sampling(
-    max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None
-) -> dict[str, Any]:
+def _sampling(options: SamplingOptions) -> dict[str, Any]:
     """The request fields of the sampling knobs that are set (unset ones take the server's default)."""
-    return {
-        name: value
-        for name, value in (
-            ("max_tokens", max_tokens),
-            ("temperature", temperature),
-            ("top_p", top_p),
-            ("seed", seed),
-        )
-        if value is not None
-    }
+    given: Mapping[str, object] = options
+    return {name: given[name] for name in SamplingOptions.__optional_keys__ if given.get(name) is not None}
+
+
+def _check_keywords(method: str, options: Mapping[str, object], known: frozenset[str]) -> None:
+    """Refuse a keyword argument `method` does not take, as Python does for a named parameter (a typo
+    would otherwise be ignored without a word)."""
+    unknown = sorted(options.keys() - known)
+    if unknown:
+        raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}")
 
 
 def _remaining(deadline: float | None) -> float | None:
@@ -714,41 +716,6 @@ def _diverged(received: str, replayed: str) -> CompletionDiverged:
         "for the stored reply",
         received,
     )
-
-
-class CompletionOptions(TypedDict, total=False):
-    """Keyword arguments of `stream` and `complete` (see `AsyncChatClient.stream`)."""
-
-    chat_id: str | None
-    title: str
-    system_prompt: str
-    history_strategy: HistoryStrategy
-    max_tokens: int | None
-    temperature: float | None
-    top_p: float | None
-    seed: int | None
-    request_id: str | None
-    timeout: float | None
-    skip_cache: bool
-
-
-class ChatOptions(TypedDict, total=False):
-    """Keyword arguments of `create_chat` (see `AsyncChatClient.create_chat`)."""
-
-    title: str
-    system_prompt: str
-    history_strategy: HistoryStrategy
-    request_id: str | None
-    timeout: float | None
-
-
-class UpdateOptions(TypedDict, total=False):
-    """Keyword arguments of `update_chat` (see `AsyncChatClient.update_chat`)."""
-
-    title: str | None
-    system_prompt: str | None
-    history_strategy: HistoryStrategy
-    timeout: float | None
 
 
 # --- the blocking client ----------------------------------------------------------------------------

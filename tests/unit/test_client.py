@@ -146,6 +146,24 @@ async def test_stream_yields_typed_events_and_sends_the_token(fake: tuple[FakeCh
     assert request.request_id, "every completion carries a request id, so that it can be retried"
 
 
+async def test_keywords_fill_the_request_and_a_misspelt_one_is_refused(
+    fake: tuple[FakeChatService, str],
+) -> None:
+    service, address = fake
+    service.scripts.append([started(), delta("Hi"), finished()])
+    async with AsyncChatClient(address) as client:
+        await client.complete("Hi", title="T", temperature=0.5, seed=0, skip_cache=True)
+        with pytest.raises(TypeError, match="'temprature'"):
+            client.stream("Hi", temprature=0.5)  # type: ignore[call-arg]
+        with pytest.raises(TypeError, match="'max_token'"):
+            await client.submit_job(CHAT, "Hi", max_token=5)  # type: ignore[call-arg]
+    [request] = service.requests
+    assert isinstance(request, pb.CreateChatRequest)
+    assert (request.title, request.temperature, request.seed, request.skip_cache) == ("T", 0.5, 0, True)
+    assert request.HasField("seed"), "a seed of 0 is sent, not taken for unset"
+    assert not request.HasField("max_tokens") and not request.HasField("top_p"), "unset: the server's default"
+
+
 async def test_a_retry_after_connection_loss_reuses_the_request_id_and_repeats_no_text(
     fake: tuple[FakeChatService, str],
 ) -> None:
