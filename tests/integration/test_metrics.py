@@ -14,14 +14,8 @@ import pytest
 from chatmesh.chat.v1 import chat_pb2 as pb
 from tests.support.chat import ChatClient
 from tests.support.metrics import scrape, total, value
-from tests.support.processes import free_port, run_service
-from tests.support.services import (
-    MODEL_STARTUP_TIMEOUT_S,
-    cache_entries,
-    chat_env,
-    embedding_env,
-    standard_engine_env,
-)
+from tests.support.services import cache_entries
+from tests.support.stack import chat_service, embedding_service, free_address, inference_service
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -45,36 +39,21 @@ class Mesh:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     tmp = tmp_path_factory.mktemp("metrics")
-    inference, embedding, chat = (f"127.0.0.1:{free_port()}" for _ in range(3))
-    metrics = {name: f"127.0.0.1:{free_port()}" for name in ("inference", "embedding", "chat")}
+    metrics = {name: free_address() for name in ("inference", "embedding", "chat")}
     with (
-        run_service(
-            "inference_service",
-            {**standard_engine_env(inference), "CHATMESH_INFERENCE_METRICS_ADDRESS": metrics["inference"]},
-            inference,
-            MODEL_STARTUP_TIMEOUT_S,
-        ),
-        run_service(
-            "embedding_service",
-            embedding_env(embedding, tmp / "qdrant", CHATMESH_EMBEDDING_METRICS_ADDRESS=metrics["embedding"]),
-            embedding,
-            MODEL_STARTUP_TIMEOUT_S,
-        ),
-        run_service(
-            "chat_service",
-            chat_env(
-                chat,
-                f"sqlite+aiosqlite:///{tmp / 'chat.db'}",
-                inference,
-                CHATMESH_CHAT_CACHE_ADDRESS=embedding,
-                CHATMESH_CHAT_CACHE_LOOKUP_TIMEOUT_S="10",
-                CHATMESH_CHAT_METRICS_ADDRESS=metrics["chat"],
-            ),
-            chat,
-            60,
-        ),
+        inference_service(metrics_address=metrics["inference"]) as inference,
+        embedding_service(tmp / "qdrant", metrics_address=metrics["embedding"]) as embedding,
+        chat_service(
+            f"sqlite+aiosqlite:///{tmp / 'chat.db'}",
+            inference.address,
+            cache_address=embedding.address,
+            cache_lookup_timeout_s=10,
+            metrics_address=metrics["chat"],
+        ) as chat,
     ):
-        yield Mesh(chat, embedding, metrics["chat"], metrics["inference"], metrics["embedding"])
+        yield Mesh(
+            chat.address, embedding.address, metrics["chat"], metrics["inference"], metrics["embedding"]
+        )
 
 
 async def test_counters_move_by_what_the_traffic_did(mesh: Mesh) -> None:
