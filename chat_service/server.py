@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -32,6 +31,7 @@ from chat_service.storage.base import JobStore
 from chat_service.storage.sql import SqlConversationStore, SqlJobStore, open_sql_database
 from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
 from chatmesh.common.auth import PUBLIC_SERVICES, JwtAuthInterceptor
+from chatmesh.common.children import NotReady, WaitTimedOut, poll_until
 from chatmesh.common.errors import Unavailable
 from chatmesh.common.health import DependencyHealth
 from chatmesh.common.logs import configure_logging
@@ -55,18 +55,24 @@ OPENAI_SERVICE_NAME = openai_pb2.DESCRIPTOR.services_by_name["OpenAIService"].fu
 
 async def wait_for_engine(client: InferenceClient, timeout_s: float, address: str) -> EngineInfo:
     """Ask the inference service what it serves, waiting while it starts (models take a while)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
+    answered: list[EngineInfo] = []
+
+    async def answers() -> bool:
         try:
-            return await client.model_info()
+            answered.append(await client.model_info())
         except Unavailable as exc:
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"the inference service at {address} did not answer within {timeout_s:.0f}s ({exc});"
-                    " start it or set CHATMESH_CHAT_INFERENCE_ADDRESS"
-                ) from exc
             log.info("waiting for the inference service", extra={"address": address})
-            await asyncio.sleep(1.0)
+            raise NotReady(str(exc)) from None
+        return True
+
+    try:
+        await poll_until(answers, f"answer from {address}", timeout_s, interval_s=1.0)
+    except WaitTimedOut as exc:
+        raise RuntimeError(
+            f"the inference service at {address} did not answer within {timeout_s:.0f}s ({exc.reason});"
+            " start it or set CHATMESH_CHAT_INFERENCE_ADDRESS"
+        ) from None
+    return answered[0]
 
 
 async def connect_inference(
