@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -22,9 +23,11 @@ from chat_service.cache.policy import GLOBAL_SCOPE
 from chatmesh.chat.v1 import chat_pb2 as pb
 from embedding_service.qdrant_index import partition_name
 from tests.support.chat import ChatClient
-from tests.support.processes import LoggedProcess, free_port, log_entries, run_service
+from tests.support.processes import LoggedProcess, log_entries
 from tests.support.recording_proxy import RecordingInferenceProxy, run_recording_proxy
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, cache_entries, chat_env, embedding_env
+from tests.support.services import cache_entries
+from tests.support.stack import chat_service
+from tests.support.stack import embedding_service as start_embedding_service
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -55,28 +58,26 @@ class CacheStack:
 
 @contextmanager
 def cache_stack(
-    tmp_path: Path, inference_address: str, vectors: str, **settings: str
+    tmp_path: Path, inference_address: str, vectors: str, **settings: Any
 ) -> Iterator[CacheStack]:
     """A chat service (SQLite in `tmp_path`) with the cache on the vector service at `vectors`, in a
     collection of its own, generating through a recording proxy in front of `inference_address`."""
     collection = f"answers_{uuid.uuid4().hex[:12]}"
-    address = f"127.0.0.1:{free_port()}"
     database = f"sqlite+aiosqlite:///{tmp_path / f'{collection}.db'}"
-    with run_recording_proxy(inference_address) as (engine_address, recorder):
-        env = chat_env(
-            address,
+    with (
+        run_recording_proxy(inference_address) as (engine_address, recorder),
+        chat_service(
             database,
             engine_address,
-            True,
-            CHATMESH_CHAT_CACHE_ADDRESS=vectors,
-            CHATMESH_CHAT_CACHE_COLLECTION=collection,
+            cache_address=vectors,
+            cache_collection=collection,
             # Generous: a lookup on a busy test machine must not turn a hit into a miss. The default
             # budget (50 ms) is measured in benchmarks/cache_speed.py, not here.
-            CHATMESH_CHAT_CACHE_LOOKUP_TIMEOUT_S="10",
+            cache_lookup_timeout_s=10,
             **settings,
-        )
-        with run_service("chat_service", env, address, 60) as process:
-            yield CacheStack(address, recorder, vectors, collection, process)
+        ) as chat,
+    ):
+        yield CacheStack(chat.address, recorder, vectors, collection, chat.process)
 
 
 @pytest.fixture
@@ -251,8 +252,9 @@ async def test_an_owners_deletes_visit_only_that_owners_partition(
 async def test_expired_entries_miss_and_are_purged(
     tmp_path: Path, inference_address: str, embedding_service: tuple[str, LoggedProcess]
 ) -> None:
-    settings = {"CHATMESH_CHAT_CACHE_TTL_S": "1", "CHATMESH_CHAT_CACHE_PURGE_INTERVAL_S": "0.5"}
-    with cache_stack(tmp_path, inference_address, embedding_service[0], **settings) as stack:
+    with cache_stack(
+        tmp_path, inference_address, embedding_service[0], cache_ttl_s=1, cache_purge_interval_s=0.5
+    ) as stack:
         async with grpc.aio.insecure_channel(stack.address) as channel:
             alice = ChatClient(channel)
             await alice.create(QUESTION, max_tokens=48, temperature=0)
@@ -268,9 +270,7 @@ async def test_expired_entries_miss_and_are_purged(
 async def test_global_scope_shares_plain_chats_but_never_chats_with_their_own_system_prompt(
     tmp_path: Path, inference_address: str, embedding_service: tuple[str, LoggedProcess]
 ) -> None:
-    with cache_stack(
-        tmp_path, inference_address, embedding_service[0], CHATMESH_CHAT_CACHE_SCOPE="global"
-    ) as stack:
+    with cache_stack(tmp_path, inference_address, embedding_service[0], cache_scope="global") as stack:
         async with grpc.aio.insecure_channel(stack.address) as channel:
             alice, bob = ChatClient(channel), ChatClient(channel)
             first = await alice.create(QUESTION, max_tokens=48, temperature=0)
@@ -290,39 +290,36 @@ async def test_global_scope_shares_plain_chats_but_never_chats_with_their_own_sy
 async def test_two_chat_replicas_share_one_cache(
     tmp_path: Path, inference_address: str, embedding_service: tuple[str, LoggedProcess]
 ) -> None:
-    with cache_stack(tmp_path, inference_address, embedding_service[0]) as one:
-        env = chat_env(
-            f"127.0.0.1:{free_port()}",
+    with (
+        cache_stack(tmp_path, inference_address, embedding_service[0]) as one,
+        chat_service(
             f"sqlite+aiosqlite:///{tmp_path / 'two.db'}",
             inference_address,
-            CHATMESH_CHAT_CACHE_ADDRESS=one.vectors,
-            CHATMESH_CHAT_CACHE_COLLECTION=one.collection,
-            CHATMESH_CHAT_CACHE_LOOKUP_TIMEOUT_S="10",
-        )
-        two = env["CHATMESH_CHAT_ADDRESS"]
-        with run_service("chat_service", env, two, 60):
-            user = f"user-{uuid.uuid4().hex[:8]}"
-            async with (
-                grpc.aio.insecure_channel(one.address) as first_channel,
-                grpc.aio.insecure_channel(two) as second_channel,
-            ):
-                first = await ChatClient(first_channel, user).create(QUESTION, max_tokens=48, temperature=0)
-                await stored(one, {"owner": user}, 1)
-                other = await ChatClient(second_channel, user).create(
-                    PARAPHRASE, max_tokens=48, temperature=0
-                )
-                assert other.last is not None and other.last.cached and other.text == first.text
+            cache_address=one.vectors,
+            cache_collection=one.collection,
+            cache_lookup_timeout_s=10,
+        ) as replica,
+    ):
+        two = replica.address
+        user = f"user-{uuid.uuid4().hex[:8]}"
+        async with (
+            grpc.aio.insecure_channel(one.address) as first_channel,
+            grpc.aio.insecure_channel(two) as second_channel,
+        ):
+            first = await ChatClient(first_channel, user).create(QUESTION, max_tokens=48, temperature=0)
+            await stored(one, {"owner": user}, 1)
+            other = await ChatClient(second_channel, user).create(PARAPHRASE, max_tokens=48, temperature=0)
+            assert other.last is not None and other.last.cached and other.text == first.text
 
 
 async def test_without_the_vector_service_answers_are_generated_and_the_failure_counted(
     tmp_path: Path, inference_address: str
 ) -> None:
-    vectors = f"127.0.0.1:{free_port()}"
-    env = embedding_env(vectors, vectors_path=tmp_path / "qdrant")
     with (
-        run_service("embedding_service", env, vectors, MODEL_STARTUP_TIMEOUT_S) as embedding,
-        cache_stack(tmp_path, inference_address, vectors) as stack,
+        start_embedding_service(tmp_path / "qdrant") as vectors,
+        cache_stack(tmp_path, inference_address, vectors.address) as stack,
     ):
+        embedding = vectors.process
         async with grpc.aio.insecure_channel(stack.address) as channel:
             alice = ChatClient(channel)
             await alice.create(QUESTION, max_tokens=48, temperature=0)
