@@ -37,7 +37,7 @@ from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.keygen import write_rs256_key_pair
 from gateway import EnvoyProcess, GatewaySettings, render_envoy_config, run_envoy, validate_config
 from gateway.api import default_descriptor_path
-from tests.support.chat import TEST_SECRET, ChatClient, token_for
+from tests.support.chat import TEST_SECRET, ChatClient, bearer, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
 from tests.support.services import (
@@ -110,10 +110,6 @@ async def http(mesh: Mesh) -> AsyncIterator[httpx.AsyncClient]:
 async def channel(mesh: Mesh) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(mesh.envoy.listen_address) as channel:
         yield channel
-
-
-def bearer(user: str, secret: str = TEST_SECRET) -> dict[str, str]:
-    return {"authorization": f"Bearer {token_for(user, secret)}"}
 
 
 def new_user() -> str:

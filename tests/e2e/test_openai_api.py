@@ -20,7 +20,7 @@ import pytest
 
 from gateway import EnvoyProcess, run_envoy
 from tests.e2e.test_gateway import gateway_settings
-from tests.support.chat import token_for
+from tests.support.chat import bearer, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
 from tests.support.services import chat_env
@@ -60,10 +60,6 @@ async def stack(
                     reply = await http.get("/v1/models", headers=bearer("someone"))
                     model = reply.json()["data"][0]["id"]
                 yield Stack(envoy, chat, model)
-
-
-def bearer(user: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token_for(user)}"}
 
 
 def client(stack: Stack, user: str) -> openai.AsyncOpenAI:

@@ -31,9 +31,14 @@ def token_for(user: str, secret: str = TEST_SECRET) -> str:
     return issue_token(JwtKeys.hs256(secret), user)
 
 
+def bearer(user: str, secret: str = TEST_SECRET) -> dict[str, str]:
+    """HTTP headers authenticating as `user` (REST and OpenAI calls through the gateway)."""
+    return {"authorization": f"Bearer {token_for(user, secret)}"}
+
+
 def auth(user: str, secret: str = TEST_SECRET) -> tuple[tuple[str, str], ...]:
-    """Call metadata authenticating as `user`."""
-    return (("authorization", f"Bearer {token_for(user, secret)}"),)
+    """gRPC call metadata authenticating as `user`: the same header as `bearer`."""
+    return tuple(bearer(user, secret).items())
 
 
 @dataclass

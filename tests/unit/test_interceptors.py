@@ -17,7 +17,7 @@ from google.protobuf import wrappers_pb2
 from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from chatmesh.common.auth import JwtAuthInterceptor, JwtKeys, current_user, issue_token
+from chatmesh.common.auth import JwtAuthInterceptor, JwtKeys, current_user
 from chatmesh.common.errors import (
     InvalidArgument,
     ResourceExhausted,
@@ -27,8 +27,10 @@ from chatmesh.common.errors import (
 from chatmesh.common.handlers import WrappedHandlers, undecodable_request, wrap_handler
 from chatmesh.common.server import add_health_and_reflection, create_server, set_serving
 from chatmesh.inference.v1 import inference_pb2 as ipb
+from tests.support.chat import auth
 
-KEYS = JwtKeys.hs256("k" * 40)
+SECRET = "k" * 40
+KEYS = JwtKeys.hs256(SECRET)
 SERVICE = "test.Echo"
 KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
 Text = wrappers_pb2.StringValue
@@ -97,10 +99,6 @@ async def channel() -> AsyncIterator[grpc.aio.Channel]:
     await server.stop(None)
 
 
-def bearer(user: str) -> tuple[tuple[str, str], ...]:
-    return (("authorization", f"Bearer {issue_token(KEYS, user)}"),)
-
-
 async def call(
     channel: grpc.aio.Channel,
     kind: str,
@@ -136,20 +134,20 @@ async def test_every_kind_needs_a_token(channel: grpc.aio.Channel, kind: str) ->
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_every_kind_sees_the_authenticated_user(channel: grpc.aio.Channel, kind: str) -> None:
-    replies = await call(channel, kind, ["hello"], bearer("ada"))
+    replies = await call(channel, kind, ["hello"], auth("ada", SECRET))
     assert replies[-1] == "ada:hello"
 
 
 @pytest.mark.parametrize("kind", ["stream_unary", "stream_stream"])
 async def test_streamed_requests_are_all_served(channel: grpc.aio.Channel, kind: str) -> None:
-    replies = await call(channel, kind, ["a", "b", "c"], bearer("ada"))
+    replies = await call(channel, kind, ["a", "b", "c"], auth("ada", SECRET))
     assert ",".join(replies) == "ada:a,ada:b,ada:c"
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_invalid_argument_carries_bad_request_details(channel: grpc.aio.Channel, kind: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call(channel, kind, ["fail:invalid"], bearer("ada"))
+        await call(channel, kind, ["fail:invalid"], auth("ada", SECRET))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details() == "value: must not ask to fail; send something else"
     status = status_of(err.value)
@@ -167,7 +165,7 @@ async def test_invalid_argument_carries_bad_request_details(channel: grpc.aio.Ch
 @pytest.mark.parametrize("kind", KINDS)
 async def test_resource_exhausted_carries_retry_info_and_header(channel: grpc.aio.Channel, kind: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call(channel, kind, ["fail:exhausted"], bearer("ada"))
+        await call(channel, kind, ["fail:exhausted"], auth("ada", SECRET))
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert dict(err.value.trailing_metadata())["retry-after-ms"] == "1500"
     retry = error_details_pb2.RetryInfo()
@@ -180,7 +178,7 @@ async def test_resource_exhausted_carries_retry_info_and_header(channel: grpc.ai
 @pytest.mark.parametrize("kind", KINDS)
 async def test_unexpected_errors_are_internal_without_details(channel: grpc.aio.Channel, kind: str) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call(channel, kind, ["crash"], bearer("ada"))
+        await call(channel, kind, ["crash"], auth("ada", SECRET))
     assert err.value.code() == grpc.StatusCode.INTERNAL
     assert "a bug" not in (err.value.details() or ""), "internals stay in the server log"
 
@@ -190,7 +188,7 @@ async def test_undecodable_requests_are_invalid_argument_naming_the_field(
     channel: grpc.aio.Channel, kind: str
 ) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await call(channel, kind, [INVALID_UTF8], bearer("ada"))
+        await call(channel, kind, [INVALID_UTF8], auth("ada", SECRET))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert (err.value.details() or "").startswith("value: is not valid UTF-8"), err.value.details()
     error = error_from_rpc(err.value, "test")
@@ -211,7 +209,7 @@ async def test_a_bad_message_later_in_a_stream_fails_the_call_after_the_good_one
     method = channel.stream_stream(f"/{SERVICE}/stream_stream", response_deserializer=Text.FromString)
     replies: list[str] = []
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for reply in method(_stream([good, INVALID_UTF8, good]), metadata=bearer("ada")):
+        async for reply in method(_stream([good, INVALID_UTF8, good]), metadata=auth("ada", SECRET)):
             replies.append(reply.value)
     assert replies == ["ada:fine"]
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
