@@ -16,8 +16,8 @@ from google.rpc import error_details_pb2  # type: ignore[import-untyped]
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.common.errors import InvalidArgument, error_from_rpc, rpc_status_details
-from tests.support.chat import TEST_SECRET, auth
-from tests.support.processes import free_port, run_service
+from tests.support.chat import auth
+from tests.support.stack import chat_service, inference_service
 
 pytestmark = pytest.mark.integration
 
@@ -32,25 +32,16 @@ def field(number: int, value: bytes) -> bytes:
 
 @pytest.fixture(scope="module")
 def inference_address() -> Iterator[str]:
-    address = f"127.0.0.1:{free_port()}"
-    env = {"CHATMESH_INFERENCE_ADDRESS": address, "CHATMESH_INFERENCE_CONTEXT_LENGTH": "512"}
-    with run_service("inference_service", env, address, timeout=60):
-        yield address
+    with inference_service(standard=False, context_length=512) as inference:
+        yield inference.address
 
 
 @pytest.fixture(scope="module")
 def chat_address(inference_address: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    address = f"127.0.0.1:{free_port()}"
     database = Path(tmp_path_factory.mktemp("chat")) / "chat.db"
-    env = {
-        "CHATMESH_CHAT_ADDRESS": address,
-        "CHATMESH_CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{database}",
-        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference_address,
-        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-    }
-    with run_service("chat_service", env, address, timeout=60) as process:
-        yield address
-    assert process.returncode == 0, process.output_tail()
+    with chat_service(f"sqlite+aiosqlite:///{database}", inference_address) as chat:
+        yield chat.address
+    assert chat.process.returncode == 0, chat.process.output_tail()
 
 
 @pytest.fixture

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.files import loose_paths, umask
-from tests.support.processes import free_port, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, chat_env, embedding_env, standard_engine_env
+from tests.support.stack import chat_service, embedding_service, inference_service
 
 pytestmark = pytest.mark.integration
 
@@ -19,24 +18,11 @@ pytestmark = pytest.mark.integration
 def test_each_service_writes_files_for_its_owner_alone(tmp_path: Path) -> None:
     # Every directory below is the service's to create; a shell's usual umask (022) when they start.
     vectors, engine_run, database = tmp_path / "vectors", tmp_path / "engine", tmp_path / "db"
-    inference, embedding, chat = (f"127.0.0.1:{free_port()}" for _ in range(3))
     with (
         umask(0o022),
-        run_service(
-            "inference_service",
-            {**standard_engine_env(inference), "CHATMESH_INFERENCE_RUN_DIR": str(engine_run)},
-            inference,
-            MODEL_STARTUP_TIMEOUT_S,
-        ),
-        run_service(
-            "embedding_service",
-            embedding_env(embedding, vectors_path=vectors),
-            embedding,
-            MODEL_STARTUP_TIMEOUT_S,
-        ),
-        run_service(
-            "chat_service", chat_env(chat, f"sqlite+aiosqlite:///{database / 'chat.db'}", inference), chat, 60
-        ),
+        inference_service(run_dir=engine_run) as inference,
+        embedding_service(vectors_path=vectors),
+        chat_service(f"sqlite+aiosqlite:///{database / 'chat.db'}", inference.address),
     ):
         assert any(path.name.startswith("llama-server") for path in engine_run.iterdir())
         assert (vectors / "meta.json").exists()
