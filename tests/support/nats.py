@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from chatmesh.common.nats_server import nats_server_args
-from tests.support.processes import LoggedProcess, free_port, start_process, stop_process
+from tests.support.processes import LoggedProcess, fail_if_exited, free_port, start_process, stop_process
+from tests.support.waiting import eventually_sync
 
 
 @dataclass
@@ -45,12 +45,16 @@ def _accepts(port: int) -> bool:
 
 def _start(port: int, store_dir: Path, timeout: float) -> LoggedProcess:
     process = start_process(nats_server_args(port, store_dir))
-    deadline = time.monotonic() + timeout
-    while not (_accepts(port) and "Server is ready" in process.output()):
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process(process)
-            raise RuntimeError(f"nats-server did not start on port {port}:\n{process.output_tail()}")
-        time.sleep(0.05)
+
+    def ready() -> bool:
+        fail_if_exited(process, f"before accepting connections on port {port}")
+        return _accepts(port) and "Server is ready" in process.output()
+
+    try:
+        eventually_sync(ready, f"nats-server ready on port {port}", timeout, detail=process.output_tail)
+    except BaseException:
+        stop_process(process)
+        raise
     return process
 
 

@@ -1,8 +1,9 @@
 """Running real servers as subprocesses in tests: free ports, gRPC health waits, clean start and stop.
 
 Every process is started in its own session (process group), with stdout and stderr going to a temporary
-log file rather than a pipe (a pipe nobody reads blocks a chatty server once it fills up). Failures to
-start raise with the tail of that log, so a broken service explains itself in the test report.
+log file rather than a pipe (a pipe nobody reads blocks a chatty server once it fills up); starting it
+and stopping its group are the shared runtime's (`chatmesh.common.children`), waiting is `eventually`'s.
+Failures to start raise with the tail of that log, so a broken service explains itself in the test report.
 
 Typical use, from a module-scoped fixture::
 
@@ -18,12 +19,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,9 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from chatmesh.common.children import ChildExited, kill_group, new_group_options, terminate_sync
+from tests.support.waiting import eventually_sync
 
 STOP_TIMEOUT_S = 15.0
 """How long a process gets to exit after SIGTERM before its whole process group is killed."""
@@ -92,7 +94,7 @@ class LoggedProcess(subprocess.Popen[bytes]):
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 # Its own process group, so teardown can reach anything it spawned (see stop_process).
-                start_new_session=True,
+                **new_group_options(),
             )
         self.log_path = Path(log.name)
 
@@ -173,23 +175,16 @@ def stop_process(
     and failed to stop) are SIGKILLed and reported, so a test never leaves orphans behind and can
     assert that there were none.
     """
-    pgid = process.pid  # start_new_session made it the group leader
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pgid, signal.SIGKILL)
-            process.wait()
-    deadline = time.monotonic() + orphan_grace
-    while (members := process_group_members(pgid)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    pgid = process.pid  # started in a session of its own: the group leader
+    returncode = terminate_sync(process, timeout)
+    # What it started gets `orphan_grace` to exit after it; whatever is left then is reported and killed.
+    with contextlib.suppress(AssertionError):
+        eventually_sync(lambda: not process_group_members(pgid), "its group empty", orphan_grace)
+    members = process_group_members(pgid)
     orphans = tuple(f"{pid} {command_line(pid)}" for pid in members)
     if members:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pgid, signal.SIGKILL)
-    return StopOutcome(returncode=process.returncode, orphans=orphans)
+        kill_group(pgid)
+    return StopOutcome(returncode=returncode, orphans=orphans)
 
 
 @contextlib.contextmanager
@@ -210,43 +205,42 @@ def run_service(module: str, env: Mapping[str, str], address: str, timeout: floa
         process.remove_log()
 
 
+def fail_if_exited(process: LoggedProcess, when: str) -> None:
+    """`ChildExited` (naming `process`, its exit code and the end of its output) if it has exited; `when`
+    says what it had not done yet (`before serving on ...`)."""
+    if process.poll() is not None:
+        raise ChildExited(
+            _describe(process), process.returncode, process.log_path, process.output_tail(), when=when
+        )
+
+
 def wait_until_serving(process: LoggedProcess, address: str, timeout: float, service: str = "") -> None:
-    """Block until `service` at `address` is SERVING; raise `RuntimeError` with the output's tail if
-    `process` exits first or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"{_describe(process)} exited with code {process.returncode} before serving on {address}:\n"
-                f"{process.output_tail()}"
-            )
-        if is_serving(address, service, timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"{_describe(process)} was not SERVING on {address} after {timeout:.0f} s:\n{process.output_tail()}"
-    )
+    """Block until `service` at `address` is SERVING; `ChildExited` with the output's tail if `process`
+    exits first, `AssertionError` with it after `timeout` seconds."""
+
+    def serving() -> bool:
+        fail_if_exited(process, f"before serving on {address}")
+        return is_serving(address, service, timeout=0.5)
+
+    what = f"{_describe(process)} SERVING on {address}"
+    eventually_sync(serving, what, timeout, detail=process.output_tail)
 
 
 def wait_for_line(process: LoggedProcess, line: str, timeout: float) -> None:
     """Block until `process` prints `line` as a whole line (surrounding whitespace ignored).
 
     Whole lines, so a readiness marker such as `READY` is not confused with a server log line that
-    merely contains the word. Raises `RuntimeError` with the output's tail if the process exits first
-    or `timeout` passes.
+    merely contains the word. `ChildExited` with the output's tail if the process exits first,
+    `AssertionError` with it after `timeout`.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(printed.strip() == line for printed in process.output().splitlines()):
-            return
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"{_describe(process)} exited with code {process.returncode}:\n{process.output_tail()}"
-            )
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"{_describe(process)} did not print {line!r} within {timeout:.0f} s:\n{process.output_tail()}"
-    )
+
+    def printed() -> bool:
+        if any(said.strip() == line for said in process.output().splitlines()):
+            return True
+        fail_if_exited(process, f"before printing {line!r}")
+        return False
+
+    eventually_sync(printed, f"{_describe(process)} printing {line!r}", timeout, detail=process.output_tail)
 
 
 def log_entries(process: LoggedProcess) -> list[dict[str, Any]]:
@@ -264,22 +258,21 @@ def wait_for_log_entry(
 ) -> dict[str, Any]:
     """Block until `process` writes a JSON log entry for which `matches` is true; return it.
 
-    Raises `RuntimeError` with the output's tail if the process exits first or `timeout` passes. Blocks:
-    from async code, run it with `asyncio.to_thread`.
+    `ChildExited` with the output's tail if the process exits first, `AssertionError` with it after
+    `timeout`. Blocks: from async code, run it with `asyncio.to_thread`.
     """
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for entry in log_entries(process):
-            if matches(entry):
-                return entry
-        if process.poll() is not None:
-            raise RuntimeError(
-                f"{_describe(process)} exited with code {process.returncode}:\n{process.output_tail()}"
-            )
-        time.sleep(0.05)
-    raise RuntimeError(
-        f"{_describe(process)} wrote no matching log entry within {timeout:.0f} s:\n{process.output_tail()}"
-    )
+    found: list[dict[str, Any]] = []
+
+    def written() -> bool:
+        found.extend(entry for entry in log_entries(process) if matches(entry))
+        if found:
+            return True
+        fail_if_exited(process, "before writing the log entry waited for")
+        return False
+
+    what = f"{_describe(process)} writing a matching log entry"
+    eventually_sync(written, what, timeout, detail=process.output_tail)
+    return found[0]
 
 
 def _describe(process: LoggedProcess) -> str:

@@ -33,10 +33,13 @@ async def until(condition: Callable[[], bool], passes: int = 1000) -> None:
     raise AssertionError("the condition never held")
 
 
-def eventually_sync(check: Callable[[], bool], what: str, timeout_s: float = 15.0) -> None:
-    """`eventually` for synchronous tests (a browser driven by playwright's sync API)."""
+def eventually_sync(
+    check: Callable[[], bool], what: str, timeout_s: float = 15.0, detail: Callable[[], str] | None = None
+) -> None:
+    """`eventually` for synchronous tests and fixtures (a browser driven by playwright's sync API, a
+    server starting). `detail()`, if given, is added to the timeout's message (a server's log)."""
     deadline = time.monotonic() + timeout_s
     while not check():
         if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout_s:.0f} s: {what}")
+            raise AssertionError(f"after {timeout_s:.0f} s: {what}" + (f"\n{detail()}" if detail else ""))
         threading.Event().wait(0.05)
