@@ -4,8 +4,8 @@ streaming, cancel, overload, validation."""
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator, Iterator
+from itertools import accumulate
 from subprocess import Popen
 
 import grpc
@@ -14,6 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
+from inference_service.model_files import bundled_gguf_path
 from tests.support.processes import LoggedProcess, free_port, run_service
 from tests.support.services import LONG, PARIS, cancel_a_long_generation
 
@@ -46,22 +47,32 @@ async def stub(
 
 async def collect(
     stub: inference_pb2_grpc.InferenceServiceStub, messages: list[pb.Message], **sampling: object
-) -> tuple[list[tuple[float, str]], pb.Finished, float]:
-    """Run one generation; return (arrival time, text) per delta, the finished event and its arrival."""
-    started = time.perf_counter()
-    deltas: list[tuple[float, str]] = []
+) -> tuple[list[str], pb.Finished]:
+    """Run one generation; return the text of each delta and the finished event."""
+    deltas: list[str] = []
     finished: pb.Finished | None = None
-    finished_at = 0.0
     async for event in stub.Generate(
         pb.GenerateRequest(messages=messages, sampling=pb.SamplingParams(**sampling))  # type: ignore[arg-type]
     ):
         assert finished is None, "nothing may follow the finished event"
         if event.HasField("delta"):
-            deltas.append((time.perf_counter() - started, event.delta.text))
+            deltas.append(event.delta.text)
         else:
-            finished, finished_at = event.finished, time.perf_counter() - started
+            finished = event.finished
     assert finished is not None, "the stream must end with a finished event"
-    return deltas, finished, finished_at
+    return deltas, finished
+
+
+def token_ends(text: str) -> set[int]:
+    """Where each token of `text` ends (byte offsets), as the service's model (the bundled GGUF) splits it."""
+    from llama_cpp import Llama
+
+    vocab = Llama(model_path=str(bundled_gguf_path()), vocab_only=True, verbose=False)
+    try:
+        ids = vocab.tokenize(text.encode(), add_bos=False, special=False)
+        return set(accumulate(len(vocab.detokenize([token])) for token in ids))
+    finally:
+        vocab.close()
 
 
 async def test_health_and_model_info(inference_process: tuple[str, Popen[bytes]]) -> None:
@@ -76,12 +87,15 @@ async def test_health_and_model_info(inference_process: tuple[str, Popen[bytes]]
 
 
 async def test_generation_streams_token_by_token(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
-    deltas, finished, finished_at = await collect(stub, PARIS, max_tokens=40, temperature=0)
-    text = "".join(piece for _, piece in deltas)
+    deltas, finished = await collect(stub, PARIS, max_tokens=40, temperature=0)
+    text = "".join(deltas)
     assert "Paris" in text
     assert not text.startswith(" "), "the space after the 'Assistant:' cue is not part of the reply"
     assert len(deltas) >= 3, f"expected several chunks, got {deltas}"
-    assert deltas[0][0] < deltas[-1][0] <= finished_at
+    # Token by token: every delta is whole tokens of the reply, as the engine sampled them (one each,
+    # unless the relay fell behind and sent the ones that piled up together), never text cut elsewhere.
+    delta_ends = set(accumulate(len(delta.encode()) for delta in deltas))
+    assert delta_ends <= token_ends(text), f"deltas {deltas} are not whole tokens of {text!r}"
     # Not buffered: test_cancel_frees_the_slot reads deltas while the engine is still generating.
     assert finished.finish_reason == pb.FINISH_REASON_STOP
     assert finished.usage.completion_tokens >= len(deltas)
@@ -90,7 +104,7 @@ async def test_generation_streams_token_by_token(stub: inference_pb2_grpc.Infere
 async def test_max_tokens_ends_with_length_and_exact_usage(
     stub: inference_pb2_grpc.InferenceServiceStub,
 ) -> None:
-    _, finished, _ = await collect(stub, LONG, max_tokens=5, temperature=0)
+    _, finished = await collect(stub, LONG, max_tokens=5, temperature=0)
     assert finished.finish_reason == pb.FINISH_REASON_LENGTH
     assert finished.usage.completion_tokens == 5
     counted = await stub.CountTokens(pb.CountTokensRequest(messages=LONG))
@@ -98,9 +112,9 @@ async def test_max_tokens_ends_with_length_and_exact_usage(
 
 
 async def test_seed_makes_sampling_reproducible(stub: inference_pb2_grpc.InferenceServiceStub) -> None:
-    first, _, _ = await collect(stub, PARIS, max_tokens=20, temperature=1.0, seed=7)
-    second, _, _ = await collect(stub, PARIS, max_tokens=20, temperature=1.0, seed=7)
-    assert [t for _, t in first] == [t for _, t in second]
+    first, _ = await collect(stub, PARIS, max_tokens=20, temperature=1.0, seed=7)
+    second, _ = await collect(stub, PARIS, max_tokens=20, temperature=1.0, seed=7)
+    assert first == second
 
 
 async def test_cancel_frees_the_slot(
@@ -117,7 +131,7 @@ async def test_cancel_frees_the_slot(
     results = await asyncio.gather(
         collect(stub, PARIS, max_tokens=8, temperature=0), collect(stub, PARIS, max_tokens=8, temperature=0)
     )
-    assert all(finished.usage.completion_tokens > 0 for _, finished, _ in results)
+    assert all(finished.usage.completion_tokens > 0 for _, finished in results)
 
 
 async def test_overload_is_resource_exhausted_with_retry_hint(
@@ -210,5 +224,5 @@ async def test_count_tokens_per_message_adds_up_for_any_sub_list(
         assert list(part.message_tokens) == [whole.message_tokens[i] for i in kept]
         assert part.template_tokens == whole.template_tokens
     # And Generate sees the same prompt.
-    _, finished, _ = await collect(stub, conversation, max_tokens=1, temperature=0)
+    _, finished = await collect(stub, conversation, max_tokens=1, temperature=0)
     assert finished.usage.prompt_tokens == whole.prompt_tokens
