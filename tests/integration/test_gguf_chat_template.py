@@ -16,8 +16,7 @@ from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.backends.tokenizers import LlamaTokenizer
 from inference_service.chat_template import gguf_chat_template
-from tests.support.processes import free_port, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, inference_env
+from tests.support.stack import inference_service
 from tests.support.tiny_chat_gguf import CHATML_TEMPLATE, REPLY, write_tiny_chat_gguf
 
 pytestmark = pytest.mark.integration
@@ -42,20 +41,18 @@ def test_the_template_and_its_special_tokens_are_read_from_the_file(tiny_gguf: P
 
 @pytest.fixture(scope="module", params=["llama_server", "llama_cpp"])
 def served(request: pytest.FixtureRequest, tiny_gguf: Path) -> Iterator[tuple[str, Path]]:
-    address = f"127.0.0.1:{free_port()}"
     # Only the model is chosen; the template and preamble settings are the defaults (the test session
     # pins the bare transcript's preamble for the bundled model's engines; that must not matter here).
-    env = inference_env(
-        address,
-        CHATMESH_INFERENCE_BACKEND=request.param,
-        CHATMESH_INFERENCE_GGUF_PATH=str(tiny_gguf),
-        CHATMESH_INFERENCE_PROMPT_TEMPLATE="auto",
-        CHATMESH_INFERENCE_PROMPT_PREAMBLE="few-shot",
-        CHATMESH_INFERENCE_CONTEXT_LENGTH="512",
-    )
-    with run_service("inference_service", env, address, MODEL_STARTUP_TIMEOUT_S) as process:
-        assert "prompting with the model's own chat template" in process.output()
-        yield address, tiny_gguf
+    with inference_service(
+        standard=False,
+        backend=request.param,
+        gguf_path=tiny_gguf,
+        prompt_template="auto",
+        prompt_preamble="few-shot",
+        context_length=512,
+    ) as service:
+        assert "prompting with the model's own chat template" in service.process.output()
+        yield service.address, tiny_gguf
 
 
 @pytest.fixture
@@ -135,15 +132,11 @@ async def test_the_reply_follows_the_cue_and_ends_at_the_closing_marker(
 
 
 async def test_a_template_forced_in_the_settings_wins_over_the_models(tiny_gguf: Path) -> None:
-    address = f"127.0.0.1:{free_port()}"
-    env = inference_env(
-        address,
-        CHATMESH_INFERENCE_GGUF_PATH=str(tiny_gguf),
-        CHATMESH_INFERENCE_PROMPT_TEMPLATE="transcript",
-        CHATMESH_INFERENCE_CONTEXT_LENGTH="512",
-    )
-    with run_service("inference_service", env, address, MODEL_STARTUP_TIMEOUT_S) as process:
-        async with grpc.aio.insecure_channel(address) as channel:
+    with inference_service(
+        standard=False, gguf_path=tiny_gguf, prompt_template="transcript", context_length=512
+    ) as service:
+        process = service.process
+        async with grpc.aio.insecure_channel(service.address) as channel:
             stub = inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
             request = pb.GenerateRequest(
                 messages=CONVERSATION, sampling=pb.SamplingParams(max_tokens=16, temperature=0)

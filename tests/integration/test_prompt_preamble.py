@@ -13,19 +13,17 @@ from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.backends.tokenizers import open_tokenizer
 from inference_service.model_files import bundled_gguf_path
 from inference_service.prompt import FEW_SHOT_PREAMBLE
-from tests.support.processes import free_port, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, PARIS, inference_env
+from tests.support.services import PARIS
+from tests.support.stack import inference_service
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 async def stub() -> AsyncIterator[inference_pb2_grpc.InferenceServiceStub]:
-    address = f"127.0.0.1:{free_port()}"
     # The default, set explicitly: the test session pins the bare transcript for every other engine.
-    env = inference_env(address, CHATMESH_INFERENCE_PROMPT_PREAMBLE="few-shot")
-    with run_service("inference_service", env, address, MODEL_STARTUP_TIMEOUT_S):
-        async with grpc.aio.insecure_channel(address) as channel:
+    with inference_service(standard=False, prompt_preamble="few-shot") as service:
+        async with grpc.aio.insecure_channel(service.address) as channel:
             yield inference_pb2_grpc.InferenceServiceStub(channel)  # type: ignore[no-untyped-call]
 
 

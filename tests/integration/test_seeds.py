@@ -11,20 +11,16 @@ import pytest
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.processes import free_port, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, PARIS, inference_env
+from tests.support.services import PARIS
+from tests.support.stack import inference_service
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module", params=["llama_server", "llama_cpp"])
 def address(request: pytest.FixtureRequest) -> Iterator[str]:
-    address = f"127.0.0.1:{free_port()}"
-    env = inference_env(
-        address, CHATMESH_INFERENCE_BACKEND=request.param, CHATMESH_INFERENCE_CONTEXT_LENGTH="512"
-    )
-    with run_service("inference_service", env, address, MODEL_STARTUP_TIMEOUT_S):
-        yield address
+    with inference_service(standard=False, backend=request.param, context_length=512) as service:
+        yield service.address
 
 
 @pytest.fixture
