@@ -1,7 +1,8 @@
 """The conversation logic (`Conversations` and its pieces) on in-memory fakes of the store, the vector index
 and the engine (tests/support/fakes.py): turns, retries joining a running completion, a client leaving
-mid-stream, cache hits, cross-replica leases, the per-user limit. Orders of writes and events only; the
-waits are on conditions (asyncio events, the fake store's writes), never on time."""
+mid-stream, cache hits, cross-replica leases, the per-user limit, a refused job submission. Orders of
+writes and events only; the waits are on conditions (asyncio events, the fake store's writes), never on
+time."""
 
 from __future__ import annotations
 
@@ -18,9 +19,17 @@ from chat_service.conversations import CompletionEvent, Conversations, Delta, Fa
 from chat_service.domain import FinishReason, HistoryStrategy, Role
 from chat_service.history import HistoryBuilder, SummaryPolicy
 from chat_service.inference import PromptMessage, SamplingOptions
+from chat_service.jobs.queue import Delivery
+from chat_service.jobs.service import Jobs
 from chat_service.storage.base import Lease
 from chatmesh.common.errors import ResourceExhausted, Unavailable
-from tests.support.fakes import FakeEngine, MemoryConversationStore, MemoryDatabase, MemoryVectors
+from tests.support.fakes import (
+    FakeEngine,
+    MemoryConversationStore,
+    MemoryDatabase,
+    MemoryJobStore,
+    MemoryVectors,
+)
 from tests.support.waiting import until
 
 SAMPLING = SamplingOptions(max_tokens=16)
@@ -397,3 +406,47 @@ async def test_a_failed_event_carries_the_error_the_call_raises(
             events.append(event)
     failed = events[-1]
     assert isinstance(failed, Failed) and failed.error is raised.value
+
+
+class RecordingQueue:
+    """A `JobQueue` that notes the ids it takes, or refuses them all as full (`full`)."""
+
+    max_attempts = 3
+
+    def __init__(self) -> None:
+        self.submitted: list[str] = []
+        self.full = False
+
+    async def submit(self, job_id: str) -> None:
+        if self.full:
+            raise ResourceExhausted("the job queue is full", 1.0)
+        self.submitted.append(job_id)
+
+    async def depth(self) -> int:
+        return len(self.submitted)
+
+    async def deliveries(self) -> AsyncGenerator[Delivery, None]:
+        raise AssertionError("no worker runs here")
+        yield
+
+
+async def test_a_refused_job_submission_leaves_nothing_stored(engine: FakeEngine) -> None:
+    database = MemoryDatabase()
+    store = MemoryConversationStore(database)
+    queue = RecordingQueue()
+    jobs = Jobs(MemoryJobStore(database), queue, conversations(store, engine), max_active_per_user=1)
+    chat_id = await new_chat(store)
+    first = await jobs.submit("alice", chat_id, "Say hello.", SAMPLING, "job-1", use_cache=False)
+    assert queue.submitted == [str(first.job.id)]
+    again = await jobs.submit("alice", chat_id, "Say hello.", SAMPLING, "job-1", use_cache=False)
+    assert again.job.id == first.job.id, "a retried submission is the same job"
+
+    with pytest.raises(ResourceExhausted, match="too many jobs"):
+        await jobs.submit("alice", chat_id, "And again?", SAMPLING, "job-2", use_cache=False)
+    queue.full = True
+    bobs_chat = await new_chat(store, "bob")
+    with pytest.raises(ResourceExhausted, match="full"):
+        await jobs.submit("bob", bobs_chat, "Hi?", SAMPLING, None, use_cache=False)
+    assert [m.content for m in await store.history("alice", chat_id)] == ["Say hello."]
+    assert await store.history("bob", bobs_chat) == []
+    assert list(database.jobs) == [first.job.id]
