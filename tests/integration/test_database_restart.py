@@ -13,7 +13,8 @@ from chatmesh.chat.v1 import chat_pb2 as pb
 from tests.support.chat import ChatClient, drain
 from tests.support.databases import PrivatePostgres, private_postgres
 from tests.support.processes import free_port, run_service
-from tests.support.services import NOT_SERVING, SERVING, chat_env, chat_health
+from tests.support.services import NOT_SERVING, SERVING, chat_health
+from tests.support.stack import chat_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -39,7 +40,7 @@ async def test_a_database_restart_fails_calls_cleanly_and_loses_nothing(
     postgres: PrivatePostgres, inference_address: str
 ) -> None:
     address = f"127.0.0.1:{free_port()}"
-    env = chat_env(address, postgres.url, inference_address, CHATMESH_CHAT_HEALTH_CHECK_INTERVAL_S="0.1")
+    env = chat_env(address, postgres.url, inference_address, health_check_interval_s=0.1)
     with run_service("chat_service", env, address, timeout=60):
         async with grpc.aio.insecure_channel(address) as channel:
             alice = ChatClient(channel)
