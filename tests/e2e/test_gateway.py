@@ -782,7 +782,8 @@ async def test_a_user_beyond_their_concurrent_completions_gets_429_with_a_retry_
     through the gateway: a user holding 2 gets a 429 naming the limit and its setting, with a retry hint,
     while another user is served; once one of the 2 ends, the user is served again."""
     user = new_user()
-    body = {"content": "Hi", "max_tokens": 4}
+    # Greedy, with a known answer: a sampled reply to "Hi" can be 4 tokens of nothing but whitespace.
+    body = {"content": "What is the capital of France?", "max_tokens": 4, "temperature": 0}
     # The user's 2 completions, running on some replica: their leased rows in the shared database (real
     # streams would end on their own before a loaded machine got to the third request).
     async with open_sql_store(mesh.database_url, migrate=False) as store:
