@@ -20,9 +20,7 @@ import json
 import logging
 import os
 import re
-import signal
 import socket
-import sys
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -31,6 +29,7 @@ from typing import Any
 
 import httpx
 
+from chatmesh.common.children import NotReady, child_process
 from chatmesh.common.errors import Unavailable
 from inference_service.backends.base import (
     Completion,
@@ -275,35 +274,21 @@ class LlamaServerBackend(TemplatedBackend):
         )
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM the server when this service dies, even by SIGKILL, so that a
-    crashed service never leaves an orphaned engine holding memory and cores (Linux only)."""
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
-
-
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-async def _wait_healthy(http: httpx.AsyncClient, process: asyncio.subprocess.Process, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.returncode is not None:
-            tail = (await asyncio.to_thread(log_path.read_text, errors="replace"))[-2000:]
-            raise RuntimeError(f"llama-server exited with {process.returncode} while starting:\n{tail}")
-        try:
-            if (await http.get("/health", timeout=2)).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass  # not listening yet
-        await asyncio.sleep(0.2)
-    raise RuntimeError(f"llama-server did not become healthy within {STARTUP_TIMEOUT_S:.0f}s; see {log_path}")
+async def _healthy(http: httpx.AsyncClient) -> bool:
+    """A readiness check: llama-server's /health answers 200 (once its model is loaded)."""
+    try:
+        status = (await http.get("/health", timeout=2)).status_code
+    except httpx.HTTPError as exc:
+        raise NotReady(f"not listening yet ({exc!r})") from None
+    if status != 200:
+        raise NotReady(f"/health answered {status}")
+    return True
 
 
 @asynccontextmanager
@@ -319,7 +304,9 @@ async def open_llama_server_backend(
     log_dir: Path,
 ) -> AsyncIterator[LlamaServerBackend]:
     """Start `llama-server` with `parallel` slots of `context_length` tokens each, load the vocabulary
-    for tokenizing here, and stop the server (SIGTERM) on exit."""
+    for tokenizing here, and stop the server (SIGTERM, SIGKILL after 10 s) on exit. `ChildFailed` with
+    the end of its log (in `log_dir`) if it exits while starting or is not healthy within
+    `STARTUP_TIMEOUT_S`."""
     binary = await asyncio.to_thread(llama_server_binary)
     cores = os.cpu_count() or 1
     port = _free_port()
@@ -350,42 +337,34 @@ async def open_llama_server_backend(
     ]  # fmt: skip
     log.info("starting llama-server", extra={"parallel": parallel, "port": port, "log": str(log_path)})
     started = time.perf_counter()
-    with log_path.open("wb") as log_file:
-        process = await asyncio.create_subprocess_exec(
-            *args,
-            stdout=log_file,
-            stderr=asyncio.subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent if sys.platform == "linux" else None,
-        )
-    http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False)
     backend: LlamaServerBackend | None = None
-    try:
-        tokenizer = await asyncio.to_thread(LlamaTokenizer.vocab_only, gguf_path)
-        await _wait_healthy(http, process, log_path)
-        log.info("llama-server ready", extra={"seconds": round(time.perf_counter() - started, 2)})
-        backend = LlamaServerBackend(
-            http,
-            tokenizer,
-            template,
-            ModelInfo(model=model_name, context_length=context_length, backend="llama_server"),
-            slots=parallel,
-        )
-        warm_started = time.perf_counter()
-        await backend.warm_slots()
-        log.info(
-            "llama-server slots hold the prompts' shared start",
-            extra={"slots": parallel, "seconds": round(time.perf_counter() - warm_started, 2)},
-        )
-        yield backend
-    finally:
-        if backend is not None:
-            backend.close()
-        await http.aclose()
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), timeout=10)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
+    async with (
+        # A group of its own, SIGTERMed should this service die (even by SIGKILL), so that a crashed
+        # service never leaves an orphaned engine holding memory and cores.
+        child_process("llama-server", args, grace_s=10, log_path=log_path, die_with_parent=True) as server,
+        httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", trust_env=False) as http,
+    ):
+        try:
+            # The vocabulary loads here while the server loads the model.
+            tokenizer = await asyncio.to_thread(LlamaTokenizer.vocab_only, gguf_path)
+            await server.wait_ready(
+                lambda: _healthy(http), f"GET /health 200 on port {port}", STARTUP_TIMEOUT_S, interval_s=0.2
+            )
+            log.info("llama-server ready", extra={"seconds": round(time.perf_counter() - started, 2)})
+            backend = LlamaServerBackend(
+                http,
+                tokenizer,
+                template,
+                ModelInfo(model=model_name, context_length=context_length, backend="llama_server"),
+                slots=parallel,
+            )
+            warm_started = time.perf_counter()
+            await backend.warm_slots()
+            log.info(
+                "llama-server slots hold the prompts' shared start",
+                extra={"slots": parallel, "seconds": round(time.perf_counter() - warm_started, 2)},
+            )
+            yield backend
+        finally:
+            if backend is not None:
+                backend.close()
