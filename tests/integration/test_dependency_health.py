@@ -18,14 +18,8 @@ from tests.support.processes import (
     stop_process,
     wait_until_serving,
 )
-from tests.support.services import (
-    MODEL_STARTUP_TIMEOUT_S,
-    NOT_SERVING,
-    SERVING,
-    chat_env,
-    chat_health,
-    standard_engine_env,
-)
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S, NOT_SERVING, SERVING, chat_health
+from tests.support.stack import chat_env, standard_engine_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -50,8 +44,8 @@ async def test_health_is_not_serving_while_the_inference_service_is_down(tmp_pat
             chat,
             f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
             engine_address,
-            CHATMESH_CHAT_HEALTH_CHECK_INTERVAL_S="0.1",
-            CHATMESH_CHAT_HEALTH_CHECK_TIMEOUT_S="1",
+            health_check_interval_s=0.1,
+            health_check_timeout_s=1,
         )
         with run_service("chat_service", env, chat, 60) as chat_process:
             assert await chat_health(chat) == {SERVING}
