@@ -34,9 +34,10 @@ from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.client import NO_RETRY, AsyncChatClient, Delta
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.chat import TEST_SECRET, token_for
+from tests.support.chat import token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
+from tests.support.stack import benchmark_chat_env, inference_env
 
 QUESTION = "What is the capital of France?"
 USER = "bench-user"
@@ -91,18 +92,11 @@ async def main() -> None:
     chat = f"127.0.0.1:{free_port()}"
     async with fresh_postgres_database() as url:
         print("starting the inference and chat services...", flush=True)
-        inference_env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING"}
-        chat_env = {
-            "CHATMESH_CHAT_ADDRESS": chat,
-            "CHATMESH_CHAT_DATABASE_URL": url,
-            "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-            "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-            "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
-            "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
-        }
+        engine_env = inference_env(inference, log_level="WARNING")
+        chat_service_env = benchmark_chat_env(chat, url, inference, log_level="WARNING")
         with (
-            run_service("inference_service", inference_env, inference, timeout=120),
-            run_service("chat_service", chat_env, chat, timeout=120),
+            run_service("inference_service", engine_env, inference, timeout=120),
+            run_service("chat_service", chat_service_env, chat, timeout=120),
         ):
             big_chat = await seed(url)
             async with (

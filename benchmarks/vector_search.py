@@ -39,7 +39,8 @@ from chatmesh.embedding.v1 import embedding_pb2, embedding_pb2_grpc
 from chatmesh.vectors.client import GrpcVectorClient, NewPoint
 from chatmesh.vectors.values import Range
 from tests.support.processes import free_port, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S
+from tests.support.stack import embedding_env
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO.parent / "shared" / "bench-data" / "qqp_duplicate_pairs.json"
@@ -79,10 +80,10 @@ def embedding_service(threads: int) -> Iterator[str]:
         env = embedding_env(
             address,
             Path(index_dir),
-            CHATMESH_EMBEDDING_THREADS=str(threads),
+            threads=threads,
             # Generous: at 100k entries local mode scans for a good fraction of a second.
-            CHATMESH_EMBEDDING_VECTORS_TIMEOUT_S="60",
-            CHATMESH_EMBEDDING_LOG_LEVEL="INFO",
+            vectors_timeout_s=60,
+            log_level="INFO",
         )
         with run_service("embedding_service", env, address, MODEL_STARTUP_TIMEOUT_S) as process:
             yield address

@@ -43,6 +43,13 @@ TEST_CHAT_SETTINGS: Mapping[str, object] = {
 """What every test chat service runs with unless the test says otherwise (`chat_env(..., jwt_secret=None)`
 drops a default)."""
 
+BENCHMARK_CHAT_SETTINGS: Mapping[str, object] = {
+    "jwt_secret": TEST_SECRET,
+    "default_history_strategy": "full",
+}
+"""The `defaults` of a benchmark's chat service: the service's own defaults but the test secret and whole
+histories (no test-sized summaries)."""
+
 GATEWAY_RATE_PER_S = 10
 GATEWAY_BURST = 20
 """The per-user rate limit of a test gateway (`rate_limit_per_s=0` switches it off)."""
@@ -73,7 +80,25 @@ def chat_env(
     inference service(s) at `inference` (comma-separated), with `TEST_CHAT_SETTINGS` and `settings`
     (ChatSettings fields; None drops a default). `migrate=False` for a replica that starts on a schema
     another replica migrated."""
-    values = {key: value for key, value in {**TEST_CHAT_SETTINGS, **settings}.items() if value is not None}
+    return _chat_env(TEST_CHAT_SETTINGS, address, database_url, inference, migrate, settings)
+
+
+def benchmark_chat_env(
+    address: str, database_url: str, inference: str, migrate: bool = True, **settings: object
+) -> dict[str, str]:
+    """`chat_env` for a benchmark: `BENCHMARK_CHAT_SETTINGS` instead of the tests' defaults."""
+    return _chat_env(BENCHMARK_CHAT_SETTINGS, address, database_url, inference, migrate, settings)
+
+
+def _chat_env(
+    defaults: Mapping[str, object],
+    address: str,
+    database_url: str,
+    inference: str,
+    migrate: bool,
+    settings: Mapping[str, object],
+) -> dict[str, str]:
+    values = {key: value for key, value in {**defaults, **settings}.items() if value is not None}
     return env_for(
         ChatSettings,
         address=address,
@@ -176,7 +201,9 @@ class Stack:
     inference: str
     database_url: str
     replicas: tuple[Service, ...]
-    envoy_process: EnvoyProcess | None
+    envoy_process: EnvoyProcess | None = None
+    gateway: GatewaySettings | None = None
+    """The gateway's settings (with Envoy)."""
 
     @property
     def chat(self) -> Service:
@@ -210,8 +237,8 @@ async def chat_stack(
             process = services.enter_context(run_service("chat_service", env, at, CHAT_STARTUP_TIMEOUT_S))
             started.append(Service(at, process))
         if envoy_dir is None:
-            yield Stack(inference, database_url, tuple(started), None)
+            yield Stack(inference, database_url, tuple(started))
             return
         edge = gateway_settings([replica.address for replica in started], **(gateway or {}))
         async with run_envoy(edge, envoy_dir) as envoy:
-            yield Stack(inference, database_url, tuple(started), envoy)
+            yield Stack(inference, database_url, tuple(started), envoy, edge)
