@@ -46,6 +46,7 @@ from inference_service.prompt import Role, Turn
 from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import command_line, cpu_seconds, find_processes, free_port, run_service
+from tests.support.stack import benchmark_chat_env, inference_env
 
 SYSTEM_PROMPT = "User: Count from 1 to 40.\nAssistant: " + ", ".join(str(i) for i in range(1, 41))
 
@@ -100,36 +101,33 @@ async def main() -> None:
     levels = [int(n) for n in args.concurrency.split(",")]
     inference = f"127.0.0.1:{free_port()}"
     replicas = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    quiet = {"CHATMESH_INFERENCE_LOG_LEVEL": "WARNING", "CHATMESH_CHAT_LOG_LEVEL": "WARNING"}
     with tempfile.TemporaryDirectory() as run_dir:
         async with fresh_postgres_database() as url:
-            inference_env = {
-                **quiet,
-                "CHATMESH_INFERENCE_ADDRESS": inference,
-                "CHATMESH_INFERENCE_MAX_CONCURRENT": str(args.slots),
-                "CHATMESH_INFERENCE_MAX_QUEUE": "64",
-                "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
-                "CHATMESH_INFERENCE_RUN_DIR": run_dir,
-            }
+            engine_env = inference_env(
+                inference,
+                log_level="WARNING",
+                max_concurrent=args.slots,
+                max_queue=64,
+                context_length=CONTEXT,
+                run_dir=run_dir,
+            )
 
             def chat_env(address: str, migrate: bool) -> dict[str, str]:
-                return {
-                    **quiet,
-                    "CHATMESH_CHAT_ADDRESS": address,
-                    "CHATMESH_CHAT_DATABASE_URL": url,
-                    "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-                    "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-                    "CHATMESH_CHAT_MIGRATE_ON_START": "true" if migrate else "false",
+                return benchmark_chat_env(
+                    address,
+                    url,
+                    inference,
+                    migrate,
+                    log_level="WARNING",
+                    default_history_strategy=None,  # the service's own default
                     # One benchmark user stands for many: the per-user limit would refuse its streams.
-                    "CHATMESH_CHAT_MAX_CONCURRENT_COMPLETIONS_PER_USER": "0",
-                }
+                    max_concurrent_completions_per_user=0,
+                )
 
             print(f"starting the mesh ({args.slots} engine slots) and llama-server alone...", flush=True)
             async with llama_server_alone(args.slots, Path(run_dir)) as alone:
                 with contextlib.ExitStack() as stack:
-                    stack.enter_context(
-                        run_service("inference_service", inference_env, inference, timeout=180)
-                    )
+                    stack.enter_context(run_service("inference_service", engine_env, inference, timeout=180))
                     for number, address in enumerate(replicas):
                         stack.enter_context(
                             run_service("chat_service", chat_env(address, number == 0), address, timeout=120)

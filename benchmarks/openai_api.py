@@ -34,6 +34,7 @@ from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
 from tests.support.services import COUNTING_SYSTEM_PROMPT
+from tests.support.stack import benchmark_chat_env, inference_env
 
 USER = "bench-user"
 QUESTION = "Count to 300."
@@ -145,17 +146,9 @@ async def main() -> None:
     args = parser.parse_args()
 
     inference, chat = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    quiet = {"CHATMESH_INFERENCE_LOG_LEVEL": "WARNING", "CHATMESH_CHAT_LOG_LEVEL": "WARNING"}
     async with fresh_postgres_database() as url:
         print("starting the inference service, a chat replica and Envoy...", flush=True)
-        chat_env = {
-            **quiet,
-            "CHATMESH_CHAT_ADDRESS": chat,
-            "CHATMESH_CHAT_DATABASE_URL": url,
-            "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-            "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-            "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
-        }
+        chat_env = benchmark_chat_env(chat, url, inference, log_level="WARNING")
         settings = GatewaySettings(
             listen_host="127.0.0.1",
             listen_port=free_port(),
@@ -167,10 +160,7 @@ async def main() -> None:
         )
         with (
             run_service(
-                "inference_service",
-                {**quiet, "CHATMESH_INFERENCE_ADDRESS": inference},
-                inference,
-                timeout=120,
+                "inference_service", inference_env(inference, log_level="WARNING"), inference, timeout=120
             ),
             run_service("chat_service", chat_env, chat, timeout=120),
             tempfile.TemporaryDirectory(prefix="chatmesh-openai-bench-") as workdir,
