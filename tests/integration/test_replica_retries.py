@@ -18,12 +18,13 @@ from tests.support.chat import ChatClient, drain
 from tests.support.metrics import scrape, total
 from tests.support.processes import free_port, run_service, start_process, stop_process, wait_until_serving
 from tests.support.recording_proxy import run_recording_proxy
-from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env
+from tests.support.services import COUNTING_SYSTEM_PROMPT
+from tests.support.stack import chat_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
-LEASE_S = "2"
+LEASE_S = 2.0
 """Short, so that the take-over after a replica's death happens within the test's patience."""
 
 
@@ -35,9 +36,9 @@ def replica_env(
         f"sqlite+aiosqlite:///{database}",
         inference,
         migrate=migrate,
-        CHATMESH_CHAT_REPLICA_ID=name,
-        CHATMESH_CHAT_COMPLETION_LEASE_S=LEASE_S,
-        CHATMESH_CHAT_METRICS_ADDRESS=metrics,
+        replica_id=name,
+        completion_lease_s=LEASE_S,
+        metrics_address=metrics,
     )
 
 
