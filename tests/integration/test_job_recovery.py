@@ -8,6 +8,7 @@ from __future__ import annotations
 import signal
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -24,7 +25,8 @@ from tests.support.databases import fresh_postgres_database
 from tests.support.nats import NatsServer, run_nats
 from tests.support.processes import free_port, run_service
 from tests.support.recording_proxy import run_recording_proxy
-from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env
+from tests.support.services import COUNTING_SYSTEM_PROMPT
+from tests.support.stack import chat_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -39,11 +41,18 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 
 def jobs_env(
-    address: str, database_url: str, inference: str, nats_url: str, stream: str, **settings: str
+    address: str,
+    database_url: str,
+    inference: str,
+    nats_url: str,
+    stream: str,
+    migrate: bool = True,
+    **settings: Any,
 ) -> dict[str, str]:
     """A chat replica with jobs on `stream` (one per test: tests do not see each other's jobs)."""
-    jobs = {"CHATMESH_CHAT_JOBS_NATS_URL": nats_url, "CHATMESH_CHAT_JOBS_STREAM": stream}
-    return {**chat_env(address, database_url, inference), **jobs, **settings}
+    return chat_env(
+        address, database_url, inference, migrate, jobs_nats_url=nats_url, jobs_stream=stream, **settings
+    )
 
 
 async def job_when(chat: ChatClient, job_id: str, done: bool) -> pb.Job:
@@ -77,8 +86,8 @@ async def test_a_job_its_replica_never_queued_is_queued_by_a_sweep_and_answered_
                 engine,
                 nats_server.url,
                 "JOBS_SWEEP",
-                CHATMESH_CHAT_JOBS_SWEEP_INTERVAL_S="0.2",
-                CHATMESH_CHAT_JOBS_REQUEUE_AFTER_S="0.5",
+                jobs_sweep_interval_s=0.2,
+                jobs_requeue_after_s=0.5,
             )
             with run_service("chat_service", env, address, timeout=60):
                 # What the stopped replica left: the question and its job, stored; nothing published.
@@ -108,7 +117,7 @@ async def test_a_job_delivered_again_while_its_first_worker_generates_is_generat
     completion lease and waits for its reply instead of generating a second one."""
     first, second = (f"127.0.0.1:{free_port()}" for _ in range(2))
     # A lease far longer than the test: it must not lapse while the first replica is stopped.
-    common = {"CHATMESH_CHAT_JOBS_ACK_WAIT_S": "2", "CHATMESH_CHAT_COMPLETION_LEASE_S": "300"}
+    common: dict[str, Any] = {"jobs_ack_wait_s": 2, "completion_lease_s": 300}
     async with fresh_postgres_database() as url:
         with run_recording_proxy(inference_address) as (engine, recorder):
             first_env = jobs_env(first, url, engine, nats_server.url, "JOBS_AGAIN", **common)
@@ -118,7 +127,7 @@ async def test_a_job_delivered_again_while_its_first_worker_generates_is_generat
                 engine,
                 nats_server.url,
                 "JOBS_AGAIN",
-                CHATMESH_CHAT_MIGRATE_ON_START="false",
+                migrate=False,
                 **common,
             )
             with run_service("chat_service", first_env, first, timeout=60) as slow:
