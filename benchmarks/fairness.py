@@ -43,6 +43,7 @@ from gateway import GatewaySettings, run_envoy
 from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
+from tests.support.stack import benchmark_chat_env, inference_env
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -234,35 +235,27 @@ async def main() -> None:
     args = parser.parse_args()
     inference = f"127.0.0.1:{free_port()}"
     replicas = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    quiet = {"CHATMESH_INFERENCE_LOG_LEVEL": "WARNING", "CHATMESH_CHAT_LOG_LEVEL": "WARNING"}
-    limit = (
-        {} if args.limit is None else {"CHATMESH_CHAT_MAX_CONCURRENT_COMPLETIONS_PER_USER": str(args.limit)}
-    )
     print(f"before: {load()}", flush=True)
     with tempfile.TemporaryDirectory() as run_dir:
         async with fresh_postgres_database() as url:
-            inference_env = {
-                **quiet,
-                "CHATMESH_INFERENCE_ADDRESS": inference,
-                "CHATMESH_INFERENCE_RUN_DIR": run_dir,
-            }
+            engine_env = inference_env(inference, log_level="WARNING", run_dir=run_dir)
 
             def chat_env(address: str, migrate: bool) -> dict[str, str]:
-                return {
-                    **quiet,
-                    **limit,
-                    "CHATMESH_CHAT_ADDRESS": address,
-                    "CHATMESH_CHAT_DATABASE_URL": url,
-                    "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-                    "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-                    "CHATMESH_CHAT_MIGRATE_ON_START": "true" if migrate else "false",
-                }
+                return benchmark_chat_env(
+                    address,
+                    url,
+                    inference,
+                    migrate,
+                    log_level="WARNING",
+                    default_history_strategy=None,  # the service's own default
+                    max_concurrent_completions_per_user=args.limit,  # None: the setting's default
+                )
 
             print(
                 "starting the mesh (inference service, 2 chat replicas on PostgreSQL, Envoy)...", flush=True
             )
             with contextlib.ExitStack() as stack:
-                stack.enter_context(run_service("inference_service", inference_env, inference, timeout=180))
+                stack.enter_context(run_service("inference_service", engine_env, inference, timeout=180))
                 for number, address in enumerate(replicas):
                     stack.enter_context(
                         run_service("chat_service", chat_env(address, number == 0), address, timeout=120)

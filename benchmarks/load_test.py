@@ -45,6 +45,7 @@ from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.nats import run_nats
 from tests.support.processes import free_port, run_service
+from tests.support.stack import benchmark_chat_env, inference_env
 
 QUESTIONS = [
     "What is the capital of France?",
@@ -269,38 +270,31 @@ async def count_rows(dsn: str, ledger: Ledger) -> None:
 async def with_mesh(args: argparse.Namespace, body: Callable[[EnvoyProcess, str], Awaitable[None]]) -> None:
     inference = f"127.0.0.1:{free_port()}"
     replicas = [f"127.0.0.1:{free_port()}" for _ in range(2)]
-    quiet = {"CHATMESH_INFERENCE_LOG_LEVEL": "WARNING", "CHATMESH_CHAT_LOG_LEVEL": "WARNING"}
     with (
         tempfile.TemporaryDirectory(prefix="chatmesh-load-") as run_dir,
         run_nats(Path(run_dir) / "nats") as nats,
     ):
         async with fresh_postgres_database("chatmesh_load") as url:
-            inference_env = {
-                **quiet,
-                "CHATMESH_INFERENCE_ADDRESS": inference,
-                "CHATMESH_INFERENCE_MAX_CONCURRENT": str(args.slots),
-                "CHATMESH_INFERENCE_MAX_QUEUE": str(args.queue if args.queue is not None else args.slots),
-                "CHATMESH_INFERENCE_RUN_DIR": run_dir,
-            }
             queue = args.queue if args.queue is not None else args.slots
+            engine_env = inference_env(
+                inference, log_level="WARNING", max_concurrent=args.slots, max_queue=queue, run_dir=run_dir
+            )
             print(f"starting the mesh ({args.slots} engine slots + a queue of {queue})...", flush=True)
             with contextlib.ExitStack() as stack:
-                stack.enter_context(run_service("inference_service", inference_env, inference, timeout=180))
+                stack.enter_context(run_service("inference_service", engine_env, inference, timeout=180))
                 for number, address in enumerate(replicas):
-                    env = {
-                        **quiet,
-                        "CHATMESH_CHAT_ADDRESS": address,
-                        "CHATMESH_CHAT_DATABASE_URL": url,
-                        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-                        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-                        "CHATMESH_CHAT_MIGRATE_ON_START": str(number == 0).lower(),
-                        "CHATMESH_CHAT_JOBS_NATS_URL": nats.url,
-                        "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
+                    env = benchmark_chat_env(
+                        address,
+                        url,
+                        inference,
+                        number == 0,
+                        log_level="WARNING",
+                        jobs_nats_url=nats.url,
                         # One benchmark user stands for many: this measures the engine's and the queue's
                         # admission, which the per-user limits would hide.
-                        "CHATMESH_CHAT_MAX_CONCURRENT_COMPLETIONS_PER_USER": "0",
-                        "CHATMESH_CHAT_MAX_ACTIVE_JOBS_PER_USER": "0",
-                    }
+                        max_concurrent_completions_per_user=0,
+                        max_active_jobs_per_user=0,
+                    )
                     stack.enter_context(run_service("chat_service", env, address, timeout=120))
                 settings = GatewaySettings(
                     listen_host="127.0.0.1",
