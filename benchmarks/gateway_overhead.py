@@ -47,6 +47,7 @@ from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess, free_port, run_service
 from tests.support.services import COUNTING_SYSTEM_PROMPT
+from tests.support.stack import benchmark_chat_env, inference_env
 
 USER = "bench-user"
 
@@ -387,23 +388,14 @@ async def main() -> None:
 
     inference = f"127.0.0.1:{free_port()}"
     addresses = [f"127.0.0.1:{free_port()}" for _ in range(args.replicas)]
-    quiet = {"CHATMESH_INFERENCE_LOG_LEVEL": "WARNING", "CHATMESH_CHAT_LOG_LEVEL": "WARNING"}
     async with fresh_postgres_database() as url:
         print(f"starting the inference service and {args.replicas} chat replicas...", flush=True)
 
         def chat_env(address: str, migrate: bool) -> dict[str, str]:
-            return {
-                **quiet,
-                "CHATMESH_CHAT_ADDRESS": address,
-                "CHATMESH_CHAT_DATABASE_URL": url,
-                "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-                "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-                "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
-                "CHATMESH_CHAT_MIGRATE_ON_START": str(migrate).lower(),
-            }
+            return benchmark_chat_env(address, url, inference, migrate, log_level="WARNING")
 
         with run_service(
-            "inference_service", {**quiet, "CHATMESH_INFERENCE_ADDRESS": inference}, inference, timeout=120
+            "inference_service", inference_env(inference, log_level="WARNING"), inference, timeout=120
         ):
             replicas: dict[str, LoggedProcess] = {}
             with contextlib.ExitStack() as stack:

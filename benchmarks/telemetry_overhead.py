@@ -35,35 +35,26 @@ from chat_overhead import QUESTION, USER, first_delta_ms, percentiles, seed
 
 from chat_service.storage.sql import open_sql_store
 from chatmesh.client import NO_RETRY, AsyncChatClient, Delta
-from tests.support.chat import TEST_SECRET, token_for
+from tests.support.chat import token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.otlp import run_trace_receiver
 from tests.support.processes import free_port, run_service
+from tests.support.stack import benchmark_chat_env, inference_env
 
 
 def stack_env(
     url: str, inference: str, chat: str, telemetry: str | None, parts: set[str]
 ) -> tuple[dict[str, str], dict[str, str]]:
     """(inference env, chat env); with `telemetry` (an OTLP endpoint), `parts` (metrics, tracing) on."""
-    engine = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING"}
-    chat_env = {
-        "CHATMESH_CHAT_ADDRESS": chat,
-        "CHATMESH_CHAT_DATABASE_URL": url,
-        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-        "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
-        "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
-        "CHATMESH_CHAT_MIGRATE_ON_START": "false",  # migrated once, before the stacks start
-    }
-    if telemetry is None:
-        return engine, chat_env
-    if "tracing" in parts:
-        engine["CHATMESH_INFERENCE_OTLP_ENDPOINT"] = telemetry
-        chat_env["CHATMESH_CHAT_OTLP_ENDPOINT"] = telemetry
-    if "metrics" in parts:
-        engine["CHATMESH_INFERENCE_METRICS_ADDRESS"] = f"127.0.0.1:{free_port()}"
-        chat_env["CHATMESH_CHAT_METRICS_ADDRESS"] = f"127.0.0.1:{free_port()}"
-    return engine, chat_env
+    engine: dict[str, object] = {"log_level": "WARNING"}
+    replica: dict[str, object] = {"log_level": "WARNING"}
+    if telemetry is not None and "tracing" in parts:
+        engine["otlp_endpoint"] = replica["otlp_endpoint"] = telemetry
+    if telemetry is not None and "metrics" in parts:
+        engine["metrics_address"] = f"127.0.0.1:{free_port()}"
+        replica["metrics_address"] = f"127.0.0.1:{free_port()}"
+    # The replica does not migrate: the database is migrated once, before the stacks start.
+    return inference_env(inference, **engine), benchmark_chat_env(chat, url, inference, False, **replica)
 
 
 async def measure_round(
