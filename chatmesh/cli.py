@@ -80,8 +80,8 @@ def _keygen(out_dir: Path, hs256: bool, force: bool) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `chatmesh` console script."""
+def _parser() -> argparse.ArgumentParser:
+    """The command line: one subcommand per task."""
     parser = argparse.ArgumentParser(prog="chatmesh", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("run", help="start the whole mesh on this machine (Ctrl-C stops it)")
@@ -115,33 +115,41 @@ def main(argv: list[str] | None = None) -> int:
     chat.add_argument("-m", "--message", help="send one message, print the reply and exit")
     chat.add_argument("--list", action="store_true", help="list your chats and exit")
     chat.add_argument("--delete", metavar="CHAT_ID", help="delete a chat and exit")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.command == "chat":
-        from chatmesh.terminal import run_terminal
 
-        try:
-            token = args.token or _token(args.user, 3600, None)
-        except (OSError, ValueError, jwt.PyJWTError) as exc:
-            print(f"chatmesh chat: {exc}, or pass --token", file=sys.stderr)
-            return 1
-        return asyncio.run(
-            run_terminal(args.address, token, args.chat_id, args.message, args.list, args.delete)
+def _chat(args: argparse.Namespace) -> int:
+    from chatmesh.terminal import run_terminal
+
+    try:
+        token = args.token or _token(args.user, 3600, None)
+    except (OSError, ValueError, jwt.PyJWTError) as exc:
+        print(f"chatmesh chat: {exc}, or pass --token", file=sys.stderr)
+        return 1
+    return asyncio.run(run_terminal(args.address, token, args.chat_id, args.message, args.list, args.delete))
+
+
+def _print_token(args: argparse.Namespace) -> int:
+    try:
+        print(_token(args.user, args.ttl_hours * 3600, args.private_key))
+    except (OSError, ValueError, jwt.PyJWTError) as exc:
+        hint = (
+            ""
+            if args.private_key or isinstance(exc, FileNotFoundError)
+            else "; with RS256 keys pass --private-key FILE (chatmesh keygen)"
         )
+        print(f"chatmesh token: {exc}{hint}", file=sys.stderr)
+        return 1
+    return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `chatmesh` console script."""
+    args = _parser().parse_args(argv)
+    if args.command == "chat":
+        return _chat(args)
     if args.command == "token":
-        try:
-            print(_token(args.user, args.ttl_hours * 3600, args.private_key))
-        except (OSError, ValueError, jwt.PyJWTError) as exc:
-            hint = (
-                ""
-                if args.private_key or isinstance(exc, FileNotFoundError)
-                else "; with RS256 keys pass --private-key FILE (chatmesh keygen)"
-            )
-            print(f"chatmesh token: {exc}{hint}", file=sys.stderr)
-            return 1
-        return 0
-
+        return _print_token(args)
     if args.command == "keygen":
         return _keygen(args.out_dir, args.hs256, args.force)
 

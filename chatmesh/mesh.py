@@ -148,73 +148,62 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
     Each environment is rendered from the service's typed settings (`chatmesh.common.service_settings`),
     which name the variables and check the values.
     """
-    common = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    inference = _model_service(
+        settings, "inference", "inference_service", InferenceServiceSettings, settings.inference_port, 1
+    )
+    embedding = _model_service(
+        settings, "embedding", "embedding_service", EmbeddingServiceSettings, settings.embedding_port, 2
+    )
     dev_sign_in = dev_sign_in_on(settings)
-    inference = f"{settings.host}:{settings.inference_port}"
-    embedding = f"{settings.host}:{settings.embedding_port}"
-    inference_metrics = f"{settings.host}:{settings.metrics_port + 1}"
-    embedding_metrics = f"{settings.host}:{settings.metrics_port + 2}"
-    specs = [
-        ServiceSpec(
-            "inference",
-            "inference_service",
-            inference,
-            {
-                **common,
-                **env_for(
-                    InferenceServiceSettings,
-                    address=inference,
-                    log_format=settings.log_format,
-                    metrics_address=inference_metrics,
-                ),
-            },
-            loads_model=True,
-            metrics_address=inference_metrics,
-        ),
-        ServiceSpec(
-            "embedding",
-            "embedding_service",
-            embedding,
-            {
-                **common,
-                **env_for(
-                    EmbeddingServiceSettings,
-                    address=embedding,
-                    log_format=settings.log_format,
-                    metrics_address=embedding_metrics,
-                ),
-            },
-            loads_model=True,
-            metrics_address=embedding_metrics,
-        ),
+    chat = [
+        _chat_replica(settings, replica, inference.address, embedding.address, dev_sign_in)
+        for replica in range(settings.chat_replicas)
     ]
-    for replica in range(settings.chat_replicas):
-        address = f"{settings.host}:{settings.chat_port + 10 * replica}"
-        metrics = f"{settings.host}:{settings.metrics_port + 10 * replica}"
-        chat_env = env_for(
-            ChatServiceSettings,
-            address=address,
-            inference_address=inference,
-            # The semantic cache, on the embedding service's vector index (embedded Qdrant).
-            cache_address=embedding,
-            # Asynchronous jobs, on the mesh's NATS; every replica also runs them.
-            jobs_nats_url=settings.jobs_nats_url,
-            log_format=settings.log_format,
-            metrics_address=metrics,
-            # The web page's sign-in without a password: only while no key is configured, for callers on
-            # this machine.
-            dev_sign_in=dev_sign_in,
-        )
-        specs.append(
-            ServiceSpec(
-                f"chat-{replica + 1}",
-                "chat_service",
-                address,
-                {**common, **chat_env},
-                metrics_address=metrics,
-            )
-        )
-    return specs
+    return [inference, embedding, *chat]
+
+
+_OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+"""Every service runs without the network for models: they are downloaded before the mesh starts."""
+
+
+def _model_service(
+    settings: MeshSettings,
+    name: str,
+    module: str,
+    settings_type: type[BaseSettings],
+    port: int,
+    metrics_offset: int,
+) -> ServiceSpec:
+    """The inference or embedding service: its address, and its metrics at `metrics_port + metrics_offset`."""
+    address = f"{settings.host}:{port}"
+    metrics = f"{settings.host}:{settings.metrics_port + metrics_offset}"
+    env = env_for(settings_type, address=address, log_format=settings.log_format, metrics_address=metrics)
+    return ServiceSpec(name, module, address, {**_OFFLINE, **env}, loads_model=True, metrics_address=metrics)
+
+
+def _chat_replica(
+    settings: MeshSettings, replica: int, inference: str, embedding: str, dev_sign_in: bool
+) -> ServiceSpec:
+    """Chat replica number `replica` (from 0), on ports 10 apart, with the services it calls."""
+    address = f"{settings.host}:{settings.chat_port + 10 * replica}"
+    metrics = f"{settings.host}:{settings.metrics_port + 10 * replica}"
+    chat_env = env_for(
+        ChatServiceSettings,
+        address=address,
+        inference_address=inference,
+        # The semantic cache, on the embedding service's vector index (embedded Qdrant).
+        cache_address=embedding,
+        # Asynchronous jobs, on the mesh's NATS; every replica also runs them.
+        jobs_nats_url=settings.jobs_nats_url,
+        log_format=settings.log_format,
+        metrics_address=metrics,
+        # The web page's sign-in without a password: only while no key is configured, for callers on
+        # this machine.
+        dev_sign_in=dev_sign_in,
+    )
+    return ServiceSpec(
+        f"chat-{replica + 1}", "chat_service", address, {**_OFFLINE, **chat_env}, metrics_address=metrics
+    )
 
 
 async def _wait_healthy(service: RunningService, timeout_s: float) -> None:
