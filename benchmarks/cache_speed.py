@@ -44,9 +44,12 @@ from chat_service.cache.policy import CachePolicy, Question, SemanticCache
 from chat_service.cache.verification import VerificationRule
 from chat_service.inference import GrpcInferenceClient
 from chatmesh.client import NO_RETRY, AsyncChatClient, Delta, Finished
+from chatmesh.common.settings import env_for
 from chatmesh.vectors.client import GrpcVectorClient
-from tests.support.chat import TEST_SECRET, token_for
+from embedding_service.settings import EmbeddingSettings
+from tests.support.chat import token_for
 from tests.support.processes import free_port, run_service
+from tests.support.stack import benchmark_chat_env, inference_env
 
 PAIRS = Path(__file__).resolve().parents[2] / "shared" / "bench-data" / "qqp_duplicate_pairs.json"
 
@@ -117,34 +120,32 @@ async def main() -> None:
         with (
             run_service(
                 "inference_service",
-                {
-                    "CHATMESH_INFERENCE_ADDRESS": inference,
-                    "CHATMESH_INFERENCE_RUN_DIR": run_dir,
-                    "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
-                },
+                inference_env(inference, run_dir=run_dir, log_level="WARNING"),
                 inference,
                 timeout=180,
             ),
             run_service(
                 "embedding_service",
-                {
-                    "CHATMESH_EMBEDDING_ADDRESS": embedding,
-                    "CHATMESH_EMBEDDING_VECTORS_PATH": f"{run_dir}/qdrant",
-                    "CHATMESH_EMBEDDING_LOG_LEVEL": "WARNING",
-                },
+                # The service's own defaults (threads...), not the tests' embedding_env.
+                env_for(
+                    EmbeddingSettings,
+                    address=embedding,
+                    vectors_path=f"{run_dir}/qdrant",
+                    log_level="WARNING",
+                ),
                 embedding,
                 timeout=180,
             ),
             run_service(
                 "chat_service",
-                {
-                    "CHATMESH_CHAT_ADDRESS": chat,
-                    "CHATMESH_CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{run_dir}/chat.db",
-                    "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-                    "CHATMESH_CHAT_CACHE_ADDRESS": embedding,
-                    "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-                    "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
-                },
+                benchmark_chat_env(
+                    chat,
+                    f"sqlite+aiosqlite:///{run_dir}/chat.db",
+                    inference,
+                    cache_address=embedding,
+                    log_level="WARNING",
+                    default_history_strategy=None,
+                ),
                 chat,
                 timeout=120,
             ),

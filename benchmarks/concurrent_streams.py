@@ -54,9 +54,10 @@ from chat_service.storage.sql import open_sql_store
 from chatmesh.client import NO_RETRY, AsyncChatClient, Delta
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from tests.support.chat import TEST_SECRET, token_for
+from tests.support.chat import token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
+from tests.support.stack import benchmark_chat_env, inference_env
 
 SYSTEM_PROMPT = "You count numbers, separated by commas."
 QUESTION = "Count from 1 to 300."
@@ -242,22 +243,14 @@ async def main() -> None:
     chat = f"127.0.0.1:{free_port()}"
     async with fresh_postgres_database() as url:
         print("starting the inference and chat services...", flush=True)
-        inference_env = {
-            "CHATMESH_INFERENCE_ADDRESS": inference,
-            "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(args.context),
-            "CHATMESH_INFERENCE_MAX_QUEUE": str(2 * args.users),
-            "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
-        }
-        chat_env = {
-            "CHATMESH_CHAT_ADDRESS": chat,
-            "CHATMESH_CHAT_DATABASE_URL": url,
-            "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-            "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-            "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "window",
-            "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
-        }
+        engine_env = inference_env(
+            inference, context_length=args.context, max_queue=2 * args.users, log_level="WARNING"
+        )
+        chat_env = benchmark_chat_env(
+            chat, url, inference, default_history_strategy="window", log_level="WARNING"
+        )
         with (
-            run_service("inference_service", inference_env, inference, timeout=120),
+            run_service("inference_service", engine_env, inference, timeout=120),
             run_service("chat_service", chat_env, chat, timeout=120),
         ):
             async with grpc.aio.insecure_channel(inference) as ich, grpc.aio.insecure_channel(chat) as cch:

@@ -31,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.client import NO_RETRY, AsyncChatClient, Delta, Finished
-from tests.support.chat import TEST_SECRET, token_for
+from tests.support.chat import token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
+from tests.support.stack import benchmark_chat_env, inference_env
 
 TOPICS = ["lighthouses", "volcanoes", "bees", "glaciers", "trains", "deserts", "owls", "bridges"]
 
@@ -64,23 +65,19 @@ async def main() -> None:
     chat = f"127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as run_dir:
         async with fresh_postgres_database() as url:
-            inference_env = {
-                "CHATMESH_INFERENCE_ADDRESS": inference,
-                "CHATMESH_INFERENCE_BACKEND": args.backend,
-                "CHATMESH_INFERENCE_MAX_CONCURRENT": str(args.chats if args.backend == "llama_server" else 1),
-                "CHATMESH_INFERENCE_RUN_DIR": run_dir,
-                "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
-            }
-            chat_env = {
-                "CHATMESH_CHAT_ADDRESS": chat,
-                "CHATMESH_CHAT_DATABASE_URL": url,
-                "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-                "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-                "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
-            }
+            engine_env = inference_env(
+                inference,
+                backend=args.backend,
+                max_concurrent=args.chats if args.backend == "llama_server" else 1,
+                run_dir=run_dir,
+                log_level="WARNING",
+            )
+            chat_env = benchmark_chat_env(
+                chat, url, inference, log_level="WARNING", default_history_strategy=None
+            )
             print(f"starting the services ({args.backend})...", flush=True)
             with (
-                run_service("inference_service", inference_env, inference, timeout=180),
+                run_service("inference_service", engine_env, inference, timeout=180),
                 run_service("chat_service", chat_env, chat, timeout=120),
             ):
                 async with AsyncChatClient(
