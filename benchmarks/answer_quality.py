@@ -29,6 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from tests.support.stack import benchmark_chat_env, inference_env
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from gateway import GatewaySettings, run_envoy
@@ -95,18 +97,18 @@ async def main() -> None:
 
     inference, chat = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory(prefix="chatmesh-quality-") as workdir:
-        chat_env = {
-            "CHATMESH_CHAT_ADDRESS": chat,
-            "CHATMESH_CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{workdir}/chat.db",
-            "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-            "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-            "CHATMESH_CHAT_LOG_LEVEL": "WARNING",
-        }
+        chat_env = benchmark_chat_env(
+            chat,
+            f"sqlite+aiosqlite:///{workdir}/chat.db",
+            inference,
+            log_level="WARNING",
+            default_history_strategy=None,
+        )
         print(f"{len(items)} questions from {args.questions}; starting the mesh...", flush=True)
         with (
             run_service(
                 "inference_service",
-                {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING"},
+                inference_env(inference, log_level="WARNING"),
                 inference,
                 timeout=120,
             ),

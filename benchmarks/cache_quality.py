@@ -43,6 +43,9 @@ from pathlib import Path
 
 import grpc
 
+from chatmesh.common.settings import env_for
+from embedding_service.settings import EmbeddingSettings
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cache_research import normalise  # a sibling script: this folder is on the path
@@ -159,11 +162,9 @@ async def measure(cache: SemanticCache, name: str, pairs: list[dict[str, str]], 
 async def run(files: dict[str, list[dict[str, str]]], sample: int | None) -> None:
     address = f"127.0.0.1:{free_port()}"
     with tempfile.TemporaryDirectory() as run_dir:
-        env = {
-            "CHATMESH_EMBEDDING_ADDRESS": address,
-            "CHATMESH_EMBEDDING_VECTORS_PATH": f"{run_dir}/qdrant",
-            "CHATMESH_EMBEDDING_LOG_LEVEL": "WARNING",
-        }
+        env = env_for(
+            EmbeddingSettings, address=address, vectors_path=f"{run_dir}/qdrant", log_level="WARNING"
+        )
         print("starting the embedding service...", file=sys.stderr, flush=True)
         with run_service("embedding_service", env, address, timeout=180):
             async with grpc.aio.insecure_channel(address) as channel:

@@ -40,8 +40,10 @@ import numpy as np
 import numpy.typing as npt
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from chatmesh.common.settings import env_for
 from chatmesh.embedding.v1 import embedding_pb2 as pb
 from chatmesh.embedding.v1 import embedding_pb2_grpc
+from embedding_service.settings import EmbeddingSettings
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -115,13 +117,16 @@ def embedding_service(args: argparse.Namespace) -> Iterator[str]:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "CHATMESH_EMBEDDING_ADDRESS": address,
-        "CHATMESH_EMBEDDING_THREADS": str(args.threads),
-        "CHATMESH_EMBEDDING_MAX_BATCH_SIZE": str(args.batch_size),
-        "CHATMESH_EMBEDDING_MAX_WAIT_MS": str(args.max_wait_ms),
-        "CHATMESH_EMBEDDING_LOG_FORMAT": "text",
-        # Embedding alone; a vector index in the repository's .run/ would clash with a running mesh's.
-        "CHATMESH_EMBEDDING_VECTORS_ENABLED": "false",
+        **env_for(
+            EmbeddingSettings,
+            address=address,
+            threads=args.threads,
+            max_batch_size=args.batch_size,
+            max_wait_ms=args.max_wait_ms,
+            log_format="text",
+            # Embedding alone; a vector index in the repository's .run/ would clash with a running mesh's.
+            vectors_enabled=False,
+        ),
     }
     with tempfile.NamedTemporaryFile(prefix="embedding-bench-", suffix=".log", delete=False) as log:
         process = subprocess.Popen(

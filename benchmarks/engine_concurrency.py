@@ -40,6 +40,8 @@ from pathlib import Path
 import grpc
 import httpx
 
+from tests.support.stack import inference_env
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
@@ -215,17 +217,17 @@ async def main() -> None:
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
     address = f"127.0.0.1:{free_port()}"
-    env = {
-        "CHATMESH_INFERENCE_ADDRESS": address,
-        "CHATMESH_INFERENCE_BACKEND": "llama_server",
-        "CHATMESH_INFERENCE_MAX_CONCURRENT": str(args.slots),
-        "CHATMESH_INFERENCE_MAX_QUEUE": "64",
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
-        "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
-    }
     print(f"starting llama-server alone and the inference service, {args.slots} slots each...", flush=True)
     with tempfile.TemporaryDirectory() as run_dir:
-        env["CHATMESH_INFERENCE_RUN_DIR"] = run_dir
+        env = inference_env(
+            address,
+            backend="llama_server",
+            max_concurrent=args.slots,
+            max_queue=64,
+            context_length=CONTEXT,
+            log_level="WARNING",
+            run_dir=run_dir,
+        )
         async with (
             llama_server_alone(args.slots, Path(run_dir)) as alone,
             llama_server_alone(args.slots, Path(run_dir) / "control")

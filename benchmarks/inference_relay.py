@@ -21,6 +21,8 @@ from pathlib import Path
 
 import grpc
 
+from tests.support.stack import inference_env
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
@@ -126,15 +128,15 @@ async def main() -> None:
     prompt = template.render(TURNS)
 
     address = f"127.0.0.1:{free_port()}"
-    env = {
-        "CHATMESH_INFERENCE_ADDRESS": address,
+    env = inference_env(
+        address,
         # The relay over the same in-process engine the other side calls directly.
-        "CHATMESH_INFERENCE_BACKEND": "llama_cpp",
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(CONTEXT),
-        "CHATMESH_INFERENCE_THREADS": str(threads),
-        "CHATMESH_INFERENCE_BATCH_THREADS": str(args.batch_threads),
-        "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
-    }
+        backend="llama_cpp",
+        context_length=CONTEXT,
+        threads=threads,
+        batch_threads=args.batch_threads,
+        log_level="WARNING",
+    )
     print(f"starting the inference service on {address}...", flush=True)
     with run_service("inference_service", env, address, timeout=120):
         async with grpc.aio.insecure_channel(address) as channel:

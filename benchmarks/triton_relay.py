@@ -43,6 +43,8 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 
+from tests.support.stack import inference_env
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
@@ -222,14 +224,14 @@ async def main() -> None:
             wait_for_line(triton, "READY", timeout=90)
             url = f"127.0.0.1:{grpc_port}"
             address = f"127.0.0.1:{free_port()}"
-            env = {
-                "CHATMESH_INFERENCE_BACKEND": "triton",
-                "CHATMESH_INFERENCE_TRITON_URL": url,
-                "CHATMESH_INFERENCE_ADDRESS": address,
-                "CHATMESH_INFERENCE_LOG_LEVEL": "WARNING",
+            env = inference_env(
+                address,
+                backend="triton",
+                triton_url=url,
+                log_level="WARNING",
                 # Admission must not be what limits 16 streams.
-                "CHATMESH_INFERENCE_MAX_CONCURRENT": "32",
-            }
+                max_concurrent=32,
+            )
             with run_service("inference_service", env, address, timeout=120) as service_process:
                 client = triton_grpc.InferenceServerClient(url)
                 async with grpc.aio.insecure_channel(address) as channel:
