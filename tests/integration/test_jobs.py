@@ -18,7 +18,8 @@ from chatmesh.chat.v1 import chat_pb2_grpc
 from tests.support.chat import ChatClient, auth, drain, grpc_errors
 from tests.support.nats import NatsServer, run_nats
 from tests.support.processes import free_port, run_service, start_process, stop_process, wait_until_serving
-from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env
+from tests.support.services import COUNTING_SYSTEM_PROMPT
+from tests.support.stack import chat_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -33,11 +34,19 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 
 def jobs_env(
-    address: str, database: Path, inference: str, nats: NatsServer, stream: str, **settings: str
+    address: str,
+    database: Path,
+    inference: str,
+    nats: NatsServer,
+    stream: str,
+    migrate: bool = True,
+    **settings: Any,
 ) -> dict[str, str]:
     """A chat replica with jobs on `stream` (one stream per test: tests do not see each other's jobs)."""
-    jobs = {"CHATMESH_CHAT_JOBS_NATS_URL": nats.url, "CHATMESH_CHAT_JOBS_STREAM": stream}
-    return {**chat_env(address, f"sqlite+aiosqlite:///{database}", inference), **jobs, **settings}
+    database_url = f"sqlite+aiosqlite:///{database}"
+    return chat_env(
+        address, database_url, inference, migrate, jobs_nats_url=nats.url, jobs_stream=stream, **settings
+    )
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +193,8 @@ async def test_a_full_queue_refuses_at_once_and_stores_nothing(
         inference_address,
         nats_server,
         "JOBS_FULL",
-        CHATMESH_CHAT_JOBS_CAPACITY="1",
-        CHATMESH_CHAT_JOBS_WORKERS="0",
+        jobs_capacity=1,
+        jobs_workers=0,
     )
     with run_service("chat_service", env, address, timeout=60):
         async with grpc.aio.insecure_channel(address) as channel:
@@ -237,17 +246,15 @@ async def test_a_worker_killed_mid_job(
     database = tmp_path / "chat.db"
     stream = f"JOBS_KILL_{max_attempts}"
     front, worker = (f"127.0.0.1:{free_port()}" for _ in range(2))
-    common = {"CHATMESH_CHAT_JOBS_ACK_WAIT_S": "2", "CHATMESH_CHAT_JOBS_MAX_ATTEMPTS": str(max_attempts)}
-    front_env = jobs_env(
-        front, database, inference_address, nats_server, stream, CHATMESH_CHAT_JOBS_WORKERS="0", **common
-    )
+    common: dict[str, Any] = {"jobs_ack_wait_s": 2, "jobs_max_attempts": max_attempts}
+    front_env = jobs_env(front, database, inference_address, nats_server, stream, jobs_workers=0, **common)
     worker_env = jobs_env(
         worker,
         database,
         inference_address,
         nats_server,
         stream,
-        CHATMESH_CHAT_MIGRATE_ON_START="false",
+        migrate=False,
         **common,
     )
     with run_service("chat_service", front_env, front, timeout=60):
@@ -293,12 +300,8 @@ async def test_queued_jobs_survive_a_nats_restart_and_complete_once(
     database = tmp_path / "chat.db"
     front, worker = (f"127.0.0.1:{free_port()}" for _ in range(2))
     with run_nats(tmp_path / "nats") as nats:
-        front_env = jobs_env(
-            front, database, inference_address, nats, "JOBS_RESTART", CHATMESH_CHAT_JOBS_WORKERS="0"
-        )
-        worker_env = jobs_env(
-            worker, database, inference_address, nats, "JOBS_RESTART", CHATMESH_CHAT_MIGRATE_ON_START="false"
-        )
+        front_env = jobs_env(front, database, inference_address, nats, "JOBS_RESTART", jobs_workers=0)
+        worker_env = jobs_env(worker, database, inference_address, nats, "JOBS_RESTART", migrate=False)
         with run_service("chat_service", front_env, front, timeout=60):
             async with grpc.aio.insecure_channel(front) as channel:
                 alice = client(channel)
