@@ -14,6 +14,7 @@ built-in `gemma` template does. The stop sequences are the assistant turn's clos
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,47 @@ def template_from_jinja(source: str, bos_token: str, eos_token: str, name: str =
 
     `bos_token` is left out of the formats (the tokenizer adds BOS itself). Raises `ChatTemplateError`
     when the template fails to render or cannot be split into per-message pieces."""
+    render = _renderer(source, bos_token, eos_token)
+    user_turn = render([_user(_SENTINEL)])
+    asked = render([_user("Q")])
+    answered = render([_user("Q"), _assistant(_SENTINEL)])
+    cue = render([_user("Q")], cue=True)
+    if _SENTINEL not in user_turn or not answered.startswith(asked) or not cue.startswith(asked):
+        raise ChatTemplateError("the chat template does not render message by message")
+    assistant_turn = answered[len(asked) :]
+    if _SENTINEL not in assistant_turn:
+        raise ChatTemplateError("the chat template does not render message by message")
+    if user_turn.count(_SENTINEL) != 1 or assistant_turn.count(_SENTINEL) != 1:
+        # A message's text is tokenized as plain text between the markup: it must have one place.
+        raise ChatTemplateError("the chat template writes a message's text more than once")
+    user_format = _escape(user_turn).replace(_escape(_SENTINEL), "{content}")
+    assistant_format = _escape(assistant_turn).replace(_escape(_SENTINEL), "{content}")
+    system_format = _system_format(render, user_format) or user_format
+    # Whether the template strips each message's surrounding whitespace (Gemma's does: `| trim`).
+    padded = render([_user(f" \n{_SENTINEL}\n ")])
+    trim_content = padded == user_turn
+    closing = assistant_turn.split(_SENTINEL, 1)[1].strip()
+    stop = tuple(dict.fromkeys(marker for marker in (closing, eos_token) if marker))
+    template = PromptTemplate(
+        name=name,
+        system=system_format,
+        user=user_format,
+        assistant=assistant_format,
+        generation_cue=cue[len(asked) :],
+        stop=stop,
+        trim_content=trim_content,
+    )
+    # The check that matters: a whole conversation comes out as the template itself renders it.
+    conversation = [_user("What is 2 plus 2?"), _assistant("4"), _user("And 3 plus 3?\n")]
+    turns = [Turn(Role(m["role"]), m["content"]) for m in conversation]
+    if template.render(turns) != render(conversation, cue=True):
+        raise ChatTemplateError("the chat template's output is not the sum of its messages")
+    return template
+
+
+def _renderer(source: str, bos_token: str, eos_token: str) -> Callable[..., str]:
+    """`render(messages, cue=False)`: the Jinja template `source` compiled in the sandbox and applied to
+    `messages` (with the generation cue when `cue`), without the leading BOS."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -60,47 +102,15 @@ def template_from_jinja(source: str, bos_token: str, eos_token: str, name: str =
             raise ChatTemplateError(f"the chat template fails on a plain conversation: {exc}") from exc
         return text.removeprefix(bos_token) if bos_token else text
 
-    def user(text: str) -> dict[str, str]:
-        return {"role": "user", "content": text}
+    return render
 
-    def assistant(text: str) -> dict[str, str]:
-        return {"role": "assistant", "content": text}
 
-    user_turn = render([user(_SENTINEL)])
-    asked = render([user("Q")])
-    answered = render([user("Q"), assistant(_SENTINEL)])
-    cue = render([user("Q")], cue=True)
-    if _SENTINEL not in user_turn or not answered.startswith(asked) or not cue.startswith(asked):
-        raise ChatTemplateError("the chat template does not render message by message")
-    assistant_turn = answered[len(asked) :]
-    if _SENTINEL not in assistant_turn:
-        raise ChatTemplateError("the chat template does not render message by message")
-    if user_turn.count(_SENTINEL) != 1 or assistant_turn.count(_SENTINEL) != 1:
-        # A message's text is tokenized as plain text between the markup: it must have one place.
-        raise ChatTemplateError("the chat template writes a message's text more than once")
-    user_format = _escape(user_turn).replace(_escape(_SENTINEL), "{content}")
-    assistant_format = _escape(assistant_turn).replace(_escape(_SENTINEL), "{content}")
-    system_format = _system_format(render, user_format) or user_format
-    # Whether the template strips each message's surrounding whitespace (Gemma's does: `| trim`).
-    padded = render([user(f" \n{_SENTINEL}\n ")])
-    trim_content = padded == user_turn
-    closing = assistant_turn.split(_SENTINEL, 1)[1].strip()
-    stop = tuple(dict.fromkeys(marker for marker in (closing, eos_token) if marker))
-    template = PromptTemplate(
-        name=name,
-        system=system_format,
-        user=user_format,
-        assistant=assistant_format,
-        generation_cue=cue[len(asked) :],
-        stop=stop,
-        trim_content=trim_content,
-    )
-    # The check that matters: a whole conversation comes out as the template itself renders it.
-    conversation = [user("What is 2 plus 2?"), assistant("4"), user("And 3 plus 3?\n")]
-    turns = [Turn(Role(m["role"]), m["content"]) for m in conversation]
-    if template.render(turns) != render(conversation, cue=True):
-        raise ChatTemplateError("the chat template's output is not the sum of its messages")
-    return template
+def _user(text: str) -> dict[str, str]:
+    return {"role": "user", "content": text}
+
+
+def _assistant(text: str) -> dict[str, str]:
+    return {"role": "assistant", "content": text}
 
 
 def _system_format(render: Any, user_format: str) -> str | None:

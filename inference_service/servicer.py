@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
 from opentelemetry import trace
@@ -13,7 +14,14 @@ from opentelemetry import trace
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.admission import AdmissionController
-from inference_service.backends.base import Completion, FinishReason, InferenceBackend
+from inference_service.backends.base import (
+    Completion,
+    FinishReason,
+    InferenceBackend,
+    Prompt,
+    Sampling,
+    TextDelta,
+)
 from inference_service.metrics import InferenceMetrics
 from inference_service.settings import InferenceSettings
 from inference_service.validation import parse_sampling, parse_turns
@@ -51,15 +59,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         turns = parse_turns(request.messages)
         self._admission.check()
         prompt = await self._backend.prepare(turns)
-        sampling = parse_sampling(
-            request.sampling,
-            prompt,
-            self._backend.info,
-            self._settings.default_max_tokens,
-            self._backend.default_stop,
-            self._settings.max_stop_sequences,
-            self._settings.max_stop_chars,
-        )
+        sampling = self._sampling(request, prompt)
         span = trace.get_current_span()  # the call's server span when tracing is on; else a no-op
         span.set_attributes(
             {
@@ -70,58 +70,61 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             }
         )
         async with self._admission.slot():
-            started = time.perf_counter()
-            first_token_s: float | None = None
-            outcome = "cancelled"
-            completion_tokens: int | None = None
-            usage_estimated = False
+            run = _Run()
             try:
                 # aclosing: a client that goes away closes this generator at a yield; the engine must
                 # stop now, not when the backend generator is garbage-collected.
                 async with aclosing(self._backend.generate(prompt, sampling)) as events:
                     async for event in events:
                         if isinstance(event, Completion):
-                            outcome = event.finish_reason.value
-                            completion_tokens = event.completion_tokens
-                            usage_estimated = event.usage_estimated
-                            yield pb.GenerateResponse(
-                                finished=pb.Finished(
-                                    finish_reason=_FINISH_REASONS[event.finish_reason],
-                                    usage=pb.Usage(
-                                        # The preamble is the template's, not the caller's text.
-                                        prompt_tokens=event.prompt_tokens - prompt.preamble_tokens,
-                                        completion_tokens=event.completion_tokens,
-                                    ),
-                                )
-                            )
-                        else:
-                            if first_token_s is None:
-                                first_token_s = time.perf_counter() - started
-                            # A model can emit NUL (a byte-fallback token); PostgreSQL text cannot
-                            # store it, so the reply would stream and then fail to be saved.
-                            text = event.text.replace("\x00", "\ufffd")
-                            yield pb.GenerateResponse(delta=pb.Delta(text=text))
+                            run.outcome = event.finish_reason.value
+                            run.completion_tokens = event.completion_tokens
+                            run.usage_estimated = event.usage_estimated
+                        elif run.first_token_s is None:
+                            run.first_token_s = time.perf_counter() - run.started
+                        yield _response(event, prompt)
             except Exception:
-                outcome = "error"
+                run.outcome = "error"
                 raise
             finally:
-                seconds = time.perf_counter() - started
-                span.set_attribute("gen_ai.response.finish_reasons", [outcome])
-                if completion_tokens is not None:
-                    span.set_attribute("gen_ai.usage.output_tokens", completion_tokens)
-                self._metrics.generation_ended(
-                    outcome, seconds, first_token_s, prompt.token_count, completion_tokens, usage_estimated
-                )
-                log.info(
-                    "generation ended",
-                    extra={
-                        "request_id": request.request_id,
-                        "outcome": outcome,
-                        "prompt_tokens": prompt.token_count,
-                        "ttft_ms": None if first_token_s is None else round(first_token_s * 1000, 1),
-                        "seconds": round(seconds, 3),
-                    },
-                )
+                self._ended(run, span, prompt, request.request_id)
+
+    def _sampling(self, request: pb.GenerateRequest, prompt: Prompt) -> Sampling:
+        """The request's sampling, checked, with the server's defaults and limits."""
+        return parse_sampling(
+            request.sampling,
+            prompt,
+            self._backend.info,
+            self._settings.default_max_tokens,
+            self._backend.default_stop,
+            self._settings.max_stop_sequences,
+            self._settings.max_stop_chars,
+        )
+
+    def _ended(self, run: _Run, span: trace.Span, prompt: Prompt, request_id: str) -> None:
+        """Record a generation that ended, however it ended: on its span, in the metrics, in the log."""
+        seconds = time.perf_counter() - run.started
+        span.set_attribute("gen_ai.response.finish_reasons", [run.outcome])
+        if run.completion_tokens is not None:
+            span.set_attribute("gen_ai.usage.output_tokens", run.completion_tokens)
+        self._metrics.generation_ended(
+            run.outcome,
+            seconds,
+            run.first_token_s,
+            prompt.token_count,
+            run.completion_tokens,
+            run.usage_estimated,
+        )
+        log.info(
+            "generation ended",
+            extra={
+                "request_id": request_id,
+                "outcome": run.outcome,
+                "prompt_tokens": prompt.token_count,
+                "ttft_ms": None if run.first_token_s is None else round(run.first_token_s * 1000, 1),
+                "seconds": round(seconds, 3),
+            },
+        )
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: Context) -> pb.CountTokensResponse:
         prompt = await self._backend.prepare(parse_turns(request.messages))
@@ -141,3 +144,32 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             backend=info.backend,
             default_max_tokens=self._settings.default_max_tokens,
         )
+
+
+@dataclass
+class _Run:
+    """What one generation did so far, for its span, metrics and log line when it ends."""
+
+    started: float = field(default_factory=time.perf_counter)
+    first_token_s: float | None = None
+    outcome: str = "cancelled"
+    completion_tokens: int | None = None
+    usage_estimated: bool = False
+
+
+def _response(event: TextDelta | Completion, prompt: Prompt) -> pb.GenerateResponse:
+    """The wire form of one backend event."""
+    if isinstance(event, Completion):
+        return pb.GenerateResponse(
+            finished=pb.Finished(
+                finish_reason=_FINISH_REASONS[event.finish_reason],
+                usage=pb.Usage(
+                    # The preamble is the template's, not the caller's text.
+                    prompt_tokens=event.prompt_tokens - prompt.preamble_tokens,
+                    completion_tokens=event.completion_tokens,
+                ),
+            )
+        )
+    # A model can emit NUL (a byte-fallback token); PostgreSQL text cannot store it, so the reply would
+    # stream and then fail to be saved.
+    return pb.GenerateResponse(delta=pb.Delta(text=event.text.replace("\x00", "\ufffd")))
