@@ -16,7 +16,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -25,7 +25,7 @@ from google.api.httpbody_pb2 import HttpBody
 from google.protobuf import json_format, struct_pb2
 
 from chat_service import validation as check
-from chat_service.conversations import Conversations, Delta, Finished
+from chat_service.conversations import CompletionEvent, Conversations, Delta, Finished
 from chat_service.domain import FinishReason
 from chat_service.inference import EngineInfo, PromptMessage, PromptRole, SamplingOptions
 from chatmesh.common.auth import current_user
@@ -267,61 +267,69 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
         base = {"id": completion_id, "created": created, "model": engine.model}
         events = self._conversations.answer(user, call.messages, call.sampling, completion_id)
         async with aclosing(events):
-            if not call.stream:
-                pieces: list[str] = []
-                async for event in events:
-                    if isinstance(event, Delta):
-                        pieces.append(event.text)
-                    elif isinstance(event, Finished):
-                        body = {
-                            **base,
-                            "object": "chat.completion",
-                            "choices": [
-                                {
-                                    "index": 0,
-                                    "message": {
-                                        "role": "assistant",
-                                        "content": "".join(pieces),
-                                        "refusal": None,
-                                    },
-                                    "logprobs": None,
-                                    "finish_reason": _FINISH.get(event.finish_reason, "stop"),
-                                }
-                            ],
-                            "usage": _usage(event),
-                            "system_fingerprint": None,
-                        }
-                        yield HttpBody(content_type=JSON_CONTENT_TYPE, data=json.dumps(body).encode())
-                return
-            chunk: dict[str, Any] = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
-            if call.include_usage:
-                chunk["usage"] = None  # as OpenAI: null in every chunk but the last
+            replies = _chunks(events, base, call.include_usage) if call.stream else _whole(events, base)
+            async with aclosing(replies):
+                async for reply in replies:
+                    yield reply
 
-            def choice(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
-                return {
-                    **chunk,
-                    "choices": [
-                        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-                    ],
-                }
 
-            announced = False
-            try:
-                async for event in events:
-                    if not announced:
-                        # Sent once the engine has taken the request: a refusal before it (engine full,
-                        # prompt too long) is still the call's status, a 429/400 rather than an event.
-                        announced = True
-                        yield _event(choice({"role": "assistant", "content": ""}, None))
-                    if isinstance(event, Delta):
-                        yield _event(choice({"content": event.text}, None))
-                    elif isinstance(event, Finished):
-                        yield _event(choice({}, _FINISH.get(event.finish_reason, "stop")))
-                        if call.include_usage:
-                            yield _event({**chunk, "choices": [], "usage": _usage(event)})
-            except ChatmeshError as exc:
-                if not announced:
-                    raise
-                yield _event({"error": error_object(exc)})
-                return
-            yield _event("[DONE]")
+async def _whole(
+    events: AsyncIterator[CompletionEvent], base: dict[str, Any]
+) -> AsyncGenerator[HttpBody, None]:
+    """The reply as one `chat.completion` object (`stream: false`)."""
+    pieces: list[str] = []
+    async for event in events:
+        if isinstance(event, Delta):
+            pieces.append(event.text)
+        elif isinstance(event, Finished):
+            body = {
+                **base,
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces), "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": _FINISH.get(event.finish_reason, "stop"),
+                    }
+                ],
+                "usage": _usage(event),
+                "system_fingerprint": None,
+            }
+            yield HttpBody(content_type=JSON_CONTENT_TYPE, data=json.dumps(body).encode())
+
+
+async def _chunks(
+    events: AsyncIterator[CompletionEvent], base: dict[str, Any], include_usage: bool
+) -> AsyncGenerator[HttpBody, None]:
+    """The reply as server-sent `chat.completion.chunk` events, ending with `[DONE]` (`stream: true`)."""
+    chunk: dict[str, Any] = {**base, "object": "chat.completion.chunk", "system_fingerprint": None}
+    if include_usage:
+        chunk["usage"] = None  # as OpenAI: null in every chunk but the last
+
+    def choice(delta: dict[str, str], finish_reason: str | None) -> dict[str, Any]:
+        return {
+            **chunk,
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        }
+
+    announced = False
+    try:
+        async for event in events:
+            if not announced:
+                # Sent once the engine has taken the request: a refusal before it (engine full,
+                # prompt too long) is still the call's status, a 429/400 rather than an event.
+                announced = True
+                yield _event(choice({"role": "assistant", "content": ""}, None))
+            if isinstance(event, Delta):
+                yield _event(choice({"content": event.text}, None))
+            elif isinstance(event, Finished):
+                yield _event(choice({}, _FINISH.get(event.finish_reason, "stop")))
+                if include_usage:
+                    yield _event({**chunk, "choices": [], "usage": _usage(event)})
+    except ChatmeshError as exc:
+        if not announced:
+            raise
+        yield _event({"error": error_object(exc)})
+        return
+    yield _event("[DONE]")
