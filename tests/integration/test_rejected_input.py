@@ -24,7 +24,7 @@ from tests.support.chat import auth, drain
 from tests.support.databases import fresh_postgres_database
 from tests.support.nats import NatsServer, run_nats
 from tests.support.processes import free_port, run_service
-from tests.support.services import chat_env
+from tests.support.stack import chat_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -49,17 +49,15 @@ async def chat_address(
 ) -> AsyncIterator[str]:
     """A chat service with jobs, on a fresh database of either kind."""
     address = f"127.0.0.1:{free_port()}"
-    jobs = {
-        "CHATMESH_CHAT_JOBS_NATS_URL": nats_server.url,
-        "CHATMESH_CHAT_JOBS_STREAM": f"BAD_{request.param}",
-    }
     async with fresh_postgres_database("chatmesh_bad_input") as postgres_url:
         url = (
             postgres_url
             if request.param == "postgresql"
             else f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'chat.db'}"
         )
-        env = {**chat_env(address, url, inference_address), **jobs}
+        env = chat_env(
+            address, url, inference_address, jobs_nats_url=nats_server.url, jobs_stream=f"BAD_{request.param}"
+        )
         with run_service("chat_service", env, address, 60) as process:
             yield address
         assert process.returncode == 0, process.output_tail()
