@@ -8,7 +8,7 @@ Failures to start raise with the tail of that log, so a broken service explains 
 Typical use, from a module-scoped fixture::
 
     address = f"127.0.0.1:{free_port()}"
-    env = {"CHATMESH_INFERENCE_ADDRESS": address}
+    env = inference_env(address)  # tests.support.stack: typed settings, rendered to CHATMESH_* variables
     with run_service("inference_service", env, address, timeout=60) as proc:
         ...  # talk to `address`
     assert proc.returncode == 0
