@@ -21,7 +21,8 @@ from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.common.errors import InvalidArgument, error_from_rpc
 from gateway import GatewaySettings, run_envoy
 from tests.support.chat import TEST_SECRET, auth, token_for
-from tests.support.processes import free_port, run_service
+from tests.support.processes import free_port
+from tests.support.stack import chat_service, inference_service
 
 pytestmark = pytest.mark.e2e
 
@@ -30,21 +31,12 @@ BAD_REQUEST = "type.googleapis.com/google.rpc.BadRequest"
 
 @pytest.fixture(scope="module")
 def chat_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    inference = f"127.0.0.1:{free_port()}"
-    chat = f"127.0.0.1:{free_port()}"
     database = Path(tmp_path_factory.mktemp("chat")) / "chat.db"
-    chat_env = {
-        "CHATMESH_CHAT_ADDRESS": chat,
-        "CHATMESH_CHAT_DATABASE_URL": f"sqlite+aiosqlite:///{database}",
-        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-    }
-    inference_env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_CONTEXT_LENGTH": "512"}
     with (
-        run_service("inference_service", inference_env, inference, timeout=60),
-        run_service("chat_service", chat_env, chat, timeout=60),
+        inference_service(standard=False, context_length=512) as inference,
+        chat_service(f"sqlite+aiosqlite:///{database}", inference.address) as chat,
     ):
-        yield chat
+        yield chat.address
 
 
 @pytest.fixture(scope="module")
