@@ -18,12 +18,11 @@ import httpx
 import openai
 import pytest
 
-from gateway import EnvoyProcess, run_envoy
-from tests.e2e.test_gateway import gateway_settings
+from gateway import EnvoyProcess
 from tests.support.chat import bearer, token_for
 from tests.support.databases import fresh_postgres_database
-from tests.support.processes import LoggedProcess, free_port, run_service
-from tests.support.services import chat_env
+from tests.support.processes import LoggedProcess
+from tests.support.stack import chat_stack
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -44,22 +43,20 @@ async def stack(
     inference_address: str,
     embedding_service: tuple[str, LoggedProcess],
 ) -> AsyncIterator[Stack]:
-    address = f"127.0.0.1:{free_port()}"
-    env = chat_env(
-        address,
-        "",
-        inference_address,
-        CHATMESH_CHAT_CACHE_ADDRESS=embedding_service[0],
-        CHATMESH_CHAT_CACHE_COLLECTION=f"openai_{uuid.uuid4().hex[:8]}",
-    )
-    async with fresh_postgres_database() as url:
-        env["CHATMESH_CHAT_DATABASE_URL"] = url
-        with run_service("chat_service", env, address, timeout=60) as chat:
-            async with run_envoy(gateway_settings([address]), tmp_path_factory.mktemp("envoy")) as envoy:
-                async with httpx.AsyncClient(base_url=envoy.base_url) as http:
-                    reply = await http.get("/v1/models", headers=bearer("someone"))
-                    model = reply.json()["data"][0]["id"]
-                yield Stack(envoy, chat, model)
+    async with (
+        fresh_postgres_database() as url,
+        chat_stack(
+            inference_address,
+            url,
+            envoy_dir=tmp_path_factory.mktemp("envoy"),
+            cache_address=embedding_service[0],
+            cache_collection=f"openai_{uuid.uuid4().hex[:8]}",
+        ) as running,
+    ):
+        async with httpx.AsyncClient(base_url=running.envoy.base_url) as http:
+            reply = await http.get("/v1/models", headers=bearer("someone"))
+            model = reply.json()["data"][0]["id"]
+        yield Stack(running.envoy, running.chat.process, model)
 
 
 def client(stack: Stack, user: str) -> openai.AsyncOpenAI:

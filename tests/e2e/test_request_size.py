@@ -19,12 +19,11 @@ import pytest
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
-from gateway import EnvoyProcess, run_envoy
-from tests.e2e.test_gateway import bearer, gateway_settings, post_stream, upstream_requests
-from tests.support.chat import auth
+from gateway import EnvoyProcess
+from tests.e2e.test_gateway import post_stream, upstream_requests
+from tests.support.chat import auth, bearer
 from tests.support.databases import fresh_postgres_database
-from tests.support.processes import free_port, run_service
-from tests.support.services import chat_env
+from tests.support.stack import chat_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -42,19 +41,21 @@ class Stack:
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory, inference_address: str) -> AsyncIterator[Stack]:
-    address = f"127.0.0.1:{free_port()}"
-    async with fresh_postgres_database() as url:
-        env = chat_env(
-            address, url, inference_address, CHATMESH_CHAT_OPENAI_MAX_BODY_BYTES=str(REPLICA_LIMIT)
-        )
-        with run_service("chat_service", env, address, timeout=60):
-            settings = gateway_settings([address], rate_limit_per_s=0)
-            assert settings.max_request_bytes == LIMIT
-            async with run_envoy(settings, tmp_path_factory.mktemp("envoy")) as envoy:
-                async with httpx.AsyncClient(base_url=envoy.base_url) as http:
-                    reply = await http.get("/v1/models", headers=bearer("someone"))
-                    model = reply.json()["data"][0]["id"]
-                yield Stack(envoy, model)
+    async with (
+        fresh_postgres_database() as url,
+        chat_stack(
+            inference_address,
+            url,
+            envoy_dir=tmp_path_factory.mktemp("envoy"),
+            gateway={"rate_limit_per_s": 0},
+            openai_max_body_bytes=REPLICA_LIMIT,
+        ) as running,
+    ):
+        assert running.gateway is not None and running.gateway.max_request_bytes == LIMIT
+        async with httpx.AsyncClient(base_url=running.envoy.base_url) as http:
+            reply = await http.get("/v1/models", headers=bearer("someone"))
+            model = reply.json()["data"][0]["id"]
+        yield Stack(running.envoy, model)
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ import httpx
 import pytest
 
 from gateway import run_envoy
-from tests.e2e.test_gateway import bearer, gateway_settings, new_user
+from tests.e2e.test_gateway import new_user
+from tests.support.chat import bearer
 from tests.support.otlp import ReceivedSpan, run_trace_receiver
-from tests.support.processes import free_port, log_entries, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, chat_env, embedding_env, standard_engine_env
+from tests.support.processes import log_entries
+from tests.support.stack import chat_service, embedding_service, gateway_settings, inference_service
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -24,39 +25,21 @@ SERVER, CLIENT = 2, 3  # OTLP SpanKind
 
 async def test_a_rest_completion_is_one_trace_across_envoy_chat_inference_and_vectors(tmp_path: Path) -> None:
     async with run_trace_receiver() as receiver:
-        inference, embedding, chat = (f"127.0.0.1:{free_port()}" for _ in range(3))
         with (
-            run_service(
-                "inference_service",
-                {**standard_engine_env(inference), "CHATMESH_INFERENCE_OTLP_ENDPOINT": receiver.address},
-                inference,
-                MODEL_STARTUP_TIMEOUT_S,
-            ),
-            run_service(
-                "embedding_service",
-                embedding_env(
-                    embedding, tmp_path / "qdrant", CHATMESH_EMBEDDING_OTLP_ENDPOINT=receiver.address
-                ),
-                embedding,
-                MODEL_STARTUP_TIMEOUT_S,
-            ),
-            run_service(
-                "chat_service",
-                chat_env(
-                    chat,
-                    f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
-                    inference,
-                    CHATMESH_CHAT_OTLP_ENDPOINT=receiver.address,
-                    CHATMESH_CHAT_CACHE_ADDRESS=embedding,
-                    CHATMESH_CHAT_CACHE_LOOKUP_TIMEOUT_S="10",
-                    # Checks its database and engine ten times a second: none of that may be traced.
-                    CHATMESH_CHAT_HEALTH_CHECK_INTERVAL_S="0.1",
-                ),
-                chat,
-                60,
-            ) as chat_process,
+            inference_service(otlp_endpoint=receiver.address) as inference,
+            embedding_service(tmp_path / "qdrant", otlp_endpoint=receiver.address) as embedding,
+            chat_service(
+                f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
+                inference.address,
+                otlp_endpoint=receiver.address,
+                cache_address=embedding.address,
+                cache_lookup_timeout_s=10,
+                # Checks its database and engine ten times a second: none of that may be traced.
+                health_check_interval_s=0.1,
+            ) as chat,
         ):
-            settings = gateway_settings([chat], otlp_endpoint=receiver.address)
+            chat_process = chat.process
+            settings = gateway_settings([chat.address], otlp_endpoint=receiver.address)
             async with (
                 run_envoy(settings, tmp_path / "envoy") as envoy,
                 httpx.AsyncClient(base_url=envoy.base_url, timeout=60) as http,
