@@ -27,23 +27,21 @@ import hashlib
 import json
 import logging
 import math
-import sqlite3
-import threading
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 from qdrant_client import AsyncQdrantClient, models
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
-from qdrant_client.local.persistence import STORAGE_FILE_NAME
 
 from chatmesh.common.errors import ChatmeshError, InvalidArgument, NotFound, Unavailable
 from chatmesh.vectors.values import Condition, Payload, PayloadValue, Range
 from embedding_service.encoder import Vectors
 from embedding_service.local_filters import speed_up_local_filters
+from embedding_service.qdrant_local import CallerLoop, DedicatedLoop, Runner, open_local, use_write_ahead_log
 from embedding_service.settings import EmbeddingSettings
 from embedding_service.vector_index import Hit, PayloadKind
 
@@ -62,47 +60,6 @@ _PARTITION = ".t-"
 """Between a collection's name and the hash of a tenant value in its partitions' names. The service's
 collection names have no `.`, so no collection can be taken for another's partition."""
 _PARTITION_HASH_CHARS = 16
-
-
-class _Runner(Protocol):
-    """Where the client's coroutines run."""
-
-    async def run(self, call: Coroutine[Any, Any, _T]) -> _T: ...
-
-    def close(self) -> None: ...
-
-
-class _CallerLoop:
-    """On the caller's event loop: for a client that really awaits I/O (a Qdrant server)."""
-
-    async def run(self, call: Coroutine[Any, Any, _T]) -> _T:
-        return await call
-
-    def close(self) -> None:
-        pass
-
-
-class _DedicatedLoop:
-    """On an event loop of its own, in one thread: for local mode, whose coroutines never yield.
-
-    One thread serialises the calls, which local mode needs, and keeps its CPU-bound scans off the
-    service's loop (they still share the GIL, but gRPC and the encoder's torch threads keep running)."""
-
-    def __init__(self, name: str) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
-        self._thread.start()
-
-    async def run(self, call: Coroutine[Any, Any, _T]) -> _T:
-        # A caller that gives up cancels the call if it has not started; one that started finishes
-        # (local mode cannot be interrupted) and its result is dropped.
-        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(call, self._loop))
-
-    def close(self) -> None:
-        """Stop the loop and join its thread (blocks until the call in progress, if any, ends)."""
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
 
 
 @dataclass(slots=True)
@@ -126,7 +83,7 @@ class QdrantIndex:
     def __init__(
         self,
         client: AsyncQdrantClient,
-        runner: _Runner,
+        runner: Runner,
         *,
         timeout_s: float,
         tenant_key: str,
@@ -284,7 +241,7 @@ class QdrantIndex:
         params = models.VectorParams(size=dimension, distance=models.Distance.COSINE)
         await self._client.create_collection(name, vectors_config=params)
         if self._local_path is not None:
-            _use_write_ahead_log(self._local_path, name)
+            use_write_ahead_log(self._local_path, name)
         log.info("vector collection created", extra={"collection": name, "dimension": dimension})
 
     def _field_schema(
@@ -428,29 +385,6 @@ def _tenant(where: Sequence[Condition], key: str) -> str | int | bool | None:
     return None
 
 
-def _use_write_ahead_log(root: Path, name: str) -> None:
-    """Switch the SQLite file of local collection `name` to write-ahead logging, if it can.
-
-    Local mode commits each point on its own. In SQLite's default rollback-journal mode a commit
-    creates, syncs and deletes a journal besides syncing the database (2-8 ms here); with a
-    write-ahead log it appends and syncs once (about 0.4 ms), equally durable (local mode keeps the
-    default synchronous=FULL). The mode is stored in the database file, so the client's own connection
-    follows it and it outlasts restarts. qdrant-client has no setting for it: the file is found by
-    its persistence module's layout, and if that moves, inserts are merely slower."""
-    database = root / "collection" / name / STORAGE_FILE_NAME
-    if not database.is_file():
-        log.warning("local collection storage not found; writes stay slow", extra={"path": str(database)})
-        return
-    try:
-        with contextlib.closing(sqlite3.connect(database, timeout=1.0)) as connection:
-            connection.execute("PRAGMA journal_mode=WAL")
-    except sqlite3.Error as exc:
-        log.warning(
-            "could not switch local collection storage to write-ahead logging; writes stay slow",
-            extra={"path": str(database), "error": str(exc)},
-        )
-
-
 def _qdrant_filter(where: Sequence[Condition]) -> models.Filter | None:
     if not where:
         return None
@@ -473,10 +407,10 @@ def _payload(raw: Mapping[str, Any] | None) -> dict[str, PayloadValue]:
 async def open_qdrant_index(settings: EmbeddingSettings) -> AsyncIterator[QdrantIndex]:
     """The index the settings name: the Qdrant server at `vectors_url`, else local mode in
     `vectors_path` (created if missing). Closed (lock released, connections dropped) on exit."""
-    runner: _Runner
+    runner: Runner
     local_path: Path | None = None
     if settings.vectors_url is not None:
-        runner = _CallerLoop()
+        runner = CallerLoop()
         api_key = settings.vectors_api_key.get_secret_value() if settings.vectors_api_key else None
         # The constructor asks the server its version with a blocking request (to warn of an
         # incompatible one), so it runs off the loop. The client's own timeout is whole seconds;
@@ -491,9 +425,9 @@ async def open_qdrant_index(settings: EmbeddingSettings) -> AsyncIterator[Qdrant
     else:
         path = settings.vectors_path.resolve()
         speed_up_local_filters()
-        runner = _DedicatedLoop("qdrant-local")
+        runner = DedicatedLoop("qdrant-local")
         try:
-            client = await runner.run(_open_local(path))
+            client = await runner.run(open_local(path))
         except BaseException:
             await asyncio.to_thread(runner.close)
             raise
@@ -515,21 +449,3 @@ async def open_qdrant_index(settings: EmbeddingSettings) -> AsyncIterator[Qdrant
     finally:
         await index.close()
         log.info("vector index closed")
-
-
-async def _open_local(path: Path) -> AsyncQdrantClient:
-    """Open local mode at `path`, creating it if missing (on the index's own thread: loading a large
-    index takes a while)."""
-    try:
-        client = AsyncQdrantClient(path=str(path))
-    except RuntimeError as exc:
-        # qdrant-client's words ("already accessed by another instance") do not say what to do here.
-        raise RuntimeError(
-            f"the vector index at {path} is in use by another process (local mode locks its directory):"
-            " stop that process, point CHATMESH_EMBEDDING_VECTORS_PATH elsewhere, or use a Qdrant"
-            " server with CHATMESH_EMBEDDING_VECTORS_URL"
-        ) from exc
-    # Collections made before writes used a write-ahead log (or by another program) switch now.
-    for described in (await client.get_collections()).collections:
-        _use_write_ahead_log(path, described.name)
-    return client
