@@ -18,7 +18,7 @@ from chatmesh.chat.v1 import chat_pb2_grpc
 from gateway import EnvoyProcess, GatewaySettings, run_envoy
 from tests.support.chat import TEST_SECRET, auth, token_for
 from tests.support.processes import LoggedProcess, free_port, run_service
-from tests.support.services import chat_env
+from tests.support.stack import chat_env
 
 pytestmark = pytest.mark.e2e
 

@@ -12,10 +12,11 @@ import httpx
 import pytest
 
 from gateway import run_envoy
-from tests.e2e.test_gateway import bearer, gateway_settings, host_stats, new_user
+from tests.e2e.test_gateway import host_stats, new_user
+from tests.support.chat import bearer
 from tests.support.databases import PrivatePostgres, fresh_postgres_database, private_postgres
-from tests.support.processes import free_port, run_service
-from tests.support.services import NOT_SERVING, SERVING, chat_env, chat_health
+from tests.support.services import NOT_SERVING, SERVING, chat_health
+from tests.support.stack import chat_service, gateway_settings
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
@@ -30,24 +31,12 @@ def postgres() -> Iterator[PrivatePostgres]:
 async def test_envoy_routes_around_a_replica_whose_database_is_down(
     postgres: PrivatePostgres, inference_address: str, tmp_path: Path
 ) -> None:
-    steady, doomed = (f"127.0.0.1:{free_port()}" for _ in range(2))
     async with fresh_postgres_database() as shared_url:
         with (
-            run_service(
-                "chat_service",
-                chat_env(steady, shared_url, inference_address, CHATMESH_CHAT_HEALTH_CHECK_INTERVAL_S="0.1"),
-                steady,
-                60,
-            ),
-            run_service(
-                "chat_service",
-                chat_env(
-                    doomed, postgres.url, inference_address, CHATMESH_CHAT_HEALTH_CHECK_INTERVAL_S="0.1"
-                ),
-                doomed,
-                60,
-            ),
+            chat_service(shared_url, inference_address, health_check_interval_s=0.1) as steady_replica,
+            chat_service(postgres.url, inference_address, health_check_interval_s=0.1) as doomed_replica,
         ):
+            steady, doomed = steady_replica.address, doomed_replica.address
             settings = gateway_settings([steady, doomed], rate_limit_per_s=0)
             async with (
                 run_envoy(settings, tmp_path / "envoy") as envoy,
