@@ -13,14 +13,17 @@ from collections.abc import Iterator
 
 import pytest
 
+from chatmesh.common.settings import env_name
+from inference_service.settings import InferenceSettings
 from tests.support.processes import LoggedProcess, free_port, run_service
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env, standard_engine_env
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S
+from tests.support.stack import embedding_env, standard_engine_env
 
 # Every engine a test starts (they inherit this environment) prompts with the bare transcript, not the
 # default few-shot preamble: the tests' token budgets (a 1,024-token context, prompts sized against it)
 # and their long counting replies were built for it, and they test mechanics, not answers. The
 # preamble's own tests set it explicitly (tests/integration/test_prompt_preamble.py).
-os.environ.setdefault("CHATMESH_INFERENCE_PROMPT_PREAMBLE", "none")
+os.environ.setdefault(env_name(InferenceSettings, "prompt_preamble"), "none")
 
 
 @pytest.fixture(scope="session")
