@@ -50,6 +50,10 @@ class MemoryVectors(VectorClient):
         self.searches: list[Where] = []
         self.stored = asyncio.Event()
         """Set once a point has been stored (cache writes run after their answer was sent)."""
+        self.fail: Exception | None = None
+        """Raised by every search while set (an index outage)."""
+        self.delay_s = 0.0
+        """How long every search takes (a slow index, past the lookup deadline)."""
 
     @staticmethod
     def _passes(point: NewPoint, where: Where) -> bool:
@@ -76,6 +80,10 @@ class MemoryVectors(VectorClient):
         score_threshold: float | None = None,
     ) -> list[Hit]:
         self.searches.append(where or {})
+        if self.delay_s:
+            await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise self.fail
         return [
             Hit(str(point.id), 1.0, dict(point.payload))
             for point in self.points.values()

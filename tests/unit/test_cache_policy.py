@@ -2,71 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Sequence
 
 from chat_service.cache.policy import GLOBAL_SCOPE, CachePolicy, Question, SemanticCache
 from chat_service.cache.verification import VerificationRule
 from chatmesh.common.errors import Unavailable
-from chatmesh.vectors.client import Hit, NewPoint, Where
-from chatmesh.vectors.values import Range
-
-
-class MemoryVectors:
-    """Exact-text "embedding": a point matches a search with score 1.0 when its text is the query."""
-
-    def __init__(self) -> None:
-        self.points: dict[str, NewPoint] = {}
-        self.searches: list[Where] = []
-        self.fail: Exception | None = None
-        self.delay_s = 0.0
-
-    @staticmethod
-    def _passes(point: NewPoint, where: Where) -> bool:
-        for key, match in where.items():
-            value = point.payload.get(key)
-            if isinstance(match, Range):
-                if not isinstance(value, int | float) or isinstance(value, bool):
-                    return False
-                if match.gt is not None and not value > match.gt:
-                    return False
-                if match.lte is not None and not value <= match.lte:
-                    return False
-            elif value != match:
-                return False
-        return True
-
-    async def search(
-        self,
-        collection: str,
-        text: str,
-        *,
-        where: Where | None = None,
-        limit: int = 5,
-        score_threshold: float | None = None,
-    ) -> list[Hit]:
-        self.searches.append(where or {})
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
-        if self.fail:
-            raise self.fail
-        return [
-            Hit(str(point.id), 1.0, dict(point.payload))
-            for point in self.points.values()
-            if point.text == text and self._passes(point, where or {})
-        ][:limit]
-
-    async def upsert(self, collection: str, points: Sequence[NewPoint]) -> int:
-        for point in points:
-            self.points[str(point.id)] = point
-        return len(points)
-
-    async def delete(self, collection: str, where: Where) -> int:
-        doomed = [key for key, point in self.points.items() if self._passes(point, where)]
-        for key in doomed:
-            del self.points[key]
-        return len(doomed)
+from tests.support.fakes import MemoryVectors
 
 
 def question(user: str = "alice", text: str = "What is the capital of France?", **fields: object) -> Question:
