@@ -32,11 +32,13 @@ from tests.support.chat import ChatClient, auth, drain
 from tests.support.databases import fresh_postgres_database
 from tests.support.nats import NatsServer, run_nats
 from tests.support.processes import free_port, run_service, start_process, stop_process, wait_until_serving
-from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env
+from tests.support.services import COUNTING_SYSTEM_PROMPT
+from tests.support.stack import chat_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
 
+# Written out: the errors must name the variable a user sets (the services are started with typed settings).
 COMPLETIONS_SETTING = "CHATMESH_CHAT_MAX_CONCURRENT_COMPLETIONS_PER_USER"
 JOBS_SETTING = "CHATMESH_CHAT_MAX_ACTIVE_JOBS_PER_USER"
 LEASE = Lease("replica-test", 60)
@@ -154,8 +156,10 @@ LONG_REPLY = 600
 """Tokens of a counting reply that streams far longer than the test needs to act while it runs."""
 
 
-def limited_env(address: str, url: str, inference: str, migrate: bool, **settings: str) -> dict[str, str]:
-    return chat_env(address, url, inference, migrate=migrate, **{COMPLETIONS_SETTING: "2", **settings})
+def limited_env(address: str, url: str, inference: str, migrate: bool, **settings: Any) -> dict[str, str]:
+    return chat_env(
+        address, url, inference, migrate=migrate, **{"max_concurrent_completions_per_user": 2, **settings}
+    )
 
 
 def counting(chat_id: str, max_tokens: int = LONG_REPLY) -> pb.CompleteRequest:
@@ -277,7 +281,7 @@ async def test_a_user_at_the_limit_is_refused_on_every_replica_while_others_stre
 async def test_the_slot_of_a_replica_that_died_frees_when_its_lease_lapses(inference_address: str) -> None:
     doomed_address, survivor_address = (f"127.0.0.1:{free_port()}" for _ in range(2))
     async with fresh_postgres_database("chatmesh_limits") as url:
-        settings = {COMPLETIONS_SETTING: "1", "CHATMESH_CHAT_COMPLETION_LEASE_S": "2"}
+        settings = {"max_concurrent_completions_per_user": 1, "completion_lease_s": 2}
         survivor_env = chat_env(survivor_address, url, inference_address, migrate=True, **settings)
         with run_service("chat_service", survivor_env, survivor_address, 60):
             doomed = start_process(
@@ -326,10 +330,10 @@ async def test_a_user_at_the_jobs_limit_is_refused_on_every_replica_and_nothing_
 ) -> None:
     first, second = (f"127.0.0.1:{free_port()}" for _ in range(2))
     jobs = {
-        "CHATMESH_CHAT_JOBS_NATS_URL": nats_server.url,
-        "CHATMESH_CHAT_JOBS_STREAM": "JOBS_LIMITS",
-        "CHATMESH_CHAT_JOBS_WORKERS": "0",  # what is queued stays queued
-        JOBS_SETTING: "1",
+        "jobs_nats_url": nats_server.url,
+        "jobs_stream": "JOBS_LIMITS",
+        "jobs_workers": 0,  # what is queued stays queued
+        "max_active_jobs_per_user": 1,
     }
     async with fresh_postgres_database("chatmesh_limits") as url:
         with (
