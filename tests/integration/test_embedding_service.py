@@ -17,7 +17,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from chatmesh.embedding.v1 import embedding_pb2 as pb
 from chatmesh.embedding.v1 import embedding_pb2_grpc
 from tests.support.processes import LoggedProcess, free_port, log_entries, run_service, wait_for_log_entry
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S
+from tests.support.stack import embedding_env
 
 pytestmark = pytest.mark.integration
 

@@ -25,7 +25,8 @@ from chatmesh.vectors.v1 import vectors_pb2 as pb
 from chatmesh.vectors.v1 import vectors_pb2_grpc
 from chatmesh.vectors.values import Range
 from tests.support.processes import LoggedProcess, free_port, run_service, start_process, stop_process
-from tests.support.services import MODEL_STARTUP_TIMEOUT_S, embedding_env
+from tests.support.services import MODEL_STARTUP_TIMEOUT_S
+from tests.support.stack import embedding_env
 
 pytestmark = pytest.mark.integration
 
