@@ -28,7 +28,8 @@ from tests.support.chat import ChatClient, auth, drain, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
 from tests.support.recording_proxy import RecordingInferenceProxy, run_recording_proxy
-from tests.support.services import COUNTING_SYSTEM_PROMPT, chat_env
+from tests.support.services import COUNTING_SYSTEM_PROMPT
+from tests.support.stack import chat_env, inference_env
 
 pytestmark = pytest.mark.integration
 
@@ -387,7 +388,7 @@ def small_context_chat(
     Yields (chat address, inference address, recorder)."""
     inference = f"127.0.0.1:{free_port()}"
     chat = f"127.0.0.1:{free_port()}"
-    env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_CONTEXT_LENGTH": str(WINDOW_CONTEXT)}
+    env = inference_env(inference, context_length=WINDOW_CONTEXT)
     with (
         run_service("inference_service", env, inference, timeout=60),
         run_recording_proxy(inference) as proxy,
@@ -461,8 +462,8 @@ async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp
     retry is answered."""
     inference = f"127.0.0.1:{free_port()}"
     chat = f"127.0.0.1:{free_port()}"
-    inference_env = {"CHATMESH_INFERENCE_ADDRESS": inference, "CHATMESH_INFERENCE_CONTEXT_LENGTH": "1024"}
-    with run_service("inference_service", inference_env, inference, timeout=60) as engine:
+    engine_env = inference_env(inference, context_length=1024)
+    with run_service("inference_service", engine_env, inference, timeout=60) as engine:
         env = chat_env(chat, f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", inference)
         with run_service("chat_service", env, chat, timeout=60):
             async with grpc.aio.insecure_channel(chat) as channel:
@@ -496,7 +497,7 @@ async def test_engine_failure_keeps_the_user_message_and_reports_unavailable(tmp
                 assert [m.role for m in messages] == [pb.ROLE_USER], "no broken assistant message is stored"
                 # Once the engine is back (a restart on the same address), the retry answers the stored
                 # question: one question, one reply.
-                with run_service("inference_service", inference_env, inference, timeout=60):
+                with run_service("inference_service", engine_env, inference, timeout=60):
                     answered = await drain(client.stub.Complete(request, metadata=client.metadata))
                 assert answered.last is not None and answered.last.finish_reason
                 messages = await client.all_messages(chat_id)
@@ -578,14 +579,14 @@ async def test_a_saturated_engine_is_resource_exhausted_before_any_event(tmp_pat
     retried with the same request_id once the slot is free, it is answered and stored once."""
     inference = f"127.0.0.1:{free_port()}"
     chat = f"127.0.0.1:{free_port()}"
-    engine_env = {
-        "CHATMESH_INFERENCE_ADDRESS": inference,
-        "CHATMESH_INFERENCE_BACKEND": "llama_server",
-        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
-        "CHATMESH_INFERENCE_MAX_QUEUE": "0",
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "1024",
-        "CHATMESH_INFERENCE_RUN_DIR": str(tmp_path),
-    }
+    engine_env = inference_env(
+        inference,
+        backend="llama_server",
+        max_concurrent=1,
+        max_queue=0,
+        context_length=1024,
+        run_dir=tmp_path,
+    )
     with run_service("inference_service", engine_env, inference, timeout=120):
         env = chat_env(chat, f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", inference)
         with run_service("chat_service", env, chat, timeout=60):
