@@ -32,13 +32,11 @@ import schemathesis
 from hypothesis import strategies as st
 from schemathesis import GenerationMode, checks
 
-from gateway import EnvoyProcess, run_envoy
-from tests.e2e.test_gateway import gateway_settings
+from gateway import EnvoyProcess
 from tests.support.chat import token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.nats import run_nats
-from tests.support.processes import free_port, run_service
-from tests.support.services import chat_env
+from tests.support.stack import chat_stack
 
 pytestmark = pytest.mark.e2e
 
@@ -83,26 +81,23 @@ class Fuzzed:
 async def fuzzed_gateway(
     tmp_path_factory: pytest.TempPathFactory, inference_address: str
 ) -> AsyncIterator[Fuzzed]:
-    address = f"127.0.0.1:{free_port()}"
     with run_nats(tmp_path_factory.mktemp("nats")) as nats:
-        async with fresh_postgres_database() as url:
-            env = chat_env(
-                address,
-                url,
+        async with (
+            fresh_postgres_database() as url,
+            chat_stack(
                 inference_address,
-                CHATMESH_CHAT_JOBS_NATS_URL=nats.url,
-                CHATMESH_CHAT_JOBS_STREAM="JOBS_FUZZ",
-            )
-            with run_service("chat_service", env, address, timeout=60):
+                url,
+                envoy_dir=tmp_path_factory.mktemp("envoy"),
                 # No rate limit in the way: a 429 is allowed by the document, but it would hide the rest.
-                settings = gateway_settings([address], rate_limit_per_s=0)
-                async with run_envoy(settings, tmp_path_factory.mktemp("envoy")) as envoy:
-                    async with httpx.AsyncClient(base_url=envoy.base_url) as http:
-                        reply = await http.get(
-                            "/v1/models", headers={"authorization": f"Bearer {token_for('x')}"}
-                        )
-                        model = reply.json()["data"][0]["id"]
-                    yield Fuzzed(envoy, model)
+                gateway={"rate_limit_per_s": 0},
+                jobs_nats_url=nats.url,
+                jobs_stream="JOBS_FUZZ",
+            ) as stack,
+        ):
+            async with httpx.AsyncClient(base_url=stack.envoy.base_url) as http:
+                reply = await http.get("/v1/models", headers={"authorization": f"Bearer {token_for('x')}"})
+                model = reply.json()["data"][0]["id"]
+            yield Fuzzed(stack.envoy, model)
 
 
 def _bounded(body: Any, model: str) -> Any:
