@@ -24,11 +24,11 @@ from chat_service.domain import FinishReason, HistoryStrategy
 from chat_service.storage.base import Lease
 from chat_service.storage.sql import open_sql_store
 from chatmesh.common.auth import DEV_SECRET_FILE
-from gateway import EnvoyProcess, run_envoy
-from tests.e2e.test_gateway import gateway_settings
+from gateway import EnvoyProcess
 from tests.support.databases import fresh_postgres_database
-from tests.support.processes import LoggedProcess, free_port, run_service
-from tests.support.services import COUNTING_SYSTEM_PROMPT, MODEL_STARTUP_TIMEOUT_S, chat_env, inference_env
+from tests.support.processes import LoggedProcess
+from tests.support.services import COUNTING_SYSTEM_PROMPT
+from tests.support.stack import chat_stack, inference_service
 from tests.support.waiting import eventually_sync
 
 pytestmark = pytest.mark.e2e
@@ -54,37 +54,30 @@ async def site(
 ) -> AsyncIterator[Site]:
     # An engine of its own: replies as long as under `make run` (the shared one stops at 24 tokens, too
     # soon to press Stop in the middle of one).
-    engine = f"127.0.0.1:{free_port()}"
-    engine_env = inference_env(engine, CHATMESH_INFERENCE_CONTEXT_LENGTH="2048")
-    address = f"127.0.0.1:{free_port()}"
+    gateway = {
+        "jwt_secret": None,
+        "jwt_secret_file": DEV_SECRET_FILE,
+        "dev_sign_in": True,
+        # A test's page loads, lists and completions stay well within the burst; a spent bucket
+        # refills slowly enough for the page to meet the 429.
+        "rate_limit_per_s": 2,
+        "rate_limit_burst": 20,
+    }
     async with fresh_postgres_database() as url:
-        env = chat_env(
-            address,
-            url,
-            engine,
-            CHATMESH_CHAT_DEV_SIGN_IN="true",
-            # The semantic cache on, as under `make run` (its own collection).
-            CHATMESH_CHAT_CACHE_ADDRESS=embedding_service[0],
-            CHATMESH_CHAT_CACHE_COLLECTION=f"web_{uuid.uuid4().hex[:8]}",
-        )
-        # The dev sign-in runs only with the mesh's own dev secret, as under `make run`.
-        del env["CHATMESH_CHAT_JWT_SECRET"]
-        with (
-            run_service("inference_service", engine_env, engine, MODEL_STARTUP_TIMEOUT_S),
-            run_service("chat_service", env, address, timeout=60),
-        ):
-            settings = gateway_settings(
-                [address],
-                jwt_secret=None,
-                jwt_secret_file=DEV_SECRET_FILE,
+        with inference_service(standard=False, context_length=2048) as engine:
+            async with chat_stack(
+                engine.address,
+                url,
+                envoy_dir=tmp_path_factory.mktemp("envoy"),
+                gateway=gateway,
                 dev_sign_in=True,
-                # A test's page loads, lists and completions stay well within the burst; a spent bucket
-                # refills slowly enough for the page to meet the 429.
-                rate_limit_per_s=2,
-                rate_limit_burst=20,
-            )
-            async with run_envoy(settings, tmp_path_factory.mktemp("envoy")) as envoy:
-                yield Site(envoy, url)
+                # The dev sign-in runs only with the mesh's own dev secret, as under `make run`.
+                jwt_secret=None,
+                # The semantic cache on, as under `make run` (its own collection).
+                cache_address=embedding_service[0],
+                cache_collection=f"web_{uuid.uuid4().hex[:8]}",
+            ) as stack:
+                yield Site(stack.envoy, url)
 
 
 @pytest.fixture(scope="module")
