@@ -26,6 +26,7 @@ from tests.support.processes import (
     wait_for_log_entry,
 )
 from tests.support.services import LONG, PARIS, cancel_a_long_generation
+from tests.support.stack import inference_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -36,14 +37,14 @@ SLOTS = 4
 @pytest.fixture(scope="module")
 def llama_server_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, LoggedProcess]]:
     address = f"127.0.0.1:{free_port()}"
-    env = {
-        "CHATMESH_INFERENCE_ADDRESS": address,
-        "CHATMESH_INFERENCE_BACKEND": "llama_server",
-        "CHATMESH_INFERENCE_MAX_CONCURRENT": str(SLOTS),
-        "CHATMESH_INFERENCE_MAX_QUEUE": "2",
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "2048",
-        "CHATMESH_INFERENCE_RUN_DIR": str(tmp_path_factory.mktemp("run")),
-    }
+    env = inference_env(
+        address,
+        backend="llama_server",
+        max_concurrent=SLOTS,
+        max_queue=2,
+        context_length=2048,
+        run_dir=tmp_path_factory.mktemp("run"),
+    )
     with run_service("inference_service", env, address, timeout=120) as process:
         yield address, process
     assert process.returncode == 0, "SIGTERM should shut the service (and its llama-server) down cleanly"
@@ -103,11 +104,7 @@ async def test_reply_streams_and_counts_match_count_tokens(
 def in_process_address() -> Iterator[str]:
     """An inference service on the in-process engine (llama-cpp-python), for comparison."""
     address = f"127.0.0.1:{free_port()}"
-    env = {
-        "CHATMESH_INFERENCE_ADDRESS": address,
-        "CHATMESH_INFERENCE_BACKEND": "llama_cpp",
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "2048",
-    }
+    env = inference_env(address, backend="llama_cpp", context_length=2048)
     with run_service("inference_service", env, address, timeout=120):
         yield address
 
@@ -154,13 +151,9 @@ async def test_cancel_frees_the_slot(
 
 async def test_the_engine_dies_with_the_service_even_on_sigkill(tmp_path: Path) -> None:
     address = f"127.0.0.1:{free_port()}"
-    env = {
-        "CHATMESH_INFERENCE_ADDRESS": address,
-        "CHATMESH_INFERENCE_BACKEND": "llama_server",
-        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "512",
-        "CHATMESH_INFERENCE_RUN_DIR": str(tmp_path),
-    }
+    env = inference_env(
+        address, backend="llama_server", max_concurrent=1, context_length=512, run_dir=tmp_path
+    )
     with run_service("inference_service", env, address, timeout=120) as service:
         started = await asyncio.to_thread(
             wait_for_log_entry, service, lambda entry: entry.get("msg") == "starting llama-server", 30
