@@ -291,28 +291,18 @@ async def _healthy(http: httpx.AsyncClient) -> bool:
     return True
 
 
-@asynccontextmanager
-async def open_llama_server_backend(
+def _server_args(
+    binary: Path,
     gguf_path: Path,
-    *,
+    port: int,
     parallel: int,
     context_length: int,
     threads: int | None,
     batch_threads: int | None,
-    template: PromptTemplate,
-    model_name: str,
-    log_dir: Path,
-) -> AsyncIterator[LlamaServerBackend]:
-    """Start `llama-server` with `parallel` slots of `context_length` tokens each, load the vocabulary
-    for tokenizing here, and stop the server (SIGTERM, SIGKILL after 10 s) on exit. `ChildFailed` with
-    the end of its log (in `log_dir`) if it exits while starting or is not healthy within
-    `STARTUP_TIMEOUT_S`."""
-    binary = await asyncio.to_thread(llama_server_binary)
+) -> list[str]:
+    """llama-server's command line: `parallel` slots of `context_length` tokens each on `port`."""
     cores = os.cpu_count() or 1
-    port = _free_port()
-    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
-    log_path = log_dir / f"llama-server-{port}.log"
-    args = [
+    return [
         str(binary),
         "--model", str(gguf_path),
         "--host", "127.0.0.1",
@@ -335,6 +325,29 @@ async def open_llama_server_backend(
         # of 96-97 at 16. The price: waking the threads adds about 4 ms to a lone request's TTFT.
         "--poll", "0",
     ]  # fmt: skip
+
+
+@asynccontextmanager
+async def open_llama_server_backend(
+    gguf_path: Path,
+    *,
+    parallel: int,
+    context_length: int,
+    threads: int | None,
+    batch_threads: int | None,
+    template: PromptTemplate,
+    model_name: str,
+    log_dir: Path,
+) -> AsyncIterator[LlamaServerBackend]:
+    """Start `llama-server` with `parallel` slots of `context_length` tokens each, load the vocabulary
+    for tokenizing here, and stop the server (SIGTERM, SIGKILL after 10 s) on exit. `ChildFailed` with
+    the end of its log (in `log_dir`) if it exits while starting or is not healthy within
+    `STARTUP_TIMEOUT_S`."""
+    binary = await asyncio.to_thread(llama_server_binary)
+    port = _free_port()
+    await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
+    log_path = log_dir / f"llama-server-{port}.log"
+    args = _server_args(binary, gguf_path, port, parallel, context_length, threads, batch_threads)
     log.info("starting llama-server", extra={"parallel": parallel, "port": port, "log": str(log_path)})
     started = time.perf_counter()
     backend: LlamaServerBackend | None = None
