@@ -32,6 +32,7 @@ from tests.support.processes import (
     wait_for_line,
 )
 from tests.support.services import LONG, PARIS
+from tests.support.stack import inference_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -101,14 +102,9 @@ def running_triton(*extra_args: str) -> Iterator[TritonServer]:
     assert not leftover_servers, f"tritonserver still running: {leftover_servers}"
 
 
-def service_env(triton_url: str, address: str) -> dict[str, str]:
+def service_env(triton_url: str, address: str, **settings: object) -> dict[str, str]:
     """Environment of an inference service using the Triton backend at `triton_url`."""
-    return {
-        "CHATMESH_INFERENCE_BACKEND": "triton",
-        "CHATMESH_INFERENCE_TRITON_URL": triton_url,
-        "CHATMESH_INFERENCE_ADDRESS": address,
-        "CHATMESH_INFERENCE_LOG_FORMAT": "text",
-    }
+    return inference_env(address, backend="triton", triton_url=triton_url, log_format="text", **settings)
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +331,7 @@ async def test_the_end_id_setting_ends_a_generation_at_that_token(
     would write sixth, so the reply ends right before it (the end token is not part of the reply)."""
     paris = one_token(vocab, " Paris", special=False)
     address = f"127.0.0.1:{free_port()}"
-    env = {**service_env(triton.grpc_address, address), "CHATMESH_INFERENCE_TRITON_END_ID": str(paris)}
+    env = service_env(triton.grpc_address, address, triton_end_id=paris)
     with run_service("inference_service", env, address, 60):
         async with grpc.aio.insecure_channel(address) as channel:
             result = await generate(inference_stub(channel), PARIS, max_tokens=40, temperature=0)
@@ -480,7 +476,7 @@ async def test_without_engine_counts_usage_is_estimated_and_says_so() -> None:
     with running_triton("--engine=fixed") as server:
         address = f"127.0.0.1:{free_port()}"
         metrics = f"127.0.0.1:{free_port()}"
-        env = {**service_env(server.grpc_address, address), "CHATMESH_INFERENCE_METRICS_ADDRESS": metrics}
+        env = service_env(server.grpc_address, address, metrics_address=metrics)
         with run_service("inference_service", env, address, 60) as service:
             async with grpc.aio.insecure_channel(address) as channel:
                 reply = await generate(inference_stub(channel), PARIS, max_tokens=30, temperature=0)
