@@ -28,10 +28,10 @@ from chatmesh.common.loopback import PEER_ADDRESS_HEADER
 from chatmesh.common.server import add_health_and_reflection, create_server, set_serving
 from chatmesh.dev.v1 import dev_pb2, dev_pb2_grpc
 from gateway import CHAT_SERVICE, EnvoyProcess, run_envoy, validate_settings
-from tests.e2e.test_gateway import gateway_settings
 from tests.support.chat import TEST_SECRET
 from tests.support.files import umask
 from tests.support.processes import free_port
+from tests.support.stack import gateway_settings
 
 pytestmark = pytest.mark.e2e
 
