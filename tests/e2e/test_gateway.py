@@ -35,42 +35,26 @@ from chatmesh.common.auth import JwtKeys, issue_token
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.keygen import write_rs256_key_pair
-from gateway import EnvoyProcess, GatewaySettings, render_envoy_config, run_envoy, validate_config
+from gateway import EnvoyProcess, render_envoy_config, run_envoy, validate_config
 from gateway.api import default_descriptor_path
 from tests.support.chat import TEST_SECRET, ChatClient, bearer, token_for
 from tests.support.databases import fresh_postgres_database
-from tests.support.processes import LoggedProcess, free_port, run_service
-from tests.support.services import (
-    COUNTING_SYSTEM_PROMPT,
-    LONG,
-    MODEL_STARTUP_TIMEOUT_S,
-    cache_entries,
-    chat_env,
-    standard_engine_env,
+from tests.support.processes import LoggedProcess
+from tests.support.services import COUNTING_SYSTEM_PROMPT, LONG, cache_entries
+from tests.support.stack import (
+    GATEWAY_BURST,
+    GATEWAY_RATE_PER_S,
+    chat_service,
+    chat_stack,
+    gateway_settings,
+    inference_service,
 )
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.e2e
 
-RATE_PER_S = 10
-BURST = 20
-
-
-def gateway_settings(replicas: list[str], **overrides: Any) -> GatewaySettings:
-    values: dict[str, Any] = {
-        "listen_host": "127.0.0.1",
-        "listen_port": free_port(),
-        "admin_port": free_port(),
-        "chat_addresses": replicas,
-        "jwt_secret": TEST_SECRET,
-        "rate_limit_per_s": RATE_PER_S,
-        "rate_limit_burst": BURST,
-        # Fast, so that a killed replica is noticed within the test's patience.
-        "health_check_interval_s": 0.5,
-        "health_check_timeout_s": 0.5,
-        "concurrency": 2,
-    }
-    return GatewaySettings(**{**values, **overrides})
+RATE_PER_S = GATEWAY_RATE_PER_S
+BURST = GATEWAY_BURST
 
 
 @dataclass
@@ -86,18 +70,13 @@ class Mesh:
 @pytest.fixture(scope="module")
 async def mesh(tmp_path_factory: pytest.TempPathFactory, inference_address: str) -> AsyncIterator[Mesh]:
     inference = inference_address  # the session's engine (tests/conftest.py)
-    first, second = (f"127.0.0.1:{free_port()}" for _ in range(2))
-    async with fresh_postgres_database() as url:
-        with (
-            # The first replica migrates the fresh database; the second starts on the migrated schema.
-            run_service("chat_service", chat_env(first, url, inference), first, timeout=60) as one,
-            run_service(
-                "chat_service", chat_env(second, url, inference, migrate=False), second, timeout=60
-            ) as two,
-        ):
-            settings = gateway_settings([first, second])
-            async with run_envoy(settings, tmp_path_factory.mktemp("envoy")) as envoy:
-                yield Mesh(envoy, {first: one, second: two}, inference, url)
+    # The first replica migrates the fresh database; the second starts on the migrated schema.
+    async with (
+        fresh_postgres_database() as url,
+        chat_stack(inference, url, replicas=2, envoy_dir=tmp_path_factory.mktemp("envoy")) as stack,
+    ):
+        replicas = {replica.address: replica.process for replica in stack.replicas}
+        yield Mesh(stack.envoy, replicas, inference, url)
 
 
 @pytest.fixture
@@ -315,15 +294,13 @@ async def test_completion_reaches_the_client_while_the_model_is_still_generating
 @pytest.fixture
 async def doomed_stack(tmp_path: Path) -> AsyncIterator[tuple[EnvoyProcess, LoggedProcess]]:
     """Envoy -> one replica (SQLite) -> an inference service the test may kill. Yields (envoy, engine)."""
-    inference = f"127.0.0.1:{free_port()}"
-    replica = f"127.0.0.1:{free_port()}"
     url = f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}"
     with (
-        run_service("inference_service", standard_engine_env(inference), inference, timeout=60) as engine,
-        run_service("chat_service", chat_env(replica, url, inference), replica, timeout=60),
+        inference_service() as engine,
+        chat_service(url, engine.address) as replica,
     ):
-        async with run_envoy(gateway_settings([replica]), tmp_path / "envoy") as envoy:
-            yield envoy, engine
+        async with run_envoy(gateway_settings([replica.address]), tmp_path / "envoy") as envoy:
+            yield envoy, engine.process
 
 
 async def test_failure_after_the_first_event_arrives_as_an_error_event(
@@ -494,17 +471,12 @@ class ReplicaPair:
 
 @pytest.fixture
 async def replica_pair(mesh: Mesh, tmp_path: Path) -> AsyncIterator[ReplicaPair]:
-    first, second = (f"127.0.0.1:{free_port()}" for _ in range(2))
     with (
-        run_service(
-            "chat_service", chat_env(first, mesh.database_url, mesh.inference, migrate=False), first, 60
-        ) as one,
-        run_service(
-            "chat_service", chat_env(second, mesh.database_url, mesh.inference, migrate=False), second, 60
-        ) as two,
+        chat_service(mesh.database_url, mesh.inference, migrate=False) as one,
+        chat_service(mesh.database_url, mesh.inference, migrate=False) as two,
     ):
-        async with run_envoy(gateway_settings([first, second]), tmp_path) as envoy:
-            yield ReplicaPair(envoy, {first: one, second: two})
+        async with run_envoy(gateway_settings([one.address, two.address]), tmp_path) as envoy:
+            yield ReplicaPair(envoy, {one.address: one.process, two.address: two.process})
 
 
 async def test_both_replicas_serve_and_losing_one_is_survivable(replica_pair: ReplicaPair) -> None:
@@ -551,19 +523,13 @@ async def test_a_replica_with_a_full_engine_hands_the_completion_to_another(
     """Backpressure through the gateway: a replica whose engine is full refuses a completion before any
     byte of the answer (RESOURCE_EXHAUSTED), Envoy retries it on the other replica, and there it is
     answered and stored once. With every replica full, the client gets a 429 with a retry hint."""
-    busy_engine = f"127.0.0.1:{free_port()}"
-    busy, free = (f"127.0.0.1:{free_port()}" for _ in range(2))
-    engine_env = standard_engine_env(busy_engine) | {
-        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
-        "CHATMESH_INFERENCE_MAX_QUEUE": "0",
-        "CHATMESH_INFERENCE_RUN_DIR": str(tmp_path / "engine"),
-    }
     url = mesh.database_url
     with (
-        run_service("inference_service", engine_env, busy_engine, MODEL_STARTUP_TIMEOUT_S),
-        run_service("chat_service", chat_env(busy, url, busy_engine, migrate=False), busy, 60),
-        run_service("chat_service", chat_env(free, url, mesh.inference, migrate=False), free, 60),
+        inference_service(max_concurrent=1, max_queue=0, run_dir=tmp_path / "engine") as engine,
+        chat_service(url, engine.address, migrate=False) as busy_replica,
+        chat_service(url, mesh.inference, migrate=False) as free_replica,
     ):
+        busy_engine, busy, free = engine.address, busy_replica.address, free_replica.address
         async with grpc.aio.insecure_channel(busy_engine) as engine_channel:
             holding = inference_pb2_grpc.InferenceServiceStub(engine_channel).Generate(
                 ipb.GenerateRequest(messages=LONG, sampling=ipb.SamplingParams(max_tokens=600, temperature=0))
@@ -608,20 +574,18 @@ async def test_the_semantic_cache_over_rest(
 ) -> None:
     """Through Envoy: a repeated question is answered from the cache (`cached: true` in the final event),
     `skip_cache` in the body makes the model answer, and `DELETE /cache` clears the caller's entries."""
-    replica = f"127.0.0.1:{free_port()}"
     collection = f"rest_{uuid.uuid4().hex[:12]}"
-    env = chat_env(
-        replica,
+    content = "What is the capital of France?"
+    question = {"content": content, "max_tokens": 48, "temperature": 0}
+    with chat_service(
         mesh.database_url,
         mesh.inference,
         migrate=False,
-        CHATMESH_CHAT_CACHE_ADDRESS=embedding_service[0],
-        CHATMESH_CHAT_CACHE_COLLECTION=collection,
-        CHATMESH_CHAT_CACHE_LOOKUP_TIMEOUT_S="10",  # a busy test machine must not turn hits into misses
-    )
-    content = "What is the capital of France?"
-    question = {"content": content, "max_tokens": 48, "temperature": 0}
-    with run_service("chat_service", env, replica, 60):
+        cache_address=embedding_service[0],
+        cache_collection=collection,
+        cache_lookup_timeout_s=10,  # a busy test machine must not turn hits into misses
+    ) as cached:
+        replica = cached.address
         async with (
             run_envoy(gateway_settings([replica]), tmp_path / "envoy") as envoy,
             httpx.AsyncClient(base_url=envoy.base_url, timeout=60.0) as http,
@@ -666,13 +630,12 @@ class Rs256Stack:
 @pytest.fixture
 async def rs256_stack(mesh: Mesh, tmp_path: Path) -> AsyncIterator[Rs256Stack]:
     files = write_rs256_key_pair(tmp_path / "jwt.key", tmp_path / "jwt.pub")
-    replica = f"127.0.0.1:{free_port()}"
-    env = {
-        **chat_env(replica, f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}", mesh.inference),
-        "CHATMESH_CHAT_JWT_PUBLIC_KEY_FILE": str(files.public_key),  # wins over the HS256 secret
-    }
-    settings = gateway_settings([replica], jwt_secret=None, jwt_public_key_file=files.public_key)
-    with run_service("chat_service", env, replica, timeout=60):
+    with chat_service(
+        f"sqlite+aiosqlite:///{tmp_path / 'chat.db'}",
+        mesh.inference,
+        jwt_public_key_file=files.public_key,  # wins over the HS256 secret
+    ) as replica:
+        settings = gateway_settings([replica.address], jwt_secret=None, jwt_public_key_file=files.public_key)
         async with run_envoy(settings, tmp_path / "envoy") as envoy:
             keys = JwtKeys.rs256(files.public_key.read_text(), files.private_key.read_text())
             yield Rs256Stack(envoy, keys)
