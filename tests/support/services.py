@@ -1,13 +1,11 @@
-"""Settings the tests start services with, and the prompts they send: one copy for every test module.
+"""What the tests' services share, and the prompts they send: one copy for every test module.
 
-The environment builders return what a service needs on top of os.environ (see `run_service`); pass
-more settings as keyword arguments (`CHATMESH_INFERENCE_MAX_QUEUE="1"` style names).
+The services' environments, from typed settings, and the services themselves are `tests.support.stack`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,7 +15,6 @@ from chatmesh.chat.v1 import chat_pb2
 from chatmesh.inference.v1 import inference_pb2 as ipb
 from chatmesh.inference.v1 import inference_pb2_grpc
 from chatmesh.vectors.client import GrpcVectorClient, Where
-from tests.support.chat import TEST_SECRET
 from tests.support.processes import LoggedProcess, wait_for_log_entry
 
 MODEL_STARTUP_TIMEOUT_S = 90
@@ -46,62 +43,6 @@ LONG = [
 ]
 """A few-shot inference prompt that makes the base model count for several hundred tokens (seconds
 here): long enough to cancel or overload it mid-generation."""
-
-
-def inference_env(address: str, **settings: str) -> dict[str, str]:
-    """Environment of an inference service on `address` (the default backend, llama-server; the
-    bundled model)."""
-    return {"CHATMESH_INFERENCE_ADDRESS": address, **settings}
-
-
-def standard_engine_env(address: str) -> dict[str, str]:
-    """The settings most tests run an inference service with: the session's shared one
-    (tests/conftest.py), and private copies that a test may kill."""
-    return inference_env(
-        address,
-        CHATMESH_INFERENCE_CONTEXT_LENGTH=str(SHARED_ENGINE_CONTEXT),
-        CHATMESH_INFERENCE_DEFAULT_MAX_TOKENS=str(SHARED_ENGINE_MAX_TOKENS),
-    )
-
-
-def chat_env(
-    address: str, database_url: str, inference: str, migrate: bool = True, **settings: str
-) -> dict[str, str]:
-    """Environment of a chat service on `address`, storing in `database_url`, generating with the
-    inference service at `inference`, accepting tokens signed with `TEST_SECRET`. `migrate=False` for
-    a replica that starts on a schema another replica migrated."""
-    return {
-        "CHATMESH_CHAT_ADDRESS": address,
-        "CHATMESH_CHAT_DATABASE_URL": database_url,
-        "CHATMESH_CHAT_INFERENCE_ADDRESS": inference,
-        "CHATMESH_CHAT_JWT_SECRET": TEST_SECRET,
-        "CHATMESH_CHAT_DEFAULT_HISTORY_STRATEGY": "full",
-        "CHATMESH_CHAT_MIGRATE_ON_START": "true" if migrate else "false",
-        # Small, so that a summary is written and extended within a few turns.
-        "CHATMESH_CHAT_SUMMARY_KEEP_RECENT_MESSAGES": "2",
-        "CHATMESH_CHAT_SUMMARY_MIN_MESSAGES_TO_FOLD": "4",
-        "CHATMESH_CHAT_SUMMARY_MAX_TOKENS": "32",
-        **settings,
-    }
-
-
-def embedding_env(address: str, vectors_path: Path | None = None, **settings: str) -> dict[str, str]:
-    """Environment of an embedding service on `address`; DEBUG logs record every request and batch.
-
-    With `vectors_path` it serves the vector index from that directory (local mode locks it: one
-    service per directory); without, the vector service is off, so no test touches `.run/qdrant`."""
-    vectors = (
-        {"CHATMESH_EMBEDDING_VECTORS_PATH": str(vectors_path)}
-        if vectors_path is not None
-        else {"CHATMESH_EMBEDDING_VECTORS_ENABLED": "false"}
-    )
-    return {
-        "CHATMESH_EMBEDDING_ADDRESS": address,
-        "CHATMESH_EMBEDDING_THREADS": "2",
-        "CHATMESH_EMBEDDING_LOG_LEVEL": "DEBUG",
-        **vectors,
-        **settings,
-    }
 
 
 async def cancel_a_long_generation(
