@@ -17,6 +17,8 @@ import pytest
 
 from chatmesh.client import ChatClient
 from chatmesh.common.auth import JwtKeys, issue_token, load_or_create_secret
+from chatmesh.common.settings import env_for
+from chatmesh.mesh import MeshSettings
 from tests.support.files import loose_paths
 from tests.support.processes import free_port, free_port_block, process_group_members
 from tests.support.services import SERVING, chat_health
@@ -146,6 +148,7 @@ def assert_private(run_dir: Path) -> None:
 
 
 def test_mesh_refuses_the_dev_sign_in_on_the_network_before_starting_anything(tmp_path: Path) -> None:
+    # The variables written out: the refusal must name the ones a user sets.
     env = {**os.environ, "CHATMESH_MESH_GATEWAY_HOST": "0.0.0.0"}
     for name in [n for n in env if n.startswith("CHATMESH_CHAT_JWT")]:
         del env[name]
@@ -173,13 +176,16 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "HF_HUB_OFFLINE": "1",
-        "CHATMESH_MESH_CHAT_PORT": str(ports["chat"]),
-        "CHATMESH_MESH_INFERENCE_PORT": str(ports["inference"]),
-        "CHATMESH_MESH_EMBEDDING_PORT": str(ports["embedding"]),
-        "CHATMESH_MESH_GATEWAY_PORT": str(ports["gateway"]),
-        "CHATMESH_MESH_GATEWAY_ADMIN_PORT": str(ports["admin"]),
-        "CHATMESH_MESH_NATS_PORT": str(ports["nats"]),
-        "CHATMESH_MESH_METRICS_PORT": str(metrics),
+        **env_for(
+            MeshSettings,
+            chat_port=ports["chat"],
+            inference_port=ports["inference"],
+            embedding_port=ports["embedding"],
+            gateway_port=ports["gateway"],
+            gateway_admin_port=ports["admin"],
+            nats_port=ports["nats"],
+            metrics_port=metrics,
+        ),
     }
     # Its own working directory: the embedded defaults (.run/chatmesh.db, .run/jwt-secret) land there.
     # A shell's usual umask (022): what the mesh writes must be private by its own doing.
