@@ -17,6 +17,7 @@ from chatmesh.inference.v1 import inference_pb2_grpc
 from inference_service.model_files import bundled_gguf_path
 from tests.support.processes import LoggedProcess, free_port, run_service
 from tests.support.services import LONG, PARIS, cancel_a_long_generation
+from tests.support.stack import inference_env
 
 pytestmark = pytest.mark.integration
 
@@ -24,14 +25,14 @@ pytestmark = pytest.mark.integration
 @pytest.fixture(scope="module")
 def inference_process() -> Iterator[tuple[str, Popen[bytes]]]:
     address = f"127.0.0.1:{free_port()}"
-    env = {
-        "CHATMESH_INFERENCE_ADDRESS": address,
+    env = inference_env(
+        address,
         # The in-process engine (llama-cpp-python); the llama_server backend has its own module.
-        "CHATMESH_INFERENCE_BACKEND": "llama_cpp",
-        "CHATMESH_INFERENCE_MAX_CONCURRENT": "1",
-        "CHATMESH_INFERENCE_MAX_QUEUE": "1",
-        "CHATMESH_INFERENCE_CONTEXT_LENGTH": "2048",
-    }
+        backend="llama_cpp",
+        max_concurrent=1,
+        max_queue=1,
+        context_length=2048,
+    )
     with run_service("inference_service", env, address, timeout=60) as process:
         yield address, process
     assert process.returncode == 0, "SIGTERM should shut the service down cleanly"
