@@ -26,7 +26,7 @@ from tests.support.nats import NatsServer, run_nats
 from tests.support.processes import free_port, run_service
 from tests.support.recording_proxy import run_recording_proxy
 from tests.support.services import COUNTING_SYSTEM_PROMPT
-from tests.support.stack import chat_env
+from tests.support.stack import jobs_chat_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -38,21 +38,6 @@ SECRET = "hunter2-in-the-url"
 def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer]:
     with run_nats(tmp_path_factory.mktemp("nats")) as server:
         yield server
-
-
-def jobs_env(
-    address: str,
-    database_url: str,
-    inference: str,
-    nats_url: str,
-    stream: str,
-    migrate: bool = True,
-    **settings: Any,
-) -> dict[str, str]:
-    """A chat replica with jobs on `stream` (one per test: tests do not see each other's jobs)."""
-    return chat_env(
-        address, database_url, inference, migrate, jobs_nats_url=nats_url, jobs_stream=stream, **settings
-    )
 
 
 async def job_when(chat: ChatClient, job_id: str, done: bool) -> pb.Job:
@@ -80,7 +65,7 @@ async def test_a_job_its_replica_never_queued_is_queued_by_a_sweep_and_answered_
     user = f"user-{uuid.uuid4().hex[:8]}"
     async with fresh_postgres_database() as url:
         with run_recording_proxy(inference_address) as (engine, recorder):
-            env = jobs_env(
+            env = jobs_chat_env(
                 address,
                 url,
                 engine,
@@ -120,8 +105,8 @@ async def test_a_job_delivered_again_while_its_first_worker_generates_is_generat
     common: dict[str, Any] = {"jobs_ack_wait_s": 2, "completion_lease_s": 300}
     async with fresh_postgres_database() as url:
         with run_recording_proxy(inference_address) as (engine, recorder):
-            first_env = jobs_env(first, url, engine, nats_server.url, "JOBS_AGAIN", **common)
-            second_env = jobs_env(
+            first_env = jobs_chat_env(first, url, engine, nats_server.url, "JOBS_AGAIN", **common)
+            second_env = jobs_chat_env(
                 second,
                 url,
                 engine,
@@ -170,7 +155,7 @@ async def test_the_nats_url_is_logged_without_its_credentials(
     # The test server asks for no credentials, so it accepts these; the replica must not log them.
     nats_url = f"nats://chatmesh:{SECRET}@127.0.0.1:{nats_server.port}"
     database = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('creds') / 'chat.db'}"
-    env = jobs_env(address, database, inference_address, nats_url, "JOBS_CREDS")
+    env = jobs_chat_env(address, database, inference_address, nats_url, "JOBS_CREDS")
     with run_service("chat_service", env, address, timeout=60) as replica:
         output = replica.output()
     assert f"nats://***@127.0.0.1:{nats_server.port}" in output

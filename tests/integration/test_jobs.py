@@ -19,7 +19,7 @@ from tests.support.chat import ChatClient, auth, drain, grpc_errors
 from tests.support.nats import NatsServer, run_nats
 from tests.support.processes import free_port, run_service, start_process, stop_process, wait_until_serving
 from tests.support.services import COUNTING_SYSTEM_PROMPT
-from tests.support.stack import chat_env
+from tests.support.stack import chat_env, jobs_chat_env
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.integration
@@ -34,19 +34,10 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
 
 
 def jobs_env(
-    address: str,
-    database: Path,
-    inference: str,
-    nats: NatsServer,
-    stream: str,
-    migrate: bool = True,
-    **settings: Any,
+    address: str, database: Path, inference: str, nats: NatsServer, stream: str, **settings: Any
 ) -> dict[str, str]:
-    """A chat replica with jobs on `stream` (one stream per test: tests do not see each other's jobs)."""
-    database_url = f"sqlite+aiosqlite:///{database}"
-    return chat_env(
-        address, database_url, inference, migrate, jobs_nats_url=nats.url, jobs_stream=stream, **settings
-    )
+    """A chat replica on the SQLite file `database` with jobs on `stream` of `nats`."""
+    return jobs_chat_env(address, f"sqlite+aiosqlite:///{database}", inference, nats.url, stream, **settings)
 
 
 @pytest.fixture(scope="module")

@@ -83,6 +83,22 @@ def chat_env(
     return _chat_env(TEST_CHAT_SETTINGS, address, database_url, inference, migrate, settings)
 
 
+def jobs_chat_env(
+    address: str,
+    database_url: str,
+    inference: str,
+    nats_url: str,
+    stream: str,
+    migrate: bool = True,
+    **settings: object,
+) -> dict[str, str]:
+    """`chat_env` for a replica with jobs on the NATS JetStream stream `stream` at `nats_url` (one stream
+    per test: tests do not see each other's jobs)."""
+    return chat_env(
+        address, database_url, inference, migrate, jobs_nats_url=nats_url, jobs_stream=stream, **settings
+    )
+
+
 def benchmark_chat_env(
     address: str, database_url: str, inference: str, migrate: bool = True, **settings: object
 ) -> dict[str, str]:
