@@ -91,6 +91,12 @@ class InferenceServiceSettings(ServiceSettings):
         " llama_server (its slots, batched together), 8 for triton",
     )
     max_queue: int = Field(8, ge=0)
+    models: str = Field(
+        "",
+        description="the models to serve, comma-separated, the default first: catalog names (`chatmesh"
+        " models list`) or NAME=PATH for a local GGUF; empty: GGUF_PATH under MODEL_NAME when set, else the"
+        " catalog's default model",
+    )
 
     @property
     def concurrency(self) -> int:
