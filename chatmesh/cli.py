@@ -115,6 +115,9 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("-m", "--message", help="send one message, print the reply and exit")
     chat.add_argument("--list", action="store_true", help="list your chats and exit")
     chat.add_argument("--delete", metavar="CHAT_ID", help="delete a chat and exit")
+    chat.add_argument(
+        "--model", help="the model of new chats, or with --chat switch that chat to it (default: the mesh's)"
+    )
     return parser
 
 
@@ -126,7 +129,11 @@ def _chat(args: argparse.Namespace) -> int:
     except (OSError, ValueError, jwt.PyJWTError) as exc:
         print(f"chatmesh chat: {exc}, or pass --token", file=sys.stderr)
         return 1
-    return asyncio.run(run_terminal(args.address, token, args.chat_id, args.message, args.list, args.delete))
+    return asyncio.run(
+        run_terminal(
+            args.address, token, args.chat_id, args.message, args.list, args.delete, model=args.model
+        )
+    )
 
 
 def _print_token(args: argparse.Namespace) -> int:
