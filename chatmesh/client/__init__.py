@@ -25,6 +25,11 @@ What the client does for you:
   backoff (`RetryPolicy`). Every completion carries a `request_id` (one is generated when you do not
   pass one) and a retry reuses it, so the service stores the exchange once: a retry joins the running
   completion or returns the stored answer. Text the caller already received is not repeated.
+- **Models.** `list_models()` names the models the mesh serves (the default first); `model=` picks
+  one for a new chat (`stream`, `complete`, `create_chat`; default: the server's default) and
+  `update_chat(chat_id, model=...)` switches a chat to another (its whole history goes to it). A model
+  that is not served is `NotFound`, naming the ones that are; `Chat.model` and, for each reply,
+  `ChatMessage.model` say which model it is.
 - **Typed streams.** A completion is a stream of `Started`, `Delta` and `Finished` events
   (`CompletionEvent`); `complete` collects one into a `Completion`.
 - **Errors are exceptions.** A failed call raises the domain error of `chatmesh.common.errors`

@@ -95,8 +95,9 @@ class AsyncChatClient:
     def stream(self, content: str, **options: Unpack[CompletionOptions]) -> CompletionStream:
         """Send `content` and stream the reply as typed events: `Started`, then `Delta`s, then `Finished`.
 
-        Without `chat_id` a new chat is started (`title`, `system_prompt` and `history_strategy` apply
-        to it; the title defaults to the first line of `content`); with it, the chat is continued.
+        Without `chat_id` a new chat is started (`title`, `system_prompt`, `history_strategy` and
+        `model` apply to it; the title defaults to the first line of `content`, the model to the
+        server's default, see `list_models`); with it, the chat is continued with the chat's model.
         Sampling: `max_tokens` (server default when None), `temperature` (0 to 2), `top_p`, `seed`.
         `request_id` makes the completion idempotent (default: a fresh UUID); retries reuse it.
         `timeout` bounds the whole stream (default: the client's `stream_timeout`; `math.inf`: none).
@@ -113,6 +114,7 @@ class AsyncChatClient:
         title = options.get("title", "")
         system_prompt = options.get("system_prompt", "")
         history_strategy = options.get("history_strategy", pb.HISTORY_STRATEGY_UNSPECIFIED)
+        model = options.get("model", "")
         request_id = options.get("request_id") or str(uuid.uuid4())
         skip_cache = options.get("skip_cache", False)
         sampling = sampling_fields(options)
@@ -123,15 +125,16 @@ class AsyncChatClient:
                 title=title,
                 system_prompt=system_prompt,
                 history_strategy=history_strategy,
+                model=model,
                 request_id=request_id,
                 skip_cache=skip_cache,
                 **sampling,
             )
             method = self._stub.CreateChat
         else:
-            if title or system_prompt or history_strategy:
+            if title or system_prompt or history_strategy or model:
                 raise ValueError(
-                    "title, system_prompt and history_strategy apply to a new chat; "
+                    "title, system_prompt, history_strategy and model apply to a new chat; "
                     "use update_chat to change an existing one"
                 )
             request = pb.CompleteRequest(
@@ -151,15 +154,18 @@ class AsyncChatClient:
         title: str = "",
         system_prompt: str = "",
         history_strategy: HistoryStrategy = pb.HISTORY_STRATEGY_UNSPECIFIED,
+        model: str = "",
         request_id: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.Chat:
-        """Create an empty chat (no message, no reply) and return it. `request_id` makes it idempotent
-        (default: a fresh UUID, reused by retries)."""
+        """Create an empty chat (no message, no reply) and return it. `model` is one `list_models`
+        names ("": the default; one not served is `NotFound`, naming those that are). `request_id`
+        makes it idempotent (default: a fresh UUID, reused by retries)."""
         request = pb.CreateChatRequest(
             title=title,
             system_prompt=system_prompt,
             history_strategy=history_strategy,
+            model=model,
             request_id=request_id or str(uuid.uuid4()),
         )
         events = self._completion(self._stub.CreateChat, request, self._deadline(timeout, self.timeout))
@@ -171,6 +177,16 @@ class AsyncChatClient:
         if chat is None:
             raise Unavailable(f"{SERVICE} answered CreateChat with an empty stream")
         return chat
+
+    # --- models ---------------------------------------------------------------------------------------
+
+    async def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:  # noqa: ASYNC109
+        """The models a chat can use (`models`, the default first, with their context lengths) and
+        `default_model`, the one a new chat gets when it names none."""
+        reply: pb.ListModelsResponse = await self._unary(
+            self._stub.ListModels, pb.ListModelsRequest(), timeout
+        )
+        return reply
 
     # --- chats and messages ------------------------------------------------------------------------------
 
@@ -241,14 +257,19 @@ class AsyncChatClient:
         title: str | None = None,
         system_prompt: str | None = None,
         history_strategy: HistoryStrategy = pb.HISTORY_STRATEGY_UNSPECIFIED,
+        model: str | None = None,
         timeout: float | None = None,  # noqa: ASYNC109
     ) -> pb.Chat:
-        """Change what is given (None / UNSPECIFIED: unchanged) and return the chat after the change."""
+        """Change what is given (None / UNSPECIFIED: unchanged) and return the chat after the change.
+        A new `model` answers the chat's next turns, the whole history included (`NotFound` if it is
+        not served)."""
         request = pb.UpdateChatRequest(chat_id=chat_id, history_strategy=history_strategy)
         if title is not None:
             request.title = title
         if system_prompt is not None:
             request.system_prompt = system_prompt
+        if model is not None:
+            request.model = model
         reply: pb.UpdateChatResponse = await self._unary(self._stub.UpdateChat, request, timeout)
         return reply.chat
 

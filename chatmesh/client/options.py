@@ -27,6 +27,7 @@ class CompletionOptions(SamplingOptions, total=False):
     title: str
     system_prompt: str
     history_strategy: HistoryStrategy
+    model: str
     request_id: str | None
     timeout: float | None
     skip_cache: bool
@@ -38,6 +39,7 @@ class ChatOptions(TypedDict, total=False):
     title: str
     system_prompt: str
     history_strategy: HistoryStrategy
+    model: str
     request_id: str | None
     timeout: float | None
 
@@ -48,6 +50,7 @@ class UpdateOptions(TypedDict, total=False):
     title: str | None
     system_prompt: str | None
     history_strategy: HistoryStrategy
+    model: str | None
     timeout: float | None
 
 

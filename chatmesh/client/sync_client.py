@@ -93,6 +93,10 @@ class ChatClient:
         """`AsyncChatClient.create_chat`: an empty chat."""
         return self._run(self._client.create_chat(**options))
 
+    def list_models(self, *, timeout: float | None = None) -> pb.ListModelsResponse:
+        """`AsyncChatClient.list_models`: the models a chat can use, the default first."""
+        return self._run(self._client.list_models(timeout=timeout))
+
     def list_chats(
         self, page_size: int = 0, page_token: str = "", *, timeout: float | None = None
     ) -> pb.ListChatsResponse:
@@ -128,7 +132,8 @@ class ChatClient:
                 return
 
     def update_chat(self, chat_id: str, **options: Unpack[UpdateOptions]) -> pb.Chat:
-        """`AsyncChatClient.update_chat`: change a chat's title, system prompt or history strategy."""
+        """`AsyncChatClient.update_chat`: change a chat's title, system prompt, history strategy or
+        model."""
         return self._run(self._client.update_chat(chat_id, **options))
 
     def delete_chat(self, chat_id: str, *, timeout: float | None = None) -> None:
