@@ -10,10 +10,18 @@ const state = {
   token: null,
   chatId: null, // null: a new chat, created by its first message
   chat: null,
+  chats: new Map(), // chat id -> the chat as listed (or as last changed): its title, settings, model
   nextPage: "",
   running: null, // AbortController of the reply streaming now
-  draft: { system_prompt: "", history_strategy: "HISTORY_STRATEGY_UNSPECIFIED" },
+  models: [], // the served models' names, the default first (GET /models)
+  defaultModel: "",
+  draft: null, // the new chat's settings, sent with its first message
 };
+
+function emptyDraft() {
+  return { system_prompt: "", history_strategy: "HISTORY_STRATEGY_UNSPECIFIED", model: state.defaultModel };
+}
+state.draft = emptyDraft();
 
 class ApiError extends Error {
   constructor(status, code, message, retryAfterMs) {
@@ -66,6 +74,7 @@ function signedIn(token, user) {
   $("sign-in").hidden = true;
   $("app").hidden = false;
   newChat();
+  loadModels();
   loadChats(true);
 }
 
@@ -117,6 +126,58 @@ $("sign-in-form").addEventListener("submit", async (event) => {
 
 $("sign-out").addEventListener("click", signOut);
 
+// ---- models -------------------------------------------------------------------------------------------
+
+async function loadModels() {
+  let reply;
+  try {
+    reply = await api("GET", "/models");
+  } catch (error) {
+    // Not in the way of chatting: without the list, a new chat gets the server's default model (and the
+    // picker stays hidden); the next sign-in or reload asks again.
+    console.warn(`GET /models failed: ${error.message}`);
+    return;
+  }
+  state.models = (reply.models || []).map((model) => model.name);
+  state.defaultModel = reply.default_model || state.models[0] || "";
+  for (const select of [$("model-picker"), $("chat-model")]) {
+    select.replaceChildren(...state.models.map((name) => modelOption(name, name === state.defaultModel ? " (default)" : "")));
+  }
+  if (!state.draft.model) state.draft.model = state.defaultModel;
+  fillSettings(state.chatId && state.chat ? state.chat : state.draft);
+  showModel();
+}
+
+function modelOption(name, note) {
+  const option = document.createElement("option");
+  option.value = name;
+  option.textContent = name + note;
+  return option;
+}
+
+function selectModel(select, name) {
+  // A chat may name a model this deployment no longer serves: it is shown, not silently replaced.
+  if (name && ![...select.options].some((option) => option.value === name)) {
+    select.append(modelOption(name, " (not served)"));
+  }
+  select.value = name || state.defaultModel;
+}
+
+// The header: a new chat's model picker, or the open chat's model.
+function showModel() {
+  const fresh = !state.chatId;
+  $("model-picker-label").hidden = !fresh || state.models.length === 0;
+  selectModel($("model-picker"), state.draft.model);
+  const model = fresh ? "" : state.chat?.model || "";
+  $("chat-model-name").hidden = !model;
+  $("chat-model-name").textContent = model;
+}
+
+$("model-picker").addEventListener("change", () => {
+  state.draft.model = $("model-picker").value;
+  selectModel($("chat-model"), state.draft.model);
+});
+
 // ---- the chat list ------------------------------------------------------------------------------------
 
 async function loadChats(fresh) {
@@ -137,6 +198,7 @@ async function loadChats(fresh) {
 }
 
 function chatItem(chat) {
+  state.chats.set(chat.chat_id, chat);
   const item = document.createElement("li");
   item.dataset.chatId = chat.chat_id;
   const open = document.createElement("button");
@@ -188,10 +250,11 @@ function newChat() {
   stopReply();
   state.chatId = null;
   state.chat = null;
-  state.draft = { system_prompt: "", history_strategy: "HISTORY_STRATEGY_UNSPECIFIED" };
+  state.draft = emptyDraft();
   $("chat-title").textContent = "New chat";
   $("messages").replaceChildren();
   fillSettings(state.draft);
+  showModel();
   markActive();
   $("app").classList.remove("sidebar-open");
   $("prompt").focus();
@@ -200,6 +263,9 @@ function newChat() {
 async function openChat(chatId) {
   stopReply();
   state.chatId = chatId;
+  state.chat = state.chats.get(chatId) || null;
+  showModel();
+  if (!$("settings").hidden && state.chat) fillSettings(state.chat);
   markActive();
   $("app").classList.remove("sidebar-open");
   $("messages").replaceChildren();
@@ -223,7 +289,7 @@ async function openChat(chatId) {
   for (const message of messages) {
     if (message.role === "ROLE_USER") addUserMessage(message.content);
     else {
-      const view = addAssistantMessage();
+      const view = addAssistantMessage(message.model || "");
       view.text = message.content;
       finishView(view, message.finish_reason === "FINISH_REASON_CANCELLED" ? "stopped" : "done", false);
     }
@@ -234,29 +300,42 @@ async function openChat(chatId) {
 function fillSettings(settings) {
   $("system-prompt").value = settings.system_prompt || "";
   $("history-strategy").value = settings.history_strategy || "HISTORY_STRATEGY_UNSPECIFIED";
+  selectModel($("chat-model"), settings.model || "");
 }
 
 $("toggle-settings").addEventListener("click", () => {
   $("settings").hidden = !$("settings").hidden;
-  if (!$("settings").hidden && state.chat) fillSettings(state.chat);
+  if (!$("settings").hidden) fillSettings(state.chatId && state.chat ? state.chat : state.draft);
 });
 
 $("settings").addEventListener("submit", async (event) => {
   event.preventDefault();
   const settings = { system_prompt: $("system-prompt").value, history_strategy: $("history-strategy").value };
+  const model = $("chat-model").value;
   if (!state.chatId) {
-    state.draft = settings;
+    state.draft = { ...settings, model };
+    showModel();
     $("settings").hidden = true;
     return;
   }
+  // The model only when it changes: the next turn (the whole history) goes to the new one.
+  if (model && model !== state.chat?.model) settings.model = model;
   try {
     const reply = await api("PATCH", `/chat/${state.chatId}`, settings);
-    state.chat = reply.chat;
+    changed(reply.chat);
     $("settings").hidden = true;
   } catch (error) {
     showBanner(error.message);
   }
 });
+
+// The open chat as the server has it now.
+function changed(chat) {
+  if (chat.chat_id !== state.chatId) return;
+  state.chat = chat;
+  state.chats.set(chat.chat_id, chat);
+  showModel();
+}
 
 $("rename-chat").addEventListener("click", async () => {
   if (!state.chatId) return;
@@ -264,7 +343,7 @@ $("rename-chat").addEventListener("click", async () => {
   if (title === null || !title.trim()) return;
   try {
     const reply = await api("PATCH", `/chat/${state.chatId}`, { title: title.trim() });
-    state.chat = reply.chat;
+    changed(reply.chat);
     $("chat-title").textContent = reply.chat.title;
     putFirst(reply.chat);
   } catch (error) {
@@ -281,7 +360,8 @@ function addUserMessage(text) {
   $("messages").append(element);
 }
 
-function addAssistantMessage() {
+// `model`: the model writing (or that wrote) the reply, shown beside it ("": not known).
+function addAssistantMessage(model = "") {
   const element = document.createElement("div");
   element.className = "message assistant";
   element.dataset.state = "streaming";
@@ -291,8 +371,16 @@ function addAssistantMessage() {
   meta.className = "meta";
   element.append(body, meta);
   $("messages").append(element);
-  const view = { element, body, meta, text: "", scheduled: false };
+  const view = { element, body, meta, text: "", scheduled: false, model: "" };
+  setModel(view, model);
   return view;
+}
+
+function setModel(view, model) {
+  view.model = model;
+  view.element.dataset.model = model;
+  view.meta.querySelector(".badge.model")?.remove();
+  if (model) view.meta.prepend(badge(model, "model", "The model that wrote this reply"));
 }
 
 function paint(view) {
@@ -310,6 +398,7 @@ function finishView(view, how, cached) {
   renderMarkdown(view.body, view.text);
   view.element.dataset.state = how;
   view.meta.replaceChildren();
+  setModel(view, view.model);
   if (cached) {
     view.element.dataset.cached = "true";
     view.meta.append(badge("cached", "cached", "Served from the semantic cache"));
@@ -388,7 +477,8 @@ function send() {
 }
 
 async function stream(content, requestId) {
-  const view = addAssistantMessage();
+  // A new chat's model is the one it asks for (confirmed by its first event); a chat's, its own.
+  const view = addAssistantMessage(state.chatId ? state.chat?.model || "" : state.draft.model);
   scrollDown();
   const controller = new AbortController();
   state.running = controller;
@@ -421,6 +511,8 @@ async function stream(content, requestId) {
         state.chat = event.chat;
         $("chat-title").textContent = event.chat.title || "Untitled chat";
         putFirst(event.chat);
+        showModel();
+        setModel(view, event.chat.model || "");
       }
       if (event.delta) {
         view.text += event.delta;
