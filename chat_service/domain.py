@@ -42,6 +42,9 @@ class Chat:
     history_strategy: HistoryStrategy
     created_at: datetime
     last_activity_at: datetime
+    model: str
+    """The model that answers the chat's next turn ("": the deployment's default, for chats made before
+    chats had models); see `ServedModels.of_chat`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +69,9 @@ class Message:
     summary: str | None = None
     prompt_tokens: int | None = None
     """For assistant messages: the prompt tokens the reply was generated from (usage on replay)."""
+    model: str | None = None
+    """For assistant messages: the model that wrote the reply (None for user messages, and for replies
+    stored before replies recorded it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +89,8 @@ class ChatUpdate:
     title: str | None = None
     system_prompt: str | None = None
     history_strategy: HistoryStrategy | None = None
+    model: str | None = None
+    """A served model's name (the use case resolves and checks it before the store sees it)."""
 
 
 class JobState(StrEnum):

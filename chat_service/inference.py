@@ -12,7 +12,14 @@ from typing import Literal, Protocol, TypeVar
 import grpc
 
 from chat_service.domain import FinishReason
-from chatmesh.common.errors import ChatmeshError, ResourceExhausted, Unavailable, rpc_errors
+from chatmesh.common.errors import (
+    ChatmeshError,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+    error_from_rpc,
+    rpc_errors,
+)
 from chatmesh.common.tracing import NO_CALL_TRACING, ClientCalls
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
@@ -75,24 +82,97 @@ class TokenCounts:
 
 @dataclass(frozen=True, slots=True)
 class EngineInfo:
-    """What the inference service serves."""
+    """One model the inference service serves."""
 
     model: str
+    """Its name: what requests name it by (`model` of Generate, CountTokens, a chat)."""
     context_length: int
     default_max_tokens: int
 
 
+class ServedModels:
+    """The models the inference service serves, by name, the default (the one a request that names none
+    gets) first. Loaded once at start (`wait_for_models` in chat_service/server.py): the models are the
+    deployment's, fixed while it runs."""
+
+    def __init__(self, models: Sequence[EngineInfo]) -> None:
+        if not models:
+            raise ValueError("an inference service serves at least one model")
+        self._by_name = {info.model: info for info in models}
+        if len(self._by_name) != len(models) or "" in self._by_name:
+            raise ValueError(f"served model names must be distinct and non-empty: {[m.model for m in models]}")
+        self._all = tuple(models)
+
+    @property
+    def default(self) -> EngineInfo:
+        """The model of a chat or request that names none."""
+        return self._all[0]
+
+    @property
+    def all(self) -> tuple[EngineInfo, ...]:
+        """Every served model, the default first."""
+        return self._all
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The served models' names, the default first."""
+        return tuple(info.model for info in self._all)
+
+    @property
+    def max_context_length(self) -> int:
+        """The largest context of any served model: what a request may ask for before its model is known."""
+        return max(info.context_length for info in self._all)
+
+    def resolve(self, name: str = "") -> EngineInfo:
+        """The served model `name` ("": the default); `NotFound` naming the served ones otherwise."""
+        if not name:
+            return self.default
+        info = self._by_name.get(name)
+        if info is None:
+            raise NotFound(
+                f"model {name[:100]!r} is not served here; the models served are {self._listed()}"
+                " (GET /models)"
+            )
+        return info
+
+    def of_chat(self, name: str) -> EngineInfo:
+        """The model that answers a chat whose stored model is `name`: that model while it is served;
+        the default for "" (a chat made before chats had models) and for a model the deployment no
+        longer serves, as a hosted chat continues a retired model's chats with the current default
+        (each reply records the model that wrote it; UpdateChat picks another)."""
+        info = self._by_name.get(name)
+        if info is None:
+            if name:
+                log.warning(
+                    "a chat's model is not served any more; the default answers it",
+                    extra={"model": name[:100], "default": self.default.model},
+                )
+            return self.default
+        return info
+
+    def _listed(self) -> str:
+        return ", ".join(f"{info.model!r}" for info in self._all)
+
+    def __repr__(self) -> str:
+        return f"ServedModels({list(self.names)!r})"
+
+
 class InferenceClient(Protocol):
-    """What the chat service needs from an inference engine."""
+    """What the chat service needs from an inference service. Calls name the served model they are
+    for (`model`; "" is the inference service's default); one it does not serve is `NotFound`."""
 
-    async def model_info(self) -> EngineInfo: ...
-
-    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
-        """Prompt tokens `messages` occupy, template markup and reply cue included."""
+    async def list_models(self) -> Sequence[EngineInfo]:
+        """Every served model, the default first."""
         ...
 
-    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
-        """Prompt tokens `messages` occupy, in total and per message, in one call."""
+    async def model_info(self, model: str = "") -> EngineInfo: ...
+
+    async def count_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> int:
+        """Prompt tokens `messages` occupy for `model`, template markup and reply cue included."""
+        ...
+
+    async def count_message_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> TokenCounts:
+        """Prompt tokens `messages` occupy for `model`, in total and per message, in one call."""
         ...
 
     def generate(
@@ -101,21 +181,28 @@ class InferenceClient(Protocol):
         sampling: SamplingOptions,
         request_id: str,
         *,
+        model: str,
         affinity: str | None = None,
     ) -> AsyncGenerator[str | Generated, None]:
-        """Stream text pieces, then one `Generated`. Generations with the same `affinity` (a chat id) go
-        to the same engine replica where there are several, to reuse its cached prompt prefix."""
+        """Stream text pieces from `model`, then one `Generated`. Generations with the same `affinity`
+        (a chat id) go to the same inference replica where there are several, to reuse its cached prompt
+        prefix."""
         ...
 
 
 _SERVICE_PATH = f"/{pb.DESCRIPTOR.services_by_name['InferenceService'].full_name}"
 _GET_MODEL_INFO = f"{_SERVICE_PATH}/GetModelInfo"
+_LIST_MODELS = f"{_SERVICE_PATH}/ListModels"
 _COUNT_TOKENS = f"{_SERVICE_PATH}/CountTokens"
 _GENERATE = f"{_SERVICE_PATH}/Generate"
 
 
 def _to_pb(messages: Sequence[PromptMessage]) -> list[pb.Message]:
     return [pb.Message(role=_ROLES[m.role], content=m.content) for m in messages]
+
+
+def _engine_info(info: pb.GetModelInfoResponse) -> EngineInfo:
+    return EngineInfo(info.model, info.context_length, info.default_max_tokens)
 
 
 def _finish_reason(value: pb.FinishReason) -> FinishReason:
@@ -133,7 +220,7 @@ def _finish_reason(value: pb.FinishReason) -> FinishReason:
 class GrpcInferenceClient:
     """`InferenceClient` over gRPC; failures surface as domain errors (`Unavailable`, ...).
 
-    Each call has its own deadline in seconds: `model_info_timeout_s` for GetModelInfo,
+    Each call has its own deadline in seconds: `model_info_timeout_s` for GetModelInfo and ListModels,
     `count_timeout_s` for CountTokens and `generate_timeout_s` for a whole Generate stream. `calls`
     traces them (`Tracing.client_calls()`; none by default).
     """
@@ -153,18 +240,31 @@ class GrpcInferenceClient:
         self._count_timeout_s = count_timeout_s
         self._generate_timeout_s = generate_timeout_s
 
-    async def model_info(self) -> EngineInfo:
+    async def list_models(self) -> Sequence[EngineInfo]:
+        try:
+            with self._calls.call(_LIST_MODELS) as metadata:
+                reply = await self._stub.ListModels(
+                    pb.ListModelsRequest(), timeout=self._model_info_timeout_s, metadata=metadata
+                )
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() != grpc.StatusCode.UNIMPLEMENTED:
+                raise error_from_rpc(exc, "inference service") from exc
+            # An inference service from before ListModels (during a rolling upgrade) serves one model.
+            return [await self.model_info()]
+        return [_engine_info(info) for info in reply.models]
+
+    async def model_info(self, model: str = "") -> EngineInfo:
         with rpc_errors("inference service"), self._calls.call(_GET_MODEL_INFO) as metadata:
             info = await self._stub.GetModelInfo(
-                pb.GetModelInfoRequest(), timeout=self._model_info_timeout_s, metadata=metadata
+                pb.GetModelInfoRequest(model=model), timeout=self._model_info_timeout_s, metadata=metadata
             )
-        return EngineInfo(info.model, info.context_length, info.default_max_tokens)
+        return _engine_info(info)
 
-    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
-        return int((await self._count(messages)).prompt_tokens)
+    async def count_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> int:
+        return int((await self._count(messages, model)).prompt_tokens)
 
-    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
-        reply = await self._count(messages)
+    async def count_message_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> TokenCounts:
+        reply = await self._count(messages, model)
         counts = TokenCounts(reply.prompt_tokens, tuple(reply.message_tokens), reply.template_tokens)
         if len(counts.message_tokens) != len(messages):
             # An engine built before per-message counts existed leaves the field empty.
@@ -174,10 +274,10 @@ class GrpcInferenceClient:
             )
         return counts
 
-    async def _count(self, messages: Sequence[PromptMessage]) -> pb.CountTokensResponse:
+    async def _count(self, messages: Sequence[PromptMessage], model: str) -> pb.CountTokensResponse:
         with rpc_errors("inference service"), self._calls.call(_COUNT_TOKENS) as metadata:
             reply: pb.CountTokensResponse = await self._stub.CountTokens(
-                pb.CountTokensRequest(messages=_to_pb(messages)),
+                pb.CountTokensRequest(messages=_to_pb(messages), model=model),
                 timeout=self._count_timeout_s,
                 metadata=metadata,
             )
@@ -189,6 +289,7 @@ class GrpcInferenceClient:
         sampling: SamplingOptions,
         request_id: str,
         *,
+        model: str,
         affinity: str | None = None,
     ) -> AsyncGenerator[str | Generated, None]:
         params = pb.SamplingParams(
@@ -199,7 +300,9 @@ class GrpcInferenceClient:
         )
         with rpc_errors("inference service"), self._calls.call(_GENERATE) as metadata:
             call = self._stub.Generate(
-                pb.GenerateRequest(messages=_to_pb(messages), sampling=params, request_id=request_id),
+                pb.GenerateRequest(
+                    messages=_to_pb(messages), sampling=params, request_id=request_id, model=model
+                ),
                 timeout=self._generate_timeout_s,
                 metadata=metadata,
             )
@@ -219,6 +322,10 @@ class GrpcInferenceClient:
                 call.cancel()
 
 
+_SKIPPED = (Unavailable, ResourceExhausted, NotFound)
+"""Failures of one replica that the next may not meet: down, full, or without the call's model."""
+
+
 class AffinityInferenceClient:
     """Several inference replicas behind one `InferenceClient`.
 
@@ -227,6 +334,10 @@ class AffinityInferenceClient:
     same replica, and adding or losing one moves only the chats that were on it. A replica that fails
     or is full before its first event is skipped for the next in the chat's order (failover); once text
     has streamed, a failure is the caller's. Counting and model info go to any replica that answers.
+
+    Every replica is expected to serve the same models (the deployment's); one that does not serve a
+    call's model (`NotFound`, say while a rolling change of the models is under way) is skipped like one
+    that is down.
     """
 
     def __init__(self, replicas: Sequence[tuple[str, InferenceClient]]) -> None:
@@ -248,21 +359,24 @@ class AffinityInferenceClient:
         self._next = (self._next + 1) % len(self._replicas)
         return self._replicas[self._next :] + self._replicas[: self._next]
 
-    async def model_info(self) -> EngineInfo:
-        return await self._first_answer(lambda client: client.model_info())
+    async def list_models(self) -> Sequence[EngineInfo]:
+        return await self._first_answer(lambda client: client.list_models())
 
-    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
-        return await self._first_answer(lambda client: client.count_tokens(messages))
+    async def model_info(self, model: str = "") -> EngineInfo:
+        return await self._first_answer(lambda client: client.model_info(model))
 
-    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
-        return await self._first_answer(lambda client: client.count_message_tokens(messages))
+    async def count_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> int:
+        return await self._first_answer(lambda client: client.count_tokens(messages, model=model))
+
+    async def count_message_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> TokenCounts:
+        return await self._first_answer(lambda client: client.count_message_tokens(messages, model=model))
 
     async def _first_answer(self, call: Callable[[InferenceClient], Awaitable[_T]]) -> _T:
         failure: ChatmeshError | None = None
         for name, client in self._rotation():
             try:
                 return await call(client)
-            except (Unavailable, ResourceExhausted) as exc:
+            except _SKIPPED as exc:
                 log.warning("inference replica failed; trying the next", extra={"replica": name})
                 failure = exc
         assert failure is not None
@@ -274,14 +388,15 @@ class AffinityInferenceClient:
         sampling: SamplingOptions,
         request_id: str,
         *,
+        model: str,
         affinity: str | None = None,
     ) -> AsyncGenerator[str | Generated, None]:
         failure: ChatmeshError | None = None
         for name, client in self.ranked(affinity or request_id):
-            stream = client.generate(messages, sampling, request_id, affinity=affinity)
+            stream = client.generate(messages, sampling, request_id, model=model, affinity=affinity)
             try:
                 first = await anext(stream)
-            except (Unavailable, ResourceExhausted) as exc:
+            except _SKIPPED as exc:
                 await stream.aclose()
                 log.warning(
                     "inference replica failed before streaming; trying the next", extra={"replica": name}

@@ -22,9 +22,9 @@ class ChatMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self._completions = Counter(
             "chatmesh_chat_completions",
-            "Completions that ended, by outcome (stop, length, cancelled, failed) and whether the answer"
-            " came from the semantic cache.",
-            ["outcome", "cached"],
+            "Completions that ended, by outcome (stop, length, cancelled, failed), whether the answer"
+            " came from the semantic cache, and the model that answered.",
+            ["outcome", "cached", "model"],
             registry=registry,
         )
         self._cache = Counter(
@@ -37,8 +37,8 @@ class ChatMetrics:
             self._cache.labels(result)
         self._strategies = Counter(
             "chatmesh_chat_history_strategy",
-            "Prompts built for the engine, by the chat's history strategy.",
-            ["strategy"],
+            "Prompts built for the engine, by the chat's history strategy and model.",
+            ["strategy", "model"],
             registry=registry,
         )
         self._statements = Histogram(
@@ -49,16 +49,17 @@ class ChatMetrics:
             registry=registry,
         )
 
-    def completion_ended(self, outcome: str, cached: bool) -> None:
-        """Count one completion (`outcome` one of COMPLETION_OUTCOMES)."""
-        self._completions.labels(outcome, "true" if cached else "false").inc()
+    def completion_ended(self, outcome: str, cached: bool, model: str) -> None:
+        """Count one completion by `model` (`outcome` one of COMPLETION_OUTCOMES)."""
+        self._completions.labels(outcome, "true" if cached else "false", model).inc()
 
     def cache_lookup(self, result: str) -> None:
         """Count one cache lookup (`result` one of CACHE_RESULTS)."""
         self._cache.labels(result).inc()
 
-    def history_built(self, strategy: str) -> None:
-        self._strategies.labels(strategy).inc()
+    def history_built(self, strategy: str, model: str) -> None:
+        """Count one prompt built for `model` with `strategy`."""
+        self._strategies.labels(strategy, model).inc()
 
     def watch_database(self, engine: AsyncEngine) -> None:
         """Time every statement `engine` executes (SQLAlchemy's cursor events, on the driver's side);

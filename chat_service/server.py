@@ -17,9 +17,9 @@ from chat_service.dev_sign_in import DevSignInServicer
 from chat_service.history import HistoryBuilder, SummaryPolicy
 from chat_service.inference import (
     AffinityInferenceClient,
-    EngineInfo,
     GrpcInferenceClient,
     InferenceClient,
+    ServedModels,
 )
 from chat_service.jobs.queue import JetStreamConfig, NatsJobQueue, redacted_url
 from chat_service.jobs.service import Jobs, JobSweeper, JobWorker
@@ -53,13 +53,13 @@ SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 OPENAI_SERVICE_NAME = openai_pb2.DESCRIPTOR.services_by_name["OpenAIService"].full_name
 
 
-async def wait_for_engine(client: InferenceClient, timeout_s: float, address: str) -> EngineInfo:
-    """Ask the inference service what it serves, waiting while it starts (models take a while)."""
-    answered: list[EngineInfo] = []
+async def wait_for_models(client: InferenceClient, timeout_s: float, address: str) -> ServedModels:
+    """Ask the inference service which models it serves, waiting while it starts (models take a while)."""
+    answered: list[ServedModels] = []
 
     async def answers() -> bool:
         try:
-            answered.append(await client.model_info())
+            answered.append(ServedModels(await client.list_models()))
         except Unavailable as exc:
             log.info("waiting for the inference service", extra={"address": address})
             raise NotReady(str(exc)) from None
@@ -102,7 +102,6 @@ async def connect_inference(
 
 async def open_cache(
     settings: ChatSettings,
-    engine: EngineInfo,
     channels: contextlib.AsyncExitStack,
     metrics: ChatMetrics,
     tracing: Tracing,
@@ -121,7 +120,6 @@ async def open_cache(
         write_timeout_s=settings.cache_write_timeout_s,
     )
     policy = CachePolicy(
-        model=engine.model,
         scope=settings.cache_scope,
         ttl_s=settings.cache_ttl_s,
         lookup_timeout_s=settings.cache_lookup_timeout_s,
@@ -224,21 +222,25 @@ async def serve(settings: ChatSettings) -> None:
         inference_for_checks = await connect_inference(
             settings, channels, tracing.client_calls(), own_connections=True
         )
-        engine = await wait_for_engine(inference, settings.dependency_timeout_s, settings.inference_address)
+        models = await wait_for_models(inference, settings.dependency_timeout_s, settings.inference_address)
         log.info(
-            "inference service ready", extra={"model": engine.model, "context_length": engine.context_length}
+            "inference service ready",
+            extra={
+                "models": {info.model: info.context_length for info in models.all},
+                "default_model": models.default.model,
+            },
         )
         policy = SummaryPolicy(
             keep_recent_messages=settings.summary_keep_recent_messages,
             min_messages_to_fold=settings.summary_min_messages_to_fold,
             max_tokens=settings.summary_max_tokens,
         )
-        cache = await open_cache(settings, engine, channels, metrics, tracing)
+        cache = await open_cache(settings, channels, metrics, tracing)
         conversations = Conversations(
             store,
             inference,
-            HistoryBuilder(store, inference, engine, policy),
-            engine,
+            HistoryBuilder(store, inference, policy),
+            models,
             settings.default_history_strategy,
             cache,
             replica_id=settings.replica_id,

@@ -12,6 +12,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from chat_service import validation as check
 from chat_service.conversations import CompletionEvent, Conversations, Delta, Failed, Finished, Started
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, JobState, Message, Role
+from chat_service.inference import ServedModels
 from chat_service.jobs.service import Jobs, JobView
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.chat.v1 import chat_pb2_grpc
@@ -36,7 +37,9 @@ def _timestamp(value: datetime) -> Timestamp:
     return stamp
 
 
-def chat_to_pb(chat: Chat) -> pb.Chat:
+def chat_to_pb(chat: Chat, models: ServedModels) -> pb.Chat:
+    """`chat` as the API shows it: its model is the one that answers its next turn (the default for a
+    chat made before chats had models)."""
     return pb.Chat(
         chat_id=str(chat.id),
         title=chat.title,
@@ -44,6 +47,7 @@ def chat_to_pb(chat: Chat) -> pb.Chat:
         history_strategy=_STRATEGY_PB[chat.history_strategy],
         create_time=_timestamp(chat.created_at),
         last_activity_time=_timestamp(chat.last_activity_at),
+        model=models.of_chat(chat.model).model,
     )
 
 
@@ -57,6 +61,7 @@ def message_to_pb(message: Message) -> pb.ChatMessage:
         if message.finish_reason
         else pb.FINISH_REASON_UNSPECIFIED,
         create_time=_timestamp(message.created_at),
+        model=message.model or "",
     )
 
 
@@ -83,14 +88,14 @@ def job_to_pb(view: JobView) -> pb.Job:
     )
 
 
-def event_to_pb(event: CompletionEvent) -> pb.CompletionEvent:
+def event_to_pb(event: CompletionEvent, models: ServedModels) -> pb.CompletionEvent:
     if isinstance(event, Delta):
         return pb.CompletionEvent(delta=event.text)
     if isinstance(event, Started):
         return pb.CompletionEvent(
             chat_id=str(event.chat_id),
             user_message_id=str(event.user_message_id) if event.user_message_id else "",
-            chat=chat_to_pb(event.chat) if event.chat else None,
+            chat=chat_to_pb(event.chat, models) if event.chat else None,
         )
     if isinstance(event, Finished):
         return pb.CompletionEvent(
@@ -128,6 +133,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     def __init__(self, conversations: Conversations, jobs: Jobs | None = None) -> None:
         self._conversations = conversations
+        self._models = conversations.models
         self._jobs = jobs
 
     def _job_service(self) -> Jobs:
@@ -142,6 +148,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: pb.CreateChatRequest, context: Context
     ) -> AsyncIterator[pb.CompletionEvent]:
         user = current_user()
+        model = self._models.resolve(request.model)
         events = self._conversations.create_chat(
             user,
             title=check.bounded_text(request.title, "title", check.MAX_TITLE_CHARS),
@@ -150,13 +157,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             ),
             strategy=check.strategy(request.history_strategy),
             first_message=check.content(request.content) if request.content else None,
-            sampling=check.sampling(request, self._conversations.engine.context_length),
+            sampling=check.sampling(request, model.context_length),
             request_id=_request_id(request, context),
             use_cache=not request.skip_cache,
+            model=model.model,
         )
         async with aclosing(events):
             async for event in events:
-                yield event_to_pb(event)
+                yield event_to_pb(event, self._models)
 
     async def Complete(
         self, request: pb.CompleteRequest, context: Context
@@ -166,13 +174,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             user,
             check.chat_id(request.chat_id),
             check.content(request.content),
-            check.sampling(request, self._conversations.engine.context_length),
+            # The chat's model is known once its turn starts, which checks max_tokens against its context.
+            check.sampling(request, self._models.max_context_length),
             _request_id(request, context),
             use_cache=not request.skip_cache,
         )
         async with aclosing(events):
             async for event in events:
-                yield event_to_pb(event)
+                yield event_to_pb(event, self._models)
 
     async def ListChats(self, request: pb.ListChatsRequest, context: Context) -> pb.ListChatsResponse:
         limit = check.page_size(request.page_size, check.DEFAULT_CHATS_PAGE, check.MAX_CHATS_PAGE)
@@ -183,7 +192,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         token = ""
         if len(chats) > limit:
             token = check.chat_cursor_token(ChatCursor(page[-1].last_activity_at, page[-1].id))
-        return pb.ListChatsResponse(chats=[chat_to_pb(c) for c in page], next_page_token=token)
+        return pb.ListChatsResponse(chats=[chat_to_pb(c, self._models) for c in page], next_page_token=token)
 
     async def GetMessages(self, request: pb.GetMessagesRequest, context: Context) -> pb.GetMessagesResponse:
         limit = check.page_size(request.page_size, check.DEFAULT_MESSAGES_PAGE, check.MAX_MESSAGES_PAGE)
@@ -208,9 +217,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             if request.HasField("system_prompt")
             else None,
             history_strategy=check.strategy(request.history_strategy),
+            model=request.model if request.HasField("model") else None,
         )
         chat = await self._conversations.update_chat(current_user(), check.chat_id(request.chat_id), update)
-        return pb.UpdateChatResponse(chat=chat_to_pb(chat))
+        return pb.UpdateChatResponse(chat=chat_to_pb(chat, self._models))
 
     async def DeleteChat(self, request: pb.DeleteChatRequest, context: Context) -> pb.DeleteChatResponse:
         await self._conversations.delete_chat(current_user(), check.chat_id(request.chat_id))
@@ -226,7 +236,8 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             current_user(),
             check.chat_id(request.chat_id),
             check.content(request.content),
-            check.sampling(request, self._conversations.engine.context_length),
+            # The chat's model is known once its turn starts, which checks max_tokens against its context.
+            check.sampling(request, self._models.max_context_length),
             _request_id(request, context),
             use_cache=not request.skip_cache,
         )
@@ -236,10 +247,24 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         view = await self._job_service().get(current_user(), check.job_id(request.job_id))
         return job_to_pb(view)
 
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        current_user()
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    name=info.model,
+                    context_length=info.context_length,
+                    default_max_tokens=info.default_max_tokens,
+                )
+                for info in self._models.all
+            ],
+            default_model=self._models.default.model,
+        )
+
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: Context
     ) -> AsyncIterator[pb.CompletionEvent]:
         events = self._job_service().watch(current_user(), check.job_id(request.job_id))
         async with aclosing(events):
             async for event in events:
-                yield event_to_pb(event)
+                yield event_to_pb(event, self._models)

@@ -7,7 +7,8 @@ the embedded text:
 
 - `scope`: the user (default), or `*` for a deployment that opts into a global scope; even then a chat
   with a system prompt of its own only ever shares with its user.
-- `model`: another model would answer differently.
+- `model`: the model that answers the question (the chat's, or the one a stateless request names):
+  another model would answer differently, so one model's answer is never served for another.
 - `system_prompt_hash` and `context_hash`: the system prompt, and the system prompt plus every turn
   before the question (SHA-256 of their JSON). A follow-up ("how old is he?") only hits an answer given
   after the very same conversation, so it can never be served an answer about someone else; a first
@@ -70,6 +71,9 @@ class Question:
     earlier_turns: Sequence[tuple[str, str]]
     """(role, content) of every message before the question, oldest first."""
     text: str
+    model: str
+    """The served model that answers it (a resolved name, never "" for the default: a chat that follows
+    the default and one that names it share their answers)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +132,6 @@ def _digest(value: object) -> str:
 class CachePolicy:
     """The settings of `SemanticCache`."""
 
-    model: str
     scope: Scope = "user"
     ttl_s: float = 7 * 24 * 3600.0
     lookup_timeout_s: float = 0.05
@@ -169,7 +172,7 @@ class SemanticCache:
         """The exact-match part of an entry's key: the payload values a lookup filters on."""
         return {
             "scope": self._scope(question),
-            "model": self._policy.model,
+            "model": question.model,
             "system_prompt_hash": _digest(question.system_prompt),
             "context_hash": _digest([question.system_prompt, [list(t) for t in question.earlier_turns]]),
         }

@@ -16,14 +16,14 @@ from chat_service.cache.policy import CachedAnswer, NoCache, Question, ResponseC
 from chat_service.conversations.events import CompletionEvent, Delta, Finished
 from chat_service.conversations.futures import discard
 from chat_service.domain import Chat, FinishReason, Message
-from chat_service.inference import EngineInfo, PromptMessage
+from chat_service.inference import PromptMessage
 
 
 def chat_question(
-    chat: Chat, question: Message, history: Sequence[Message], use_cache: bool
+    chat: Chat, model: str, question: Message, history: Sequence[Message], use_cache: bool
 ) -> Question | None:
-    """`question` of `chat` as the cache sees it, in the context of the turns before it (`history`);
-    None when the caller skips the cache."""
+    """`question` of `chat` as the cache sees it, asked of `model` (the chat's, resolved), in the context
+    of the turns before it (`history`); None when the caller skips the cache."""
     if not use_cache:
         return None
     return Question(
@@ -32,12 +32,16 @@ def chat_question(
         system_prompt=chat.system_prompt,
         earlier_turns=[(m.role.value, m.content) for m in history if m.seq < question.seq],
         text=question.content,
+        model=model,
     )
 
 
-def stateless_question(user_id: str, messages: Sequence[PromptMessage], use_cache: bool) -> Question | None:
-    """The last message of a stateless conversation as the cache sees it: the system messages are its
-    system prompt and the other messages before it its earlier turns, as a chat's would be."""
+def stateless_question(
+    user_id: str, messages: Sequence[PromptMessage], use_cache: bool, model: str
+) -> Question | None:
+    """The last message of a stateless conversation, asked of `model` (resolved), as the cache sees it:
+    the system messages are its system prompt and the other messages before it its earlier turns, as a
+    chat's would be."""
     turns = [m for m in messages if m.role != "system"]
     if not use_cache or not turns:
         return None
@@ -47,6 +51,7 @@ def stateless_question(user_id: str, messages: Sequence[PromptMessage], use_cach
         system_prompt="\n\n".join(m.content for m in messages if m.role == "system"),
         earlier_turns=[(m.role, m.content) for m in turns[:-1]],
         text=turns[-1].content,
+        model=model,
     )
 
 
@@ -54,9 +59,8 @@ class CacheStep:
     """The cache in front of an answer. Cache writes run after their answer was sent; they are kept
     here so they are not collected mid-way, and `close` waits for them at shutdown."""
 
-    def __init__(self, cache: ResponseCache | None, engine: EngineInfo) -> None:
+    def __init__(self, cache: ResponseCache | None) -> None:
         self.cache = cache or NoCache()
-        self._model = engine.model
         self._background: set[asyncio.Task[None]] = set()
 
     async def close(self, timeout_s: float = 5.0) -> None:
@@ -65,14 +69,16 @@ class CacheStep:
             await asyncio.wait(self._background, timeout=timeout_s)
 
     def first_message_lookup(
-        self, user_id: str, system_prompt: str, text: str, use_cache: bool
+        self, user_id: str, system_prompt: str, text: str, use_cache: bool, model: str
     ) -> asyncio.Future[CachedAnswer | None] | None:
-        """The lookup of a new chat's first message, started now: it depends on nothing stored (no turns
-        come before it), so it can run while the chat and the message are written. `answer` takes it as
-        its `early_lookup`; a caller that does not get that far discards it."""
+        """The lookup of a new chat's first message to `model` (resolved), started now: it depends on
+        nothing stored (no turns come before it), so it can run while the chat and the message are
+        written. `answer` takes it as its `early_lookup`; a caller that does not get that far discards
+        it."""
         if not use_cache:
             return None
-        return asyncio.ensure_future(self.cache.lookup(Question(user_id, None, system_prompt, (), text)))
+        question = Question(user_id, None, system_prompt, (), text, model)
+        return asyncio.ensure_future(self.cache.lookup(question))
 
     async def answer(
         self,
@@ -80,15 +86,17 @@ class CacheStep:
         serve: Callable[[CachedAnswer], AsyncGenerator[CompletionEvent, None]],
         generate: Callable[[], AsyncGenerator[CompletionEvent, None]],
         *,
+        model: str,
         span_attributes: Mapping[str, str] | None = None,
         early_lookup: asyncio.Future[CachedAnswer | None] | None = None,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """The events of `serve(cached)` when the cache holds a verified answer to `question`, else those
         of `generate()`, whose finished (`stop`) answer is then kept in the cache (never a `length`,
-        cancelled or failed one). `question` None: no lookup, nothing kept. `early_lookup`: the lookup of
+        cancelled or failed one). `model`: the model that answers (the span's `gen_ai.request.model`;
+        `question` names it too). `question` None: no lookup, nothing kept. `early_lookup`: the lookup of
         `question` already started (see `first_message_lookup`), used if it has no earlier turns."""
         span = trace.get_current_span()  # the call's server span when tracing is on; else a no-op
-        span.set_attributes({**(span_attributes or {}), "gen_ai.request.model": self._model})
+        span.set_attributes({**(span_attributes or {}), "gen_ai.request.model": model})
         if question is None:
             discard(early_lookup)
         else:

@@ -66,9 +66,9 @@ def stored_reply_events(
 
 
 async def with_outcome_metric(
-    events: AsyncGenerator[CompletionEvent, None], metrics: ChatMetrics
+    events: AsyncGenerator[CompletionEvent, None], metrics: ChatMetrics, model: str
 ) -> AsyncGenerator[CompletionEvent, None]:
-    """`events` of one completion, counted in `metrics` by how it ended once it has."""
+    """`events` of one completion by `model`, counted in `metrics` by how it ended once it has."""
     outcome, cached = "cancelled", False
     try:
         async with aclosing(events):
@@ -82,4 +82,4 @@ async def with_outcome_metric(
         outcome = "failed"
         raise
     finally:
-        metrics.completion_ended(outcome, cached)
+        metrics.completion_ended(outcome, cached, model)

@@ -6,6 +6,7 @@ leaves each to its piece (see the package's docstring)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -32,7 +33,7 @@ from chat_service.conversations.stateless import StatelessAnswers
 from chat_service.conversations.token_counts import QuestionTokens
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message
 from chat_service.history import HistoryBuilder
-from chat_service.inference import EngineInfo, InferenceClient, PromptMessage, SamplingOptions
+from chat_service.inference import EngineInfo, InferenceClient, PromptMessage, SamplingOptions, ServedModels
 from chat_service.limits import CompletionDurations, CompletionLimit
 from chat_service.metrics import ChatMetrics, NoMetrics
 from chat_service.storage.base import NOT_COUNTED, ConversationStore, Lease
@@ -60,7 +61,7 @@ class Conversations:
         store: ConversationStore,
         inference: InferenceClient,
         history: HistoryBuilder,
-        engine: EngineInfo,
+        models: ServedModels,
         default_strategy: HistoryStrategy,
         cache: ResponseCache | None = None,
         *,
@@ -72,7 +73,7 @@ class Conversations:
     ) -> None:
         self._metrics = metrics or NoMetrics()
         self._store = store
-        self._engine = engine
+        self._models = models
         self._default_strategy = default_strategy
         # Completions running in *other* replicas are known by their lease in the store: the replica that
         # generates a reply holds it (renewed every third of `lease_s`), so a retry that lands elsewhere
@@ -85,19 +86,25 @@ class Conversations:
         self._limit = CompletionLimit(store, self.leases.lease, max_completions_per_user)
         # Completions running in this process, by user message id, so a retry can join one.
         self._in_flight = InFlight()
-        self._cache = CacheStep(cache, engine)
+        self._cache = CacheStep(cache)
         self._generation = Generation(
-            store, inference, history, engine, self.leases, QuestionTokens(inference), self._metrics
+            store, inference, history, self.leases, QuestionTokens(inference), self._metrics
         )
-        self._stateless = StatelessAnswers(inference, engine, self._cache)
+        self._stateless = StatelessAnswers(inference, models, self._cache)
 
     async def close(self, timeout_s: float = 5.0) -> None:
         """Wait (up to `timeout_s`) for cache writes still under way."""
         await self._cache.close(timeout_s)
 
     @property
+    def models(self) -> ServedModels:
+        """The models served: a chat's model, and the stateless answer's, is one of them."""
+        return self._models
+
+    @property
     def engine(self) -> EngineInfo:
-        return self._engine
+        """The default model (`models.default`); kept while callers move to `models`."""
+        return self._models.default
 
     @property
     def completion_durations(self) -> CompletionDurations:
@@ -114,21 +121,31 @@ class Conversations:
         sampling: SamplingOptions,
         request_id: str | None,
         use_cache: bool = True,
+        *,
+        model: str = "",
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """Create a chat; with a first message, stream its reply like `complete` (and, like it, only
-        within the user's limit of concurrent completions: beyond it, `ResourceExhausted` before anything
-        is stored).
+        """Create a chat answered by `model` (a served model's name, "" the default: the chat stores
+        the name it resolves to; one not served is `NotFound` naming the served ones, before anything is
+        stored); with a first message, stream its reply like `complete` (and, like it, only within the
+        user's limit of concurrent completions: beyond it, `ResourceExhausted` before anything is
+        stored).
 
         A first message's cache lookup depends on nothing stored (no turns come before it), so it runs
         while the chat and the message are written rather than after."""
+        engine = self._models.resolve(model)
         if not first_message:
             chat, _ = await self._store.create_chat(
-                user_id, title, system_prompt, strategy or self._default_strategy, request_id
+                user_id,
+                title,
+                system_prompt,
+                strategy or self._default_strategy,
+                request_id,
+                model=engine.model,
             )
             yield Started(chat.id, None, chat)
             return
         creating = self._create_and_complete(
-            user_id, title, system_prompt, strategy, first_message, sampling, request_id, use_cache
+            user_id, title, system_prompt, strategy, first_message, sampling, request_id, use_cache, engine
         )
         key = f"create\n{request_id}" if request_id else None
         async with aclosing(self._within_limit(user_id, creating, key)) as events:
@@ -145,11 +162,19 @@ class Conversations:
         sampling: SamplingOptions,
         request_id: str | None,
         use_cache: bool,
+        engine: EngineInfo,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        early_lookup = self._cache.first_message_lookup(user_id, system_prompt, first_message, use_cache)
+        early_lookup = self._cache.first_message_lookup(
+            user_id, system_prompt, first_message, use_cache, engine.model
+        )
         try:
             chat, _ = await self._store.create_chat(
-                user_id, title, system_prompt, strategy or self._default_strategy, request_id
+                user_id,
+                title,
+                system_prompt,
+                strategy or self._default_strategy,
+                request_id,
+                model=engine.model,
             )
         except BaseException:
             discard(early_lookup)
@@ -218,7 +243,8 @@ class Conversations:
                 lambda: self._metered(
                     self._answer(
                         turn.chat, turn.message, sampling, turn.history, received, use_cache, early_lookup
-                    )
+                    ),
+                    self._models.of_chat(turn.chat.model).model,
                 ),
             )
         else:
@@ -237,16 +263,19 @@ class Conversations:
         sampling: SamplingOptions,
         request_id: str,
         use_cache: bool = True,
+        *,
+        model: str = "",
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """A reply to `messages`, the caller's whole conversation (the last message the user's), stored
-        nowhere: the stateless completion of the OpenAI-compatible API. Same engine and admission as a
-        chat's completion, and the same per-user semantic cache, keyed by the same context (system
-        prompt and earlier turns). Streams `Delta`s, then one `Finished` (no message id); a failure is
-        raised, also after text has streamed. Counts against the user's concurrent completions like a
-        chat's."""
-        return self._within_limit(
-            user_id, self._metered(self._stateless.answer(user_id, messages, sampling, request_id, use_cache))
-        )
+        """A reply to `messages`, the caller's whole conversation (the last message the user's), from
+        `model` (a served model's name, "" the default; one not served is `NotFound` naming the served
+        ones, before anything streams), stored nowhere: the stateless completion of the OpenAI-compatible
+        API. Same engines and admission as a chat's completion, and the same per-user semantic cache,
+        keyed by the same context (model, system prompt and earlier turns). Streams `Delta`s, then one
+        `Finished` (no message id); a failure is raised, also after text has streamed. Counts against
+        the user's concurrent completions like a chat's."""
+        engine = self._models.resolve(model)
+        answering = self._stateless.answer(user_id, messages, sampling, request_id, use_cache, engine.model)
+        return self._within_limit(user_id, self._metered(answering, engine.model))
 
     async def _within_limit(
         self,
@@ -273,22 +302,25 @@ class Conversations:
         use_cache: bool,
         early_lookup: asyncio.Future[CachedAnswer | None] | None = None,
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """The reply from the cache when it holds a verified one, else generated and then kept in the
-        cache. `early_lookup` is the lookup of the message as a chat's first, started before it was
-        stored."""
+        """The reply, by the chat's model, from the cache when it holds a verified one of that model's,
+        else generated and then kept in the cache. `early_lookup` is the lookup of the message as a
+        chat's first, started before it was stored."""
+        engine = self._models.of_chat(chat.model)
         return self._cache.answer(
-            chat_question(chat, question, history, use_cache),
-            lambda cached: self._serve_cached(chat, question, cached, received),
-            lambda: self._generation.run(chat, question, sampling, history, received),
+            chat_question(chat, engine.model, question, history, use_cache),
+            lambda cached: self._serve_cached(chat, engine, question, cached, received),
+            lambda: self._generation.run(chat, engine, question, sampling, history, received),
+            model=engine.model,
             span_attributes={"chatmesh.chat_id": str(chat.id)},
             early_lookup=early_lookup,
         )
 
     async def _serve_cached(
-        self, chat: Chat, question: Message, cached: CachedAnswer, received: float
+        self, chat: Chat, engine: EngineInfo, question: Message, cached: CachedAnswer, received: float
     ) -> AsyncGenerator[CompletionEvent, None]:
         """A cached answer in the shape of a generated one, stored in the history like any answer (before
-        it is sent, so a client that leaves early still finds it there)."""
+        it is sent, so a client that leaves early still finds it there). The cache served an answer of
+        the chat's model (`engine`; its entries are keyed by model), which the reply records."""
         reply, _ = await self._store.add_assistant_message(
             chat.user_id,
             chat.id,
@@ -298,6 +330,7 @@ class Conversations:
             FinishReason.STOP,
             None,
             None,
+            model=engine.model,
         )
         log.info(
             "completion served from the cache",
@@ -329,16 +362,17 @@ class Conversations:
             return
         # Generated here, so counted here; a reply waited for or replayed is the completion of whichever
         # attempt generated it, and counted there.
-        generating = self._generation.run(chat, question, sampling, None, time.perf_counter())
-        async with aclosing(self._metered(generating)) as events:
+        engine = self._models.of_chat(chat.model)
+        generating = self._generation.run(chat, engine, question, sampling, None, time.perf_counter())
+        async with aclosing(self._metered(generating, engine.model)) as events:
             async for event in events:
                 yield event
 
     def _metered(
-        self, events: AsyncGenerator[CompletionEvent, None]
+        self, events: AsyncGenerator[CompletionEvent, None], model: str
     ) -> AsyncGenerator[CompletionEvent, None]:
-        """`events` of one completion, counted in the metrics by how it ended."""
-        return with_outcome_metric(events, self._metrics)
+        """`events` of one completion by `model`, counted in the metrics by how it ended."""
+        return with_outcome_metric(events, self._metrics, model)
 
     async def list_chats(self, user_id: str, limit: int, after: ChatCursor | None) -> Sequence[Chat]:
         return await self._store.list_chats(user_id, limit, after)
@@ -349,6 +383,11 @@ class Conversations:
         return await self._store.messages_page(user_id, chat_id, limit, after_seq)
 
     async def update_chat(self, user_id: str, chat_id: uuid.UUID, update: ChatUpdate) -> Chat:
+        """Apply `update`. A new model is a served one's name ("": the default), stored as the name it
+        resolves to; one not served is `NotFound` naming the served ones, and nothing changes. The chat's
+        next turn goes to it, with the whole history (as the chat's history strategy sends it)."""
+        if update.model is not None:
+            update = dataclasses.replace(update, model=self._models.resolve(update.model).model)
         return await self._store.update_chat(user_id, chat_id, update)
 
     async def delete_chat(self, user_id: str, chat_id: uuid.UUID) -> None:

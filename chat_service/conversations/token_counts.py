@@ -19,13 +19,15 @@ class QuestionTokens:
     def __init__(self, inference: InferenceClient) -> None:
         self._inference = inference
 
-    def start(self, question: Message) -> asyncio.Future[int] | None:
-        """Count the message's tokens in the background, unless they are already stored. Started once the
+    def start(self, question: Message, model: str) -> asyncio.Future[int] | None:
+        """Count the message's tokens for `model` (the one answering it) in the background, unless they
+        are already stored. Started once the
         engine has sent its turn's first event: before, it would compete with the prompt for the engine's
         tokenizer on the way to the first token; after, it is done long before the reply ends."""
         if question.token_count != NOT_COUNTED:
             return None
-        return asyncio.ensure_future(self._inference.count_tokens([PromptMessage("user", question.content)]))
+        counting = self._inference.count_tokens([PromptMessage("user", question.content)], model=model)
+        return asyncio.ensure_future(counting)
 
     @staticmethod
     def known(counting: asyncio.Future[int] | None) -> int | None:

@@ -86,9 +86,11 @@ class ConversationStore(Protocol):
         system_prompt: str,
         history_strategy: HistoryStrategy,
         request_id: str | None = None,
+        *,
+        model: str = "",
     ) -> tuple[Chat, bool]:
-        """Create and commit a chat. Idempotent on (user, request_id): a retry returns the chat created
-        by the first call and False."""
+        """Create and commit a chat answered by `model` ("": the deployment's default). Idempotent on
+        (user, request_id): a retry returns the chat created by the first call and False."""
         ...
 
     async def get_chat(self, user_id: str, chat_id: uuid.UUID) -> Chat:
@@ -183,8 +185,11 @@ class ConversationStore(Protocol):
         finish_reason: FinishReason,
         prompt_tokens: int | None = None,
         question_tokens: int | None = None,
+        *,
+        model: str | None = None,
     ) -> tuple[Message, bool]:
-        """Commit the reply to user message `reply_to` and bump the chat's activity time; with
+        """Commit the reply to user message `reply_to`, written by `model`, and bump the chat's activity
+        time; with
         `question_tokens`, record that as the token count of `reply_to` in the same transaction.
         Idempotent on `reply_to`: at most one reply per user message; a second call returns the existing
         reply and False (and records nothing). `NotFound` as above, or if `reply_to` is not a user

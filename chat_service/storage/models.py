@@ -123,6 +123,9 @@ class ChatRow(Base):
     request_id: Mapped[str | None] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     last_activity_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    # Added in migration 0007: the model that answers the chat's next turn; '' (the chats made before)
+    # means the deployment's default model.
+    model: Mapped[str] = mapped_column(String(255), server_default="")
 
 
 class MessageRow(Base):
@@ -163,6 +166,9 @@ class MessageRow(Base):
     # generating a second one, and takes the completion over once the claim has lapsed.
     running_on: Mapped[str | None] = mapped_column(String(64))
     lease_until: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    # Added in migration 0007, assistant messages only: the model that wrote the reply (NULL for replies
+    # stored before it).
+    model: Mapped[str | None] = mapped_column(String(255))
 
 
 class JobRow(Base):

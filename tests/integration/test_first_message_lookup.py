@@ -15,7 +15,7 @@ from chat_service.cache.policy import CachedAnswer, Question
 from chat_service.conversations import Conversations, Finished, Started
 from chat_service.domain import HistoryStrategy
 from chat_service.history import HistoryBuilder, SummaryPolicy
-from chat_service.inference import EngineInfo, SamplingOptions
+from chat_service.inference import EngineInfo, SamplingOptions, ServedModels
 from chat_service.storage.sql import SqlConversationStore, open_sql_store
 from chatmesh.common.errors import ChatmeshError
 
@@ -83,8 +83,8 @@ def recording_conversations(
     return Conversations(
         recording,
         engine,
-        HistoryBuilder(recording, engine, ENGINE, SummaryPolicy()),
-        ENGINE,
+        HistoryBuilder(recording, engine, SummaryPolicy()),
+        ServedModels([ENGINE]),
         HistoryStrategy.FULL,
         cache,
     )

@@ -5,8 +5,9 @@
   database, whose `log` notes every write.
 - `MemoryVectors`: the `VectorClient` the semantic cache's policy searches, with exact-text "embeddings"
   (a point matches a search with score 1.0 when its text is the query).
-- `FakeEngine`: the `InferenceClient`, streaming a scripted reply piece by piece; it can fail, or hold a
-  stream open until the test lets it go (`hold_after`, `release`).
+- `FakeEngine`: the `InferenceClient`, serving one model or several (`models`), streaming a scripted
+  reply piece by piece; it can fail, or hold a stream open until the test lets it go (`hold_after`,
+  `release`).
 
 They are fakes for unit tests only: the real stores, index and engines are tested in tests/integration.
 """
@@ -24,9 +25,10 @@ from chat_service.inference import (
     InferenceClient,
     PromptMessage,
     SamplingOptions,
+    ServedModels,
     TokenCounts,
 )
-from chatmesh.common.errors import ChatmeshError
+from chatmesh.common.errors import ChatmeshError, NotFound
 from chatmesh.vectors.client import Hit, NewPoint, VectorClient, Where
 from chatmesh.vectors.values import Range
 from tests.support.memory_store import MemoryConversationStore, MemoryDatabase, MemoryJobStore
@@ -110,10 +112,17 @@ class GenerateCall:
     messages: tuple[PromptMessage, ...]
     sampling: SamplingOptions
     request_id: str
+    model: str = ""
+    """The served model it was for (resolved: never "")."""
 
 
 class FakeEngine(InferenceClient):
-    """An engine that answers every prompt with `reply`, one piece per event, then `Generated`.
+    """An inference service that answers every prompt with `reply`, one piece per event, then `Generated`.
+
+    It serves `models` (the default first; by default one, `info`): a call names one of them ("" the
+    default), and one it does not serve is `NotFound`, as the real service's. `replies` overrides the
+    reply per model. Each model "tokenizes" differently: `token_factor[model]` tokens per word (1 by
+    default), so a test can tell whose count it got.
 
     - `fail` (with `fail_after` pieces sent first): the stream raises it there; before the first piece,
       the call fails before the stream starts.
@@ -124,10 +133,17 @@ class FakeEngine(InferenceClient):
     """
 
     def __init__(
-        self, reply: Sequence[str] = ("Hello", ",", " world", "."), info: EngineInfo | None = None
+        self,
+        reply: Sequence[str] = ("Hello", ",", " world", "."),
+        info: EngineInfo | None = None,
+        *,
+        models: Sequence[EngineInfo] | None = None,
     ) -> None:
-        self.info = info or EngineInfo("fake-model", 4096, 32)
+        self.served = ServedModels(models or [info or EngineInfo("fake-model", 4096, 32)])
+        self.info = self.served.default
         self.reply = list(reply)
+        self.replies: dict[str, list[str]] = {}
+        self.token_factor: dict[str, int] = {}
         self.fail: ChatmeshError | None = None
         self.fail_after = 0
         self.hold_after: int | None = None
@@ -135,22 +151,35 @@ class FakeEngine(InferenceClient):
         self.holding = asyncio.Event()
         self.calls: list[GenerateCall] = []
         self.counted: list[tuple[PromptMessage, ...]] = []
+        self.counted_for: list[str] = []
+        """The model of each count, in order (beside `counted`)."""
         self.closed: list[str] = []
         self.finished: list[str] = []
 
-    async def model_info(self) -> EngineInfo:
-        return self.info
+    async def list_models(self) -> Sequence[EngineInfo]:
+        return self.served.all
 
-    @staticmethod
-    def _tokens(message: PromptMessage) -> int:
-        return 3 + len(message.content.split())
+    async def model_info(self, model: str = "") -> EngineInfo:
+        return self.served.resolve(model)
 
-    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
+    def _served(self, model: str) -> str:
+        try:
+            return self.served.resolve(model).model
+        except NotFound as exc:
+            raise NotFound(f"the fake inference service serves no model {model!r}") from exc
+
+    def _tokens(self, message: PromptMessage, model: str) -> int:
+        return 3 + self.token_factor.get(model, 1) * len(message.content.split())
+
+    async def count_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> int:
+        name = self._served(model)
         self.counted.append(tuple(messages))
-        return 1 + sum(map(self._tokens, messages))
+        self.counted_for.append(name)
+        return 1 + sum(self._tokens(m, name) for m in messages)
 
-    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
-        each = tuple(map(self._tokens, messages))
+    async def count_message_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> TokenCounts:
+        name = self._served(model)
+        each = tuple(self._tokens(m, name) for m in messages)
         return TokenCounts(1 + sum(each), each, 1)
 
     async def generate(
@@ -159,12 +188,14 @@ class FakeEngine(InferenceClient):
         sampling: SamplingOptions,
         request_id: str,
         *,
+        model: str,
         affinity: str | None = None,
     ) -> AsyncGenerator[str | Generated, None]:
-        self.calls.append(GenerateCall(tuple(messages), sampling, request_id))
+        name = self._served(model)
+        self.calls.append(GenerateCall(tuple(messages), sampling, request_id, name))
         sent = 0
         try:
-            for piece in self.reply:
+            for piece in self.replies.get(name, self.reply):
                 # Each piece in a pass of the event loop of its own, as it would come off the network.
                 await asyncio.sleep(0)
                 if self.fail is not None and sent == self.fail_after:
@@ -176,8 +207,9 @@ class FakeEngine(InferenceClient):
                 sent += 1
             if self.fail is not None and sent == self.fail_after:
                 raise self.fail
-            prompt_tokens = await self.count_tokens(messages)
+            prompt_tokens = await self.count_tokens(messages, model=name)
             self.counted.pop()
+            self.counted_for.pop()
             yield Generated(FinishReason.STOP, prompt_tokens, sent)
         except GeneratorExit:
             self.closed.append(request_id)

@@ -128,11 +128,13 @@ class MemoryConversationStore(ConversationStore):
         system_prompt: str,
         history_strategy: HistoryStrategy,
         request_id: str | None = None,
+        *,
+        model: str = "",
     ) -> tuple[Chat, bool]:
         if request_id is not None and (user_id, request_id) in self.db.chat_request_ids:
             return self.db.chats[self.db.chat_request_ids[(user_id, request_id)]], False
         now = _now()
-        chat = Chat(uuid.uuid4(), user_id, title, system_prompt, history_strategy, now, now)
+        chat = Chat(uuid.uuid4(), user_id, title, system_prompt, history_strategy, now, now, model)
         self.db.chats[chat.id] = chat
         if request_id is not None:
             self.db.chat_request_ids[(user_id, request_id)] = chat.id
@@ -284,6 +286,8 @@ class MemoryConversationStore(ConversationStore):
         finish_reason: FinishReason,
         prompt_tokens: int | None = None,
         question_tokens: int | None = None,
+        *,
+        model: str | None = None,
     ) -> tuple[Message, bool]:
         chat = self._chat(user_id, chat_id)
         question = self.db.messages.get(reply_to)
@@ -307,6 +311,7 @@ class MemoryConversationStore(ConversationStore):
             reply_to,
             _now(),
             prompt_tokens=prompt_tokens,
+            model=model,
         )
         self.db.messages[reply.id] = reply
         self.db.note(f"reply {content} ({finish_reason.value})")

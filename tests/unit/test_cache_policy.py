@@ -17,13 +17,14 @@ def question(user: str = "alice", text: str = "What is the capital of France?", 
         "system_prompt": "",
         "earlier_turns": (),
         "text": text,
+        "model": "m",
     }
     values.update(fields)
     return Question(**values)  # type: ignore[arg-type]
 
 
 def cache(vectors: MemoryVectors, **policy: object) -> SemanticCache:
-    return SemanticCache(vectors, CachePolicy(model="m", **policy), VerificationRule())  # type: ignore[arg-type]
+    return SemanticCache(vectors, CachePolicy(**policy), VerificationRule())  # type: ignore[arg-type]
 
 
 async def test_an_answer_is_found_by_its_asker_in_the_same_context_only() -> None:
@@ -37,6 +38,7 @@ async def test_an_answer_is_found_by_its_asker_in_the_same_context_only() -> Non
     assert await store.lookup(question(system_prompt="Be terse.")) is None, "another system prompt"
     after_other_turns = question(earlier_turns=(("user", "Hi"), ("assistant", "Hello")))
     assert await store.lookup(after_other_turns) is None, "another conversation before the question"
+    assert await store.lookup(question(model="other")) is None, "another model"
 
 
 async def test_a_global_scope_shares_only_chats_without_a_system_prompt() -> None:

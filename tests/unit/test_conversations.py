@@ -47,8 +47,8 @@ def conversations(
     return Conversations(
         store,
         engine,
-        HistoryBuilder(store, engine, engine.info, SummaryPolicy()),
-        engine.info,
+        HistoryBuilder(store, engine, SummaryPolicy()),
+        engine.served,
         HistoryStrategy.FULL,
         cache,
         replica_id=replica,
@@ -60,7 +60,7 @@ def conversations(
 
 
 def semantic_cache(vectors: MemoryVectors) -> SemanticCache:
-    return SemanticCache(vectors, CachePolicy(model="fake-model", lookup_timeout_s=60.0), VerificationRule())
+    return SemanticCache(vectors, CachePolicy(lookup_timeout_s=60.0), VerificationRule())
 
 
 def describe(event: CompletionEvent) -> str:
@@ -124,7 +124,7 @@ async def test_a_turn_stores_the_question_then_streams_then_stores_the_reply(
         REPLY,
         question.id,
     )
-    assert question.token_count == await engine.count_tokens([PromptMessage("user", "Say hello.")])
+    assert question.token_count == await engine.count_tokens([PromptMessage("user", "Say hello.")], model="fake-model")
     assert [call.messages for call in engine.calls] == [(PromptMessage("user", "Say hello."),)]
 
 

@@ -23,6 +23,7 @@ from chatmesh.common.errors import InvalidArgument
 
 CONTEXT = 100
 TEMPLATE_TOKENS = 3
+ENGINE = EngineInfo("fake", CONTEXT, 10)
 
 
 def tokens(message: PromptMessage) -> int:
@@ -33,25 +34,44 @@ class WordCountingEngine:
     def __init__(self) -> None:
         self.calls: list[list[PromptMessage]] = []
 
-    async def model_info(self) -> EngineInfo:
-        return EngineInfo("fake", CONTEXT, 10)
+    async def list_models(self) -> Sequence[EngineInfo]:
+        return [ENGINE]
 
-    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
-        return (await self.count_message_tokens(messages)).prompt_tokens
+    async def model_info(self, model: str = "") -> EngineInfo:
+        return ENGINE
 
-    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
+    async def count_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> int:
+        return (await self.count_message_tokens(messages, model=model)).prompt_tokens
+
+    async def count_message_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> TokenCounts:
+        assert model == ENGINE.model, "counts are the chat's model's"
         self.calls.append(list(messages))
         per_message = tuple(tokens(m) for m in messages)
         return TokenCounts(TEMPLATE_TOKENS + sum(per_message), per_message, TEMPLATE_TOKENS)
 
     async def generate(
-        self, messages: Sequence[PromptMessage], sampling: SamplingOptions, request_id: str
+        self,
+        messages: Sequence[PromptMessage],
+        sampling: SamplingOptions,
+        request_id: str,
+        *,
+        model: str,
+        affinity: str | None = None,
     ) -> AsyncGenerator[str | Generated, None]:
         raise AssertionError("the window and full strategies never generate")
         yield ""
 
 
-def message(seq: int, role: Role, words: int, token_count: int | None = None) -> Message:
+def message(
+    seq: int,
+    role: Role,
+    words: int,
+    token_count: int | None = None,
+    *,
+    reply_to: uuid.UUID | None = None,
+    model: str = "fake",
+) -> Message:
+    """A stored message; a reply is `model`'s (whose tokens its count is)."""
     return Message(
         id=uuid.uuid4(),
         chat_id=uuid.UUID(int=1),
@@ -63,23 +83,51 @@ def message(seq: int, role: Role, words: int, token_count: int | None = None) ->
         token_count=words + 2 if token_count is None else token_count,
         finish_reason=None,
         request_id=None,
-        reply_to=None,
+        reply_to=reply_to,
         created_at=datetime.now(UTC),
+        model=model if role is Role.ASSISTANT else None,
     )
 
 
-def turns(count: int, words: int) -> list[Message]:
-    """`count` user+assistant turns, then the new question: 2 * count + 1 messages."""
-    return [message(i, Role.USER if i % 2 else Role.ASSISTANT, words) for i in range(1, 2 * count + 2)]
+def turns(count: int, words: int, model: str = "fake") -> list[Message]:
+    """`count` user+assistant turns by `model`, then the new question: 2 * count + 1 messages."""
+    history: list[Message] = []
+    for i in range(1, 2 * count + 2):
+        role = Role.USER if i % 2 else Role.ASSISTANT
+        question = history[-1].id if role is Role.ASSISTANT else None
+        history.append(message(i, role, words, reply_to=question, model=model))
+    return history
 
 
-def builder(engine: WordCountingEngine) -> HistoryBuilder:
-    return HistoryBuilder(None, engine, EngineInfo("fake", CONTEXT, 10), SummaryPolicy())  # type: ignore[arg-type]
+class Window:
+    """`HistoryBuilder.fit_window` for `ENGINE`, as the tests call it."""
+
+    def __init__(self, engine: WordCountingEngine, info: EngineInfo = ENGINE) -> None:
+        self._builder = HistoryBuilder(None, engine, SummaryPolicy())  # type: ignore[arg-type]
+        self._info = info
+
+    async def fit_window(
+        self,
+        system: list[PromptMessage],
+        preamble: list[PromptMessage],
+        history: Sequence[Message],
+        max_tokens: int,
+    ) -> list[PromptMessage]:
+        return await self._builder.fit_window(self._info, system, preamble, history, max_tokens)
+
+    async def build(
+        self, chat: Chat, history: Sequence[Message], max_tokens: int, request_id: str
+    ) -> list[PromptMessage]:
+        return await self._builder.build(chat, self._info, history, max_tokens, request_id)
+
+
+def builder(engine: WordCountingEngine) -> Window:
+    return Window(engine)
 
 
 def chat(strategy: HistoryStrategy, system_prompt: str = "be brief") -> Chat:
     now = datetime.now(UTC)
-    return Chat(uuid.UUID(int=1), "u", "t", system_prompt, strategy, now, now)
+    return Chat(uuid.UUID(int=1), "u", "t", system_prompt, strategy, now, now, "fake")
 
 
 def prompt_tokens(prompt: Sequence[PromptMessage]) -> int:
@@ -192,7 +240,7 @@ async def test_a_chat_far_from_the_context_end_is_sent_whole_without_counting(
 ) -> None:
     engine = WordCountingEngine()
     history = turns(2, 3)
-    roomy = HistoryBuilder(None, engine, EngineInfo("fake", 4096, 10), SummaryPolicy())  # type: ignore[arg-type]
+    roomy = Window(engine, EngineInfo("fake", 4096, 10))
     prompt = await roomy.build(chat(strategy), history, max_tokens=100, request_id="r")
     assert prompt == [PromptMessage("system", "be brief"), *map(as_prompt, history)]
     assert engine.calls == [], "the stored counts prove it fits: no CountTokens round trip"
@@ -202,6 +250,19 @@ def test_the_bound_counts_bytes_for_text_without_a_stored_count() -> None:
     uncounted = message(1, Role.USER, 5, token_count=0)
     counted = message(2, Role.ASSISTANT, 5, token_count=7)
     system = [PromptMessage("system", "héllo")]
-    bound = prompt_token_bound(system, [uncounted, counted], limit=10_000)
+    bound = prompt_token_bound(system, [uncounted, counted], limit=10_000, model="fake")
     markup = MARKUP_TOKEN_BOUND
     assert bound == markup + (len("héllo".encode()) + markup) + (len(uncounted.content) + markup) + 7 + markup
+
+
+def test_the_bound_counts_bytes_for_counts_of_another_model() -> None:
+    """After a chat changed models, its stored counts are another tokenizer's, which may need fewer
+    tokens than the chat's model now: a reply by another model, and a question that model answered
+    (its count is that model's), count by their bytes; the current model's turns by their counts."""
+    other = turns(1, words=5, model="other")[:2]
+    own = turns(1, words=5)[:2]
+    history = [*other, *own]
+    bound = prompt_token_bound([], history, limit=10_000, model="fake")
+    by_bytes = sum(len(m.content.encode()) + MARKUP_TOKEN_BOUND for m in other)
+    by_counts = own[0].token_count + own[1].token_count + MARKUP_TOKEN_BOUND
+    assert bound == MARKUP_TOKEN_BOUND + by_bytes + by_counts

@@ -16,7 +16,7 @@ from chat_service.inference import (
     SamplingOptions,
     TokenCounts,
 )
-from chatmesh.common.errors import ResourceExhausted, Unavailable
+from chatmesh.common.errors import NotFound, ResourceExhausted, Unavailable
 
 PROMPT = [PromptMessage("user", "hi")]
 
@@ -30,15 +30,18 @@ class Replica:
         self.fail_after_first = fail_after_first
         self.generated: list[str] = []
 
-    async def model_info(self) -> EngineInfo:
+    async def list_models(self) -> Sequence[EngineInfo]:
+        return [await self.model_info()]
+
+    async def model_info(self, model: str = "") -> EngineInfo:
         if self.fail:
             raise self.fail
         return EngineInfo(self.name, 1024, 16)
 
-    async def count_tokens(self, messages: Sequence[PromptMessage]) -> int:
+    async def count_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> int:
         return 1
 
-    async def count_message_tokens(self, messages: Sequence[PromptMessage]) -> TokenCounts:
+    async def count_message_tokens(self, messages: Sequence[PromptMessage], *, model: str) -> TokenCounts:
         return TokenCounts(1, (1,), 0)
 
     async def generate(
@@ -47,6 +50,7 @@ class Replica:
         sampling: SamplingOptions,
         request_id: str,
         *,
+        model: str,
         affinity: str | None = None,
     ) -> AsyncGenerator[str | Generated, None]:
         self.generated.append(affinity or request_id)
@@ -65,7 +69,7 @@ def client(*replicas: Replica) -> AffinityInferenceClient:
 
 
 async def drain(engine: AffinityInferenceClient, chat: str) -> list[object]:
-    return [event async for event in engine.generate(PROMPT, SamplingOptions(), "req", affinity=chat)]
+    return [event async for event in engine.generate(PROMPT, SamplingOptions(), "req", model="", affinity=chat)]
 
 
 async def test_every_turn_of_a_chat_goes_to_the_same_replica() -> None:
@@ -87,7 +91,9 @@ async def test_losing_a_replica_moves_only_its_chats() -> None:
     assert all(after[chat] == before[chat] for chat in chats if before[chat] != "r2")
 
 
-@pytest.mark.parametrize("failure", [Unavailable("down"), ResourceExhausted("full", retry_after_s=1)])
+@pytest.mark.parametrize(
+    "failure", [Unavailable("down"), ResourceExhausted("full", retry_after_s=1), NotFound("no such model")]
+)
 async def test_a_replica_failing_before_streaming_fails_over(failure: Exception) -> None:
     broken, healthy = Replica("r0", fail=failure), Replica("r1")
     engine = client(broken, healthy)
@@ -104,7 +110,7 @@ async def test_a_failure_after_text_streamed_is_not_retried_elsewhere() -> None:
     chat = next(c for c in (f"c{i}" for i in range(100)) if engine.ranked(c)[0][0] == "r0")
     seen: list[object] = []
     with pytest.raises(Unavailable):
-        async for event in engine.generate(PROMPT, SamplingOptions(), "req", affinity=chat):
+        async for event in engine.generate(PROMPT, SamplingOptions(), "req", model="", affinity=chat):
             seen.append(event)
     assert seen == ["a"] and healthy.generated == [], "the text already sent must not be generated twice"
 

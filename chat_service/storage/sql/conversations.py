@@ -80,6 +80,8 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
         system_prompt: str,
         history_strategy: HistoryStrategy,
         request_id: str | None = None,
+        *,
+        model: str = "",
     ) -> tuple[Chat, bool]:
         """Create and commit a chat; a retry with the same (user, request_id) returns the first chat and
         False."""
@@ -94,6 +96,7 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
                 request_id=request_id,
                 created_at=now,
                 last_activity_at=now,
+                model=model,
             )
             try:
                 async with self._db.sessions.begin() as session:
@@ -149,6 +152,8 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
             values["system_prompt"] = update.system_prompt
         if update.history_strategy is not None:
             values["history_strategy"] = update.history_strategy.value
+        if update.model is not None:
+            values["model"] = update.model
         if not values:
             return await self.get_chat(user_id, chat_id)
         async with self._db.sessions.begin() as session:
@@ -224,6 +229,8 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
         finish_reason: FinishReason,
         prompt_tokens: int | None = None,
         question_tokens: int | None = None,
+        *,
+        model: str | None = None,
     ) -> tuple[Message, bool]:
         """Commit the reply to the user message `reply_to` of this chat (`NotFound` if there is no such
         message), recording `question_tokens` as that message's token count if given; a second reply to
@@ -243,6 +250,7 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
                 summary=None,
                 created_at=now,
                 prompt_tokens=prompt_tokens,
+                model=model,
             )
             try:
                 async with self._db.sessions.begin() as session:

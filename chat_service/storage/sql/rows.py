@@ -72,6 +72,7 @@ def to_chat(row: ChatRow) -> Chat:
         history_strategy=HistoryStrategy(row.history_strategy),
         created_at=row.created_at,
         last_activity_at=row.last_activity_at,
+        model=row.model,
     )
 
 
@@ -90,6 +91,7 @@ def to_message(row: MessageRow) -> Message:
         created_at=row.created_at,
         summary=row.summary,
         prompt_tokens=row.prompt_tokens,
+        model=row.model,
     )
 
 
