@@ -16,7 +16,7 @@ export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 
 SRC := chatmesh envoy/gateway chat_service inference_service embedding_service tests benchmarks tools
 
-.PHONY: install install-test run test test-fast lint format protos protos-check buf-lint bench clean
+.PHONY: install install-test models run test test-fast lint format protos protos-check buf-lint bench clean
 
 $(VENV)/.runtime-installed: pyproject.toml tools/install_llama.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +32,14 @@ $(VENV)/.runtime-installed: pyproject.toml tools/install_llama.py
 $(VENV)/.test-installed: $(VENV)/.runtime-installed
 	@echo ">> installing test and lint packages"
 	$(PY) -m pip install -e '.[test]'
+	@touch $@
+
+# The catalog models the tests serve, pulled once into ~/.cache/chatmesh/models (outside the venv, so a
+# fresh venv does not download them again; docs/models.md). `make run` pulls the ones it serves itself.
+TEST_MODELS := gemma-3-270m smollm2-135m-instruct qwen2.5-coder-0.5b-instruct
+$(VENV)/.models-pulled: $(VENV)/.runtime-installed chatmesh/models/catalog.py
+	@echo ">> pulling the catalog models the tests use: $(TEST_MODELS)"
+	$(PY) -m chatmesh models pull $(TEST_MODELS)
 	@touch $@
 
 $(BUF):
@@ -53,14 +61,15 @@ $(CHROMIUM):
 	apt-get install -y --no-install-recommends chromium || { echo "could not install chromium: run 'sudo apt-get install chromium' (or set CHATMESH_CHROMIUM to a Chromium binary)"; exit 1; }
 
 install: $(VENV)/.runtime-installed
-install-test: $(VENV)/.test-installed $(BUF) $(PROMTOOL) $(CHROMIUM)
+install-test: $(VENV)/.test-installed $(VENV)/.models-pulled $(BUF) $(PROMTOOL) $(CHROMIUM)
+models: $(VENV)/.models-pulled
 
 ## The whole mesh on this machine, embedded defaults, Ctrl-C to stop.
 run: install
 	$(PY) -m chatmesh run
 
 ## The whole test suite (lint, unit, integration, end-to-end) against real components.
-test: install-test lint
+test: install-test $(VENV)/.models-pulled lint
 	$(PY) -m pytest
 
 test-fast: install-test

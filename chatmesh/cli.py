@@ -80,6 +80,90 @@ def _keygen(out_dir: Path, hs256: bool, force: bool) -> int:
     return 0
 
 
+def _list_models() -> int:
+    """Every catalog model: installed or not, size, licence, prompt format; `*` for those `chatmesh run`
+    serves."""
+    from chatmesh.mesh import MeshModels, MeshSettings, mesh_models
+    from chatmesh.models.catalog import CATALOG
+    from chatmesh.models.store import CACHE_DIR_VARIABLE, ModelStore
+
+    store = ModelStore()
+    try:
+        served: MeshModels | None = mesh_models(MeshSettings())
+    except ValueError as exc:
+        # The catalog is still worth listing; the setting's error is what `chatmesh run` would say.
+        print(f"chatmesh models list: `chatmesh run` would refuse: {exc}", file=sys.stderr)
+        served = None
+    pulled_by_mesh = [] if served is None else [m.name for m in served.served if m.catalog is not None]
+    rows = [("", "NAME", "INSTALLED", "SIZE", "LICENCE", "PROMPT", "DESCRIPTION")]
+    for model in CATALOG.values():
+        rows.append(
+            (
+                "*" if model.name in pulled_by_mesh else "",
+                model.name,
+                "yes" if store.is_pulled(model) else "no",
+                f"{model.size / 1e6:,.0f} MB",
+                model.licence,
+                f"{model.chat_template} template" if model.prompt_format == "template" else "transcript",
+                model.description,
+            )
+        )
+    widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]) - 1)]
+    for row in rows:
+        print("  ".join([*(cell.ljust(width) for cell, width in zip(row, widths, strict=False)), row[-1]]))
+    print(f"\nCache: {store.cache_dir} (${CACHE_DIR_VARIABLE} moves it). Pull: chatmesh models pull NAME.")
+    if served is not None and served.served:
+        print(f"* served by `chatmesh run` ({served.variable}); the default: {served.served[0].name}.")
+        for entry in served.served:
+            if entry.catalog is None:
+                print(f"  also served: {entry.name}, the local file {entry.path}")
+    elif served is not None:
+        print(f"`chatmesh run` serves the one file {served.variable} names.")
+    print("Any local GGUF: CHATMESH_INFERENCE_MODELS=NAME=PATH[,...] (see docs/models.md).")
+    return 0
+
+
+def _pull_models(names: list[str]) -> int:
+    """Pull each model named (all names checked first); 1 on an unknown name or a failed pull."""
+    from chatmesh.models.catalog import catalog_model
+    from chatmesh.models.store import ModelFileError, ModelStore
+
+    try:
+        models = [catalog_model(name) for name in names]
+    except KeyError as exc:
+        print(f"chatmesh models pull: {exc}", file=sys.stderr)
+        return 1
+    store = ModelStore()
+    for model in models:
+        try:
+            store.pull(model)
+        except (ModelFileError, OSError) as exc:
+            print(f"chatmesh models pull: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _model_path(name: str) -> int:
+    """Print the path of `name`'s file once verified (for scripts); 1 if unknown or not whole."""
+    from chatmesh.models.catalog import catalog_model
+    from chatmesh.models.store import ModelFileError, ModelStore
+
+    try:
+        print(ModelStore().verified_path(catalog_model(name)))
+    except (KeyError, ModelFileError) as exc:
+        print(f"chatmesh models path: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    if args.models_command == "list":
+        return _list_models()
+    if args.models_command == "pull":
+        return _pull_models(args.names)
+    return _model_path(args.name)
+
+
 def _parser() -> argparse.ArgumentParser:
     """The command line: one subcommand per task."""
     parser = argparse.ArgumentParser(prog="chatmesh", description=__doc__)
@@ -107,6 +191,21 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out-dir", type=Path, default=Path(".run"), help="default: .run")
     keygen.add_argument("--hs256", action="store_true", help="a shared HS256 secret instead")
     keygen.add_argument("--force", action="store_true", help="replace existing files")
+    models = commands.add_parser(
+        "models",
+        help="the model catalog: list, pull (download, assemble, verify) and find model files",
+        description="The catalog's models, pulled once into ~/.cache/chatmesh/models (or"
+        " $CHATMESH_MODELS_DIR). Any local GGUF is served without a pull:"
+        " CHATMESH_INFERENCE_MODELS=NAME=PATH.",
+    )
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    models_commands.add_parser("list", help="every catalog model: installed or not, size, licence, format")
+    pull = models_commands.add_parser(
+        "pull", help="download, assemble and verify models' files (a no-op for those already pulled)"
+    )
+    pull.add_argument("names", nargs="+", metavar="NAME")
+    path = models_commands.add_parser("path", help="print the path of a pulled model's file, once verified")
+    path.add_argument("name", metavar="NAME")
     chat = commands.add_parser("chat", help="talk to the mesh from the terminal (through the gateway)")
     chat.add_argument("--address", default="127.0.0.1:8080", help="gateway (Envoy) or a chat replica")
     chat.add_argument("--user", default="dev", help="sign a dev token for this user (default: dev)")
@@ -159,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
         return _print_token(args)
     if args.command == "keygen":
         return _keygen(args.out_dir, args.hs256, args.force)
+    if args.command == "models":
+        return _models(args)
 
     if args.command == "run":
         from chatmesh.mesh import MeshSettings, run

@@ -31,6 +31,9 @@ from chatmesh.common.service_settings import (
     InferenceServiceSettings,
 )
 from chatmesh.common.settings import env_for, env_name
+from chatmesh.models.catalog import DEFAULT_MODEL, QWEN_CODER_05B, SMOLLM2_135M
+from chatmesh.models.served import ServedModel, parse_served_models
+from chatmesh.models.store import ModelFileError, ModelStore
 from gateway import EnvoyProcess, GatewaySettings, run_envoy
 
 RUN_DIR = Path(".run")
@@ -90,6 +93,56 @@ class MeshSettings(BaseSettings):
         5, ge=1, description="crashes in a row, each soon after start, before the mesh gives up"
     )
     log_format: str = "text"
+    models: str = Field(
+        ",".join(dict.fromkeys((DEFAULT_MODEL, QWEN_CODER_05B.name, SMOLLM2_135M.name))),
+        description="the models the inference service serves, comma-separated, the default first: catalog"
+        " names (`chatmesh models list`; pulled before the service starts) or NAME=PATH for a local GGUF;"
+        " CHATMESH_INFERENCE_MODELS or CHATMESH_INFERENCE_GGUF_PATH, when set, win",
+    )
+
+
+GGUF_PATH_VARIABLE = "CHATMESH_INFERENCE_GGUF_PATH"
+"""The inference service's single-file setting (its own settings class is the service's, not ours)."""
+
+
+@dataclass(frozen=True)
+class MeshModels:
+    """What the mesh's inference service serves, and which setting says so."""
+
+    variable: str
+    """`CHATMESH_MESH_MODELS`, or the inference service's own setting when the user set it."""
+    served: list[ServedModel]
+    """In order, the default first; empty when a single GGUF file is configured (`GGUF_PATH`)."""
+
+    @property
+    def from_mesh(self) -> bool:
+        """Whether the launcher passes its own `models` setting on (the user set neither of the service's)."""
+        return self.variable == env_name(MeshSettings, "models")
+
+
+def mesh_models(settings: MeshSettings) -> MeshModels:
+    """The models the mesh serves: the user's own `CHATMESH_INFERENCE_MODELS` or `..._GGUF_PATH` when
+    set (respected as they are), else the mesh's `models`. `ServedModelsError` for a setting that does
+    not parse, naming the variable."""
+    inference_models = env_name(InferenceServiceSettings, "models")
+    configured = InferenceServiceSettings().models
+    if configured.strip():
+        return MeshModels(inference_models, parse_served_models(configured, inference_models))
+    if os.environ.get(GGUF_PATH_VARIABLE):
+        return MeshModels(GGUF_PATH_VARIABLE, [])
+    variable = env_name(MeshSettings, "models")
+    return MeshModels(variable, parse_served_models(settings.models, variable))
+
+
+def pull_missing_models(models: MeshModels, store: ModelStore | None = None) -> None:
+    """Pull every catalog model of `models` whose file is not in the cache yet, with progress on stderr
+    (a fresh machine's first `make run`). A file that is there but damaged is left to the inference
+    service's check, whose error names `chatmesh models pull NAME`. Blocking."""
+    store = store if store is not None else ModelStore()
+    missing = [m.catalog for m in models.served if m.catalog is not None and not store.is_pulled(m.catalog)]
+    for model in missing:
+        print(f"  {'models':<10} pulling {model.name} into {store.cache_dir} (once)...", flush=True)
+        store.pull(model)
 
 
 def dev_sign_in_on(settings: MeshSettings) -> bool:
@@ -148,8 +201,16 @@ def plan(settings: MeshSettings) -> list[ServiceSpec]:
     Each environment is rendered from the service's typed settings (`chatmesh.common.service_settings`),
     which name the variables and check the values.
     """
+    models = mesh_models(settings)
     inference = _model_service(
-        settings, "inference", "inference_service", InferenceServiceSettings, settings.inference_port, 1
+        settings,
+        "inference",
+        "inference_service",
+        InferenceServiceSettings,
+        settings.inference_port,
+        1,
+        # The user's own model settings reach the service from the environment, untouched.
+        {"models": settings.models} if models.from_mesh else {},
     )
     embedding = _model_service(
         settings, "embedding", "embedding_service", EmbeddingServiceSettings, settings.embedding_port, 2
@@ -173,11 +234,19 @@ def _model_service(
     settings_type: type[BaseSettings],
     port: int,
     metrics_offset: int,
+    values: dict[str, object] | None = None,
 ) -> ServiceSpec:
-    """The inference or embedding service: its address, and its metrics at `metrics_port + metrics_offset`."""
+    """The inference or embedding service: its address, its metrics at `metrics_port + metrics_offset`,
+    and any further `values` of its settings."""
     address = f"{settings.host}:{port}"
     metrics = f"{settings.host}:{settings.metrics_port + metrics_offset}"
-    env = env_for(settings_type, address=address, log_format=settings.log_format, metrics_address=metrics)
+    env = env_for(
+        settings_type,
+        address=address,
+        log_format=settings.log_format,
+        metrics_address=metrics,
+        **(values or {}),
+    )
     return ServiceSpec(name, module, address, {**_OFFLINE, **env}, loads_model=True, metrics_address=metrics)
 
 
@@ -305,9 +374,20 @@ async def run(settings: MeshSettings) -> int:
     """Run the mesh until Ctrl-C / SIGTERM (also during start-up) or until a process dies."""
     try:
         check_exposure(settings)
+        models = mesh_models(settings)
     except ValueError as exc:
         print(f"chatmesh: {exc}", file=sys.stderr)
         return 1
+    try:
+        # Before anything starts (and before the umask turns private: the cache is shared by checkouts),
+        # with progress: a fresh machine's first run downloads the models here.
+        await asyncio.to_thread(pull_missing_models, models)
+    except (ModelFileError, OSError) as exc:
+        print(f"chatmesh: {exc}", file=sys.stderr)
+        return 1
+    except asyncio.CancelledError:
+        print("chatmesh: stopped", flush=True)
+        return 0
     # The JWT secret, Envoy's config with it, the database, the vector index, the job streams, logs:
     # everything the mesh and its services (children inherit the umask) write is the owner's alone.
     keep_files_private()
@@ -325,7 +405,7 @@ async def run(settings: MeshSettings) -> int:
             running_mesh(plan(settings), settings.startup_timeout_s) as services,
             _gateway(settings, services) as gateway,
         ):
-            _print_welcome(services, gateway, dev_sign_in_on(settings))
+            _print_welcome(services, gateway, dev_sign_in_on(settings), models)
             # The services heal (each is restarted by its supervisor); the gateway and NATS hold no
             # state worth a restart loop, and their exit takes the mesh down.
             watched: dict[asyncio.Task[object], str] = {
@@ -417,7 +497,7 @@ async def _gateway(
 
 
 def _print_welcome(
-    services: Sequence[RunningService], gateway: EnvoyProcess | None, dev_sign_in: bool
+    services: Sequence[RunningService], gateway: EnvoyProcess | None, dev_sign_in: bool, models: MeshModels
 ) -> None:
     from chatmesh.common.auth import issue_token
 
@@ -451,6 +531,8 @@ def _print_welcome(
         print(f"  {service.spec.name:<10} grpc://{service.spec.address}{metrics}")
     if gateway is not None:
         print(f"  {'':<10} Envoy's own metrics: http://{gateway.admin_address}/stats/prometheus")
+    served = ", ".join(model.name for model in models.served) or f"the file {GGUF_PATH_VARIABLE} names"
+    print(f"  {'models':<10} {served}  (the first is the default; {models.variable}; `chatmesh models list`)")
     print("\nTry it:")
     key_option = "" if token else " --private-key YOUR-PRIVATE-KEY.pem"
     print(

@@ -17,8 +17,9 @@ import pytest
 
 from chatmesh.client import ChatClient
 from chatmesh.common.auth import JwtKeys, issue_token, load_or_create_secret
-from chatmesh.common.settings import env_for
-from chatmesh.mesh import MeshSettings
+from chatmesh.common.service_settings import InferenceServiceSettings
+from chatmesh.common.settings import env_for, env_name
+from chatmesh.mesh import GGUF_PATH_VARIABLE, MeshSettings
 from tests.support.files import loose_paths
 from tests.support.processes import free_port, free_port_block, process_group_members
 from tests.support.services import SERVING, chat_health
@@ -185,8 +186,13 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             gateway_admin_port=ports["admin"],
             nats_port=ports["nats"],
             metrics_port=metrics,
+            # One light catalog model (pulled by `make test`): the launcher pulls what is missing, then
+            # passes the list on to the inference service.
+            models="gemma-3-270m",
         ),
     }
+    for variable in (env_name(InferenceServiceSettings, "models"), GGUF_PATH_VARIABLE):
+        env.pop(variable, None)  # the user's own settings would win over the mesh's
     # Its own working directory: the embedded defaults (.run/chatmesh.db, .run/jwt-secret) land there.
     # A shell's usual umask (022): what the mesh writes must be private by its own doing.
     mesh = subprocess.Popen(
@@ -202,6 +208,7 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     try:
         text = read_until(mesh, "Press Ctrl-C")
         assert "ready on" in text and "A dev token for user 'dev'" in text
+        assert "models     gemma-3-270m  (the first is the default; CHATMESH_MESH_MODELS;" in text
         # The welcome says where Envoy really listens: this machine only, by default.
         assert f"listening on 127.0.0.1:{ports['gateway']}: reachable from this machine only" in text
 
