@@ -71,9 +71,7 @@ def prompt_token_bound(
     return bound
 
 
-def surely_fits(
-    fixed: Sequence[PromptMessage], history: Sequence[Message], budget: int, model: str
-) -> bool:
+def surely_fits(fixed: Sequence[PromptMessage], history: Sequence[Message], budget: int, model: str) -> bool:
     """Whether the prompt certainly fits `budget` tokens of `model`. Most turns of most chats are far from
     the context's end, and skip a CountTokens round trip on the way to the first token."""
     return prompt_token_bound(fixed, history, budget, model) <= budget
@@ -263,7 +261,9 @@ class HistoryBuilder:
         return text or transcript
 
 
-def _question_too_long(engine: EngineInfo, prompt_tokens: int, budget: int, max_tokens: int) -> InvalidArgument:
+def _question_too_long(
+    engine: EngineInfo, prompt_tokens: int, budget: int, max_tokens: int
+) -> InvalidArgument:
     return InvalidArgument(
         "content",
         f"the message needs {prompt_tokens} prompt tokens, but only {budget} fit the model's"

@@ -100,7 +100,9 @@ class ServedModels:
             raise ValueError("an inference service serves at least one model")
         self._by_name = {info.model: info for info in models}
         if len(self._by_name) != len(models) or "" in self._by_name:
-            raise ValueError(f"served model names must be distinct and non-empty: {[m.model for m in models]}")
+            raise ValueError(
+                f"served model names must be distinct and non-empty: {[m.model for m in models]}"
+            )
         self._all = tuple(models)
 
     @property

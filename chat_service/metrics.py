@@ -24,7 +24,7 @@ class ChatMetrics:
             "chatmesh_chat_completions",
             "Completions that ended, by outcome (stop, length, cancelled, failed), whether the answer"
             " came from the semantic cache, and the model that answered.",
-            ["outcome", "cached", "model"],
+            ["outcome", "cached", "gen_ai_request_model"],
             registry=registry,
         )
         self._cache = Counter(
@@ -38,7 +38,7 @@ class ChatMetrics:
         self._strategies = Counter(
             "chatmesh_chat_history_strategy",
             "Prompts built for the engine, by the chat's history strategy and model.",
-            ["strategy", "model"],
+            ["strategy", "gen_ai_request_model"],
             registry=registry,
         )
         self._statements = Histogram(

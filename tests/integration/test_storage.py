@@ -109,6 +109,30 @@ async def add_turns(store: SqlConversationStore, user: str, chat_id: uuid.UUID, 
     return stored
 
 
+async def test_a_chats_model_and_its_replies_models_are_kept(
+    store: SqlConversationStore, new_user: Callable[[], str]
+) -> None:
+    user = new_user()
+    chat, _ = await store.create_chat(user, "", "", HistoryStrategy.FULL, model="small")
+    assert chat.model == "small"
+    assert (await store.get_chat(user, chat.id)).model == "small"
+    turn = await store.start_turn(user, chat.id, "Hi", None)
+    assert turn.chat.model == "small", "the turn reads the chat's model with it"
+    reply, _ = await store.add_assistant_message(
+        user, chat.id, turn.message.id, "Hello", 1, FinishReason.STOP, model="small"
+    )
+    assert reply.model == "small" and turn.message.model is None
+    updated = await store.update_chat(user, chat.id, ChatUpdate(model="big"))
+    assert (updated.model, updated.title) == ("big", "Hi"), "only the model changed"
+    assert [c.model for c in await store.list_chats(user, 10, None)] == ["big"]
+    assert [m.model for m in await store.history(user, chat.id)] == [None, "small"]
+    assert (await store.find_reply(user, turn.message.id)) == reply
+    stored = await store.stored_turn(user, turn.message.id)
+    assert stored.chat.model == "big"
+    unnamed, _ = await store.create_chat(user, "", "", HistoryStrategy.FULL)
+    assert unnamed.model == "", "the deployment's default"
+
+
 async def test_create_get_update_delete(store: SqlConversationStore, new_user: Callable[[], str]) -> None:
     user = new_user()
     before = datetime.now(UTC)
@@ -494,7 +518,7 @@ async def test_migrations_are_idempotent_and_match_the_models(store: SqlConversa
 
     async with store.engine.connect() as connection:
         revision, differences = await connection.run_sync(inspect)
-    assert revision == head == "0006"
+    assert revision == head == "0007"
     # The hand-written revision creates exactly what the models declare.
     assert differences == []
 
@@ -624,6 +648,9 @@ async def test_upgrade_keeps_rows_written_by_an_older_schema(backend: str, tmp_p
             )
             assert (await upgraded.find_reply("old-user", question.id)) == reply
             assert reply.prompt_tokens == 42
+            # Migration 0007: the chat follows the deployment's default model, its old reply names none.
+            assert (await upgraded.get_chat("old-user", chat_id)).model == ""
+            assert [m.model for m in history] == [None, None]
 
 
 # -- jobs ----------------------------------------------------------------------------------------------

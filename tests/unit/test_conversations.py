@@ -124,7 +124,9 @@ async def test_a_turn_stores_the_question_then_streams_then_stores_the_reply(
         REPLY,
         question.id,
     )
-    assert question.token_count == await engine.count_tokens([PromptMessage("user", "Say hello.")], model="fake-model")
+    assert question.token_count == await engine.count_tokens(
+        [PromptMessage("user", "Say hello.")], model="fake-model"
+    )
     assert [call.messages for call in engine.calls] == [(PromptMessage("user", "Say hello."),)]
 
 

@@ -69,7 +69,9 @@ def client(*replicas: Replica) -> AffinityInferenceClient:
 
 
 async def drain(engine: AffinityInferenceClient, chat: str) -> list[object]:
-    return [event async for event in engine.generate(PROMPT, SamplingOptions(), "req", model="", affinity=chat)]
+    return [
+        event async for event in engine.generate(PROMPT, SamplingOptions(), "req", model="", affinity=chat)
+    ]
 
 
 async def test_every_turn_of_a_chat_goes_to_the_same_replica() -> None:
