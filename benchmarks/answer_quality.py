@@ -24,8 +24,8 @@ format are the inference service's settings, given here by name or taken from th
     .venv/bin/python benchmarks/answer_quality.py [--set both] [--model PATH|NAME] [--template chatml]
         [--preamble none] [--show-wrong 10]
 
-The services run this checkout's code (PYTHONPATH is set to it), so a run from a git worktree of a fixed
-commit measures that commit whatever the main checkout holds meanwhile.
+The services run this checkout's code (PYTHONPATH is set to it, envoy/ included), so a run from a git
+worktree of a fixed commit measures that commit whatever the main checkout holds meanwhile.
 """
 
 from __future__ import annotations
@@ -48,7 +48,10 @@ from typing import Any
 import httpx
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+CODE_PATHS = [str(REPO), str(REPO / "envoy")]
+"""This checkout's code: the repository root and envoy/ (the `gateway` package), ahead of the venv's
+editable install, here and in the services started (a worktree measures its own commit)."""
+sys.path[:0] = CODE_PATHS
 
 from gateway import GatewaySettings, run_envoy  # noqa: E402
 from tests.support.chat import TEST_SECRET, token_for  # noqa: E402
@@ -131,9 +134,11 @@ def first_line_holds(reply: str, answers: Sequence[str]) -> bool:
 # The instruction set's checks: each takes the check's parameters and the whole reply.
 
 NUMBER_WORDS = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen"
-    " sixteen seventeen eighteen nineteen twenty"
-).split()
+    *("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"),
+    *("eleven", "twelve", "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen"),
+    *("nineteen", "twenty"),
+)
+"""Numbers the `number` check also accepts in words, by value."""
 
 
 def _words(text: str) -> list[str]:
@@ -380,7 +385,9 @@ async def ask_all(
 
 
 async def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--set", choices=("questions", "instructions", "both"), default="both")
     parser.add_argument("--questions", type=Path, default=DEFAULT_QUESTIONS)
     parser.add_argument("--instructions", type=Path, default=DEFAULT_INSTRUCTIONS)
@@ -402,11 +409,9 @@ async def main() -> None:
 
     settings = inference_settings(args)
     # The services run this checkout's code, whatever the venv's editable install points at.
-    code = {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    code = {"PYTHONPATH": os.pathsep.join(filter(None, [*CODE_PATHS, os.environ.get("PYTHONPATH")]))}
     inference, chat = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-    environment = {
-        key: value for key, value in os.environ.items() if key.startswith("CHATMESH_INFERENCE_")
-    }
+    environment = {key: value for key, value in os.environ.items() if key.startswith("CHATMESH_INFERENCE_")}
     print(f"code: {REPO}; inference settings: {settings}; from the environment: {environment}")
     with tempfile.TemporaryDirectory(prefix="chatmesh-quality-") as workdir:
         chat_env = benchmark_chat_env(
