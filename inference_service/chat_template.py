@@ -8,7 +8,12 @@ contract (each message tokenized on its own, so one CountTokens call prices any 
 A template whose output is not the concatenation of per-message pieces for a plain user / assistant /
 user conversation is refused (the caller falls back to a built-in template and says so). A system message
 that the template folds into the first user turn (Gemma's) is written as a turn of its own, as the
-built-in `gemma` template does. The stop sequences are the assistant turn's closing marker and EOS.
+built-in `gemma` template does. A system turn the template writes when the conversation has none (Qwen2.5's
+"You are Qwen, created by Alibaba Cloud. ...", SmolLM2's "You are a helpful AI assistant named SmolLM ...")
+is the template's `default_system`: written before the messages of a conversation that does not open with
+a system message, exactly as the model was trained, and replaced by the conversation's own system prompt
+when it has one (the template itself does that). Like the preamble it is the template's text: in the context
+window, not in usage. The stop sequences are the assistant turn's closing marker and EOS.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ _SENTINEL = "\ue000chatmesh\ue000"
 """Stands in for a message's text in the probes (private-use characters no template produces)."""
 
 
+_BOS = "\ue000bos\ue000"
+"""Stands in for the BOS token in the probes, so that only the BOS the template writes is left out."""
+
+
 class ChatTemplateError(ValueError):
     """The GGUF's chat template cannot be used; the message says why."""
 
@@ -37,49 +46,73 @@ def _escape(text: str) -> str:
 def template_from_jinja(source: str, bos_token: str, eos_token: str, name: str = "gguf") -> PromptTemplate:
     """The `PromptTemplate` that renders conversations as the Jinja chat template `source` does.
 
-    `bos_token` is left out of the formats (the tokenizer adds BOS itself). Raises `ChatTemplateError`
-    when the template fails to render or cannot be split into per-message pieces."""
+    `bos_token` is left out of the formats (the tokenizer adds BOS itself). A system turn the template
+    writes when a conversation has none (Qwen2.5's and SmolLM2's default system prompts) becomes the
+    template's `default_system`. Raises `ChatTemplateError` when the template fails to render or cannot
+    be split into per-message pieces."""
     render = _renderer(source, bos_token, eos_token)
-    user_turn = render([_user(_SENTINEL)])
     asked = render([_user("Q")])
     answered = render([_user("Q"), _assistant(_SENTINEL)])
     cue = render([_user("Q")], cue=True)
-    if _SENTINEL not in user_turn or not answered.startswith(asked) or not cue.startswith(asked):
+    if not answered.startswith(asked) or not cue.startswith(asked):
         raise ChatTemplateError("the chat template does not render message by message")
     assistant_turn = answered[len(asked) :]
-    if _SENTINEL not in assistant_turn:
+    # A user turn as the template writes it after the first exchange, free of whatever it writes only at
+    # the start of a conversation.
+    followed = render([_user("Q"), _assistant("A")])
+    later = render([_user("Q"), _assistant("A"), _user(_SENTINEL)])
+    first = render([_user(_SENTINEL)])
+    if not later.startswith(followed):
+        raise ChatTemplateError("the chat template does not render message by message")
+    user_turn = later[len(followed) :]
+    if _SENTINEL not in user_turn or _SENTINEL not in assistant_turn or not first.endswith(user_turn):
         raise ChatTemplateError("the chat template does not render message by message")
     if user_turn.count(_SENTINEL) != 1 or assistant_turn.count(_SENTINEL) != 1:
         # A message's text is tokenized as plain text between the markup: it must have one place.
         raise ChatTemplateError("the chat template writes a message's text more than once")
+    # What a conversation without a system message starts with: the template's default system turn.
+    default_system = first[: -len(user_turn)]
     user_format = _escape(user_turn).replace(_escape(_SENTINEL), "{content}")
     assistant_format = _escape(assistant_turn).replace(_escape(_SENTINEL), "{content}")
-    system_format = _system_format(render, user_format) or user_format
+    own_system = _system_format(render, user_format)
+    if default_system and own_system is None:
+        raise ChatTemplateError(
+            "the chat template adds a default system prompt but folds a given one into the first turn"
+        )
     # Whether the template strips each message's surrounding whitespace (Gemma's does: `| trim`).
-    padded = render([_user(f" \n{_SENTINEL}\n ")])
-    trim_content = padded == user_turn
+    padded = render([_user("Q"), _assistant("A"), _user(f" \n{_SENTINEL}\n ")])
+    trim_content = padded == later
     closing = assistant_turn.split(_SENTINEL, 1)[1].strip()
     stop = tuple(dict.fromkeys(marker for marker in (closing, eos_token) if marker))
     template = PromptTemplate(
         name=name,
-        system=system_format,
+        system=own_system or user_format,
         user=user_format,
         assistant=assistant_format,
         generation_cue=cue[len(asked) :],
         stop=stop,
         trim_content=trim_content,
+        default_system=default_system,
     )
-    # The check that matters: a whole conversation comes out as the template itself renders it.
+    # The check that matters: whole conversations come out as the template itself renders them, with and
+    # (when the template writes a system turn of its own) without the default system prompt.
     conversation = [_user("What is 2 plus 2?"), _assistant("4"), _user("And 3 plus 3?\n")]
-    turns = [Turn(Role(m["role"]), m["content"]) for m in conversation]
-    if template.render(turns) != render(conversation, cue=True):
-        raise ChatTemplateError("the chat template's output is not the sum of its messages")
+    conversations = [conversation]
+    if own_system is not None:
+        conversations.append([{"role": "system", "content": "Be brief."}, *conversation])
+    for messages in conversations:
+        turns = [Turn(Role(m["role"]), m["content"]) for m in messages]
+        if template.render(turns) != render(messages, cue=True):
+            raise ChatTemplateError("the chat template's output is not the sum of its messages")
     return template
 
 
 def _renderer(source: str, bos_token: str, eos_token: str) -> Callable[..., str]:
     """`render(messages, cue=False)`: the Jinja template `source` compiled in the sandbox and applied to
-    `messages` (with the generation cue when `cue`), without the leading BOS."""
+    `messages` (with the generation cue when `cue`), without the leading BOS the template writes.
+
+    Only a `bos_token` the template writes is dropped, not text that merely looks like it: SmolLM2's BOS
+    is `<|im_start|>`, which its template's first turn begins with as markup."""
     from jinja2 import TemplateError
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
@@ -96,11 +129,11 @@ def _renderer(source: str, bos_token: str, eos_token: str) -> Callable[..., str]
     def render(messages: list[dict[str, str]], cue: bool = False) -> str:
         try:
             text = compiled.render(
-                messages=messages, add_generation_prompt=cue, bos_token=bos_token, eos_token=eos_token
+                messages=messages, add_generation_prompt=cue, bos_token=_BOS, eos_token=eos_token
             )
         except TemplateError as exc:
             raise ChatTemplateError(f"the chat template fails on a plain conversation: {exc}") from exc
-        return text.removeprefix(bos_token) if bos_token else text
+        return text.removeprefix(_BOS).replace(_BOS, bos_token)
 
     return render
 

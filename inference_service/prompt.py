@@ -27,8 +27,12 @@ class PromptTemplate:
 
     `generation_cue` is appended after the last message so the model answers as the assistant;
     `stop` sequences mark the model starting the next user turn. `preamble` comes before the messages:
-    text that shows a base model what kind of answers to give (see `FEW_SHOT_PREAMBLE`). `trim_content`:
-    each message's text loses its surrounding whitespace, as Gemma's own template writes it.
+    text that shows a base model what kind of answers to give (see `FEW_SHOT_PREAMBLE`). `default_system`
+    follows it unless the conversation opens with a system message: the system turn a chat template
+    writes by default (Qwen2.5's "You are Qwen, ..."); a conversation's own system prompt replaces it.
+    Both are the template's text, not the caller's: counted in the context window, never in usage.
+    `trim_content`: each message's text loses its surrounding whitespace, as Gemma's own template writes
+    it.
     """
 
     name: str
@@ -39,10 +43,22 @@ class PromptTemplate:
     stop: tuple[str, ...]
     preamble: str = ""
     trim_content: bool = False
+    default_system: str = ""
 
     def render(self, turns: Sequence[Turn]) -> str:
-        """The whole prompt text: the preamble, every message with its role markup, then the cue."""
-        return self.preamble + "".join(self.render_messages(turns)) + self.generation_cue
+        """The whole prompt text: the fixed start (`start_of`), every message with its role markup, then
+        the cue."""
+        return self.start_of(turns) + "".join(self.render_messages(turns)) + self.generation_cue
+
+    def start_of(self, turns: Sequence[Turn]) -> str:
+        """What comes before the messages of `turns`: the preamble, then the default system turn unless
+        the conversation opens with a system message of its own."""
+        return self.preamble + self.default_system_of(turns)
+
+    def default_system_of(self, turns: Sequence[Turn]) -> str:
+        """`default_system` unless `turns` opens with a system message (then ""), as the chat templates
+        that have one decide it (Qwen2.5's, SmolLM2's: a system message further on is a turn like any)."""
+        return "" if turns and turns[0].role is Role.SYSTEM else self.default_system
 
     def render_messages(self, turns: Sequence[Turn]) -> list[str]:
         """Each message with its role markup, in order; the prompt is these joined plus the cue.

@@ -29,10 +29,11 @@ class ModelInfo:
 class Prompt:
     """A conversation rendered by the backend's template and tokenized by its tokenizer.
 
-    `token_ids` is the special prefix (BOS), the template's preamble, each message's tokens in order,
-    then the generation cue's tokens; `message_tokens` says how many of them each message has (the rest
-    are template tokens). `preamble_tokens` of them are the preamble's, which the caller never wrote:
-    counted for the context window, left out of the usage reported to users.
+    `token_ids` is the special prefix (BOS), the template's preamble and default system turn (when the
+    conversation has no system message), each message's tokens in order, then the generation cue's
+    tokens; `message_tokens` says how many of them each message has (the rest are template tokens).
+    `preamble_tokens` of them are the preamble's and default system turn's, which the caller never
+    wrote: counted for the context window, left out of the usage reported to users.
     """
 
     text: str

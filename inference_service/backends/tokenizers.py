@@ -164,7 +164,9 @@ def tokenize_prompt(template: PromptTemplate, turns: Sequence[Turn], tokenizer: 
     """
     encode = _encoder(tokenizer)
     formats = _Formats(encode)
-    return _tokenize_messages(template, _messages(template, turns, formats), encode, tokenizer.prefix)
+    return _tokenize_messages(
+        template, _messages(template, turns, formats), encode, tokenizer.prefix, template.start_of(turns)
+    )
 
 
 def _encoder(tokenizer: Tokenizer) -> Encode:
@@ -251,9 +253,20 @@ def _tokenize_messages(
     messages: Sequence[Sequence[Segment]],
     encode: Encode,
     prefix: Sequence[int],
+    start: str,
 ) -> Prompt:
+    """The prompt: `prefix`, then `start` (the template's text before the messages, see
+    `PromptTemplate.start_of`: preamble and default system turn, tokenized as markup), then each message
+    (`messages`, its text runs), then the generation cue."""
     token_ids = list(prefix)
-    preamble = list(encode(template.preamble, True)) if template.preamble else []
+    # Two pieces, as `start_of` joins them: the preamble's ids stay the same with or without a default
+    # system turn after it, so a slot warmed with one start serves both.
+    preamble = [
+        token
+        for piece in (template.preamble, start[len(template.preamble) :])
+        if piece
+        for token in encode(piece, True)
+    ]
     token_ids += preamble
     message_tokens = []
     for segments in messages:
@@ -265,9 +278,7 @@ def _tokenize_messages(
         message_tokens.append(count)
     token_ids += encode(template.generation_cue, True)
     return Prompt(
-        text=template.preamble
-        + "".join(text for segments in messages for text, _ in segments)
-        + template.generation_cue,
+        text=start + "".join(text for segments in messages for text, _ in segments) + template.generation_cue,
         token_ids=token_ids,
         message_tokens=message_tokens,
         preamble_tokens=len(preamble),
@@ -351,14 +362,16 @@ class TokenizerThread:
         uncached = sum(
             len(run[0]) for segments in messages for run in segments if self._cache.get(run) is None
         )
-        args = (self._template, messages, self._encode_cached, self._tokenizer.prefix)
+        start = self._template.start_of(turns)
+        args = (self._template, messages, self._encode_cached, self._tokenizer.prefix, start)
         if uncached <= self.INLINE_CHARS:
             return _tokenize_messages(*args)
         return await asyncio.get_running_loop().run_in_executor(self._executor, _tokenize_messages, *args)
 
     async def shared_start(self) -> tuple[int, ...]:
-        """The token ids every prompt starts with: the tokenizer's prefix, then the template's preamble
-        (taken from an empty conversation's prompt, so they are exactly what every prompt carries)."""
+        """The token ids every prompt without a system message starts with: the tokenizer's prefix, then
+        the template's preamble and default system turn (taken from an empty conversation's prompt, so
+        they are exactly what such a prompt carries)."""
         empty = await self.prompt([])
         return tuple(empty.token_ids[: len(self._tokenizer.prefix) + empty.preamble_tokens])
 

@@ -142,3 +142,108 @@ def test_auto_reads_the_model_file_and_keeps_the_transcript_for_a_model_without_
     assert gguf_chat_template(bundled) is None, "the bundled base model carries no chat template"
     assert resolve_template("auto", fallback, bundled) is fallback
     assert resolve_template("chatml", fallback, bundled) is fallback  # an explicit choice is not looked up
+
+
+# Templates that write a system turn of their own when the conversation has none: Qwen2.5's and SmolLM2's,
+# read from the catalog's files (pulled by `python -m chatmesh models pull NAME`).
+QWEN_DEFAULT_SYSTEM = (
+    "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n"
+)
+SMOLLM_DEFAULT_SYSTEM = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+)
+
+
+def catalog_template(name: str) -> tuple[str, str, str]:
+    """(template, BOS, EOS) of the catalog model `name`'s pulled file."""
+    from chatmesh.models.catalog import CATALOG
+    from chatmesh.models.store import ModelStore
+    from inference_service.chat_template import gguf_chat_template
+
+    path = ModelStore().path(CATALOG[name])
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: run `python -m chatmesh models pull {name}`")
+    found = gguf_chat_template(path)
+    assert found is not None, f"{name}'s file carries a chat template"
+    return found
+
+
+def jinja_render(source: str, turns: list[Turn], bos: str, eos: str) -> str:
+    """What the template itself writes for `turns`, with the generation cue, without a leading BOS."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    messages = [{"role": turn.role.value, "content": turn.content} for turn in turns]
+    # Qwen's and SmolLM2's templates never write bos_token (SmolLM2's BOS, <|im_start|>, is markup there).
+    return (
+        ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        .from_string(source)
+        .render(messages=messages, add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "default_system"),
+    [("qwen2.5-coder-0.5b-instruct", QWEN_DEFAULT_SYSTEM), ("smollm2-135m-instruct", SMOLLM_DEFAULT_SYSTEM)],
+)
+def test_a_default_system_prompt_is_written_only_when_the_chat_has_none(
+    name: str, default_system: str
+) -> None:
+    source, bos, eos = catalog_template(name)
+    derived = template_from_jinja(source, bos_token=bos, eos_token=eos)
+
+    assert derived.default_system == default_system
+    # Otherwise ChatML, as the template writes it, with its end-of-turn marker as the stop.
+    chatml = TEMPLATES["chatml"]
+    assert (derived.system, derived.user, derived.assistant) == (chatml.system, chatml.user, chatml.assistant)
+    assert derived.generation_cue == chatml.generation_cue
+    assert derived.stop == ("<|im_end|>",)
+    # Without a system message: the template's default one first, as the model was trained.
+    history = TURNS[1:]
+    assert derived.render(history) == jinja_render(source, history, bos, eos)
+    assert derived.render(history).startswith(default_system)
+    # With one: the chat's own system prompt replaces it.
+    assert derived.render(TURNS) == jinja_render(source, TURNS, bos, eos)
+    assert default_system not in derived.render(TURNS)
+    assert derived.render(TURNS).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    # A system message further on is a turn like any other, after the default one (as the template has it).
+    later_system = [*TURNS[1:3], Turn(Role.SYSTEM, "Now answer in French."), TURNS[3]]
+    assert derived.render(later_system) == jinja_render(source, later_system, bos, eos)
+    assert derived.render(later_system).startswith(default_system)
+
+
+def test_a_template_that_adds_a_default_system_prompt_but_folds_a_given_one_is_refused() -> None:
+    # A given system prompt goes into the first user turn, a missing one becomes a turn of its own: no
+    # per-message rendering serves both.
+    source = (
+        "{% if messages[0]['role'] == 'system' %}{% set prefix = messages[0]['content'] + '\\n' %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{{ '<|sys|>Be helpful.<|end|>' }}"
+        "{% set prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+        "{% for m in loop_messages %}{{ '<|' + m['role'] + '|>' + (prefix if loop.first else '')"
+        " + m['content'] + '<|end|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+    )
+    with pytest.raises(ChatTemplateError, match="default system prompt"):
+        template_from_jinja(source, bos_token="", eos_token="<|end|>")
+
+
+def test_the_default_system_prompt_is_counted_as_the_templates_tokens_not_the_callers() -> None:
+    from chatmesh.models.catalog import QWEN_CODER_05B
+    from chatmesh.models.store import ModelStore
+    from inference_service.backends.tokenizers import LlamaTokenizer, tokenize_prompt
+
+    source, bos, eos = catalog_template(QWEN_CODER_05B.name)
+    template = template_from_jinja(source, bos_token=bos, eos_token=eos)
+    vocab = LlamaTokenizer.vocab_only(ModelStore().path(QWEN_CODER_05B))
+    default_system = len(vocab.encode(QWEN_DEFAULT_SYSTEM, special=True))
+
+    without = tokenize_prompt(template, TURNS[1:], vocab)
+    own = tokenize_prompt(template, TURNS, vocab)
+
+    # Exactly what the template renders, tokenized whole.
+    for prompt, turns in ((without, TURNS[1:]), (own, TURNS)):
+        rendered = jinja_render(source, turns, bos, eos)
+        assert list(prompt.token_ids) == [*vocab.prefix, *vocab.encode(rendered, special=True)]
+    # Left out of usage like the preamble; in the template's tokens, not a message's (CountTokens' pieces).
+    assert (without.preamble_tokens, own.preamble_tokens) == (default_system, 0)
+    assert list(without.message_tokens) == list(own.message_tokens)[1:]
+    assert without.template_tokens == own.template_tokens + default_system
