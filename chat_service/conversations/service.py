@@ -102,11 +102,6 @@ class Conversations:
         return self._models
 
     @property
-    def engine(self) -> EngineInfo:
-        """The default model (`models.default`); kept while callers move to `models`."""
-        return self._models.default
-
-    @property
     def completion_durations(self) -> CompletionDurations:
         """How long completions took here lately (for the retry hints of per-user limits)."""
         return self._limit.durations
