@@ -561,16 +561,23 @@ async def test_the_stored_counts_bound_the_real_prompt_from_above(
             token_count=m.token_count,
             finish_reason=None,
             request_id=None,
-            reply_to=None,
+            # A reply answers the question before it, and its model counted both.
+            reply_to=uuid.UUID(stored[seq - 2].message_id) if m.role == pb.ROLE_ASSISTANT else None,
             created_at=m.create_time.ToDatetime(),
+            model=m.model or None,
         )
         for seq, m in enumerate(stored, start=1)
     ]
     assert all(m.token_count > 0 for m in history), "every finished turn has its counts stored"
+    model = created.first.chat.model
+    assert model and all(m.model == model for m in history if m.role is Role.ASSISTANT)
     fixed = [PromptMessage("system", system)]
     async with grpc.aio.insecure_channel(inference_address) as channel:
-        real = await GrpcInferenceClient(channel).count_message_tokens([*fixed, *map(as_prompt, history)])
-    assert prompt_token_bound(fixed, history, limit=10**9) >= real.prompt_tokens
+        real = await GrpcInferenceClient(channel).count_message_tokens(
+            [*fixed, *map(as_prompt, history)], model=model
+        )
+    # The bound trusts the stored counts (they are this model's), so it is their bound that is checked.
+    assert prompt_token_bound(fixed, history, limit=10**9, model=model) >= real.prompt_tokens
 
 
 async def test_a_saturated_engine_is_resource_exhausted_before_any_event(tmp_path: Path) -> None:
