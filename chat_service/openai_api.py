@@ -27,7 +27,7 @@ from google.protobuf import json_format, struct_pb2
 from chat_service import validation as check
 from chat_service.conversations import CompletionEvent, Conversations, Delta, Finished
 from chat_service.domain import FinishReason
-from chat_service.inference import EngineInfo, PromptMessage, PromptRole, SamplingOptions
+from chat_service.inference import EngineInfo, PromptMessage, PromptRole, SamplingOptions, ServedModels
 from chatmesh.common.auth import current_user
 from chatmesh.common.errors import OPENAI_ERROR_TYPES, ChatmeshError, InvalidArgument, NotFound
 from chatmesh.openai.v1 import openai_pb2 as pb
@@ -50,6 +50,8 @@ JSON_CONTENT_TYPE = "application/json"
 class CompletionCall:
     """A checked `CreateChatCompletionRequest`."""
 
+    engine: EngineInfo
+    """The served model it names: the one that answers, and the `model` of every reply."""
     messages: Sequence[PromptMessage]
     sampling: SamplingOptions
     stream: bool
@@ -132,15 +134,23 @@ def _convert(body: struct_pb2.Struct) -> pb.CreateChatCompletionRequest:
     return request
 
 
-def completion_call(request: pb.CreateChatCompletionRequest, engine: EngineInfo) -> CompletionCall:
-    """Check `request` against what chatmesh and its engine can do; every error names its field."""
+def served_model(request: pb.CreateChatCompletionRequest, models: ServedModels) -> EngineInfo:
+    """The served model `request.model` names: required (OpenAI has no default model), and one that is
+    not served is `NotFound` (404, OpenAI's `model_not_found` case) naming the ones that are."""
+    served = ", ".join(repr(name) for name in models.names)
     if not request.model:
-        raise InvalidArgument("model", f"is required; this deployment serves {engine.model!r}")
-    if request.model != engine.model:
+        raise InvalidArgument("model", f"is required; the models served are {served} (GET /v1/models)")
+    if request.model not in models.names:
         raise NotFound(
-            f"model {request.model[:100]!r} does not exist; this deployment serves {engine.model!r}"
-            " (GET /v1/models)"
+            f"model {request.model[:100]!r} does not exist; the models served are {served} (GET /v1/models)"
         )
+    return models.resolve(request.model)
+
+
+def completion_call(request: pb.CreateChatCompletionRequest, models: ServedModels) -> CompletionCall:
+    """Check `request` against what chatmesh and the model it names can do; every error names its
+    field."""
+    engine = served_model(request, models)
     messages = _messages(request)
     _reject_unsupported(request)
     max_tokens_field, max_tokens = _max_tokens(request)
@@ -156,7 +166,7 @@ def completion_call(request: pb.CreateChatCompletionRequest, engine: EngineInfo)
         max_tokens_field,
     )
     return CompletionCall(
-        messages, sampling, stream=request.stream, include_usage=request.stream_options.include_usage
+        engine, messages, sampling, stream=request.stream, include_usage=request.stream_options.include_usage
     )
 
 
@@ -251,21 +261,25 @@ class OpenAIServicer(openai_pb2_grpc.OpenAIServiceServicer):
 
     async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
         current_user()
-        model = pb.Model(
-            id=self._conversations.engine.model, object="model", created=self._created, owned_by="chatmesh"
-        )
-        return pb.ListModelsResponse(object="list", data=[model])
+        models = [
+            pb.Model(id=name, object="model", created=self._created, owned_by="chatmesh")
+            for name in self._conversations.models.names
+        ]
+        return pb.ListModelsResponse(object="list", data=models)
 
     async def CreateChatCompletion(
         self, request: struct_pb2.Struct, context: Context
     ) -> AsyncIterator[HttpBody]:
         user = current_user()
-        engine = self._conversations.engine
-        call = completion_call(await read_request_off_loop(request, self._max_body_bytes), engine)
+        models = self._conversations.models
+        call = completion_call(await read_request_off_loop(request, self._max_body_bytes), models)
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        base = {"id": completion_id, "created": created, "model": engine.model}
-        events = self._conversations.answer(user, call.messages, call.sampling, completion_id)
+        # The model that answers, by its served name (the request's, checked above).
+        base = {"id": completion_id, "created": created, "model": call.engine.model}
+        events = self._conversations.answer(
+            user, call.messages, call.sampling, completion_id, model=call.engine.model
+        )
         async with aclosing(events):
             replies = _chunks(events, base, call.include_usage) if call.stream else _whole(events, base)
             async with aclosing(replies):

@@ -15,28 +15,39 @@ from google.protobuf import json_format, struct_pb2
 from chat_service import openai_api
 from chat_service.conversations import CompletionEvent, Delta, Finished
 from chat_service.domain import FinishReason
-from chat_service.inference import EngineInfo, PromptMessage, SamplingOptions
+from chat_service.inference import EngineInfo, PromptMessage, SamplingOptions, ServedModels
 from chat_service.openai_api import OpenAIServicer, read_request
 from chatmesh.common import auth
-from chatmesh.common.errors import InvalidArgument, ResourceExhausted, Unavailable
+from chatmesh.common.errors import InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from chatmesh.openai.v1 import openai_pb2 as pb
 from gateway.openapi_schemas import OPENAI_SCHEMAS
 
 ENGINE = EngineInfo("tiny", 2048, 64)
+SMALL = EngineInfo("small", 512, 16)
 
 
 class FakeConversations:
-    """`Conversations.answer` replaying `events`, raising `error` after them if given."""
+    """`Conversations.answer` replaying `events`, raising `error` after them if given; two models served,
+    "tiny" the default."""
 
     def __init__(self, events: list[CompletionEvent], error: Exception | None = None) -> None:
-        self.engine = ENGINE
+        self.models = ServedModels([ENGINE, SMALL])
         self._events = events
         self._error = error
         self.asked: list[tuple[str, list[PromptMessage], SamplingOptions]] = []
+        self.models_asked: list[str] = []
 
     async def answer(
-        self, user_id: str, messages: list[PromptMessage], sampling: SamplingOptions, request_id: str
+        self,
+        user_id: str,
+        messages: list[PromptMessage],
+        sampling: SamplingOptions,
+        request_id: str,
+        *,
+        model: str,
     ) -> AsyncGenerator[CompletionEvent, None]:
         self.asked.append((user_id, messages, sampling))
+        self.models_asked.append(model)
         for event in self._events:
             yield event
         if self._error is not None:
@@ -189,3 +200,43 @@ async def test_a_large_body_is_converted_off_the_event_loop_and_a_small_one_on_i
     loop_thread = threading.get_ident()
     assert threads[0] == loop_thread
     assert threads[1] != loop_thread
+
+
+async def test_the_model_named_answers_and_every_reply_carries_its_name() -> None:
+    conversations = FakeConversations(REPLY)
+    [data] = await bodies(conversations, body(model="small", max_tokens=4))
+    events = await bodies(conversations, body(model="small", stream=True))
+    assert conversations.models_asked == ["small", "small"]
+    assert json.loads(data)["model"] == "small"
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert {chunk["model"] for chunk in chunks} == {"small"}
+
+
+async def test_max_tokens_is_checked_against_the_named_models_context() -> None:
+    with pytest.raises(InvalidArgument) as raised:
+        await bodies(FakeConversations(REPLY), body(model="small", max_tokens=1024))
+    assert raised.value.field == "max_tokens"
+    [data] = await bodies(FakeConversations(REPLY), body(model="tiny", max_tokens=1024))
+    assert json.loads(data)["object"] == "chat.completion"
+
+
+@pytest.mark.parametrize(("model", "error"), [("gpt-4o", NotFound), ("", InvalidArgument)])
+async def test_a_model_that_is_not_served_names_the_ones_that_are(model: str, error: type[Exception]) -> None:
+    conversations = FakeConversations(REPLY)
+    with pytest.raises(error) as raised:
+        await bodies(conversations, body(model=model))
+    assert "'tiny', 'small'" in str(raised.value) and "GET /v1/models" in str(raised.value)
+    assert conversations.asked == []
+
+
+async def test_models_lists_every_served_model_the_default_first() -> None:
+    token = auth._current_user.set("alice")
+    try:
+        servicer = OpenAIServicer(FakeConversations(REPLY), created=1)  # type: ignore[arg-type]
+        reply = await servicer.ListModels(pb.ListModelsRequest(), None)
+    finally:
+        auth._current_user.reset(token)
+    assert [(m.id, m.object, m.created, m.owned_by) for m in reply.data] == [
+        ("tiny", "model", 1, "chatmesh"),
+        ("small", "model", 1, "chatmesh"),
+    ]
