@@ -56,36 +56,40 @@ JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 
 class Chat(_message.Message):
-    __slots__ = ("chat_id", "title", "system_prompt", "history_strategy", "create_time", "last_activity_time")
+    __slots__ = ("chat_id", "title", "system_prompt", "history_strategy", "create_time", "last_activity_time", "model")
     CHAT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_STRATEGY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_ACTIVITY_TIME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     chat_id: str
     title: str
     system_prompt: str
     history_strategy: HistoryStrategy
     create_time: _timestamp_pb2.Timestamp
     last_activity_time: _timestamp_pb2.Timestamp
-    def __init__(self, chat_id: _Optional[str] = ..., title: _Optional[str] = ..., system_prompt: _Optional[str] = ..., history_strategy: _Optional[_Union[HistoryStrategy, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    model: str
+    def __init__(self, chat_id: _Optional[str] = ..., title: _Optional[str] = ..., system_prompt: _Optional[str] = ..., history_strategy: _Optional[_Union[HistoryStrategy, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_activity_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class ChatMessage(_message.Message):
-    __slots__ = ("message_id", "role", "content", "token_count", "finish_reason", "create_time")
+    __slots__ = ("message_id", "role", "content", "token_count", "finish_reason", "create_time", "model")
     MESSAGE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     CONTENT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     message_id: str
     role: Role
     content: str
     token_count: int
     finish_reason: FinishReason
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, message_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., token_count: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    model: str
+    def __init__(self, message_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., content: _Optional[str] = ..., token_count: _Optional[int] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens")
@@ -104,7 +108,7 @@ class StreamError(_message.Message):
     def __init__(self, code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class CreateChatRequest(_message.Message):
-    __slots__ = ("title", "system_prompt", "history_strategy", "content", "max_tokens", "temperature", "top_p", "seed", "request_id", "skip_cache")
+    __slots__ = ("title", "system_prompt", "history_strategy", "content", "max_tokens", "temperature", "top_p", "seed", "request_id", "skip_cache", "model")
     TITLE_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_STRATEGY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +119,7 @@ class CreateChatRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     SKIP_CACHE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     title: str
     system_prompt: str
     history_strategy: HistoryStrategy
@@ -125,7 +130,8 @@ class CreateChatRequest(_message.Message):
     seed: int
     request_id: str
     skip_cache: bool
-    def __init__(self, title: _Optional[str] = ..., system_prompt: _Optional[str] = ..., history_strategy: _Optional[_Union[HistoryStrategy, str]] = ..., content: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., skip_cache: _Optional[bool] = ...) -> None: ...
+    model: str
+    def __init__(self, title: _Optional[str] = ..., system_prompt: _Optional[str] = ..., history_strategy: _Optional[_Union[HistoryStrategy, str]] = ..., content: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., request_id: _Optional[str] = ..., skip_cache: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("chat_id", "content", "max_tokens", "temperature", "top_p", "seed", "request_id", "skip_cache")
@@ -204,16 +210,18 @@ class GetMessagesResponse(_message.Message):
     def __init__(self, messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class UpdateChatRequest(_message.Message):
-    __slots__ = ("chat_id", "title", "system_prompt", "history_strategy")
+    __slots__ = ("chat_id", "title", "system_prompt", "history_strategy", "model")
     CHAT_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     HISTORY_STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     chat_id: str
     title: str
     system_prompt: str
     history_strategy: HistoryStrategy
-    def __init__(self, chat_id: _Optional[str] = ..., title: _Optional[str] = ..., system_prompt: _Optional[str] = ..., history_strategy: _Optional[_Union[HistoryStrategy, str]] = ...) -> None: ...
+    model: str
+    def __init__(self, chat_id: _Optional[str] = ..., title: _Optional[str] = ..., system_prompt: _Optional[str] = ..., history_strategy: _Optional[_Union[HistoryStrategy, str]] = ..., model: _Optional[str] = ...) -> None: ...
 
 class UpdateChatResponse(_message.Message):
     __slots__ = ("chat",)
@@ -294,3 +302,25 @@ class WatchJobRequest(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class ListModelsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ModelInfo(_message.Message):
+    __slots__ = ("name", "context_length", "default_max_tokens")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    context_length: int
+    default_max_tokens: int
+    def __init__(self, name: _Optional[str] = ..., context_length: _Optional[int] = ..., default_max_tokens: _Optional[int] = ...) -> None: ...
+
+class ListModelsResponse(_message.Message):
+    __slots__ = ("models", "default_model")
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODEL_FIELD_NUMBER: _ClassVar[int]
+    models: _containers.RepeatedCompositeFieldContainer[ModelInfo]
+    default_model: str
+    def __init__(self, models: _Optional[_Iterable[_Union[ModelInfo, _Mapping]]] = ..., default_model: _Optional[str] = ...) -> None: ...

@@ -88,6 +88,11 @@ class ChatServiceStub:
                 request_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.WatchJobRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.CompletionEvent.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/chatmesh.chat.v1.ChatService/ListModels',
+                request_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class ChatServiceServicer:
@@ -175,6 +180,13 @@ class ChatServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListModels(self, request, context):
+        """ListModels names the models a chat can use, the default (a new chat's when it names none) first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ChatServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -227,6 +239,11 @@ def add_ChatServiceServicer_to_server(servicer, server):
                     servicer.WatchJob,
                     request_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.WatchJobRequest.FromString,
                     response_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.CompletionEvent.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ListModelsRequest.FromString,
+                    response_serializer=chatmesh_dot_chat_dot_v1_dot_chat__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -503,6 +520,33 @@ class ChatService:
             '/chatmesh.chat.v1.ChatService/WatchJob',
             chatmesh_dot_chat_dot_v1_dot_chat__pb2.WatchJobRequest.SerializeToString,
             chatmesh_dot_chat_dot_v1_dot_chat__pb2.CompletionEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.chat.v1.ChatService/ListModels',
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.ListModelsRequest.SerializeToString,
+            chatmesh_dot_chat_dot_v1_dot_chat__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,

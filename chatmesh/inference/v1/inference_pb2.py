@@ -24,39 +24,43 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%chatmesh/inference/v1/inference.proto\x12\x15\x63hatmesh.inference.v1\"E\n\x07Message\x12)\n\x04role\x18\x01 \x01(\x0e\x32\x1b.chatmesh.inference.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x90\x01\n\x0fGenerateRequest\x12\x30\n\x08messages\x18\x01 \x03(\x0b\x32\x1e.chatmesh.inference.v1.Message\x12\x37\n\x08sampling\x18\x02 \x01(\x0b\x32%.chatmesh.inference.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x15\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\"s\n\x08\x46inished\x12:\n\rfinish_reason\x18\x01 \x01(\x0e\x32#.chatmesh.inference.v1.FinishReason\x12+\n\x05usage\x18\x02 \x01(\x0b\x32\x1c.chatmesh.inference.v1.Usage\"\x7f\n\x10GenerateResponse\x12-\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.chatmesh.inference.v1.DeltaH\x00\x12\x33\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1f.chatmesh.inference.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"F\n\x12\x43ountTokensRequest\x12\x30\n\x08messages\x18\x01 \x03(\x0b\x32\x1e.chatmesh.inference.v1.Message\"]\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x16\n\x0emessage_tokens\x18\x02 \x03(\x05\x12\x17\n\x0ftemplate_tokens\x18\x03 \x01(\x05\"\x15\n\x13GetModelInfoRequest\"j\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x04 \x01(\x05*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xc0\x02\n\x10InferenceService\x12]\n\x08Generate\x12&.chatmesh.inference.v1.GenerateRequest\x1a\'.chatmesh.inference.v1.GenerateResponse0\x01\x12\x64\n\x0b\x43ountTokens\x12).chatmesh.inference.v1.CountTokensRequest\x1a*.chatmesh.inference.v1.CountTokensResponse\x12g\n\x0cGetModelInfo\x12*.chatmesh.inference.v1.GetModelInfoRequest\x1a+.chatmesh.inference.v1.GetModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%chatmesh/inference/v1/inference.proto\x12\x15\x63hatmesh.inference.v1\"E\n\x07Message\x12)\n\x04role\x18\x01 \x01(\x0e\x32\x1b.chatmesh.inference.v1.Role\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xaa\x01\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x04 \x03(\t\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x03\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x07\n\x05_seed\"\x9f\x01\n\x0fGenerateRequest\x12\x30\n\x08messages\x18\x01 \x03(\x0b\x32\x1e.chatmesh.inference.v1.Message\x12\x37\n\x08sampling\x18\x02 \x01(\x0b\x32%.chatmesh.inference.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\r\n\x05model\x18\x04 \x01(\t\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x15\n\x05\x44\x65lta\x12\x0c\n\x04text\x18\x01 \x01(\t\"s\n\x08\x46inished\x12:\n\rfinish_reason\x18\x01 \x01(\x0e\x32#.chatmesh.inference.v1.FinishReason\x12+\n\x05usage\x18\x02 \x01(\x0b\x32\x1c.chatmesh.inference.v1.Usage\"\x7f\n\x10GenerateResponse\x12-\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x1c.chatmesh.inference.v1.DeltaH\x00\x12\x33\n\x08\x66inished\x18\x02 \x01(\x0b\x32\x1f.chatmesh.inference.v1.FinishedH\x00\x42\x07\n\x05\x65vent\"U\n\x12\x43ountTokensRequest\x12\x30\n\x08messages\x18\x01 \x03(\x0b\x32\x1e.chatmesh.inference.v1.Message\x12\r\n\x05model\x18\x02 \x01(\t\"]\n\x13\x43ountTokensResponse\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x16\n\x0emessage_tokens\x18\x02 \x03(\x05\x12\x17\n\x0ftemplate_tokens\x18\x03 \x01(\x05\"$\n\x13GetModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"j\n\x14GetModelInfoResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x16\n\x0e\x63ontext_length\x18\x02 \x01(\x05\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1a\n\x12\x64\x65\x66\x61ult_max_tokens\x18\x04 \x01(\x05\"\x13\n\x11ListModelsRequest\"Q\n\x12ListModelsResponse\x12;\n\x06models\x18\x01 \x03(\x0b\x32+.chatmesh.inference.v1.GetModelInfoResponse*P\n\x04Role\x12\x14\n\x10ROLE_UNSPECIFIED\x10\x00\x12\x0f\n\x0bROLE_SYSTEM\x10\x01\x12\r\n\tROLE_USER\x10\x02\x12\x12\n\x0eROLE_ASSISTANT\x10\x03*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xa3\x03\n\x10InferenceService\x12]\n\x08Generate\x12&.chatmesh.inference.v1.GenerateRequest\x1a\'.chatmesh.inference.v1.GenerateResponse0\x01\x12\x64\n\x0b\x43ountTokens\x12).chatmesh.inference.v1.CountTokensRequest\x1a*.chatmesh.inference.v1.CountTokensResponse\x12g\n\x0cGetModelInfo\x12*.chatmesh.inference.v1.GetModelInfoRequest\x1a+.chatmesh.inference.v1.GetModelInfoResponse\x12\x61\n\nListModels\x12(.chatmesh.inference.v1.ListModelsRequest\x1a).chatmesh.inference.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'chatmesh.inference.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROLE']._serialized_start=1081
-  _globals['_ROLE']._serialized_end=1161
-  _globals['_FINISHREASON']._serialized_start=1163
-  _globals['_FINISHREASON']._serialized_end=1287
+  _globals['_ROLE']._serialized_start=1230
+  _globals['_ROLE']._serialized_end=1310
+  _globals['_FINISHREASON']._serialized_start=1312
+  _globals['_FINISHREASON']._serialized_end=1436
   _globals['_MESSAGE']._serialized_start=64
   _globals['_MESSAGE']._serialized_end=133
   _globals['_SAMPLINGPARAMS']._serialized_start=136
   _globals['_SAMPLINGPARAMS']._serialized_end=306
   _globals['_GENERATEREQUEST']._serialized_start=309
-  _globals['_GENERATEREQUEST']._serialized_end=453
-  _globals['_USAGE']._serialized_start=455
-  _globals['_USAGE']._serialized_end=512
-  _globals['_DELTA']._serialized_start=514
-  _globals['_DELTA']._serialized_end=535
-  _globals['_FINISHED']._serialized_start=537
-  _globals['_FINISHED']._serialized_end=652
-  _globals['_GENERATERESPONSE']._serialized_start=654
-  _globals['_GENERATERESPONSE']._serialized_end=781
-  _globals['_COUNTTOKENSREQUEST']._serialized_start=783
-  _globals['_COUNTTOKENSREQUEST']._serialized_end=853
-  _globals['_COUNTTOKENSRESPONSE']._serialized_start=855
-  _globals['_COUNTTOKENSRESPONSE']._serialized_end=948
-  _globals['_GETMODELINFOREQUEST']._serialized_start=950
-  _globals['_GETMODELINFOREQUEST']._serialized_end=971
-  _globals['_GETMODELINFORESPONSE']._serialized_start=973
-  _globals['_GETMODELINFORESPONSE']._serialized_end=1079
-  _globals['_INFERENCESERVICE']._serialized_start=1290
-  _globals['_INFERENCESERVICE']._serialized_end=1610
+  _globals['_GENERATEREQUEST']._serialized_end=468
+  _globals['_USAGE']._serialized_start=470
+  _globals['_USAGE']._serialized_end=527
+  _globals['_DELTA']._serialized_start=529
+  _globals['_DELTA']._serialized_end=550
+  _globals['_FINISHED']._serialized_start=552
+  _globals['_FINISHED']._serialized_end=667
+  _globals['_GENERATERESPONSE']._serialized_start=669
+  _globals['_GENERATERESPONSE']._serialized_end=796
+  _globals['_COUNTTOKENSREQUEST']._serialized_start=798
+  _globals['_COUNTTOKENSREQUEST']._serialized_end=883
+  _globals['_COUNTTOKENSRESPONSE']._serialized_start=885
+  _globals['_COUNTTOKENSRESPONSE']._serialized_end=978
+  _globals['_GETMODELINFOREQUEST']._serialized_start=980
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1016
+  _globals['_GETMODELINFORESPONSE']._serialized_start=1018
+  _globals['_GETMODELINFORESPONSE']._serialized_end=1124
+  _globals['_LISTMODELSREQUEST']._serialized_start=1126
+  _globals['_LISTMODELSREQUEST']._serialized_end=1145
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1147
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1228
+  _globals['_INFERENCESERVICE']._serialized_start=1439
+  _globals['_INFERENCESERVICE']._serialized_end=1858
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,11 @@ class InferenceServiceStub:
                 request_serializer=chatmesh_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=chatmesh_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
+        self.ListModels = channel.unary_unary(
+                '/chatmesh.inference.v1.InferenceService/ListModels',
+                request_serializer=chatmesh_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+                response_deserializer=chatmesh_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -84,7 +89,14 @@ class InferenceServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """GetModelInfo describes the model being served.
+        """GetModelInfo describes one served model (the default one when the request names none).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListModels(self, request, context):
+        """ListModels describes every model this service serves, the default one first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -107,6 +119,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=chatmesh_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoRequest.FromString,
                     response_serializer=chatmesh_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoResponse.SerializeToString,
+            ),
+            'ListModels': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListModels,
+                    request_deserializer=chatmesh_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.FromString,
+                    response_serializer=chatmesh_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -195,6 +212,33 @@ class InferenceService:
             '/chatmesh.inference.v1.InferenceService/GetModelInfo',
             chatmesh_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoRequest.SerializeToString,
             chatmesh_dot_inference_dot_v1_dot_inference__pb2.GetModelInfoResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/chatmesh.inference.v1.InferenceService/ListModels',
+            chatmesh_dot_inference_dot_v1_dot_inference__pb2.ListModelsRequest.SerializeToString,
+            chatmesh_dot_inference_dot_v1_dot_inference__pb2.ListModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
