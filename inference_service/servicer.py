@@ -13,7 +13,6 @@ from opentelemetry import trace
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
-from inference_service.admission import AdmissionController
 from inference_service.backends.base import (
     Completion,
     FinishReason,
@@ -22,7 +21,7 @@ from inference_service.backends.base import (
     Sampling,
     TextDelta,
 )
-from inference_service.metrics import InferenceMetrics
+from inference_service.engines import Engine, Engines
 from inference_service.settings import InferenceSettings
 from inference_service.validation import parse_sampling, parse_turns
 
@@ -39,42 +38,37 @@ Context: TypeAlias = Any
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
-    """Validates requests, applies admission control and relays the backend's stream."""
+    """Routes each request to the engine of the model it names, validates it, applies that engine's
+    admission control and relays its stream."""
 
-    def __init__(
-        self,
-        backend: InferenceBackend,
-        admission: AdmissionController,
-        settings: InferenceSettings,
-        metrics: InferenceMetrics,
-    ):
-        self._backend = backend
-        self._admission = admission
+    def __init__(self, engines: Engines, settings: InferenceSettings):
+        self._engines = engines
         self._settings = settings
-        self._metrics = metrics
 
     async def Generate(
         self, request: pb.GenerateRequest, context: Context
     ) -> AsyncIterator[pb.GenerateResponse]:
+        engine = self._engines.get(request.model)
         turns = parse_turns(request.messages)
-        self._admission.check()
-        prompt = await self._backend.prepare(turns)
-        sampling = self._sampling(request, prompt)
+        engine.admission.check()
+        prompt = await engine.backend.prepare(turns)
+        sampling = self._sampling(engine.backend, request, prompt)
         span = trace.get_current_span()  # the call's server span when tracing is on; else a no-op
         span.set_attributes(
             {
                 "gen_ai.operation.name": "chat",
-                "gen_ai.request.model": self._backend.info.model,
+                "gen_ai.request.model": engine.name,
+                "gen_ai.response.model": engine.name,
                 "gen_ai.request.max_tokens": sampling.max_tokens,
                 "gen_ai.usage.input_tokens": prompt.token_count,
             }
         )
-        async with self._admission.slot():
+        async with engine.admission.slot():
             run = _Run()
             try:
                 # aclosing: a client that goes away closes this generator at a yield; the engine must
                 # stop now, not when the backend generator is garbage-collected.
-                async with aclosing(self._backend.generate(prompt, sampling)) as events:
+                async with aclosing(engine.backend.generate(prompt, sampling)) as events:
                     async for event in events:
                         if isinstance(event, Completion):
                             run.outcome = event.finish_reason.value
@@ -87,27 +81,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                 run.outcome = "error"
                 raise
             finally:
-                self._ended(run, span, prompt, request.request_id)
+                self._ended(engine, run, span, prompt, request.request_id)
 
-    def _sampling(self, request: pb.GenerateRequest, prompt: Prompt) -> Sampling:
-        """The request's sampling, checked, with the server's defaults and limits."""
+    def _sampling(self, backend: InferenceBackend, request: pb.GenerateRequest, prompt: Prompt) -> Sampling:
+        """The request's sampling, checked, with the server's defaults and limits and the model's stops."""
         return parse_sampling(
             request.sampling,
             prompt,
-            self._backend.info,
+            backend.info,
             self._settings.default_max_tokens,
-            self._backend.default_stop,
+            backend.default_stop,
             self._settings.max_stop_sequences,
             self._settings.max_stop_chars,
         )
 
-    def _ended(self, run: _Run, span: trace.Span, prompt: Prompt, request_id: str) -> None:
-        """Record a generation that ended, however it ended: on its span, in the metrics, in the log."""
+    def _ended(self, engine: Engine, run: _Run, span: trace.Span, prompt: Prompt, request_id: str) -> None:
+        """Record a generation that ended, however it ended: on its span, in the model's metrics, in the
+        log."""
         seconds = time.perf_counter() - run.started
         span.set_attribute("gen_ai.response.finish_reasons", [run.outcome])
         if run.completion_tokens is not None:
             span.set_attribute("gen_ai.usage.output_tokens", run.completion_tokens)
-        self._metrics.generation_ended(
+        engine.metrics.generation_ended(
             run.outcome,
             seconds,
             run.first_token_s,
@@ -119,6 +114,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             "generation ended",
             extra={
                 "request_id": request_id,
+                "model": engine.name,
                 "outcome": run.outcome,
                 "prompt_tokens": prompt.token_count,
                 "ttft_ms": None if run.first_token_s is None else round(run.first_token_s * 1000, 1),
@@ -127,7 +123,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         )
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: Context) -> pb.CountTokensResponse:
-        prompt = await self._backend.prepare(parse_turns(request.messages))
+        engine = self._engines.get(request.model)
+        prompt = await engine.backend.prepare(parse_turns(request.messages))
         return pb.CountTokensResponse(
             prompt_tokens=prompt.token_count,
             message_tokens=prompt.message_tokens,
@@ -137,9 +134,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def GetModelInfo(
         self, request: pb.GetModelInfoRequest, context: Context
     ) -> pb.GetModelInfoResponse:
-        info = self._backend.info
+        return self._model_info(self._engines.get(request.model))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=[self._model_info(engine) for engine in self._engines])
+
+    def _model_info(self, engine: Engine) -> pb.GetModelInfoResponse:
+        info = engine.backend.info
         return pb.GetModelInfoResponse(
-            model=info.model,
+            model=engine.name,
             context_length=info.context_length,
             backend=info.backend,
             default_max_tokens=self._settings.default_max_tokens,

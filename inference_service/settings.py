@@ -9,6 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from chatmesh.common.service_settings import InferenceServiceSettings
+from chatmesh.models.catalog import CATALOG, DEFAULT_MODEL
+from chatmesh.models.served import ServedModel, parse_served_models
 from inference_service.prompt import PREAMBLES, TEMPLATES, PromptTemplate
 
 
@@ -16,7 +18,9 @@ class InferenceSettings(InferenceServiceSettings):
     """Everything the inference service can be configured with: the settings `chatmesh run` sets or reads
     (address, backend and admission: `InferenceServiceSettings`, in the shared runtime), and these."""
 
-    model_name: str = Field("gemma-3-270m", description="name reported to clients (cache keys, display)")
+    model_name: str = Field(
+        "gemma-3-270m", description="the name GGUF_PATH's model is served under when MODELS is empty"
+    )
     prompt_template: Literal["auto", "transcript", "gemma", "chatml"] = Field(
         "auto",
         description="auto: the GGUF's own chat template (tokenizer.chat_template) when it carries one,"
@@ -41,12 +45,13 @@ class InferenceSettings(InferenceServiceSettings):
     context_length: int = Field(4096, ge=128)
     threads: int | None = Field(
         None,
-        description="CPU threads per generation while streaming tokens; default: all cores but one, shared"
-        " by the concurrent generations (see docs/benchmarks.md: a spare core for the event loop, gRPC"
-        " and the other services beats one more spinning llama.cpp thread)",
+        description="CPU threads per engine while streaming tokens; default: all cores but one, shared"
+        " by the concurrent generations and divided among the served models' engines, at least one each"
+        " (see docs/benchmarks.md: a spare core for the event loop, gRPC and the other services beats one"
+        " more llama.cpp thread)",
     )
     batch_threads: int | None = Field(
-        None, description="CPU threads for prompt processing; default: all cores"
+        None, description="CPU threads per engine for prompt processing; default: all cores"
     )
 
     # Triton backend (deploy/triton's TensorRT-LLM ensemble, sent the prompt as token ids).
@@ -81,6 +86,26 @@ class InferenceSettings(InferenceServiceSettings):
         ):
             return {**data, "prompt_preamble": "none"}
         return data
+
+    @model_validator(mode="after")
+    def _models_are_readable(self) -> InferenceSettings:
+        served = self.served_models()  # raises ServedModelsError (a ValueError) naming the bad entry
+        if self.backend == "triton" and len(served) > 1:
+            raise ValueError(
+                f"CHATMESH_INFERENCE_MODELS names {len(served)} models; the triton backend serves one (its"
+                " TRITON_MODEL): run one inference service per Triton model"
+            )
+        return self
+
+    def served_models(self) -> list[ServedModel]:
+        """The models to serve, the default first: `models` parsed; when empty, `gguf_path` under
+        `model_name` if set, else the catalog's default model."""
+        served = parse_served_models(self.models, variable="CHATMESH_INFERENCE_MODELS")
+        if served:
+            return served
+        if self.gguf_path is not None:
+            return [ServedModel(self.model_name, path=self.gguf_path)]
+        return [ServedModel(DEFAULT_MODEL, catalog=CATALOG[DEFAULT_MODEL])]
 
     @model_validator(mode="after")
     def _preamble_fits_the_template(self) -> InferenceSettings:

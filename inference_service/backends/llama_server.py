@@ -348,7 +348,10 @@ async def open_llama_server_backend(
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
     log_path = log_dir / f"llama-server-{port}.log"
     args = _server_args(binary, gguf_path, port, parallel, context_length, threads, batch_threads)
-    log.info("starting llama-server", extra={"parallel": parallel, "port": port, "log": str(log_path)})
+    log.info(
+        "starting llama-server",
+        extra={"model": model_name, "parallel": parallel, "port": port, "log": str(log_path)},
+    )
     started = time.perf_counter()
     backend: LlamaServerBackend | None = None
     async with (

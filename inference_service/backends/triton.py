@@ -56,7 +56,6 @@ from inference_service.backends.tokenizers import (
     Tokenizer,
     open_tokenizer,
 )
-from inference_service.model_files import resolve_tokenizer
 from inference_service.prompt import PromptTemplate
 from inference_service.settings import InferenceSettings
 
@@ -398,17 +397,20 @@ async def check_ready(stub: service_pb2_grpc.GRPCInferenceServiceStub, url: str,
 async def open_triton_backend(
     settings: InferenceSettings,
     template: PromptTemplate,
+    model_name: str,
+    tokenizer_path: Path,
     tensors: TritonTensorNames = TritonTensorNames(),
 ) -> AsyncIterator[TritonBackend]:
-    """Connect to Triton, check that the model is ready, load the tokenizer and find its end id; close
-    the channel on exit."""
+    """Connect to Triton, check that the model is ready, load the tokenizer (`tokenizer_path`: a HF
+    tokenizer.json or a GGUF) and find its end id; close the channel on exit. Clients know the model as
+    `model_name`."""
     url, model = settings.triton_url, settings.triton_model
     # Unlimited message sizes, as tritonclient sets them: a long prompt must not hit gRPC's 4 MB default.
     options = [("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
     async with grpc.aio.insecure_channel(url, options=options) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         await check_ready(stub, url, model)
-        path = await asyncio.to_thread(resolve_tokenizer, settings.triton_tokenizer, settings.gguf_path)
+        path = tokenizer_path
         tokenizer = await asyncio.to_thread(open_tokenizer, path)
         end_id, pad_id = end_and_pad_ids(tokenizer, settings.triton_end_id, path)
         log.info(
@@ -434,9 +436,7 @@ async def open_triton_backend(
             template,
             url=url,
             model=model,
-            info=ModelInfo(
-                model=settings.model_name, context_length=settings.context_length, backend="triton"
-            ),
+            info=ModelInfo(model=model_name, context_length=settings.context_length, backend="triton"),
             timeout_s=settings.triton_timeout_s,
             end_id=end_id,
             pad_id=pad_id,

@@ -10,6 +10,7 @@ from prometheus_client import CollectorRegistry
 from chatmesh.inference.v1 import inference_pb2 as pb
 from inference_service.admission import AdmissionController
 from inference_service.backends.base import Completion, FinishReason, ModelInfo, Prompt, Sampling, TextDelta
+from inference_service.engines import Engine, Engines
 from inference_service.metrics import InferenceMetrics
 from inference_service.servicer import InferenceServicer
 from inference_service.settings import InferenceSettings
@@ -33,12 +34,13 @@ class NulEmittingBackend:
 
 async def test_nul_in_a_reply_is_relayed_as_the_replacement_character() -> None:
     settings = InferenceSettings()
-    servicer = InferenceServicer(
+    engine = Engine(
+        "fake",
         NulEmittingBackend(),  # type: ignore[arg-type]
         AdmissionController(1, 1, 1.0),
-        settings,
-        InferenceMetrics(CollectorRegistry(), "fake"),
+        InferenceMetrics(CollectorRegistry(), "fake").model("fake"),
     )
+    servicer = InferenceServicer(Engines([engine]), settings)
     request = pb.GenerateRequest(messages=[pb.Message(role=pb.ROLE_USER, content="hi")])
     texts = [event.delta.text async for event in servicer.Generate(request, None) if event.HasField("delta")]
     assert texts == ["a\ufffdb"], "NUL would stream to the client and then fail to be stored on PostgreSQL"

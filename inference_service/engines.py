@@ -1,0 +1,114 @@
+"""The served models: each one's file and prompt template, and the engine that serves it.
+
+A service serves one or more models (`InferenceSettings.served_models`, the default first); each has an
+engine of its own (for llama_server, its own `llama-server` child process with its own slots) and its own
+`AdmissionController`, so one model's crowd queues for that model's slots only. Requests name the model
+(`model` in every request; empty: the default) and `Engines.get` routes them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from chatmesh.common.errors import NotFound
+from chatmesh.models.served import ServedModel
+from chatmesh.models.store import ModelStore
+from inference_service.admission import AdmissionController
+from inference_service.backends.base import InferenceBackend
+from inference_service.chat_template import resolve_template
+from inference_service.metrics import ModelMetrics
+from inference_service.model_files import catalog_model_file, local_model_file
+from inference_service.prompt import PREAMBLES, TEMPLATES, PromptTemplate
+from inference_service.settings import InferenceSettings
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSetup:
+    """What an engine needs to serve one model: its name, GGUF file (for Triton, the tokenizer's GGUF or
+    None when `triton_tokenizer` names one) and prompt template."""
+
+    name: str
+    gguf: Path | None
+    template: PromptTemplate
+
+
+def model_setup(model: ServedModel, settings: InferenceSettings, store: ModelStore) -> ModelSetup:
+    """`model`'s file (a catalog model's verified against the catalog) and prompt template.
+
+    A catalog model is prompted as its entry says: `template`, the GGUF's own chat template (transcript
+    and preamble if it has no usable one); `transcript`, the transcript after the preamble setting's text
+    (few-shot by default); unless PROMPT_TEMPLATE is set explicitly, which then applies to every model. A
+    NAME=PATH model (or GGUF_PATH) follows the PROMPT_TEMPLATE and PROMPT_PREAMBLE settings. Blocking
+    (hashes the file, reads its vocabulary): call it off the event loop. Raises `ModelFileError` for a
+    missing, partial or corrupt file."""
+    # Triton with a tokenizer of its own needs no GGUF here: the model runs on Triton.
+    tokenizer_elsewhere = settings.backend == "triton" and settings.triton_tokenizer is not None
+    gguf: Path | None = None
+    if not tokenizer_elsewhere:
+        if model.catalog is not None:
+            gguf = catalog_model_file(model.catalog, store)
+        else:
+            assert model.path is not None  # a served model is a catalog entry or a path
+            gguf = local_model_file(model.name, model.path)
+    # Set explicitly, PROMPT_TEMPLATE applies to catalog models too (how answer_quality.py compares them).
+    choice, fallback = settings.prompt_template, settings.template()
+    if model.catalog is not None and "prompt_template" not in settings.model_fields_set:
+        choice = "auto" if model.catalog.prompt_format == "template" else "transcript"
+        fallback = dataclasses.replace(TEMPLATES["transcript"], preamble=PREAMBLES[settings.prompt_preamble])
+    template = resolve_template(choice, fallback, settings.triton_tokenizer if tokenizer_elsewhere else gguf)
+    return ModelSetup(model.name, gguf, template)
+
+
+def engine_threads(settings: InferenceSettings, engines: int) -> tuple[int, int]:
+    """(generation threads, prompt-processing threads) of each of `engines` llama.cpp engines.
+
+    The settings when given; else one engine gets all cores but one for generation and all cores for
+    prompts (docs/benchmarks.md), and several engines split those between them, at least one each.
+    Why split rather than give each engine every core: llama.cpp's threads meet at a barrier after every
+    step, so an engine whose thread lost its core to another engine's waits for it, and one model's
+    flood would slow every step of the other model's users. With its own share, a flooded engine keeps to
+    its cores and the other model's first token comes as fast as on an idle machine, less only the share
+    it gave up. On 2 cores with two models: one thread each, for both (no barrier at all), which is also
+    what one engine alone generates with there (all cores but one).
+    """
+    cores = os.cpu_count() or 1
+    threads = settings.threads or max(1, (cores - 1) // engines)
+    batch_threads = settings.batch_threads or max(1, cores // engines)
+    return threads, batch_threads
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """One served model: its backend (engine), its admission controller and its metrics."""
+
+    name: str
+    backend: InferenceBackend
+    admission: AdmissionController
+    metrics: ModelMetrics
+
+
+class Engines:
+    """The served models' engines by name, the default (the first) for requests that name none."""
+
+    def __init__(self, engines: Sequence[Engine]) -> None:
+        if not engines:
+            raise ValueError("a service serves at least one model")
+        self._engines = {engine.name: engine for engine in engines}
+        self.default = engines[0]
+
+    def __iter__(self) -> Iterator[Engine]:
+        """Every engine, the default first."""
+        return iter(self._engines.values())
+
+    def get(self, model: str) -> Engine:
+        """The engine serving `model` ("": the default); `NotFound` naming the served models."""
+        if not model:
+            return self.default
+        engine = self._engines.get(model)
+        if engine is None:
+            raise NotFound(f"model {model[:100]!r} is not served here; served: {', '.join(self._engines)}")
+        return engine
