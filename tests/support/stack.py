@@ -60,9 +60,16 @@ def free_address() -> str:
     return f"127.0.0.1:{free_port()}"
 
 
+TEST_MODEL = "gemma-3-270m"
+"""The model a test's inference service serves unless the test names `models` or a `gguf_path`: the
+light one (the bundled file, nothing to pull), so the suite does not slow down with a larger default."""
+
+
 def inference_env(address: str, **settings: object) -> dict[str, str]:
-    """Environment of an inference service on `address` (the default backend, llama-server; the bundled
-    model), with `settings` (InferenceSettings fields)."""
+    """Environment of an inference service on `address` (the default backend, llama-server), serving
+    `TEST_MODEL` unless `settings` (InferenceSettings fields) name `models` or a `gguf_path`."""
+    if "models" not in settings and "gguf_path" not in settings:
+        settings = {**settings, "models": TEST_MODEL}
     return env_for(InferenceSettings, address=address, **settings)
 
 
