@@ -113,9 +113,12 @@ def scrape_every_metrics_endpoint(text: str, metrics: int, admin_port: int) -> N
         assert f"http://127.0.0.1:{port}/metrics" in text
         assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
     completions = httpx.get(f"http://127.0.0.1:{metrics}/metrics", timeout=10).text
-    # The one completion so far went to replica 1 (stop or length, as the model decides).
+    # The one completion so far went to replica 1 (stop or length, as the model decides), answered by the
+    # one model the mesh serves.
     assert re.search(
-        r'chatmesh_chat_completions_total\{cached="false",outcome="(stop|length)"\} 1\.0', completions
+        r'chatmesh_chat_completions_total\{cached="false",gen_ai_request_model="gemma-3-270m",'
+        r'outcome="(stop|length)"\} 1\.0',
+        completions,
     )
     envoy = httpx.get(f"http://127.0.0.1:{admin_port}/stats/prometheus", timeout=10)
     assert envoy.status_code == 200
