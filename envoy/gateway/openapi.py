@@ -169,6 +169,7 @@ def openapi_document(
     schemas = _Schemas(messages)
     descriptors = {f"{file.package}.{s.name}": s for file in files.file for s in file.service}
     paths: dict[str, dict[str, Any]] = {}
+    ids = operation_ids(api)
     for service in services:
         for method in descriptors[service].method:
             rule = http_rule(method.options)
@@ -178,6 +179,7 @@ def openapi_document(
                 operation = _operation(
                     service, method, binding.template, binding.verb, body, schemas, messages
                 )
+                operation["operationId"] = ids[(service, method.name)]
                 paths.setdefault(_openapi_path(binding.template), {})[binding.verb.lower()] = operation
     return {
         "openapi": "3.1.0",
@@ -195,6 +197,21 @@ def openapi_document(
         },
         "security": [{"bearer": []}],
     }
+
+
+def operation_ids(api: ServiceApi) -> dict[tuple[str, str], str]:
+    """The operationId of each (service, method): the method's name, unique in the document as OpenAPI
+    requires. A name an earlier service already has (`ListModels` of the OpenAI-compatible API beside
+    ChatService's) is prefixed with its package's name (`openai.ListModels`), as its schemas are."""
+    ids: dict[tuple[str, str], str] = {}
+    taken: set[str] = set()
+    for method in api.methods:
+        name = method.name
+        if name in taken:
+            name = f"{method.service.split('.')[1]}.{name}"
+        taken.add(name)
+        ids[(method.service, method.name)] = name
+    return ids
 
 
 _VARIABLE = re.compile(r"\{([^}=]+)(=[^}]*)?\}")

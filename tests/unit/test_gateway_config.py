@@ -188,6 +188,7 @@ def test_the_real_api_is_read_from_the_packaged_descriptor_set() -> None:
         ("/chat/{chat_id}/jobs", ("POST",)),
         ("/jobs/{job_id}", ("GET",)),
         ("/jobs/{job_id}/events", ("GET",)),
+        ("/models", ("GET",)),
         ("/v1/chat/completions", ("POST",)),
         ("/v1/models", ("GET",)),
     }

@@ -13,7 +13,7 @@ from chat_service import openai_api
 from chat_service import validation as service_rules
 from gateway import openapi_schemas
 from gateway.api import ACCEPTED, ServiceApi, default_descriptor_path
-from gateway.openapi import openapi_document
+from gateway.openapi import openapi_document, operation_ids
 
 DOCUMENT = default_descriptor_path().parent / "openapi.json"
 
@@ -40,10 +40,13 @@ def test_every_rest_binding_is_described_with_its_path_parameters_and_reply() ->
     }
     expected = {(b.verb, b.template) for b in api.bindings()}
     assert described == expected
+    ids = operation_ids(api)
+    assert ids[("chatmesh.chat.v1.ChatService", "ListModels")] == "ListModels"
+    assert ids[("chatmesh.openai.v1.OpenAIService", "ListModels")] == "openai.ListModels"
     for method in api.methods:
         for binding in method.bindings:
             operation = document["paths"][binding.template][binding.verb.lower()]
-            assert operation["operationId"] == method.name
+            assert operation["operationId"] == ids[(method.service, method.name)]
             declared = {p["name"] for p in operation.get("parameters", []) if p["in"] == "path"}
             assert declared == {part[1:-1] for part in binding.template.split("/") if part.startswith("{")}
             success = "202" if method.name in ACCEPTED else "200"
