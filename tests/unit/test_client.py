@@ -116,6 +116,20 @@ class FakeChatService(chat_pb2_grpc.ChatServiceServicer):  # type: ignore[misc]
             pass
         return pb.DeleteChatResponse()
 
+    async def UpdateChat(self, request: pb.UpdateChatRequest, context: Any) -> pb.UpdateChatResponse:
+        self.requests.append(request)
+        return pb.UpdateChatResponse(chat=pb.Chat(chat_id=request.chat_id, model=request.model))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context: Any) -> pb.ListModelsResponse:
+        self.requests.append(request)
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(name="gemma-3-270m", context_length=2048, default_max_tokens=256),
+                pb.ModelInfo(name="smollm2-135m-instruct", context_length=2048, default_max_tokens=256),
+            ],
+            default_model="gemma-3-270m",
+        )
+
 
 @pytest.fixture
 async def fake() -> AsyncIterator[tuple[FakeChatService, str]]:
@@ -343,3 +357,42 @@ async def test_the_blocking_client_has_the_same_behaviour(fake: tuple[FakeChatSe
     assert texts == ["Par", "is"]
     assert error.field == "temperature"
     assert service.tokens[0] == "Bearer tok"
+
+
+async def test_a_chat_picks_its_model_and_switches_it_and_the_models_are_listed(
+    fake: tuple[FakeChatService, str],
+) -> None:
+    service, address = fake
+    chat = pb.Chat(chat_id=CHAT, model="smollm2-135m-instruct")
+    service.scripts += [
+        [pb.CompletionEvent(chat_id=CHAT, chat=chat)],
+        [pb.CompletionEvent(chat_id=CHAT, user_message_id="m1", chat=chat), delta("Hi"), finished()],
+    ]
+    async with AsyncChatClient(address) as client:
+        listed = await client.list_models()
+        assert await client.create_chat(model="smollm2-135m-instruct") == chat
+        await client.complete("Hi", model="smollm2-135m-instruct")
+        with pytest.raises(ValueError, match="model"):
+            client.stream("Hi", chat_id=CHAT, model="gemma-3-270m")
+        switched = await client.update_chat(CHAT, model="gemma-3-270m")
+        untouched = await client.update_chat(CHAT, title="t")
+    assert [m.name for m in listed.models] == ["gemma-3-270m", "smollm2-135m-instruct"]
+    assert listed.default_model == "gemma-3-270m"
+    created, streamed = service.requests[1:3]
+    assert isinstance(created, pb.CreateChatRequest) and created.model == "smollm2-135m-instruct"
+    assert isinstance(streamed, pb.CreateChatRequest) and streamed.model == "smollm2-135m-instruct"
+    assert switched.model == "gemma-3-270m"
+    update, no_model = service.requests[3:]
+    assert update.HasField("model") and update.model == "gemma-3-270m"
+    assert not no_model.HasField("model"), "a model left out is unchanged, not cleared"
+    assert untouched.model == ""
+
+
+async def test_the_blocking_client_lists_models_too(fake: tuple[FakeChatService, str]) -> None:
+    _, address = fake
+
+    def listed() -> list[str]:
+        with ChatClient(address) as client:
+            return [model.name for model in client.list_models().models]
+
+    assert await asyncio.to_thread(listed) == ["gemma-3-270m", "smollm2-135m-instruct"]
