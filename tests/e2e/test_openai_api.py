@@ -1,8 +1,9 @@
 """The OpenAI-compatible API (`/v1/chat/completions`, `/v1/models`) through the real Envoy gateway, driven
 by the real `openai` Python SDK and by `curl -N`.
 
-One stack for the module: the session's inference and embedding services, one chat replica with the
-semantic cache on (its own collection) on a fresh PostgreSQL database, and Envoy in front.
+One stack for the module: the session's two-model engine (tests/e2e/conftest.py) and embedding service,
+one chat replica with the semantic cache on (its own collection) on a fresh PostgreSQL database, and Envoy
+in front. `model` picks which of the two answers.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import openai
 import pytest
 
 from gateway import EnvoyProcess
+from tests.e2e.conftest import DEFAULT_MODEL, SECOND_MODEL
 from tests.support.chat import bearer, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess
@@ -40,13 +42,13 @@ class Stack:
 @pytest.fixture(scope="module")
 async def stack(
     tmp_path_factory: pytest.TempPathFactory,
-    inference_address: str,
+    two_models_address: str,
     embedding_service: tuple[str, LoggedProcess],
 ) -> AsyncIterator[Stack]:
     async with (
         fresh_postgres_database() as url,
         chat_stack(
-            inference_address,
+            two_models_address,
             url,
             envoy_dir=tmp_path_factory.mktemp("envoy"),
             cache_address=embedding_service[0],
@@ -67,11 +69,32 @@ def new_user() -> str:
     return f"user-{uuid.uuid4().hex[:8]}"
 
 
-async def test_models_lists_the_served_model(stack: Stack) -> None:
+async def test_models_lists_every_served_model_the_default_first(stack: Stack) -> None:
     async with client(stack, new_user()) as sdk:
         models = [model async for model in sdk.models.list()]
-    assert [(m.id, m.object, m.owned_by) for m in models] == [(stack.model, "model", "chatmesh")]
-    assert models[0].created > 0
+    assert [(m.id, m.object, m.owned_by) for m in models] == [
+        (DEFAULT_MODEL, "model", "chatmesh"),
+        (SECOND_MODEL, "model", "chatmesh"),
+    ]
+    assert stack.model == DEFAULT_MODEL
+    assert all(m.created > 0 for m in models)
+
+
+@pytest.mark.parametrize("model", [DEFAULT_MODEL, SECOND_MODEL])
+async def test_the_model_named_answers_and_the_reply_says_so(stack: Stack, model: str) -> None:
+    messages: list[Any] = [{"role": "user", "content": "Name a colour."}]
+    async with client(stack, new_user()) as sdk:
+        completion = await sdk.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0
+        )
+        stream = await sdk.chat.completions.create(
+            model=model, messages=messages, max_tokens=6, temperature=0, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    assert completion.model == model
+    assert completion.choices[0].message.content
+    assert completion.usage is not None and completion.usage.completion_tokens > 0
+    assert chunks and {chunk.model for chunk in chunks} == {model}
 
 
 async def test_a_completion_without_streaming(stack: Stack) -> None:
@@ -191,6 +214,12 @@ async def test_a_repeated_question_is_served_from_the_askers_cache_only(stack: S
             model=stack.model, messages=messages, max_tokens=24, temperature=0
         )
         assert theirs.usage is not None and theirs.usage.completion_tokens > 0
+        # And the owner asking another model: that model answers, never the first one's cached answer.
+        other_model = await sdk.chat.completions.create(
+            model=SECOND_MODEL, messages=messages, max_tokens=24, temperature=0
+        )
+        assert other_model.model == SECOND_MODEL
+        assert other_model.usage is not None and other_model.usage.completion_tokens > 0
 
 
 @pytest.mark.parametrize(
@@ -226,6 +255,18 @@ async def test_bad_requests_get_openai_error_bodies(
     assert words in error["message"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
+
+
+async def test_a_model_that_is_not_served_is_404_naming_the_served_ones(stack: Stack) -> None:
+    async with client(stack, new_user()) as sdk:
+        with pytest.raises(openai.NotFoundError) as missing:
+            await sdk.chat.completions.create(
+                model="gpt-4o", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+            )
+    assert missing.value.status_code == 404
+    body = missing.value.body
+    assert isinstance(body, dict) and body["type"] == "invalid_request_error", body
+    assert DEFAULT_MODEL in body["message"] and SECOND_MODEL in body["message"], body
 
 
 async def test_the_sdk_raises_its_own_errors(stack: Stack) -> None:
