@@ -1,5 +1,6 @@
 """The chat web page in a real browser (Debian's Chromium, driven by playwright) against the real mesh:
-Envoy serving the page and the API, a chat replica with the dev sign-in, the session's engine.
+Envoy serving the page and the API, a chat replica with the dev sign-in, the session's two-model engine
+(tests/e2e/conftest.py).
 
 Set CHATMESH_UPDATE_SCREENSHOT=1 to write docs/screenshot.png from the conversation test.
 """
@@ -25,10 +26,11 @@ from chat_service.storage.base import Lease
 from chat_service.storage.sql import open_sql_store
 from chatmesh.common.auth import DEV_SECRET_FILE
 from gateway import EnvoyProcess
+from tests.e2e.conftest import DEFAULT_MODEL, SECOND_MODEL
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import LoggedProcess
 from tests.support.services import COUNTING_SYSTEM_PROMPT
-from tests.support.stack import chat_stack, inference_service
+from tests.support.stack import chat_stack
 from tests.support.waiting import eventually_sync
 
 pytestmark = pytest.mark.e2e
@@ -50,10 +52,12 @@ class Site:
 
 @pytest.fixture(scope="module")
 async def site(
-    tmp_path_factory: pytest.TempPathFactory, embedding_service: tuple[str, LoggedProcess]
+    tmp_path_factory: pytest.TempPathFactory,
+    embedding_service: tuple[str, LoggedProcess],
+    two_models_address: str,
 ) -> AsyncIterator[Site]:
-    # An engine of its own: replies as long as under `make run` (the shared one stops at 24 tokens, too
-    # soon to press Stop in the middle of one).
+    # The two-model engine: a model picker with a choice, and replies as long as under `make run` (the
+    # session's standard engine stops at 24 tokens, too soon to press Stop in the middle of one).
     gateway = {
         "jwt_secret": None,
         "jwt_secret_file": DEV_SECRET_FILE,
@@ -63,21 +67,22 @@ async def site(
         "rate_limit_per_s": 2,
         "rate_limit_burst": 20,
     }
-    async with fresh_postgres_database() as url:
-        with inference_service(standard=False, context_length=2048) as engine:
-            async with chat_stack(
-                engine.address,
-                url,
-                envoy_dir=tmp_path_factory.mktemp("envoy"),
-                gateway=gateway,
-                dev_sign_in=True,
-                # The dev sign-in runs only with the mesh's own dev secret, as under `make run`.
-                jwt_secret=None,
-                # The semantic cache on, as under `make run` (its own collection).
-                cache_address=embedding_service[0],
-                cache_collection=f"web_{uuid.uuid4().hex[:8]}",
-            ) as stack:
-                yield Site(stack.envoy, url)
+    async with (
+        fresh_postgres_database() as url,
+        chat_stack(
+            two_models_address,
+            url,
+            envoy_dir=tmp_path_factory.mktemp("envoy"),
+            gateway=gateway,
+            dev_sign_in=True,
+            # The dev sign-in runs only with the mesh's own dev secret, as under `make run`.
+            jwt_secret=None,
+            # The semantic cache on, as under `make run` (its own collection).
+            cache_address=embedding_service[0],
+            cache_collection=f"web_{uuid.uuid4().hex[:8]}",
+        ) as stack,
+    ):
+        yield Site(stack.envoy, url)
 
 
 @pytest.fixture(scope="module")
@@ -219,6 +224,44 @@ def test_a_conversation_streams_stops_and_survives_a_reload(page: Page, site: Si
         send(page, "Write a Python function that adds two numbers, in a code block.")
         expect(last_reply(page)).to_have_attribute("data-state", "done", timeout=60_000)
         page.screenshot(path=str(SCREENSHOT))
+
+
+def test_a_chat_on_the_second_model_is_labelled_with_it_and_switched_in_its_settings(
+    page: Page, site: Site
+) -> None:
+    sign_in(page, site, f"web-{uuid.uuid4().hex[:6]}")
+    picker = page.locator("#model-picker")
+    # Filled from GET /models, the default chosen.
+    expect(picker.locator("option")).to_have_count(2)
+    expect(picker).to_have_value(DEFAULT_MODEL)
+    picker.select_option(SECOND_MODEL)
+    send(page, "Name a colour.")
+    reply = last_reply(page)
+    expect(reply).to_have_attribute("data-state", "done", timeout=60_000)
+    expect(reply.locator(".badge.model")).to_have_text(SECOND_MODEL)
+    # The chat exists now: its model is shown, and the picker for a new chat is gone.
+    expect(page.locator("#chat-model-name")).to_have_text(SECOND_MODEL)
+    expect(page.locator("#model-picker-label")).to_be_hidden()
+
+    # Switched in the chat's settings: the next reply is the default model's.
+    page.click("#toggle-settings")
+    expect(page.locator("#chat-model")).to_have_value(SECOND_MODEL)
+    page.select_option("#chat-model", DEFAULT_MODEL)
+    page.click("#settings button[type=submit]")
+    expect(page.locator("#settings")).to_be_hidden()
+    expect(page.locator("#chat-model-name")).to_have_text(DEFAULT_MODEL)
+    send(page, "Name another colour.")
+    expect(last_reply(page)).to_have_attribute("data-state", "done", timeout=60_000)
+    expect(last_reply(page).locator(".badge.model")).to_have_text(DEFAULT_MODEL)
+
+    # After a reload each stored reply names the model that wrote it; a new chat starts on the default.
+    page.reload()
+    expect(page.locator("#model-picker")).to_have_value(DEFAULT_MODEL)
+    page.locator("#chat-list li .open").first.click()
+    expect(page.locator("#messages .message.assistant .badge.model")).to_have_text(
+        [SECOND_MODEL, DEFAULT_MODEL]
+    )
+    expect(page.locator("#chat-model-name")).to_have_text(DEFAULT_MODEL)
 
 
 def test_an_answer_from_the_cache_wears_a_badge(page: Page, site: Site) -> None:
