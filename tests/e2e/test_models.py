@@ -176,3 +176,32 @@ def test_the_terminal_client_starts_a_chat_on_the_model_it_is_given(envoy: Envoy
     assert result.returncode == 0, result.stderr
     # The reply's closing line names the model that wrote it.
     assert f" tokens, {SECOND_MODEL}]" in result.stdout, result.stdout
+
+
+def test_the_terminal_clients_model_commands(envoy: EnvoyProcess) -> None:
+    lines = ["/models", f"/model {SECOND_MODEL}", "Say hi.", f"/model {DEFAULT_MODEL}", "/history", "/quit"]
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "chatmesh",
+            "chat",
+            "--address",
+            envoy.listen_address,
+            "--token",
+            token_for(new_user()),
+        ],
+        input="\n".join(lines) + "\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    # The list marks the model new chats get; /model chooses another for the next chat, then switches it.
+    assert f"* {DEFAULT_MODEL}" in out and f"  {SECOND_MODEL}" in out, out
+    assert f"new chats use {SECOND_MODEL}" in out, out
+    assert f" tokens, {SECOND_MODEL}]" in out, out
+    assert f"this chat now uses {DEFAULT_MODEL}" in out, out
+    assert f"assistant ({SECOND_MODEL}): " in out, out
