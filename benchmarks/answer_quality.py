@@ -291,7 +291,9 @@ async def ask(http: httpx.AsyncClient, question: str, max_tokens: int, temperatu
     completion_tokens = 0
     first_delta: float | None = None
     async with http.stream("POST", "/chat", json=body) as response:
-        response.raise_for_status()
+        if response.is_error:
+            await response.aread()
+            raise RuntimeError(f"POST /chat: {response.status_code} {response.text[:500]}")
         async for line in response.aiter_lines():
             if not line.startswith("data:"):
                 continue
@@ -397,6 +399,7 @@ async def main() -> None:
     parser.add_argument("--model", help="a GGUF file or a catalog name; default: the service's default")
     parser.add_argument("--template", choices=("auto", "transcript", "gemma", "chatml"))
     parser.add_argument("--preamble", choices=("none", "few-shot"))
+    parser.add_argument("--limit", type=int, help="ask only the first LIMIT items of each set (a quick try)")
     parser.add_argument("--show-wrong", type=int, default=10, help="print this many wrong replies per set")
     args = parser.parse_args()
     runs = []
@@ -407,6 +410,7 @@ async def main() -> None:
             SetRun("instructions", args.instructions, load(args.instructions), args.instruction_max_tokens)
         )
 
+    runs = [SetRun(run.name, run.path, run.items[: args.limit], run.max_tokens) for run in runs]
     settings = inference_settings(args)
     # The services run this checkout's code, whatever the venv's editable install points at.
     code = {"PYTHONPATH": os.pathsep.join(filter(None, [*CODE_PATHS, os.environ.get("PYTHONPATH")]))}
