@@ -1,7 +1,7 @@
 """A chat has a model: `ServedModels`, and `Conversations` routing every call of a chat (generation, token
-counts, summaries, the window, the semantic cache, metrics) to the chat's model, on in-memory fakes of the
-store, the vector index and an inference service serving two models (tests/support/fakes.py). The real
-inference service and databases are in tests/integration/test_chat_models.py."""
+counts, summaries, the window, the semantic cache, metrics, traces) to the chat's model, on in-memory fakes
+of the store, the vector index and an inference service serving two models (tests/support/fakes.py). The
+real inference service and databases are in tests/integration/test_chat_models.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ from collections.abc import AsyncGenerator
 from contextlib import aclosing
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client import CollectorRegistry
 
 from chat_service.cache.policy import CachePolicy, SemanticCache
@@ -316,3 +319,29 @@ async def test_completions_are_counted_by_model(store: MemoryConversationStore) 
         "chatmesh_chat_history_strategy_total", {"strategy": "full", "gen_ai_request_model": "small"}
     )
     assert built == 2
+
+
+# -- traces ------------------------------------------------------------------------------------------------
+
+
+async def test_the_calls_span_names_the_chats_model(store: MemoryConversationStore) -> None:
+    spans = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(spans))
+    tracer = provider.get_tracer("test")
+    chats = conversations(store, two_models())
+    for model in ("small", "big"):
+        with tracer.start_as_current_span(f"call {model}"):  # the server span of the call
+            await new_chat(chats, model, first="Hi")
+        prompt = [PromptMessage("user", "Hi")]
+        with tracer.start_as_current_span(f"stateless {model}"):
+            await drain(chats.answer("alice", prompt, SAMPLING, f"r-{model}", model=model))
+    named = {
+        span.name: (span.attributes or {}).get("gen_ai.request.model") for span in spans.get_finished_spans()
+    }
+    assert named == {
+        "call small": "small",
+        "stateless small": "small",
+        "call big": "big",
+        "stateless big": "big",
+    }
