@@ -32,7 +32,7 @@ class ChatSettings(ChatServiceSettings):
     )
     health_check_timeout_s: float = Field(1.0, gt=0, description="deadline of each dependency check")
     inference_model_info_timeout_s: float = Field(
-        10.0, gt=0, description="deadline of each GetModelInfo call to the inference service"
+        10.0, gt=0, description="deadline of each ListModels and GetModelInfo call to the inference service"
     )
     inference_count_timeout_s: float = Field(
         30.0, gt=0, description="deadline of each CountTokens call to the inference service"

@@ -23,6 +23,7 @@ from chat_service.domain import ChatUpdate, HistoryStrategy, Role
 from chat_service.history import HistoryBuilder, SummaryPolicy
 from chat_service.inference import EngineInfo, PromptMessage, SamplingOptions, ServedModels
 from chat_service.metrics import ChatMetrics
+from chat_service.server import wait_for_models
 from chatmesh.common.errors import InvalidArgument, NotFound
 from tests.support.fakes import FakeEngine, MemoryConversationStore, MemoryVectors
 from tests.support.waiting import until
@@ -111,6 +112,12 @@ def test_served_model_names_are_distinct_and_named() -> None:
         ServedModels([EngineInfo("", 10, 1)])
     with pytest.raises(ValueError):
         ServedModels([])
+
+
+async def test_the_service_loads_the_served_models_from_the_inference_service() -> None:
+    engine = FakeEngine(models=[SMALL, BIG])
+    models = await wait_for_models(engine, timeout_s=5, address="fake")
+    assert models.names == ("small", "big") and models.default == SMALL
 
 
 # -- routing -----------------------------------------------------------------------------------------------
