@@ -59,7 +59,8 @@ class ChatSession:
         async for chat in self.client.iter_chats(page_size=50):
             marker = "*" if chat.chat_id == self.chat_id else " "
             when = chat.last_activity_time.ToDatetime().strftime("%Y-%m-%d %H:%M")
-            print(f"{marker} {chat.chat_id}  {when}  {chat.title or '(untitled)'}")
+            model = f"  [{chat.model}]" if chat.model else ""
+            print(f"{marker} {chat.chat_id}  {when}  {chat.title or '(untitled)'}{model}")
 
     async def history(self) -> None:
         if self.chat_id is None:
