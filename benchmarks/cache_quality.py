@@ -64,7 +64,7 @@ USER = "quality-bench"
 
 def question(text: str) -> Question:
     # One user, no system prompt, no earlier turns: every entry shares the query's scope and context.
-    return Question(USER, uuid.uuid4(), "", (), text)
+    return Question(USER, uuid.uuid4(), "", (), text, "bench")
 
 
 Counts = list[int]
@@ -171,7 +171,7 @@ async def run(files: dict[str, list[dict[str, str]]], sample: int | None) -> Non
                 vectors = GrpcVectorClient(channel, search_timeout_s=60, write_timeout_s=120)
                 for name, pairs in files.items():
                     print(f"{name}:", file=sys.stderr, flush=True)
-                    policy = CachePolicy(model="bench", collection=f"quality_{Path(name).stem}")
+                    policy = CachePolicy(collection=f"quality_{Path(name).stem}")
                     cache = SemanticCache(vectors, policy, VerificationRule())
                     await store_origins(cache, vectors, pairs)
                     await measure(cache, name, pairs, sample)

@@ -158,11 +158,11 @@ async def main() -> None:
             ):
                 engine = await GrpcInferenceClient(engine_channel).model_info()
                 cache = SemanticCache(
-                    GrpcVectorClient(vector_channel), CachePolicy(model=engine.model), VerificationRule()
+                    GrpcVectorClient(vector_channel), CachePolicy(), VerificationRule()
                 )
                 print(f"storing {len(prefilled)} answers...", flush=True)
                 for question in prefilled:
-                    asked_by = Question(user, uuid.uuid4(), "", (), question)
+                    asked_by = Question(user, uuid.uuid4(), "", (), question, engine.model)
                     await cache.store(asked_by, f"A stored answer to: {question}", 12)
                 # Warm-up: the first calls page in models and open connections.
                 for warm in origins[-3:]:
