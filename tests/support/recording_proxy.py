@@ -95,6 +95,12 @@ class RecordingInferenceProxy(inference_pb2_grpc.InferenceServiceServicer):
         reply: pb.GetModelInfoResponse = await self._upstream.GetModelInfo(request)
         return reply
 
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> pb.ListModelsResponse:
+        reply: pb.ListModelsResponse = await self._upstream.ListModels(request)
+        return reply
+
 
 @contextlib.contextmanager
 def run_recording_proxy(upstream_address: str) -> Iterator[tuple[str, RecordingInferenceProxy]]:
