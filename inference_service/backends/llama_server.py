@@ -346,7 +346,7 @@ async def open_llama_server_backend(
     binary = await asyncio.to_thread(llama_server_binary)
     port = _free_port()
     await asyncio.to_thread(log_dir.mkdir, parents=True, exist_ok=True)
-    log_path = log_dir / f"llama-server-{port}.log"
+    log_path = log_dir / f"llama-server-{model_name}-{port}.log"
     args = _server_args(binary, gguf_path, port, parallel, context_length, threads, batch_threads)
     log.info(
         "starting llama-server",
@@ -366,7 +366,10 @@ async def open_llama_server_backend(
             await server.wait_ready(
                 lambda: _healthy(http), f"GET /health 200 on port {port}", STARTUP_TIMEOUT_S, interval_s=0.2
             )
-            log.info("llama-server ready", extra={"seconds": round(time.perf_counter() - started, 2)})
+            log.info(
+                "llama-server ready",
+                extra={"model": model_name, "seconds": round(time.perf_counter() - started, 2)},
+            )
             backend = LlamaServerBackend(
                 http,
                 tokenizer,
@@ -378,7 +381,11 @@ async def open_llama_server_backend(
             await backend.warm_slots()
             log.info(
                 "llama-server slots hold the prompts' shared start",
-                extra={"slots": parallel, "seconds": round(time.perf_counter() - warm_started, 2)},
+                extra={
+                    "model": model_name,
+                    "slots": parallel,
+                    "seconds": round(time.perf_counter() - warm_started, 2),
+                },
             )
             yield backend
         finally:
