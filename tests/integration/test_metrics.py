@@ -13,7 +13,7 @@ import pytest
 
 from chatmesh.chat.v1 import chat_pb2 as pb
 from tests.support.chat import ChatClient
-from tests.support.metrics import scrape, total, value
+from tests.support.metrics import scrape, total
 from tests.support.services import cache_entries
 from tests.support.stack import chat_service, embedding_service, free_address, inference_service
 from tests.support.waiting import eventually
@@ -91,8 +91,11 @@ async def test_counters_move_by_what_the_traffic_did(mesh: Mesh) -> None:
     prompt_tokens = generated.last.usage.prompt_tokens + skipped.last.usage.prompt_tokens
     assert moved("inference", "gen_ai_server_tokens_total", gen_ai_token_type="output") == generated_tokens
     assert moved("inference", "gen_ai_server_tokens_total", gen_ai_token_type="input") == prompt_tokens
-    assert value(after["inference"], "chatmesh_inference_running_generations") == 0
-    assert value(after["inference"], "chatmesh_inference_queue_depth") == 0
+    for gauge in ("chatmesh_inference_running_generations", "chatmesh_inference_queue_depth"):
+        # Per served model: the series is there (an absent one would read as 0) and back at zero.
+        series = (gauge, frozenset({("gen_ai_request_model", "gemma-3-270m")}))
+        assert series in after["inference"], sorted(k for k in after["inference"] if k[0] == gauge)
+        assert after["inference"][series] == 0
     assert moved("inference", "chatmesh_inference_admission_rejections_total") == 0
 
     # Three completions: two generated (one of them `stop`), one from the cache.
