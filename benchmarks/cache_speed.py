@@ -157,9 +157,7 @@ async def main() -> None:
                 grpc.aio.insecure_channel(embedding) as vector_channel,
             ):
                 engine = await GrpcInferenceClient(engine_channel).model_info()
-                cache = SemanticCache(
-                    GrpcVectorClient(vector_channel), CachePolicy(), VerificationRule()
-                )
+                cache = SemanticCache(GrpcVectorClient(vector_channel), CachePolicy(), VerificationRule())
                 print(f"storing {len(prefilled)} answers...", flush=True)
                 for question in prefilled:
                     asked_by = Question(user, uuid.uuid4(), "", (), question, engine.model)

@@ -13,6 +13,7 @@ at going first; the table gives the median rates and the median of the per-round
 pair ran back to back, so a machine that speeds up or slows down between rounds cancels out).
 
     .venv/bin/python benchmarks/engine_concurrency.py [--rounds 3] [--max-tokens 64] [--slots 16] [--control]
+        [--model gemma-3-270m]   # any catalog model (`chatmesh models list`), served the same on both sides
 
 `--control` replaces the service with a second llama-server alone, reached the same way as the first:
 the "ratio" column then shows how far two identical engines differ on this machine in this run, the
@@ -40,24 +41,28 @@ from pathlib import Path
 import grpc
 import httpx
 
-from tests.support.stack import inference_env
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
 from chatmesh.inference.v1 import inference_pb2_grpc
+from chatmesh.models.store import ModelStore
 from inference_service.backends.base import Prompt
 from inference_service.backends.llama_server import LlamaServerBackend, open_llama_server_backend
-from inference_service.model_files import bundled_gguf_path
+from inference_service.engines import ModelSetup, model_setup
 from inference_service.prompt import Role, Turn
 from inference_service.settings import InferenceSettings
 from tests.support.processes import free_port, run_service
+from tests.support.stack import inference_env
 
 CONTEXT = 1024
 EXAMPLE = ", ".join(str(i) for i in range(1, 41))
 
-DEFAULT_TEMPLATE = InferenceSettings(address="127.0.0.1:1").template()
-"""The prompt template of an inference service with default settings (its preamble included)."""
+
+def served_setup(model: str) -> ModelSetup:
+    """The file and prompt template an inference service serving catalog model `model` uses, so the
+    engine alone is sent the very prompts the service sends."""
+    settings = InferenceSettings(address="127.0.0.1:1", models=model)
+    return model_setup(settings.served_models()[0], settings, ModelStore())
 
 
 def question(index: int) -> list[Turn]:
@@ -103,18 +108,21 @@ def row(streams: int, alone: list[Round], service: list[Round]) -> str:
     )
 
 
-def llama_server_alone(slots: int, run_dir: Path) -> AbstractAsyncContextManager[LlamaServerBackend]:
-    """A llama-server of its own (the bundled model, `slots` slots of CONTEXT tokens), for the side that
+def llama_server_alone(
+    slots: int, run_dir: Path, setup: ModelSetup
+) -> AbstractAsyncContextManager[LlamaServerBackend]:
+    """A llama-server of its own (`setup`'s model, `slots` slots of CONTEXT tokens), for the side that
     talks to the engine with nothing in front of it."""
+    assert setup.gguf is not None
     return open_llama_server_backend(
-        bundled_gguf_path(),
+        setup.gguf,
         parallel=slots,
         context_length=CONTEXT,
         threads=None,
         batch_threads=None,
-        # The prompt the inference service sends by default (preamble included), so both sides match.
-        template=DEFAULT_TEMPLATE,
-        model_name="gemma-3-270m",
+        # The prompt the inference service sends (template, preamble), so both sides match.
+        template=setup.template,
+        model_name=setup.name,
         log_dir=run_dir / "alone",
     )
 
@@ -126,15 +134,16 @@ async def completion_stream(
     t0: float,
     slot: int | None = None,
     on_first: Callable[[], None] = lambda: None,
+    stop: tuple[str, ...] = (),
 ) -> tuple[float, float, int]:
     """One greedy completion straight from llama-server's `/completion` (the relay's own request):
     (first text s, last token s) after t0, and the tokens generated. `slot`: the slot to run in;
-    `on_first` is called at the first text."""
+    `on_first` is called at the first text; `stop`: the template's stop sequences."""
     body: dict[str, object] = {
         "prompt": list(prompt.token_ids),
         "n_predict": max_tokens,
         "temperature": 0.0,
-        "stop": list(DEFAULT_TEMPLATE.stop),
+        "stop": list(stop),
         "stream": True,
         "cache_prompt": True,
     }
@@ -173,12 +182,15 @@ def in_slots(
     prompts: list[Prompt],
     max_tokens: int,
     started: defaultdict[int, asyncio.Event],
+    stop: tuple[str, ...],
 ) -> Stream:
     """Question i straight to llama-server in slot i (`id_slot`), setting `started[i]` at its first text:
-    the direct side's stream for `place_in_slots`."""
+    the direct side's stream for `place_in_slots`; `stop`: the template's stop sequences."""
 
     async def stream(i: int, t0: float) -> tuple[float, float, int]:
-        return await completion_stream(client, prompts[i], max_tokens, t0, slot=i, on_first=started[i].set)
+        return await completion_stream(
+            client, prompts[i], max_tokens, t0, slot=i, on_first=started[i].set, stop=stop
+        )
 
     return stream
 
@@ -211,17 +223,21 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--concurrency", default="1,2,4,8,16")
+    parser.add_argument("--model", default="gemma-3-270m", help="the catalog model both sides serve")
     parser.add_argument(
         "--control", action="store_true", help="a second llama-server alone in the service's place"
     )
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
+    setup = served_setup(args.model)
+    stop = setup.template.stop
     address = f"127.0.0.1:{free_port()}"
     print(f"starting llama-server alone and the inference service, {args.slots} slots each...", flush=True)
     with tempfile.TemporaryDirectory() as run_dir:
         env = inference_env(
             address,
             backend="llama_server",
+            models=args.model,
             max_concurrent=args.slots,
             max_queue=64,
             context_length=CONTEXT,
@@ -229,8 +245,8 @@ async def main() -> None:
             run_dir=run_dir,
         )
         async with (
-            llama_server_alone(args.slots, Path(run_dir)) as alone,
-            llama_server_alone(args.slots, Path(run_dir) / "control")
+            llama_server_alone(args.slots, Path(run_dir), setup) as alone,
+            llama_server_alone(args.slots, Path(run_dir) / "control", setup)
             if args.control
             else contextlib.nullcontext() as control,
         ):
@@ -249,10 +265,12 @@ async def main() -> None:
                     started: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
 
                     async def direct(i: int, t0: float) -> tuple[float, float, int]:
-                        return await completion_stream(http, prompts[i], args.max_tokens, t0)
+                        return await completion_stream(http, prompts[i], args.max_tokens, t0, stop=stop)
 
                     async def second_engine(i: int, t0: float) -> tuple[float, float, int]:
-                        return await completion_stream(control_http, prompts[i], args.max_tokens, t0)
+                        return await completion_stream(
+                            control_http, prompts[i], args.max_tokens, t0, stop=stop
+                        )
 
                     async def through_service(i: int, t0: float) -> tuple[float, float, int]:
                         messages = [
@@ -260,6 +278,7 @@ async def main() -> None:
                             for t in question(i)
                         ]
                         request = pb.GenerateRequest(
+                            model=args.model,
                             messages=messages,
                             sampling=pb.SamplingParams(max_tokens=args.max_tokens, temperature=0),
                         )
@@ -282,9 +301,11 @@ async def main() -> None:
                     # question i starts once i-1 is running: the relay's SlotChooser then puts it next
                     # to them, in slot i, and llama-server alone is told to (`id_slot`).
                     second = (
-                        in_slots(control_http, prompts, args.max_tokens, started) if args.control else service
+                        in_slots(control_http, prompts, args.max_tokens, started, stop)
+                        if args.control
+                        else service
                     )
-                    for side in (in_slots(http, prompts, args.max_tokens, started), second):
+                    for side in (in_slots(http, prompts, args.max_tokens, started, stop), second):
                         await place_in_slots(side, max(levels), started)
                     print(HEADER, flush=True)
                     for streams in levels:

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import grpc
 
-from tests.support.stack import inference_env
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
@@ -31,6 +29,7 @@ from inference_service.model_files import bundled_gguf_path
 from inference_service.prompt import Role, Turn
 from inference_service.settings import InferenceSettings
 from tests.support.processes import free_port, run_service
+from tests.support.stack import inference_env
 
 EXAMPLE = ", ".join(str(i) for i in range(1, 101))
 TURNS = [Turn(Role.USER, "Count to 100."), Turn(Role.ASSISTANT, EXAMPLE), Turn(Role.USER, "Count to 300.")]

@@ -39,6 +39,7 @@ from engine_concurrency import (
     one_round,
     place_in_slots,
     row,
+    served_setup,
 )  # a sibling script: this folder is on the path
 
 from gateway import GatewaySettings, run_envoy
@@ -97,14 +98,18 @@ async def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--slots", type=int, default=16)
     parser.add_argument("--concurrency", default="1,4,8,16")
+    parser.add_argument("--model", default="gemma-3-270m", help="the catalog model both sides serve")
     args = parser.parse_args()
     levels = [int(n) for n in args.concurrency.split(",")]
+    setup = served_setup(args.model)
+    stop = setup.template.stop
     inference = f"127.0.0.1:{free_port()}"
     replicas = [f"127.0.0.1:{free_port()}" for _ in range(2)]
     with tempfile.TemporaryDirectory() as run_dir:
         async with fresh_postgres_database() as url:
             engine_env = inference_env(
                 inference,
+                models=args.model,
                 log_level="WARNING",
                 max_concurrent=args.slots,
                 max_queue=64,
@@ -125,7 +130,7 @@ async def main() -> None:
                 )
 
             print(f"starting the mesh ({args.slots} engine slots) and llama-server alone...", flush=True)
-            async with llama_server_alone(args.slots, Path(run_dir)) as alone:
+            async with llama_server_alone(args.slots, Path(run_dir), setup) as alone:
                 with contextlib.ExitStack() as stack:
                     stack.enter_context(run_service("inference_service", engine_env, inference, timeout=180))
                     for number, address in enumerate(replicas):
@@ -160,11 +165,14 @@ async def main() -> None:
                             started: defaultdict[int, asyncio.Event] = defaultdict(asyncio.Event)
 
                             async def direct(i: int, t0: float) -> tuple[float, float, int]:
-                                return await completion_stream(engine, prompts[i], args.max_tokens, t0)
+                                return await completion_stream(
+                                    engine, prompts[i], args.max_tokens, t0, stop=stop
+                                )
 
                             async def through_mesh(i: int, t0: float) -> tuple[float, float, int]:
                                 body = {
                                     "system_prompt": SYSTEM_PROMPT,
+                                    "model": args.model,
                                     "content": question(i),
                                     "max_tokens": args.max_tokens,
                                     "temperature": 0,
@@ -189,7 +197,8 @@ async def main() -> None:
 
                             # Warm-up: question i cached in slot i on both sides, as in engine_concurrency
                             # (where the streams sit decides how fast the engine runs them).
-                            for side in (in_slots(engine, prompts, args.max_tokens, started), through_mesh):
+                            direct_side = in_slots(engine, prompts, args.max_tokens, started, stop)
+                            for side in (direct_side, through_mesh):
                                 await place_in_slots(side, max(levels), started)
                             print(
                                 HEADER.replace("llama-server", "engine alone").replace("service", "mesh   ")

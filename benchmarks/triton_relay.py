@@ -43,8 +43,6 @@ import grpc
 import numpy as np
 import tritonclient.grpc.aio as triton_grpc
 
-from tests.support.stack import inference_env
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from chatmesh.inference.v1 import inference_pb2 as pb
@@ -57,6 +55,7 @@ from tests.support.processes import (
     stop_process,
     wait_for_line,
 )
+from tests.support.stack import inference_env
 
 MODEL_SCRIPT = Path(__file__).resolve().parent.parent / "tests" / "support" / "triton_llama_model.py"
 PROMPT = "Tell me a story."
