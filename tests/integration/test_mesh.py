@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import signal
@@ -92,6 +93,22 @@ def heal_after_a_crash(mesh: subprocess.Popen[str], ports: dict[str, int], heade
     )
     assert reply.status_code == 200, reply.text
     assert '"finish_reason"' in reply.text
+
+
+def chat_on_the_second_model(base: str, headers: dict[str, str]) -> None:
+    """Both served models are listed, and a chat that names the second is answered by it."""
+    listed = httpx.get(f"{base}/models", headers=headers, timeout=10).json()
+    assert [model["name"] for model in listed["models"]] == ["gemma-3-270m", "smollm2-135m-instruct"]
+    assert listed["default_model"] == "gemma-3-270m"
+    body = {"content": "Hello!", "model": "smollm2-135m-instruct", "max_tokens": 4}
+    reply = httpx.post(f"{base}/chat", headers=headers, json=body, timeout=60)
+    assert reply.status_code == 200, reply.text
+    chat_id = json.loads(reply.text.split("data: ", 2)[1].splitlines()[0])["chat_id"]
+    messages = httpx.get(f"{base}/chat/{chat_id}/messages", headers=headers, timeout=10).json()["messages"]
+    assert [(m["role"], m.get("model", "")) for m in messages] == [
+        ("ROLE_USER", ""),
+        ("ROLE_ASSISTANT", "smollm2-135m-instruct"),
+    ]
 
 
 def stop_after_a_failure(mesh: subprocess.Popen[str]) -> None:
@@ -189,9 +206,9 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
             gateway_admin_port=ports["admin"],
             nats_port=ports["nats"],
             metrics_port=metrics,
-            # One light catalog model (pulled by `make test`): the launcher pulls what is missing, then
-            # passes the list on to the inference service.
-            models="gemma-3-270m",
+            # Two light catalog models (pulled by `make test`): the launcher pulls what is missing, then
+            # passes the list on to the inference service, which runs an engine for each.
+            models="gemma-3-270m,smollm2-135m-instruct",
         ),
     }
     for variable in (env_name(InferenceServiceSettings, "models"), GGUF_PATH_VARIABLE):
@@ -211,7 +228,10 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
     try:
         text = read_until(mesh, "Press Ctrl-C")
         assert "ready on" in text and "A dev token for user 'dev'" in text
-        assert "models     gemma-3-270m  (the first is the default; CHATMESH_MESH_MODELS;" in text
+        assert (
+            "models     gemma-3-270m, smollm2-135m-instruct  (the first is the default; CHATMESH_MESH_MODELS;"
+            in text
+        )
         # The welcome says where Envoy really listens: this machine only, by default.
         assert f"listening on 127.0.0.1:{ports['gateway']}: reachable from this machine only" in text
 
@@ -230,6 +250,7 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert chats.status_code == 200, chats.text
         assert [c["chat_id"] for c in chats.json()["chats"]] == [reply.chat_id]
         scrape_every_metrics_endpoint(text, metrics, ports["admin"])
+        chat_on_the_second_model(f"http://127.0.0.1:{ports['gateway']}", headers)
         # ... and an asynchronous job, queued on the mesh's own NATS and answered by a replica.
         job = submit_job_and_wait(f"http://127.0.0.1:{ports['gateway']}", headers, reply.chat_id)
         assert job["state"] == "JOB_STATE_SUCCEEDED", job
