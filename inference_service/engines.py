@@ -60,6 +60,9 @@ def model_setup(model: ServedModel, settings: InferenceSettings, store: ModelSto
         choice = "auto" if model.catalog.prompt_format == "template" else "transcript"
         fallback = dataclasses.replace(TEMPLATES["transcript"], preamble=PREAMBLES[settings.prompt_preamble])
     template = resolve_template(choice, fallback, settings.triton_tokenizer if tokenizer_elsewhere else gguf)
+    if model.catalog is not None and not model.catalog.default_system_prompt:
+        # Measured per model: some answer better without the system prompt their template adds.
+        template = dataclasses.replace(template, default_system="")
     return ModelSetup(model.name, gguf, template)
 
 
@@ -67,22 +70,21 @@ def engine_threads(settings: InferenceSettings, engines: int) -> tuple[int, int]
     """(generation threads, prompt-processing threads) of each of `engines` llama.cpp engines.
 
     The settings when given. Else generation: all cores but one (docs/benchmarks.md) divided among the
-    engines, at least one each; prompts: all cores for each engine.
+    engines, at least one each; prompts (and every step that decodes several streams at once, which
+    llama.cpp runs on its batch threads too): all cores divided among the engines, at least one each.
 
-    Why generation threads are divided: llama.cpp's threads meet at a barrier after every step, so with
-    more threads than cores one model's flood would preempt the other model's threads mid-step and slow
-    every token of its users. With a share each, a flooded engine keeps to its cores; on 2 cores two
-    models get one thread each, no barrier at all, which is also what one engine alone generates with
-    there (all cores but one).
-
-    Why prompt threads are not: a prompt is a short burst. Beside an idle engine all cores make the first
-    token sooner, and beside a flooded one it came as soon with one thread as with two (measured on
-    2 cores, Qwen2.5-Coder 0.5B beside a Gemma 3 270M engine with 16 streams: first token 104 ms idle and
-    151 ms flooded with two prompt threads, 150 and 156 ms with one).
+    Why divided: llama.cpp's threads meet at a barrier after every step, so with more threads than cores
+    one model's crowd preempts the other model's threads mid-step and slows every token of its users,
+    and both engines lose throughput to the thrashing. Measured on 2 cores (benchmarks/multi_model.py,
+    Qwen2.5-Coder 0.5B flooded by 16 users, a SmolLM2 user asking in turn): with two batch threads each,
+    the SmolLM2 user's first token came 3.2x later than on the idle mesh (p90 2.9 s) and the two engines
+    together made 0.70 of the flooded engine's tokens/s alone; with one each, 0.98x and 1.07. The cost:
+    one engine of several gets at most its share of the cores, also when the others are idle (a single
+    engine keeps them all).
     """
     cores = os.cpu_count() or 1
     threads = settings.threads or max(1, (cores - 1) // engines)
-    batch_threads = settings.batch_threads or cores
+    batch_threads = settings.batch_threads or max(1, cores // engines)
     return threads, batch_threads
 
 

@@ -50,6 +50,12 @@ DEFAULT_SYSTEM = {
     "smollm2-135m-instruct": SMOLLM_DEFAULT_SYSTEM,
     "gemma-3-270m": "",
 }
+"""The system turn each file's template writes for a conversation without one."""
+
+
+def served_default_system(name: str) -> str:
+    """The default system turn the service sends: the template's, unless the catalog turns it off."""
+    return DEFAULT_SYSTEM[name] if CATALOG[name].default_system_prompt else ""
 
 
 class Models:
@@ -94,7 +100,8 @@ def turns(messages: list[pb.Message]) -> list[Turn]:
 
 def expected_prompt_tokens(models: Models, name: str, messages: list[pb.Message]) -> int:
     """How many tokens the engine should be sent for `messages`: the file's own chat template rendered
-    by Jinja and tokenized whole (template models), or the transcript after the few-shot preamble."""
+    by Jinja and tokenized whole (template models; without the default system turn where the catalog turns
+    it off), or the transcript after the few-shot preamble."""
     vocab = models.tokenizer(name)
     found = gguf_chat_template(models.file(name))
     if found is None:
@@ -110,6 +117,8 @@ def expected_prompt_tokens(models: Models, name: str, messages: list[pb.Message]
             eos_token=eos,
         )
     )
+    if not served_default_system(name):
+        rendered = rendered.removeprefix(DEFAULT_SYSTEM[name])
     return len(vocab.prefix) + len(vocab.encode(rendered, special=True))
 
 
@@ -190,7 +199,7 @@ async def test_the_engine_gets_the_templates_rendering_of_the_whole_history(
     assert counted.prompt_tokens == expected_prompt_tokens(models, name, messages)
     assert counted.prompt_tokens == counted.template_tokens + sum(counted.message_tokens)
     # The default system prompt (Qwen's, SmolLM2's) is the template's, only without the chat's own.
-    default_system = 0 if system else models.tokens(name, DEFAULT_SYSTEM[name])
+    default_system = 0 if system else models.tokens(name, served_default_system(name))
     preamble = models.tokens(name, FEW_SHOT_PREAMBLE) if name == GEMMA3_270M.name else 0
     text, finished = await generate(stub, messages)
     # Usage is what the engine read, less what the template added that the caller never wrote.
@@ -209,7 +218,7 @@ async def test_the_chats_own_system_prompt_replaces_the_default_one(
     with_system = await stub.CountTokens(pb.CountTokensRequest(messages=[SYSTEM, *HISTORY], model=name))
     without = await stub.CountTokens(pb.CountTokensRequest(messages=HISTORY, model=name))
 
-    default_system = models.tokens(name, DEFAULT_SYSTEM[name])
+    default_system = models.tokens(name, served_default_system(name))
     # Its own system message is a message like any other; the default one is in the template's tokens.
     assert list(with_system.message_tokens)[1:] == list(without.message_tokens)
     assert without.template_tokens == with_system.template_tokens + default_system

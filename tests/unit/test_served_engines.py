@@ -38,9 +38,9 @@ def test_bad_models_settings_are_refused_when_read() -> None:
 
 @pytest.mark.parametrize(
     ("cores", "models", "expected"),
-    [(2, 1, (1, 2)), (2, 2, (1, 2)), (2, 3, (1, 2)), (8, 1, (7, 8)), (8, 2, (3, 8))],
+    [(2, 1, (1, 2)), (2, 2, (1, 1)), (2, 3, (1, 1)), (8, 1, (7, 8)), (8, 2, (3, 4)), (8, 3, (2, 2))],
 )
-def test_generation_threads_are_divided_among_the_engines_prompt_threads_are_not(
+def test_the_cores_are_divided_among_the_engines(
     monkeypatch: pytest.MonkeyPatch, cores: int, models: int, expected: tuple[int, int]
 ) -> None:
     monkeypatch.setattr("os.cpu_count", lambda: cores)
