@@ -342,6 +342,9 @@ async def test_calls_without_a_valid_token_never_reach_a_replica(
         await http.get("/chats", headers=forged),
         await http.post("/chat", json={"content": "hi"}, headers=forged),
         await http.get("/chats", headers={"authorization": "Basic YWxpY2U6c2VjcmV0"}),
+        await http.get("/models"),
+        await http.get("/models", headers=forged),
+        await http.patch(f"/chat/{uuid.uuid4()}", json={"model": "gemma-3-270m"}, headers=forged),
     ):
         assert reply.status_code == 401, reply.text
         assert reply.json()["code"] == "UNAUTHENTICATED"
@@ -351,7 +354,7 @@ async def test_calls_without_a_valid_token_never_reach_a_replica(
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
     denied = (await mesh.envoy.stats(r"jwt_authn\.denied$"))["http.public.jwt_authn.denied"]
-    assert denied - denied_before == 5
+    assert denied - denied_before == 8  # every call above, the models endpoints included
     assert await upstream_requests(mesh.envoy) == upstream_before, "a rejected call reached a replica"
 
 

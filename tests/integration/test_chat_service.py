@@ -255,6 +255,10 @@ async def test_calls_without_a_valid_token_are_unauthenticated(channel: grpc.aio
     await expect_error(
         grpc.StatusCode.UNAUTHENTICATED, stub.CreateChat(pb.CreateChatRequest(content="hi"), metadata=forged)
     )
+    await expect_error(grpc.StatusCode.UNAUTHENTICATED, stub.ListModels(pb.ListModelsRequest()))
+    await expect_error(
+        grpc.StatusCode.UNAUTHENTICATED, stub.ListModels(pb.ListModelsRequest(), metadata=forged)
+    )
 
 
 @pytest.mark.parametrize(
