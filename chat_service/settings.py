@@ -122,3 +122,52 @@ class ChatSettings(ChatServiceSettings):
     summary_keep_recent_messages: int = Field(4, ge=0)
     summary_min_messages_to_fold: int = Field(2, ge=1)
     summary_max_tokens: int = Field(160, ge=16)
+
+    # Accounting (docs/accounting.md): usage records, token budgets, API keys, admins.
+    accounting: bool = Field(
+        True,
+        description="record every generation's usage and check budgets before each; off: no records, no"
+        " budgets, no x-ratelimit-*-tokens headers (API keys still work)",
+    )
+    budget_user_daily_tokens: int = Field(
+        0, ge=0, description="tokens (prompt + completion) one user may use per UTC day; 0: no limit"
+    )
+    budget_user_monthly_tokens: int = Field(
+        0, ge=0, description="tokens one user may use per UTC calendar month; 0: no limit"
+    )
+    budget_group_daily_tokens: int = Field(
+        0, ge=0, description="tokens all users of one group together may use per UTC day; 0: no limit"
+    )
+    budget_group_monthly_tokens: int = Field(
+        0, ge=0, description="tokens all users of one group together may use per UTC month; 0: no limit"
+    )
+    budget_cache_s: float = Field(
+        1.0,
+        ge=0,
+        description="how long a replica reuses a user's budget use for the x-ratelimit-*-tokens headers of"
+        " calls that generate nothing (a generation always checks the database)",
+    )
+    jwt_group_claim: str = Field(
+        "group", min_length=1, description="the token claim naming the user's group (a string, or a list:"
+        " its first)"
+    )
+    jwt_role_claim: str = Field(
+        "role", min_length=1, description="the token claim holding the user's role(s)"
+    )
+    admin_role: str = Field("admin", min_length=1, description="the role that makes a user an admin")
+    admin_users: list[str] = Field(
+        default_factory=list,
+        description="user ids that are admins whatever their token says (JSON list, e.g. [\"alice\"])",
+    )
+    api_key_cache_s: float = Field(
+        2.0,
+        ge=0,
+        description="how long a replica trusts what it last read of an API key: a key revoked elsewhere is"
+        " refused here within this many seconds (at once on the replica that revoked it)",
+    )
+    metrics_groups: int = Field(
+        50,
+        ge=1,
+        description="distinct groups the token metrics label by; usage of further groups is labelled"
+        " `other`, so a careless group claim cannot blow up the metrics' cardinality",
+    )

@@ -22,7 +22,13 @@ CHAT_SERVICE = "chatmesh.chat.v1.ChatService"
 OPENAI_SERVICE = "chatmesh.openai.v1.OpenAIService"
 """The OpenAI-compatible API (`/v1/...`), served by the chat service beside ChatService."""
 
-PUBLIC_SERVICES = (CHAT_SERVICE, OPENAI_SERVICE)
+ACCOUNT_SERVICE = "chatmesh.chat.v1.AccountService"
+"""A user's own API keys, usage and budgets (`/keys`, `/usage`)."""
+
+ADMIN_SERVICE = "chatmesh.chat.v1.AdminService"
+"""The team's usage, budgets and keys, for admins (`/admin/...`)."""
+
+PUBLIC_SERVICES = (CHAT_SERVICE, OPENAI_SERVICE, ACCOUNT_SERVICE, ADMIN_SERVICE)
 """The services the gateway exposes, all served by the chat replicas."""
 
 DEV_SIGN_IN_SERVICE = "chatmesh.dev.v1.DevSignInService"
