@@ -3,14 +3,29 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from chat_service.accounting.keys_rpc import AdminKeyMethods, KeyMethods
 from chat_service.accounting.usage_rpc import AdminUsageMethods, UsageMethods
 from chatmesh.chat.v1 import account_pb2_grpc
 
+if TYPE_CHECKING:
+    from chat_service.accounting.keys import ApiKeys
+    from chat_service.accounting.ledger import Ledger
 
-class AccountServicer(KeyMethods, UsageMethods, account_pb2_grpc.AccountServiceServicer):
+
+class _Accounts:
+    """What both servicers hold: the API keys, and the ledger (None with accounting off: no usage is
+    recorded, so there is none to report, and budgets are not enforced)."""
+
+    def __init__(self, keys: ApiKeys, ledger: Ledger | None) -> None:
+        self._keys = keys
+        self._ledger = ledger
+
+
+class AccountServicer(_Accounts, KeyMethods, UsageMethods, account_pb2_grpc.AccountServiceServicer):
     """A caller's own keys, usage and budgets."""
 
 
-class AdminServicer(AdminKeyMethods, AdminUsageMethods, account_pb2_grpc.AdminServiceServicer):
+class AdminServicer(_Accounts, AdminKeyMethods, AdminUsageMethods, account_pb2_grpc.AdminServiceServicer):
     """The team's usage, budgets and keys; every method checks that the caller is an admin."""
