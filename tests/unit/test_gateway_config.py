@@ -118,11 +118,14 @@ def _descriptor_set(tmp_path: Path) -> Path:
     rule.custom.kind = "WATCH"
     rule.custom.path = "/things/{thing_id}:watch"
     method("Upload", client_streaming=True)  # gRPC only
-    # The gateway exposes an OpenAIService too; here it has no methods.
+    # The gateway exposes an OpenAIService, an AccountService and an AdminService too; here they have no
+    # methods.
     openai = descriptor_pb2.FileDescriptorProto(
         name="openai.proto", package="chatmesh.openai.v1", syntax="proto3"
     )
     openai.service.add(name="OpenAIService")
+    file.service.add(name="AccountService")
+    file.service.add(name="AdminService")
     path = tmp_path / "other.pb"
     path.write_bytes(descriptor_pb2.FileDescriptorSet(file=[file, openai]).SerializeToString())
     return path
@@ -171,7 +174,12 @@ def test_routes_405s_and_streaming_come_from_the_descriptor_set(tmp_path: Path) 
 
 def test_the_real_api_is_read_from_the_packaged_descriptor_set() -> None:
     api = ServiceApi.load(default_descriptor_path())
-    assert api.services == ("chatmesh.chat.v1.ChatService", "chatmesh.openai.v1.OpenAIService")
+    assert api.services == (
+        "chatmesh.chat.v1.ChatService",
+        "chatmesh.openai.v1.OpenAIService",
+        "chatmesh.chat.v1.AccountService",
+        "chatmesh.chat.v1.AdminService",
+    )
     assert [m.name for m in api.streaming_methods] == [
         "CreateChat",
         "Complete",
@@ -345,4 +353,9 @@ def test_the_dev_sign_in_exists_only_when_asked_for_and_needs_no_token() -> None
         "chatmesh.dev.v1.DevSignInService" in by_name["envoy.filters.http.grpc_json_transcoder"]["services"]
     )
     required = [rule["match"]["prefix"] for rule in by_name["envoy.filters.http.jwt_authn"]["rules"]]
-    assert required == ["/chatmesh.chat.v1.ChatService/", "/chatmesh.openai.v1.OpenAIService/"]
+    assert required == [
+        "/chatmesh.chat.v1.ChatService/",
+        "/chatmesh.openai.v1.OpenAIService/",
+        "/chatmesh.chat.v1.AccountService/",
+        "/chatmesh.chat.v1.AdminService/",
+    ]
