@@ -199,6 +199,12 @@ def test_the_real_api_is_read_from_the_packaged_descriptor_set() -> None:
         ("/models", ("GET",)),
         ("/v1/chat/completions", ("POST",)),
         ("/v1/models", ("GET",)),
+        ("/keys", ("POST", "GET")),
+        ("/keys/{key_id}", ("DELETE",)),
+        ("/usage", ("GET",)),
+        ("/admin/usage", ("GET",)),
+        ("/admin/budgets", ("GET", "PUT")),
+        ("/admin/users/{user_id}/keys", ("GET", "DELETE")),
     }
 
 
