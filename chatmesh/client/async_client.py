@@ -6,14 +6,15 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeAlias, Unpack
 
 import grpc
 
+from chatmesh.chat.v1 import account_pb2 as account_pb
+from chatmesh.chat.v1 import account_pb2_grpc, chat_pb2_grpc
 from chatmesh.chat.v1 import chat_pb2 as pb
-from chatmesh.chat.v1 import chat_pb2_grpc
 from chatmesh.client.events import (
     SERVICE,
     Completion,
@@ -72,6 +73,7 @@ class AsyncChatClient:
             self._channel = target
             self._owns_channel = False
         self._stub = chat_pb2_grpc.ChatServiceStub(self._channel)
+        self._account = account_pb2_grpc.AccountServiceStub(self._channel)
         self._token = token
         self.timeout = timeout
         self.stream_timeout = stream_timeout
@@ -324,6 +326,56 @@ class AsyncChatClient:
         request = pb.WatchJobRequest(job_id=job_id)
         deadline = self._deadline(timeout, self.stream_timeout)
         return CompletionStream(self._completion(self._stub.WatchJob, request, deadline), job_id)
+
+    # --- usage and API keys -----------------------------------------------------------------------------
+
+    async def usage(self, days: int = 30, *, timeout: float | None = None) -> account_pb.GetUsageResponse:  # noqa: ASYNC109
+        """The caller's token usage by day and model over the last `days` days, and what remains of each
+        of their budgets."""
+        reply: account_pb.GetUsageResponse = await self._unary(
+            self._account.GetUsage, account_pb.GetUsageRequest(days=days), timeout
+        )
+        return reply
+
+    async def create_key(
+        self,
+        name: str,
+        *,
+        scopes: Sequence[str] = (),
+        expires_in_days: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> account_pb.CreateKeyResponse:
+        """Make an API key for the caller (needs a sign-in token, not a key). `scopes`: any of "chat",
+        "openai", "usage" (none: all of them); `expires_in_days` 0: never. The response's `secret` is the
+        bearer to use, shown this once. Not retried: a retry after a lost answer would make a second key."""
+        request = account_pb.CreateKeyRequest(
+            name=name,
+            scopes=[f"KEY_SCOPE_{scope.upper()}" for scope in scopes],
+            expires_in_days=expires_in_days,
+        )
+        deadline = self._deadline(timeout, self.timeout)
+        try:
+            reply: account_pb.CreateKeyResponse = await self._account.CreateKey(
+                request, metadata=self._metadata(), timeout=remaining(deadline)
+            )
+        except grpc.aio.AioRpcError as exc:
+            raise error_from_rpc(exc, SERVICE) from exc
+        return reply
+
+    async def list_keys(self, *, timeout: float | None = None) -> list[account_pb.ApiKey]:  # noqa: ASYNC109
+        """The caller's API keys, newest first, revoked ones included (never their secrets)."""
+        reply: account_pb.ListKeysResponse = await self._unary(
+            self._account.ListKeys, account_pb.ListKeysRequest(), timeout
+        )
+        return list(reply.keys)
+
+    async def revoke_key(self, key_id: str, *, timeout: float | None = None) -> account_pb.ApiKey:  # noqa: ASYNC109
+        """Revoke one of the caller's keys: every replica refuses it within seconds. Revoking twice is
+        harmless."""
+        reply: account_pb.RevokeKeyResponse = await self._unary(
+            self._account.RevokeKey, account_pb.RevokeKeyRequest(key_id=key_id), timeout
+        )
+        return reply.key
 
     # --- machinery -----------------------------------------------------------------------------------
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine, Iterator
+from collections.abc import Coroutine, Iterator, Sequence
 from types import TracebackType
 from typing import Any, Self, TypeVar, Unpack
 
 import grpc
 
+from chatmesh.chat.v1 import account_pb2 as account_pb
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.client.async_client import DEFAULT_TIMEOUT_S, AsyncChatClient, Token
 from chatmesh.client.events import Completion, CompletionEvent
@@ -143,3 +144,23 @@ class ChatClient:
     def clear_cache(self, *, timeout: float | None = None) -> int:
         """`AsyncChatClient.clear_cache`: delete the caller's answers from the semantic cache."""
         return self._run(self._client.clear_cache(timeout=timeout))
+
+    def usage(self, days: int = 30, *, timeout: float | None = None) -> account_pb.GetUsageResponse:
+        """`AsyncChatClient.usage`: the caller's usage by day and model, and their budgets."""
+        return self._run(self._client.usage(days, timeout=timeout))
+
+    def create_key(
+        self, name: str, *, scopes: Sequence[str] = (), expires_in_days: int = 0, timeout: float | None = None
+    ) -> account_pb.CreateKeyResponse:
+        """`AsyncChatClient.create_key`: make an API key (its secret is in the response, once)."""
+        return self._run(
+            self._client.create_key(name, scopes=scopes, expires_in_days=expires_in_days, timeout=timeout)
+        )
+
+    def list_keys(self, *, timeout: float | None = None) -> list[account_pb.ApiKey]:
+        """`AsyncChatClient.list_keys`: the caller's API keys."""
+        return self._run(self._client.list_keys(timeout=timeout))
+
+    def revoke_key(self, key_id: str, *, timeout: float | None = None) -> account_pb.ApiKey:
+        """`AsyncChatClient.revoke_key`: revoke one of the caller's keys."""
+        return self._run(self._client.revoke_key(key_id, timeout=timeout))
