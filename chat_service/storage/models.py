@@ -12,11 +12,12 @@ Schema changes go through Alembic (`chat_service/migrations`); keep the revision
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 from sqlalchemy import (
     BigInteger,
     Boolean,
+    Date,
     DateTime,
     Dialect,
     Float,
@@ -226,3 +227,100 @@ Index(
     postgresql_where=JobRow.published_at.is_(None),
     sqlite_where=JobRow.published_at.is_(None),
 )
+
+
+# Accounting (migration 0008). No foreign key to chats or messages: usage outlives the chats it was for
+# (deleting a chat keeps what its replies cost), so chat_id and message_id are plain columns.
+
+
+class UsageRecordRow(Base):
+    """What one generation used (see `chat_service.accounting.values.UsageEntry`), charged to `user_group`
+    (the user's group as noted when it was recorded). `day` is the UTC date of `created_at`, stored so
+    that "usage by day" groups and ranges on a plain indexed column on every backend."""
+
+    __tablename__ = "usage_records"
+    __table_args__ = (
+        # One record per reply, and per (user, request key): what makes recording idempotent. NULLs
+        # are distinct in unique constraints on both backends, so unkeyed records never collide.
+        UniqueConstraint("message_id", name="uq_usage_records_message_id"),
+        UniqueConstraint("user_id", "request_key", name="uq_usage_records_user_request"),
+        # "My usage since day X" and "the team's usage since day X" (optionally one group's).
+        Index("ix_usage_records_user_day", "user_id", "day"),
+        Index("ix_usage_records_group_day", "user_group", "day"),
+        Index("ix_usage_records_day", "day"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    user_group: Mapped[str] = mapped_column(String(255))
+    kind: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(255))
+    prompt_tokens: Mapped[int] = mapped_column(Integer)
+    completion_tokens: Mapped[int] = mapped_column(Integer)
+    cached_tokens: Mapped[int] = mapped_column(Integer)
+    ttft_ms: Mapped[float | None] = mapped_column(Float)
+    duration_ms: Mapped[float | None] = mapped_column(Float)
+    outcome: Mapped[str] = mapped_column(String(16))
+    chat_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    message_id: Mapped[uuid.UUID | None] = mapped_column(Uuid)
+    request_key: Mapped[str | None] = mapped_column(String(255))
+    day: Mapped[date] = mapped_column(Date)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class UsageTotalRow(Base):
+    """The charged tokens of a user or group (`scope`, `subject`) in one day or month (`period`,
+    `period_start`): what a budget check reads, kept up to date in each usage record's transaction."""
+
+    __tablename__ = "usage_totals"
+
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(255), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    period_start: Mapped[date] = mapped_column(Date, primary_key=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+
+
+class BudgetOverrideRow(Base):
+    """A budget that replaces the default of settings for one user or group and period."""
+
+    __tablename__ = "budget_overrides"
+
+    scope: Mapped[str] = mapped_column(String(8), primary_key=True)
+    subject: Mapped[str] = mapped_column(String(255), primary_key=True)
+    period: Mapped[str] = mapped_column(String(8), primary_key=True)
+    tokens: Mapped[int] = mapped_column(BigInteger)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class AccountMemberRow(Base):
+    """The group a user's usage is charged to, as last noted ("" for none)."""
+
+    __tablename__ = "account_members"
+
+    user_id: Mapped[str] = mapped_column(String(255), primary_key=True)
+    user_group: Mapped[str] = mapped_column(String(255))
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ApiKeyRow(Base):
+    """An API key: never its secret, only the SHA-256 hex of the bearer string. `scopes` is the key's
+    scopes separated by spaces ("" for a key made with none)."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        UniqueConstraint("secret_hash", name="uq_api_keys_secret_hash"),
+        # "My keys, newest first".
+        Index("ix_api_keys_user_created", "user_id", "created_at"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(Uuid, primary_key=True)
+    user_id: Mapped[str] = mapped_column(String(255))
+    user_group: Mapped[str] = mapped_column(String(255))
+    name: Mapped[str] = mapped_column(Text)
+    scopes: Mapped[str] = mapped_column(Text)
+    prefix: Mapped[str] = mapped_column(String(64))
+    secret_hash: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)

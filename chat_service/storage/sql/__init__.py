@@ -4,9 +4,10 @@
 - `conversations`: `SqlConversationStore` (chats, messages, completion leases; slots from `slots`, a
   user message's insert from `turns`);
 - `jobs`: `SqlJobStore`;
+- `accounts`: `SqlAccountStore` (usage records and totals, budget overrides, API keys);
 - `rows`: what both stores share (rows to domain values, statements on a user's chats).
 
-Both stores run on one `SqlDatabase`; the composition root opens it and builds each.
+The stores run on one `SqlDatabase`; the composition root opens it and builds each.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from chat_service.storage.sql.accounts import SqlAccountStore
 from chat_service.storage.sql.conversations import SqlConversationStore
 from chat_service.storage.sql.database import SqlDatabase, create_store_engine, open_sql_database
 from chat_service.storage.sql.jobs import SqlJobStore
@@ -21,6 +23,7 @@ from chat_service.storage.sql.rows import TITLE_MAX_CHARS, title_from_content
 
 __all__ = [
     "TITLE_MAX_CHARS",
+    "SqlAccountStore",
     "SqlConversationStore",
     "SqlDatabase",
     "SqlJobStore",
