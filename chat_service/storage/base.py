@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
 
+from chat_service.accounting.values import UsageEntry
 from chat_service.domain import (
     Chat,
     ChatCursor,
@@ -187,13 +188,15 @@ class ConversationStore(Protocol):
         question_tokens: int | None = None,
         *,
         model: str | None = None,
+        usage: UsageEntry | None = None,
     ) -> tuple[Message, bool]:
         """Commit the reply to user message `reply_to`, written by `model`, and bump the chat's activity
-        time; with
-        `question_tokens`, record that as the token count of `reply_to` in the same transaction.
+        time; with `question_tokens`, record that as the token count of `reply_to` in the same
+        transaction; with `usage`, record it (its `message_id` and `chat_id` set to the new reply's) and
+        add it to the running totals, in the same transaction too (see `AccountStore.record_usage`).
         Idempotent on `reply_to`: at most one reply per user message; a second call returns the existing
-        reply and False (and records nothing). `NotFound` as above, or if `reply_to` is not a user
-        message of this chat."""
+        reply and False (and records nothing, `usage` included). `NotFound` as above, or if `reply_to`
+        is not a user message of this chat."""
         ...
 
     async def record_token_count(self, user_id: str, message_id: uuid.UUID, token_count: int) -> None:

@@ -518,7 +518,7 @@ async def test_migrations_are_idempotent_and_match_the_models(store: SqlConversa
 
     async with store.engine.connect() as connection:
         revision, differences = await connection.run_sync(inspect)
-    assert revision == head == "0007"
+    assert revision == head == "0008"
     # The hand-written revision creates exactly what the models declare.
     assert differences == []
 

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
+from chat_service.accounting.values import UsageEntry
 from chat_service.domain import (
     Chat,
     ChatCursor,
@@ -63,6 +64,8 @@ class MemoryDatabase:
     """Every write, in order: "chat <title>", "question <content>", "reply <content> (<reason>)", ..."""
     refused_leases: list[tuple[uuid.UUID, str]] = field(default_factory=list)
     """(message id, holder) of every lease taken while another holder's ran (a replica waiting)."""
+    usage: list[UsageEntry] = field(default_factory=list)
+    """The usage recorded with replies (`add_assistant_message(usage=...)`), with their reply's ids set."""
     _seq: int = 0
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -288,6 +291,7 @@ class MemoryConversationStore(ConversationStore):
         question_tokens: int | None = None,
         *,
         model: str | None = None,
+        usage: UsageEntry | None = None,
     ) -> tuple[Message, bool]:
         chat = self._chat(user_id, chat_id)
         question = self.db.messages.get(reply_to)
@@ -314,6 +318,8 @@ class MemoryConversationStore(ConversationStore):
             model=model,
         )
         self.db.messages[reply.id] = reply
+        if usage is not None:
+            self.db.usage.append(dataclasses.replace(usage, chat_id=chat_id, message_id=reply.id))
         self.db.note(f"reply {content} ({finish_reason.value})")
         return reply, True
 

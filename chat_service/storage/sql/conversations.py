@@ -12,6 +12,7 @@ committed in `seq` order and a reader paging by `seq` can never skip a message c
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from datetime import timedelta
@@ -22,6 +23,7 @@ from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 
+from chat_service.accounting.values import UsageEntry
 from chat_service.domain import Chat, ChatCursor, ChatUpdate, FinishReason, HistoryStrategy, Message, Role
 from chat_service.storage.base import (
     NOT_COUNTED,
@@ -32,6 +34,7 @@ from chat_service.storage.base import (
     TurnStart,
 )
 from chat_service.storage.models import ChatRow, MessageRow
+from chat_service.storage.sql.accounts import insert_usage
 from chat_service.storage.sql.database import SqlDatabase
 from chat_service.storage.sql.rows import (
     IDEMPOTENT_ATTEMPTS,
@@ -231,10 +234,12 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
         question_tokens: int | None = None,
         *,
         model: str | None = None,
+        usage: UsageEntry | None = None,
     ) -> tuple[Message, bool]:
         """Commit the reply to the user message `reply_to` of this chat (`NotFound` if there is no such
-        message), recording `question_tokens` as that message's token count if given; a second reply to
-        the same message returns the stored one and False."""
+        message), recording `question_tokens` as that message's token count if given and `usage` (with
+        its totals) if given; a second reply to the same message returns the stored one and False, and
+        records nothing."""
         for _ in range(IDEMPOTENT_ATTEMPTS):
             now = utc_now()
             row = MessageRow(
@@ -275,6 +280,11 @@ class SqlConversationStore(SqlGenerationSlots, ConversationStore):
                     if question is None:
                         raise message_not_found(reply_to)
                     session.add(row)
+                    if usage is not None:
+                        # The reply first: if it collides (a retry), nothing of this usage is written.
+                        await session.flush()
+                        entry = dataclasses.replace(usage, chat_id=chat_id, message_id=row.id)
+                        await insert_usage(session, entry, now, is_postgresql=self._db.is_postgresql)
                 return to_message(row), True
             except IntegrityError:
                 pass
