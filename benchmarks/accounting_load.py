@@ -110,11 +110,11 @@ class ListResult:
 @dataclass
 class CompletionResult:
     seconds: float
-    outcomes: list[Outcome]
+    outcomes: list[tuple[User, Outcome]]
 
     @property
-    def served(self) -> list[Outcome]:
-        return [o for o in self.outcomes if o.status == 200 and o.finished]
+    def served(self) -> list[tuple[User, Outcome]]:
+        return [(u, o) for u, o in self.outcomes if o.status == 200 and o.finished]
 
     @property
     def per_s(self) -> float:
@@ -122,11 +122,11 @@ class CompletionResult:
 
     @property
     def tokens_per_s(self) -> float:
-        return sum(o.tokens for o in self.served) / self.seconds
+        return sum(o.tokens for _, o in self.served) / self.seconds
 
     @property
     def ttfts(self) -> list[float]:
-        return [o.ttft_s for o in self.served]
+        return [o.ttft_s for _, o in self.served]
 
 
 @dataclass
@@ -145,7 +145,8 @@ class Asked:
     """The request ids of the completions answered in phases with the accounting on and off, and the
     completion tokens the clients were told of, to check the database against."""
 
-    on: dict[str, int] = field(default_factory=dict)
+    on: dict[str, tuple[int, str]] = field(default_factory=dict)
+    """Request id: (completion tokens, the user's group)."""
     off: list[str] = field(default_factory=list)
 
 
@@ -232,12 +233,11 @@ async def complete(
     base_url: str, users: Sequence[User], concurrency: int, max_tokens: int, what: str = "completions"
 ) -> CompletionResult:
     """Each of `users` asks one question in a new chat, `concurrency` at a time."""
-    outcomes: list[Outcome] = []
+    outcomes: list[tuple[User, Outcome]] = []
 
     async def job(client: httpx.AsyncClient, user: User) -> None:
-        outcomes.append(
-            await stream_completion(client, QUESTIONS[len(outcomes) % len(QUESTIONS)], max_tokens)
-        )
+        question = QUESTIONS[len(outcomes) % len(QUESTIONS)]
+        outcomes.append((user, await stream_completion(client, question, max_tokens)))
         if len(outcomes) % 50 == 0:
             print(f"    {len(outcomes)}/{len(users)} completions", flush=True)
 
@@ -297,13 +297,14 @@ def make_admin_token() -> dict[str, str]:
 
 async def check_rows(dsn: str, asked: Asked) -> None:
     """Every reply of a phase with the accounting on has exactly one usage record (with the completion
-    tokens its client was told), every reply of a phase with it off none, and every running total equals
-    the sum of the records it counts."""
+    tokens its client was told, charged to the user's group), every reply of a phase with it off none,
+    and every running total equals the sum of the records it counts."""
     connection = await asyncpg.connect(dsn)
     try:
         rows = await connection.fetch(
             """SELECT q.request_id, a.id AS reply, COUNT(u.id) AS records,
-                      COALESCE(SUM(u.completion_tokens), 0) AS completion_tokens
+                      COALESCE(SUM(u.completion_tokens), 0) AS completion_tokens,
+                      COALESCE(MIN(u.user_group), '') AS user_group
                FROM messages q JOIN messages a ON a.reply_to = q.id
                LEFT JOIN usage_records u ON u.message_id = a.id
                WHERE q.role = 'user' AND q.request_id = ANY($1::text[])
@@ -311,27 +312,52 @@ async def check_rows(dsn: str, asked: Asked) -> None:
             list(asked.on) + asked.off,
         )
         all_records = await connection.fetchval("SELECT COUNT(*) FROM usage_records")
+        totals = await connection.fetchval("SELECT COUNT(*) FROM usage_totals")
         mismatched_totals = await connection.fetch(TOTALS_CHECK)
     finally:
         await connection.close()
-    replies: dict[str, list[tuple[int, int]]] = {}
+    replies: dict[str, list[tuple[int, int, str]]] = {}
     for row in rows:
-        replies.setdefault(row["request_id"], []).append((row["records"], row["completion_tokens"]))
-    bad_on = [r for r, tokens in asked.on.items() if replies.get(r) != [(1, tokens)]]
-    bad_off = [r for r in asked.off if replies.get(r) != [(0, 0)]]
+        replies.setdefault(row["request_id"], []).append(
+            (row["records"], row["completion_tokens"], row["user_group"])
+        )
+    bad_on = [r for r, (tokens, group) in asked.on.items() if replies.get(r) != [(1, tokens, group)]]
+    bad_off = [r for r in asked.off if replies.get(r) != [(0, 0, "")]]
     print(
-        f"  rows: {len(asked.on)} replies with the accounting on with exactly 1 usage record of the tokens"
-        f" the client was told: {'yes' if not bad_on else bad_on[:5]}; {len(asked.off)} with it off with"
-        f" none: {'yes' if not bad_off else bad_off[:5]}; usage records in all: {all_records};"
-        f" running totals equal to the sum of their records: "
-        f"{'yes' if not mismatched_totals else [dict(r) for r in mismatched_totals[:5]]}",
+        f"  rows: {len(asked.on)} replies with the accounting on, each with exactly 1 usage record of the"
+        f" tokens the client was told and the user's group: {'yes' if not bad_on else bad_on[:5]};"
+        f" {len(asked.off)} with it off, with none: {'yes' if not bad_off else bad_off[:5]};"
+        f" usage records in all: {all_records}; {totals} running totals, each equal to the sum of its"
+        f" records: {'yes' if not mismatched_totals else [dict(r) for r in mismatched_totals[:5]]}",
         flush=True,
     )
     if bad_on or bad_off or all_records != len(asked.on) or mismatched_totals:
         raise SystemExit("the usage records or totals do not match the completions")
 
 
-TOTALS_CHECK = "SELECT 1 WHERE false"  # set once the ledger's schema is known
+# The totals the records add up to (user and group, day and month), against `usage_totals`: the rows
+# where they differ, or where one side has a row the other lacks.
+TOTALS_CHECK = """
+WITH charged AS (
+    SELECT user_id, user_group, day, date_trunc('month', day)::date AS month,
+           prompt_tokens + completion_tokens AS tokens
+    FROM usage_records
+), expected AS (
+    SELECT 'user' AS scope, user_id AS subject, 'day' AS period, day AS period_start, SUM(tokens) AS tokens
+    FROM charged GROUP BY user_id, day
+    UNION ALL
+    SELECT 'user', user_id, 'month', month, SUM(tokens) FROM charged GROUP BY user_id, month
+    UNION ALL
+    SELECT 'group', user_group, 'day', day, SUM(tokens) FROM charged WHERE user_group <> ''
+    GROUP BY user_group, day
+    UNION ALL
+    SELECT 'group', user_group, 'month', month, SUM(tokens) FROM charged WHERE user_group <> ''
+    GROUP BY user_group, month
+)
+SELECT scope, subject, period, period_start, e.tokens AS records, t.tokens AS total
+FROM expected e FULL OUTER JOIN usage_totals t USING (scope, subject, period, period_start)
+WHERE e.tokens IS DISTINCT FROM t.tokens
+"""
 
 
 @contextlib.asynccontextmanager
@@ -467,9 +493,9 @@ async def main() -> None:
                         completions = await complete(envoy.base_url, users, args.concurrency, args.max_tokens)
                         phase = Phase(accounting, listing, completions)
                         phases.append(phase)
-                        for outcome in warm_up.served + completions.served:
+                        for user, outcome in warm_up.served + completions.served:
                             if accounting:
-                                asked.on[outcome.request_id] = outcome.tokens
+                                asked.on[outcome.request_id] = (outcome.tokens, user.group)
                             else:
                                 asked.off.append(outcome.request_id)
                     if accounting:
