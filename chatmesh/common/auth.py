@@ -84,17 +84,32 @@ def current_user() -> str:
         raise Unauthenticated("no authenticated user for this call") from None
 
 
+def set_current_user(user_id: str) -> None:
+    """Make `user_id` the authenticated user of the call being served (for an interceptor that verifies
+    tokens itself, inside the handler's own task)."""
+    _current_user.set(user_id)
+
+
 def verify_token(keys: JwtKeys, token: str) -> str:
     """Return the token's subject, or raise `Unauthenticated` saying what is wrong with it."""
+    return str(verify_claims(keys, token)["sub"])
+
+
+def verify_claims(keys: JwtKeys, token: str, *, require_exp: bool = True) -> dict[str, Any]:
+    """Return the token's verified claims (with a valid `sub`), or raise `Unauthenticated` saying what is
+    wrong with it. `require_exp` False: a token without `exp` never expires (an API key's)."""
     try:
-        claims = jwt.decode(
+        claims: dict[str, Any] = jwt.decode(
             token,
             keys.verify_key,
             algorithms=[keys.algorithm],
             issuer=keys.issuer,
             audience=keys.audience,
             leeway=keys.leeway_s,
-            options={"require": ["sub", "exp"], "verify_aud": keys.audience is not None},
+            options={
+                "require": ["sub", "exp"] if require_exp else ["sub"],
+                "verify_aud": keys.audience is not None,
+            },
         )
     except jwt.ExpiredSignatureError as exc:
         raise Unauthenticated("the bearer token has expired; get a new one") from exc
@@ -107,15 +122,24 @@ def verify_token(keys: JwtKeys, token: str) -> str:
         # A user id is stored and logged as text: NUL is refused by PostgreSQL, and control characters
         # would forge log lines. No identity provider issues them.
         raise Unauthenticated("the bearer token's `sub` must not contain control characters")
-    return subject
+    return claims
 
 
-def issue_token(keys: JwtKeys, user_id: str, ttl_s: float = 30 * 24 * 3600) -> str:
-    """Sign a token for `user_id` (dev and tests; production tokens come from an identity provider)."""
+def issue_token(
+    keys: JwtKeys,
+    user_id: str,
+    ttl_s: float | None = 30 * 24 * 3600,
+    extra_claims: dict[str, Any] | None = None,
+) -> str:
+    """Sign a token for `user_id` (dev and tests; production tokens come from an identity provider), with
+    `extra_claims` (a group, roles, ...) added. `ttl_s` None: no `exp` (API keys only)."""
     if keys.sign_key is None:
         raise ValueError("no signing key configured: RS256 needs the private key to issue tokens")
     now = int(time.time())
-    claims: dict[str, Any] = {"sub": user_id, "iat": now, "exp": now + int(ttl_s)}
+    claims: dict[str, Any] = {"sub": user_id, "iat": now}
+    if ttl_s is not None:
+        claims["exp"] = now + int(ttl_s)
+    claims.update(extra_claims or {})
     if keys.issuer:
         claims["iss"] = keys.issuer
     if keys.audience:
@@ -144,6 +168,13 @@ def generate_secret() -> str:
 DEV_SECRET_FILE = Path(".run/jwt-secret")
 """The mesh's own HS256 secret (`make run`), created on first use: the default of every service, and the
 only key with which the dev sign-in runs."""
+
+
+API_KEY_SECRET_FILE = Path(".run/api-key-secret")
+"""The mesh's HS256 secret for API keys (bearer JWTs it issues itself), created on first use."""
+
+API_KEY_ISSUER = "chatmesh-api-key"
+"""The `iss` of API keys: tells them apart from sign-in tokens at the edge and at the replicas."""
 
 
 def load_or_create_secret(path: Path) -> str:

@@ -14,7 +14,14 @@ from typing import Any
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from chatmesh.common.auth import DEV_SECRET_FILE, JWT_LEEWAY_S, JwtKeys, load_or_create_secret
+from chatmesh.common.auth import (
+    API_KEY_ISSUER,
+    API_KEY_SECRET_FILE,
+    DEV_SECRET_FILE,
+    JWT_LEEWAY_S,
+    JwtKeys,
+    load_or_create_secret,
+)
 
 
 class JwtSettings(BaseSettings):
@@ -32,6 +39,16 @@ class JwtSettings(BaseSettings):
     jwt_audience: str | None = Field(None, description="the `aud` a token must carry; unset: not checked")
     jwt_clock_skew_s: int = Field(
         JWT_LEEWAY_S, ge=0, description="seconds a token's exp, nbf and iat may be off (clock drift)"
+    )
+    api_key_secret: str | None = Field(
+        None, description="HS256 secret that signs and verifies API keys (at least 32 characters)"
+    )
+    api_key_secret_file: Path = Field(
+        API_KEY_SECRET_FILE,
+        description="the file holding the API-key secret when api_key_secret is unset; created on first use",
+    )
+    api_key_issuer: str = Field(
+        API_KEY_ISSUER, min_length=1, description="the `iss` of API keys (tells them from sign-in tokens)"
     )
 
     def uses_dev_secret(self) -> bool:
@@ -63,6 +80,12 @@ class JwtSettings(BaseSettings):
                 f"no JWT key configured: set {prefix}JWT_PUBLIC_KEY_FILE, _JWT_SECRET or _JWT_SECRET_FILE"
             )
         return JwtKeys.hs256(secret, self.jwt_issuer, self.jwt_audience, self.jwt_clock_skew_s)
+
+    def api_key_keys(self) -> JwtKeys:
+        """The HS256 key that signs and verifies API keys (the mesh's own: no identity provider issues
+        them), with their issuer; the secret inline, else from its file (created on first use)."""
+        secret = self.api_key_secret or load_or_create_secret(self.api_key_secret_file)
+        return JwtKeys.hs256(secret, self.api_key_issuer, None, self.jwt_clock_skew_s)
 
     def jwt_settings(self) -> dict[str, Any]:
         """These settings' JWT fields by name, to give another part the same keys and rules."""
