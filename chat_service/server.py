@@ -9,6 +9,9 @@ import logging
 import grpc
 from prometheus_client import CollectorRegistry
 
+from chat_service.accounting.identity import IdentityInterceptor, IdentityRules
+from chat_service.accounting.keys import ApiKeys
+from chat_service.accounting.servicers import AccountServicer, AdminServicer
 from chat_service.cache.policy import CachePolicy, NoCache, ResponseCache, SemanticCache
 from chat_service.cache.verification import VerificationRule, preload_word_frequencies
 from chat_service.conversations import Conversations
@@ -28,9 +31,9 @@ from chat_service.openai_api import OpenAIServicer
 from chat_service.servicer import ChatServicer
 from chat_service.settings import ChatSettings
 from chat_service.storage.base import JobStore
-from chat_service.storage.sql import SqlConversationStore, SqlJobStore, open_sql_database
-from chatmesh.chat.v1 import chat_pb2, chat_pb2_grpc
-from chatmesh.common.auth import PUBLIC_SERVICES, JwtAuthInterceptor
+from chat_service.storage.sql import SqlAccountStore, SqlConversationStore, SqlJobStore, open_sql_database
+from chatmesh.chat.v1 import account_pb2, account_pb2_grpc, chat_pb2, chat_pb2_grpc
+from chatmesh.common.auth import PUBLIC_SERVICES
 from chatmesh.common.children import NotReady, WaitTimedOut, poll_until
 from chatmesh.common.errors import Unavailable
 from chatmesh.common.health import DependencyHealth
@@ -51,6 +54,9 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 OPENAI_SERVICE_NAME = openai_pb2.DESCRIPTOR.services_by_name["OpenAIService"].full_name
+ACCOUNT_SERVICE_NAME = account_pb2.DESCRIPTOR.services_by_name["AccountService"].full_name
+ADMIN_SERVICE_NAME = account_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
+SERVICE_NAMES = [SERVICE_NAME, OPENAI_SERVICE_NAME, ACCOUNT_SERVICE_NAME, ADMIN_SERVICE_NAME]
 
 
 async def wait_for_models(client: InferenceClient, timeout_s: float, address: str) -> ServedModels:
@@ -250,15 +256,31 @@ async def serve(settings: ChatSettings) -> None:
         )
         jobs, worker = await open_jobs(settings, SqlJobStore(database), conversations, channels)
         open_services = PUBLIC_SERVICES | ({DEV_SIGN_IN_SERVICE} if settings.dev_sign_in else set())
-        server = create_server([JwtAuthInterceptor(keys, open_services)], tracing.server_interceptors())
+        accounts = SqlAccountStore(database)
+        api_keys = ApiKeys(accounts, settings.api_key_keys(), cache_s=settings.api_key_cache_s)
+        identity = IdentityInterceptor(
+            keys,
+            api_keys,
+            IdentityRules(
+                settings.jwt_group_claim,
+                settings.jwt_role_claim,
+                settings.admin_role,
+                frozenset(settings.admin_users),
+            ),
+            accounts,
+            open_services,
+        )
+        server = create_server([identity], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
         openai_pb2_grpc.add_OpenAIServiceServicer_to_server(
             OpenAIServicer(conversations, max_body_bytes=settings.openai_max_body_bytes), server
         )
+        account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(api_keys, None), server)
+        account_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(api_keys, None), server)
         if settings.dev_sign_in:
             dev_pb2_grpc.add_DevSignInServiceServicer_to_server(DevSignInServicer(keys), server)
             log.warning("dev sign-in on: POST /dev/sign-in hands out a token for any user name")
-        health = add_health_and_reflection(server, [SERVICE_NAME, OPENAI_SERVICE_NAME])
+        health = add_health_and_reflection(server, SERVICE_NAMES)
         server.add_insecure_port(settings.address)
         purging = (
             asyncio.create_task(purge_periodically(cache, settings.cache_purge_interval_s))
@@ -269,16 +291,14 @@ async def serve(settings: ChatSettings) -> None:
             worker.start()
         dependencies = DependencyHealth(
             health,
-            [SERVICE_NAME, OPENAI_SERVICE_NAME],
+            SERVICE_NAMES,
             {"database": database.ping, "inference": inference_for_checks.model_info},
             interval_s=settings.health_check_interval_s,
             timeout_s=settings.health_check_timeout_s,
         )
         monitoring = asyncio.create_task(dependencies.watch())
         try:
-            await serve_until_signal(
-                server, health, [SERVICE_NAME, OPENAI_SERVICE_NAME], settings.shutdown_grace_s
-            )
+            await serve_until_signal(server, health, SERVICE_NAMES, settings.shutdown_grace_s)
         finally:
             monitoring.cancel()
             if worker is not None:
