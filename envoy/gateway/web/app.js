@@ -696,6 +696,8 @@ async function loadUsage() {
     return;
   }
   showAdminEntry(reply);
+  $("usage-group").hidden = !reply.group;
+  $("usage-group").textContent = reply.group ? `Your group: ${reply.group}` : "";
   showBudgets($("budgets"), reply.budgets || []);
   const rows = [...(reply.usage || [])].reverse(); // the newest day first
   const total = { prompt_tokens: 0, completion_tokens: 0, cached_tokens: 0, requests: 0 };
