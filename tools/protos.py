@@ -112,9 +112,14 @@ ENVOY_YAML_HEADER = """\
 #   <JWT secret, base64url>  the HS256 secret tokens are checked with (CHATMESH_GATEWAY_JWT_SECRET, else
 #                            the file CHATMESH_GATEWAY_JWT_SECRET_FILE, by default .run/jwt-secret),
 #                            base64url without padding; never written here
+#   <API-key secret, base64url>  the HS256 secret API keys are checked with
+#                            (CHATMESH_GATEWAY_API_KEY_SECRET, else the file
+#                            CHATMESH_GATEWAY_API_KEY_SECRET_FILE, by default .run/api-key-secret)
 """
 _SECRET_STANDIN = "envoy.yaml-secret-" + "x" * 32
 _SECRET_PLACEHOLDER = "<JWT secret, base64url>"
+_API_KEY_SECRET_STANDIN = "envoy.yaml-api-key-secret-" + "x" * 32
+_API_KEY_SECRET_PLACEHOLDER = "<API-key secret, base64url>"
 
 
 @contextlib.contextmanager
@@ -149,7 +154,7 @@ def envoy_yaml(descriptor_path: Path) -> str:
     `descriptor_path`; per-machine values are placeholders (see ENVOY_YAML_HEADER)."""
     with _without_gateway_environment():
         # A stand-in secret, so that no secret file is read or created; the placeholder replaces it.
-        settings = GatewaySettings(jwt_secret=_SECRET_STANDIN)
+        settings = GatewaySettings(jwt_secret=_SECRET_STANDIN, api_key_secret=_API_KEY_SECRET_STANDIN)
     config = build_envoy_config(settings, descriptor_path)
     text = json.dumps(config)
     for path, placeholder in (
@@ -157,9 +162,13 @@ def envoy_yaml(descriptor_path: Path) -> str:
         (WEB_DIRECTORY, "<gateway>/web"),
     ):
         text = text.replace(json.dumps(str(path))[1:-1], placeholder)
-    standin = base64.urlsafe_b64encode(_SECRET_STANDIN.encode()).rstrip(b"=").decode()
-    text = text.replace(standin, _SECRET_PLACEHOLDER)
-    assert _SECRET_STANDIN not in text and standin not in text
+    for secret, placeholder in (
+        (_SECRET_STANDIN, _SECRET_PLACEHOLDER),
+        (_API_KEY_SECRET_STANDIN, _API_KEY_SECRET_PLACEHOLDER),
+    ):
+        standin = base64.urlsafe_b64encode(secret.encode()).rstrip(b"=").decode()
+        text = text.replace(standin, placeholder)
+        assert secret not in text and standin not in text
     body = yaml.dump(json.loads(text), Dumper=_Dumper, sort_keys=False, width=1 << 20, allow_unicode=True)
     return ENVOY_YAML_HEADER + body
 

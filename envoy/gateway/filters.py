@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from chatmesh.common.auth import JwtKeys
 from gateway.api import DEV_SIGN_IN_SERVICE, ServiceApi
 from gateway.envoy_json import router, typed
 from gateway.jwks import jwks
@@ -20,6 +21,9 @@ USER_HEADER = "x-chatmesh-user"
 client-supplied copy before setting it."""
 
 JWT_PROVIDER = "chatmesh"
+API_KEY_PROVIDER = "chatmesh_api_key"
+"""API keys: JWTs the mesh signs itself with its API-key secret, with their own issuer and no `exp` unless
+the key expires. The chat service checks them again (revoked? scopes?)."""
 
 LOOPBACK_PREFIXES = (("127.0.0.0", 8), ("::1", 128), ("::ffff:127.0.0.0", 104))
 """The peers the dev sign-in answers: this machine, by the connection's own address (never a header)."""
@@ -120,8 +124,37 @@ def _transcoder(settings: GatewaySettings, api: ServiceApi, descriptor_path: Pat
 
 
 def _jwt_authn(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
-    provider: dict[str, Any] = {
-        "local_jwks": {"inline_string": json.dumps(jwks(settings.jwt_keys()))},
+    provider = _provider(settings, settings.jwt_keys(), require_expiration=True)
+    if settings.jwt_issuer:
+        provider["issuer"] = settings.jwt_issuer
+    if settings.jwt_audience:
+        provider["audiences"] = [settings.jwt_audience]
+    api_key_provider = _provider(settings, settings.api_key_keys(), require_expiration=False)
+    api_key_provider["issuer"] = settings.api_key_issuer
+    # Either a sign-in token or an API key; both set the user header the rate limit counts by.
+    either = {
+        "requires_any": {
+            "requirements": [{"provider_name": JWT_PROVIDER}, {"provider_name": API_KEY_PROVIDER}]
+        }
+    }
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": typed(
+            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            providers={JWT_PROVIDER: provider, API_KEY_PROVIDER: api_key_provider},
+            rules=[
+                {"match": {"prefix": prefix}, "requires": either}
+                for prefix in api.grpc_prefixes
+                # Signing in is how a token is had.
+                if prefix != f"/{DEV_SIGN_IN_SERVICE}/"
+            ],
+        ),
+    }
+
+
+def _provider(settings: GatewaySettings, keys: JwtKeys, *, require_expiration: bool) -> dict[str, Any]:
+    return {
+        "local_jwks": {"inline_string": json.dumps(jwks(keys))},
         # Only the Authorization header (not the default `access_token` query parameter, which the
         # transcoder would reject as an unknown field anyway).
         "from_headers": [{"name": "authorization", "value_prefix": "Bearer "}],
@@ -132,24 +165,7 @@ def _jwt_authn(settings: GatewaySettings, api: ServiceApi) -> dict[str, Any]:
         # Verified tokens are cached until they expire (the cache is off by default), so a client's
         # repeated calls skip the signature check and the JSON parsing.
         "jwt_cache_config": {"jwt_cache_size": settings.jwt_cache_size},
-        "require_expiration": True,
-    }
-    if settings.jwt_issuer:
-        provider["issuer"] = settings.jwt_issuer
-    if settings.jwt_audience:
-        provider["audiences"] = [settings.jwt_audience]
-    return {
-        "name": "envoy.filters.http.jwt_authn",
-        "typed_config": typed(
-            "envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-            providers={JWT_PROVIDER: provider},
-            rules=[
-                {"match": {"prefix": prefix}, "requires": {"provider_name": JWT_PROVIDER}}
-                for prefix in api.grpc_prefixes
-                # Signing in is how a token is had.
-                if prefix != f"/{DEV_SIGN_IN_SERVICE}/"
-            ],
-        ),
+        "require_expiration": require_expiration,
     }
 
 

@@ -51,6 +51,7 @@ def settings(**overrides: Any) -> GatewaySettings:
         "admin_port": 9901,
         "chat_addresses": ["127.0.0.1:50051", "chat-2.internal:50051"],
         "jwt_secret": SECRET,
+        "api_key_secret": "api-key-" + SECRET,
         "jwt_issuer": "https://id.example",
         "jwt_audience": "chatmesh",
         "concurrency": 2,
