@@ -137,8 +137,8 @@ def test_a_key_is_shown_once_then_only_its_prefix_and_is_revoked(page: Page, sit
     expect(row).to_have_attribute("data-status", "active")
     prefix = (row.locator("td").nth(1).text_content() or "").removesuffix("…")
     assert prefix and secret.startswith(prefix) and len(secret) > len(prefix)
-    # The secret shown is the key: it reads the user's usage (its scope), not their chats.
-    assert call(site, "GET", "/usage", secret).status_code == 200
+    # The secret shown is the key: it has the OpenAI API (its scope), not the chat API.
+    assert call(site, "GET", "/v1/models", secret).status_code == 200
     assert call(site, "GET", "/chats", secret).status_code == 403
     page.click("#key-copy")
     expect(page.locator("#key-copy")).not_to_have_text("Copy")
@@ -155,7 +155,7 @@ def test_a_key_is_shown_once_then_only_its_prefix_and_is_revoked(page: Page, sit
     expect(row).to_have_attribute("data-status", "revoked")
     expect(row.locator("button.revoke")).to_have_count(0)
     eventually_sync(
-        lambda: call(site, "GET", "/usage", secret).status_code == 401, "the revoked key is refused"
+        lambda: call(site, "GET", "/v1/models", secret).status_code == 401, "the revoked key is refused"
     )
 
 
@@ -224,7 +224,7 @@ def test_the_admin_sees_the_team_chart_and_tables_and_revokes_a_users_key(
         key_row.locator("button.revoke").click()
         expect(key_row).to_have_attribute("data-status", "revoked")
         secret = key.json()["secret"]
-        eventually_sync(lambda: call(site, "GET", "/usage", secret).status_code == 401, "the key is refused")
+        eventually_sync(lambda: call(site, "GET", "/v1/models", secret).status_code == 401, "key refused")
     finally:
         context.close()
 
