@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import sys
 from pathlib import Path
+from typing import Any
 
 import grpc
 import jwt
@@ -35,9 +36,10 @@ async def _generate(address: str, prompt: str, max_tokens: int) -> int:
     return 0
 
 
-def _token(user: str, ttl_s: float, private_key: str | None) -> str:
-    """A token for `user`, signed with the key the chat service verifies with. The HS256 secret file is
-    read, never created: a new secret would sign a token that no running mesh accepts."""
+def _token(user: str, ttl_s: float, private_key: str | None, claims: dict[str, Any] | None = None) -> str:
+    """A token for `user` (with `claims` added: a group, roles), signed with the key the chat service
+    verifies with. The HS256 secret file is read, never created: a new secret would sign a token that no
+    running mesh accepts."""
     from chatmesh.common.auth import JwtKeys, issue_token, read_secret
     from chatmesh.common.service_settings import ChatServiceSettings
     from chatmesh.common.settings import env_name
@@ -57,7 +59,7 @@ def _token(user: str, ttl_s: float, private_key: str | None) -> str:
         keys = JwtKeys.hs256(secret, settings.jwt_issuer, settings.jwt_audience, settings.jwt_clock_skew_s)
     else:
         keys = settings.jwt_keys()
-    return issue_token(keys, user, ttl_s)
+    return issue_token(keys, user, ttl_s, claims)
 
 
 def _keygen(out_dir: Path, hs256: bool, force: bool) -> int:
@@ -181,6 +183,16 @@ def _parser() -> argparse.ArgumentParser:
     token_command.add_argument(
         "--private-key", help="RS256: PEM private key file from `chatmesh keygen` (default: HS256)"
     )
+    token_command.add_argument("--group", help="the user's group (budgets and usage per group)")
+    token_command.add_argument(
+        "--role", action="append", default=[], help="a role (repeatable); `--role admin` makes an admin"
+    )
+    token_command.add_argument(
+        "--group-claim", default="group", help="the claim the group goes in (CHATMESH_CHAT_JWT_GROUP_CLAIM)"
+    )
+    token_command.add_argument(
+        "--role-claim", default="role", help="the claim the roles go in (CHATMESH_CHAT_JWT_ROLE_CLAIM)"
+    )
     keygen = commands.add_parser(
         "keygen",
         help="write an RS256 key pair (or with --hs256 a shared secret) for JWTs",
@@ -237,7 +249,12 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _print_token(args: argparse.Namespace) -> int:
     try:
-        print(_token(args.user, args.ttl_hours * 3600, args.private_key))
+        claims: dict[str, Any] = {}
+        if args.group is not None:
+            claims[args.group_claim] = args.group
+        if args.role:
+            claims[args.role_claim] = args.role[0] if len(args.role) == 1 else args.role
+        print(_token(args.user, args.ttl_hours * 3600, args.private_key, claims))
     except (OSError, ValueError, jwt.PyJWTError) as exc:
         hint = (
             ""
