@@ -392,6 +392,13 @@ async def run(settings: MeshSettings) -> int:
     # everything the mesh and its services (children inherit the umask) write is the owner's alone.
     keep_files_private()
     await asyncio.to_thread(private_directory, RUN_DIR)
+    try:
+        # The API-key secret (`.run/api-key-secret` unless configured), created here once rather than
+        # raced for by chat replicas starting together; the gateway gets its settings like the JWT ones.
+        await asyncio.to_thread(ChatServiceSettings().api_key_keys)
+    except (OSError, ValueError) as exc:
+        print(f"chatmesh: the API-key secret: {exc}", file=sys.stderr)
+        return 1
     print("chatmesh: starting the mesh", flush=True)
     loop = asyncio.get_running_loop()
     main = asyncio.current_task()
