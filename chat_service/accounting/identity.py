@@ -88,7 +88,7 @@ class IdentityRules:
         return Caller(user_id=user_id, group=group[:255], admin=admin)
 
 
-class IdentityInterceptor(grpc.aio.ServerInterceptor):
+class IdentityInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]  # grpc.aio is untyped
     """Verifies the bearer of every call of every kind (sign-in token or API key) except those of
     `open_services`, and sets the caller (`current_caller()`, `current_user()`) for the call."""
 

@@ -160,7 +160,7 @@ async def test_a_revoked_key_is_refused_by_both_replicas(mesh: Stack, http: http
     for address in replicas:
 
         async def refused(address: str = address) -> bool:
-            return await list_chats_at(address, secret) == grpc.StatusCode.UNAUTHENTICATED
+            return bool(await list_chats_at(address, secret) == grpc.StatusCode.UNAUTHENTICATED)
 
         await eventually(refused, f"the revoked key is refused by the replica at {address}")
     through_envoy = await http.get("/chats", headers=bearer(secret))
