@@ -44,14 +44,14 @@ from pathlib import Path
 
 import asyncpg
 import httpx
-import jwt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from load_test import QUESTIONS, Outcome, ms, new_chat, pct, stream_completion  # a sibling script
 
+from chatmesh.common.auth import JwtKeys, issue_token
 from gateway import EnvoyProcess, GatewaySettings
-from tests.support.chat import TEST_SECRET
+from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
 from tests.support.stack import chat_stack, inference_env
@@ -85,12 +85,11 @@ class User:
 
 def make_users(count: int, groups: int) -> list[User]:
     """`count` users, spread over `groups` groups, with a JWT each carrying the group claim."""
-    now = int(time.time())
+    keys = JwtKeys.hs256(TEST_SECRET)
     users = []
     for number in range(count):
         name, group = f"user-{number:03d}", f"team-{number % groups}"
-        claims = {"sub": name, "group": group, "iat": now, "exp": now + 24 * 3600}
-        users.append(User(name, group, jwt.encode(claims, TEST_SECRET, algorithm="HS256")))
+        users.append(User(name, group, issue_token(keys, name, extra_claims={"group": group})))
     return users
 
 
@@ -256,7 +255,7 @@ async def complete(
 async def set_overrides(base_url: str, users: Sequence[User], overrides: int) -> None:
     """Budget overrides through the admin API for `overrides` users (day and month) and the first group
     (day), then the budgets in force as the admin API lists them."""
-    admin = make_admin_token()
+    admin = {"authorization": f"Bearer {token_for(ADMIN)}"}
     bodies = [
         {
             "scope": "BUDGET_SCOPE_USER",
@@ -287,12 +286,6 @@ async def set_overrides(base_url: str, users: Sequence[User], overrides: int) ->
     print(
         f"  {len(bodies)} budget overrides stored; GET /admin/budgets lists {len(listed)} budgets", flush=True
     )
-
-
-def make_admin_token() -> dict[str, str]:
-    now = int(time.time())
-    token = jwt.encode({"sub": ADMIN, "iat": now, "exp": now + 3600}, TEST_SECRET, algorithm="HS256")
-    return {"authorization": f"Bearer {token}"}
 
 
 async def check_rows(dsn: str, asked: Asked) -> None:
