@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 
+from chat_service.accounting.ledger import Ledger
+from chat_service.accounting.values import UsageEntry, UsageKind, UsageOutcome
 from chat_service.domain import Chat, HistoryStrategy, Message, Role
 from chat_service.inference import EngineInfo, Generated, InferenceClient, PromptMessage, SamplingOptions
 from chat_service.storage.base import ConversationStore
@@ -106,7 +108,16 @@ class HistoryBuilder:
     """Builds the prompt for a chat according to its history strategy, for the model that answers it
     (its context, its tokenizer, and the summaries it writes)."""
 
-    def __init__(self, store: ConversationStore, inference: InferenceClient, policy: SummaryPolicy) -> None:
+    def __init__(
+        self,
+        store: ConversationStore,
+        inference: InferenceClient,
+        policy: SummaryPolicy,
+        ledger: Ledger | None = None,
+    ) -> None:
+        # Summaries are generations too: with a ledger, each leaves a usage record charged to the chat's
+        # owner.
+        self._ledger = ledger
         self._store = store
         self._inference = inference
         self._policy = policy
@@ -214,7 +225,7 @@ class HistoryBuilder:
         if fold_count >= self._policy.min_messages_to_fold:
             to_fold, pending = pending[:fold_count], pending[fold_count:]
             try:
-                summary = await self._summarize(engine, summary, to_fold, request_id)
+                summary = await self._summarize(engine, summary, to_fold, request_id, chat)
             except InvalidArgument as exc:
                 # The turns to fold do not fit the engine even trimmed (dense scripts tokenize to more
                 # than ~3 characters per token). Answering matters more: keep the old summary and let the
@@ -230,7 +241,12 @@ class HistoryBuilder:
         return await self.fit_window(engine, system, preamble, pending, max_tokens)
 
     async def _summarize(
-        self, engine: EngineInfo, previous: str | None, messages: Sequence[Message], request_id: str
+        self,
+        engine: EngineInfo,
+        previous: str | None,
+        messages: Sequence[Message],
+        request_id: str,
+        chat: Chat,
     ) -> str:
         """A summary of `previous` (the summary so far) and `messages`, written by `engine` (the chat's
         model)."""
@@ -244,6 +260,7 @@ class HistoryBuilder:
             transcript = f"{transcript[: limit // 3]}\n...\n{transcript[-(limit - limit // 3) :]}"
         prompt = [PromptMessage("system", SUMMARY_INSTRUCTIONS), PromptMessage("user", transcript)]
         pieces: list[str] = []
+        generated: Generated | None = None
         async with aclosing(
             self._inference.generate(
                 prompt,
@@ -253,8 +270,23 @@ class HistoryBuilder:
             )
         ) as stream:
             async for event in stream:
-                if not isinstance(event, Generated):
+                if isinstance(event, Generated):
+                    generated = event
+                else:
                     pieces.append(event)
+        if self._ledger is not None and generated is not None:
+            await self._ledger.record(
+                UsageEntry(
+                    user_id=chat.user_id,
+                    kind=UsageKind.SUMMARY,
+                    model=engine.model,
+                    prompt_tokens=generated.prompt_tokens,
+                    completion_tokens=generated.completion_tokens,
+                    outcome=UsageOutcome(generated.finish_reason.value),
+                    chat_id=chat.id,
+                    request_key=f"{request_id}:summary:{messages[-1].id}",
+                )
+            )
         text = "".join(pieces).strip()
         log.info("summarised older turns", extra={"messages": len(messages), "summary_chars": len(text)})
         # An empty summary would silently lose the folded turns; keep (trimmed) text instead.

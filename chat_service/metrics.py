@@ -41,6 +41,21 @@ class ChatMetrics:
             ["strategy", "gen_ai_request_model"],
             registry=registry,
         )
+        self._usage_tokens = Counter(
+            "chatmesh_usage_tokens",
+            "Tokens used, by the user's group (never the user: the label set stays bounded; groups beyond"
+            " CHATMESH_CHAT_METRICS_GROUPS are `other`, no group is `none`), model and type (prompt,"
+            " completion, cached: served by the semantic cache, charged to no budget).",
+            ["group", "gen_ai_request_model", "type"],
+            registry=registry,
+        )
+        self._budget_rejections = Counter(
+            "chatmesh_budget_rejections",
+            "Completions refused because a token budget was used up, by the budget's scope (user, group)"
+            " and period (day, month).",
+            ["scope", "period"],
+            registry=registry,
+        )
         self._statements = Histogram(
             "chatmesh_chat_store_statement_seconds",
             "Database statement latency in the conversation store, by kind.",
@@ -56,6 +71,16 @@ class ChatMetrics:
     def cache_lookup(self, result: str) -> None:
         """Count one cache lookup (`result` one of CACHE_RESULTS)."""
         self._cache.labels(result).inc()
+
+    def tokens_used(self, group: str, model: str, prompt: int, completion: int, cached: int) -> None:
+        """Count one generation's tokens under `group` (already bounded by the caller)."""
+        for kind, tokens in (("prompt", prompt), ("completion", completion), ("cached", cached)):
+            if tokens:
+                self._usage_tokens.labels(group, model, kind).inc(tokens)
+
+    def budget_rejected(self, scope: str, period: str) -> None:
+        """Count one completion refused by the `scope` `period` budget."""
+        self._budget_rejections.labels(scope, period).inc()
 
     def history_built(self, strategy: str, model: str) -> None:
         """Count one prompt built for `model` with `strategy`."""

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from chat_service.accounting.identity import IdentityInterceptor, IdentityRules
 from chat_service.accounting.keys import ApiKeys
+from chat_service.accounting.ledger import BudgetDefaults, Ledger
 from chat_service.accounting.servicers import AccountServicer, AdminServicer
 from chat_service.cache.policy import CachePolicy, NoCache, ResponseCache, SemanticCache
 from chat_service.cache.verification import VerificationRule, preload_word_frequencies
@@ -199,6 +200,27 @@ async def open_jobs(
     return jobs, worker
 
 
+def open_ledger(settings: ChatSettings, accounts: SqlAccountStore, metrics: ChatMetrics) -> Ledger | None:
+    """The usage records and budgets, or None with the accounting off."""
+    if not settings.accounting:
+        log.info("accounting off: no usage records, no budgets (CHATMESH_CHAT_ACCOUNTING)")
+        return None
+    defaults = BudgetDefaults(
+        settings.budget_user_daily_tokens,
+        settings.budget_user_monthly_tokens,
+        settings.budget_group_daily_tokens,
+        settings.budget_group_monthly_tokens,
+    )
+    log.info("accounting on", extra={"default_budgets": str(defaults)})
+    return Ledger(
+        accounts,
+        defaults,
+        metrics=metrics,
+        cache_s=settings.budget_cache_s,
+        metrics_groups=settings.metrics_groups,
+    )
+
+
 async def serve(settings: ChatSettings) -> None:
     """Run the chat service until SIGTERM/SIGINT.
 
@@ -242,10 +264,12 @@ async def serve(settings: ChatSettings) -> None:
             max_tokens=settings.summary_max_tokens,
         )
         cache = await open_cache(settings, channels, metrics, tracing)
+        accounts = SqlAccountStore(database)
+        ledger = open_ledger(settings, accounts, metrics)
         conversations = Conversations(
             store,
             inference,
-            HistoryBuilder(store, inference, policy),
+            HistoryBuilder(store, inference, policy, ledger),
             models,
             settings.default_history_strategy,
             cache,
@@ -253,10 +277,10 @@ async def serve(settings: ChatSettings) -> None:
             lease_s=settings.completion_lease_s,
             metrics=metrics,
             max_completions_per_user=settings.max_concurrent_completions_per_user,
+            ledger=ledger,
         )
         jobs, worker = await open_jobs(settings, SqlJobStore(database), conversations, channels)
         open_services = PUBLIC_SERVICES | ({DEV_SIGN_IN_SERVICE} if settings.dev_sign_in else set())
-        accounts = SqlAccountStore(database)
         api_keys = ApiKeys(accounts, settings.api_key_keys(), cache_s=settings.api_key_cache_s)
         identity = IdentityInterceptor(
             keys,
@@ -275,8 +299,8 @@ async def serve(settings: ChatSettings) -> None:
         openai_pb2_grpc.add_OpenAIServiceServicer_to_server(
             OpenAIServicer(conversations, max_body_bytes=settings.openai_max_body_bytes), server
         )
-        account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(api_keys, None), server)
-        account_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(api_keys, None), server)
+        account_pb2_grpc.add_AccountServiceServicer_to_server(AccountServicer(api_keys, ledger), server)
+        account_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(api_keys, ledger), server)
         if settings.dev_sign_in:
             dev_pb2_grpc.add_DevSignInServiceServicer_to_server(DevSignInServicer(keys), server)
             log.warning("dev sign-in on: POST /dev/sign-in hands out a token for any user name")

@@ -148,8 +148,9 @@ class ChatSettings(ChatServiceSettings):
         " calls that generate nothing (a generation always checks the database)",
     )
     jwt_group_claim: str = Field(
-        "group", min_length=1, description="the token claim naming the user's group (a string, or a list:"
-        " its first)"
+        "group",
+        min_length=1,
+        description="the token claim naming the user's group (a string, or a list: its first)",
     )
     jwt_role_claim: str = Field(
         "role", min_length=1, description="the token claim holding the user's role(s)"
@@ -157,7 +158,7 @@ class ChatSettings(ChatServiceSettings):
     admin_role: str = Field("admin", min_length=1, description="the role that makes a user an admin")
     admin_users: list[str] = Field(
         default_factory=list,
-        description="user ids that are admins whatever their token says (JSON list, e.g. [\"alice\"])",
+        description='user ids that are admins whatever their token says (JSON list, e.g. ["alice"])',
     )
     api_key_cache_s: float = Field(
         2.0,

@@ -37,6 +37,10 @@ class AccountStore(Protocol):
         records of the user (a job's included) are charged to."""
         ...
 
+    async def member_group(self, user_id: str) -> str:
+        """The group `user_id` was last noted in ("" for none, or never noted)."""
+        ...
+
     async def record_usage(self, entry: UsageEntry) -> bool:
         """Commit a usage record and add its charged tokens to the totals of the user and the user's group
         (as last noted) for the current day and month, in one transaction. Idempotent on

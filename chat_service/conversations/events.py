@@ -38,6 +38,8 @@ class Finished:
     completion_tokens: int
     assistant_message_id: uuid.UUID | None
     cached: bool = False
+    cached_tokens: int = 0
+    """Of a cached answer: its tokens (charged to no budget)."""
 
 
 @dataclass(frozen=True, slots=True)

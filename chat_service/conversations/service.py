@@ -13,6 +13,8 @@ import uuid
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
+from chat_service.accounting.ledger import Ledger
+from chat_service.accounting.values import UsageEntry, UsageKind, UsageOutcome
 from chat_service.cache.policy import CachedAnswer, ResponseCache
 from chat_service.conversations.cache_step import CacheStep, chat_question
 from chat_service.conversations.events import (
@@ -70,8 +72,11 @@ class Conversations:
         poll_interval_s: float = 0.2,
         metrics: ChatMetrics | None = None,
         max_completions_per_user: int = 0,
+        ledger: Ledger | None = None,
     ) -> None:
         self._metrics = metrics or NoMetrics()
+        # None: accounting off (no usage records, no budgets).
+        self._ledger = ledger
         self._store = store
         self._models = models
         self._default_strategy = default_strategy
@@ -88,7 +93,7 @@ class Conversations:
         self._in_flight = InFlight()
         self._cache = CacheStep(cache)
         self._generation = Generation(
-            store, inference, history, self.leases, QuestionTokens(inference), self._metrics
+            store, inference, history, self.leases, QuestionTokens(inference), self._metrics, ledger
         )
         self._stateless = StatelessAnswers(inference, models, self._cache)
 
@@ -270,7 +275,42 @@ class Conversations:
         the user's concurrent completions like a chat's."""
         engine = self._models.resolve(model)
         answering = self._stateless.answer(user_id, messages, sampling, request_id, use_cache, engine.model)
+        if self._ledger is not None:
+            answering = self._recorded(user_id, engine.model, answering)
         return self._within_limit(user_id, self._metered(answering, engine.model))
+
+    async def _recorded(
+        self, user_id: str, model: str, events: AsyncGenerator[CompletionEvent, None]
+    ) -> AsyncGenerator[CompletionEvent, None]:
+        """A stateless answer's `events`, its usage recorded (it stores no reply to record it with) when it
+        finishes, before the caller hears the end."""
+        assert self._ledger is not None
+        received = time.perf_counter()
+        first_token_s: float | None = None
+        async with aclosing(events):
+            async for event in events:
+                if isinstance(event, Delta):
+                    if first_token_s is None:
+                        first_token_s = time.perf_counter() - received
+                elif isinstance(event, Finished):
+                    await self._ledger.record(
+                        UsageEntry(
+                            user_id=user_id,
+                            kind=UsageKind.OPENAI,
+                            model=model,
+                            prompt_tokens=event.prompt_tokens,
+                            completion_tokens=event.completion_tokens,
+                            cached_tokens=event.cached_tokens if event.cached else 0,
+                            outcome=(
+                                UsageOutcome.CACHED
+                                if event.cached
+                                else UsageOutcome(event.finish_reason.value)
+                            ),
+                            ttft_ms=round(first_token_s * 1000, 2) if first_token_s is not None else None,
+                            duration_ms=round((time.perf_counter() - received) * 1000, 2),
+                        )
+                    )
+                yield event
 
     async def _within_limit(
         self,
@@ -279,7 +319,15 @@ class Conversations:
         request_key: str | None = None,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """`events`, holding one of the user's completion slots from the first to the last (shared by a
-        retry with the same `request_key`, see `CompletionLimit.slot`)."""
+        retry with the same `request_key`, see `CompletionLimit.slot`), once the user's budgets allow
+        it (before anything is stored or looked up: a user over budget gets no completion, not even a
+        cached one)."""
+        if self._ledger is not None:
+            try:
+                await self._ledger.admit(user_id)
+            except BaseException:
+                await events.aclose()
+                raise
         async with self._limit.slot(user_id, request_key) as held, aclosing(events):
             async for event in events:
                 if is_terminal(event):
@@ -296,6 +344,7 @@ class Conversations:
         received: float,
         use_cache: bool,
         early_lookup: asyncio.Future[CachedAnswer | None] | None = None,
+        kind: UsageKind = UsageKind.CHAT,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """The reply, by the chat's model, from the cache when it holds a verified one of that model's,
         else generated and then kept in the cache. `early_lookup` is the lookup of the message as a
@@ -303,20 +352,41 @@ class Conversations:
         engine = self._models.of_chat(chat.model)
         return self._cache.answer(
             chat_question(chat, engine.model, question, history, use_cache),
-            lambda cached: self._serve_cached(chat, engine, question, cached, received),
-            lambda: self._generation.run(chat, engine, question, sampling, history, received),
+            lambda cached: self._serve_cached(chat, engine, question, cached, received, kind),
+            lambda: self._generation.run(chat, engine, question, sampling, history, received, kind),
             model=engine.model,
             span_attributes={"chatmesh.chat_id": str(chat.id)},
             early_lookup=early_lookup,
         )
 
     async def _serve_cached(
-        self, chat: Chat, engine: EngineInfo, question: Message, cached: CachedAnswer, received: float
+        self,
+        chat: Chat,
+        engine: EngineInfo,
+        question: Message,
+        cached: CachedAnswer,
+        received: float,
+        kind: UsageKind = UsageKind.CHAT,
     ) -> AsyncGenerator[CompletionEvent, None]:
         """A cached answer in the shape of a generated one, stored in the history like any answer (before
         it is sent, so a client that leaves early still finds it there). The cache served an answer of
         the chat's model (`engine`; its entries are keyed by model), which the reply records."""
-        reply, _ = await self._store.add_assistant_message(
+        usage = (
+            UsageEntry(
+                user_id=chat.user_id,
+                kind=kind,
+                model=engine.model,
+                prompt_tokens=0,
+                completion_tokens=0,
+                cached_tokens=cached.token_count,
+                outcome=UsageOutcome.CACHED,
+                duration_ms=round((time.perf_counter() - received) * 1000, 2),
+                chat_id=chat.id,
+            )
+            if self._ledger is not None
+            else None
+        )
+        reply, created = await self._store.add_assistant_message(
             chat.user_id,
             chat.id,
             question.id,
@@ -326,7 +396,10 @@ class Conversations:
             None,
             None,
             model=engine.model,
+            usage=usage,
         )
+        if created and usage is not None and self._ledger is not None:
+            await self._ledger.counted(usage)
         log.info(
             "completion served from the cache",
             extra={
@@ -396,6 +469,12 @@ class Conversations:
 
     # -- what asynchronous jobs need ---------------------------------------------------------------------
 
+    async def admit(self, user_id: str) -> None:
+        """`BudgetExhausted` (ResourceExhausted) when a budget of the user is used up: a job is checked
+        when it is submitted (its worker answers what was admitted)."""
+        if self._ledger is not None:
+            await self._ledger.admit(user_id)
+
     async def store_question(
         self, user_id: str, chat_id: uuid.UUID, content: str, request_id: str | None
     ) -> tuple[Message, bool]:
@@ -416,7 +495,13 @@ class Conversations:
             running = self._in_flight.run(
                 turn.message.id,
                 lambda: self._answer(
-                    turn.chat, turn.message, sampling, turn.history, time.perf_counter(), use_cache
+                    turn.chat,
+                    turn.message,
+                    sampling,
+                    turn.history,
+                    time.perf_counter(),
+                    use_cache,
+                    kind=UsageKind.JOB,
                 ),
             )
         async with aclosing(running.follow()) as events:

@@ -76,4 +76,4 @@ class StatelessAnswers:
 async def _serve_cached(cached: CachedAnswer) -> AsyncGenerator[CompletionEvent, None]:
     if cached.text:
         yield Delta(cached.text)
-    yield Finished(FinishReason.STOP, 0, 0, None, cached=True)
+    yield Finished(FinishReason.STOP, 0, 0, None, cached=True, cached_tokens=cached.token_count)

@@ -75,7 +75,9 @@ class Jobs:
         """Store the question and queue its job. A full queue (ResourceExhausted) or an unreachable one
         (Unavailable) stores nothing: the question and the job are taken back before the error is raised.
         So does a user at their limit of unfinished jobs (ResourceExhausted naming it). A retry (same
-        `request_id`) returns the first submission's job."""
+        `request_id`) returns the first submission's job. A user over a token budget is refused
+        (ResourceExhausted naming it) before anything is stored."""
+        await self._conversations.admit(user_id)
         message, stored = await self._conversations.store_question(user_id, chat_id, content, request_id)
         request = JobRequest(
             user_id=user_id,

@@ -65,8 +65,9 @@ def test_the_leeway_is_one_value_for_the_service_and_envoy(monkeypatch: pytest.M
     listener = build_envoy_config(gateway)["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     by_name = {f["name"]: f["typed_config"] for f in hcm["http_filters"]}
-    (provider,) = by_name["envoy.filters.http.jwt_authn"]["providers"].values()
-    assert provider["clock_skew_seconds"] == JWT_LEEWAY_S
+    # Both providers (sign-in tokens and API keys) allow the same skew.
+    providers = by_name["envoy.filters.http.jwt_authn"]["providers"].values()
+    assert [provider["clock_skew_seconds"] for provider in providers] == [JWT_LEEWAY_S] * 2
     # A token that expired within the leeway passes the service's check, one beyond it does not.
     keys = chat.jwt_keys()
     assert verify_token(keys, issue_token(keys, "ada", ttl_s=-(JWT_LEEWAY_S - 5))) == "ada"

@@ -166,6 +166,13 @@ class SqlAccountStore(AccountStore):
                 )
             )
 
+    async def member_group(self, user_id: str) -> str:
+        async with self._db.engine.connect() as connection:
+            group = await connection.scalar(
+                select(_MEMBERS.c.user_group).where(_MEMBERS.c.user_id == user_id)
+            )
+        return group or ""
+
     async def record_usage(self, entry: UsageEntry) -> bool:
         async with self._db.engine.begin() as connection:
             return await insert_usage(connection, entry, utc_now(), is_postgresql=self._db.is_postgresql)
