@@ -198,7 +198,10 @@ async def seed_chats(base_url: str, users: Sequence[User], chats: int, workers: 
     )
 
 
-async def list_chats(base_url: str, users: Sequence[User], workers: int, seconds: float) -> ListResult:
+async def list_chats(
+    base_url: str, users: Sequence[User], workers: int, seconds: float, what: str = "GET /chats"
+) -> ListResult:
+    """`GET /chats` for `seconds`, `workers` at a time, the users in turn."""
     latencies: list[float] = []
     failures = with_header = 0
     turn = itertools.cycle(users)
@@ -221,7 +224,7 @@ async def list_chats(base_url: str, users: Sequence[User], workers: int, seconds
         elapsed = time.perf_counter() - started
     result = ListResult(len(latencies), elapsed, latencies, failures, with_header)
     print(
-        f"  GET /chats, {workers} clients, {elapsed:.1f} s: {result.per_s:6.0f} req/s  {ms(latencies)}"
+        f"  {what}, {workers} clients, {elapsed:.1f} s: {result.per_s:6.0f} req/s  {ms(latencies)}"
         f"  non-200: {failures}  with {RATELIMIT_HEADER}: {with_header}",
         flush=True,
     )
@@ -482,10 +485,14 @@ async def main() -> None:
                         warm_up = await complete(
                             envoy.base_url, users[: 2 * args.concurrency], args.concurrency, 4, "warm-up"
                         )
+                        # Each user seen by both replicas first: a replica notes a user's group once (a
+                        # write) and then from its memory, which is the steady state measured.
+                        await list_chats(envoy.base_url, users, args.workers, 3, "warm-up")
                         listing = await list_chats(envoy.base_url, users, args.workers, args.seconds)
                         completions = await complete(envoy.base_url, users, args.concurrency, args.max_tokens)
                         phase = Phase(accounting, listing, completions)
                         phases.append(phase)
+                        print(f"  {load()}", flush=True)
                         for user, outcome in warm_up.served + completions.served:
                             if accounting:
                                 asked.on[outcome.request_id] = (outcome.tokens, user.group)
