@@ -9,6 +9,7 @@ import logging
 import grpc
 from prometheus_client import CollectorRegistry
 
+from chat_service.accounting.headers import BudgetHeadersInterceptor
 from chat_service.accounting.identity import IdentityInterceptor, IdentityRules
 from chat_service.accounting.keys import ApiKeys
 from chat_service.accounting.ledger import BudgetDefaults, Ledger
@@ -294,7 +295,11 @@ async def serve(settings: ChatSettings) -> None:
             accounts,
             open_services,
         )
-        server = create_server([identity], tracing.server_interceptors())
+        # Inside the identity check, which says whose budget the headers show.
+        headers = (
+            [BudgetHeadersInterceptor(ledger, frozenset(SERVICE_NAMES))] if ledger is not None else []
+        )
+        server = create_server([identity, *headers], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
         openai_pb2_grpc.add_OpenAIServiceServicer_to_server(
             OpenAIServicer(conversations, max_body_bytes=settings.openai_max_body_bytes), server

@@ -11,6 +11,7 @@ from datetime import UTC, date, datetime, timedelta
 
 from chat_service.accounting.identity import current_caller
 from chat_service.accounting.store import AccountStore
+from chat_service.accounting.token_headers import token_headers
 from chat_service.accounting.values import (
     BudgetLimit,
     BudgetPeriod,
@@ -50,6 +51,11 @@ class BudgetExhausted(ResourceExhausted):
     def __init__(self, status: BudgetStatus, now: datetime) -> None:
         self.status = status
         super().__init__(describe_exhausted(status), max(1.0, (status.reset_at - now).total_seconds()))
+        self._now = now
+
+    def metadata(self) -> list[tuple[str, str]]:
+        # The x-ratelimit-*-tokens headers of the refusal (see `chat_service.accounting.headers`).
+        return token_headers(self.status, self._now)
 
 
 def describe_exhausted(status: BudgetStatus) -> str:

@@ -32,6 +32,11 @@ class ChatmeshError(Exception):
         language read from the status; none by default."""
         return []
 
+    def metadata(self) -> list[tuple[str, str]]:
+        """Trailers of the status beside its details (e.g. rate-limit headers), which Envoy turns into
+        the REST response's headers; none by default."""
+        return []
+
 
 class InvalidArgument(ChatmeshError):
     """The request is malformed; `field` names the offending field (e.g. `messages[2].role`) and
@@ -100,6 +105,10 @@ class DeadlineExceeded(ChatmeshError):
 
     status_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
+
+HTTP_RETRY_AFTER_METADATA_KEY = "retry-after"
+"""Trailer with the retry delay in whole seconds (rounded up): HTTP's own `Retry-After` header, which
+Envoy passes on to REST clients."""
 
 RETRY_AFTER_METADATA_KEY = "retry-after-ms"
 """Trailer with the retry delay in milliseconds, beside RetryInfo, for clients and proxies that read

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
 
 from chatmesh.common.errors import (
+    HTTP_RETRY_AFTER_METADATA_KEY,
     RETRY_AFTER_METADATA_KEY,
     STATUS_DETAILS_METADATA_KEY,
     ChatmeshError,
@@ -22,13 +24,16 @@ log = logging.getLogger(__name__)
 
 
 def trailing_metadata(error: ChatmeshError) -> tuple[tuple[str, str | bytes], ...]:
-    """The trailers that carry `error`'s details: the standard `google.rpc.Status` and, for a rejection
-    with a retry delay, the `retry-after-ms` header that proxies and simple clients read."""
+    """The trailers that carry `error`'s details: the standard `google.rpc.Status`; for a rejection with
+    a retry delay, the `retry-after-ms` and `retry-after` headers that proxies and simple clients read;
+    and whatever the error adds (`ChatmeshError.metadata`)."""
     metadata: list[tuple[str, str | bytes]] = [
         (STATUS_DETAILS_METADATA_KEY, rpc_status(error).SerializeToString())
     ]
     if isinstance(error, ResourceExhausted):
         metadata.append((RETRY_AFTER_METADATA_KEY, str(round(error.retry_after_s * 1000))))
+        metadata.append((HTTP_RETRY_AFTER_METADATA_KEY, str(max(1, math.ceil(error.retry_after_s)))))
+    metadata.extend(error.metadata())
     return tuple(metadata)
 
 

@@ -61,8 +61,28 @@ local function openai_error(text, status)
     .. '","param":' .. param .. ',"code":"' .. string.lower(name) .. '"}}'
 end
 
+-- The per-user request rate limit's headers (Envoy's local_ratelimit, draft 03: `x-ratelimit-limit: 40,
+-- 40;w=1`, remaining, reset in seconds) under OpenAI's names, beside the token budget's that the chat
+-- service sends (`x-ratelimit-*-tokens`).
+local function request_limit_headers(headers)
+  local limit = headers:get("x-ratelimit-limit")
+  if limit == nil then
+    return
+  end
+  headers:replace("x-ratelimit-limit-requests", string.match(limit, "^%s*(%d+)") or limit)
+  local remaining = headers:get("x-ratelimit-remaining")
+  if remaining ~= nil then
+    headers:replace("x-ratelimit-remaining-requests", remaining)
+  end
+  local reset = headers:get("x-ratelimit-reset")
+  if reset ~= nil then
+    headers:replace("x-ratelimit-reset-requests", (string.match(reset, "^%s*(%d+)") or reset) .. "s")
+  end
+end
+
 function envoy_on_response(handle)
   local headers = handle:headers()
+  request_limit_headers(headers)
   local marks = handle:streamInfo():dynamicMetadata():get("chatmesh")
   -- Read before the body: the headers cannot be read once the script has waited for it.
   local status = headers:get(":status")
