@@ -296,9 +296,7 @@ async def serve(settings: ChatSettings) -> None:
             open_services,
         )
         # Inside the identity check, which says whose budget the headers show.
-        headers = (
-            [BudgetHeadersInterceptor(ledger, frozenset(SERVICE_NAMES))] if ledger is not None else []
-        )
+        headers = [BudgetHeadersInterceptor(ledger, frozenset(SERVICE_NAMES))] if ledger is not None else []
         server = create_server([identity, *headers], tracing.server_interceptors())
         chat_pb2_grpc.add_ChatServiceServicer_to_server(ChatServicer(conversations, jobs), server)
         openai_pb2_grpc.add_OpenAIServiceServicer_to_server(
