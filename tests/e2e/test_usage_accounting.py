@@ -7,13 +7,15 @@ with sign-in tokens carrying a group claim; admins carry the admin role.
 - a cached answer is recorded as cached tokens (charged nothing), both answers as requests;
 - a retried completion (the same `request_id`) is recorded once;
 - users see only their own usage; admins see everyone's, and set and clear budgets that take effect;
-- the OpenAI API's completions are recorded with kind `openai`.
+- the OpenAI API's completions are recorded with kind `openai`;
+- every response carries the `x-ratelimit-*-tokens` headers of the caller's most constraining budget.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -102,6 +104,7 @@ class Stream:
 
     status: int
     events: list[dict[str, Any]]
+    headers: httpx.Headers
 
     @property
     def first(self) -> dict[str, Any]:
@@ -123,14 +126,14 @@ async def chat(http: httpx.AsyncClient, user: str, content: str, chat_id: str = 
     async with http.stream("POST", path, json=payload, headers=headers(user)) as response:
         body_text = (await response.aread()).decode()
     if response.status_code != 200:
-        return Stream(response.status_code, [json.loads(body_text)])
+        return Stream(response.status_code, [json.loads(body_text)], response.headers)
     blocks = body_text.replace("\r\n", "\n").split("\n\n")
     events = [
         json.loads("\n".join(line[5:].strip() for line in block.splitlines() if line.startswith("data:")))
         for block in blocks
         if "data:" in block
     ]
-    return Stream(response.status_code, events)
+    return Stream(response.status_code, events, response.headers)
 
 
 def answered(stream: Stream) -> tuple[int, int]:
@@ -154,13 +157,15 @@ async def usage_of(http: httpx.AsyncClient, user: str) -> dict[str, Any]:
 
 def today_row(usage: dict[str, Any]) -> dict[str, Any]:
     today = datetime.now(UTC).date().isoformat()
-    rows = [row for row in usage.get("usage", []) if row["day"] == today and row["model"] == TEST_MODEL]
+    rows: list[dict[str, Any]] = [
+        row for row in usage.get("usage", []) if row["day"] == today and row["model"] == TEST_MODEL
+    ]
     assert len(rows) == 1, usage
     return rows[0]
 
 
 def user_day_budget(usage: dict[str, Any]) -> dict[str, Any]:
-    budgets = [
+    budgets: list[dict[str, Any]] = [
         b
         for b in usage["budgets"]
         if b["scope"] == "BUDGET_SCOPE_USER" and b["period"] == "BUDGET_PERIOD_DAY"
@@ -379,3 +384,77 @@ async def test_the_openai_api_records_its_completions_as_openai(
     ]
     row = today_row(await usage_of(http, user))
     assert number(row, "requests") == 1 and number(row, "completion_tokens") == usage["completion_tokens"]
+
+
+def seconds(duration: str) -> float:
+    """An `x-ratelimit-reset-tokens` duration (`6h0m0s`, `45s`, `120ms`) in seconds."""
+    if duration.endswith("ms"):
+        return int(duration[:-2]) / 1000
+    found = re.fullmatch(r"(?:(\d+)h)?(?:(\d+)m)?(\d+)s", duration)
+    assert found, duration
+    hours, minutes, secs = (int(part or 0) for part in found.groups())
+    return hours * 3600 + minutes * 60 + secs
+
+
+def to_midnight(moment: datetime) -> float:
+    midnight = datetime.combine(moment.date() + timedelta(days=1), datetime.min.time(), UTC)
+    return (midnight - moment).total_seconds()
+
+
+async def test_responses_carry_the_token_headers_of_the_most_constraining_budget(
+    mesh: Stack, http: httpx.AsyncClient
+) -> None:
+    user = new_user()
+    unlimited = await http.get("/chats", headers=headers(user))
+    assert unlimited.status_code == 200 and "x-ratelimit-limit-tokens" not in unlimited.headers
+
+    limit = 100_000
+    await set_budget(http, user, limit)
+    seen: list[tuple[datetime, httpx.Headers]] = []  # (when asked, the headers) of every GET /chats
+
+    async def shows(remaining: int) -> bool:
+        before = datetime.now(UTC)
+        reply = await http.get("/chats", headers=headers(user))
+        seen.append((before, reply.headers))
+        return reply.status_code == 200 and reply.headers.get("x-ratelimit-remaining-tokens") == str(
+            remaining
+        )
+
+    # The replica that did not store the budget may answer from what it read a moment before.
+    async def shows_limit() -> bool:
+        return await shows(limit)
+
+    await eventually(shows_limit, f"GET /chats never showed {limit} tokens remaining")
+    after = datetime.now(UTC)
+    before, sent = seen[-1]
+    assert sent["x-ratelimit-limit-tokens"] == str(limit), sent
+    reset = seconds(sent["x-ratelimit-reset-tokens"])
+    assert to_midnight(after) - 1 <= reset <= to_midnight(before), sent
+
+    first = await chat(http, user, "Name a colour.", skip_cache=True)
+    used = sum(answered(first))
+    assert first.headers["x-ratelimit-limit-tokens"] == str(limit), first.headers
+    assert first.headers["x-ratelimit-remaining-tokens"] == str(limit), "told before it generated"
+
+    async def shows_use() -> bool:
+        return await shows(limit - used)
+
+    await eventually(shows_use, f"GET /chats never showed {limit - used} tokens remaining")
+
+    openai = await http.post(
+        "/v1/chat/completions",
+        json={"model": TEST_MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2},
+        headers=headers(user),
+    )
+    assert openai.status_code == 200, openai.text
+    used += openai.json()["usage"]["total_tokens"]
+    # A unary answer's headers go out with the answer, after its use was recorded (on this replica).
+    assert openai.headers["x-ratelimit-limit-tokens"] == str(limit), openai.headers
+    assert openai.headers["x-ratelimit-remaining-tokens"] == str(limit - used), openai.headers
+
+    await set_budget(http, user, used)
+    refused = await chat(http, user, "Name another colour.", skip_cache=True)
+    assert refused.status == 429, refused.events
+    assert refused.headers["x-ratelimit-limit-tokens"] == str(used), refused.headers
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0", refused.headers
+    assert 0 < seconds(refused.headers["x-ratelimit-reset-tokens"]) <= 24 * 3600, refused.headers
