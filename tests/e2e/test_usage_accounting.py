@@ -5,14 +5,15 @@ with sign-in tokens carrying a group claim; admins carry the admin role.
 - a budget an admin sets mid-conversation refuses the turn after it is reached: 429 naming the daily
   budget and its reset (the next 00:00 UTC), a retry hint, and nothing stored for the refused turn;
 - a cached answer is recorded as cached tokens (charged nothing), both answers as requests;
-- a retried completion (the same `request_id`) is recorded once;
+- a retried completion (the same `request_id`, one after another or all at once) is recorded once;
 - users see only their own usage; admins see everyone's, and set and clear budgets that take effect;
-- the OpenAI API's completions are recorded with kind `openai`;
+- the OpenAI API's completions are recorded with kind `openai`, summaries with kind `summary`;
 - every response carries the `x-ratelimit-*-tokens` headers of the caller's most constraining budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import re
@@ -458,3 +459,55 @@ async def test_responses_carry_the_token_headers_of_the_most_constraining_budget
     assert refused.headers["x-ratelimit-limit-tokens"] == str(used), refused.headers
     assert refused.headers["x-ratelimit-remaining-tokens"] == "0", refused.headers
     assert 0 < seconds(refused.headers["x-ratelimit-reset-tokens"]) <= 24 * 3600, refused.headers
+
+
+async def test_retries_sent_at_once_are_recorded_once(
+    mesh: Stack, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    user = new_user()
+    opening = await chat(http, user, "Name a fruit.", skip_cache=True)
+    chat_id = opening.first["chat_id"]
+    request_id = str(uuid.uuid4())
+    attempts = await asyncio.gather(
+        *(
+            chat(http, user, "Name a colour.", chat_id, request_id=request_id, skip_cache=True)
+            for _ in range(3)
+        )
+    )
+    for attempt in attempts:
+        answered(attempt)  # each streamed the (one) reply to its end
+    replies = {attempt.last["assistant_message_id"] for attempt in attempts}
+    assert len(replies) == 1, [attempt.events for attempt in attempts]
+    records = await db.fetch(
+        "SELECT message_id FROM usage_records WHERE user_id = $1 AND chat_id = $2 ORDER BY created_at",
+        user,
+        uuid.UUID(chat_id),
+    )
+    assert [str(r["message_id"]) for r in records] == [opening.last["assistant_message_id"], *replies]
+    assert number(today_row(await usage_of(http, user)), "requests") == 2
+
+
+async def test_a_summary_is_recorded_as_such_and_charged_to_the_chats_owner(
+    mesh: Stack, http: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    user = new_user()
+    first = await chat(
+        http, user, "Name a fruit.", history_strategy="HISTORY_STRATEGY_SUMMARY", skip_cache=True
+    )
+    chat_id = first.first["chat_id"]
+    # The test settings fold older turns once 4 messages are older than the 2 kept: by the fourth turn.
+    for question in ("Name a colour.", "Name a tree.", "Name a river."):
+        answered(await chat(http, user, question, chat_id, skip_cache=True))
+    summaries = await db.fetch(
+        "SELECT user_group, model, prompt_tokens, completion_tokens, request_key FROM usage_records"
+        " WHERE user_id = $1 AND kind = 'summary'",
+        user,
+    )
+    assert summaries, "no summary was recorded"
+    for summary in summaries:
+        assert (summary["user_group"], summary["model"]) == (GROUP, TEST_MODEL), dict(summary)
+        assert summary["prompt_tokens"] > 0 and summary["completion_tokens"] > 0, dict(summary)
+    charged = await db.fetchval(
+        "SELECT SUM(prompt_tokens + completion_tokens) FROM usage_records WHERE user_id = $1", user
+    )
+    assert number(user_day_budget(await usage_of(http, user)), "used_tokens") == charged
