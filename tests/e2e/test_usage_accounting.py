@@ -6,6 +6,8 @@ with sign-in tokens carrying a group claim; admins carry the admin role.
   budget and its reset (the next 00:00 UTC), a retry hint, and nothing stored for the refused turn;
 - a cached answer is recorded as cached tokens (charged nothing), both answers as requests;
 - a retried completion (the same `request_id`, one after another or all at once) is recorded once;
+- a default budget from the settings (`CHATMESH_CHAT_BUDGET_USER_DAILY_TOKENS`) holds for every user
+  until an override lifts it for one;
 - users see only their own usage; admins see everyone's, and set and clear budgets that take effect;
 - the OpenAI API's completions are recorded with kind `openai`, summaries with kind `summary`;
 - every response carries the `x-ratelimit-*-tokens` headers of the caller's most constraining budget.
@@ -21,6 +23,7 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -511,3 +514,50 @@ async def test_a_summary_is_recorded_as_such_and_charged_to_the_chats_owner(
         "SELECT SUM(prompt_tokens + completion_tokens) FROM usage_records WHERE user_id = $1", user
     )
     assert number(user_day_budget(await usage_of(http, user)), "used_tokens") == charged
+
+
+async def test_a_default_budget_from_the_settings_applies_to_everyone_until_an_override_lifts_it(
+    tmp_path: Path, inference_address: str
+) -> None:
+    async with (
+        fresh_postgres_database() as url,
+        chat_stack(
+            inference_address,
+            url,
+            envoy_dir=tmp_path,
+            gateway={"rate_limit_per_s": 0},
+            budget_user_daily_tokens=1,
+        ) as stack,
+        httpx.AsyncClient(base_url=stack.envoy.base_url, timeout=60.0) as client,
+    ):
+        user = new_user()
+        # Nothing used yet is under any limit: the first turn runs, and uses the day's budget up.
+        used = sum(answered(await chat(client, user, "Name a colour.", skip_cache=True)))
+        budget = user_day_budget(await usage_of(client, user))
+        assert (number(budget, "limit_tokens"), budget.get("overridden", False)) == (1, False), budget
+
+        refused = await chat(client, user, "Name another.", skip_cache=True)
+        assert refused.status == 429, refused.events
+        assert refused.last["message"].startswith(
+            f"your daily token budget of 1 tokens is used up ({used} used)"
+        ), refused.last
+
+        listed = await client.get("/admin/budgets", headers=headers("boss", admin=True))
+        defaults = {
+            (b["scope"], b["period"]): number(b, "limit_tokens")
+            for b in listed.json()["budgets"]
+            if b["subject"] == "*"
+        }
+        assert defaults == {
+            ("BUDGET_SCOPE_USER", "BUDGET_PERIOD_DAY"): 1,
+            ("BUDGET_SCOPE_USER", "BUDGET_PERIOD_MONTH"): 0,
+            ("BUDGET_SCOPE_GROUP", "BUDGET_PERIOD_DAY"): 0,
+            ("BUDGET_SCOPE_GROUP", "BUDGET_PERIOD_MONTH"): 0,
+        }, listed.text
+
+        # An override of 0 is no limit for this user; everyone else keeps the default.
+        await set_budget(client, user, 0)
+        answered(await chat(client, user, "Name another.", skip_cache=True))
+        other = new_user()
+        answered(await chat(client, other, "Name a colour.", skip_cache=True))
+        assert (await chat(client, other, "Name another.", skip_cache=True)).status == 429
