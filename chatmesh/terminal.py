@@ -2,7 +2,7 @@
 
 Interactive by default: each line you type is sent to the current chat and the reply streams back.
 Commands start with a slash: /new, /list, /open CHAT_ID, /history, /delete CHAT_ID, /models,
-/model NAME (the current chat's model, or the next new chat's), /quit.
+/model NAME (the current chat's model, or the next new chat's), /usage (tokens used, budgets left), /quit.
 """
 
 from __future__ import annotations
@@ -11,12 +11,13 @@ import asyncio
 import sys
 from dataclasses import dataclass
 
+from chatmesh.chat.v1 import account_pb2 as account_pb
 from chatmesh.chat.v1 import chat_pb2 as pb
 from chatmesh.client import AsyncChatClient, Delta, Finished, Started
 from chatmesh.common.errors import ChatmeshError
 
 HELP = (
-    "commands: /new  /list  /open CHAT_ID  /history  /delete CHAT_ID  /models  /model NAME  /quit"
+    "commands: /new  /list  /open CHAT_ID  /history  /delete CHAT_ID  /models  /model NAME  /usage  /quit"
     "   (anything else is a message)"
 )
 
@@ -110,6 +111,25 @@ class ChatSession:
         self.model = chat.model
         print(f"this chat now uses {chat.model}")
 
+    async def usage(self) -> None:
+        """Print the last week's tokens by day and model, and what is left of each budget."""
+        reply = await self.client.usage(7)
+        for row in reply.usage:
+            print(
+                f"{row.day}  {row.model}: {row.prompt_tokens} prompt + {row.completion_tokens} completion"
+                f" tokens, {row.cached_tokens} cached, {row.requests} requests"
+            )
+        if not reply.usage:
+            print("no usage in the last 7 days")
+        for budget in reply.budgets:
+            scope = "you" if budget.scope == account_pb.BUDGET_SCOPE_USER else f"group {budget.subject}"
+            period = "today" if budget.period == account_pb.BUDGET_PERIOD_DAY else "this month"
+            if budget.limit_tokens:
+                left = f"{budget.remaining_tokens} of {budget.limit_tokens} tokens left"
+                print(f"{scope}, {period}: {left} (resets {budget.reset_time.ToJsonString()})")
+            else:
+                print(f"{scope}, {period}: {budget.used_tokens} tokens used, no limit")
+
     async def delete(self, chat_id: str) -> None:
         await self.client.delete_chat(chat_id)
         if chat_id == self.chat_id:
@@ -132,6 +152,8 @@ class ChatSession:
             await self.list_models()
         elif command == "/model":
             await self.use_model(argument.strip())
+        elif command == "/usage":
+            await self.usage()
         elif command == "/history":
             await self.history()
         elif command == "/delete":

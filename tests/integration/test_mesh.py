@@ -29,10 +29,22 @@ from tests.support.waiting import eventually
 pytestmark = pytest.mark.integration
 
 
-def terminal_client(cwd: Path, env: dict[str, str], gateway_port: int, *args: str) -> str:
-    """Run `chatmesh chat --address <gateway> ARGS` in `cwd` (whose .run/ holds the dev key); its output."""
+def terminal_client(
+    cwd: Path, env: dict[str, str], gateway_port: int, *args: str, typed: str | None = None
+) -> str:
+    """Run `chatmesh chat --address <gateway> ARGS` in `cwd` (whose .run/ holds the dev key), with `typed`
+    as what the user types (None: nothing); its output."""
     command = [sys.executable, "-m", "chatmesh", "chat", "--address", f"127.0.0.1:{gateway_port}", *args]
-    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False)
+    done = subprocess.run(
+        command,
+        cwd=cwd,
+        env=env,
+        input=typed,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return done.stdout
 
@@ -263,6 +275,10 @@ def test_mesh_starts_serves_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         assert said.startswith("[chat "), said
         listed = terminal_client(tmp_path, env, ports["gateway"], "--list")
         assert said.removeprefix("[chat ").removesuffix("]") in listed
+        # The mesh accounts by default: the reply above is in the user's usage, and no budget limits them.
+        usage = terminal_client(tmp_path, env, ports["gateway"], typed="/usage\n")
+        assert " completion tokens, 0 cached, 1 requests" in usage, usage
+        assert "you, today: " in usage and "no limit" in usage, usage
         assert httpx.get(f"http://127.0.0.1:{ports['gateway']}/chats", timeout=10).status_code == 401
         assert (tmp_path / ".run" / "chatmesh.db").exists(), "the embedded SQLite default is used"
         assert_private(tmp_path / ".run")
