@@ -52,11 +52,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from load_test import QUESTIONS, Outcome, ms, new_chat, pct, stream_completion  # a sibling script
 
 from chatmesh.common.auth import JwtKeys, issue_token
-from gateway import EnvoyProcess, GatewaySettings
+from gateway import GatewaySettings
 from tests.support.chat import TEST_SECRET, token_for
 from tests.support.databases import fresh_postgres_database
 from tests.support.processes import free_port, run_service
-from tests.support.stack import chat_stack, inference_env
+from tests.support.stack import Stack, chat_stack, inference_env
 
 ADMIN = "bench-admin"
 """The admin that stores the budget overrides (CHATMESH_CHAT_ADMIN_USERS)."""
@@ -102,6 +102,7 @@ class ListResult:
     latencies: list[float]
     failures: int
     with_header: int
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def per_s(self) -> float:
@@ -112,6 +113,7 @@ class ListResult:
 class CompletionResult:
     seconds: float
     outcomes: list[tuple[User, Outcome]]
+    cpu: dict[str, float] = field(default_factory=dict)
 
     @property
     def served(self) -> list[tuple[User, Outcome]]:
@@ -149,6 +151,54 @@ class Asked:
     on: dict[str, tuple[int, str]] = field(default_factory=dict)
     """Request id: (completion tokens, the user's group)."""
     off: list[str] = field(default_factory=list)
+
+
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used, 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds used by the chat replicas, Envoy and this database's PostgreSQL backends since the
+    meter was started: the cost per request, which other work on the machine slows but does not add to
+    (unlike req/s, which it lowers: everything shares the 2 cores)."""
+
+    dsn: str
+    parts: dict[str, list[int]]
+    start: dict[int, float] = field(default_factory=dict)
+
+    async def backends(self) -> list[int]:
+        connection = await asyncpg.connect(self.dsn)
+        try:
+            rows = await connection.fetch(
+                "SELECT pid FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            )
+        finally:
+            await connection.close()
+        return [row["pid"] for row in rows]
+
+    async def begin(self) -> None:
+        pids = [pid for pids in self.parts.values() for pid in pids] + await self.backends()
+        self.start = {pid: cpu_s(pid) for pid in pids}
+
+    async def used(self) -> dict[str, float]:
+        """CPU seconds by part (replicas, Envoy, PostgreSQL) since `begin`."""
+        parts = {**self.parts, "PostgreSQL": await self.backends()}
+        return {
+            name: sum(max(0.0, cpu_s(pid) - self.start.get(pid, 0.0)) for pid in pids)
+            for name, pids in parts.items()
+        }
+
+
+def cpu_line(used: dict[str, float], requests: int, unit: str) -> str:
+    each = "  ".join(f"{name} {1000 * seconds / requests:.2f}" for name, seconds in used.items())
+    return f"    CPU ms per {unit}: {each}  (all {1000 * sum(used.values()) / requests:.2f})"
 
 
 @contextlib.asynccontextmanager
@@ -201,7 +251,12 @@ async def seed_chats(base_url: str, users: Sequence[User], chats: int, workers: 
 
 
 async def list_chats(
-    base_url: str, users: Sequence[User], workers: int, seconds: float, what: str = "GET /chats"
+    base_url: str,
+    users: Sequence[User],
+    workers: int,
+    seconds: float,
+    what: str = "GET /chats",
+    meter: CpuMeter | None = None,
 ) -> ListResult:
     """`GET /chats` for `seconds`, `workers` at a time, the users in turn."""
     latencies: list[float] = []
@@ -221,20 +276,30 @@ async def list_chats(
                 failures += response.status_code != 200
                 with_header += RATELIMIT_HEADER in response.headers
 
+        if meter is not None:
+            await meter.begin()
         started = time.perf_counter()
         await asyncio.gather(*(worker(client) for client in made))
         elapsed = time.perf_counter() - started
-    result = ListResult(len(latencies), elapsed, latencies, failures, with_header)
+        cpu = await meter.used() if meter is not None else {}
+    result = ListResult(len(latencies), elapsed, latencies, failures, with_header, cpu)
     print(
         f"  {what}, {workers} clients, {elapsed:.1f} s: {result.per_s:6.0f} req/s  {ms(latencies)}"
         f"  non-200: {failures}  with {RATELIMIT_HEADER}: {with_header}/{len(latencies)}",
         flush=True,
     )
+    if cpu:
+        print(cpu_line(cpu, len(latencies), "request"), flush=True)
     return result
 
 
 async def complete(
-    base_url: str, users: Sequence[User], concurrency: int, max_tokens: int, what: str = "completions"
+    base_url: str,
+    users: Sequence[User],
+    concurrency: int,
+    max_tokens: int,
+    what: str = "completions",
+    meter: CpuMeter | None = None,
 ) -> CompletionResult:
     """Each of `users` asks one question in a new chat, `concurrency` at a time."""
     outcomes: list[tuple[User, Outcome]] = []
@@ -245,15 +310,20 @@ async def complete(
         if len(outcomes) % 50 == 0:
             print(f"    {len(outcomes)}/{len(users)} completions", flush=True)
 
+    if meter is not None:
+        await meter.begin()
     started = time.perf_counter()
     await each_user(base_url, users, concurrency, job)
-    result = CompletionResult(time.perf_counter() - started, outcomes)
+    elapsed = time.perf_counter() - started
+    result = CompletionResult(elapsed, outcomes, await meter.used() if meter is not None else {})
     refused = len(outcomes) - len(result.served)
     print(
         f"  {what}, {concurrency} at a time, {result.seconds:.1f} s: {result.per_s:5.2f} completions/s"
         f"  {result.tokens_per_s:5.1f} tokens/s  TTFT {ms(result.ttfts)}  not served: {refused}",
         flush=True,
     )
+    if result.cpu:
+        print(cpu_line(result.cpu, max(1, len(result.served)), "completion"), flush=True)
     return result
 
 
@@ -361,7 +431,7 @@ WHERE e.tokens IS DISTINCT FROM t.tokens
 @contextlib.asynccontextmanager
 async def mesh_phase(
     args: argparse.Namespace, inference: str, url: str, run_dir: Path, accounting: bool
-) -> AsyncIterator[EnvoyProcess]:
+) -> AsyncIterator[Stack]:
     """Two chat replicas with the accounting `accounting` and Envoy in front, until the block ends."""
     budgets: dict[str, object] = {**DEFAULT_BUDGETS} if accounting else {}
     if accounting and args.budget_cache_s is not None:
@@ -384,7 +454,7 @@ async def mesh_phase(
         admin_users=[ADMIN],
         **budgets,
     ) as stack:
-        yield stack.envoy
+        yield stack
 
 
 def load() -> str:
@@ -395,7 +465,7 @@ def load() -> str:
 def ratio_line(what: str, on: Sequence[float], off: Sequence[float]) -> str:
     ratios = [a / b for a, b in zip(on, off, strict=True)]
     return (
-        f"{what:<24} off {statistics.mean(off):8.2f}  on {statistics.mean(on):8.2f}"
+        f"{what:<28} off {statistics.mean(off):8.2f}  on {statistics.mean(on):8.2f}"
         f"  on/off per round {' '.join(f'{r:.3f}' for r in ratios)}"
         f"  median {statistics.median(ratios):.3f}  of the sums {sum(on) / sum(off):.3f}"
     )
@@ -427,6 +497,22 @@ def summary(phases: list[Phase]) -> None:
             "tokens/s", [p.completions.tokens_per_s for p in on], [p.completions.tokens_per_s for p in off]
         )
     )
+    for part in ("replicas", "Envoy", "PostgreSQL"):
+        print(
+            ratio_line(
+                f"CPU ms/GET, {part}",
+                [1000 * p.listing.cpu[part] / p.listing.requests for p in on],
+                [1000 * p.listing.cpu[part] / p.listing.requests for p in off],
+            )
+        )
+    for part in ("replicas", "PostgreSQL"):
+        print(
+            ratio_line(
+                f"CPU ms/completion, {part}",
+                [1000 * p.completions.cpu[part] / len(p.completions.served) for p in on],
+                [1000 * p.completions.cpu[part] / len(p.completions.served) for p in off],
+            )
+        )
     print(
         ratio_line(
             "TTFT p50 ms",
@@ -434,6 +520,30 @@ def summary(phases: list[Phase]) -> None:
             [1000 * pct(p.completions.ttfts, 0.5) for p in off],
         )
     )
+
+
+async def measure(
+    args: argparse.Namespace, stack: Stack, dsn: str, users: Sequence[User], accounting: bool, asked: Asked
+) -> Phase:
+    """One phase's measurements on a started mesh; its answered requests noted in `asked`."""
+    base_url = stack.envoy.base_url
+    meter = CpuMeter(
+        dsn,
+        {"replicas": [replica.process.pid for replica in stack.replicas], "Envoy": [stack.envoy.process.pid]},
+    )
+    warm_up = await complete(base_url, users[: 2 * args.concurrency], args.concurrency, 4, "warm-up")
+    # Each user seen by both replicas first: a replica notes a user's group once (a write) and then from
+    # its memory, which is the steady state measured.
+    await list_chats(base_url, users, args.workers, 3, "warm-up")
+    listing = await list_chats(base_url, users, args.workers, args.seconds, meter=meter)
+    completions = await complete(base_url, users, args.concurrency, args.max_tokens, meter=meter)
+    print(f"  {load()}", flush=True)
+    for user, outcome in warm_up.served + completions.served:
+        if accounting:
+            asked.on[outcome.request_id] = (outcome.tokens, user.group)
+        else:
+            asked.off.append(outcome.request_id)
+    return Phase(accounting, listing, completions)
 
 
 async def main() -> None:
@@ -486,29 +596,14 @@ async def main() -> None:
                         " and Envoy...",
                         flush=True,
                     )
-                    async with mesh_phase(args, inference, url, Path(run_dir), accounting) as envoy:
+                    async with mesh_phase(args, inference, url, Path(run_dir), accounting) as stack:
                         if number == 0:
                             # POST /chat is a completion route: the edge admits 2 x slots at once.
-                            await seed_chats(envoy.base_url, users, args.chats, args.concurrency)
+                            await seed_chats(stack.envoy.base_url, users, args.chats, args.concurrency)
                         if accounting and not overrides_set:
-                            await set_overrides(envoy.base_url, users, args.overrides)
+                            await set_overrides(stack.envoy.base_url, users, args.overrides)
                             overrides_set = True
-                        warm_up = await complete(
-                            envoy.base_url, users[: 2 * args.concurrency], args.concurrency, 4, "warm-up"
-                        )
-                        # Each user seen by both replicas first: a replica notes a user's group once (a
-                        # write) and then from its memory, which is the steady state measured.
-                        await list_chats(envoy.base_url, users, args.workers, 3, "warm-up")
-                        listing = await list_chats(envoy.base_url, users, args.workers, args.seconds)
-                        completions = await complete(envoy.base_url, users, args.concurrency, args.max_tokens)
-                        phase = Phase(accounting, listing, completions)
-                        phases.append(phase)
-                        print(f"  {load()}", flush=True)
-                        for user, outcome in warm_up.served + completions.served:
-                            if accounting:
-                                asked.on[outcome.request_id] = (outcome.tokens, user.group)
-                            else:
-                                asked.off.append(outcome.request_id)
+                        phases.append(await measure(args, stack, dsn, users, accounting, asked))
                     if accounting:
                         await check_rows(dsn, asked)
     summary(phases)
