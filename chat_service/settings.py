@@ -142,10 +142,12 @@ class ChatSettings(ChatServiceSettings):
         0, ge=0, description="tokens all users of one group together may use per UTC month; 0: no limit"
     )
     budget_cache_s: float = Field(
-        1.0,
+        5.0,
         ge=0,
         description="how long a replica reuses a user's budget use for the x-ratelimit-*-tokens headers of"
-        " calls that generate nothing (a generation always checks the database)",
+        " calls that generate nothing (a generation always checks the database, and a replica's own"
+        " usage records refresh it at once): reading it for every call cost GET /chats a fifth of its"
+        " throughput (benchmarks/accounting_load.py)",
     )
     jwt_group_claim: str = Field(
         "group",
