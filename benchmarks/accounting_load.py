@@ -11,9 +11,14 @@ day and per month) far above what the run uses, and overrides stored through the
 Each phase measures:
 
 1. `GET /chats` (a page of 20; every user was given `--chats` empty chats first): `--workers` clients, one
-   HTTP/1.1 keep-alive connection each, cycling through the users for `--seconds`: req/s, p50/p99.
+   HTTP/1.1 keep-alive connection each, cycling through the users for `--seconds` (after 3 s of the same
+   not counted): req/s, p50/p99, how many responses carried the `x-ratelimit-*-tokens` headers.
 2. Completions: every user asks one short question in a new chat (`POST /chat`, greedy, `--max-tokens`),
    `--concurrency` at a time: completions/s, generated tokens/s, TTFT p50/p99.
+
+For both, the CPU time per request of the chat replicas, Envoy and this database's PostgreSQL backends
+(from /proc): the cost the accounting adds, which other work on a shared machine slows but does not add
+to, unlike the rates.
 
 The phases run off, on, on, off, ... (`--rounds` pairs, the order alternating to cancel drift); the ratios
 on/off are printed per round and over all rounds. After each phase with the accounting on, PostgreSQL is
