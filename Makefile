@@ -117,6 +117,7 @@ bench: install-test
 	$(PY) benchmarks/storage_queries.py
 	$(PY) benchmarks/gateway_overhead.py
 	$(PY) benchmarks/load_test.py
+	$(PY) benchmarks/accounting_load.py
 
 clean:
 	rm -rf $(VENV) .tools build .pytest_cache .mypy_cache .ruff_cache
