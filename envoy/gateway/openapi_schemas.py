@@ -147,10 +147,13 @@ service (which rejects the fields that message lacks): the body's schema is that
 ERROR_REPLIES = {
     "400": "invalid argument (the field is named in the details)",
     "401": "missing or invalid bearer token",
+    "403": "not allowed: an API key used outside its scopes or to manage keys, or an admin method called by"
+    " someone who is not an admin",
     "404": "not found (another user's chat is not found either), or a model that is not served (the message"
     " names the ones that are)",
     "413": "the request body is larger than the gateway takes (`CHATMESH_GATEWAY_MAX_REQUEST_BYTES`)",
-    "429": "rate-limited or the engine is full: retry after the `retry-after-ms` header",
+    "429": "rate-limited, the engine is full, or a token budget is used up (the message names it and its"
+    " reset): retry after the `retry-after` (seconds) or `retry-after-ms` header",
     "503": "a dependency is unavailable: retry",
 }
 
